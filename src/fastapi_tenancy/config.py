@@ -1,0 +1,178 @@
+"""`TenancyConfig`: every setting of the library, read from arguments or `TENANCY_*` variables."""
+
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = ["TenancyConfig"]
+
+# The async driver we use for each backend; a URL naming the bare backend (or a
+# sync driver) is normalised to it once, here.
+_ASYNC_DRIVERS = {
+    "postgresql": "asyncpg",
+    "sqlite": "aiosqlite",
+    "mysql": "aiomysql",
+    "mariadb": "aiomysql",
+}
+_SCHEMA_BACKENDS = ("postgresql", "sqlite")
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
+
+
+def normalise_database_url(url: str) -> str:
+    """Return `url` with the async driver this library uses for its backend.
+
+    `postgresql://` becomes `postgresql+asyncpg://`, `sqlite://` becomes
+    `sqlite+aiosqlite://`, `mysql://` becomes `mysql+aiomysql://`. Raises
+    `ValueError` for an unparsable URL or a backend we do not support.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://...)") from exc
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend not in _ASYNC_DRIVERS:
+        raise ValueError(f"unsupported database backend {backend!r}; use one of {sorted(_ASYNC_DRIVERS)}")
+    driver = _ASYNC_DRIVERS[backend]
+    if parsed.drivername != f"{backend}+{driver}":
+        allowed = {"mysql": {"asyncmy"}, "mariadb": {"asyncmy"}}.get(backend, set())
+        if parsed.get_driver_name() not in allowed:
+            parsed = parsed.set(drivername=f"{backend}+{driver}")
+    return parsed.render_as_string(hide_password=False)
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with its password replaced by `***` (for logs and reprs)."""
+    try:
+        parsed: URL = make_url(url)
+    except ArgumentError:
+        return "***"
+    return parsed.render_as_string(hide_password=True)
+
+
+class TenancyConfig(BaseSettings):
+    """All settings of fastapi-tenancy.
+
+    Each field can also be set through the environment variable
+    `TENANCY_<FIELD>` (for example `TENANCY_DATABASE_URL`); keyword arguments win
+    over the environment. Invalid values and invalid combinations fail here, at
+    construction, with a message naming the field. `repr()` and `str()` mask the
+    password in `database_url`.
+
+        config = TenancyConfig(database_url="postgresql+asyncpg://app@db/app")
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TENANCY_",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./tenancy.db"
+    """Where the tenants live: `postgresql+asyncpg://...` in production, or the embedded
+    SQLite default. `postgresql://`, `sqlite://` and `mysql://` are upgraded to the async
+    driver. With SQLite, each tenant gets a database file beside this one."""
+
+    resolution_strategy: Literal["header", "custom"] = "header"
+    """How a request names its tenant: `header` reads `tenant_header_name`; `custom`
+    uses the resolver passed to `TenancyManager(resolver=...)`."""
+
+    isolation_strategy: Literal["schema"] = "schema"
+    """How tenants' data is kept apart: `schema` gives each tenant its own PostgreSQL
+    schema (on SQLite, its own database file)."""
+
+    tenant_header_name: str = "X-Tenant-ID"
+    """The request header that carries the tenant identifier (header resolution)."""
+
+    schema_prefix: str = "tenant_"
+    """Prefix of every tenant's schema (or SQLite file) name: `acme-corp` becomes
+    `tenant_acme_corp`. Lower-case letters, digits and `_`; must not start with `pg_`."""
+
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    """Connections kept open in the pool shared by all tenants (PostgreSQL)."""
+
+    database_max_overflow: int = Field(default=10, ge=0, le=1000)
+    """Extra connections the pool may open under load, beyond `database_pool_size`."""
+
+    database_pool_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a request waits for a free connection before failing with 503."""
+
+    database_pool_recycle: int = Field(default=1800, ge=-1)
+    """Seconds after which a pooled connection is replaced (-1: never)."""
+
+    database_pool_pre_ping: bool = False
+    """Test each connection with a round trip when it is taken from the pool. Off by
+    default: it costs one round trip per request; turn it on behind unreliable networks."""
+
+    database_echo: bool = False
+    """Log every SQL statement (SQLAlchemy `echo`), for debugging."""
+
+    cache_ttl: float = Field(default=30.0, ge=0)
+    """Seconds a resolved tenant is served from the in-process cache (0: no cache).
+    Changes made through this process's manager invalidate it at once; other
+    processes see them after at most this long."""
+
+    cache_max_size: int = Field(default=10_000, ge=1)
+    """Most tenants held in the in-process cache; the oldest entry goes first."""
+
+    negative_cache_ttl: float = Field(default=5.0, ge=0)
+    """Seconds an unknown identifier is remembered as unknown, so probing with random
+    identifiers cannot hammer the registry (0: off). Registration clears it at once."""
+
+    negative_cache_max_size: int = Field(default=10_000, ge=1)
+    """Most unknown identifiers remembered; bounded so probing cannot grow memory."""
+
+    max_cached_engines: int = Field(default=100, ge=1)
+    """Most per-tenant engines kept open at once (SQLite: one file per tenant); the least
+    recently used is closed when the limit is passed."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("tenant_header_name")
+    @classmethod
+    def _check_header_name(cls, value: str) -> str:
+        if _HEADER_TOKEN.fullmatch(value) is None:
+            raise ValueError("not a valid HTTP header name")
+        return value
+
+    @field_validator("schema_prefix")
+    @classmethod
+    def _check_schema_prefix(cls, value: str) -> str:
+        if _SCHEMA_PREFIX.fullmatch(value) is None or value.startswith("pg_"):
+            raise ValueError(
+                "must be 1-30 lower-case letters, digits or '_', start with a letter, "
+                "and not start with 'pg_'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "TenancyConfig":
+        backend = self.backend
+        if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
+            raise ValueError(
+                f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, "
+                f"but database_url is {backend}"
+            )
+        return self
+
+    @property
+    def backend(self) -> str:
+        """The database backend of `database_url`: `postgresql`, `sqlite` or `mysql`."""
+        backend = make_url(self.database_url).get_backend_name()
+        return "mysql" if backend == "mariadb" else backend
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "database_url" else value

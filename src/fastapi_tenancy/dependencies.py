@@ -1,0 +1,52 @@
+"""FastAPI dependencies: the current tenant and a session scoped to it."""
+
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .context import current_tenant_or_none
+from .errors import TenantResolutionError
+from .manager import TenancyManager
+from .tenant import Tenant
+
+__all__ = ["CurrentTenant", "get_current_tenant", "make_tenant_db_dependency"]
+
+
+async def get_current_tenant() -> Tenant:
+    """The tenant of this request (set by `TenancyMiddleware`).
+
+    Async on purpose: FastAPI runs sync dependencies in a thread pool, a hop per
+    request for what is one ContextVar read. On a path the middleware skipped,
+    it answers 400 instead of running the route without a tenant.
+    """
+    tenant = current_tenant_or_none()
+    if tenant is None:
+        raise HTTPException(status_code=400, detail=TenantResolutionError.detail)
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+"""`tenant: CurrentTenant` in a route's parameters is the request's tenant."""
+
+
+def make_tenant_db_dependency(
+    manager: TenancyManager,
+) -> Callable[[Tenant], AsyncIterator[AsyncSession]]:
+    """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
+
+        get_db = make_tenant_db_dependency(manager)
+
+        @app.get("/orders")
+        async def orders(session: Annotated[AsyncSession, Depends(get_db)]): ...
+
+    The session is not begun (so `async with session.begin()` works); commit
+    explicitly, and anything uncommitted is rolled back when the request ends.
+    """
+
+    async def get_tenant_db(tenant: CurrentTenant) -> AsyncIterator[AsyncSession]:
+        async with manager.session(tenant) as session:
+            yield session
+
+    return get_tenant_db

@@ -1,0 +1,116 @@
+"""Exceptions raised by fastapi-tenancy.
+
+Every exception derives from `TenancyError`. Those that reach a client carry an
+HTTP `status_code` and a public `detail`; the exception message itself is for
+logs and may say more (it never holds secrets either).
+
+    TenancyError
+    ├── ConfigurationError (ValueError)           a config or wiring mistake
+    ├── MissingDependencyError (ImportError)      an optional extra is not installed
+    ├── InvalidIdentifierError (ValueError)       a slug that can never name a tenant
+    ├── InvalidTransitionError (ValueError)       a lifecycle change the state machine forbids
+    ├── TenantAlreadyExistsError (ValueError)     the slug is taken (also by a deleted tenant)
+    ├── ProvisioningError                         storage for a new tenant could not be made
+    ├── TenantResolutionError                     400: the request names no tenant
+    ├── TenantNotFoundError (LookupError)         404: no such tenant
+    ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
+    └── TenancyUnavailableError                   503: the registry cannot be reached
+"""
+
+from typing import ClassVar
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidIdentifierError",
+    "InvalidTransitionError",
+    "MissingDependencyError",
+    "ProvisioningError",
+    "TenancyError",
+    "TenancyUnavailableError",
+    "TenantAlreadyExistsError",
+    "TenantInactiveError",
+    "TenantNotFoundError",
+    "TenantResolutionError",
+]
+
+
+class TenancyError(Exception):
+    """Base class of every fastapi-tenancy error.
+
+    `detail` is what a client may see; the message (`str(exc)`) is for logs.
+    """
+
+    status_code: ClassVar[int] = 500
+    detail: str = "Internal tenancy error"
+
+    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+        super().__init__(message or self.detail)
+        if detail is not None:
+            self.detail = detail
+
+
+class ConfigurationError(TenancyError, ValueError):
+    """The configuration or the way the parts are wired together is invalid."""
+
+
+class MissingDependencyError(TenancyError, ImportError):
+    """An optional dependency is needed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'fastapi-tenancy[{extra}]'")
+
+
+class InvalidIdentifierError(TenancyError, ValueError):
+    """A tenant identifier (slug) that no tenant can have."""
+
+    status_code = 404
+    detail = "Tenant not found"
+
+
+class InvalidTransitionError(TenancyError, ValueError):
+    """A tenant status change that the lifecycle does not allow."""
+
+    status_code = 409
+    detail = "Tenant status change not allowed"
+
+
+class TenantAlreadyExistsError(TenancyError, ValueError):
+    """The identifier is already held by a tenant (deleted tenants keep theirs)."""
+
+    status_code = 409
+    detail = "Tenant already exists"
+
+
+class ProvisioningError(TenancyError):
+    """The tenant's storage could not be created; nothing of the tenant was kept."""
+
+
+class TenantResolutionError(TenancyError):
+    """The request does not name a tenant."""
+
+    status_code = 400
+    detail = "Tenant identifier missing"
+
+
+class TenantNotFoundError(TenancyError, LookupError):
+    """No tenant has this identifier or id."""
+
+    status_code = 404
+    detail = "Tenant not found"
+
+
+class TenantInactiveError(TenancyError):
+    """The tenant exists but may not be served (its status is not `active`)."""
+
+    status_code = 403
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        super().__init__(detail=f"Tenant is not active (status: {status})")
+
+
+class TenancyUnavailableError(TenancyError):
+    """The tenant registry or the tenant's database cannot be reached right now."""
+
+    status_code = 503
+    detail = "Tenancy backend unavailable"

@@ -1,0 +1,92 @@
+"""`Isolation`: the contract of an isolation strategy, and tenant storage names."""
+
+from abc import ABC, abstractmethod
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ..errors import InvalidIdentifierError
+from ..tenant import Tenant, validate_identifier
+
+__all__ = ["Isolation", "create_tables", "storage_name", "tenant_tables"]
+
+_MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
+_RESERVED_NAMES = frozenset({"public", "information_schema"})
+
+
+def storage_name(prefix: str, identifier: str) -> str:
+    """The schema (or database file) name of a tenant: `tenant_` + slug with `_` for `-`.
+
+    Injective: slugs never contain `_`, so `acme-corp` → `tenant_acme_corp` and
+    `acme--corp` → `tenant_acme__corp` stay apart. Names PostgreSQL would truncate
+    (over 63 bytes) or that are reserved (`public`, `information_schema`, `pg_*`)
+    raise `InvalidIdentifierError` instead of silently landing somewhere shared.
+    """
+    validate_identifier(identifier)
+    name = prefix + identifier.replace("-", "_")
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        raise InvalidIdentifierError(
+            f"tenant identifier {identifier!r} is too long: its storage name {name!r} "
+            f"exceeds {_MAX_NAME_BYTES} bytes (at most {_MAX_NAME_BYTES - len(prefix)} characters)"
+        )
+    if name in _RESERVED_NAMES or name.startswith("pg_"):
+        raise InvalidIdentifierError(f"tenant storage name {name!r} is reserved")
+    return name
+
+
+def tenant_tables(metadata: sa.MetaData | None) -> list[sa.Table]:
+    """The tables of `metadata` that belong in each tenant (those with no explicit schema)."""
+    if metadata is None:
+        return []
+    return [table for table in metadata.sorted_tables if table.schema is None]
+
+
+def create_tables(connection: Connection, tables: list[sa.Table]) -> None:
+    """Create `tables` (from one MetaData) on a sync connection, with no existence check.
+
+    checkfirst=False: the storage is brand new, and a check could be fooled by a
+    same-named table elsewhere on the search_path (a shared `public.orders`).
+    """
+    if tables:
+        tables[0].metadata.create_all(connection, tables=tables, checkfirst=False)
+
+
+class Isolation(ABC):
+    """Keeps each tenant's data apart. One instance serves all requests concurrently.
+
+    A strategy provisions storage for a new tenant, destroys it on request, and
+    hands out `AsyncSession`s that can only reach the tenant's own data. To add
+    a strategy, subclass this and implement the abstract methods; sessions must
+    stay scoped after `commit()` and leave nothing on pooled connections.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def storage_name(self, identifier: str) -> str:
+        """The name of the tenant's schema or database; raises for unusable slugs."""
+        return storage_name(self.prefix, identifier)
+
+    async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Prepare shared resources (pools). Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release shared resources. Idempotent."""
+
+    @abstractmethod
+    async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
+        """Create the tenant's storage and the tables of `metadata` in it.
+
+        Must refuse (`ProvisioningError`) when the storage already exists, so that
+        a re-registered slug never adopts an earlier tenant's data, and must leave
+        nothing behind when it fails.
+        """
+
+    @abstractmethod
+    async def destroy(self, tenant: Tenant) -> None:
+        """Delete the tenant's storage and every row in it. Irreversible."""
+
+    @abstractmethod
+    async def session(self, tenant: Tenant) -> AsyncSession:
+        """A new, not yet begun session that reaches only `tenant`'s data."""

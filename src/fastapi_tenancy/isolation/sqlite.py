@@ -1,0 +1,123 @@
+"""`SQLiteFileIsolation`: one SQLite database file per tenant (the embedded default)."""
+
+import asyncio
+from collections import OrderedDict
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from .._utils import create_engine, is_memory_sqlite, unavailable_as_503
+from ..errors import ProvisioningError
+from ..tenant import Tenant
+from .base import Isolation, create_tables, tenant_tables
+
+__all__ = ["SQLiteFileIsolation"]
+
+
+class SQLiteFileIsolation(Isolation):
+    """Each tenant in its own SQLite file beside the registry: `app.tenant_acme_corp.db`.
+
+    What `isolation_strategy="schema"` means on SQLite. A tenant session's engine
+    opens only that tenant's file, so neither other tenants nor the registry are
+    reachable from it, even by raw SQL. Files are opened read-write without
+    create (`mode=rw`): a tenant whose file is missing fails, it never gets a fresh
+    empty database. At most `max_engines` files are open at once (least recently
+    used closed first). An in-memory registry URL gives in-memory tenants, which are
+    never closed (that would lose them). Safe for concurrent use.
+    """
+
+    def __init__(self, registry_url: str, *, prefix: str = "tenant_", max_engines: int = 100, echo: bool = False):
+        super().__init__(prefix)
+        self._memory = is_memory_sqlite(registry_url)
+        url = make_url(registry_url)
+        self._driver = url.drivername
+        database = Path(url.database or "tenancy.db")
+        self.directory = database.parent.resolve()
+        self._stem = database.name.removesuffix(".db")
+        self._max_engines = max_engines
+        self._echo = echo
+        self._engines: OrderedDict[str, AsyncEngine] = OrderedDict()
+        self._disposals: set[asyncio.Task[None]] = set()
+
+    def path(self, tenant: Tenant) -> Path:
+        """The database file of `tenant`."""
+        return self.directory / f"{self._stem}.{self.storage_name(tenant.identifier)}.db"
+
+    def _url(self, path: Path, mode: str) -> str:
+        return f"{self._driver}:///file:{path}?mode={mode}&uri=true"
+
+    async def session(self, tenant: Tenant) -> AsyncSession:
+        return AsyncSession(bind=self._engine(tenant), expire_on_commit=False)
+
+    def _engine(self, tenant: Tenant) -> AsyncEngine:
+        engine = self._engines.get(tenant.identifier)
+        if engine is not None:
+            self._engines.move_to_end(tenant.identifier)
+            return engine
+        if self._memory:
+            engine = create_engine(f"{self._driver}://", echo=self._echo)
+        else:
+            # Two pooled connections per tenant file: SQLite serialises writers anyway,
+            # and every connection is a thread in aiosqlite.
+            engine = create_engine(self._url(self.path(tenant), "rw"), pool_size=2, max_overflow=8, echo=self._echo)
+        self._engines[tenant.identifier] = engine
+        if not self._memory and len(self._engines) > self._max_engines:
+            _, evicted = self._engines.popitem(last=False)
+            self._dispose_later(evicted)
+        return engine
+
+    def _dispose_later(self, engine: AsyncEngine) -> None:
+        # Sessions still using the evicted engine keep their connections until they
+        # finish; dispose() only closes the idle ones.
+        task = asyncio.get_running_loop().create_task(engine.dispose())
+        self._disposals.add(task)
+        task.add_done_callback(self._disposals.discard)
+
+    async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
+        tables = tenant_tables(metadata)
+        if self._memory:
+            if tenant.identifier in self._engines:
+                raise ProvisioningError(f"in-memory database of {tenant.identifier!r} already exists")
+            async with self._engine(tenant).begin() as conn:
+                await conn.run_sync(create_tables, tables)
+            return
+        path = self.path(tenant)
+        if path.exists():
+            raise ProvisioningError(
+                f"database file {path.name!r} already exists; refusing to hand its data to a new "
+                "tenant (remove it, or purge the old tenant with destroy_data=True)"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self._url(path, "rwc"), echo=self._echo)
+        try:
+            async with unavailable_as_503("tenant database"), engine.begin() as conn:
+                await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                await conn.run_sync(create_tables, tables)
+        except sa_exc.SQLAlchemyError as exc:
+            await engine.dispose()
+            _unlink(path)
+            raise ProvisioningError(f"could not provision {path.name!r}: {exc}") from exc
+        await engine.dispose()
+
+    async def destroy(self, tenant: Tenant) -> None:
+        engine = self._engines.pop(tenant.identifier, None)
+        if engine is not None:
+            await engine.dispose()
+        if not self._memory:
+            _unlink(self.path(tenant))
+
+    async def close(self) -> None:
+        engines = list(self._engines.values())
+        self._engines.clear()
+        for engine in engines:
+            await engine.dispose()
+        if self._disposals:
+            await asyncio.gather(*self._disposals, return_exceptions=True)
+
+
+def _unlink(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)

@@ -1,0 +1,267 @@
+"""`TenancyManager`: builds the parts from the config and runs the tenant lifecycle."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from starlette.requests import HTTPConnection
+
+from ._utils import create_engine, unavailable_as_503
+from .config import TenancyConfig
+from .context import current_tenant
+from .errors import (
+    ConfigurationError,
+    ProvisioningError,
+    TenancyError,
+    TenantInactiveError,
+    TenantNotFoundError,
+    TenantResolutionError,
+)
+from .isolation.base import Isolation
+from .isolation.schema import SchemaIsolation
+from .isolation.sqlite import SQLiteFileIsolation
+from .lookup import TenantLookup
+from .resolution.base import Resolver, ResolverFunc, as_resolver
+from .resolution.header import HeaderResolver
+from .storage.base import TenantStore
+from .storage.database import SQLAlchemyTenantStore
+from .tenant import Tenant, TenantStatus
+
+__all__ = ["TenancyManager"]
+
+logger = logging.getLogger("fastapi_tenancy")
+
+
+class TenancyManager:
+    """The composition root: one per application, shared by all its requests.
+
+    Builds the resolver, the isolation strategy, the lookup cache and the
+    database engine from `config`, and owns their lifecycles. It is also the
+    only way to change tenants, so that every change invalidates the cache.
+
+        manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
+        await manager.initialize()
+        tenant = await manager.register_tenant("acme-corp", "Acme", app_metadata=Base.metadata)
+
+    `store` defaults to a `SQLAlchemyTenantStore` sharing the manager's engine.
+    Pass `resolver=` (a `Resolver` or an async function of the request) with
+    `resolution_strategy="custom"`, and `isolation=` to supply your own strategy.
+    """
+
+    def __init__(
+        self,
+        config: TenancyConfig | None = None,
+        store: TenantStore | None = None,
+        *,
+        resolver: Resolver | ResolverFunc | None = None,
+        isolation: Isolation | None = None,
+    ) -> None:
+        self.config = config if config is not None else TenancyConfig()
+        self.engine: AsyncEngine = create_engine(
+            self.config.database_url,
+            pool_size=self.config.database_pool_size,
+            max_overflow=self.config.database_max_overflow,
+            pool_timeout=self.config.database_pool_timeout,
+            pool_recycle=self.config.database_pool_recycle,
+            pool_pre_ping=self.config.database_pool_pre_ping,
+            echo=self.config.database_echo,
+        )
+        self.store = store if store is not None else SQLAlchemyTenantStore(self.engine)
+        self.resolver = self._build_resolver(resolver)
+        self.isolation = isolation if isolation is not None else self._build_isolation()
+        self.lookup = TenantLookup(
+            self.store,
+            ttl=self.config.cache_ttl,
+            max_size=self.config.cache_max_size,
+            negative_ttl=self.config.negative_cache_ttl,
+            negative_max_size=self.config.negative_cache_max_size,
+        )
+        self._lifecycle_lock = asyncio.Lock()
+        self._initialized = False
+
+    def _build_resolver(self, resolver: Resolver | ResolverFunc | None) -> Resolver:
+        strategy = self.config.resolution_strategy
+        if strategy == "custom":
+            if resolver is None:
+                raise ConfigurationError("resolution_strategy='custom' needs TenancyManager(resolver=...)")
+            return as_resolver(resolver)
+        if resolver is not None:
+            raise ConfigurationError(
+                f"a resolver was passed but resolution_strategy is {strategy!r}; "
+                "set resolution_strategy='custom' to use it"
+            )
+        return HeaderResolver(self.config.tenant_header_name)
+
+    def _build_isolation(self) -> Isolation:
+        config = self.config
+        if config.backend == "sqlite":
+            return SQLiteFileIsolation(
+                config.database_url,
+                prefix=config.schema_prefix,
+                max_engines=config.max_cached_engines,
+                echo=config.database_echo,
+            )
+        return SchemaIsolation(self.engine, prefix=config.schema_prefix, max_cached_binds=config.cache_max_size)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Create the registry table and open the pool. Idempotent; call at startup."""
+        async with self._lifecycle_lock:
+            if self._initialized:
+                return
+            await self.store.initialize()
+            await self.isolation.initialize()
+            async with unavailable_as_503("database"), self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))  # warm the pool: fail now, not on the first request
+            self._initialized = True
+
+    async def close(self) -> None:
+        """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
+        async with self._lifecycle_lock:
+            await self.isolation.close()
+            await self.store.close()
+            await self.engine.dispose()
+            self.lookup.clear()
+            self._initialized = False
+
+    # -- the request path ----------------------------------------------------------
+
+    async def resolve(self, connection: HTTPConnection) -> Tenant:
+        """The active tenant a request names; raises the 400/404/403 errors otherwise."""
+        identifier = await self.resolver.resolve(connection)
+        if not identifier:
+            raise TenantResolutionError()
+        tenant = await self.lookup.get(identifier)
+        if tenant is None:
+            raise TenantNotFoundError()
+        if tenant.status is not TenantStatus.ACTIVE:
+            raise TenantInactiveError(tenant.status.value)
+        return tenant
+
+    @asynccontextmanager
+    async def session(self, tenant: Tenant | None = None) -> AsyncIterator[AsyncSession]:
+        """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
+
+        Not begun: use it directly (it begins on first use) or with
+        `async with session.begin()`. Uncommitted work is rolled back on exit.
+        Refuses tenants that are not active, so a job queued before a suspension
+        does not run after it.
+        """
+        if tenant is None:
+            tenant = current_tenant()
+        if tenant.status is not TenantStatus.ACTIVE:
+            raise TenantInactiveError(tenant.status.value)
+        session = await self.isolation.session(tenant)
+        async with session:
+            yield session
+
+    # -- lifecycle of tenants ------------------------------------------------------
+
+    async def register_tenant(
+        self,
+        identifier: str,
+        name: str,
+        *,
+        app_metadata: sa.MetaData | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Tenant:
+        """Register a tenant, create its storage and the `app_metadata` tables in it.
+
+        The tenant is `provisioning` until its storage is ready, then `active`. If
+        provisioning fails, the registration is undone and `ProvisioningError`
+        raised: no half-made tenant is left. Raises `InvalidIdentifierError` for a
+        slug that cannot be stored and `TenantAlreadyExistsError` for a taken one
+        (a soft-deleted tenant keeps its slug until purged).
+        """
+        self.isolation.storage_name(identifier)  # validates before anything is written
+        tenant = await self.store.create(
+            Tenant(identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING)
+        )
+        self.lookup.invalidate(identifier)
+        try:
+            await self.isolation.provision(tenant, app_metadata)
+        except BaseException as exc:
+            await self._undo_registration(tenant)
+            if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
+                raise
+            raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
+        active = await self.store.update(tenant.with_status(TenantStatus.ACTIVE))
+        self.lookup.invalidate(identifier)
+        logger.info("registered tenant %s", identifier)
+        return active
+
+    async def _undo_registration(self, tenant: Tenant) -> None:
+        try:
+            await self.store.delete(tenant.id)
+        except Exception:  # the original error matters more; say what is left behind
+            logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
+        finally:
+            self.lookup.invalidate(tenant.identifier)
+
+    async def get_tenant(self, identifier: str) -> Tenant:
+        """The tenant with this identifier, read from the registry (not the cache)."""
+        tenant = await self.store.get_by_identifier(identifier)
+        if tenant is None:
+            raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
+        return tenant
+
+    async def get_tenant_by_id(self, tenant_id: str) -> Tenant:
+        """The tenant with this id, read from the registry."""
+        tenant = await self.store.get_by_id(tenant_id)
+        if tenant is None:
+            raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
+        return tenant
+
+    async def list_tenants(
+        self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Tenant]:
+        """Tenants ordered by identifier; page with `after=<last identifier seen>`."""
+        return await self.store.list(status=status, after=after, limit=limit)
+
+    async def update_tenant(
+        self, tenant: Tenant | str, *, name: str | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> Tenant:
+        """Change a tenant's name and/or metadata (replaced whole)."""
+        current = await self._current(tenant)
+        return await self._save(current.with_changes(name=name, metadata=metadata))
+
+    async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
+        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
+        return await self._save((await self._current(tenant)).with_status(TenantStatus.SUSPENDED))
+
+    async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
+        """Serve a suspended tenant again."""
+        return await self._save((await self._current(tenant)).with_status(TenantStatus.ACTIVE))
+
+    async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
+        """Delete a tenant: soft by default, or for good with `destroy_data=True`.
+
+        Soft: the tenant is marked `deleted` (403 from then on), its data kept and
+        its slug reserved, so nobody else can register it and see that data.
+        `destroy_data=True` drops the tenant's schema (or file) with every row in
+        it and removes it from the registry, then frees the slug. Irreversible,
+        and logged as such at WARNING.
+        """
+        current = await self._current(tenant)
+        if current.status is not TenantStatus.DELETED:
+            current = await self._save(current.with_status(TenantStatus.DELETED))
+        if not destroy_data:
+            logger.info("soft-deleted tenant %s (data kept)", current.identifier)
+            return
+        await self.isolation.destroy(current)
+        await self.store.delete(current.id)
+        self.lookup.invalidate(current.identifier)
+        logger.warning("destroyed tenant %s and all of its data", current.identifier)
+
+    async def _current(self, tenant: Tenant | str) -> Tenant:
+        return await self.get_tenant(tenant.identifier if isinstance(tenant, Tenant) else tenant)
+
+    async def _save(self, tenant: Tenant) -> Tenant:
+        saved = await self.store.update(tenant)
+        self.lookup.invalidate(tenant.identifier)
+        return saved

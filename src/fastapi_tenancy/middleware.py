@@ -1,0 +1,133 @@
+"""`TenancyMiddleware`: resolves the tenant of every HTTP and WebSocket request."""
+
+import json
+from collections.abc import Iterable
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._utils import DB_UNAVAILABLE
+from .context import _current
+from .errors import TenancyError, TenancyUnavailableError
+from .manager import TenancyManager
+
+__all__ = ["TenancyMiddleware"]
+
+# WebSocket close codes for refused connections (RFC 6455): policy violation, or
+# "try again later" when the backend is down.
+_WS_POLICY_VIOLATION = 1008
+_WS_TRY_AGAIN_LATER = 1013
+
+
+class TenancyMiddleware:
+    """Pure ASGI middleware: every request runs as exactly one active tenant, or is refused.
+
+    Shared by all requests; per-request state lives in the ASGI scope
+    (`request.state.tenant`) and a ContextVar, reset when the request ends.
+
+    - `excluded_paths` skip resolution, matched by whole path segments
+      (`/health` covers `/health` and `/health/live`, not `/healthz`).
+    - FastAPI's docs and OpenAPI URLs are excluded too unless `exclude_docs=False`.
+    - Refusals are JSON: 400 `{"detail": "Tenant identifier missing"}`,
+      404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
+      (status: suspended)"}`, 503 when the registry or database is unreachable.
+      Tenancy errors and database outages raised by the app before its response
+      starts get the same treatment; a WebSocket is closed with code 1008 (1013).
+
+        app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        manager: TenancyManager,
+        excluded_paths: Iterable[str] = (),
+        *,
+        exclude_docs: bool = True,
+    ) -> None:
+        self.app = app
+        self.manager = manager
+        self.excluded_paths = tuple(sorted({_normalise(p) for p in excluded_paths}))
+        self.exclude_docs = exclude_docs
+        self._docs_paths: frozenset[str] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self._excluded(scope):
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant = await self.manager.resolve(HTTPConnection(scope))
+        except TenancyError as exc:
+            await _refuse(scope, send, exc)
+            return
+
+        scope.setdefault("state", {})["tenant"] = tenant
+        token = _current.set(tenant)
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except TenancyError as exc:
+            if started:
+                raise
+            await _refuse(scope, send, exc)
+        except DB_UNAVAILABLE as exc:
+            if started:
+                raise
+            await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+        finally:
+            _current.reset(token)
+
+    def _excluded(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
+        if self.exclude_docs and path in self._docs(scope):
+            return True
+        for excluded in self.excluded_paths:
+            if path == excluded or (excluded != "/" and path.startswith(excluded + "/")):
+                return True
+        return False
+
+    def _docs(self, scope: Scope) -> frozenset[str]:
+        if self._docs_paths is None:
+            # The FastAPI app puts itself in the scope; read its real docs URLs once.
+            app = scope.get("app")
+            urls = [
+                getattr(app, attr, default)
+                for attr, default in (
+                    ("docs_url", "/docs"),
+                    ("redoc_url", "/redoc"),
+                    ("openapi_url", "/openapi.json"),
+                    ("swagger_ui_oauth2_redirect_url", "/docs/oauth2-redirect"),
+                )
+            ]
+            self._docs_paths = frozenset(url for url in urls if isinstance(url, str) and url)
+        return self._docs_paths
+
+
+def _normalise(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"excluded path {path!r} must start with '/'")
+    return path.rstrip("/") or "/"
+
+
+async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
+    if scope["type"] == "websocket":
+        code = _WS_TRY_AGAIN_LATER if exc.status_code == 503 else _WS_POLICY_VIOLATION
+        await send({"type": "websocket.close", "code": code, "reason": exc.detail})
+        return
+    # json.dumps' default separators give exactly the documented bodies,
+    # e.g. {"detail": "Tenant not found"}.
+    body = json.dumps({"detail": exc.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.status_code == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,44 @@
+"""`Resolver`: the contract of a resolution strategy, and the wrapper for plain callables."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import HTTPConnection
+
+__all__ = ["CallableResolver", "Resolver", "ResolverFunc", "as_resolver"]
+
+ResolverFunc = Callable[[HTTPConnection], Awaitable[str | None]]
+
+
+class Resolver(ABC):
+    """Reads the tenant identifier from a request. Shared by all requests: keep no state.
+
+    Subclass it and implement `resolve`, or pass a plain async function, which
+    `as_resolver` wraps. Return the identifier as the client sent it, or None when
+    the request names no tenant; raise `TenantResolutionError` for a request that
+    names one ambiguously. The manager validates and looks up the identifier, so a
+    resolver never needs to.
+    """
+
+    @abstractmethod
+    async def resolve(self, connection: HTTPConnection) -> str | None:
+        """The identifier named by `connection` (an HTTP request or a WebSocket), or None."""
+
+
+class CallableResolver(Resolver):
+    """A `Resolver` around an async function `(HTTPConnection) -> str | None`."""
+
+    def __init__(self, func: ResolverFunc) -> None:
+        self.func = func
+
+    async def resolve(self, connection: HTTPConnection) -> str | None:
+        return await self.func(connection)
+
+
+def as_resolver(resolver: Resolver | ResolverFunc) -> Resolver:
+    """Normalise a resolver object or a plain async callable to a `Resolver`."""
+    if isinstance(resolver, Resolver):
+        return resolver
+    if callable(resolver):
+        return CallableResolver(resolver)
+    raise TypeError(f"a resolver must be a Resolver or an async callable, not {type(resolver).__name__}")

@@ -1,0 +1,28 @@
+"""`HeaderResolver`: the tenant identifier from a request header (`X-Tenant-ID`)."""
+
+from starlette.requests import HTTPConnection
+
+from ..errors import TenantResolutionError
+from .base import Resolver
+
+__all__ = ["HeaderResolver"]
+
+
+class HeaderResolver(Resolver):
+    """Reads the identifier from one header, `X-Tenant-ID` by default.
+
+    A header sent twice with different values is refused (400) rather than
+    resolved by picking one: two layers (a proxy and the client) could each
+    believe their value wins.
+    """
+
+    def __init__(self, header_name: str = "X-Tenant-ID") -> None:
+        self.header_name = header_name.lower()
+
+    async def resolve(self, connection: HTTPConnection) -> str | None:
+        values = connection.headers.getlist(self.header_name)
+        if not values:
+            return None
+        if len(values) > 1 and len(set(values)) > 1:
+            raise TenantResolutionError("conflicting tenant headers", detail="Tenant identifier ambiguous")
+        return values[0].strip() or None

@@ -1,0 +1,64 @@
+"""`TenantStore`: the contract every tenant registry fulfils."""
+
+from abc import ABC, abstractmethod
+
+from ..tenant import Tenant, TenantStatus
+
+__all__ = ["TenantStore"]
+
+
+class TenantStore(ABC):
+    """Where tenants are registered. Safe to share between concurrent requests.
+
+    To write a custom store, subclass this and implement the abstract methods;
+    `tests/storage/test_contract.py` is the suite every store must pass. Rules:
+
+    - lookups return `None` for an unknown tenant (they are on the request path,
+      where exceptions would be the common case for probing clients);
+    - `create` raises `TenantAlreadyExistsError` when the id or the identifier is
+      taken, atomically (two concurrent creates of one slug: one wins);
+    - `update` stores name, status, metadata and `updated_at`; a tenant's `id`,
+      `identifier` and `created_at` never change; unknown ids raise
+      `TenantNotFoundError`, as does `delete`;
+    - an unreachable backend raises `TenancyUnavailableError` (a clear 503),
+      never a driver exception.
+
+    The manager invalidates its cache on every change it makes, so a store needs
+    no cache of its own.
+    """
+
+    async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Create what the store needs (tables, connections). Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release connections. Idempotent."""
+
+    @abstractmethod
+    async def get_by_id(self, tenant_id: str) -> Tenant | None:
+        """The tenant with this id, or None."""
+
+    @abstractmethod
+    async def get_by_identifier(self, identifier: str) -> Tenant | None:
+        """The tenant with this slug, or None."""
+
+    @abstractmethod
+    async def create(self, tenant: Tenant) -> Tenant:
+        """Add a new tenant; raise `TenantAlreadyExistsError` if id or slug is taken."""
+
+    @abstractmethod
+    async def update(self, tenant: Tenant) -> Tenant:
+        """Store the tenant's name, status, metadata and `updated_at`."""
+
+    @abstractmethod
+    async def delete(self, tenant_id: str) -> None:
+        """Remove the tenant's record for good (its data is the isolation's business)."""
+
+    @abstractmethod
+    async def list(
+        self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Tenant]:
+        """Tenants ordered by identifier, those after the identifier `after` (keyset paging)."""
+
+    @abstractmethod
+    async def count(self, *, status: TenantStatus | None = None) -> int:
+        """How many tenants there are (with `status`, if given)."""

@@ -1,0 +1,192 @@
+"""`SQLAlchemyTenantStore`: the tenant registry in PostgreSQL, SQLite or MySQL/MariaDB."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .._utils import create_engine, unavailable_as_503
+from ..config import normalise_database_url
+from ..errors import TenantAlreadyExistsError, TenantNotFoundError
+from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
+from .base import TenantStore
+
+__all__ = ["SQLAlchemyTenantStore"]
+
+
+class _UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timestamps stored as UTC; always read back timezone-aware.
+
+    SQLite and MySQL keep no zone, so values go in as naive UTC and come back
+    with the zone restored.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _tenants_table(name: str, schema: str | None) -> sa.Table:
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("identifier", sa.String(IDENTIFIER_MAX_LENGTH), nullable=False, unique=True),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False, index=True),
+        sa.Column("metadata", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
+        sa.Column("created_at", _UTCDateTime(), nullable=False),
+        sa.Column("updated_at", _UTCDateTime(), nullable=False),
+        schema=schema,
+    )
+
+
+class SQLAlchemyTenantStore(TenantStore):
+    """The tenant registry as one SQL table. Safe for concurrent use.
+
+    `database_url` is a URL (the store opens and owns a small pool of its own) or
+    an `AsyncEngine` you manage. `initialize()` creates the table (`tenants` by
+    default) if it is missing.
+
+        store = SQLAlchemyTenantStore("postgresql+asyncpg://app@db/app")
+
+    Requests do not read the registry on every call: the manager serves lookups
+    from its cache, so the pool can stay small.
+    """
+
+    def __init__(
+        self,
+        database_url: str | AsyncEngine,
+        *,
+        table_name: str = "tenants",
+        schema: str | None = None,
+        pool_size: int = 5,
+        max_overflow: int = 5,
+    ) -> None:
+        if isinstance(database_url, AsyncEngine):
+            self._engine: AsyncEngine | None = database_url
+            self._url = database_url.url.render_as_string(hide_password=False)
+            self._owns_engine = False
+        else:
+            self._engine = None
+            self._url = normalise_database_url(database_url)
+            self._owns_engine = True
+        self._pool = {"pool_size": pool_size, "max_overflow": max_overflow}
+        self.table = _tenants_table(table_name, schema)
+        self._initialized = False
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine the registry uses (created on first use)."""
+        if self._engine is None:
+            self._engine = create_engine(self._url, **self._pool)
+        return self._engine
+
+    async def initialize(self) -> None:
+        if self._initialized:
+            return
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+        self._initialized = True
+
+    async def close(self) -> None:
+        if self._owns_engine and self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+        self._initialized = False
+
+    async def get_by_id(self, tenant_id: str) -> Tenant | None:
+        return await self._one(self.table.c.id == tenant_id)
+
+    async def get_by_identifier(self, identifier: str) -> Tenant | None:
+        return await self._one(self.table.c.identifier == identifier)
+
+    async def create(self, tenant: Tenant) -> Tenant:
+        row = self._row(tenant)
+        row.update(id=tenant.id, identifier=tenant.identifier, created_at=tenant.created_at)
+        try:
+            async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+                await conn.execute(self.table.insert().values(**row))
+        except sa_exc.IntegrityError as exc:
+            raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
+        return tenant
+
+    async def update(self, tenant: Tenant) -> Tenant:
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            result = await conn.execute(
+                self.table.update().where(self.table.c.id == tenant.id).values(**self._row(tenant))
+            )
+            if result.rowcount == 0:
+                raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
+            stored = (await conn.execute(self.table.select().where(self.table.c.id == tenant.id))).one()
+        return self._tenant(stored._mapping)
+
+    async def delete(self, tenant_id: str) -> None:
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            result = await conn.execute(self.table.delete().where(self.table.c.id == tenant_id))
+        if result.rowcount == 0:
+            raise TenantNotFoundError(f"no tenant with id {tenant_id!r}")
+
+    async def list(
+        self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
+    ) -> list[Tenant]:
+        query = self.table.select().order_by(self.table.c.identifier).limit(limit)
+        if status is not None:
+            query = query.where(self.table.c.status == status.value)
+        if after is not None:
+            query = query.where(self.table.c.identifier > after)
+        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [self._tenant(row._mapping) for row in rows]
+
+    async def count(self, *, status: TenantStatus | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(self.table)
+        if status is not None:
+            query = query.where(self.table.c.status == status.value)
+        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def _one(self, condition: sa.ColumnElement[bool]) -> Tenant | None:
+        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+            row = (await conn.execute(self.table.select().where(condition))).first()
+        return None if row is None else self._tenant(row._mapping)
+
+    @staticmethod
+    def _row(tenant: Tenant) -> dict[str, Any]:
+        return {
+            "name": tenant.name,
+            "status": tenant.status.value,
+            "metadata": thaw(tenant.metadata),
+            "updated_at": tenant.updated_at,
+        }
+
+    @staticmethod
+    def _tenant(row: Any) -> Tenant:
+        return Tenant(
+            id=row["id"],
+            identifier=row["identifier"],
+            name=row["name"],
+            status=TenantStatus(row["status"]),
+            metadata=row["metadata"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )

@@ -1,5 +1,6 @@
 """Private helpers shared by the store and the isolation strategies."""
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,17 +56,18 @@ def create_engine(
         raise MissingDependencyError(package, extra) from exc
 
 
-# Errors that mean "the database is not reachable right now" rather than "this
-# statement is wrong": they become a clear 503, never a 500 or a wrong answer.
-# The middleware maps these when an app raises them; around our own database
-# calls (`unavailable_as_503`) any OSError or timeout counts too.
-DB_UNAVAILABLE = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-    ConnectionError,
-)
-UNAVAILABLE = (*DB_UNAVAILABLE, TimeoutError, OSError)
+def is_outage(exc: BaseException) -> bool:
+    """True when an error means the database is unreachable right now.
+
+    Such errors become a clear 503. A statement's own mistake does not count,
+    even where the driver calls it "operational" (SQLite's "no such table"): it
+    stays an error of the code that ran it. A dropped connection (SQLAlchemy
+    marks it `connection_invalidated`), a refused connect, an unknown host or an
+    exhausted pool count.
+    """
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, sa_exc.TimeoutError | ConnectionError | TimeoutError | socket.gaierror)
 
 
 @asynccontextmanager
@@ -73,5 +75,7 @@ async def unavailable_as_503(what: str) -> AsyncIterator[None]:
     """Translate connection-level driver errors into `TenancyUnavailableError`."""
     try:
         yield
-    except UNAVAILABLE as exc:
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
         raise TenancyUnavailableError(f"{what} unavailable: {type(exc).__name__}") from exc

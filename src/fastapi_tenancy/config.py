@@ -19,6 +19,7 @@ _ASYNC_DRIVERS = {
     "mysql": "aiomysql",
     "mariadb": "aiomysql",
 }
+_OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
@@ -35,16 +36,12 @@ def normalise_database_url(url: str) -> str:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://...)") from exc
-    backend = parsed.get_backend_name()
-    if backend == "postgres":
-        backend = "postgresql"
+    backend, _, driver = parsed.drivername.partition("+")
+    backend = {"postgres": "postgresql"}.get(backend, backend)
     if backend not in _ASYNC_DRIVERS:
         raise ValueError(f"unsupported database backend {backend!r}; use one of {sorted(_ASYNC_DRIVERS)}")
-    driver = _ASYNC_DRIVERS[backend]
-    if parsed.drivername != f"{backend}+{driver}":
-        allowed = {"mysql": {"asyncmy"}, "mariadb": {"asyncmy"}}.get(backend, set())
-        if parsed.get_driver_name() not in allowed:
-            parsed = parsed.set(drivername=f"{backend}+{driver}")
+    if driver not in (_ASYNC_DRIVERS[backend], *_OTHER_ASYNC_DRIVERS.get(backend, ())):
+        parsed = parsed.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
     return parsed.render_as_string(hide_password=False)
 
 
@@ -162,8 +159,7 @@ class TenancyConfig(BaseSettings):
         backend = self.backend
         if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
             raise ValueError(
-                f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, "
-                f"but database_url is {backend}"
+                f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, but database_url is {backend}"
             )
         return self
 

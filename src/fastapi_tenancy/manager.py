@@ -105,7 +105,9 @@ class TenancyManager:
                 max_engines=config.max_cached_engines,
                 echo=config.database_echo,
             )
-        return SchemaIsolation(self.engine, prefix=config.schema_prefix, max_cached_binds=config.cache_max_size)
+        return SchemaIsolation(
+            self.engine, prefix=config.schema_prefix, max_cached_binds=config.cache_max_size
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -180,7 +182,9 @@ class TenancyManager:
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
         tenant = await self.store.create(
-            Tenant(identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING)
+            Tenant(
+                identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING
+            )
         )
         self.lookup.invalidate(identifier)
         try:

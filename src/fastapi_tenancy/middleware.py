@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import DB_UNAVAILABLE
+from ._utils import is_outage
 from .context import _current
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
@@ -76,8 +76,8 @@ class TenancyMiddleware:
             if started:
                 raise
             await _refuse(scope, send, exc)
-        except DB_UNAVAILABLE as exc:
-            if started:
+        except Exception as exc:
+            if started or not is_outage(exc):
                 raise
             await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
         finally:

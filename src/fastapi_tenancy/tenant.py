@@ -168,9 +168,7 @@ class Tenant:
             )
         return replace(self, status=status, updated_at=_now())
 
-    def with_changes(
-        self, *, name: str | None = None, metadata: Mapping[str, Any] | None = None
-    ) -> "Tenant":
+    def with_changes(self, *, name: str | None = None, metadata: Mapping[str, Any] | None = None) -> "Tenant":
         """Return a copy with a new name and/or metadata (metadata is replaced whole)."""
         return replace(
             self,

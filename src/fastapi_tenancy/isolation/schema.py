@@ -102,4 +102,3 @@ class SchemaIsolation(Isolation):
         self._binds.pop(tenant.identifier, None)
         async with unavailable_as_503("tenant database"), self.engine.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-

@@ -29,7 +29,9 @@ class SQLiteFileIsolation(Isolation):
     never closed (that would lose them). Safe for concurrent use.
     """
 
-    def __init__(self, registry_url: str, *, prefix: str = "tenant_", max_engines: int = 100, echo: bool = False):
+    def __init__(
+        self, registry_url: str, *, prefix: str = "tenant_", max_engines: int = 100, echo: bool = False
+    ):
         super().__init__(prefix)
         self._memory = is_memory_sqlite(registry_url)
         url = make_url(registry_url)
@@ -62,7 +64,9 @@ class SQLiteFileIsolation(Isolation):
         else:
             # Two pooled connections per tenant file: SQLite serialises writers anyway,
             # and every connection is a thread in aiosqlite.
-            engine = create_engine(self._url(self.path(tenant), "rw"), pool_size=2, max_overflow=8, echo=self._echo)
+            engine = create_engine(
+                self._url(self.path(tenant), "rw"), pool_size=2, max_overflow=8, echo=self._echo
+            )
         self._engines[tenant.identifier] = engine
         if not self._memory and len(self._engines) > self._max_engines:
             _, evicted = self._engines.popitem(last=False)

@@ -90,7 +90,8 @@ class SQLAlchemyTenantStore(TenantStore):
             self._engine = None
             self._url = normalise_database_url(database_url)
             self._owns_engine = True
-        self._pool = {"pool_size": pool_size, "max_overflow": max_overflow}
+        self._pool_size = pool_size
+        self._max_overflow = max_overflow
         self.table = _tenants_table(table_name, schema)
         self._initialized = False
 
@@ -98,7 +99,9 @@ class SQLAlchemyTenantStore(TenantStore):
     def engine(self) -> AsyncEngine:
         """The engine the registry uses (created on first use)."""
         if self._engine is None:
-            self._engine = create_engine(self._url, **self._pool)
+            self._engine = create_engine(
+                self._url, pool_size=self._pool_size, max_overflow=self._max_overflow
+            )
         return self._engine
 
     async def initialize(self) -> None:

@@ -1,0 +1,87 @@
+"""A small tenant-aware app used by the tests: the Quick Start's orders, plus routes that
+exercise commit-then-read, `session.begin()` and raw SQL."""
+
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, HTTPException
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from fastapi_tenancy import TenancyManager, TenancyMiddleware, Tenant
+from fastapi_tenancy.dependencies import get_current_tenant, make_tenant_db_dependency
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    description: Mapped[str] = mapped_column(sa.String(200))
+
+
+def _rows(orders: Any) -> list[dict[str, Any]]:
+    return [{"id": o.id, "description": o.description} for o in orders]
+
+
+def build_app(manager: TenancyManager) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
+    get_db = make_tenant_db_dependency(manager)
+    Session = Annotated[AsyncSession, Depends(get_db)]
+    CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/orders")
+    async def list_orders(tenant: CurrentTenant, session: Session) -> dict[str, Any]:
+        orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+        return {"tenant": tenant.identifier, "orders": _rows(orders)}
+
+    @app.get("/orders/{order_id}")
+    async def get_order(order_id: int, session: Session) -> dict[str, Any]:
+        order = await session.get(Order, order_id)
+        if order is None:
+            raise HTTPException(404, "Order not found")
+        return _rows([order])[0]
+
+    @app.post("/orders")
+    async def create_order(order_id: int, description: str, session: Session) -> dict[str, Any]:
+        session.add(Order(id=order_id, description=description))
+        await session.commit()
+        return {"id": order_id}
+
+    @app.put("/orders/{order_id}")
+    async def update_order(order_id: int, description: str, session: Session) -> dict[str, int]:
+        result = await session.execute(
+            sa.update(Order).where(Order.id == order_id).values(description=description)
+        )
+        await session.commit()
+        return {"updated": int(result.rowcount)}  # type: ignore[attr-defined]
+
+    @app.post("/orders/commit-then-read")
+    async def commit_then_read(order_id: int, description: str, session: Session) -> dict[str, Any]:
+        session.add(Order(id=order_id, description=description))
+        await session.commit()
+        orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+        return {"orders": _rows(orders)}
+
+    @app.post("/orders/begin")
+    async def with_begin(order_id: int, description: str, session: Session) -> dict[str, Any]:
+        async with session.begin():
+            session.add(Order(id=order_id, description=description))
+        async with session.begin():
+            orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+            return {"orders": _rows(orders)}
+
+    @app.get("/raw")
+    async def raw_sql(session: Session, table: str = "orders") -> dict[str, Any]:
+        # Raw SQL naming a table without a schema; `table` is chosen by the test only.
+        rows = (await session.execute(sa.text(f"SELECT id, description FROM {table} ORDER BY id"))).all()  # noqa: S608
+        return {"orders": [{"id": r[0], "description": r[1]} for r in rows]}
+
+    return app

@@ -1,0 +1,219 @@
+"""The isolation matrix: two tenants with overlapping primary keys, on PostgreSQL schemas
+(a pool of ONE connection, so every request reuses the same physical connection) and on
+SQLite files. Every request must see its own tenant's rows and nothing else."""
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from fastapi_tenancy import (
+    ProvisioningError,
+    TenancyConfig,
+    TenancyManager,
+    TenantAlreadyExistsError,
+)
+from fastapi_tenancy.isolation import SQLiteFileIsolation
+
+from ..apps import Base, Order, build_app
+
+ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
+
+
+@dataclass
+class Env:
+    backend: str
+    manager: TenancyManager
+    client: httpx.AsyncClient
+
+    async def get(self, tenant: str, path: str, **params: str | int) -> httpx.Response:
+        return await self.client.get(path, params=params, headers={"X-Tenant-ID": tenant})
+
+    async def post(self, tenant: str, path: str, **params: str | int) -> httpx.Response:
+        return await self.client.post(path, params=params, headers={"X-Tenant-ID": tenant})
+
+    async def seed(self, identifier: str, rows: dict[int, str]) -> None:
+        tenant = await self.manager.register_tenant(
+            identifier, identifier.title(), app_metadata=Base.metadata
+        )
+        async with self.manager.session(tenant) as session:
+            session.add_all(Order(id=i, description=d) for i, d in rows.items())
+            await session.commit()
+
+    async def shared_sql(self, statement: str) -> None:
+        """Run SQL outside any tenant: in `public` (PostgreSQL) or the registry file (SQLite)."""
+        async with self.manager.engine.begin() as conn:
+            await conn.execute(sa.text(statement))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@asynccontextmanager
+async def two_tenants(url: str) -> AsyncIterator[Env]:
+    """A manager on a pool of one connection, the test app, and tenants alpha and beta."""
+    config = TenancyConfig(database_url=url, database_pool_size=1, database_max_overflow=0)
+    manager = TenancyManager(config)
+    await manager.initialize()
+    transport = httpx.ASGITransport(app=build_app(manager))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            environment = Env(config.backend, manager, client)
+            for identifier, rows in ROWS.items():
+                await environment.seed(identifier, rows)
+            yield environment
+    finally:
+        await manager.close()
+
+
+@pytest.fixture
+async def env(db_url: str) -> AsyncIterator[Env]:
+    async with two_tenants(db_url) as environment:
+        yield environment
+
+
+def _descriptions(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [o["description"] for o in response.json()["orders"]]
+
+
+async def test_reads_alternating_tenants_see_only_their_rows(env: Env) -> None:
+    for _ in range(50):
+        assert _descriptions(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]
+        assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+
+
+async def test_an_id_of_the_other_tenant_looks_like_no_id_at_all(env: Env) -> None:
+    assert (await env.get("alpha", "/orders/1")).json() == {"id": 1, "description": "alpha-1"}
+    assert (await env.get("beta", "/orders/1")).json() == {"id": 1, "description": "beta-1"}
+    foreign, nowhere = await env.get("alpha", "/orders/3"), await env.get("alpha", "/orders/999")
+    assert foreign.status_code == nowhere.status_code == 404
+    assert foreign.content == nowhere.content
+    assert foreign.headers == nowhere.headers
+
+
+async def test_writes_never_reach_the_other_tenant(env: Env) -> None:
+    assert (
+        await env.client.put("/orders/1", params={"description": "changed"}, headers={"X-Tenant-ID": "alpha"})
+    ).json() == {"updated": 1}
+    assert (
+        await env.client.put("/orders/3", params={"description": "changed"}, headers={"X-Tenant-ID": "alpha"})
+    ).json() == {"updated": 0}
+    assert (await env.post("alpha", "/orders", order_id=3, description="alpha-3")).status_code == 200
+    assert _descriptions(await env.get("alpha", "/orders")) == ["changed", "alpha-2", "alpha-3"]
+    assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+
+
+async def test_commit_then_read_in_one_request_stays_in_the_tenant(env: Env) -> None:
+    response = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
+    assert _descriptions(response) == ["beta-1", "beta-2", "beta-3"]
+    assert _descriptions(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]
+
+
+async def test_session_begin_works_inside_a_route(env: Env) -> None:
+    response = await env.post("alpha", "/orders/begin", order_id=5, description="alpha-5")
+    assert _descriptions(response) == ["alpha-1", "alpha-2", "alpha-5"]
+    assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+
+
+async def test_raw_sql_reaches_only_the_tenant_and_never_the_registry(env: Env) -> None:
+    assert _descriptions(await env.get("alpha", "/raw")) == ["alpha-1", "alpha-2"]
+    assert _descriptions(await env.get("beta", "/raw")) == ["beta-1", "beta-3"]
+    with pytest.raises(sa_exc.DBAPIError, match="tenants"):
+        await env.get("alpha", "/raw", table="tenants")
+
+
+async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisioning(env: Env) -> None:
+    await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
+    await env.shared_sql("INSERT INTO orders VALUES (1, 'SHARED-SECRET')")
+    await env.seed("gamma", {})
+    for path in ("/orders", "/raw"):
+        assert _descriptions(await env.get("gamma", path)) == []
+        assert _descriptions(await env.get("alpha", path)) == ["alpha-1", "alpha-2"]
+    async with env.manager.engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT description FROM orders"))).scalars().all() == [
+            "SHARED-SECRET"
+        ]
+
+
+async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:
+    await env.manager.delete_tenant("alpha")
+    response = await env.get("alpha", "/orders")
+    assert (response.status_code, response.text) == (
+        403,
+        '{"detail": "Tenant is not active (status: deleted)"}',
+    )
+    # Soft-deleted: the slug stays reserved, so nobody can register it and inherit the data.
+    with pytest.raises(TenantAlreadyExistsError):
+        await env.manager.register_tenant("alpha", "New Alpha", app_metadata=Base.metadata)
+    await env.manager.delete_tenant("alpha", destroy_data=True)
+    await env.seed("alpha", {})
+    assert _descriptions(await env.get("alpha", "/orders")) == []
+    assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+
+
+async def test_leftover_storage_is_never_adopted(env: Env, tmp_path: Path) -> None:
+    if env.backend == "postgresql":
+        await env.shared_sql('CREATE SCHEMA "tenant_delta"')
+        await env.shared_sql(
+            "CREATE TABLE tenant_delta.orders (id INTEGER PRIMARY KEY, description VARCHAR(200))"
+        )
+        await env.shared_sql("INSERT INTO tenant_delta.orders VALUES (1, 'OLD-CUSTOMER')")
+    else:
+        isolation = env.manager.isolation
+        assert isinstance(isolation, SQLiteFileIsolation)
+        (isolation.directory / "app.tenant_delta.db").write_bytes(b"")
+    with pytest.raises(ProvisioningError, match="already exists"):
+        await env.manager.register_tenant("delta", "Delta", app_metadata=Base.metadata)
+    assert await env.manager.store.get_by_identifier("delta") is None
+    assert (await env.get("delta", "/orders")).status_code == 404
+
+
+async def test_slugs_differing_only_in_dash_vs_double_dash_stay_apart(env: Env) -> None:
+    await env.seed("acme-corp", {1: "single"})
+    await env.seed("acme--corp", {1: "double"})
+    assert _descriptions(await env.get("acme-corp", "/orders")) == ["single"]
+    assert _descriptions(await env.get("acme--corp", "/orders")) == ["double"]
+    names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
+    assert names == {"tenant_acme_corp", "tenant_acme__corp"}
+
+
+async def test_failed_provisioning_leaves_no_half_made_tenant(env: Env) -> None:
+    broken = sa.MetaData()
+    sa.Table("good", broken, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "bad",
+        broken,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.CheckConstraint("id >>> ((", name="nonsense"),
+    )
+    with pytest.raises(ProvisioningError):
+        await env.manager.register_tenant("omega", "Omega", app_metadata=broken)
+    assert await env.manager.store.get_by_identifier("omega") is None
+    assert (await env.get("omega", "/orders")).status_code == 404
+    await env.seed("omega", {7: "omega-7"})  # the slug is free again, and clean
+    assert _descriptions(await env.get("omega", "/orders")) == ["omega-7"]
+
+
+async def test_1000_concurrent_requests_across_20_tenants_never_cross(env: Env) -> None:
+    tenants = [f"t{i:02d}" for i in range(20)]
+    for name in tenants:
+        await env.seed(name, {1: f"{name}-1", 2: f"{name}-2"})
+    rng = random.Random(7)
+    picks = [rng.choice(tenants) for _ in range(1000)]
+    responses = await asyncio.gather(*(env.get(name, "/orders") for name in picks))
+    crossed = [
+        (name, r.text)
+        for name, r in zip(picks, responses, strict=True)
+        if r.status_code != 200 or _descriptions(r) != [f"{name}-1", f"{name}-2"]
+    ]
+    assert crossed == []

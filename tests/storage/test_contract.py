@@ -1,0 +1,133 @@
+"""The contract every TenantStore passes, run against each backend (memory, SQLite, PostgreSQL, MySQL)."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fastapi_tenancy import Tenant, TenantAlreadyExistsError, TenantNotFoundError, TenantStatus
+from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
+from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
+
+BACKENDS = ["memory", "sqlite", "postgres", "mysql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    if request.param == "memory":
+        return None
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+async def store(store_url: str | None) -> AsyncIterator[TenantStore]:
+    if store_url is None:
+        yield InMemoryTenantStore()
+        return
+    sql_store = SQLAlchemyTenantStore(store_url)
+    await sql_store.initialize()
+    await sql_store.initialize()  # idempotent
+    yield sql_store
+    await sql_store.close()
+    await sql_store.close()  # idempotent
+
+
+def _tenant(identifier: str, **kwargs: object) -> Tenant:
+    return Tenant(identifier=identifier, name=identifier.title(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_create_then_get_by_id_and_identifier(store: TenantStore) -> None:
+    tenant = _tenant("acme", metadata={"plan": "pro", "limits": {"rpm": 100}, "tags": ["a", "b"]})
+    assert await store.create(tenant) == tenant
+    for got in (await store.get_by_id(tenant.id), await store.get_by_identifier("acme")):
+        assert got == tenant
+        assert got is not None
+        assert got.metadata["limits"]["rpm"] == 100
+        assert got.metadata["tags"] == ("a", "b")
+        assert got.created_at.tzinfo is not None
+
+
+async def test_timestamps_keep_microseconds_and_utc(store: TenantStore) -> None:
+    stamp = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    tenant = _tenant("acme", created_at=stamp, updated_at=stamp + timedelta(seconds=1))
+    await store.create(tenant)
+    got = await store.get_by_id(tenant.id)
+    assert got is not None
+    assert got.created_at == stamp
+    assert got.updated_at == stamp + timedelta(seconds=1)
+
+
+async def test_unknown_lookups_return_none(store: TenantStore) -> None:
+    assert await store.get_by_id("missing") is None
+    assert await store.get_by_identifier("missing") is None
+
+
+@pytest.mark.parametrize("clash", ["identifier", "id"])
+async def test_create_refuses_a_taken_identifier_or_id(store: TenantStore, clash: str) -> None:
+    first = await store.create(_tenant("acme"))
+    second = _tenant("acme") if clash == "identifier" else _tenant("other", id=first.id)
+    with pytest.raises(TenantAlreadyExistsError):
+        await store.create(second)
+    assert await store.count() == 1
+
+
+async def test_concurrent_creates_of_one_slug_have_one_winner(store: TenantStore) -> None:
+    results = await asyncio.gather(*(store.create(_tenant("race")) for _ in range(5)), return_exceptions=True)
+    winners = [r for r in results if isinstance(r, Tenant)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, TenantAlreadyExistsError) for r in results if r not in winners)
+
+
+async def test_update_stores_mutable_fields_only(store: TenantStore) -> None:
+    tenant = await store.create(_tenant("acme", status=TenantStatus.ACTIVE))
+    other = await store.create(_tenant("other"))
+    changed = tenant.with_changes(name="Acme Corp", metadata={"plan": "free"}).with_status(
+        TenantStatus.SUSPENDED
+    )
+    # An update can never move a tenant onto another slug (the hijack of 0.5.0's memory store).
+    hijack = Tenant(
+        id=changed.id,
+        identifier="other",
+        name=changed.name,
+        status=changed.status,
+        metadata=changed.metadata,
+        created_at=changed.created_at,
+        updated_at=changed.updated_at,
+    )
+    stored = await store.update(hijack)
+    assert stored.identifier == "acme"
+    assert (stored.name, stored.status, dict(stored.metadata)) == (
+        "Acme Corp",
+        TenantStatus.SUSPENDED,
+        {"plan": "free"},
+    )
+    assert await store.get_by_identifier("other") == other
+    assert await store.get_by_identifier("acme") == stored
+
+
+async def test_update_and_delete_of_unknown_id_raise(store: TenantStore) -> None:
+    with pytest.raises(TenantNotFoundError):
+        await store.update(_tenant("ghost"))
+    with pytest.raises(TenantNotFoundError):
+        await store.delete("ghost-id")
+
+
+async def test_delete_frees_the_slug(store: TenantStore) -> None:
+    tenant = await store.create(_tenant("acme"))
+    await store.delete(tenant.id)
+    assert await store.get_by_id(tenant.id) is None
+    assert await store.get_by_identifier("acme") is None
+    await store.create(_tenant("acme"))
+
+
+async def test_list_pages_by_identifier_and_filters_status(store: TenantStore) -> None:
+    for i, slug in enumerate(["d", "b", "a", "e", "c"]):
+        status = TenantStatus.SUSPENDED if i % 2 else TenantStatus.ACTIVE
+        await store.create(_tenant(slug, status=status))
+    assert [t.identifier for t in await store.list(limit=2)] == ["a", "b"]
+    assert [t.identifier for t in await store.list(after="b", limit=2)] == ["c", "d"]
+    assert [t.identifier for t in await store.list(after="d")] == ["e"]
+    assert [t.identifier for t in await store.list(status=TenantStatus.SUSPENDED)] == ["b", "e"]
+    assert await store.count() == 5
+    assert await store.count(status=TenantStatus.ACTIVE) == 3

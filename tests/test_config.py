@@ -1,0 +1,112 @@
+"""TenancyConfig: environment variables, validation naming the field, masked secrets."""
+
+import pytest
+from pydantic import ValidationError
+
+from fastapi_tenancy import TenancyConfig
+
+
+def test_environment_alone_configures_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENANCY_DATABASE_URL", "postgresql+asyncpg://user:pass@localhost/myapp")
+    monkeypatch.setenv("TENANCY_RESOLUTION_STRATEGY", "header")
+    monkeypatch.setenv("TENANCY_ISOLATION_STRATEGY", "schema")
+    monkeypatch.setenv("TENANCY_CACHE_TTL", "12.5")
+    config = TenancyConfig()
+    assert config.database_url == "postgresql+asyncpg://user:pass@localhost/myapp"
+    assert (config.resolution_strategy, config.isolation_strategy, config.cache_ttl) == (
+        "header",
+        "schema",
+        12.5,
+    )
+
+
+# One environment value per field, and what it must parse to. A new field without a
+# line here fails the test: every field must be settable from the environment.
+ENV_SAMPLES: dict[str, tuple[str, object]] = {
+    "database_url": ("sqlite:///env.db", "sqlite+aiosqlite:///env.db"),
+    "resolution_strategy": ("custom", "custom"),
+    "isolation_strategy": ("schema", "schema"),
+    "tenant_header_name": ("X-Org", "X-Org"),
+    "schema_prefix": ("org_", "org_"),
+    "database_pool_size": ("3", 3),
+    "database_max_overflow": ("4", 4),
+    "database_pool_timeout": ("2.5", 2.5),
+    "database_pool_recycle": ("-1", -1),
+    "database_pool_pre_ping": ("true", True),
+    "database_echo": ("true", True),
+    "cache_ttl": ("1.5", 1.5),
+    "cache_max_size": ("50", 50),
+    "negative_cache_ttl": ("0", 0.0),
+    "negative_cache_max_size": ("60", 60),
+    "max_cached_engines": ("7", 7),
+}
+
+
+def test_every_field_has_an_env_variable_and_a_docstring(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(ENV_SAMPLES) == set(TenancyConfig.model_fields)
+    for name, (raw, _) in ENV_SAMPLES.items():
+        assert (TenancyConfig.model_fields[name].description or "").strip(), f"{name} has no docstring"
+        monkeypatch.setenv(f"TENANCY_{name.upper()}", raw)
+    config = TenancyConfig()
+    assert {name: getattr(config, name) for name in ENV_SAMPLES} == {
+        n: v for n, (_, v) in ENV_SAMPLES.items()
+    }
+
+
+def test_keyword_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TENANCY_TENANT_HEADER_NAME", "X-From-Env")
+    assert TenancyConfig(tenant_header_name="X-From-Code").tenant_header_name == "X-From-Code"
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("postgresql://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("sqlite:///./x.db", "sqlite+aiosqlite:///./x.db"),
+        ("sqlite+aiosqlite://", "sqlite+aiosqlite://"),
+    ],
+)
+def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
+    assert TenancyConfig(database_url=url).database_url == normalised
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"database_url": "not a url"}, "database_url"),
+        ({"database_url": "oracle://u@h/db"}, "database_url"),
+        ({"database_url": "mysql://root@h/db"}, "isolation_strategy"),
+        ({"isolation_strategy": "rls"}, "isolation_strategy"),
+        ({"resolution_strategy": "telepathy"}, "resolution_strategy"),
+        ({"tenant_header_name": "X Tenant"}, "tenant_header_name"),
+        ({"schema_prefix": "pg_"}, "schema_prefix"),
+        ({"schema_prefix": "Tenant_"}, "schema_prefix"),
+        ({"schema_prefix": ""}, "schema_prefix"),
+        ({"database_pool_size": 0}, "database_pool_size"),
+        ({"cache_ttl": -1}, "cache_ttl"),
+        ({"cache_max_size": 0}, "cache_max_size"),
+        ({"databse_url": "sqlite://"}, "databse_url"),
+    ],
+)
+def test_invalid_settings_fail_at_construction_naming_the_field(
+    kwargs: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        TenancyConfig(**kwargs)  # type: ignore[arg-type]
+    assert field in str(raised.value)
+
+
+def test_password_is_masked_in_repr_and_str() -> None:
+    config = TenancyConfig(database_url="postgresql+asyncpg://app:s3cr3t-pw@db/app")
+    for text in (repr(config), str(config)):
+        assert "s3cr3t-pw" not in text
+        assert "***" in text
+    assert config.database_url.endswith("app:s3cr3t-pw@db/app")  # the real value stays usable
+
+
+def test_config_is_immutable() -> None:
+    config = TenancyConfig()
+    with pytest.raises(ValidationError):
+        config.cache_ttl = 1

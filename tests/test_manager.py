@@ -1,0 +1,147 @@
+"""TenancyManager: lifecycle, registration, soft and hard delete, cache invalidation."""
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fastapi_tenancy import (
+    ConfigurationError,
+    InvalidIdentifierError,
+    InvalidTransitionError,
+    TenancyConfig,
+    TenancyManager,
+    TenantAlreadyExistsError,
+    TenantInactiveError,
+    TenantNotFoundError,
+    TenantResolutionError,
+    TenantStatus,
+    tenant_scope,
+)
+from fastapi_tenancy.isolation import SQLiteFileIsolation
+from fastapi_tenancy.resolution import HeaderResolver
+
+from .apps import Base
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    yield manager
+    await manager.close()
+
+
+async def test_initialize_and_close_are_idempotent_and_restartable(tmp_path: Path) -> None:
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    await manager.initialize()
+    await manager.register_tenant("acme", "Acme")
+    await manager.close()
+    await manager.close()
+    await manager.initialize()
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE
+    await manager.close()
+
+
+async def test_registration_ends_active_with_its_storage(manager: TenancyManager) -> None:
+    tenant = await manager.register_tenant(
+        "acme", "Acme", app_metadata=Base.metadata, metadata={"plan": "pro"}
+    )
+    assert (tenant.status, tenant.metadata["plan"]) == (TenantStatus.ACTIVE, "pro")
+    assert isinstance(manager.isolation, SQLiteFileIsolation)
+    assert manager.isolation.path(tenant).exists()
+    with pytest.raises(TenantAlreadyExistsError):
+        await manager.register_tenant("acme", "Acme again")
+
+
+@pytest.mark.parametrize("slug", ["Acme", "acme_corp", "a" * 57, "-x", ""])
+async def test_unusable_slugs_are_refused_before_anything_is_written(
+    manager: TenancyManager, slug: str
+) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        await manager.register_tenant(slug, "x")
+    assert await manager.store.count() == 0
+
+
+async def test_lifecycle_changes_are_seen_at_once_through_the_cache(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme")
+    assert (await manager.lookup.get("acme")) is not None  # now cached
+    await manager.suspend_tenant("acme")
+    cached = await manager.lookup.get("acme")
+    assert cached is not None and cached.status is TenantStatus.SUSPENDED
+    await manager.activate_tenant("acme")
+    await manager.update_tenant("acme", name="Acme Corp", metadata={"plan": "pro"})
+    cached = await manager.lookup.get("acme")
+    assert cached is not None and (cached.status, cached.name, cached.metadata["plan"]) == (
+        TenantStatus.ACTIVE,
+        "Acme Corp",
+        "pro",
+    )
+    await manager.delete_tenant("acme")
+    cached = await manager.lookup.get("acme")
+    assert cached is not None and cached.status is TenantStatus.DELETED
+
+
+async def test_unknown_then_registered_is_served_at_once(manager: TenancyManager) -> None:
+    assert await manager.lookup.get("later") is None  # negatively cached
+    await manager.register_tenant("later", "Later")
+    assert await manager.lookup.get("later") is not None
+
+
+async def test_forbidden_transitions_raise(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme")
+    with pytest.raises(InvalidTransitionError):
+        await manager.activate_tenant("acme")
+    await manager.delete_tenant("acme")
+    with pytest.raises(InvalidTransitionError):
+        await manager.activate_tenant("acme")
+    with pytest.raises(TenantNotFoundError):
+        await manager.suspend_tenant("nobody")
+
+
+async def test_hard_delete_destroys_data_and_says_so(
+    manager: TenancyManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenant = await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+    assert isinstance(manager.isolation, SQLiteFileIsolation)
+    path = manager.isolation.path(tenant)
+    await manager.delete_tenant("acme")
+    assert path.exists(), "a soft delete keeps the data"
+    with caplog.at_level(logging.WARNING, logger="fastapi_tenancy"):
+        await manager.delete_tenant("acme", destroy_data=True)
+    assert not path.exists()
+    assert "destroyed tenant acme and all of its data" in caplog.text
+    with pytest.raises(TenantNotFoundError):
+        await manager.get_tenant("acme")
+
+
+async def test_sessions_outside_requests_need_an_active_tenant_in_scope(manager: TenancyManager) -> None:
+    tenant = await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+    with pytest.raises(TenantResolutionError):
+        async with manager.session():
+            pass
+    with tenant_scope(tenant):
+        async with manager.session() as session:
+            assert (await session.execute(Base.metadata.tables["orders"].select())).all() == []
+    suspended = await manager.suspend_tenant("acme")
+    with pytest.raises(TenantInactiveError):
+        async with manager.session(suspended):
+            pass
+
+
+async def test_resolver_wiring_is_checked() -> None:
+    async def from_query(connection: object) -> str | None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="custom"):
+        TenancyManager(TenancyConfig(database_url="sqlite://", resolution_strategy="custom"))
+    with pytest.raises(ConfigurationError, match="resolution_strategy='custom'"):
+        TenancyManager(TenancyConfig(database_url="sqlite://"), resolver=from_query)
+    manager = TenancyManager(TenancyConfig(database_url="sqlite://", tenant_header_name="X-Org"))
+    assert isinstance(manager.resolver, HeaderResolver) and manager.resolver.header_name == "x-org"
+    custom = TenancyManager(
+        TenancyConfig(database_url="sqlite://", resolution_strategy="custom"), resolver=from_query
+    )
+    assert custom.resolver.resolve.__self__.func is from_query  # type: ignore[attr-defined]

@@ -1,0 +1,230 @@
+"""TenancyMiddleware: the spec's error table byte for byte, excluded paths, WebSockets, outages."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, WebSocket
+
+from fastapi_tenancy import (
+    TenancyConfig,
+    TenancyManager,
+    TenancyMiddleware,
+    TenancyUnavailableError,
+)
+from fastapi_tenancy.context import current_tenant_or_none
+from fastapi_tenancy.storage import InMemoryTenantStore
+
+from .apps import Base, build_app
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    for slug in ("acme-corp", "sleepy", "gone"):
+        await manager.register_tenant(slug, slug, app_metadata=Base.metadata)
+    await manager.suspend_tenant("sleepy")
+    await manager.delete_tenant("gone")
+    yield manager
+    await manager.close()
+
+
+@pytest.fixture
+async def client(manager: TenancyManager) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=build_app(manager))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "body"),
+    [
+        ({}, 400, b'{"detail": "Tenant identifier missing"}'),
+        ({"X-Tenant-ID": ""}, 400, b'{"detail": "Tenant identifier missing"}'),
+        ({"X-Tenant-ID": "unknown-co"}, 404, b'{"detail": "Tenant not found"}'),
+        ({"X-Tenant-ID": "sleepy"}, 403, b'{"detail": "Tenant is not active (status: suspended)"}'),
+        ({"X-Tenant-ID": "gone"}, 403, b'{"detail": "Tenant is not active (status: deleted)"}'),
+    ],
+    ids=["missing", "empty", "unknown", "suspended", "deleted"],
+)
+async def test_error_table_of_the_spec(
+    client: httpx.AsyncClient, headers: dict[str, str], status: int, body: bytes
+) -> None:
+    response = await client.get("/orders", headers=headers)
+    assert (response.status_code, response.content) == (status, body)
+    assert response.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        "ACME-CORP",
+        "acme_corp",
+        "-acme",
+        "acme-",
+        "a" * 64,
+        "acme corp",
+        "'; DROP TABLE tenants;--",
+        "..",
+        "acme\x00corp",
+        "ácme",
+        "pg_catalog",
+        "*",
+        "x" * 10_000,
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+async def test_malformed_identifiers_are_a_plain_404(client: httpx.AsyncClient, identifier: str) -> None:
+    # Raw bytes, as a hostile client would send them (UTF-8, NUL and all).
+    response = await client.get("/orders", headers=[(b"X-Tenant-ID", identifier.encode())])
+    assert (response.status_code, response.content) == (404, b'{"detail": "Tenant not found"}')
+
+
+async def test_conflicting_duplicate_headers_are_refused(client: httpx.AsyncClient) -> None:
+    response = await client.get("/orders", headers=[("X-Tenant-ID", "acme-corp"), ("X-Tenant-ID", "sleepy")])
+    assert (response.status_code, response.json()) == (400, {"detail": "Tenant identifier ambiguous"})
+    same = await client.get("/orders", headers=[("X-Tenant-ID", "acme-corp"), ("X-Tenant-ID", "acme-corp")])
+    assert same.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "excluded"),
+    [
+        ("/health", True),
+        ("/health/", True),
+        ("/health/live", True),
+        ("/healthz", False),
+        ("/healthy/x", False),
+        ("/docs", True),
+        ("/openapi.json", True),
+        ("/redoc", True),
+        ("/docsx", False),
+        ("/orders", False),
+    ],
+)
+async def test_excluded_paths_match_whole_segments(
+    client: httpx.AsyncClient, path: str, excluded: bool
+) -> None:
+    response = await client.get(path)
+    if excluded:
+        assert response.status_code != 400, response.text
+    else:
+        assert (response.status_code, response.json()) == (400, {"detail": "Tenant identifier missing"})
+
+
+async def test_docs_can_be_put_behind_tenancy(manager: TenancyManager) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager, exclude_docs=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/openapi.json")).status_code == 400
+        assert (await client.get("/openapi.json", headers={"X-Tenant-ID": "acme-corp"})).status_code == 200
+
+
+async def test_excluded_path_with_a_tenant_dependency_is_a_400_not_a_500(manager: TenancyManager) -> None:
+    from fastapi_tenancy.dependencies import CurrentTenant
+
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/public"])
+
+    @app.get("/public/who")
+    async def who(tenant: CurrentTenant) -> str:
+        return tenant.identifier
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/public/who")
+    assert (response.status_code, response.json()) == (400, {"detail": "Tenant identifier missing"})
+
+
+async def test_tenant_context_is_reset_after_each_request(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})).status_code == 200
+    assert current_tenant_or_none() is None
+
+
+async def test_tenancy_errors_raised_by_the_app_keep_their_status(manager: TenancyManager) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+
+    @app.get("/lookup/{slug}")
+    async def lookup(slug: str) -> str:
+        return (await manager.get_tenant(slug)).name
+
+    @app.get("/down")
+    async def down() -> None:
+        raise TenancyUnavailableError("test outage")
+
+    headers = {"X-Tenant-ID": "acme-corp"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        missing = await client.get("/lookup/nobody", headers=headers)
+        assert (missing.status_code, missing.content) == (404, b'{"detail": "Tenant not found"}')
+        outage = await client.get("/down", headers=headers)
+        assert (outage.status_code, outage.json()) == (503, {"detail": "Tenancy backend unavailable"})
+        assert outage.headers["retry-after"] == "1"
+
+
+class _BrokenStore(InMemoryTenantStore):
+    async def get_by_identifier(self, identifier: str) -> None:
+        raise TenancyUnavailableError("registry down")
+
+
+async def test_registry_outage_is_a_503_never_a_500(tmp_path: Path) -> None:
+    manager = TenancyManager(TenancyConfig(database_url="sqlite://"), _BrokenStore())
+    app = build_app(manager)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})
+    assert (response.status_code, response.json()) == (503, {"detail": "Tenancy backend unavailable"})
+    await manager.close()
+
+
+async def _websocket(app: FastAPI, headers: dict[str, str]) -> list[dict[str, object]]:
+    """Drive one WebSocket connection through the ASGI app; return what the app sent."""
+    sent: list[dict[str, object]] = []
+    incoming: list[dict[str, object]] = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "root_path": "",
+        "query_string": b"",
+        "scheme": "ws",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "subprotocols": [],
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    await app(scope, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+async def test_websockets_are_resolved_and_refused_like_http(manager: TenancyManager) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        tenant = current_tenant_or_none()
+        await websocket.send_text(tenant.identifier if tenant else "none")
+        await websocket.close()
+
+    accepted = await _websocket(app, {"X-Tenant-ID": "acme-corp"})
+    assert [m["type"] for m in accepted] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert accepted[1]["text"] == "acme-corp"
+    for headers, reason in [
+        ({}, "Tenant identifier missing"),
+        ({"X-Tenant-ID": "nobody"}, "Tenant not found"),
+        ({"X-Tenant-ID": "sleepy"}, "Tenant is not active (status: suspended)"),
+    ]:
+        assert await _websocket(app, headers) == [{"type": "websocket.close", "code": 1008, "reason": reason}]

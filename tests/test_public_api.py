@@ -1,0 +1,30 @@
+"""The public surface: sorted, complete __all__ and no optional dependency on import."""
+
+import subprocess
+import sys
+
+import fastapi_tenancy
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert fastapi_tenancy.__all__ == sorted(fastapi_tenancy.__all__)
+    public = {name for name in vars(fastapi_tenancy) if not name.startswith("_")}
+    modules = {name for name, value in vars(fastapi_tenancy).items() if type(value) is type(sys)}
+    assert public - modules == set(fastapi_tenancy.__all__) - {"__version__"}
+
+
+def test_the_quick_start_import_paths_exist() -> None:
+    from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyMiddleware, Tenant  # noqa: F401
+    from fastapi_tenancy.dependencies import get_current_tenant, make_tenant_db_dependency  # noqa: F401
+    from fastapi_tenancy.storage.database import SQLAlchemyTenantStore  # noqa: F401
+
+
+def test_importing_the_package_imports_no_optional_dependency() -> None:
+    code = (
+        "import sys, fastapi_tenancy, fastapi_tenancy.dependencies, fastapi_tenancy.storage.database;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('asyncpg', 'aiosqlite', 'aiomysql', 'asyncmy', 'redis', 'jwt', 'alembic', 'typer', 'rich'));"
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -7,6 +7,9 @@ TENANCY_TEST_REQUIRE_SERVICES=1 (CI), where it fails.
 
 import asyncio
 import os
+import shutil
+import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -113,3 +116,75 @@ async def mysql_url() -> AsyncIterator[str]:
 def sqlite_url(tmp_path: Path) -> Iterator[str]:
     """The URL of a SQLite registry file in a fresh directory."""
     yield f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pgbouncer_setup(postgres_url: str, port: int) -> tuple[str, Path]:
+    """The pgbouncer binary and a work directory holding its config, auth file and log."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        if REQUIRE_SERVICES:
+            pytest.fail("pgbouncer is required (TENANCY_TEST_REQUIRE_SERVICES=1): not installed")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    target = make_url(postgres_url)
+    # Not under pytest's tmp_path: its parents are private to root, and PgBouncer
+    # refuses to run as root, so it runs as postgres.
+    workdir = Path(tempfile.mkdtemp(prefix="ft-pgbouncer-"))
+    (workdir / "users.txt").write_text(f'"{target.username}" ""\n')
+    (workdir / "pgbouncer.ini").write_text(
+        f"""[databases]
+* = host={target.host} port={target.port or 5432}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {workdir / "users.txt"}
+pool_mode = transaction
+default_pool_size = 1
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 200
+query_wait_timeout = 20
+ignore_startup_parameters = extra_float_digits
+logfile = {workdir / "pgbouncer.log"}
+pidfile = {workdir / "pgbouncer.pid"}
+"""
+    )
+    for path in (workdir, *workdir.iterdir()):
+        os.chmod(path, 0o777 if path.is_dir() else 0o644)
+    return binary, workdir
+
+
+@pytest.fixture
+async def pgbouncer_url(postgres_url: str) -> AsyncIterator[str]:
+    """`postgres_url` through a PgBouncer of our own in transaction mode, one server connection.
+
+    Debian's pgbouncer (.ci/run installs it when missing), on a spare loopback
+    port, stopped after the test.
+    """
+    port = _free_port()
+    binary, workdir = _pgbouncer_setup(postgres_url, port)
+    user = ["-u", "postgres"] if os.geteuid() == 0 else []
+    process = await asyncio.create_subprocess_exec(binary, *user, str(workdir / "pgbouncer.ini"))
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                break
+            except OSError:
+                assert process.returncode is None, "pgbouncer exited; see its log in " + str(workdir)
+                await asyncio.sleep(0.05)
+        yield make_url(postgres_url).set(port=port).render_as_string(hide_password=False)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Private helpers shared by the store and the isolation strategies."""
 
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,10 @@ _DRIVER_EXTRAS = {
 }
 
 
+def _unique_statement_name() -> str:
+    return f"__ft_{uuid.uuid4().hex}__"
+
+
 def is_memory_sqlite(url: str) -> bool:
     """True for a SQLite URL that names no file (an in-memory database)."""
     parsed = make_url(url)
@@ -35,9 +40,19 @@ def create_engine(
     pool_recycle: int = 1800,
     pool_pre_ping: bool = False,
     echo: bool = False,
+    pgbouncer: bool = False,
 ) -> AsyncEngine:
     """Create an async engine, naming the pip extra when its driver is missing."""
     options: dict[str, Any] = {"echo": echo, "pool_pre_ping": pool_pre_ping}
+    if pgbouncer:
+        # Behind PgBouncer in transaction mode a client connection's next transaction
+        # may run on another server connection: no statement may outlive its
+        # transaction, and names must not collide between clients sharing a server.
+        options["connect_args"] = {
+            "statement_cache_size": 0,
+            "prepared_statement_cache_size": 0,
+            "prepared_statement_name_func": _unique_statement_name,
+        }
     if is_memory_sqlite(url):
         # One shared connection: every new connection to :memory: is a new, empty database.
         options["poolclass"] = StaticPool

@@ -113,6 +113,12 @@ class TenancyConfig(BaseSettings):
     database_echo: bool = False
     """Log every SQL statement (SQLAlchemy `echo`), for debugging."""
 
+    database_pgbouncer: bool = False
+    """`database_url` points to PgBouncer in transaction pooling mode: turn off asyncpg's
+    server-side prepared statement cache and give each statement a unique name, since
+    consecutive transactions may run on different server connections. Tenant scoping
+    needs nothing else: every setting it makes is transaction-local."""
+
     cache_ttl: float = Field(default=30.0, ge=0)
     """Seconds a resolved tenant is served from the in-process cache (0: no cache).
     Changes made through this process's manager invalidate it at once; other
@@ -157,6 +163,10 @@ class TenancyConfig(BaseSettings):
     @model_validator(mode="after")
     def _check_combinations(self) -> "TenancyConfig":
         backend = self.backend
+        if self.database_pgbouncer and backend != "postgresql":
+            raise ValueError(
+                f"database_pgbouncer: PgBouncer fronts PostgreSQL, but database_url is {backend}"
+            )
         if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
             raise ValueError(
                 f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, but database_url is {backend}"

@@ -17,6 +17,7 @@ from .errors import (
     ConfigurationError,
     ProvisioningError,
     TenancyError,
+    TenantAlreadyExistsError,
     TenantInactiveError,
     TenantNotFoundError,
     TenantResolutionError,
@@ -69,6 +70,7 @@ class TenancyManager:
             pool_recycle=self.config.database_pool_recycle,
             pool_pre_ping=self.config.database_pool_pre_ping,
             echo=self.config.database_echo,
+            pgbouncer=self.config.database_pgbouncer,
         )
         self.store = store if store is not None else SQLAlchemyTenantStore(self.engine)
         self.resolver = self._build_resolver(resolver)
@@ -181,11 +183,19 @@ class TenancyManager:
         (a soft-deleted tenant keeps its slug until purged).
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
-        tenant = await self.store.create(
-            Tenant(
-                identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING
-            )
+        new = Tenant(
+            identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING
         )
+        try:
+            tenant = await self.store.create(new)
+        except TenantAlreadyExistsError as exc:
+            holder = await self.store.get_by_identifier(identifier)
+            if holder is not None and holder.status is TenantStatus.DELETED:
+                raise TenantAlreadyExistsError(
+                    f"{identifier!r} belongs to a deleted tenant whose data is kept; purge it first "
+                    "with delete_tenant(..., destroy_data=True)"
+                ) from exc
+            raise
         self.lookup.invalidate(identifier)
         try:
             await self.isolation.provision(tenant, app_metadata)

@@ -59,9 +59,12 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 @asynccontextmanager
-async def two_tenants(url: str) -> AsyncIterator[Env]:
+async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
     """A manager on a pool of one connection, the test app, and tenants alpha and beta."""
-    config = TenancyConfig(database_url=url, database_pool_size=1, database_max_overflow=0)
+    config = TenancyConfig(
+        database_url=url,
+        **{"database_pool_size": 1, "database_max_overflow": 0, **settings},  # type: ignore[arg-type]
+    )
     manager = TenancyManager(config)
     await manager.initialize()
     transport = httpx.ASGITransport(app=build_app(manager))
@@ -153,7 +156,7 @@ async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:
         '{"detail": "Tenant is not active (status: deleted)"}',
     )
     # Soft-deleted: the slug stays reserved, so nobody can register it and inherit the data.
-    with pytest.raises(TenantAlreadyExistsError):
+    with pytest.raises(TenantAlreadyExistsError, match="destroy_data=True"):
         await env.manager.register_tenant("alpha", "New Alpha", app_metadata=Base.metadata)
     await env.manager.delete_tenant("alpha", destroy_data=True)
     await env.seed("alpha", {})

@@ -1,0 +1,36 @@
+"""Schema isolation through a real PgBouncer in transaction mode, with ONE server
+connection shared by every client connection, so tenants' transactions interleave on it."""
+
+import asyncio
+import random
+
+import sqlalchemy as sa
+
+from .test_matrix import two_tenants
+
+
+async def test_tenants_sharing_one_server_connection_never_cross(pgbouncer_url: str) -> None:
+    async with two_tenants(pgbouncer_url, database_pgbouncer=True, database_pool_size=5) as env:
+        async with env.manager.engine.connect() as first, env.manager.engine.connect() as second:
+            pids = []
+            for conn in (first, second):  # each transaction ends before the next may take the server
+                pids.append((await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+                await conn.commit()
+        assert pids[0] == pids[1], "two client connections, one server connection"
+
+        expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
+        rng = random.Random(3)
+        picks = [rng.choice(["alpha", "beta"]) for _ in range(300)]
+        paths = [rng.choice(["/orders", "/raw"]) for _ in picks]
+        responses = await asyncio.gather(*(env.get(t, p) for t, p in zip(picks, paths, strict=True)))
+        crossed = [
+            (tenant, r.text)
+            for tenant, r in zip(picks, responses, strict=True)
+            if r.status_code != 200 or [o["description"] for o in r.json()["orders"]] != expected[tenant]
+        ]
+        assert crossed == []
+
+        committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
+        assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
+        async with env.manager.engine.connect() as conn:
+            assert (await conn.execute(sa.text("SHOW search_path"))).scalar_one() == '"$user", public'

@@ -145,3 +145,16 @@ async def test_resolver_wiring_is_checked() -> None:
         TenancyConfig(database_url="sqlite://", resolution_strategy="custom"), resolver=from_query
     )
     assert custom.resolver.resolve.__self__.func is from_query  # type: ignore[attr-defined]
+
+
+async def test_a_job_holding_an_old_record_is_refused_after_a_change(manager: TenancyManager) -> None:
+    held = await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+    await manager.suspend_tenant("acme")
+    with pytest.raises(TenantInactiveError):
+        async with manager.session(held):
+            pass
+    await manager.delete_tenant("acme", destroy_data=True)
+    await manager.register_tenant("acme", "New customer, same slug", app_metadata=Base.metadata)
+    with pytest.raises(TenantNotFoundError):
+        async with manager.session(held):
+            pass

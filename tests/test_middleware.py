@@ -177,7 +177,9 @@ async def test_registry_outage_is_a_503_never_a_500(tmp_path: Path) -> None:
     await manager.close()
 
 
-async def _websocket(app: FastAPI, headers: dict[str, str]) -> list[dict[str, object]]:
+async def _websocket(
+    app: FastAPI, headers: dict[str, str], extensions: dict[str, object] | None = None
+) -> list[dict[str, object]]:
     """Drive one WebSocket connection through the ASGI app; return what the app sent."""
     sent: list[dict[str, object]] = []
     incoming: list[dict[str, object]] = [
@@ -202,6 +204,7 @@ async def _websocket(app: FastAPI, headers: dict[str, str]) -> list[dict[str, ob
         "server": ("t", 80),
         "client": ("c", 1),
         "subprotocols": [],
+        "extensions": extensions or {},
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
     await app(scope, receive, send)  # type: ignore[arg-type]
@@ -228,3 +231,27 @@ async def test_websockets_are_resolved_and_refused_like_http(manager: TenancyMan
         ({"X-Tenant-ID": "sleepy"}, "Tenant is not active (status: suspended)"),
     ]:
         assert await _websocket(app, headers) == [{"type": "websocket.close", "code": 1008, "reason": reason}]
+
+
+async def test_websocket_refusals_are_real_http_responses_where_the_server_allows(
+    manager: TenancyManager,
+) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+    sent = await _websocket(app, {"X-Tenant-ID": "nobody"}, {"websocket.http.response": {}})
+    assert [m["type"] for m in sent] == ["websocket.http.response.start", "websocket.http.response.body"]
+    assert (sent[0]["status"], sent[1]["body"]) == (404, b'{"detail": "Tenant not found"}')
+
+
+async def test_tenancy_errors_on_excluded_paths_keep_their_status(manager: TenancyManager) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/admin"])
+
+    @app.get("/admin/tenants/{slug}")
+    async def show(slug: str) -> str:
+        return (await manager.get_tenant(slug)).name
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/admin/tenants/acme-corp")).json() == "acme-corp"
+        missing = await client.get("/admin/tenants/nobody")
+    assert (missing.status_code, missing.content) == (404, b'{"detail": "Tenant not found"}')

@@ -95,7 +95,8 @@ class TenancyConfig(BaseSettings):
     `tenant_acme_corp`. Lower-case letters, digits and `_`; must not start with `pg_`."""
 
     database_pool_size: int = Field(default=10, ge=1, le=1000)
-    """Connections kept open in the pool shared by all tenants (PostgreSQL)."""
+    """Connections kept open in the manager's pool: the registry's and, on PostgreSQL,
+    every tenant's (they share it). SQLite tenant files have small pools of their own."""
 
     database_max_overflow: int = Field(default=10, ge=0, le=1000)
     """Extra connections the pool may open under load, beyond `database_pool_size`."""
@@ -125,7 +126,8 @@ class TenancyConfig(BaseSettings):
     processes see them after at most this long."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
-    """Most tenants held in the in-process cache; the oldest entry goes first."""
+    """Most tenants held in the in-process cache (and, on PostgreSQL, per-tenant engine
+    views kept ready); the oldest entry goes first."""
 
     negative_cache_ttl: float = Field(default=5.0, ge=0)
     """Seconds an unknown identifier is remembered as unknown, so probing with random

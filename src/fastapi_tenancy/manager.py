@@ -153,14 +153,19 @@ class TenancyManager:
 
         Not begun: use it directly (it begins on first use) or with
         `async with session.begin()`. Uncommitted work is rolled back on exit.
-        Refuses tenants that are not active, so a job queued before a suspension
-        does not run after it.
+        The tenant's status is checked against the registry (through the lookup
+        cache), not the `Tenant` object passed in: a job holding a record from
+        before a suspension is refused, and so is one whose tenant was purged and
+        its slug registered again by someone else.
         """
         if tenant is None:
             tenant = current_tenant()
-        if tenant.status is not TenantStatus.ACTIVE:
-            raise TenantInactiveError(tenant.status.value)
-        session = await self.isolation.session(tenant)
+        current = await self.lookup.get(tenant.identifier)
+        if current is None or current.id != tenant.id:
+            raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
+        if current.status is not TenantStatus.ACTIVE:
+            raise TenantInactiveError(current.status.value)
+        session = await self.isolation.session(current)
         async with session:
             yield session
 

@@ -32,7 +32,9 @@ class TenancyMiddleware:
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
       (status: suspended)"}`, 503 when the registry or database is unreachable.
       Tenancy errors and database outages raised by the app before its response
-      starts get the same treatment; a WebSocket is closed with code 1008 (1013).
+      starts get the same treatment, on excluded paths too. A refused WebSocket
+      handshake gets the same HTTP response where the server supports the ASGI
+      "websocket.http.response" extension, else a close with code 1008 (1013 for 503).
 
         app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
     """
@@ -52,34 +54,21 @@ class TenancyMiddleware:
         self._docs_paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or self._excluded(scope):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
+            return
+        if self._excluded(scope):
+            await _call(self.app, scope, receive, send)
             return
         try:
             tenant = await self.manager.resolve(HTTPConnection(scope))
         except TenancyError as exc:
             await _refuse(scope, send, exc)
             return
-
         scope.setdefault("state", {})["tenant"] = tenant
         token = _current.set(tenant)
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_tracking)
-        except TenancyError as exc:
-            if started:
-                raise
-            await _refuse(scope, send, exc)
-        except Exception as exc:
-            if started or not is_outage(exc):
-                raise
-            await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+            await _call(self.app, scope, receive, send)
         finally:
             _current.reset(token)
 
@@ -118,16 +107,42 @@ def _normalise(path: str) -> str:
     return path.rstrip("/") or "/"
 
 
+async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run the app; a tenancy error or a database outage before the response starts is refused."""
+    started = False
+
+    async def send_tracking(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, send_tracking)
+    except TenancyError as exc:
+        if started:
+            raise
+        await _refuse(scope, send, exc)
+    except Exception as exc:
+        if started or not is_outage(exc):
+            raise
+        await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+
+
 async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
-    if scope["type"] == "websocket":
-        code = _WS_TRY_AGAIN_LATER if exc.status_code == 503 else _WS_POLICY_VIOLATION
-        await send({"type": "websocket.close", "code": code, "reason": exc.detail})
-        return
     # json.dumps' default separators give exactly the documented bodies,
     # e.g. {"detail": "Tenant not found"}.
     body = json.dumps({"detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if exc.status_code == 503:
         headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        # The server can answer the handshake with a real HTTP response: the same JSON.
+        await send({"type": "websocket.http.response.start", "status": exc.status_code, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        # Otherwise close before accepting (servers turn this into an HTTP 403).
+        code = _WS_TRY_AGAIN_LATER if exc.status_code == 503 else _WS_POLICY_VIOLATION
+        await send({"type": "websocket.close", "code": code, "reason": exc.detail})

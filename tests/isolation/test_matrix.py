@@ -220,3 +220,15 @@ async def test_1000_concurrent_requests_across_20_tenants_never_cross(env: Env) 
         if r.status_code != 200 or _descriptions(r) != [f"{name}-1", f"{name}-2"]
     ]
     assert crossed == []
+
+
+async def test_sqlite_tenants_cannot_attach_other_files(sqlite_url: str) -> None:
+    async with two_tenants(sqlite_url) as env:
+        isolation = env.manager.isolation
+        assert isinstance(isolation, SQLiteFileIsolation)
+        beta = await env.manager.get_tenant("beta")
+        registry = isolation.directory / "app.db"
+        for target in (registry, isolation.path(beta)):
+            async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
+                with pytest.raises(sa_exc.DatabaseError, match="not authorized"):
+                    await session.execute(sa.text(f"ATTACH DATABASE '{target}' AS other"))

@@ -1,10 +1,13 @@
 """`SQLiteFileIsolation`: one SQLite database file per tenant (the embedded default)."""
 
 import asyncio
+import sqlite3
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -16,13 +19,25 @@ from .base import Isolation, create_tables, tenant_tables
 
 __all__ = ["SQLiteFileIsolation"]
 
+_CROSSING_ACTIONS = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
+
+
+def _authorize(action: int, *_: Any) -> int:
+    # A tenant connection may do anything inside its own file, but never ATTACH
+    # another one: that would open the registry or another tenant's file.
+    return sqlite3.SQLITE_DENY if action in _CROSSING_ACTIONS else sqlite3.SQLITE_OK
+
+
+def _confine(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.run_async(lambda driver: driver.set_authorizer(_authorize))
+
 
 class SQLiteFileIsolation(Isolation):
     """Each tenant in its own SQLite file beside the registry: `app.tenant_acme_corp.db`.
 
     What `isolation_strategy="schema"` means on SQLite. A tenant session's engine
-    opens only that tenant's file, so neither other tenants nor the registry are
-    reachable from it, even by raw SQL. Files are opened read-write without
+    opens only that tenant's file and refuses `ATTACH`, so neither other tenants
+    nor the registry are reachable from it, even by raw SQL. Files are opened read-write without
     create (`mode=rw`): a tenant whose file is missing fails, it never gets a fresh
     empty database. At most `max_engines` files are open at once (least recently
     used closed first). An in-memory registry URL gives in-memory tenants, which are
@@ -48,8 +63,16 @@ class SQLiteFileIsolation(Isolation):
         """The database file of `tenant`."""
         return self.directory / f"{self._stem}.{self.storage_name(tenant.identifier)}.db"
 
-    def _url(self, path: Path, mode: str) -> str:
-        return f"{self._driver}:///file:{path}?mode={mode}&uri=true"
+    def _open(self, path: Path, mode: str) -> AsyncEngine:
+        if self._memory:
+            engine = create_engine(f"{self._driver}://", echo=self._echo)
+        else:
+            # A small pool per file: SQLite serialises writers anyway, and every
+            # aiosqlite connection is a thread of its own.
+            url = f"{self._driver}:///file:{path}?mode={mode}&uri=true"
+            engine = create_engine(url, pool_size=2, max_overflow=8, echo=self._echo)
+        event.listen(engine.sync_engine, "connect", _confine)
+        return engine
 
     async def session(self, tenant: Tenant) -> AsyncSession:
         return AsyncSession(bind=self._engine(tenant), expire_on_commit=False)
@@ -59,14 +82,7 @@ class SQLiteFileIsolation(Isolation):
         if engine is not None:
             self._engines.move_to_end(tenant.identifier)
             return engine
-        if self._memory:
-            engine = create_engine(f"{self._driver}://", echo=self._echo)
-        else:
-            # Two pooled connections per tenant file: SQLite serialises writers anyway,
-            # and every connection is a thread in aiosqlite.
-            engine = create_engine(
-                self._url(self.path(tenant), "rw"), pool_size=2, max_overflow=8, echo=self._echo
-            )
+        engine = self._open(self.path(tenant), "rw")
         self._engines[tenant.identifier] = engine
         if not self._memory and len(self._engines) > self._max_engines:
             _, evicted = self._engines.popitem(last=False)
@@ -95,15 +111,19 @@ class SQLiteFileIsolation(Isolation):
                 "tenant (remove it, or purge the old tenant with destroy_data=True)"
             )
         self.directory.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(self._url(path, "rwc"), echo=self._echo)
+        engine = self._open(path, "rwc")
         try:
             async with unavailable_as_503("tenant database"), engine.begin() as conn:
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                 await conn.run_sync(create_tables, tables)
-        except sa_exc.SQLAlchemyError as exc:
-            await engine.dispose()
+        except BaseException as exc:
+            # Whatever went wrong (even a cancellation), no file is left behind to
+            # block a later registration of the slug.
+            await asyncio.shield(engine.dispose())
             _unlink(path)
-            raise ProvisioningError(f"could not provision {path.name!r}: {exc}") from exc
+            if isinstance(exc, sa_exc.SQLAlchemyError):
+                raise ProvisioningError(f"could not provision {path.name!r}: {exc}") from exc
+            raise
         await engine.dispose()
 
     async def destroy(self, tenant: Tenant) -> None:

@@ -1,0 +1,247 @@
+"""The documentation: the configuration reference is current, links resolve, and every
+Python block in docs/ runs.
+
+A page's Python blocks run in order, in one module namespace, from a fresh temporary
+directory. A block whose first line is `# not-run: <reason>` is skipped; that is for
+fragments and for code that needs a server.
+"""
+
+import asyncio
+import importlib.util
+import inspect
+import itertools
+import os
+import re
+import sys
+import types
+import unicodedata
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.storage.test_contract as store_contract
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+SPEC = ROOT.parent / "shared" / "spec" / "quickstart.md"
+GENERATOR = ROOT / "scripts" / "gen_config_docs.py"
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
+NOT_RUN = "# not-run:"
+
+# The Quick Start's main.py is the user's code, kept byte for byte as in the spec; only its
+# database URL is pointed at SQLite here (tests/test_quickstart.py runs it on PostgreSQL too).
+QUICKSTART_URL = "postgresql+asyncpg://postgres:postgres@localhost/myapp"
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [path.stem for path in paths]
+
+
+def _without_code(text: str) -> str:
+    """`text` without fenced blocks and inline code, where links and headings are not real."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", text))
+
+
+def _blocks(page: Path) -> Iterator[tuple[int, str, str]]:
+    """(line number, language, code) of every fenced block of `page`."""
+    text = page.read_text(encoding="utf-8")
+    for match in FENCE.finditer(text):
+        yield text.count("\n", 0, match.start()) + 1, match.group(1).strip(), match.group(2)
+
+
+def _python_blocks(page: Path) -> list[tuple[int, str]]:
+    return [(line, code) for line, language, code in _blocks(page) if language == "python"]
+
+
+def _slug(heading: str) -> str:
+    """The anchor Python-Markdown's toc extension gives a heading (its default slugify)."""
+    text = unicodedata.normalize("NFKD", heading.replace("`", "")).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _anchors(page: Path) -> set[str]:
+    return {_slug(heading) for heading in HEADING.findall(_without_code(page.read_text(encoding="utf-8")))}
+
+
+def _load_generator() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_config_docs", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the generated configuration reference ---------------------------------------------
+
+
+def test_configuration_reference_is_up_to_date() -> None:
+    stale = "docs/configuration.md is out of date: run python scripts/gen_config_docs.py"
+    assert _load_generator().main(["--check"]) == 0, stale
+
+
+def test_configuration_check_fails_on_a_stale_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    generator = _load_generator()
+    output = tmp_path / "configuration.md"
+    monkeypatch.setattr(generator, "OUTPUT", output)
+    assert generator.main(["--check"]) == 1  # missing
+    output.write_text(generator.render().replace("`TENANCY_CACHE_TTL`", "`TENANCY_CACHE`"))
+    assert generator.main(["--check"]) == 1  # edited by hand
+    assert generator.main([]) == 0
+    assert generator.main(["--check"]) == 0
+    assert "out of date" in capsys.readouterr().err
+
+
+def test_configuration_reference_lists_every_field() -> None:
+    from fastapi_tenancy import TenancyConfig
+
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    for name, field in TenancyConfig.model_fields.items():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        assert f"`TENANCY_{name.upper()}`" in row
+        assert " ".join((field.description or "").split())[:40] in row
+
+
+# -- links and code fences ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"], ids=[*_ids(PAGES), "README"])
+def test_relative_links_resolve(page: Path) -> None:
+    in_docs = page.parent == DOCS
+    broken = []
+    for target in LINK.findall(_without_code(page.read_text(encoding="utf-8"))):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("//"):
+            continue  # http:, https:, mailto: ...
+        path_part, _, anchor = target.partition("#")
+        path = (page.parent / path_part).resolve() if path_part else page
+        if in_docs:
+            # mkdocs --strict: a page may link only to files inside docs/.
+            if not (path.is_file() and path.is_relative_to(DOCS)):
+                broken.append(target)
+                continue
+        elif not path.exists():
+            broken.append(target)
+            continue
+        if anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            broken.append(target)
+    assert not broken, f"{page.name}: broken links {broken}"
+
+
+def test_every_page_is_linked_from_the_index() -> None:
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    linked = {target.partition("#")[0] for target in LINK.findall(index)}
+    assert {page.name for page in PAGES} - {"index.md"} <= linked
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_ids(PAGES))
+def test_code_fences_name_their_language(page: Path) -> None:
+    untagged = [line for line, language, _ in _blocks(page) if not language]
+    assert not untagged, f"{page.name}: fences without a language on lines {untagged}"
+    skipped = [(line, code) for line, code in _python_blocks(page) if code.startswith(NOT_RUN)]
+    for line, code in skipped:
+        reason = code.splitlines()[0].removeprefix(NOT_RUN).strip()
+        assert reason, f"{page.name}:{line}: `# not-run:` needs a reason"
+
+
+def test_quickstart_code_is_the_spec_verbatim() -> None:
+    if not SPEC.exists():
+        pytest.skip(f"the spec is not beside this checkout ({SPEC})")
+    spec = [code for _, language, code in _blocks(SPEC) if language in ("python", "bash")]
+    page = [code for _, language, code in _blocks(DOCS / "quickstart.md") if language in ("python", "bash")]
+    assert [code for code in spec if code in page] == spec
+
+
+# -- executing the Python blocks ---------------------------------------------------------
+
+
+def _quickstart_main(code: str) -> str:
+    if "class Order(Base)" in code:  # main.py
+        assert QUICKSTART_URL in code
+        return code.replace(QUICKSTART_URL, "sqlite:///app.db")
+    return code
+
+
+def _quickstart_ran(tmp_path: Path, output: str) -> None:
+    assert "Created: acme-corp → schema: tenant_acme_corp" in output
+    assert (tmp_path / "app.tenant_acme_corp.db").is_file()
+
+
+# The Quick Start's seed.py imports `main`: its blocks run as a module of that name.
+MODULE_NAMES = {"quickstart": "main"}
+REWRITES: dict[str, Callable[[str], str]] = {"quickstart": _quickstart_main}
+CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran}
+
+EXECUTED = [page for page in PAGES if any(not code.startswith(NOT_RUN) for _, code in _python_blocks(page))]
+
+
+def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run the page's Python blocks in order, in one module, from `tmp_path`; its namespace."""
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.upper().startswith("TENANCY_")]:
+        monkeypatch.delenv(name)  # the examples show the defaults
+    module = types.ModuleType(MODULE_NAMES.get(page.stem, f"docs_{page.stem}"))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    rewrite = REWRITES.get(page.stem, str)
+    for line, code in _python_blocks(page):
+        if code.startswith(NOT_RUN):
+            continue
+        # Line numbers in tracebacks point into the page.
+        source = "\n" * line + rewrite(code)
+        exec(compile(source, str(page), "exec"), module.__dict__)
+    return module.__dict__
+
+
+@pytest.mark.parametrize("page", EXECUTED, ids=_ids(EXECUTED))
+def test_python_blocks_run(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run_page(page, tmp_path, monkeypatch)
+    check = CHECKS.get(page.stem)
+    if check is not None:
+        check(tmp_path, capsys.readouterr().out)
+
+
+def test_most_python_blocks_run() -> None:
+    blocks = [code for page in PAGES for _, code in _python_blocks(page)]
+    skipped = [code for code in blocks if code.startswith(NOT_RUN)]
+    assert len(skipped) * 5 <= len(blocks), f"{len(skipped)} of {len(blocks)} Python blocks are not run"
+
+
+def _parametrisations(case: Callable[..., Any]) -> list[dict[str, Any]]:
+    """The keyword arguments pytest would call `case` with, from its parametrize marks."""
+    axes: list[list[dict[str, Any]]] = []
+    for mark in getattr(case, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        rows = [getattr(v, "values", v if len(names) > 1 else (v,)) for v in values]
+        axes.append([dict(zip(names, row, strict=True)) for row in rows])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def test_the_custom_store_example_passes_the_store_contract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_class = _run_page(DOCS / "storage.md", tmp_path, monkeypatch)["JSONFileTenantStore"]
+    cases = [
+        case
+        for name, case in vars(store_contract).items()
+        if name.startswith("test_") and inspect.iscoroutinefunction(case)
+    ]
+    ran = 0
+    for case in cases:
+        for kwargs in _parametrisations(case):
+            store = store_class(tmp_path / f"contract-{ran}.json")
+            asyncio.run(case(store=store, **kwargs))
+            ran += 1
+    assert ran >= len(cases) > 0

@@ -1,4 +1,6 @@
-"""PostgreSQL-only guarantees of schema isolation: pool hygiene and schema names."""
+"""PostgreSQL-only guarantees of schema isolation: pool hygiene, schema names, raw SQL."""
+
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -67,3 +69,67 @@ async def test_docs_and_health_need_no_tenant(postgres_url: str) -> None:
             response = await env.client.get(path)
             assert response.status_code == 200, (path, response.text)
         assert isinstance(env.client, httpx.AsyncClient)
+
+
+async def test_orm_requests_cost_no_extra_statement(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        statements: list[str] = []
+
+        def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+            statements.append(statement)
+
+        sync_engine = env.manager.engine.sync_engine
+        sa.event.listen(sync_engine, "before_cursor_execute", record)
+        try:
+            for tenant in ("alpha", "beta", "alpha"):
+                statements.clear()
+                assert (await env.get(tenant, "/orders")).status_code == 200
+                assert len(statements) == 1, statements  # the SELECT itself, schema-qualified
+                assert f"tenant_{tenant}.orders" in statements[0]
+        finally:
+            sa.event.remove(sync_engine, "before_cursor_execute", record)
+
+
+RAW_FORMS: dict[str, Callable[[], sa.Executable]] = {
+    "text": lambda: sa.text("SELECT description FROM orders ORDER BY id"),
+    "text in select": lambda: (
+        sa.select(sa.text("description")).select_from(sa.text("orders")).order_by(sa.text("id"))
+    ),
+    "literal column on table()": lambda: sa.select(sa.literal_column("description")).select_from(
+        sa.table("orders")
+    ),
+    "textual select": lambda: sa.text("SELECT description FROM orders ORDER BY id").columns(
+        sa.column("description")
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(RAW_FORMS), ids=list(RAW_FORMS))
+async def test_every_form_of_raw_sql_stays_in_the_tenant(postgres_url: str, form: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
+        await env.shared_sql("INSERT INTO orders VALUES (1, 'PUBLIC-SECRET')")
+        for tenant, expected in (("alpha", ["alpha-1", "alpha-2"]), ("beta", ["beta-1", "beta-3"])):
+            async with env.manager.session(await env.manager.get_tenant(tenant)) as session:
+                rows = sorted((await session.execute(RAW_FORMS[form]())).scalars().all())
+                assert rows == expected
+                await session.commit()  # a new transaction must be scoped again
+                assert sorted((await session.execute(RAW_FORMS[form]())).scalars().all()) == expected
+                conn = await session.connection()
+                driver = await conn.exec_driver_sql("SELECT description FROM orders ORDER BY id")
+                assert list(driver.scalars()) == expected
+
+
+async def test_raw_sql_after_a_rolled_back_savepoint_is_still_scoped(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
+        async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
+            savepoint = await session.begin_nested()
+            await session.execute(sa.text("SELECT 1 FROM orders"))  # sets search_path inside the savepoint
+            await savepoint.rollback()  # ... which undoes it
+            rows = (await session.execute(sa.text("SELECT description FROM orders ORDER BY id"))).scalars()
+            assert list(rows) == ["alpha-1", "alpha-2"]
+            schema = (await session.execute(sa.select(sa.func.current_schema()))).scalar_one()
+            assert schema == "tenant_alpha"
+            with pytest.raises(sa.exc.ProgrammingError, match="tenants"):
+                await session.execute(sa.text("SELECT * FROM tenants"))

@@ -1,11 +1,18 @@
 """`SchemaIsolation`: one PostgreSQL schema per tenant, on one shared pool."""
 
+import weakref
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Compiled, Connection, Engine
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.functions import Function
+from sqlalchemy.sql.selectable import TableClause
 
 from .._utils import unavailable_as_503
 from ..errors import ProvisioningError
@@ -14,66 +21,112 @@ from .base import Isolation, create_tables, tenant_tables
 
 __all__ = ["SchemaIsolation"]
 
-_SCHEMA_KEY = "fastapi_tenancy.schema"
-
 # Transaction-local (the third argument, is_local=true): the setting ends with the
 # transaction, so a pooled connection never carries a tenant's search_path to the
 # next request, and it is safe behind PgBouncer in transaction mode. A bound
-# parameter, so the statement is prepared once per connection for all tenants.
-_SET_SEARCH_PATH = sa.text("SELECT set_config('search_path', :path, true)")
+# parameter, so one prepared statement serves every tenant.
+_SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
+_SCOPED = "fastapi_tenancy.search_path"  # Connection.info: schema set for this transaction
+
+# Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
+# whether every name in them is rendered with the tenant's schema.
+_QUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
 
 
-class _TenantSession(Session):
-    """The sync half of tenant sessions; carries the listener below."""
+def _unqualified(element: Any) -> bool:
+    """True for SQL the schema_translate_map cannot qualify: it resolves by search_path."""
+    return (
+        isinstance(element, TextClause)  # text(), also inside a Core statement
+        or (isinstance(element, ColumnClause) and element.is_literal)  # literal_column()
+        or (isinstance(element, TableClause) and not isinstance(element, sa.Table))  # table()
+        or type(element) is Function  # func.anything_not_builtin()
+    )
 
 
-@event.listens_for(_TenantSession, "after_begin")
-def _scope_transaction(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    # Runs at the start of every transaction of a tenant session, including the
-    # ones after commit(), so the scope survives commits. The search_path holds the
-    # tenant's schema only: no fallback to `public`, so raw SQL that names a table
-    # without a schema can reach neither a same-named shared table nor the registry.
-    schema = session.info.get(_SCHEMA_KEY)
-    if schema is None:  # pragma: no cover - only sessions built below carry this class
-        raise RuntimeError("tenant session without a schema")
-    connection.execute(_SET_SEARCH_PATH, {"path": f'"{schema}"'})
+def _fully_qualified(context: DefaultExecutionContext) -> bool:
+    compiled = context.compiled
+    if compiled is None or context.isddl:  # exec_driver_sql() strings, DDL
+        return False
+    known = _QUALIFIED.get(compiled)
+    if known is None:
+        statement = compiled.statement
+        known = statement is not None and not any(map(_unqualified, visitors.iterate(statement)))
+        _QUALIFIED[compiled] = known
+    return known
+
+
+def _scope_raw_sql(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: DefaultExecutionContext,
+    many: bool,
+) -> None:
+    # Tenant sessions run with schema_translate_map={None: schema}: statements built
+    # from Table objects name the tenant's schema and need nothing more (no extra
+    # round trip). SQL the map cannot qualify (text(), driver SQL, DDL, literal
+    # fragments) gets a search_path holding the tenant's schema alone, once per
+    # transaction: no fallback to `public`, so it cannot reach a same-named shared
+    # table or the registry.
+    translate = context.execution_options.get("schema_translate_map")
+    if not translate:
+        return  # not a tenant connection (the registry shares this engine)
+    schema = translate.get(None)
+    if schema is None or conn.info.get(_SCOPED) == schema or _fully_qualified(context):
+        return
+    raw = conn.connection.dbapi_connection
+    assert raw is not None  # a connection executing a statement has one
+    setter = raw.cursor()
+    try:
+        setter.execute(_SET_SEARCH_PATH, (f'"{schema}"',))
+    finally:
+        setter.close()
+    conn.info[_SCOPED] = schema
+
+
+def _forget_scope(conn: Connection, *args: Any) -> None:
+    # A new transaction, or the end of one, or a rolled-back savepoint (which undoes
+    # a set_config made inside it): the search_path must be set again when needed.
+    conn.info.pop(_SCOPED, None)
+
+
+def _install(engine: Engine) -> None:
+    if not event.contains(engine, "before_cursor_execute", _scope_raw_sql):
+        event.listen(engine, "before_cursor_execute", _scope_raw_sql)
+        for name in ("begin", "commit", "rollback", "rollback_savepoint"):
+            event.listen(engine, name, _forget_scope)
 
 
 class SchemaIsolation(Isolation):
     """Each tenant in its own PostgreSQL schema (`acme-corp` → `tenant_acme_corp`).
 
-    Safe for concurrent use: per-request state lives in each session's `info`,
-    never on this object or on a connection. Sessions are bound to the shared
-    engine with `schema_translate_map={None: schema}`, so ORM statements name the
-    tenant's schema explicitly, and each transaction sets a transaction-local
-    `search_path` to that schema alone, for raw SQL.
+    Safe for concurrent use: per-request state lives in each session's bind and
+    transaction, never on this object. Sessions are bound to the shared engine
+    with `schema_translate_map={None: schema}`, so ORM and Core statements name
+    the tenant's schema explicitly at no extra cost; raw SQL runs under a
+    transaction-local `search_path` holding that schema alone.
     """
 
     def __init__(self, engine: AsyncEngine, *, prefix: str = "tenant_", max_cached_binds: int = 10_000):
         super().__init__(prefix)
         self.engine = engine
-        # identifier -> (engine view carrying the translate map, schema name); bounded.
-        self._binds: dict[str, tuple[AsyncEngine, str]] = {}
+        _install(engine.sync_engine)
+        # identifier -> a view of the shared engine (same pool) carrying the map; bounded.
+        self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
 
     async def session(self, tenant: Tenant) -> AsyncSession:
-        bound = self._binds.get(tenant.identifier) or self._bind(tenant.identifier)
-        return AsyncSession(
-            bind=bound[0],
-            sync_session_class=_TenantSession,
-            expire_on_commit=False,
-            info={_SCHEMA_KEY: bound[1]},
-        )
+        bind = self._binds.get(tenant.identifier) or self._bind(tenant.identifier)
+        return AsyncSession(bind=bind, expire_on_commit=False)
 
-    def _bind(self, identifier: str) -> tuple[AsyncEngine, str]:
-        schema = self.storage_name(identifier)
-        # A view of the shared engine (same pool) whose statements carry the map.
-        bound = (self.engine.execution_options(schema_translate_map={None: schema}), schema)
+    def _bind(self, identifier: str) -> AsyncEngine:
+        bind = self.engine.execution_options(schema_translate_map={None: self.storage_name(identifier)})
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
-        self._binds[identifier] = bound
-        return bound
+        self._binds[identifier] = bind
+        return bind
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         schema = self.storage_name(tenant.identifier)
@@ -82,18 +135,15 @@ class SchemaIsolation(Isolation):
                 async with conn.begin():
                     # Never IF NOT EXISTS: an existing schema may hold an earlier tenant's
                     # rows, and adopting it would hand them to the new one.
-                    exists = await conn.scalar(_SCHEMA_EXISTS, {"name": schema})
-                    if exists:
+                    if await conn.scalar(_SCHEMA_EXISTS, {"name": schema}):
                         raise ProvisioningError(
                             f"schema {schema!r} already exists; refusing to hand its data to "
                             "a new tenant (drop it, or purge the old tenant with destroy_data=True)"
                         )
                     await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-                    await conn.execute(_SET_SEARCH_PATH, {"path": f'"{schema}"'})
-                    tables = tenant_tables(metadata)
-                    if tables:
-                        await conn.execution_options(schema_translate_map={None: schema})
-                        await conn.run_sync(create_tables, tables)
+                    # DDL runs under the tenant's search_path too (see _scope_raw_sql).
+                    await conn.execution_options(schema_translate_map={None: schema})
+                    await conn.run_sync(create_tables, tenant_tables(metadata))
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
 

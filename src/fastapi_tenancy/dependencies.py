@@ -46,7 +46,11 @@ def make_tenant_db_dependency(
     """
 
     async def get_tenant_db(tenant: CurrentTenant) -> AsyncIterator[AsyncSession]:
-        async with manager.session(tenant) as session:
+        # The middleware has just resolved `tenant` as active, so this skips the
+        # registry re-check of `manager.session()`: nothing but the session itself
+        # on the request path.
+        session = await manager.isolation.session(tenant)
+        async with session:
             yield session
 
     return get_tenant_db

@@ -6,7 +6,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Compiled, Connection, Engine
+from sqlalchemy.engine import Compiled, Connection
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.sql import visitors
@@ -27,7 +27,7 @@ __all__ = ["SchemaIsolation"]
 # parameter, so one prepared statement serves every tenant.
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
-_SCOPED = "fastapi_tenancy.search_path"  # Connection.info: schema set for this transaction
+_SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
 
 # Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
 # whether every name in them is rendered with the tenant's schema.
@@ -64,17 +64,20 @@ def _scope_raw_sql(
     context: DefaultExecutionContext,
     many: bool,
 ) -> None:
-    # Tenant sessions run with schema_translate_map={None: schema}: statements built
-    # from Table objects name the tenant's schema and need nothing more (no extra
-    # round trip). SQL the map cannot qualify (text(), driver SQL, DDL, literal
-    # fragments) gets a search_path holding the tenant's schema alone, once per
-    # transaction: no fallback to `public`, so it cannot reach a same-named shared
-    # table or the registry.
-    translate = context.execution_options.get("schema_translate_map")
-    if not translate:
-        return  # not a tenant connection (the registry shares this engine)
-    schema = translate.get(None)
-    if schema is None or conn.info.get(_SCOPED) == schema or _fully_qualified(context):
+    # Listens on tenant binds only. Tenant sessions run with schema_translate_map=
+    # {None: schema}: statements built from Table objects name the tenant's schema
+    # and need nothing more (no extra round trip). SQL the map cannot qualify
+    # (text(), driver SQL, DDL, literal fragments) gets a search_path holding the
+    # tenant's schema alone, once per transaction: no fallback to `public`, so it
+    # cannot reach a same-named shared table or the registry.
+    schema = context.execution_options["schema_translate_map"][None]
+    # The transaction (and savepoint) the search_path was set in: a new transaction
+    # has lost it, and so has one whose savepoint was rolled back since.
+    scope = (schema, conn.get_transaction(), conn.get_nested_transaction())
+    known = conn.info.get(_SCOPED)
+    if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
+        return
+    if _fully_qualified(context):
         return
     raw = conn.connection.dbapi_connection
     assert raw is not None  # a connection executing a statement has one
@@ -83,20 +86,7 @@ def _scope_raw_sql(
         setter.execute(_SET_SEARCH_PATH, (f'"{schema}"',))
     finally:
         setter.close()
-    conn.info[_SCOPED] = schema
-
-
-def _forget_scope(conn: Connection, *args: Any) -> None:
-    # A new transaction, or the end of one, or a rolled-back savepoint (which undoes
-    # a set_config made inside it): the search_path must be set again when needed.
-    conn.info.pop(_SCOPED, None)
-
-
-def _install(engine: Engine) -> None:
-    if not event.contains(engine, "before_cursor_execute", _scope_raw_sql):
-        event.listen(engine, "before_cursor_execute", _scope_raw_sql)
-        for name in ("begin", "commit", "rollback", "rollback_savepoint"):
-            event.listen(engine, name, _forget_scope)
+    conn.info[_SCOPED] = scope
 
 
 class SchemaIsolation(Isolation):
@@ -112,7 +102,6 @@ class SchemaIsolation(Isolation):
     def __init__(self, engine: AsyncEngine, *, prefix: str = "tenant_", max_cached_binds: int = 10_000):
         super().__init__(prefix)
         self.engine = engine
-        _install(engine.sync_engine)
         # identifier -> a view of the shared engine (same pool) carrying the map; bounded.
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
@@ -123,6 +112,9 @@ class SchemaIsolation(Isolation):
 
     def _bind(self, identifier: str) -> AsyncEngine:
         bind = self.engine.execution_options(schema_translate_map={None: self.storage_name(identifier)})
+        # On the bind, not the shared engine: listeners on an execution_options() copy
+        # stay local to it, so the registry's queries keep SQLAlchemy's fast path.
+        event.listen(bind.sync_engine, "before_cursor_execute", _scope_raw_sql)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind
@@ -141,7 +133,9 @@ class SchemaIsolation(Isolation):
                             "a new tenant (drop it, or purge the old tenant with destroy_data=True)"
                         )
                     await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-                    # DDL runs under the tenant's search_path too (see _scope_raw_sql).
+                    # Names the translate map does not reach (types, functions in DDL)
+                    # resolve in the new schema only, as they will in the tenant's sessions.
+                    await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
                     await conn.execution_options(schema_translate_map={None: schema})
                     await conn.run_sync(create_tables, tenant_tables(metadata))
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:

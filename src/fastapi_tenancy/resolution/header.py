@@ -18,11 +18,13 @@ class HeaderResolver(Resolver):
 
     def __init__(self, header_name: str = "X-Tenant-ID") -> None:
         self.header_name = header_name.lower()
+        self._raw_name = self.header_name.encode("latin-1")
 
     async def resolve(self, connection: HTTPConnection) -> str | None:
-        values = connection.headers.getlist(self.header_name)
+        # The raw ASGI header list (names are lower-cased bytes): one pass, no copy.
+        values = [value for name, value in connection.scope["headers"] if name == self._raw_name]
         if not values:
             return None
         if len(values) > 1 and len(set(values)) > 1:
             raise TenantResolutionError("conflicting tenant headers", detail="Tenant identifier ambiguous")
-        return values[0].strip() or None
+        return values[0].decode("latin-1").strip() or None

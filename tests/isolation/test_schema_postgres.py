@@ -5,11 +5,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
-from fastapi_tenancy import InvalidIdentifierError, TenancyConfig, TenancyManager
+from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyConfig, TenancyManager
 
 from ..apps import Base
-from .test_matrix import two_tenants
+from .test_matrix import ROWS, two_tenants
 
 
 async def test_pooled_connection_is_clean_after_every_request(postgres_url: str) -> None:
@@ -71,25 +72,29 @@ async def test_docs_and_health_need_no_tenant(postgres_url: str) -> None:
         assert isinstance(env.client, httpx.AsyncClient)
 
 
-async def test_orm_requests_cost_no_extra_statement(postgres_url: str) -> None:
+async def test_every_transaction_is_scoped_once_before_its_first_statement(postgres_url: str) -> None:
     async with two_tenants(postgres_url) as env:
-        statements: list[str] = []
-
-        def record(conn: object, cursor: object, statement: str, *args: object) -> None:
-            statements.append(statement)
-
-        sync_engine = env.manager.engine.sync_engine
-        sa.event.listen(sync_engine, "before_cursor_execute", record)
-        try:
-            for tenant in ("alpha", "beta", "alpha"):
-                statements.clear()
-                assert (await env.get(tenant, "/orders")).status_code == 200
-                assert len(statements) == 1, statements  # the SELECT itself, schema-qualified
-                assert f"tenant_{tenant}.orders" in statements[0]
-        finally:
-            sa.event.remove(sync_engine, "before_cursor_execute", record)
+        async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
+            path = sa.text("SELECT current_setting('search_path')")
+            assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
+            await session.commit()
+            assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
+        async with env.manager.engine.connect() as conn:
+            assert (await conn.execute(path)).scalar_one() == '"$user", public'
 
 
+async def test_autocommit_is_refused_in_tenant_sessions(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
+            conn = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+            with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+                await conn.execute(sa.text("SELECT description FROM orders"))
+
+
+_ORDERS = sa.table("orders", sa.column("id"), sa.column("description"))
+_SNEAK = "UNION ALL SELECT description FROM orders"
+
+# SQL that reaches tables by unqualified names, in every way SQLAlchemy lets it in.
 RAW_FORMS: dict[str, Callable[[], sa.Executable]] = {
     "text": lambda: sa.text("SELECT description FROM orders ORDER BY id"),
     "text in select": lambda: (
@@ -101,6 +106,8 @@ RAW_FORMS: dict[str, Callable[[], sa.Executable]] = {
     "textual select": lambda: sa.text("SELECT description FROM orders ORDER BY id").columns(
         sa.column("description")
     ),
+    "statement hint": lambda: sa.select(_ORDERS.c.description).with_statement_hint(_SNEAK),
+    "suffix": lambda: sa.select(_ORDERS.c.description).suffix_with(_SNEAK),
 }
 
 
@@ -109,15 +116,51 @@ async def test_every_form_of_raw_sql_stays_in_the_tenant(postgres_url: str, form
     async with two_tenants(postgres_url) as env:
         await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
         await env.shared_sql("INSERT INTO orders VALUES (1, 'PUBLIC-SECRET')")
-        for tenant, expected in (("alpha", ["alpha-1", "alpha-2"]), ("beta", ["beta-1", "beta-3"])):
+        for tenant, other in (("alpha", "beta"), ("beta", "alpha")):
             async with env.manager.session(await env.manager.get_tenant(tenant)) as session:
-                rows = sorted((await session.execute(RAW_FORMS[form]())).scalars().all())
-                assert rows == expected
-                await session.commit()  # a new transaction must be scoped again
-                assert sorted((await session.execute(RAW_FORMS[form]())).scalars().all()) == expected
+                for _ in range(2):  # the second time in a new transaction, after a commit
+                    seen = repr((await session.execute(RAW_FORMS[form]())).all())
+                    assert f"{tenant}-1" in seen
+                    assert "PUBLIC-SECRET" not in seen and other not in seen, seen
+                    await session.commit()
                 conn = await session.connection()
                 driver = await conn.exec_driver_sql("SELECT description FROM orders ORDER BY id")
-                assert list(driver.scalars()) == expected
+                assert list(driver.scalars()) == [f"{tenant}-{i}" for i in ROWS[tenant]]
+
+
+class _Other(DeclarativeBase):
+    pass
+
+
+class _OrderWithSummary(_Other):
+    """A mapping whose column_property reads `orders` by an unqualified name."""
+
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    description: Mapped[str] = mapped_column(sa.String(200))
+    summary: Mapped[str] = column_property(
+        sa.literal_column("(SELECT string_agg(description, ',' ORDER BY id) FROM orders)")
+    )
+    note: Mapped[str | None] = mapped_column(
+        sa.String(200), default=sa.text("(SELECT min(description) FROM orders)")
+    )
+
+
+async def test_sql_added_by_mappings_stays_in_the_tenant(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
+        await env.shared_sql("INSERT INTO orders VALUES (1, 'PUBLIC-SECRET')")
+        alpha = await env.manager.get_tenant("alpha")
+        async with env.manager.session(alpha) as session:
+            await session.execute(sa.text("ALTER TABLE orders ADD COLUMN note VARCHAR(200)"))
+            await session.commit()
+            session.add(_OrderWithSummary(id=9, description="alpha-9"))
+            await session.commit()
+            loaded = (
+                await session.execute(sa.select(_OrderWithSummary).where(_OrderWithSummary.id == 9))
+            ).scalar_one()
+            assert loaded.summary == "alpha-1,alpha-2,alpha-9"
+            assert loaded.note == "alpha-1"
 
 
 async def test_raw_sql_after_a_rolled_back_savepoint_is_still_scoped(postgres_url: str) -> None:

@@ -1,21 +1,16 @@
 """`SchemaIsolation`: one PostgreSQL schema per tenant, on one shared pool."""
 
-import weakref
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Compiled, Connection
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ColumnClause, TextClause
-from sqlalchemy.sql.functions import Function
-from sqlalchemy.sql.selectable import TableClause
 
 from .._utils import unavailable_as_503
-from ..errors import ProvisioningError
+from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
 from .base import Isolation, create_tables, tenant_tables
 
@@ -29,34 +24,8 @@ _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
 _SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
 
-# Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
-# whether every name in them is rendered with the tenant's schema.
-_QUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
 
-
-def _unqualified(element: Any) -> bool:
-    """True for SQL the schema_translate_map cannot qualify: it resolves by search_path."""
-    return (
-        isinstance(element, TextClause)  # text(), also inside a Core statement
-        or (isinstance(element, ColumnClause) and element.is_literal)  # literal_column()
-        or (isinstance(element, TableClause) and not isinstance(element, sa.Table))  # table()
-        or type(element) is Function  # func.anything_not_builtin()
-    )
-
-
-def _fully_qualified(context: DefaultExecutionContext) -> bool:
-    compiled = context.compiled
-    if compiled is None or context.isddl:  # exec_driver_sql() strings, DDL
-        return False
-    known = _QUALIFIED.get(compiled)
-    if known is None:
-        statement = compiled.statement
-        known = statement is not None and not any(map(_unqualified, visitors.iterate(statement)))
-        _QUALIFIED[compiled] = known
-    return known
-
-
-def _scope_raw_sql(
+def _scope_transaction(
     conn: Connection,
     cursor: Any,
     statement: str,
@@ -64,23 +33,30 @@ def _scope_raw_sql(
     context: DefaultExecutionContext,
     many: bool,
 ) -> None:
-    # Listens on tenant binds only. Tenant sessions run with schema_translate_map=
-    # {None: schema}: statements built from Table objects name the tenant's schema
-    # and need nothing more (no extra round trip). SQL the map cannot qualify
-    # (text(), driver SQL, DDL, literal fragments) gets a search_path holding the
-    # tenant's schema alone, once per transaction: no fallback to `public`, so it
-    # cannot reach a same-named shared table or the registry.
-    schema = context.execution_options["schema_translate_map"][None]
-    # The transaction (and savepoint) the search_path was set in: a new transaction
-    # has lost it, and so has one whose savepoint was rolled back since.
+    # Listens on tenant binds only, before every statement. ORM and Core statements
+    # built from Table objects already name the tenant's schema (schema_translate_map);
+    # everything else — text(), driver SQL, DDL, literal_column(), hints, column
+    # defaults written as SQL, names inside functions — resolves through the
+    # search_path. So the first statement of every transaction (and again after a
+    # savepoint, whose rollback would undo it) is preceded by a search_path holding
+    # the tenant's schema alone: no fallback to `public`, so nothing can reach a
+    # same-named shared table or the registry by an unqualified name. Detecting
+    # "raw" SQL instead was tried and is unsound: SQLAlchemy adds SQL at compile
+    # time (column_property, with_expression, hints, SQL defaults) that no walk of
+    # the statement sees.
+    options = context.execution_options
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        # Outside a transaction a transaction-local setting lasts one statement.
+        raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
+    schema = options["schema_translate_map"][None]
     scope = (schema, conn.get_transaction(), conn.get_nested_transaction())
     known = conn.info.get(_SCOPED)
     if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
         return
-    if _fully_qualified(context):
-        return
     raw = conn.connection.dbapi_connection
     assert raw is not None  # a connection executing a statement has one
+    # Straight on a DBAPI cursor of the same connection: the cheapest way to send it
+    # (no SQLAlchemy execution context), and inside the transaction the driver opens.
     setter = raw.cursor()
     try:
         setter.execute(_SET_SEARCH_PATH, (f'"{schema}"',))
@@ -95,8 +71,9 @@ class SchemaIsolation(Isolation):
     Safe for concurrent use: per-request state lives in each session's bind and
     transaction, never on this object. Sessions are bound to the shared engine
     with `schema_translate_map={None: schema}`, so ORM and Core statements name
-    the tenant's schema explicitly at no extra cost; raw SQL runs under a
-    transaction-local `search_path` holding that schema alone.
+    the tenant's schema explicitly, and every transaction runs under a
+    transaction-local `search_path` holding that schema alone (one statement per
+    transaction), for everything the map does not reach.
     """
 
     def __init__(self, engine: AsyncEngine, *, prefix: str = "tenant_", max_cached_binds: int = 10_000):
@@ -114,7 +91,7 @@ class SchemaIsolation(Isolation):
         bind = self.engine.execution_options(schema_translate_map={None: self.storage_name(identifier)})
         # On the bind, not the shared engine: listeners on an execution_options() copy
         # stay local to it, so the registry's queries keep SQLAlchemy's fast path.
-        event.listen(bind.sync_engine, "before_cursor_execute", _scope_raw_sql)
+        event.listen(bind.sync_engine, "before_cursor_execute", _scope_transaction)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind

@@ -1,5 +1,6 @@
 """TenancyManager: lifecycle, registration, soft and hard delete, cache invalidation."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -158,3 +159,18 @@ async def test_a_job_holding_an_old_record_is_refused_after_a_change(manager: Te
     with pytest.raises(TenantNotFoundError):
         async with manager.session(held):
             pass
+
+
+@pytest.mark.parametrize("lifecycle", ["suspend", "delete"])
+async def test_a_concurrent_rename_never_undoes_a_suspension_or_delete(
+    manager: TenancyManager, lifecycle: str
+) -> None:
+    await manager.register_tenant("acme", "Acme")
+    stop = manager.suspend_tenant("acme") if lifecycle == "suspend" else manager.delete_tenant("acme")
+    for _ in range(3):
+        await asyncio.gather(
+            stop if _ == 0 else asyncio.sleep(0), manager.update_tenant("acme", name=f"Acme {_}")
+        )
+    stored = await manager.get_tenant("acme")
+    assert stored.status is (TenantStatus.SUSPENDED if lifecycle == "suspend" else TenantStatus.DELETED)
+    assert stored.name == "Acme 2"

@@ -10,6 +10,7 @@ logs and may say more (it never holds secrets either).
     ├── InvalidIdentifierError (ValueError)       a slug that can never name a tenant
     ├── InvalidTransitionError (ValueError)       a lifecycle change the state machine forbids
     ├── TenantAlreadyExistsError (ValueError)     the slug is taken (also by a deleted tenant)
+    ├── TenantChangedError                        a concurrent change won; re-read and retry
     ├── ProvisioningError                         storage for a new tenant could not be made
     ├── TenantResolutionError                     400: the request names no tenant
     ├── TenantNotFoundError (LookupError)         404: no such tenant
@@ -28,6 +29,7 @@ __all__ = [
     "TenancyError",
     "TenancyUnavailableError",
     "TenantAlreadyExistsError",
+    "TenantChangedError",
     "TenantInactiveError",
     "TenantNotFoundError",
     "TenantResolutionError",
@@ -79,6 +81,13 @@ class TenantAlreadyExistsError(TenancyError, ValueError):
 
     status_code = 409
     detail = "Tenant already exists"
+
+
+class TenantChangedError(TenancyError):
+    """The tenant changed since it was read (compare-and-set failed): re-read, re-apply."""
+
+    status_code = 409
+    detail = "Tenant changed concurrently"
 
 
 class ProvisioningError(TenancyError):

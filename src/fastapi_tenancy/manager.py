@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from .errors import (
     ProvisioningError,
     TenancyError,
     TenantAlreadyExistsError,
+    TenantChangedError,
     TenantInactiveError,
     TenantNotFoundError,
     TenantResolutionError,
@@ -35,6 +36,8 @@ from .tenant import Tenant, TenantStatus
 __all__ = ["TenancyManager"]
 
 logger = logging.getLogger("fastapi_tenancy")
+
+_CHANGE_ATTEMPTS = 10
 
 
 class TenancyManager:
@@ -209,8 +212,8 @@ class TenancyManager:
             if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
                 raise
             raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
-        active = await self.store.update(tenant.with_status(TenantStatus.ACTIVE))
-        self.lookup.invalidate(identifier)
+        # A delete that landed during provisioning wins: deleted -> active is refused.
+        active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
         logger.info("registered tenant %s", identifier)
         return active
 
@@ -246,16 +249,15 @@ class TenancyManager:
         self, tenant: Tenant | str, *, name: str | None = None, metadata: Mapping[str, Any] | None = None
     ) -> Tenant:
         """Change a tenant's name and/or metadata (replaced whole)."""
-        current = await self._current(tenant)
-        return await self._save(current.with_changes(name=name, metadata=metadata))
+        return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
 
     async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
         """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
-        return await self._save((await self._current(tenant)).with_status(TenantStatus.SUSPENDED))
+        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.SUSPENDED))
 
     async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self._save((await self._current(tenant)).with_status(TenantStatus.ACTIVE))
+        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.ACTIVE))
 
     async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
         """Delete a tenant: soft by default, or for good with `destroy_data=True`.
@@ -266,9 +268,10 @@ class TenancyManager:
         it and removes it from the registry, then frees the slug. Irreversible,
         and logged as such at WARNING.
         """
-        current = await self._current(tenant)
-        if current.status is not TenantStatus.DELETED:
-            current = await self._save(current.with_status(TenantStatus.DELETED))
+        current = await self._change(
+            _slug(tenant),
+            lambda t: t if t.status is TenantStatus.DELETED else t.with_status(TenantStatus.DELETED),
+        )
         if not destroy_data:
             logger.info("soft-deleted tenant %s (data kept)", current.identifier)
             return
@@ -277,10 +280,26 @@ class TenancyManager:
         self.lookup.invalidate(current.identifier)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
 
-    async def _current(self, tenant: Tenant | str) -> Tenant:
-        return await self.get_tenant(tenant.identifier if isinstance(tenant, Tenant) else tenant)
+    async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
+        # Read, apply, compare-and-set; on a concurrent change re-read and re-apply,
+        # so the lifecycle rules are checked against what is really stored and a
+        # stale read can never undo a suspension or a delete.
+        for _ in range(_CHANGE_ATTEMPTS):
+            current = await self.get_tenant(identifier)
+            changed = change(current)
+            if changed is current:
+                return current
+            try:
+                saved = await self.store.update(changed, expected=current)
+            except TenantChangedError:
+                continue
+            finally:
+                self.lookup.invalidate(identifier)
+            return saved
+        raise TenantChangedError(
+            f"tenant {identifier!r} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"
+        )
 
-    async def _save(self, tenant: Tenant) -> Tenant:
-        saved = await self.store.update(tenant)
-        self.lookup.invalidate(tenant.identifier)
-        return saved
+
+def _slug(tenant: Tenant | str) -> str:
+    return tenant.identifier if isinstance(tenant, Tenant) else tenant

@@ -4,7 +4,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -166,7 +166,7 @@ class Tenant:
             raise InvalidTransitionError(
                 f"tenant {self.identifier!r} cannot go from {self.status} to {status}"
             )
-        return replace(self, status=status, updated_at=_now())
+        return replace(self, status=status, updated_at=self._next_stamp())
 
     def with_changes(self, *, name: str | None = None, metadata: Mapping[str, Any] | None = None) -> "Tenant":
         """Return a copy with a new name and/or metadata (metadata is replaced whole)."""
@@ -174,5 +174,10 @@ class Tenant:
             self,
             name=self.name if name is None else name,
             metadata=self.metadata if metadata is None else FrozenDict(metadata),
-            updated_at=_now(),
+            updated_at=self._next_stamp(),
         )
+
+    def _next_stamp(self) -> datetime:
+        # Strictly later than the current one: `updated_at` is the version stores
+        # compare-and-set on, so two changes must never share a value.
+        return max(_now(), self.updated_at + timedelta(microseconds=1))

@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fastapi_tenancy import Tenant, TenantAlreadyExistsError, TenantNotFoundError, TenantStatus
+from fastapi_tenancy import (
+    Tenant,
+    TenantAlreadyExistsError,
+    TenantChangedError,
+    TenantNotFoundError,
+    TenantStatus,
+)
 from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
@@ -131,3 +137,17 @@ async def test_list_pages_by_identifier_and_filters_status(store: TenantStore) -
     assert [t.identifier for t in await store.list(status=TenantStatus.SUSPENDED)] == ["b", "e"]
     assert await store.count() == 5
     assert await store.count(status=TenantStatus.ACTIVE) == 3
+
+
+async def test_update_with_a_stale_expectation_changes_nothing(store: TenantStore) -> None:
+    tenant = await store.create(_tenant("acme", status=TenantStatus.ACTIVE))
+    suspended = await store.update(tenant.with_status(TenantStatus.SUSPENDED), expected=tenant)
+    # A change computed from the old read must not undo the suspension.
+    with pytest.raises(TenantChangedError):
+        await store.update(tenant.with_changes(name="Renamed"), expected=tenant)
+    stored = await store.get_by_id(tenant.id)
+    assert stored is not None and (stored.status, stored.name) == (TenantStatus.SUSPENDED, "Acme")
+    renamed = await store.update(suspended.with_changes(name="Renamed"), expected=suspended)
+    assert (renamed.status, renamed.name) == (TenantStatus.SUSPENDED, "Renamed")
+    with pytest.raises(TenantNotFoundError):
+        await store.update(_tenant("ghost"), expected=_tenant("ghost"))

@@ -19,7 +19,10 @@ class TenantStore(ABC):
       taken, atomically (two concurrent creates of one slug: one wins);
     - `update` stores name, status, metadata and `updated_at`; a tenant's `id`,
       `identifier` and `created_at` never change; unknown ids raise
-      `TenantNotFoundError`, as does `delete`;
+      `TenantNotFoundError`, as does `delete`. Given `expected`, it is a
+      compare-and-set: it applies only while the stored status and `updated_at`
+      still equal `expected`'s, and raises `TenantChangedError` otherwise, so a
+      change made from a stale read can never undo a concurrent one;
     - an unreachable backend raises `TenancyUnavailableError` (a clear 503),
       never a driver exception.
 
@@ -46,8 +49,8 @@ class TenantStore(ABC):
         """Add a new tenant; raise `TenantAlreadyExistsError` if id or slug is taken."""
 
     @abstractmethod
-    async def update(self, tenant: Tenant) -> Tenant:
-        """Store the tenant's name, status, metadata and `updated_at`."""
+    async def update(self, tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
+        """Store the tenant's name, status, metadata and `updated_at` (compare-and-set on `expected`)."""
 
     @abstractmethod
     async def delete(self, tenant_id: str) -> None:

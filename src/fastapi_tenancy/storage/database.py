@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, unavailable_as_503
 from ..config import normalise_database_url
-from ..errors import TenantAlreadyExistsError, TenantNotFoundError
+from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
 from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
 from .base import TenantStore
 
@@ -133,14 +133,21 @@ class SQLAlchemyTenantStore(TenantStore):
             raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
         return tenant
 
-    async def update(self, tenant: Tenant) -> Tenant:
-        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
-            result = await conn.execute(
-                self.table.update().where(self.table.c.id == tenant.id).values(**self._row(tenant))
+    async def update(self, tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
+        table = self.table
+        query = table.update().where(table.c.id == tenant.id).values(**self._row(tenant))
+        if expected is not None:
+            # Compare-and-set in the one statement: no read-modify-write window.
+            query = query.where(
+                table.c.status == expected.status.value, table.c.updated_at == expected.updated_at
             )
-            if result.rowcount == 0:
-                raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
-            stored = (await conn.execute(self.table.select().where(self.table.c.id == tenant.id))).one()
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            result = await conn.execute(query)
+            stored = (await conn.execute(table.select().where(table.c.id == tenant.id))).first()
+        if stored is None:
+            raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
+        if result.rowcount == 0:
+            raise TenantChangedError(f"tenant {tenant.identifier!r} changed concurrently")
         return self._tenant(stored._mapping)
 
     async def delete(self, tenant_id: str) -> None:

@@ -3,7 +3,7 @@
 import asyncio
 import bisect
 
-from ..errors import TenantAlreadyExistsError, TenantNotFoundError
+from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
 from ..tenant import Tenant, TenantStatus
 from .base import TenantStore
 
@@ -37,11 +37,16 @@ class InMemoryTenantStore(TenantStore):
             self._id_by_identifier[tenant.identifier] = tenant.id
         return tenant
 
-    async def update(self, tenant: Tenant) -> Tenant:
+    async def update(self, tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
         async with self._lock:
             stored = self._by_id.get(tenant.id)
             if stored is None:
                 raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
+            if expected is not None and (stored.status, stored.updated_at) != (
+                expected.status,
+                expected.updated_at,
+            ):
+                raise TenantChangedError(f"tenant {stored.identifier!r} changed concurrently")
             # Only the mutable fields are taken: the slug and creation time are fixed,
             # so an update can never take over another tenant's identifier.
             updated = stored.__class__(

@@ -41,9 +41,15 @@ def create_engine(
     pool_pre_ping: bool = False,
     echo: bool = False,
     pgbouncer: bool = False,
+    empty_search_path: bool = False,
 ) -> AsyncEngine:
     """Create an async engine, naming the pip extra when its driver is missing."""
     options: dict[str, Any] = {"echo": echo, "pool_pre_ping": pool_pre_ping}
+    if empty_search_path:
+        # A startup parameter, so free per request: every connection starts with no
+        # schema on its search_path, and an unqualified name fails instead of
+        # resolving in `public` (see isolation/schema.py).
+        options["connect_args"] = {"server_settings": {"search_path": ""}}
     if pgbouncer:
         # Behind PgBouncer in transaction mode a client connection's next transaction
         # may run on another server connection: no statement may outlive its

@@ -65,6 +65,9 @@ class TenancyManager:
         isolation: Isolation | None = None,
     ) -> None:
         self.config = config if config is not None else TenancyConfig()
+        # PostgreSQL connections start with an empty search_path (fail closed), except
+        # behind PgBouncer, which does not pass startup parameters on.
+        self._empty_search_path = self.config.backend == "postgresql" and not self.config.database_pgbouncer
         self.engine: AsyncEngine = create_engine(
             self.config.database_url,
             pool_size=self.config.database_pool_size,
@@ -74,8 +77,14 @@ class TenancyManager:
             pool_pre_ping=self.config.database_pool_pre_ping,
             echo=self.config.database_echo,
             pgbouncer=self.config.database_pgbouncer,
+            empty_search_path=self._empty_search_path,
         )
-        self.store = store if store is not None else SQLAlchemyTenantStore(self.engine)
+        # The engine's connections resolve no unqualified name, so a registry sharing
+        # it names its schema.
+        default_store_schema = "public" if self._empty_search_path else None
+        self.store = (
+            store if store is not None else SQLAlchemyTenantStore(self.engine, schema=default_store_schema)
+        )
         self.resolver = self._build_resolver(resolver)
         self.isolation = isolation if isolation is not None else self._build_isolation()
         self.lookup = TenantLookup(
@@ -111,7 +120,10 @@ class TenancyManager:
                 echo=config.database_echo,
             )
         return SchemaIsolation(
-            self.engine, prefix=config.schema_prefix, max_cached_binds=config.cache_max_size
+            self.engine,
+            prefix=config.schema_prefix,
+            max_cached_binds=config.cache_max_size,
+            empty_search_path=self._empty_search_path,
         )
 
     # -- lifecycle -----------------------------------------------------------------

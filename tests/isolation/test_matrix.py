@@ -13,6 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import (
     ProvisioningError,
@@ -47,10 +48,19 @@ class Env:
             session.add_all(Order(id=i, description=d) for i, d in rows.items())
             await session.commit()
 
-    async def shared_sql(self, statement: str) -> None:
-        """Run SQL outside any tenant: in `public` (PostgreSQL) or the registry file (SQLite)."""
-        async with self.manager.engine.begin() as conn:
-            await conn.execute(sa.text(statement))
+    async def shared_sql(self, statement: str) -> list[object]:
+        """Run SQL outside any tenant: in `public` (PostgreSQL) or the registry file (SQLite).
+
+        On an engine of its own, with the server's default search_path: the
+        manager's connections start with an empty one.
+        """
+        engine = create_async_engine(self.manager.config.database_url, poolclass=sa.pool.NullPool)
+        try:
+            async with engine.begin() as conn:
+                result = await conn.execute(sa.text(statement))
+                return list(result.scalars()) if result.returns_rows else []
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -142,10 +152,7 @@ async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisionin
     for path in ("/orders", "/raw"):
         assert _descriptions(await env.get("gamma", path)) == []
         assert _descriptions(await env.get("alpha", path)) == ["alpha-1", "alpha-2"]
-    async with env.manager.engine.connect() as conn:
-        assert (await conn.execute(sa.text("SELECT description FROM orders"))).scalars().all() == [
-            "SHARED-SECRET"
-        ]
+    assert await env.shared_sql("SELECT description FROM orders") == ["SHARED-SECRET"]
 
 
 async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:

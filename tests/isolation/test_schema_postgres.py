@@ -1,16 +1,17 @@
 """PostgreSQL-only guarantees of schema isolation: pool hygiene, schema names, raw SQL."""
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyConfig, TenancyManager
 
 from ..apps import Base
-from .test_matrix import ROWS, two_tenants
+from .test_matrix import ROWS, Env, two_tenants
 
 
 async def test_pooled_connection_is_clean_after_every_request(postgres_url: str) -> None:
@@ -72,15 +73,15 @@ async def test_docs_and_health_need_no_tenant(postgres_url: str) -> None:
         assert isinstance(env.client, httpx.AsyncClient)
 
 
-async def test_every_transaction_is_scoped_once_before_its_first_statement(postgres_url: str) -> None:
+async def test_only_tenant_transactions_that_need_it_get_a_search_path(postgres_url: str) -> None:
     async with two_tenants(postgres_url) as env:
+        path = sa.text("SELECT current_setting('search_path')")
+        async with env.manager.engine.connect() as conn:  # the manager's own connections: nothing
+            assert (await conn.execute(path)).scalar_one() == ""
         async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
-            path = sa.text("SELECT current_setting('search_path')")
             assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
             await session.commit()
             assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
-        async with env.manager.engine.connect() as conn:
-            assert (await conn.execute(path)).scalar_one() == '"$user", public'
 
 
 async def test_autocommit_is_refused_in_tenant_sessions(postgres_url: str) -> None:
@@ -91,10 +92,10 @@ async def test_autocommit_is_refused_in_tenant_sessions(postgres_url: str) -> No
                 await conn.execute(sa.text("SELECT description FROM orders"))
 
 
-_ORDERS = sa.table("orders", sa.column("id"), sa.column("description"))
+_ORDERS = Base.metadata.tables["orders"]  # a real Table: the translate map qualifies it
 _SNEAK = "UNION ALL SELECT description FROM orders"
 
-# SQL that reaches tables by unqualified names, in every way SQLAlchemy lets it in.
+# SQL that reaches tables by unqualified names: visible to the library's check...
 RAW_FORMS: dict[str, Callable[[], sa.Executable]] = {
     "text": lambda: sa.text("SELECT description FROM orders ORDER BY id"),
     "text in select": lambda: (
@@ -106,6 +107,9 @@ RAW_FORMS: dict[str, Callable[[], sa.Executable]] = {
     "textual select": lambda: sa.text("SELECT description FROM orders ORDER BY id").columns(
         sa.column("description")
     ),
+}
+# ... and added to the SQL where no check before execution can see it.
+HIDDEN_FORMS: dict[str, Callable[[], sa.Executable]] = {
     "statement hint": lambda: sa.select(_ORDERS.c.description).with_statement_hint(_SNEAK),
     "suffix": lambda: sa.select(_ORDERS.c.description).suffix_with(_SNEAK),
 }
@@ -133,7 +137,7 @@ class _Other(DeclarativeBase):
 
 
 class _OrderWithSummary(_Other):
-    """A mapping whose column_property reads `orders` by an unqualified name."""
+    """A mapping that reads `orders` by an unqualified name, out of sight of any check."""
 
     __tablename__ = "orders"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -146,33 +150,49 @@ class _OrderWithSummary(_Other):
     )
 
 
-async def test_sql_added_by_mappings_stays_in_the_tenant(postgres_url: str) -> None:
-    async with two_tenants(postgres_url) as env:
+async def _hidden_sql(env: Env, tenant: str) -> list[str]:
+    """Run every hidden form as `tenant`; return what each gave, or the error class name."""
+    outcomes = []
+    async with env.manager.session(await env.manager.get_tenant(tenant)) as session:
+        attempts: list[Callable[[], Awaitable[object]]] = [
+            *(lambda f=form: session.execute(f()) for form in HIDDEN_FORMS.values()),
+            lambda: session.execute(sa.select(_OrderWithSummary)),
+            lambda: _insert_with_sql_default(session),
+        ]
+        for attempt in attempts:
+            try:
+                result = await attempt()
+                rows = result.all() if isinstance(result, sa.Result) else result
+                outcomes.append(
+                    repr([getattr(r[0], "summary", r) for r in rows] if isinstance(rows, list) else rows)
+                )
+                await session.commit()
+            except sa.exc.ProgrammingError as exc:
+                outcomes.append(f"error: {exc.orig}")
+                await session.rollback()
+    return outcomes
+
+
+async def _insert_with_sql_default(session: AsyncSession) -> object:
+    order = _OrderWithSummary(id=9, description="new")
+    session.add(order)
+    await session.flush()
+    return order.note
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True], ids=["empty search_path", "every transaction"])
+async def test_sql_hidden_from_the_check_never_reaches_another_schema(
+    postgres_url: str, pgbouncer: bool
+) -> None:
+    async with two_tenants(postgres_url, database_pgbouncer=pgbouncer) as env:
         await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
         await env.shared_sql("INSERT INTO orders VALUES (1, 'PUBLIC-SECRET')")
-        alpha = await env.manager.get_tenant("alpha")
-        async with env.manager.session(alpha) as session:
-            await session.execute(sa.text("ALTER TABLE orders ADD COLUMN note VARCHAR(200)"))
-            await session.commit()
-            session.add(_OrderWithSummary(id=9, description="alpha-9"))
-            await session.commit()
-            loaded = (
-                await session.execute(sa.select(_OrderWithSummary).where(_OrderWithSummary.id == 9))
-            ).scalar_one()
-            assert loaded.summary == "alpha-1,alpha-2,alpha-9"
-            assert loaded.note == "alpha-1"
-
-
-async def test_raw_sql_after_a_rolled_back_savepoint_is_still_scoped(postgres_url: str) -> None:
-    async with two_tenants(postgres_url) as env:
-        await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
-        async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
-            savepoint = await session.begin_nested()
-            await session.execute(sa.text("SELECT 1 FROM orders"))  # sets search_path inside the savepoint
-            await savepoint.rollback()  # ... which undoes it
-            rows = (await session.execute(sa.text("SELECT description FROM orders ORDER BY id"))).scalars()
-            assert list(rows) == ["alpha-1", "alpha-2"]
-            schema = (await session.execute(sa.select(sa.func.current_schema()))).scalar_one()
-            assert schema == "tenant_alpha"
-            with pytest.raises(sa.exc.ProgrammingError, match="tenants"):
-                await session.execute(sa.text("SELECT * FROM tenants"))
+        await env.shared_sql("ALTER TABLE tenant_alpha.orders ADD COLUMN note VARCHAR(200)")
+        outcomes = await _hidden_sql(env, "alpha")
+        assert len(outcomes) == 4
+        for outcome in outcomes:
+            assert "PUBLIC" not in outcome and "beta" not in outcome, outcomes
+        if pgbouncer:  # the search_path is set on every transaction: hidden SQL works
+            assert all("alpha-1" in outcome for outcome in outcomes), outcomes
+        else:  # connections start with an empty search_path: hidden SQL fails closed
+            assert all('relation "orders" does not exist' in outcome for outcome in outcomes), outcomes

@@ -1,13 +1,18 @@
 """`SchemaIsolation`: one PostgreSQL schema per tenant, on one shared pool."""
 
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Compiled, Connection
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.functions import Function
+from sqlalchemy.sql.selectable import TableClause
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
@@ -25,38 +30,50 @@ _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
 _SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
 
 
-def _scope_transaction(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: DefaultExecutionContext,
-    many: bool,
-) -> None:
-    # Listens on tenant binds only, before every statement. ORM and Core statements
-    # built from Table objects already name the tenant's schema (schema_translate_map);
-    # everything else — text(), driver SQL, DDL, literal_column(), hints, column
-    # defaults written as SQL, names inside functions — resolves through the
-    # search_path. So the first statement of every transaction (and again after a
-    # savepoint, whose rollback would undo it) is preceded by a search_path holding
-    # the tenant's schema alone: no fallback to `public`, so nothing can reach a
-    # same-named shared table or the registry by an unqualified name. Detecting
-    # "raw" SQL instead was tried and is unsound: SQLAlchemy adds SQL at compile
-    # time (column_property, with_expression, hints, SQL defaults) that no walk of
-    # the statement sees.
+# Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
+# whether the statement visibly holds SQL the translate map cannot qualify.
+_UNQUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
+
+
+def _is_unqualified(element: Any) -> bool:
+    return (
+        isinstance(element, TextClause)  # text(), also inside a Core statement
+        or (isinstance(element, ColumnClause) and element.is_literal)  # literal_column()
+        or (isinstance(element, TableClause) and not isinstance(element, sa.Table))  # table()
+        or type(element) is Function  # func.<name>() other than SQLAlchemy's built-ins
+    )
+
+
+def _holds_unqualified_sql(context: DefaultExecutionContext) -> bool:
+    compiled = context.compiled
+    if compiled is None or context.isddl:  # exec_driver_sql() strings, DDL
+        return True
+    known = _UNQUALIFIED.get(compiled)
+    if known is None:
+        statement = compiled.statement
+        known = statement is None or any(map(_is_unqualified, visitors.iterate(statement)))
+        _UNQUALIFIED[compiled] = known
+    return known
+
+
+def _scope(conn: Connection, context: DefaultExecutionContext, *, every_transaction: bool) -> None:
     options = context.execution_options
     if options.get("isolation_level") == "AUTOCOMMIT":
         # Outside a transaction a transaction-local setting lasts one statement.
         raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
     schema = options["schema_translate_map"][None]
+    # The transaction (and savepoint) the search_path was set in: a new transaction
+    # has lost it, and so has one whose savepoint was rolled back since.
     scope = (schema, conn.get_transaction(), conn.get_nested_transaction())
     known = conn.info.get(_SCOPED)
     if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
         return
+    if not every_transaction and not _holds_unqualified_sql(context):
+        return
     raw = conn.connection.dbapi_connection
     assert raw is not None  # a connection executing a statement has one
     # Straight on a DBAPI cursor of the same connection: the cheapest way to send it
-    # (no SQLAlchemy execution context), and inside the transaction the driver opens.
+    # (no SQLAlchemy execution context), inside the transaction the driver opens.
     setter = raw.cursor()
     try:
         setter.execute(_SET_SEARCH_PATH, (f'"{schema}"',))
@@ -65,20 +82,65 @@ def _scope_transaction(
     conn.info[_SCOPED] = scope
 
 
+def _scope_unqualified_sql(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: DefaultExecutionContext,
+    many: bool,
+) -> None:
+    # Connections that start with an empty search_path (see SchemaIsolation): ORM and
+    # Core statements built from Table objects name the tenant's schema and need
+    # nothing (no extra round trip); visible raw SQL (text(), driver SQL, DDL,
+    # literal_column(), table(), func.<name>()) gets the tenant-only search_path once
+    # per transaction. SQL that SQLAlchemy adds at compile time, out of sight of this
+    # check (literal column_property, hints, SQL column defaults), finds an empty
+    # search_path and fails: it can never fall back to `public` or the registry.
+    _scope(conn, context, every_transaction=False)
+
+
+def _scope_every_transaction(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: DefaultExecutionContext,
+    many: bool,
+) -> None:
+    # Connections whose default search_path cannot be controlled (behind PgBouncer,
+    # startup parameters do not reach the server): every transaction and savepoint
+    # starts with the tenant-only search_path, at one statement per transaction.
+    _scope(conn, context, every_transaction=True)
+
+
 class SchemaIsolation(Isolation):
     """Each tenant in its own PostgreSQL schema (`acme-corp` → `tenant_acme_corp`).
 
     Safe for concurrent use: per-request state lives in each session's bind and
     transaction, never on this object. Sessions are bound to the shared engine
     with `schema_translate_map={None: schema}`, so ORM and Core statements name
-    the tenant's schema explicitly, and every transaction runs under a
-    transaction-local `search_path` holding that schema alone (one statement per
-    transaction), for everything the map does not reach.
+    the tenant's schema explicitly. SQL the map does not reach runs under a
+    transaction-local `search_path` holding that schema alone: set before visible
+    raw SQL when the engine's connections start with an empty search_path
+    (`empty_search_path=True`, the manager's default), else at the start of every
+    transaction.
     """
 
-    def __init__(self, engine: AsyncEngine, *, prefix: str = "tenant_", max_cached_binds: int = 10_000):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        prefix: str = "tenant_",
+        max_cached_binds: int = 10_000,
+        empty_search_path: bool = False,
+    ):
         super().__init__(prefix)
         self.engine = engine
+        # True when the engine's connections start with an empty search_path (the
+        # manager's do, unless behind PgBouncer): then only visible raw SQL needs
+        # the tenant's search_path, and everything else fails closed.
+        self._listener = _scope_unqualified_sql if empty_search_path else _scope_every_transaction
         # identifier -> a view of the shared engine (same pool) carrying the map; bounded.
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
@@ -91,7 +153,7 @@ class SchemaIsolation(Isolation):
         bind = self.engine.execution_options(schema_translate_map={None: self.storage_name(identifier)})
         # On the bind, not the shared engine: listeners on an execution_options() copy
         # stay local to it, so the registry's queries keep SQLAlchemy's fast path.
-        event.listen(bind.sync_engine, "before_cursor_execute", _scope_transaction)
+        event.listen(bind.sync_engine, "before_cursor_execute", self._listener)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind

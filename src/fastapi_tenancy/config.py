@@ -117,8 +117,10 @@ class TenancyConfig(BaseSettings):
     database_pgbouncer: bool = False
     """`database_url` points to PgBouncer in transaction pooling mode: turn off asyncpg's
     server-side prepared statement cache and give each statement a unique name, since
-    consecutive transactions may run on different server connections. Tenant scoping
-    needs nothing else: every setting it makes is transaction-local."""
+    consecutive transactions may run on different server connections; and, since
+    PgBouncer does not pass startup parameters on, set the tenant's search_path at the
+    start of every transaction (one statement each) instead of relying on connections
+    that start with an empty one."""
 
     cache_ttl: float = Field(default=30.0, ge=0)
     """Seconds a resolved tenant is served from the in-process cache (0: no cache).

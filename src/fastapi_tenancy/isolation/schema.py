@@ -28,6 +28,7 @@ __all__ = ["SchemaIsolation"]
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
 _SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
+_EVERY_TRANSACTION = "fastapi_tenancy_scope_every_transaction"  # tenant binds' execution option
 
 
 # Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
@@ -56,7 +57,24 @@ def _holds_unqualified_sql(context: DefaultExecutionContext) -> bool:
     return known
 
 
-def _scope(conn: Connection, context: DefaultExecutionContext, *, every_transaction: bool) -> None:
+def _scope_statement(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: DefaultExecutionContext,
+    many: bool,
+) -> None:
+    # Listens on tenant binds only, before every statement. With connections that
+    # start with an empty search_path (the manager's): ORM and Core statements built
+    # from Table objects name the tenant's schema and need nothing (no extra round
+    # trip); visible raw SQL (text(), driver SQL, DDL, literal_column(), table(),
+    # func.<name>()) gets the tenant-only search_path once per transaction; SQL that
+    # SQLAlchemy adds at compile time, out of sight of this check (literal
+    # column_property, hints, SQL column defaults), finds an empty search_path and
+    # fails: it can never fall back to `public` or the registry. Where the default
+    # search_path cannot be controlled (behind PgBouncer, startup parameters do not
+    # reach the server), every transaction is scoped instead.
     options = context.execution_options
     if options.get("isolation_level") == "AUTOCOMMIT":
         # Outside a transaction a transaction-local setting lasts one statement.
@@ -68,7 +86,7 @@ def _scope(conn: Connection, context: DefaultExecutionContext, *, every_transact
     known = conn.info.get(_SCOPED)
     if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
         return
-    if not every_transaction and not _holds_unqualified_sql(context):
+    if not options[_EVERY_TRANSACTION] and not _holds_unqualified_sql(context):
         return
     raw = conn.connection.dbapi_connection
     assert raw is not None  # a connection executing a statement has one
@@ -80,38 +98,6 @@ def _scope(conn: Connection, context: DefaultExecutionContext, *, every_transact
     finally:
         setter.close()
     conn.info[_SCOPED] = scope
-
-
-def _scope_unqualified_sql(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: DefaultExecutionContext,
-    many: bool,
-) -> None:
-    # Connections that start with an empty search_path (see SchemaIsolation): ORM and
-    # Core statements built from Table objects name the tenant's schema and need
-    # nothing (no extra round trip); visible raw SQL (text(), driver SQL, DDL,
-    # literal_column(), table(), func.<name>()) gets the tenant-only search_path once
-    # per transaction. SQL that SQLAlchemy adds at compile time, out of sight of this
-    # check (literal column_property, hints, SQL column defaults), finds an empty
-    # search_path and fails: it can never fall back to `public` or the registry.
-    _scope(conn, context, every_transaction=False)
-
-
-def _scope_every_transaction(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: DefaultExecutionContext,
-    many: bool,
-) -> None:
-    # Connections whose default search_path cannot be controlled (behind PgBouncer,
-    # startup parameters do not reach the server): every transaction and savepoint
-    # starts with the tenant-only search_path, at one statement per transaction.
-    _scope(conn, context, every_transaction=True)
 
 
 class SchemaIsolation(Isolation):
@@ -137,10 +123,10 @@ class SchemaIsolation(Isolation):
     ):
         super().__init__(prefix)
         self.engine = engine
-        # True when the engine's connections start with an empty search_path (the
+        # Whether the engine's connections start with an empty search_path (the
         # manager's do, unless behind PgBouncer): then only visible raw SQL needs
         # the tenant's search_path, and everything else fails closed.
-        self._listener = _scope_unqualified_sql if empty_search_path else _scope_every_transaction
+        self._every_transaction = not empty_search_path
         # identifier -> a view of the shared engine (same pool) carrying the map; bounded.
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
@@ -150,10 +136,13 @@ class SchemaIsolation(Isolation):
         return AsyncSession(bind=bind, expire_on_commit=False)
 
     def _bind(self, identifier: str) -> AsyncEngine:
-        bind = self.engine.execution_options(schema_translate_map={None: self.storage_name(identifier)})
+        bind = self.engine.execution_options(
+            schema_translate_map={None: self.storage_name(identifier)},
+            **{_EVERY_TRANSACTION: self._every_transaction},
+        )
         # On the bind, not the shared engine: listeners on an execution_options() copy
         # stay local to it, so the registry's queries keep SQLAlchemy's fast path.
-        event.listen(bind.sync_engine, "before_cursor_execute", self._listener)
+        event.listen(bind.sync_engine, "before_cursor_execute", _scope_statement)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind

@@ -335,8 +335,6 @@ class TenancyConfig(BaseSettings):
         strategy = self.resolution_strategy
         if strategy == "chain" and not self.resolution_chain:
             raise ValueError("resolution_chain: list the strategies to chain, e.g. ['jwt', 'subdomain']")
-        if strategy != "chain" and self.resolution_chain:
-            raise ValueError(f"resolution_chain: needs resolution_strategy='chain', not {strategy!r}")
         used = set(self.resolution_chain) if strategy == "chain" else {strategy}
         if "subdomain" in used and self.domain_suffix is None:
             raise ValueError("domain_suffix: required for subdomain resolution, e.g. 'example.com'")

@@ -12,7 +12,9 @@ from fastapi_tenancy.resolution import ChainResolver, PathResolver, SubdomainRes
 from fastapi_tenancy.storage import InMemoryTenantStore
 
 SECRET = "x" * 32
-PUBLIC_KEY = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"
+PUBLIC_KEY = (  # an Ed25519 public key
+    "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n"
+)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import sys
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from fastapi_tenancy.resolution import ChainResolver, PathResolver, SubdomainResolver
@@ -67,7 +67,7 @@ def test_invalid_settings_fail_naming_the_field(settings: dict[str, Any], field:
 
 
 def test_the_jwt_secret_is_masked() -> None:
-    config = TenancyConfig(resolution_strategy="jwt", jwt_algorithms=["HS256"], jwt_secret="top-secret-" * 4)
+    config = TenancyConfig(resolution_strategy="jwt", jwt_algorithms=("HS256",), jwt_secret=SecretStr("top-secret-" * 4))
     assert "top-secret" not in repr(config) and "top-secret" not in str(config)
 
 

@@ -67,7 +67,9 @@ def test_invalid_settings_fail_naming_the_field(settings: dict[str, Any], field:
 
 
 def test_the_jwt_secret_is_masked() -> None:
-    config = TenancyConfig(resolution_strategy="jwt", jwt_algorithms=("HS256",), jwt_secret=SecretStr("top-secret-" * 4))
+    config = TenancyConfig(
+        resolution_strategy="jwt", jwt_algorithms=("HS256",), jwt_secret=SecretStr("top-secret-" * 4)
+    )
     assert "top-secret" not in repr(config) and "top-secret" not in str(config)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .resolution.path import validate_path_prefix
+from .resolution.subdomain import validate_domain_suffix
 
 __all__ = ["TenancyConfig", "check_jwt_settings"]
 
@@ -26,7 +27,6 @@ _OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
-_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: at least the
 # hash size); every other algorithm is verified with a public key.
 _HS_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -284,11 +284,7 @@ class TenancyConfig(BaseSettings):
     def _check_domain_suffix(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        value = value.strip().rstrip(".").lower()
-        labels = value.split(".")
-        if not value or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-            raise ValueError("not a domain name such as 'example.com'")
-        return value
+        return validate_domain_suffix(value)
 
     @field_validator("reserved_subdomains")
     @classmethod

@@ -159,4 +159,6 @@ def test_the_resolver_can_be_used_directly() -> None:
     with pytest.raises(ValueError):
         SubdomainResolver("")
     with pytest.raises(ValueError):
+        SubdomainResolver("10.0.0.1")
+    with pytest.raises(ValueError):
         SubdomainResolver("example.com", trusted_proxies=["not-a-network"])

@@ -1,19 +1,33 @@
 """`SubdomainResolver`: the tenant from the label in front of a domain suffix (`acme.example.com`)."""
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
 
 from .base import Resolver
 
-__all__ = ["SubdomainResolver", "parse_networks"]
+__all__ = ["SubdomainResolver", "parse_networks", "validate_domain_suffix"]
 
 # A DNS name has at most 253 characters; with a port and a trailing dot a Host value
 # is a little longer. Anything beyond is not a host we serve, and is refused before
 # any other work is spent on it (a 1 MB header costs one len()).
 _MAX_HOST = 253 + 1 + 6
 _IDN_PREFIX = "xn--"
+_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def validate_domain_suffix(suffix: str) -> str:
+    """Normalise a domain suffix (`Example.COM.` -> `example.com`); `ValueError` if it is not one.
+
+    Its last label may not be all digits, so no IP address can ever end with it.
+    """
+    value = suffix.strip().rstrip(".").lower()
+    labels = value.split(".")
+    if not value or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError("not a domain name such as 'example.com'")
+    return value
 
 
 def parse_networks(addresses: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -41,9 +55,7 @@ class SubdomainResolver(Resolver):
         reserved: Iterable[str] = ("www",),
         trusted_proxies: Iterable[str] = (),
     ) -> None:
-        suffix = domain_suffix.strip().strip(".").lower()
-        if not suffix:
-            raise ValueError("domain_suffix must be a domain name such as 'example.com'")
+        suffix = validate_domain_suffix(domain_suffix)
         self.domain_suffix = suffix
         self._dotted_suffix = "." + suffix
         self.reserved = frozenset(label.lower() for label in reserved)
@@ -55,7 +67,7 @@ class SubdomainResolver(Resolver):
 
     def label(self, host: str) -> str | None:
         """The tenant label of a Host value (`ACME.example.com:8443` -> `acme`), or None."""
-        if len(host) > _MAX_HOST or not host.isascii():
+        if len(host) > _MAX_HOST or not host.isascii():  # label() is public: check again
             return None
         if host.startswith("["):  # an IPv6 literal, with or without a port
             return None
@@ -78,8 +90,8 @@ class SubdomainResolver(Resolver):
         # `xn--` labels would let a look-alike name reach a tenant.
         if label.startswith(_IDN_PREFIX):
             return None
-        if _is_ip(host):
-            return None
+        # No IP address reaches this point: the suffix's last label is not numeric
+        # (validate_domain_suffix), and an IPv6 address has colons, refused above.
         return label
 
     def _host(self, connection: HTTPConnection) -> str | None:
@@ -93,9 +105,10 @@ class SubdomainResolver(Resolver):
             elif name == b"x-forwarded-host":
                 forwarded = value  # the last header, if sent more than once
         if forwarded is not None and self.trusted_proxies and self._from_trusted_proxy(connection):
-            # The nearest proxy appends its own view last.
-            return forwarded.rpartition(b",")[2].strip().decode("latin-1")
-        return host.decode("latin-1").strip() if host is not None else None
+            host = forwarded.rpartition(b",")[2]  # the nearest proxy appends its own view last
+        if host is None or len(host) > _MAX_HOST:
+            return None
+        return host.decode("latin-1").strip()
 
     def _from_trusted_proxy(self, connection: HTTPConnection) -> bool:
         client = connection.scope.get("client")
@@ -108,13 +121,3 @@ class SubdomainResolver(Resolver):
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 on a dual-stack socket
         return any(address in network for network in self.trusted_proxies)
-
-
-def _is_ip(host: str) -> bool:
-    # Only reached for a host ending in the suffix, which is a domain name, so this
-    # is a second line of defence (e.g. a suffix that itself looks numeric).
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

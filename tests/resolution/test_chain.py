@@ -23,8 +23,16 @@ MISMATCH = (403, {"detail": "Tenant mismatch"})
 
 
 def bearer(tenant: str) -> dict[str, str]:
-    token = jwt.encode({"tenant": tenant, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
-    return {"Authorization": f"Bearer {token}"}
+    """Marks a token to be made in the test: made at collection it could expire first."""
+    return {"Authorization": f"Bearer @{tenant}"}
+
+
+def _signed(headers: dict[str, str]) -> dict[str, str]:
+    value = headers.get("Authorization", "")
+    if not value.startswith("Bearer @"):
+        return headers
+    claims = {"tenant": value.removeprefix("Bearer @"), "exp": int(time.time()) + 60}
+    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
 @pytest.mark.parametrize(
@@ -39,6 +47,7 @@ def bearer(tenant: str) -> dict[str, str]:
 )
 async def test_first_answer_wins(build: Build, host: str, headers: dict[str, str], expected: object) -> None:
     settings = {"resolution_strategy": "chain", "resolution_chain": ["jwt", "subdomain"], **JWT_SETTINGS}
+    headers = _signed(headers)
     async with build(**settings) as (client, _, _):
         response = await client.get("/whoami", headers={"host": host, **headers})
     actual = (
@@ -70,6 +79,7 @@ async def test_agree_mode_refuses_a_token_for_another_subdomain(
         "resolution_chain_mode": "agree",
         **JWT_SETTINGS,
     }
+    headers = _signed(headers)
     async with build(**settings) as (client, app, _):
         response = await client.get("/whoami", headers={"host": host, **headers})
         actual = (

@@ -21,6 +21,7 @@ logs and may say more (it never holds secrets either).
 """
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 __all__ = [
@@ -50,7 +51,7 @@ class TenancyError(Exception):
 
     status_code: ClassVar[int] = 500
     detail: str = "Internal tenancy error"
-    headers: Mapping[str, str] = {}
+    headers: Mapping[str, str] = MappingProxyType({})
 
     def __init__(
         self, message: str = "", *, detail: str | None = None, headers: Mapping[str, str] | None = None
@@ -121,7 +122,7 @@ class InvalidTokenError(TenancyError):
 
     status_code = 401
     detail = "Invalid token"
-    headers: Mapping[str, str] = {"www-authenticate": 'Bearer error="invalid_token"'}
+    headers: Mapping[str, str] = MappingProxyType({"www-authenticate": 'Bearer error="invalid_token"'})
 
 
 class TenantMismatchError(TenancyError):

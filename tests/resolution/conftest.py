@@ -92,6 +92,7 @@ async def websocket(
     path: str = "/ws",
     raw_path: bytes | None = None,
     client: tuple[str, int] = ("203.0.113.7", 50000),
+    extensions: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Drive one WebSocket handshake through the ASGI app; what the app sent."""
     sent: list[dict[str, Any]] = []
@@ -117,7 +118,7 @@ async def websocket(
         "server": ("app.test", 80),
         "client": client,
         "subprotocols": [],
-        "extensions": {},
+        "extensions": extensions or {},
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
     }
     await app(scope, receive, send)  # type: ignore[arg-type]

@@ -255,6 +255,13 @@ async def test_websockets_resolve_by_token(build: Build) -> None:
         assert accepted_as(await websocket(app, [("authorization", f"Bearer {rs256(claims())}")])) == "acme"
         refused = await websocket(app, [("authorization", f"Bearer {unsigned(claims())}")])
         assert refused == [{"type": "websocket.close", "code": 1008, "reason": "Invalid token"}]
+        # Where the server can answer the handshake over HTTP, it is the same 401 with its header.
+        answered = await websocket(
+            app, [("authorization", "Bearer garbage")], extensions={"websocket.http.response": {}}
+        )
+        assert answered[0]["status"] == 401
+        assert (b"www-authenticate", BEARER_ERROR.encode()) in answered[0]["headers"]
+        assert answered[1]["body"] == b'{"detail": "Invalid token"}'
 
 
 # -- JWKS against a real HTTP server --------------------------------------------------------

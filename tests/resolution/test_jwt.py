@@ -294,7 +294,7 @@ class JWKSServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def publish(self, *keys: tuple[str, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, str]) -> None:
         published = []

@@ -1,7 +1,7 @@
 """TenancyConfig: environment variables, validation naming the field, masked secrets."""
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from fastapi_tenancy import TenancyConfig
 
@@ -40,6 +40,25 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "negative_cache_ttl": ("0", 0.0),
     "negative_cache_max_size": ("60", 60),
     "max_cached_engines": ("7", 7),
+    # resolution strategies (set together here, so only the field types are checked:
+    # the strategy is "custom", and the combinations are tested in tests/resolution/)
+    "domain_suffix": ("Example.COM.", "example.com"),
+    "reserved_subdomains": ('["www", "API"]', ("www", "api")),
+    "trusted_proxies": ('["10.0.0.0/8", "::1"]', ("10.0.0.0/8", "::1")),
+    "path_prefix": ("/tenants", "/tenants"),
+    "jwt_algorithms": ('["RS256", "ES256"]', ("RS256", "ES256")),
+    "jwt_secret": ("s" * 32, SecretStr("s" * 32)),
+    "jwt_public_key": ("-----BEGIN PUBLIC KEY-----", "-----BEGIN PUBLIC KEY-----"),
+    "jwt_jwks_url": ("https://idp.example.com/jwks", "https://idp.example.com/jwks"),
+    "jwt_jwks_cache_ttl": ("60", 60.0),
+    "jwt_audience": ("api", "api"),
+    "jwt_issuer": ("https://idp.example.com/", "https://idp.example.com/"),
+    "jwt_leeway": ("5", 5.0),
+    "jwt_tenant_claim": ("org.slug", "org.slug"),
+    "jwt_require_exp": ("false", False),
+    "resolution_chain": ('["jwt", "subdomain"]', ("jwt", "subdomain")),
+    "resolution_chain_mode": ("agree", "agree"),
+    "anti_enumeration": ("false", False),  # true needs both caches on: tests/resolution/test_config.py
 }
 
 

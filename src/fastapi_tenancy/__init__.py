@@ -10,6 +10,7 @@ from .context import current_tenant, current_tenant_or_none, tenant_scope
 from .errors import (
     ConfigurationError,
     InvalidIdentifierError,
+    InvalidTokenError,
     InvalidTransitionError,
     MissingDependencyError,
     ProvisioningError,
@@ -18,6 +19,7 @@ from .errors import (
     TenantAlreadyExistsError,
     TenantChangedError,
     TenantInactiveError,
+    TenantMismatchError,
     TenantNotFoundError,
     TenantResolutionError,
 )
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "InvalidIdentifierError",
+    "InvalidTokenError",
     "InvalidTransitionError",
     "MissingDependencyError",
     "ProvisioningError",
@@ -42,6 +45,7 @@ __all__ = [
     "TenantAlreadyExistsError",
     "TenantChangedError",
     "TenantInactiveError",
+    "TenantMismatchError",
     "TenantNotFoundError",
     "TenantResolutionError",
     "TenantStatus",

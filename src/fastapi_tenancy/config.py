@@ -1,15 +1,19 @@
 """`TenancyConfig`: every setting of the library, read from arguments or `TENANCY_*` variables."""
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-__all__ = ["TenancyConfig"]
+from .resolution.path import validate_path_prefix
+from .resolution.subdomain import validate_domain_suffix
+
+__all__ = ["TenancyConfig", "check_jwt_settings"]
 
 # The async driver we use for each backend; a URL naming the bare backend (or a
 # sync driver) is normalised to it once, here.
@@ -23,6 +27,13 @@ _OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
+# HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: at least the
+# hash size); every other algorithm is verified with a public key.
+_HS_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}
+_PUBLIC_KEY_ALGORITHMS = frozenset(
+    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"]
+)
+_ResolverName = Literal["header", "subdomain", "path", "jwt"]
 
 
 def normalise_database_url(url: str) -> str:
@@ -43,6 +54,46 @@ def normalise_database_url(url: str) -> str:
     if driver not in (_ASYNC_DRIVERS[backend], *_OTHER_ASYNC_DRIVERS.get(backend, ())):
         parsed = parsed.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
     return parsed.render_as_string(hide_password=False)
+
+
+def check_jwt_settings(
+    algorithms: Iterable[str], secret: bytes | None, public_key: str | None, jwks_url: str | None
+) -> None:
+    """Refuse JWT settings that could be attacked; `ValueError` naming the `jwt_*` field.
+
+    The allow-list is all HMAC (verified with `secret`) or all public-key algorithms
+    (verified with exactly one of `public_key` or `jwks_url`), never both: a public
+    key that could also serve as an HMAC secret is the classic algorithm confusion.
+    `none` is not an algorithm here.
+    """
+    algorithms = tuple(algorithms)
+    if not algorithms:
+        raise ValueError("jwt_algorithms: list the algorithms your tokens are signed with, e.g. ['RS256']")
+    known = _PUBLIC_KEY_ALGORITHMS.union(_HS_ALGORITHMS)
+    unknown = [name for name in algorithms if name not in known]
+    if unknown:
+        raise ValueError(
+            f"jwt_algorithms: unsupported {unknown}; use HS256/384/512, RS*, PS*, ES* or EdDSA ('none' never)"
+        )
+    hmac = [name for name in algorithms if name in _HS_ALGORITHMS]
+    if hmac and len(hmac) != len(algorithms):
+        raise ValueError("jwt_algorithms: do not mix HS* with public-key algorithms (algorithm confusion)")
+    if hmac:
+        if public_key is not None or jwks_url is not None:
+            field = "jwt_public_key" if public_key is not None else "jwt_jwks_url"
+            raise ValueError(f"{field}: HS* tokens are verified with jwt_secret, not a public key")
+        if secret is None:
+            raise ValueError("jwt_secret: required for HS* algorithms")
+        needed = max(_HS_ALGORITHMS[name] for name in hmac)
+        if len(secret) < needed:
+            raise ValueError(f"jwt_secret: {'/'.join(hmac)} needs a secret of at least {needed} bytes")
+        return
+    if secret is not None:
+        raise ValueError("jwt_secret: public-key algorithms are verified with jwt_public_key or jwt_jwks_url")
+    if (public_key is None) == (jwks_url is None):
+        raise ValueError("jwt_public_key: give exactly one of jwt_public_key and jwt_jwks_url")
+    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
+        raise ValueError("jwt_jwks_url: must be an https:// (or http://) URL")
 
 
 def mask_url(url: str) -> str:
@@ -79,9 +130,11 @@ class TenancyConfig(BaseSettings):
     SQLite default. `postgresql://`, `sqlite://` and `mysql://` are upgraded to the async
     driver. With SQLite, each tenant gets a database file beside this one."""
 
-    resolution_strategy: Literal["header", "custom"] = "header"
-    """How a request names its tenant: `header` reads `tenant_header_name`; `custom`
-    uses the resolver passed to `TenancyManager(resolver=...)`."""
+    resolution_strategy: Literal["header", "subdomain", "path", "jwt", "chain", "custom"] = "header"
+    """How a request names its tenant: `header` reads `tenant_header_name`; `subdomain`
+    the label before `domain_suffix`; `path` the segment after `path_prefix`; `jwt` a
+    claim of the verified bearer token; `chain` the strategies in `resolution_chain`;
+    `custom` uses the resolver passed to `TenancyManager(resolver=...)`."""
 
     isolation_strategy: Literal["schema"] = "schema"
     """How tenants' data is kept apart: `schema` gives each tenant its own PostgreSQL
@@ -142,6 +195,68 @@ class TenancyConfig(BaseSettings):
     """Most per-tenant engines kept open at once (SQLite: one file per tenant); the least
     recently used is closed when the limit is passed."""
 
+    # -- resolution strategies: subdomain, path, JWT, chains, anti-enumeration ---------
+
+    domain_suffix: str | None = None
+    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`,
+    `acme.example.com` is tenant `acme`; deeper hosts and the bare domain name none."""
+
+    reserved_subdomains: tuple[str, ...] = ("www",)
+    """Subdomain resolution: labels that never name a tenant (JSON list in the environment)."""
+
+    trusted_proxies: tuple[str, ...] = ()
+    """Subdomain resolution: addresses or CIDR blocks of proxies whose `X-Forwarded-Host`
+    is believed (JSON list, e.g. `["10.0.0.0/8"]`). Empty: the header is always ignored."""
+
+    path_prefix: str = "/t"
+    """Path resolution: the segments before the tenant's (`/t/acme/orders`). The app's
+    routes are written without them; `""` puts the tenant first (`/acme/orders`)."""
+
+    jwt_algorithms: tuple[str, ...] = ()
+    """JWT resolution: the accepted signing algorithms, all HS* or all public-key
+    (RS*, PS*, ES*, EdDSA); required with JWT resolution, e.g. `["RS256"]`."""
+
+    jwt_secret: SecretStr | None = None
+    """JWT resolution: the HMAC secret for HS* algorithms (at least as many bytes as the
+    hash: 32 for HS256). Masked in `repr()`."""
+
+    jwt_public_key: str | None = None
+    """JWT resolution: the PEM public key for RS/PS/ES/EdDSA tokens (or use `jwt_jwks_url`)."""
+
+    jwt_jwks_url: str | None = None
+    """JWT resolution: the issuer's JWKS URL; keys are cached and refetched when a token
+    names an unknown `kid` (key rotation)."""
+
+    jwt_jwks_cache_ttl: float = Field(default=300.0, gt=0, le=86_400)
+    """JWT resolution: seconds the JWKS keys are used before they are fetched again."""
+
+    jwt_audience: str | None = None
+    """JWT resolution: the required `aud` claim. Unset, tokens carrying an `aud` are refused."""
+
+    jwt_issuer: str | None = None
+    """JWT resolution: the required `iss` claim (unset: not checked)."""
+
+    jwt_leeway: float = Field(default=0.0, ge=0, le=300)
+    """JWT resolution: seconds of clock skew allowed for `exp`, `nbf` and `iat` (at most 300)."""
+
+    jwt_tenant_claim: str = "tenant"
+    """JWT resolution: the claim holding the tenant identifier; a dotted path (`org.slug`)
+    reads nested claims."""
+
+    jwt_require_exp: bool = True
+    """JWT resolution: refuse tokens without `exp` (tokens that never expire)."""
+
+    resolution_chain: tuple[_ResolverName, ...] = ()
+    """Chain resolution: the strategies to ask, in order, e.g. `["jwt", "subdomain"]`."""
+
+    resolution_chain_mode: Literal["first", "agree"] = "first"
+    """Chain resolution: `first` takes the first answer; `agree` requires every strategy
+    to name the same tenant and refuses a disagreement with 403."""
+
+    anti_enumeration: bool = False
+    """Answer unknown, suspended and deleted tenants with the same 404 `Tenant not found`,
+    so responses do not reveal which identifiers exist."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -164,8 +279,43 @@ class TenancyConfig(BaseSettings):
             )
         return value
 
+    @field_validator("domain_suffix")
+    @classmethod
+    def _check_domain_suffix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return validate_domain_suffix(value)
+
+    @field_validator("reserved_subdomains")
+    @classmethod
+    def _check_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(label.strip().lower() for label in value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            try:
+                ipaddress.ip_network(address.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{address!r} is not an IP address or CIDR block") from exc
+        return value
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _check_path_prefix(cls, value: str) -> str:
+        return validate_path_prefix(value)
+
+    @field_validator("jwt_tenant_claim")
+    @classmethod
+    def _check_tenant_claim(cls, value: str) -> str:
+        if not value or any(not part for part in value.split(".")):
+            raise ValueError("must be a claim name or a dotted path such as 'org.slug'")
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TenancyConfig":
+        self._check_resolution()
         backend = self.backend
         if self.database_pgbouncer and backend != "postgresql":
             raise ValueError(
@@ -176,6 +326,24 @@ class TenancyConfig(BaseSettings):
                 f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, but database_url is {backend}"
             )
         return self
+
+    def _check_resolution(self) -> None:
+        strategy = self.resolution_strategy
+        if strategy == "chain" and not self.resolution_chain:
+            raise ValueError("resolution_chain: list the strategies to chain, e.g. ['jwt', 'subdomain']")
+        used = set(self.resolution_chain) if strategy == "chain" else {strategy}
+        if "subdomain" in used and self.domain_suffix is None:
+            raise ValueError("domain_suffix: required for subdomain resolution, e.g. 'example.com'")
+        if "jwt" in used:
+            secret = self.jwt_secret.get_secret_value().encode() if self.jwt_secret is not None else None
+            check_jwt_settings(self.jwt_algorithms, secret, self.jwt_public_key, self.jwt_jwks_url)
+        if self.anti_enumeration and (self.cache_ttl == 0) != (self.negative_cache_ttl == 0):
+            # One answer cached and the other read from the registry every time would
+            # tell them apart by timing.
+            raise ValueError(
+                "anti_enumeration: cache_ttl and negative_cache_ttl must be both on or both 0, "
+                "or known and unknown tenants answer at different speeds"
+            )
 
     @property
     def backend(self) -> str:

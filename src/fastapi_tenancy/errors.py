@@ -13,16 +13,21 @@ logs and may say more (it never holds secrets either).
     ├── TenantChangedError                        a concurrent change won; re-read and retry
     ├── ProvisioningError                         storage for a new tenant could not be made
     ├── TenantResolutionError                     400: the request names no tenant
+    ├── InvalidTokenError                         401: the bearer token is not acceptable
+    ├── TenantMismatchError                       403: two sources name different tenants
     ├── TenantNotFoundError (LookupError)         404: no such tenant
     ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
     └── TenancyUnavailableError                   503: the registry cannot be reached
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 __all__ = [
     "ConfigurationError",
     "InvalidIdentifierError",
+    "InvalidTokenError",
     "InvalidTransitionError",
     "MissingDependencyError",
     "ProvisioningError",
@@ -31,6 +36,7 @@ __all__ = [
     "TenantAlreadyExistsError",
     "TenantChangedError",
     "TenantInactiveError",
+    "TenantMismatchError",
     "TenantNotFoundError",
     "TenantResolutionError",
 ]
@@ -40,15 +46,21 @@ class TenancyError(Exception):
     """Base class of every fastapi-tenancy error.
 
     `detail` is what a client may see; the message (`str(exc)`) is for logs.
+    `headers` are sent with the refusal (e.g. `WWW-Authenticate` with a 401).
     """
 
     status_code: ClassVar[int] = 500
     detail: str = "Internal tenancy error"
+    headers: Mapping[str, str] = MappingProxyType({})
 
-    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, detail: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message or self.detail)
         if detail is not None:
             self.detail = detail
+        if headers is not None:
+            self.headers = headers
 
 
 class ConfigurationError(TenancyError, ValueError):
@@ -99,6 +111,25 @@ class TenantResolutionError(TenancyError):
 
     status_code = 400
     detail = "Tenant identifier missing"
+
+
+class InvalidTokenError(TenancyError):
+    """The bearer token is malformed, badly signed, expired or fails a claim check.
+
+    Answered 401 with `WWW-Authenticate: Bearer error="invalid_token"`; the detail
+    never contains the token.
+    """
+
+    status_code = 401
+    detail = "Invalid token"
+    headers: Mapping[str, str] = MappingProxyType({"www-authenticate": 'Bearer error="invalid_token"'})
+
+
+class TenantMismatchError(TenancyError):
+    """Two sources that must agree (e.g. a token's claim and the subdomain) name different tenants."""
+
+    status_code = 403
+    detail = "Tenant mismatch"
 
 
 class TenantNotFoundError(TenancyError, LookupError):

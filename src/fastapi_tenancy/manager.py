@@ -28,7 +28,10 @@ from .isolation.schema import SchemaIsolation
 from .isolation.sqlite import SQLiteFileIsolation
 from .lookup import TenantLookup
 from .resolution.base import Resolver, ResolverFunc, as_resolver
+from .resolution.chain import ChainResolver
 from .resolution.header import HeaderResolver
+from .resolution.path import PathResolver
+from .resolution.subdomain import SubdomainResolver
 from .storage.base import TenantStore
 from .storage.database import SQLAlchemyTenantStore
 from .tenant import Tenant, TenantStatus
@@ -108,7 +111,41 @@ class TenancyManager:
                 f"a resolver was passed but resolution_strategy is {strategy!r}; "
                 "set resolution_strategy='custom' to use it"
             )
-        return HeaderResolver(self.config.tenant_header_name)
+        if strategy == "chain":
+            return ChainResolver(
+                [self._build_strategy(name) for name in self.config.resolution_chain],
+                mode=self.config.resolution_chain_mode,
+            )
+        return self._build_strategy(strategy)
+
+    def _build_strategy(self, name: str) -> Resolver:
+        config = self.config
+        if name == "subdomain":
+            assert config.domain_suffix is not None  # TenancyConfig requires it
+            return SubdomainResolver(
+                config.domain_suffix,
+                reserved=config.reserved_subdomains,
+                trusted_proxies=config.trusted_proxies,
+            )
+        if name == "path":
+            return PathResolver(config.path_prefix)
+        if name == "jwt":
+            # Imported here: PyJWT is an optional extra, needed only by this strategy.
+            from .resolution.jwt import JWTResolver
+
+            return JWTResolver(
+                config.jwt_algorithms,
+                secret=config.jwt_secret.get_secret_value() if config.jwt_secret is not None else None,
+                public_key=config.jwt_public_key,
+                jwks_url=config.jwt_jwks_url,
+                jwks_cache_ttl=config.jwt_jwks_cache_ttl,
+                audience=config.jwt_audience,
+                issuer=config.jwt_issuer,
+                leeway=config.jwt_leeway,
+                tenant_claim=config.jwt_tenant_claim,
+                require_exp=config.jwt_require_exp,
+            )
+        return HeaderResolver(config.tenant_header_name)
 
     def _build_isolation(self) -> Isolation:
         config = self.config
@@ -151,7 +188,11 @@ class TenancyManager:
     # -- the request path ----------------------------------------------------------
 
     async def resolve(self, connection: HTTPConnection) -> Tenant:
-        """The active tenant a request names; raises the 400/404/403 errors otherwise."""
+        """The active tenant a request names; raises the 400/404/403 errors otherwise.
+
+        With `anti_enumeration`, a tenant that is not active is refused exactly like an
+        unknown one (404): the same lookup ran either way, only the answer is chosen here.
+        """
         identifier = await self.resolver.resolve(connection)
         if not identifier:
             raise TenantResolutionError()
@@ -159,6 +200,8 @@ class TenancyManager:
         if tenant is None:
             raise TenantNotFoundError()
         if tenant.status is not TenantStatus.ACTIVE:
+            if self.config.anti_enumeration:
+                raise TenantNotFoundError(f"tenant {identifier!r} is {tenant.status.value}")
             raise TenantInactiveError(tenant.status.value)
         return tenant
 

@@ -65,6 +65,9 @@ class TenancyMiddleware:
         except TenancyError as exc:
             await _refuse(scope, send, exc)
             return
+        # The strategy may show the app a rewritten scope (the path strategy moves the
+        # tenant's segment into root_path); every other strategy hands it on as is.
+        scope = self.manager.resolver.app_scope(scope)
         scope.setdefault("state", {})["tenant"] = tenant
         token = _current.set(tenant)
         try:
@@ -135,6 +138,9 @@ async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if exc.status_code == 503:
         headers.append((b"retry-after", b"1"))
+    headers.extend(
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()
+    )
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})

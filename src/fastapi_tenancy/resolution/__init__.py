@@ -1,10 +1,23 @@
 """Resolution strategies: how a request names its tenant.
 
-`Resolver` is the contract; `HeaderResolver` reads a header; any async callable
-`(HTTPConnection) -> str | None` can serve as a custom resolver.
+`Resolver` is the contract; any async callable `(HTTPConnection) -> str | None`
+can serve as a custom resolver. `HeaderResolver`, `SubdomainResolver`,
+`PathResolver` and `ChainResolver` are here; `JWTResolver` needs the `jwt` extra
+and is imported from `fastapi_tenancy.resolution.jwt`.
 """
 
 from .base import CallableResolver, Resolver, as_resolver
+from .chain import ChainResolver
 from .header import HeaderResolver
+from .path import PathResolver
+from .subdomain import SubdomainResolver
 
-__all__ = ["CallableResolver", "HeaderResolver", "Resolver", "as_resolver"]
+__all__ = [
+    "CallableResolver",
+    "ChainResolver",
+    "HeaderResolver",
+    "PathResolver",
+    "Resolver",
+    "SubdomainResolver",
+    "as_resolver",
+]

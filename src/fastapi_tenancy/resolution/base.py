@@ -4,6 +4,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 __all__ = ["CallableResolver", "Resolver", "ResolverFunc", "as_resolver"]
 
@@ -23,6 +24,16 @@ class Resolver(ABC):
     @abstractmethod
     async def resolve(self, connection: HTTPConnection) -> str | None:
         """The identifier named by `connection` (an HTTP request or a WebSocket), or None."""
+
+    def app_scope(self, scope: Scope) -> Scope:
+        """The ASGI scope the application sees once the tenant is resolved.
+
+        The default hands on `scope` unchanged. A strategy that reads the tenant
+        from the URL (`PathResolver`) returns a copy whose `root_path` holds the
+        tenant's prefix, so the app's routes are written without it. Must not
+        mutate `scope`.
+        """
+        return scope
 
 
 class CallableResolver(Resolver):

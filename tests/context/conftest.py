@@ -1,0 +1,83 @@
+"""Fixtures for tenant context outside the request: two seeded tenants, a Redis URL."""
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pytest
+import sqlalchemy as sa
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+from ..apps import Base, Order
+from ..conftest import _require
+
+REDIS_URL = os.environ.get("TENANCY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Two tenants with overlapping primary keys: id 1 exists in both.
+ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
+
+
+@dataclass
+class Tenants:
+    manager: TenancyManager
+    url: str
+
+
+async def descriptions(manager: TenancyManager) -> list[str]:
+    """The current tenant's order descriptions, read through `manager.session()`."""
+    async with manager.session() as session:
+        return list((await session.execute(sa.select(Order.description).order_by(Order.id))).scalars())
+
+
+class _Closing:
+    """What `_require` closes: the client's `aclose()` (its `close()` is deprecated)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def close(self) -> Awaitable[None]:
+        return cast(Awaitable[None], self.client.aclose())
+
+
+async def _redis_ping() -> _Closing:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except BaseException:
+        await client.aclose()
+        raise
+    return _Closing(client)
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    """The shared Redis; every test uses keys and queues under a unique prefix."""
+    await _require("Redis", _redis_ping)
+    return REDIS_URL
+
+
+@pytest.fixture
+def unique() -> str:
+    return f"ft-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def tenants(postgres_url: str) -> AsyncIterator[Tenants]:
+    """A manager on PostgreSQL (a pool of one connection), tenants alpha and beta seeded."""
+    config = TenancyConfig(database_url=postgres_url, database_pool_size=1, database_max_overflow=0)
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for identifier, rows in ROWS.items():
+            tenant = await manager.register_tenant(identifier, identifier.title(), app_metadata=Base.metadata)
+            async with manager.session(tenant) as session:
+                session.add_all(Order(id=i, description=d) for i, d in rows.items())
+                await session.commit()
+        yield Tenants(manager, postgres_url)
+    finally:
+        await manager.close()

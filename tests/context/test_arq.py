@@ -104,11 +104,12 @@ async def test_jobs_run_in_a_worker_process_as_their_requests_tenant(
             jobs[tenant] = response.json()["job_id"]
     # Straight onto the queue, bypassing enqueue_tenant_job: no tenant, a malformed one,
     # and a forged one (alpha's slug with another id).
-    for name, extra in [
+    extras: list[tuple[str, dict[str, Any]]] = [
         ("none", {}),
         ("malformed", {TENANT_KWARG: "alpha"}),
         ("forged", {TENANT_KWARG: {"identifier": "alpha", "id": "0" * 32}}),
-    ]:
+    ]
+    for name, extra in extras:
         job = await pool.enqueue_job("read_orders", **extra)
         assert job is not None
         jobs[name] = job.job_id

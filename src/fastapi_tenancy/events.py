@@ -174,7 +174,8 @@ class LifecycleEvents:
         elif before.status is after.status:
             event = LifecycleEvent.UPDATED
         else:
-            event = _TRANSITION_EVENTS[(before.status, after.status)]
+            # A transition without a name of its own (a status added later) is still audited.
+            event = _TRANSITION_EVENTS.get((before.status, after.status), LifecycleEvent.UPDATED)
         details: dict[str, Any] = {"from": before.status.value, "to": after.status.value}
         if event is LifecycleEvent.UPDATED:
             details["fields"] = [

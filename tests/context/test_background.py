@@ -47,6 +47,15 @@ def _app(
         tasks.add_task(record_sync, "sync-bg")
         return {"ok": "queued"}
 
+    @tenant_task(manager)
+    async def checked(label: str) -> None:
+        await record_async(label)
+
+    @app.post("/background-checked")
+    async def background_checked(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(checked, "checked-bg")
+        return {"ok": "queued"}
+
     @app.post("/task")
     async def task() -> dict[str, str]:
         async def later() -> None:
@@ -106,6 +115,18 @@ async def test_background_tasks_run_as_the_requests_tenant(harness: Any) -> None
         ("sync-bg", "alpha", False),
     ]
     assert current_tenant_or_none() is None
+
+
+async def test_a_tenant_task_in_background_tasks_runs_as_the_request_tenant(harness: Any) -> None:
+    client, seen, _, _ = harness
+    async with client:
+        for tenant in ("beta", "alpha"):
+            response = await client.post("/background-checked", headers=_as(tenant))
+            assert response.status_code == 200, response.text
+    assert seen == [
+        ("checked-bg", "beta", ["beta-1", "beta-3"]),
+        ("checked-bg", "alpha", ["alpha-1", "alpha-2"]),
+    ]
 
 
 async def test_a_task_outliving_its_request_keeps_its_tenant(harness: Any, tenants: Tenants) -> None:

@@ -7,6 +7,7 @@ change at all.
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,10 +24,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["NO_TENANT", "OTHER_TENANTS", "TenantMetrics", "TenantMetricsMiddleware"]
 
-NO_TENANT = "none"
+# Both start with "_", which no tenant identifier can: a tenant named "other" or
+# "none" keeps a series of its own.
+NO_TENANT = "_none"
 """The label of requests that ran as no tenant: excluded paths and refused requests."""
 
-OTHER_TENANTS = "other"
+OTHER_TENANTS = "_other"
 """The label shared by tenants past the `max_tenants` cap."""
 
 
@@ -38,8 +41,8 @@ class TenantMetrics:
     - `<namespace>_request_duration_seconds{tenant}`: latency histogram.
 
     Cardinality is bounded: the first `max_tenants` tenants seen get a label of
-    their own (their identifier), every later one is counted under "other", and
-    requests without a tenant under "none". Labels come only from resolved
+    their own (their identifier), every later one is counted under `_other`, and
+    requests without a tenant under `_none` (no identifier starts with "_"). Labels come only from resolved
     tenants, never from what a client sent, so unknown identifiers add no series.
     `registry` defaults to prometheus-client's global one.
     """
@@ -56,7 +59,8 @@ class TenantMetrics:
             raise ValueError("max_tenants must be 0 or more")
         self.registry = REGISTRY if registry is None else registry
         self.max_tenants = max_tenants
-        self._labels: dict[str, str] = {}
+        self._series: dict[str, tuple[Any, Any, str]] = {}  # at most max_tenants
+        self._aggregate: dict[str, tuple[Any, Any, str]] = {}
         labels, registry = ["tenant"], self.registry
         self.requests = Counter(
             "requests", "Requests served, by tenant.", labels, namespace=namespace, registry=registry
@@ -81,20 +85,32 @@ class TenantMetrics:
         """The label `tenant` is counted under."""
         if tenant is None:
             return NO_TENANT
-        label = self._labels.get(tenant.identifier)
-        if label is None:
-            label = tenant.identifier if len(self._labels) < self.max_tenants else OTHER_TENANTS
-            if label != OTHER_TENANTS:
-                self._labels[tenant.identifier] = label
-        return label
+        if tenant.identifier in self._series or len(self._series) < self.max_tenants:
+            return tenant.identifier
+        return OTHER_TENANTS
 
     def observe(self, tenant: Tenant | None, *, error: bool, seconds: float) -> None:
         """Count one finished request."""
-        label = self.label(tenant)
-        self.requests.labels(label).inc()
-        if error:
+        key = NO_TENANT if tenant is None else tenant.identifier
+        series = self._series.get(key) or self._aggregate.get(key)
+        if series is None:
+            series = self._new_series(tenant)
+        requests, latency, label = series
+        requests.inc()
+        latency.observe(seconds)
+        if error:  # rare: no series kept for it, so tenants without errors show none
             self.errors.labels(label).inc()
-        self.latency.labels(label).observe(seconds)
+
+    def _new_series(self, tenant: Tenant | None) -> tuple[Any, Any, str]:
+        label = self.label(tenant)
+        # prometheus-client's labels() takes a lock and builds a key; keep the children
+        # so the request path is two dictionary lookups and two increments.
+        series = (self.requests.labels(label), self.latency.labels(label), label)
+        if tenant is not None and label == tenant.identifier:
+            self._series[label] = series
+        else:  # "none" and "other": stored apart, so they never use up the cap
+            self._aggregate[label] = series
+        return series
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what `/metrics` serves)."""
@@ -109,7 +125,7 @@ class TenantMetricsMiddleware:
     """Pure ASGI middleware feeding `TenantMetrics` with every HTTP request.
 
     Add it after `TenancyMiddleware` (outermost), so refused requests are counted
-    too (as "none"); it reads the tenant the inner middleware put in the scope.
+    too (as `_none`); it reads the tenant the inner middleware put in the scope.
 
         app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/metrics"])
         app.add_middleware(TenantMetricsMiddleware, metrics=metrics)

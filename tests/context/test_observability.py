@@ -150,7 +150,7 @@ async def test_a_scrape_after_mixed_traffic_counts_each_tenant(manager: TenancyM
     latency = {
         label: v for (name, label), v in samples.items() if name == "tenancy_request_duration_seconds_count"
     }
-    assert requests == {"alpha": 6, "beta": 5, "other": 4, "none": 2}
+    assert requests == {"alpha": 6, "beta": 5, "_other": 4, "_none": 2}
     assert errors == {"alpha": 1, "beta": 2}
     assert latency == requests
     assert metrics.exposition().decode().count("tenancy_requests_total{") == 4
@@ -170,7 +170,22 @@ async def test_cardinality_stays_bounded_and_unknown_identifiers_add_no_series(
     requests = {
         label: value for (name, label), value in _samples(text).items() if name == "tenancy_requests_total"
     }
-    assert requests == {"none": 50, "alpha": 2, "other": 2}
+    assert requests == {"_none": 50, "alpha": 2, "_other": 2}
+
+
+async def test_tenants_named_like_the_aggregate_labels_keep_their_own_series(manager: TenancyManager) -> None:
+    metrics = TenantMetrics(registry=CollectorRegistry(), max_tenants=2)
+    for identifier in ("other", "none"):
+        await manager.register_tenant(identifier, identifier.title())
+    app = _metrics_app(manager, metrics)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for tenant in ("other", "none", "none", "alpha", "nobody"):
+            await client.get("/work", headers={"X-Tenant-ID": tenant})
+        text = (await client.get("/metrics")).text
+    requests = {
+        label: value for (name, label), value in _samples(text).items() if name == "tenancy_requests_total"
+    }
+    assert requests == {"other": 1, "none": 2, "_other": 1, "_none": 1}
 
 
 def test_metric_arguments_are_checked() -> None:

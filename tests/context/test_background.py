@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from fastapi_tenancy import (
     TenancyManager,
     TenancyMiddleware,
+    Tenant,
     TenantInactiveError,
     TenantNotFoundError,
     TenantResolutionError,
@@ -225,3 +226,21 @@ async def test_tenant_task_takes_the_callers_tenant_and_needs_one(tenants: Tenan
         await manager.suspend_tenant(beta)
         with pytest.raises(TenantInactiveError):
             await whoami()
+
+
+async def test_a_plain_thread_gets_no_tenant_and_fails_closed() -> None:
+    outcome: list[object] = []
+
+    def work() -> None:
+        try:
+            outcome.append(current_tenant())
+        except TenantResolutionError as exc:
+            outcome.append(exc)
+
+    with tenant_scope(Tenant(identifier="alpha", name="Alpha")):
+        thread = threading.Thread(target=work)  # threads start with an empty context
+        thread.start()
+        thread.join()
+        loop_outcome = await asyncio.get_running_loop().run_in_executor(None, current_tenant_or_none)
+    assert len(outcome) == 1 and isinstance(outcome[0], TenantResolutionError)
+    assert loop_outcome is None  # run_in_executor does not copy the context either

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.requests import HTTPConnection
 
 from ._utils import create_engine, unavailable_as_503
+from .audit import AuditWriter, SQLAuditWriter
 from .config import TenancyConfig
 from .context import current_tenant
 from .errors import (
@@ -23,6 +24,7 @@ from .errors import (
     TenantNotFoundError,
     TenantResolutionError,
 )
+from .events import LifecycleEvent, LifecycleEvents
 from .isolation.base import Isolation
 from .isolation.schema import SchemaIsolation
 from .isolation.sqlite import SQLiteFileIsolation
@@ -57,6 +59,9 @@ class TenancyManager:
     `store` defaults to a `SQLAlchemyTenantStore` sharing the manager's engine.
     Pass `resolver=` (a `Resolver` or an async function of the request) with
     `resolution_strategy="custom"`, and `isolation=` to supply your own strategy.
+    Every lifecycle change is written to the audit log (`audit=`, default a
+    `tenancy_audit_log` table in the registry database) and passed to the hooks
+    registered on `manager.events`.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class TenancyManager:
         *,
         resolver: Resolver | ResolverFunc | None = None,
         isolation: Isolation | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.config = config if config is not None else TenancyConfig()
         # PostgreSQL connections start with an empty search_path (fail closed), except
@@ -96,6 +102,11 @@ class TenancyManager:
             max_size=self.config.cache_max_size,
             negative_ttl=self.config.negative_cache_ttl,
             negative_max_size=self.config.negative_cache_max_size,
+        )
+        # Lifecycle hooks and the audit log (docs/background.md); the audit table
+        # lives in the registry database unless another writer is passed.
+        self.events = LifecycleEvents(
+            audit if audit is not None else SQLAuditWriter(self.engine, schema=default_store_schema)
         )
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
@@ -172,6 +183,7 @@ class TenancyManager:
                 return
             await self.store.initialize()
             await self.isolation.initialize()
+            await self.events.initialize()
             async with unavailable_as_503("database"), self.engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))  # warm the pool: fail now, not on the first request
             self._initialized = True
@@ -180,6 +192,7 @@ class TenancyManager:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
         async with self._lifecycle_lock:
             await self.isolation.close()
+            await self.events.close()
             await self.store.close()
             await self.engine.dispose()
             self.lookup.clear()
@@ -260,6 +273,7 @@ class TenancyManager:
                 ) from exc
             raise
         self.lookup.invalidate(identifier)
+        await self.events.emit(LifecycleEvent.REGISTERED, tenant)
         try:
             await self.isolation.provision(tenant, app_metadata)
         except BaseException as exc:
@@ -275,6 +289,7 @@ class TenancyManager:
     async def _undo_registration(self, tenant: Tenant) -> None:
         try:
             await self.store.delete(tenant.id)
+            await self.events.emit(LifecycleEvent.PURGED, tenant, reason="provisioning failed")
         except Exception:  # the original error matters more; say what is left behind
             logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
         finally:
@@ -333,6 +348,7 @@ class TenancyManager:
         await self.isolation.destroy(current)
         await self.store.delete(current.id)
         self.lookup.invalidate(current.identifier)
+        await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
 
     async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
@@ -350,6 +366,7 @@ class TenancyManager:
                 continue
             finally:
                 self.lookup.invalidate(identifier)
+            await self.events.changed(current, saved)
             return saved
         raise TenantChangedError(
             f"tenant {identifier!r} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"

@@ -1,0 +1,162 @@
+"""Per-tenant request metrics in Prometheus format: count, errors and latency.
+
+Needs `pip install 'fastapi-tenancy[prometheus]'`. Nothing here runs unless the
+application adds `TenantMetricsMiddleware`: without it the request path does not
+change at all.
+"""
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import MissingDependencyError
+from .tenant import Tenant
+
+try:
+    import prometheus_client
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError("prometheus-client", "prometheus") from exc
+
+__all__ = ["NO_TENANT", "OTHER_TENANTS", "TenantMetrics", "TenantMetricsMiddleware"]
+
+# Both start with "_", which no tenant identifier can: a tenant named "other" or
+# "none" keeps a series of its own.
+NO_TENANT = "_none"
+"""The label of requests that ran as no tenant: excluded paths and refused requests."""
+
+OTHER_TENANTS = "_other"
+"""The label shared by tenants past the `max_tenants` cap."""
+
+
+class TenantMetrics:
+    """Request counters and a latency histogram labelled by tenant. Shared by all requests.
+
+    - `<namespace>_requests_total{tenant}`: finished requests;
+    - `<namespace>_request_errors_total{tenant}`: those answered 5xx or raising;
+    - `<namespace>_request_duration_seconds{tenant}`: latency histogram.
+
+    Cardinality is bounded: the first `max_tenants` tenants seen get a label of
+    their own (their identifier), every later one is counted under `_other`, and
+    requests without a tenant under `_none` (no identifier starts with "_"). Labels come only from resolved
+    tenants, never from what a client sent, so unknown identifiers add no series.
+    `registry` defaults to prometheus-client's global one.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "tenancy",
+        max_tenants: int = 100,
+        buckets: Iterable[float] = Histogram.DEFAULT_BUCKETS,
+    ) -> None:
+        if max_tenants < 0:
+            raise ValueError("max_tenants must be 0 or more")
+        self.registry = REGISTRY if registry is None else registry
+        self.max_tenants = max_tenants
+        self._series: dict[str, tuple[Any, Any, str]] = {}  # at most max_tenants
+        self._aggregate: dict[str, tuple[Any, Any, str]] = {}
+        labels, registry = ["tenant"], self.registry
+        self.requests = Counter(
+            "requests", "Requests served, by tenant.", labels, namespace=namespace, registry=registry
+        )
+        self.errors = Counter(
+            "request_errors",
+            "Requests answered with a 5xx status or an exception, by tenant.",
+            labels,
+            namespace=namespace,
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "request_duration_seconds",
+            "Request latency in seconds, by tenant.",
+            labels,
+            namespace=namespace,
+            registry=registry,
+            buckets=tuple(buckets),
+        )
+
+    def label(self, tenant: Tenant | None) -> str:
+        """The label `tenant` is counted under."""
+        if tenant is None:
+            return NO_TENANT
+        if tenant.identifier in self._series or len(self._series) < self.max_tenants:
+            return tenant.identifier
+        return OTHER_TENANTS
+
+    def observe(self, tenant: Tenant | None, *, error: bool, seconds: float) -> None:
+        """Count one finished request."""
+        key = NO_TENANT if tenant is None else tenant.identifier
+        series = self._series.get(key) or self._aggregate.get(key)
+        if series is None:
+            series = self._new_series(tenant)
+        requests, latency, label = series
+        requests.inc()
+        latency.observe(seconds)
+        if error:  # rare: no series kept for it, so tenants without errors show none
+            self.errors.labels(label).inc()
+
+    def _new_series(self, tenant: Tenant | None) -> tuple[Any, Any, str]:
+        label = self.label(tenant)
+        # prometheus-client's labels() takes a lock and builds a key; keep the children
+        # so the request path is two dictionary lookups and two increments.
+        series = (self.requests.labels(label), self.latency.labels(label), label)
+        if tenant is not None and label == tenant.identifier:
+            self._series[label] = series
+        else:  # "none" and "other": stored apart, so they never use up the cap
+            self._aggregate[label] = series
+        return series
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (what `/metrics` serves)."""
+        return prometheus_client.generate_latest(self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        """A Starlette endpoint serving the registry: `app.add_route("/metrics", metrics.endpoint)`."""
+        return Response(self.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+class TenantMetricsMiddleware:
+    """Pure ASGI middleware feeding `TenantMetrics` with every HTTP request.
+
+    Add it after `TenancyMiddleware` (outermost), so refused requests are counted
+    too (as `_none`); it reads the tenant the inner middleware put in the scope.
+
+        app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/metrics"])
+        app.add_middleware(TenantMetricsMiddleware, metrics=metrics)
+        app.add_route("/metrics", metrics.endpoint)
+    """
+
+    def __init__(self, app: ASGIApp, metrics: TenantMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        error = True
+        try:
+            await self.app(scope, receive, send_status)
+            error = status >= 500
+        finally:
+            tenant = scope.get("state", {}).get("tenant")
+            self.metrics.observe(
+                tenant if isinstance(tenant, Tenant) else None,
+                error=error,
+                seconds=time.perf_counter() - start,
+            )

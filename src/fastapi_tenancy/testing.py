@@ -450,7 +450,8 @@ async def assert_isolated(
 
         report = await assert_isolated(app, manager, acme, globex)
 
-    Works from the app's OpenAPI schema, with the manager already initialized:
+    Works from the app's OpenAPI schema, with the manager already initialized and
+    two fresh tenants (the seeded integer ids start at 1 in each):
 
     1. Both tenants create data through their POST routes, with unique marker
        strings in every text field and overlapping integer ids (A first, then B).

@@ -333,7 +333,9 @@ def _operations(app: FastAPI, skip: Iterable[str]) -> tuple[list[_Operation], di
     return operations, schema.get("components", {})
 
 
-def _build(operation: _Operation, values: _Values, ids: list[Any] | None, path_ids: dict[str, Any]) -> _Request:
+def _build(
+    operation: _Operation, values: _Values, ids: list[Any] | None, path_ids: dict[str, Any]
+) -> _Request:
     """The request for `operation`: path identifiers from `path_ids`, the rest from `values`."""
     path = operation.path
     for name in operation.path_params:
@@ -398,9 +400,7 @@ def _path_choices(operation: _Operation, ids: list[Any]) -> list[dict[str, Any]]
     return [dict.fromkeys(names, value) for value in ids[:_PER_ROUTE]]
 
 
-async def _seed(
-    operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]
-) -> None:
+async def _seed(operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]) -> None:
     """Create data as one tenant through its own POST routes, collecting its identifiers."""
     for operation in sorted((o for o in operations if o.method == "post"), key=lambda o: o.path.count("/")):
         for path_ids in _path_choices(operation, identifiers):
@@ -499,7 +499,9 @@ async def assert_isolated(
                 request = _build(operation, a_values, b_ids, path_ids)
                 response = await as_a(request)
                 report.statuses[response.status_code] = report.statuses.get(response.status_code, 0) + 1
-                sent = json.dumps([request.params, request.json_body, request.form, request.path], default=str)
+                sent = json.dumps(
+                    [request.params, request.json_body, request.form, request.path], default=str
+                )
                 leaked = [m for m in b_markers if m in response.text and m not in sent]
                 if leaked:
                     report.findings.append(
@@ -518,4 +520,3 @@ async def assert_isolated(
             "tenant A reached tenant B's data:\n" + "\n".join(f"- {f}" for f in report.findings), report
         )
     return report
-

@@ -37,7 +37,7 @@ try:
     # pytest-asyncio's decorator works in its strict and auto modes alike.
     from pytest_asyncio import fixture as async_fixture
 except ImportError:  # pragma: no cover - without it pytest itself says async fixtures need a plugin
-    async_fixture = pytest.fixture
+    async_fixture = pytest.fixture  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import httpx
@@ -189,7 +189,11 @@ def tenancy_postgres_url() -> Iterator[str]:
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        _run(_admin(url.render_as_string(hide_password=False), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _run(
+            _admin(
+                url.render_as_string(hide_password=False), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+            )
+        )
 
 
 async def _admin(url: str, statement: str) -> None:

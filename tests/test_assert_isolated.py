@@ -33,9 +33,17 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def manager(database_url: str) -> AsyncIterator[TenancyManager]:
-    url = database_url
-    # A pool of one connection: every request reuses the same physical connection.
-    manager = memory_manager(database_url=url, database_pool_size=1, database_max_overflow=0)
+    """On both backends; a pool of one connection, so every request reuses the same one."""
+    manager = memory_manager(database_url=database_url, database_pool_size=1, database_max_overflow=0)
+    await manager.initialize()
+    yield manager
+    await manager.close()
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[TenancyManager]:
+    """In memory, for the bugs of an app's own code, which are the same on every backend."""
+    manager = memory_manager()
     await manager.initialize()
     yield manager
     await manager.close()
@@ -122,19 +130,19 @@ def _leaky_app(manager: TenancyManager, leak: str) -> FastAPI:
     return app
 
 
-async def test_catches_a_cache_shared_between_tenants(manager: TenancyManager) -> None:
-    a, b = await _tenants(manager)
+async def test_catches_a_cache_shared_between_tenants(memory: TenancyManager) -> None:
+    a, b = await _tenants(memory)
     with pytest.raises(IsolationError) as caught:
-        await assert_isolated(_leaky_app(manager, "cache"), manager, a, b)
+        await assert_isolated(_leaky_app(memory, "cache"), memory, a, b)
     findings = caught.value.report.findings
     assert findings and all("GET /cached/orders/" in f and "returned tenant B's data" in f for f in findings)
     assert "tenant A reached tenant B's data" in str(caught.value)
 
 
-async def test_catches_a_route_that_changes_every_tenant(manager: TenancyManager) -> None:
-    a, b = await _tenants(manager)
+async def test_catches_a_route_that_changes_every_tenant(memory: TenancyManager) -> None:
+    a, b = await _tenants(memory)
     with pytest.raises(IsolationError) as caught:
-        await assert_isolated(_leaky_app(manager, "every-tenant"), manager, a, b)
+        await assert_isolated(_leaky_app(memory, "every-tenant"), memory, a, b)
     findings = caught.value.report.findings
     assert any("tenant B's GET /orders changed after tenant A's requests" in f for f in findings), findings
 
@@ -168,17 +176,17 @@ def _read_only_app(manager: TenancyManager) -> FastAPI:
     return app
 
 
-async def test_refuses_to_pass_when_nothing_of_b_is_visible(manager: TenancyManager) -> None:
-    a, b = await _tenants(manager)
-    app = _read_only_app(manager)  # no POST route: nothing is seeded
+async def test_refuses_to_pass_when_nothing_of_b_is_visible(memory: TenancyManager) -> None:
+    a, b = await _tenants(memory)
+    app = _read_only_app(memory)  # no POST route: nothing is seeded
     with pytest.raises(IsolationError, match="nothing to check"):
-        await assert_isolated(app, manager, a, b)
+        await assert_isolated(app, memory, a, b)
     # Seeded by the test itself, and named with markers=, B's data is checked.
     for tenant, description in ((a, "a-secret-1"), (b, "b-secret-1")):
-        async with manager.session(tenant) as session:
+        async with memory.session(tenant) as session:
             session.add(Order(id=1, description=description))
             await session.commit()
-    report = await assert_isolated(app, manager, a, b, markers=["b-secret-1"])
+    report = await assert_isolated(app, memory, a, b, markers=["b-secret-1"])
     assert report.b_markers == ["b-secret-1"] and report.routes == ["GET /orders"]
 
 

@@ -271,6 +271,23 @@ def test_the_site_navigation_lists_every_page() -> None:
     assert set(nav) <= {page.name for page in PAGES}, "the nav names a page that does not exist"
 
 
+def test_the_api_reference_covers_every_module() -> None:
+    import pkgutil
+
+    import fastapi_tenancy
+
+    modules = {
+        info.name
+        for info in pkgutil.walk_packages(fastapi_tenancy.__path__, "fastapi_tenancy.")
+        if not info.ispkg and not info.name.rpartition(".")[2].startswith("_")
+    }
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: ([\w.]+)$", text, re.M))
+    missing = sorted(m for m in modules if not any(d == m or d.startswith(m + ".") for d in documented))
+    assert not missing, f"modules missing from docs/api.md: {missing}"
+    assert "pytest_fastapi_tenancy" in documented
+
+
 def test_most_python_blocks_run() -> None:
     blocks = [code for page in PAGES for _, code in _python_blocks(page)]
     skipped = [code for code in blocks if code.startswith(NOT_RUN)]

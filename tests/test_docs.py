@@ -3,7 +3,11 @@ Python block in docs/ runs.
 
 A page's Python blocks run in order, in one module namespace, from a fresh temporary
 directory. A block whose first line is `# not-run: <reason>` is skipped; that is for
-fragments and for code that needs a server.
+fragments and for code that needs a server. A block (in any language) whose first line is
+`# file: <name>` is written to that file in the directory instead, where later blocks can
+import it; when a page has `test_*.py` files, pytest runs them there as a user would.
+
+The site's navigation (mkdocs.yml) lists every page, and only pages that exist.
 """
 
 import asyncio
@@ -12,6 +16,7 @@ import inspect
 import itertools
 import os
 import re
+import subprocess
 import sys
 import types
 import unicodedata
@@ -22,6 +27,7 @@ from typing import Any
 import pytest
 
 import tests.storage.test_contract as store_contract
+from tests.conftest import POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -33,6 +39,9 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
 NOT_RUN = "# not-run:"
+FILE = re.compile(r"# file: ([\w.-]+)\n")
+MKDOCS = ROOT / "mkdocs.yml"
+NAV_ENTRY = re.compile(r"^\s+- [^:\n]+: (\S+\.md)\s*$", re.M)
 
 # The Quick Start's main.py is the user's code, kept byte for byte as in the spec; only its
 # database URL is pointed at SQLite here (tests/test_quickstart.py runs it on PostgreSQL too).
@@ -183,6 +192,19 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran}
 EXECUTED = [page for page in PAGES if any(not code.startswith(NOT_RUN) for _, code in _python_blocks(page))]
 
 
+def _files(page: Path) -> dict[str, str]:
+    """The `# file: <name>` blocks of `page`: name -> content."""
+    files = {}
+    for _, _, code in _blocks(page):
+        match = FILE.match(code)
+        if match:
+            files[match.group(1)] = code
+    return files
+
+
+WITH_TESTS = [page for page in PAGES if any(name.startswith("test_") for name in _files(page))]
+
+
 def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Run the page's Python blocks in order, in one module, from `tmp_path`; its namespace."""
     monkeypatch.chdir(tmp_path)
@@ -191,7 +213,16 @@ def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     module = types.ModuleType(MODULE_NAMES.get(page.stem, f"docs_{page.stem}"))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     rewrite = REWRITES.get(page.stem, str)
+    files = _files(page)
+    if files:
+        monkeypatch.syspath_prepend(str(tmp_path))
+        for name in files:  # the page's modules, imported from tmp_path only
+            monkeypatch.delitem(sys.modules, name.removesuffix(".py"), raising=False)
     for line, code in _python_blocks(page):
+        match = FILE.match(code)
+        if match:
+            (tmp_path / match.group(1)).write_text(code, encoding="utf-8")
+            continue
         if code.startswith(NOT_RUN):
             continue
         # Line numbers in tracebacks point into the page.
@@ -208,6 +239,53 @@ def test_python_blocks_run(
     check = CHECKS.get(page.stem)
     if check is not None:
         check(tmp_path, capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("page", WITH_TESTS, ids=_ids(WITH_TESTS))
+def test_test_files_pass_under_pytest(page: Path, tmp_path: Path) -> None:
+    files = _files(page)
+    for name, code in files.items():
+        (tmp_path / name).write_text(code, encoding="utf-8")
+    # The PostgreSQL examples run too: they get the server the suite uses.
+    env = {**os.environ, "TENANCY_TEST_POSTGRES_URL": POSTGRES_URL}
+    env = {k: v for k, v in env.items() if not k.startswith("TENANCY_") or k == "TENANCY_TEST_POSTGRES_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout + result.stderr
+    tests = sum(code.count("\nasync def test_") + code.count("\ndef test_") for code in files.values())
+    assert re.fullmatch(rf"=+ {tests} passed in .*", summary), result.stdout
+
+
+def test_the_site_navigation_lists_every_page() -> None:
+    nav = NAV_ENTRY.findall(MKDOCS.read_text(encoding="utf-8"))
+    assert len(nav) == len(set(nav)), "a page is in the nav twice"
+    missing = sorted({page.name for page in PAGES} - set(nav))
+    assert not missing, f"pages missing from the nav in mkdocs.yml: {missing}"
+    assert set(nav) <= {page.name for page in PAGES}, "the nav names a page that does not exist"
+
+
+def test_the_api_reference_covers_every_module() -> None:
+    import pkgutil
+
+    import fastapi_tenancy
+
+    modules = {
+        info.name
+        for info in pkgutil.walk_packages(fastapi_tenancy.__path__, "fastapi_tenancy.")
+        if not info.ispkg and not info.name.rpartition(".")[2].startswith("_")
+    }
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: ([\w.]+)$", text, re.M))
+    missing = sorted(m for m in modules if not any(d == m or d.startswith(m + ".") for d in documented))
+    assert not missing, f"modules missing from docs/api.md: {missing}"
+    assert "pytest_fastapi_tenancy" in documented
 
 
 def test_most_python_blocks_run() -> None:

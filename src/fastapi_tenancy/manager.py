@@ -94,6 +94,10 @@ class TenancyManager:
         self.store = (
             store if store is not None else SQLAlchemyTenantStore(self.engine, schema=default_store_schema)
         )
+        if self.config.database_pgbouncer and isinstance(self.store, SQLAlchemyTenantStore):
+            # A registry opened from a URL (as in the Quick Start) makes its own pool on first
+            # use: behind PgBouncer it must not cache prepared statements either.
+            self.store.pgbouncer = True
         self.resolver = self._build_resolver(resolver)
         self.isolation = isolation if isolation is not None else self._build_isolation()
         self.lookup = TenantLookup(

@@ -6,6 +6,9 @@ import random
 
 import sqlalchemy as sa
 
+from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
+
 from .test_matrix import two_tenants
 
 
@@ -34,3 +37,22 @@ async def test_tenants_sharing_one_server_connection_never_cross(pgbouncer_url: 
         assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
         async with env.manager.engine.connect() as conn:
             assert (await conn.execute(sa.text("SHOW search_path"))).scalar_one() == '"$user", public'
+
+
+async def test_a_registry_opened_from_a_url_follows_the_pgbouncer_setting(pgbouncer_url: str) -> None:
+    # The Quick Start's pattern: the store gets the URL and makes its own pool. Behind
+    # PgBouncer with several server connections, a statement it prepared and cached in one
+    # transaction would be missing from the server connection of the next.
+    config = TenancyConfig(database_url=pgbouncer_url, database_pgbouncer=True, database_pool_size=3)
+    manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
+    assert manager.store.pgbouncer  # type: ignore[attr-defined]
+    await manager.initialize()
+    try:
+        slugs = [f"reg-{i}" for i in range(4)]
+        for slug in slugs:
+            await manager.register_tenant(slug, slug)
+        for _ in range(10):
+            found = await asyncio.gather(*(manager.store.get_by_identifier(slug) for slug in slugs))
+            assert [t.identifier for t in found if t is not None] == slugs
+    finally:
+        await manager.close()

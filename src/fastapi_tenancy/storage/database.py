@@ -65,7 +65,9 @@ class SQLAlchemyTenantStore(TenantStore):
 
     `database_url` is a URL (the store opens and owns a small pool of its own) or
     an `AsyncEngine` you manage. `initialize()` creates the table (`tenants` by
-    default) if it is missing.
+    default) if it is missing. `pgbouncer=True` opens the store's own pool for
+    PgBouncer in transaction mode (no cached prepared statements); a manager whose
+    config sets `database_pgbouncer` turns it on for a store opened from a URL.
 
         store = SQLAlchemyTenantStore("postgresql+asyncpg://app@db/app")
 
@@ -81,6 +83,7 @@ class SQLAlchemyTenantStore(TenantStore):
         schema: str | None = None,
         pool_size: int = 5,
         max_overflow: int = 5,
+        pgbouncer: bool = False,
     ) -> None:
         if isinstance(database_url, AsyncEngine):
             self._engine: AsyncEngine | None = database_url
@@ -92,6 +95,7 @@ class SQLAlchemyTenantStore(TenantStore):
             self._owns_engine = True
         self._pool_size = pool_size
         self._max_overflow = max_overflow
+        self.pgbouncer = pgbouncer
         self.table = _tenants_table(table_name, schema)
         self._initialized = False
 
@@ -100,7 +104,10 @@ class SQLAlchemyTenantStore(TenantStore):
         """The engine the registry uses (created on first use)."""
         if self._engine is None:
             self._engine = create_engine(
-                self._url, pool_size=self._pool_size, max_overflow=self._max_overflow
+                self._url,
+                pool_size=self._pool_size,
+                max_overflow=self._max_overflow,
+                pgbouncer=self.pgbouncer,
             )
         return self._engine
 

@@ -174,3 +174,8 @@ async def test_a_concurrent_rename_never_undoes_a_suspension_or_delete(
     stored = await manager.get_tenant("acme")
     assert stored.status is (TenantStatus.SUSPENDED if lifecycle == "suspend" else TenantStatus.DELETED)
     assert stored.name == "Acme 2"
+
+
+def test_an_inactive_tenant_error_says_the_same_in_logs_and_to_clients() -> None:
+    error = TenantInactiveError("suspended")
+    assert str(error) == error.detail == "Tenant is not active (status: suspended)"

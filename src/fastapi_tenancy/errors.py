@@ -146,7 +146,8 @@ class TenantInactiveError(TenancyError):
 
     def __init__(self, status: str) -> None:
         self.status = status
-        super().__init__(detail=f"Tenant is not active (status: {status})")
+        detail = f"Tenant is not active (status: {status})"
+        super().__init__(detail, detail=detail)
 
 
 class TenancyUnavailableError(TenancyError):

@@ -206,7 +206,16 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
 
 
-def run_wrk(server: Server, seconds: float, args: argparse.Namespace) -> dict[str, Any]:
+def run_wrk(
+    server: Server,
+    seconds: float,
+    args: argparse.Namespace,
+    *,
+    script: Path = WRK_SCRIPT,
+    script_args: tuple[str, ...] = (),
+    header: tuple[str, str] | None = HEADER,
+) -> dict[str, Any]:
+    """Drive `GET /orders` on `server` for `seconds`; `script` may set its own headers."""
     cmd = [
         *_pin(args.load_cpu),
         "wrk",
@@ -218,15 +227,17 @@ def run_wrk(server: Server, seconds: float, args: argparse.Namespace) -> dict[st
         f"{seconds:g}s",
         "--timeout",
         "10s",
-        "-H",
-        f"{HEADER[0]}: {HEADER[1]}",
+        *(["-H", f"{header[0]}: {header[1]}"] if header is not None else []),
         "-s",
-        str(WRK_SCRIPT),
+        str(script),
         server.url + "/orders",
+        *(["--", *script_args] if script_args else []),
     ]
     pid = server.proc.pid if server.proc is not None else -1  # taskset execs: same pid
     cpu_before = process_cpu_seconds(pid)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, cwd=BENCH_DIR
+    )
     cpu_after = process_cpu_seconds(pid)
     server.check_alive()
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)

@@ -97,6 +97,7 @@ class SQLAlchemyTenantStore(TenantStore):
         self._max_overflow = max_overflow
         self.pgbouncer = pgbouncer
         self.table = _tenants_table(table_name, schema)
+        self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
     @property
@@ -111,6 +112,21 @@ class SQLAlchemyTenantStore(TenantStore):
             )
         return self._engine
 
+    @property
+    def _reader(self) -> AsyncEngine:
+        # A lone SELECT needs no transaction: on PostgreSQL, autocommit reads skip BEGIN and
+        # ROLLBACK, so a cache miss costs one round trip instead of three (asyncpg switches
+        # autocommit on the client, for free). MySQL drivers pay a round trip to switch it,
+        # SQLite gains nothing: they read inside the usual transaction.
+        if self._read_engine is None:
+            engine = self.engine
+            self._read_engine = (
+                engine.execution_options(isolation_level="AUTOCOMMIT")
+                if engine.dialect.name == "postgresql"
+                else engine
+            )
+        return self._read_engine
+
     async def initialize(self) -> None:
         if self._initialized:
             return
@@ -122,6 +138,7 @@ class SQLAlchemyTenantStore(TenantStore):
         if self._owns_engine and self._engine is not None:
             await self._engine.dispose()
             self._engine = None
+        self._read_engine = None
         self._initialized = False
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
@@ -171,7 +188,7 @@ class SQLAlchemyTenantStore(TenantStore):
             query = query.where(self.table.c.status == status.value)
         if after is not None:
             query = query.where(self.table.c.identifier > after)
-        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [self._tenant(row._mapping) for row in rows]
 
@@ -179,11 +196,11 @@ class SQLAlchemyTenantStore(TenantStore):
         query = sa.select(sa.func.count()).select_from(self.table)
         if status is not None:
             query = query.where(self.table.c.status == status.value)
-        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
 
     async def _one(self, condition: sa.ColumnElement[bool]) -> Tenant | None:
-        async with unavailable_as_503("tenant registry"), self.engine.connect() as conn:
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             row = (await conn.execute(self.table.select().where(condition))).first()
         return None if row is None else self._tenant(row._mapping)
 

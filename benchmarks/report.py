@@ -1,0 +1,147 @@
+"""Gather the latest benchmark results into one summary, with plots, and embed it in the docs.
+
+Reads `results/overhead.json`, `scale.json`, `lookups-*.json`, `provisioning-*.json` (each
+written by its script; missing ones are left out), writes `results/summary.md` and the
+plots `docs/images/bench-*.png` (matplotlib), and replaces the part of
+`docs/performance.md` between `<!-- bench:start -->` and `<!-- bench:end -->` with the
+summary. `make bench` runs every script, then this one.
+
+    .venv/bin/python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "images"
+PAGE = ROOT / "docs" / "performance.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(name: str) -> Any:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def overhead_section(report: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### Request overhead ({report['date']})",
+        "",
+        "| backend | tenancy req/s | bare req/s | req/s ratio (min-max) | p50 ms | p99 ms | p99 ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in report["results"]:
+        s = res["summary"]
+        t, b = s["tenancy"], s["bare"]
+        lines.append(
+            f"| {res['backend']} | {t['rps_median']:.0f} | {b['rps_median']:.0f} "
+            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) "
+            f"| {t['p50_ms_median']:.1f} / {b['p50_ms_median']:.1f} "
+            f"| {t['p99_ms_median']:.1f} / {b['p99_ms_median']:.1f} "
+            f"| {t['p99_ms_median'] / b['p99_ms_median']:.2f} |"
+        )
+    return lines
+
+
+def scale_section(report: dict[str, Any]) -> list[str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale
+
+    return [f"### Tenant count ({report['date']})", "", scale.table(report["results"])]
+
+
+def small_sections() -> list[str]:
+    lines: list[str] = []
+    lookups = [_load(f"lookups-{b}.json") for b in ("postgres", "sqlite")]
+    if any(lookups):
+        lines += [
+            "### Tenant lookup, in process",
+            "",
+            "| registry | tenants | cache hit µs | unknown (negative cache) µs | cache miss µs |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for item in filter(None, lookups):
+            us = item["us_per_resolve"]
+            lines.append(
+                f"| {item['backend']} | {item['tenants']:,} | {us['hit']:.1f} | {us['unknown']:.1f} "
+                f"| {us['miss']:.0f} |"
+            )
+        lines.append("")
+    provisioning = [_load(f"provisioning-{b}.json") for b in ("postgres", "sqlite")]
+    if any(provisioning):
+        lines += [
+            "### Provisioning",
+            "",
+            "| backend | tables | p50 ms | p95 ms | max ms |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for item in filter(None, provisioning):
+            ms = item["register_ms"]
+            lines.append(
+                f"| {item['backend']} | {item['tables']} | {ms['p50_ms']:.0f} | {ms['p95_ms']:.0f} "
+                f"| {ms['max_ms']:.0f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def plots(scale_report: dict[str, Any] | None) -> list[str]:
+    if scale_report is None:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install -e '.[bench]')", file=sys.stderr)
+        return []
+    results = scale_report["results"]
+    sizes = [r["tenants"] for r in results]
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(sizes, [r["summary"]["ratio_median"] for r in results], "o-", label="req/s ratio")
+    left.plot(sizes, [r["summary"]["p99_ratio_median"] for r in results], "s--", label="p99 ratio")
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("registered tenants")
+    left.set_title("tenancy / bare")
+    left.legend()
+    right.plot(sizes, [r["memory_mb"]["after"] for r in results], "o-")
+    right.set_xscale("log")
+    right.set_xlabel("registered tenants")
+    right.set_ylabel("MB")
+    right.set_title("worker RSS after load")
+    fig.tight_layout()
+    fig.savefig(IMAGES / "bench-scale.png", dpi=100)
+    plt.close(fig)
+    return ["", "![tenancy/bare ratios and worker memory by tenant count](images/bench-scale.png)"]
+
+
+def main() -> int:
+    overhead_report, scale_report = _load("overhead.json"), _load("scale.json")
+    lines: list[str] = []
+    if overhead_report:
+        lines += overhead_section(overhead_report) + [""]
+    if scale_report:
+        lines += scale_section(scale_report) + plots(scale_report) + [""]
+    lines += small_sections()
+    summary = "\n".join(lines).strip() + "\n"
+    (RESULTS / "summary.md").write_text(
+        "# Benchmark summary\n\n" + summary.replace("images/", "../../docs/images/")
+    )
+    page = PAGE.read_text()
+    head, _, rest = page.partition(START)
+    _, _, tail = rest.partition(END)
+    PAGE.write_text(f"{head}{START}\n{summary}{END}{tail}")
+    print(f"wrote {RESULTS / 'summary.md'} and the summary in {PAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Does the cost of tenancy stay flat as tenants grow? Throughput, latency and memory.
+
+The Quick Start app (header resolution, schema isolation on PostgreSQL) with 10, 1,000
+and 10,000 registered tenants, each with its own `orders` rows, and `wrk` spreading
+`GET /orders` uniformly over all of them (`wrk_spread.lua`): the in-process tenant cache
+takes hits and misses as it would in production (a miss is one registry query). The bare
+app of `overhead.py` serves the same route from one fixed schema. Both sides run in one
+uvicorn worker each, in alternating rounds, in the same invocation, per size; the server
+is restarted at each size so its memory is measured from a cold start; before the
+rounds, every tenant is requested once (first visits cost more: a registry read and the
+first statements in the tenant's schema), so the rounds measure the steady state, where
+the cache still misses whenever an entry is older than `cache_ttl`. Memory is the
+tenancy worker's resident set size after the last round.
+
+    .venv/bin/python benchmarks/scale.py                         # 10, 1000, 10000 tenants
+    .venv/bin/python benchmarks/scale.py --sizes 10,1000 --rounds 4 --duration 5
+
+Tenants are added incrementally (the 1,000 include the first 10), registered through
+the Quick Start's own manager. Needs `wrk` and PostgreSQL (`TENANCY_BENCH_POSTGRES_URL`);
+creates and drops the database `bench_scale`. Writes `results/scale.json` and `scale.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead  # noqa: E402  (benchmarks/ is not a package)
+
+DB_NAME = "bench_scale"
+PREFIX = "bench-"  # tenants bench-00001 ... bench-10000
+SPREAD_SCRIPT = overhead.BENCH_DIR / "wrk_spread.lua"
+
+
+def slug(index: int) -> str:
+    return f"{PREFIX}{index:05d}"
+
+
+async def add_tenants(database_url: str, start: int, stop: int, orders: int, concurrency: int) -> float:
+    """Register tenants start..stop-1 (1-based) with `orders` rows each; returns seconds taken."""
+    qs = overhead.load_quickstart(database_url, f"quickstart_scale_{start}")
+    await qs.manager.initialize()
+    began = time.perf_counter()
+    queue = iter(range(start, stop))
+
+    async def worker() -> None:
+        for index in queue:
+            tenant = await qs.manager.register_tenant(
+                slug(index), f"Tenant {index}", app_metadata=qs.Base.metadata
+            )
+            async with qs.manager.session(tenant) as session:
+                session.add_all([qs.Order(description=f"Order #{i}") for i in range(1, orders + 1)])
+                await session.commit()
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await qs.manager.close()
+    return time.perf_counter() - began
+
+
+async def touch_every_tenant(url: str, size: int, concurrency: int = 16) -> float:
+    """GET /orders once for every tenant, so the rounds measure the steady state, not first visits."""
+    import httpx
+
+    began = time.perf_counter()
+    queue = iter(range(1, size + 1))
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def worker() -> None:
+            for index in queue:
+                response = await client.get("/orders", headers={"X-Tenant-ID": slug(index)})
+                if response.status_code != 200:
+                    raise RuntimeError(f"{slug(index)}: GET /orders answered {response.status_code}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - began
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """Resident set size now and at its peak (VmRSS, VmHWM), in MB."""
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    env = {"TENANCY_DATABASE_URL": f"{base}/{DB_NAME}{args.tenancy_url_query}"}
+    bare_env = {
+        "BENCH_BARE_DATABASE_URL": f"{base}/{DB_NAME}",
+        "BENCH_BARE_SCHEMA": "tenant_" + slug(1).replace("-", "_"),
+        "BENCH_BARE_TENANT": slug(1),
+        "BENCH_BARE_POOL_SIZE": "10",
+        "BENCH_BARE_MAX_OVERFLOW": "10",
+    }
+
+    def server(name: str, app: str, app_dir: Path, server_env: dict[str, str]) -> overhead.Server:
+        log = logs / f"{size}-{name}.log"
+        return overhead.Server(name, app, app_dir, server_env, args.server_cpu, args.loop, args.http, log)
+
+    servers = {
+        "tenancy": server("tenancy", "main:app", overhead.QUICKSTART.parent, env),
+        "bare": server("bare", "bare_app:app", overhead.BENCH_DIR, bare_env),
+    }
+    spread = (str(size), PREFIX)
+
+    def run(side: str, seconds: float) -> dict[str, Any]:
+        if side == "tenancy":
+            return overhead.run_wrk(
+                servers[side], seconds, args, script=SPREAD_SCRIPT, script_args=spread, header=None
+            )
+        return overhead.run_wrk(servers[side], seconds, args, header=None)
+
+    try:
+        for srv in servers.values():
+            srv.start()
+        for srv in servers.values():
+            srv.wait_ready()
+        tenancy_pid = servers["tenancy"].proc.pid  # type: ignore[union-attr]
+        memory_idle = rss_mb(tenancy_pid)
+        touch_seconds = asyncio.run(touch_every_tenant(servers["tenancy"].url, size))
+        print(f"[{size} tenants] requested every tenant once in {touch_seconds:.1f} s", flush=True)
+        for side in servers:
+            run(side, args.warmup)
+        rounds: list[dict[str, Any]] = []
+        for index in range(args.rounds):
+            order = ["tenancy", "bare"] if index % 2 == 0 else ["bare", "tenancy"]
+            result: dict[str, Any] = {"round": index + 1, "order": order, "loadavg": overhead._loadavg()}
+            for side in order:
+                time.sleep(args.pause)
+                result[side] = run(side, args.duration)
+            result["tenancy"]["rss_mb"] = rss_mb(tenancy_pid)["VmRSS"]
+            print(
+                f"[{size} tenants] round {index + 1}/{args.rounds}: "
+                f"tenancy {overhead._brief(result['tenancy'])} | bare {overhead._brief(result['bare'])} | "
+                f"ratio {result['tenancy']['rps'] / result['bare']['rps']:.3f} | "
+                f"RSS {result['tenancy']['rss_mb']:.1f} MB",
+                flush=True,
+            )
+            rounds.append(result)
+        memory = rss_mb(tenancy_pid)
+        requests = sum(r["tenancy"]["requests"] for r in rounds)
+        summary = overhead.summarise(rounds, ["tenancy", "bare"])
+        summary["p99_ratio_median"] = statistics.median(
+            r["tenancy"]["p99_ms"] / r["bare"]["p99_ms"] for r in rounds
+        )
+        return {
+            "tenants": size,
+            "rounds": rounds,
+            "summary": summary,
+            "memory_mb": {"idle": memory_idle["VmRSS"], "after": memory["VmRSS"], "peak": memory["VmHWM"]},
+            "tenancy_requests_measured": requests,
+        }
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| tenants | tenancy req/s | bare req/s | **req/s ratio** (min-max) | p50 ms tenancy / bare "
+        "| p99 ms tenancy / bare | p99 ratio | tenancy RSS MB (idle → after) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        s = res["summary"]
+        t, b = s["tenancy"], s["bare"]
+        mem = res["memory_mb"]
+        lines.append(
+            f"| {res['tenants']:,} | {t['rps_median']:.0f} | {b['rps_median']:.0f} "
+            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) "
+            f"| {t['p50_ms_median']:.1f} / {b['p50_ms_median']:.1f} "
+            f"| {t['p99_ms_median']:.1f} / {b['p99_ms_median']:.1f} | {s['p99_ratio_median']:.2f} "
+            f"| {mem['idle']:.1f} → {mem['after']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, m = report["settings"], report["machine"]
+    results = report["results"]
+    growth = ""
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        growth = (
+            f"\nMemory of the tenancy worker after its rounds: {first['memory_mb']['after']:.1f} MB at "
+            f"{first['tenants']:,} tenants, {last['memory_mb']['after']:.1f} MB at {last['tenants']:,} "
+            f"(+{last['memory_mb']['after'] - first['memory_mb']['after']:.1f} MB).\n"
+        )
+    seeding = ", ".join(f"{n:,} in {sec:.0f} s" for n, sec in report["seeding_seconds"].items())
+    return f"""# Tenancy cost as tenants grow
+
+Generated by `benchmarks/scale.py` on {report["date"]}.
+
+`GET /orders` ({s["orders"]} rows per tenant) on the Quick Start app with requests spread
+uniformly over all registered tenants (header `X-Tenant-ID`), against the bare app reading
+one fixed schema. PostgreSQL, schema isolation, default `TenancyConfig` (cache TTL 30 s,
+10,000 cached tenants). One uvicorn worker each, alternating rounds, medians.
+
+{table(results)}
+{growth}
+Registering the tenants (through the manager, {s["seed_concurrency"]} at a time): {seeding}.
+
+## Settings
+
+- rounds {s["rounds"]} × {s["duration"]} s per side, warm-up {s["warmup"]} s per side
+- wrk: {s["threads"]} thread(s), {s["connections"]} connections; servers on CPU {s["server_cpu"]},
+  wrk on CPU {s["load_cpu"]}
+- Python {m["python"]}, git {m["git_commit"]}, load average at start {m["loadavg_at_start"]}
+
+Shared, noisy machine: compare ratios within a run, not absolute req/s across runs.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10,1000,10000", help="comma-separated tenant counts, ascending")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--pause", type=float, default=1.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--orders", type=int, default=10)
+    parser.add_argument("--seed-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--tenancy-url-query",
+        default="",
+        help="appended to the tenancy app's database URL, e.g. '?prepared_statement_cache_size=500'",
+    )
+    parser.add_argument("--output-dir", type=Path, default=overhead.BENCH_DIR / "results")
+    # The same server/loop/database options as overhead.py.
+    base = overhead.parse_args([])
+    for name in ("server_cpu", "load_cpu", "loop", "http", "pg_base", "maintenance_db"):
+        parser.add_argument("--" + name.replace("_", "-"), default=getattr(base, name))
+    args = parser.parse_args(argv)
+    args.sizes = sorted(int(x) for x in args.sizes.split(",") if x.strip())
+    if not args.sizes or args.sizes[0] < 1 or args.sizes[-1] > 99_999:
+        parser.error("--sizes must be between 1 and 99999")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, overhead._on_sigterm)
+    base = args.pg_base.rstrip("/")
+    logs = Path(tempfile.mkdtemp(prefix="bench_scale_logs_"))
+    facts = overhead.machine_facts(args)
+    results: list[dict[str, Any]] = []
+    seeding: dict[int, float] = {}
+    drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
+    asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
+    try:
+        registered = 0
+        for size in args.sizes:
+            seconds = asyncio.run(
+                add_tenants(f"{base}/{DB_NAME}", registered + 1, size + 1, args.orders, args.seed_concurrency)
+            )
+            seeding[size - registered] = seconds
+            print(f"[{size} tenants] registered {size - registered} more in {seconds:.1f} s", flush=True)
+            registered = size
+            results.append(measure_size(size, base, args, logs))
+    finally:
+        overhead._stop_all()
+        asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg_base"}
+    report = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": settings,
+        "machine": facts,
+        "seeding_seconds": seeding,
+        "results": results,
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output_dir / "scale.md").write_text(markdown(report))
+    print()
+    print(table(results))
+    shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -100,3 +100,23 @@ async def unavailable_as_503(what: str) -> AsyncIterator[None]:
         if not is_outage(exc):
             raise
         raise TenancyUnavailableError(f"{what} unavailable: {type(exc).__name__}") from exc
+
+
+def redis_client(url: str, *, timeout: float = 1.0) -> Any:
+    """A `redis.asyncio.Redis` for `url` that gives up after `timeout` seconds.
+
+    Imported here, not at the top: `redis` is an optional extra, and the package
+    root must import without it. Short timeouts matter: a Redis that hangs must
+    turn into a quick 503 or a fallback, not into requests that hang with it.
+    """
+    try:
+        from redis.asyncio import Redis
+    except ImportError as exc:
+        raise MissingDependencyError("redis", "redis") from exc
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+        decode_responses=True,
+    )

@@ -15,9 +15,12 @@ logs and may say more (it never holds secrets either).
     ├── TenantResolutionError                     400: the request names no tenant
     ├── TenantNotFoundError (LookupError)         404: no such tenant
     ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
+    ├── RateLimitExceededError                    429: the tenant used up its request quota
     └── TenancyUnavailableError                   503: the registry cannot be reached
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "InvalidTransitionError",
     "MissingDependencyError",
     "ProvisioningError",
+    "RateLimitExceededError",
     "TenancyError",
     "TenancyUnavailableError",
     "TenantAlreadyExistsError",
@@ -44,6 +48,8 @@ class TenancyError(Exception):
 
     status_code: ClassVar[int] = 500
     detail: str = "Internal tenancy error"
+    headers: Mapping[str, str] = MappingProxyType({})
+    """Extra response headers for the refusal (e.g. `Retry-After`)."""
 
     def __init__(self, message: str = "", *, detail: str | None = None) -> None:
         super().__init__(message or self.detail)
@@ -116,6 +122,16 @@ class TenantInactiveError(TenancyError):
     def __init__(self, status: str) -> None:
         self.status = status
         super().__init__(detail=f"Tenant is not active (status: {status})")
+
+
+class RateLimitExceededError(TenancyError):
+    """The tenant made more requests than its limit allows; `headers` say when to retry."""
+
+    status_code = 429
+
+    def __init__(self, identifier: str, headers: Mapping[str, str]) -> None:
+        super().__init__(detail=f"Rate limit exceeded for tenant {identifier}")
+        self.headers = MappingProxyType(dict(headers))
 
 
 class TenancyUnavailableError(TenancyError):

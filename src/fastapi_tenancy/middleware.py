@@ -30,7 +30,10 @@ class TenancyMiddleware:
     - FastAPI's docs and OpenAPI URLs are excluded too unless `exclude_docs=False`.
     - Refusals are JSON: 400 `{"detail": "Tenant identifier missing"}`,
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
-      (status: suspended)"}`, 503 when the registry or database is unreachable.
+      (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
+      with `Retry-After` when the manager's rate limiter says so (admitted
+      responses carry the `RateLimit-*` headers), 503 when the registry, the
+      database or a fail-closed limiter is unreachable.
       Tenancy errors and database outages raised by the app before its response
       starts get the same treatment, on excluded paths too. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
@@ -60,11 +63,16 @@ class TenancyMiddleware:
         if self._excluded(scope):
             await _call(self.app, scope, receive, send)
             return
+        limiter = self.manager.rate_limiter
         try:
             tenant = await self.manager.resolve(HTTPConnection(scope))
+            # Right after resolution: a refused request costs no app work at all.
+            decision = None if limiter is None else await limiter.check(tenant)
         except TenancyError as exc:
             await _refuse(scope, send, exc)
             return
+        if decision is not None and scope["type"] == "http":
+            send = _with_headers(send, decision.headers())
         scope.setdefault("state", {})["tenant"] = tenant
         token = _current.set(tenant)
         try:
@@ -101,6 +109,18 @@ class TenancyMiddleware:
         return self._docs_paths
 
 
+def _with_headers(send: Send, extra: dict[str, str]) -> Send:
+    """`send` that adds `extra` headers to the response start."""
+    encoded = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *encoded]}
+        await send(message)
+
+    return send_with_headers
+
+
 def _normalise(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"excluded path {path!r} must start with '/'")
@@ -133,7 +153,8 @@ async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
     # e.g. {"detail": "Tenant not found"}.
     body = json.dumps({"detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.status_code == 503:
+    headers += [(name.lower().encode(), value.encode()) for name, value in exc.headers.items()]
+    if exc.status_code == 503 and "retry-after" not in {name.lower() for name in exc.headers}:
         headers.append((b"retry-after", b"1"))
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})

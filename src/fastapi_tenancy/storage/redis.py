@@ -19,7 +19,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise MissingDependencyError("redis", "redis") from exc
 
 from .._utils import redis_client
-from ..errors import TenancyUnavailableError, TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
+from ..errors import (
+    TenancyUnavailableError,
+    TenantAlreadyExistsError,
+    TenantChangedError,
+    TenantNotFoundError,
+)
 from ..tenant import Tenant, TenantStatus, thaw
 from .base import TenantStore
 
@@ -46,6 +51,8 @@ return 1
 
 # Compare-and-set in one script: Redis runs it atomically, so no other client's write
 # can land between the check of status/updated_at and the write.
+_CREATE_ARGS = ("id", "identifier", "created_at", "status", "updated_at", "fields")
+
 _UPDATE = """
 local cur = redis.call('HMGET', KEYS[1], 'identifier', 'status', 'updated_at', 'created_at')
 if not cur[1] then return {-1} end
@@ -231,7 +238,7 @@ class RedisTenantStore(TenantStore):
         if self.backend is not None:
             return await self._cached("id", tenant_id)
         async with self._registry():
-            record = await self.redis.hgetall(self._tenant_key(tenant_id))  # type: ignore[misc]
+            record: dict[str, str] = await self.redis.hgetall(self._tenant_key(tenant_id))  # type: ignore[assignment]
         return _decode(record) if record else None
 
     async def get_by_identifier(self, identifier: str) -> Tenant | None:
@@ -250,7 +257,7 @@ class RedisTenantStore(TenantStore):
             return await self.backend.list(status=status, after=after, limit=limit)
         index = self._index_key if status is None else f"{self._index_key}:{status.value}"
         async with self._registry():
-            identifiers = await self.redis.zrangebylex(
+            identifiers: list[str] = await self.redis.zrangebylex(  # type: ignore[assignment]
                 index, "-" if after is None else f"({after}", "+", start=0, num=limit
             )
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -280,7 +287,7 @@ class RedisTenantStore(TenantStore):
         async with self._registry():
             created_ok = await self._create(
                 keys=[self._tenant_key(tenant.id), self._ident_key(tenant.identifier), self._index_key],
-                args=[record[k] for k in ("id", "identifier", "created_at", "status", "updated_at", "fields")],
+                args=[record[k] for k in _CREATE_ARGS],
             )
         if not created_ok:
             raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists")
@@ -345,7 +352,7 @@ class RedisTenantStore(TenantStore):
     async def _cached(self, kind: str, value: str) -> Tenant | None:
         assert self.backend is not None
         key, version_key = self._cache_keys(kind, value)
-        version: str | None = None
+        version: Any = None
         try:
             await self._flush_pending()
             cached, version = await self.redis.mget(key, version_key)

@@ -10,6 +10,8 @@ __all__ = ["InvalidationChannel"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
+_PUBLISH_ATTEMPTS = 3
+
 
 class InvalidationChannel(ABC):
     """Carries "tenant <identifier> changed" from the process that changed it to every worker.
@@ -21,7 +23,7 @@ class InvalidationChannel(ABC):
     `retry_interval` seconds until it is listening again. A worker is then never
     more than `retry_interval` behind, even while the channel is down.
 
-    To add a channel, implement `publish` and `_listen_once`.
+    To add a channel, implement `_send`, `_listen_once` and `_is_outage`.
     """
 
     def __init__(self, *, retry_interval: float = 0.5) -> None:
@@ -53,9 +55,30 @@ class InvalidationChannel(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    @abstractmethod
     async def publish(self, identifier: str) -> None:
         """Tell every listener that `identifier` changed. Never raises on an outage (logs, counts)."""
+        error: BaseException | None = None
+        # A few quick tries: after a server restart the first use of a pooled connection
+        # fails, and a lost message would leave other workers stale until their TTL.
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                await self._send(identifier)
+                return
+            except Exception as exc:
+                if not self._is_outage(exc):
+                    raise
+                error = exc
+            await asyncio.sleep(0.05 * attempt)
+        assert error is not None
+        self._outage("publish", error)
+
+    @abstractmethod
+    async def _send(self, identifier: str) -> None:
+        """Send one message saying `identifier` changed."""
+
+    @abstractmethod
+    def _is_outage(self, exc: BaseException) -> bool:
+        """True when `exc` means the channel's server is unreachable."""
 
     @abstractmethod
     async def _listen_once(

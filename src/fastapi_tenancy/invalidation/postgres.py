@@ -32,14 +32,12 @@ class PostgresInvalidation(InvalidationChannel):
         self.engine = engine
         self.channel = channel
 
-    async def publish(self, identifier: str) -> None:
-        try:
-            async with self.engine.begin() as conn:
-                await conn.execute(sa.select(sa.func.pg_notify(self.channel, identifier)))
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            self._outage("publish", exc)
+    async def _send(self, identifier: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.select(sa.func.pg_notify(self.channel, identifier)))
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        return is_outage(exc)
 
     async def _listen_once(
         self, invalidate: Callable[[str], None], reset: Callable[[], None], listening: Callable[[], None]
@@ -47,7 +45,12 @@ class PostgresInvalidation(InvalidationChannel):
         import asyncpg  # the postgres extra: present whenever the engine is asyncpg's
 
         dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        conn: Any = await asyncpg.connect(dsn, timeout=self.retry_interval * 10)
+        conn: Any = await asyncpg.connect(
+            dsn,
+            timeout=self.retry_interval * 10,
+            # Named, so an operator can tell it apart in pg_stat_activity.
+            server_settings={"application_name": "fastapi-tenancy-invalidation"},
+        )
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())

@@ -28,13 +28,11 @@ class RedisInvalidation(InvalidationChannel):
         self.redis = redis
         self.channel = f"{prefix}invalidate"
 
-    async def publish(self, identifier: str) -> None:
-        try:
-            await self.redis.publish(self.channel, identifier)
-        except Exception as exc:
-            if not is_redis_outage(exc):
-                raise
-            self._outage("publish", exc)
+    async def _send(self, identifier: str) -> None:
+        await self.redis.publish(self.channel, identifier)
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        return is_redis_outage(exc)
 
     async def _listen_once(
         self, invalidate: Callable[[str], None], reset: Callable[[], None], listening: Callable[[], None]

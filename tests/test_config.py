@@ -40,6 +40,15 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "negative_cache_ttl": ("0", 0.0),
     "negative_cache_max_size": ("60", 60),
     "max_cached_engines": ("7", 7),
+    # Redis, invalidation and rate limiting
+    "redis_url": ("redis://:pw@cache:6379/2", "redis://:pw@cache:6379/2"),
+    "redis_key_prefix": ("app1:", "app1:"),
+    "redis_timeout": ("0.25", 0.25),
+    "rate_limit_enabled": ("true", True),
+    "rate_limit_requests": ("30", 30),
+    "rate_limit_window": ("1.5", 1.5),
+    "rate_limit_plans": ('{"free": 60, "pro": 600}', {"free": 60, "pro": 600}),
+    "rate_limit_fail_open": ("false", False),
 }
 
 
@@ -112,3 +121,24 @@ def test_config_is_immutable() -> None:
     config = TenancyConfig()
     with pytest.raises(ValidationError):
         config.cache_ttl = 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redis_url", "http://cache:6379"),
+        ("redis_timeout", 0),
+        ("rate_limit_requests", 0),
+        ("rate_limit_window", 0),
+        ("rate_limit_plans", {"free": 0}),
+    ],
+)
+def test_invalid_redis_and_rate_limit_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        TenancyConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_redis_password_is_masked() -> None:
+    config = TenancyConfig(redis_url="redis://:s3cret@cache:6379/0")
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    assert config.redis_url == "redis://:s3cret@cache:6379/0"

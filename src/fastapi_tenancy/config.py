@@ -124,8 +124,9 @@ class TenancyConfig(BaseSettings):
 
     cache_ttl: float = Field(default=30.0, ge=0)
     """Seconds a resolved tenant is served from the in-process cache (0: no cache).
-    Changes made through this process's manager invalidate it at once; other
-    processes see them after at most this long."""
+    Changes made through a manager invalidate it at once, in every process when there is
+    an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made any other
+    way are seen after at most this long."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
     """Most tenants held in the in-process cache (and, on PostgreSQL, per-tenant engine

@@ -147,8 +147,11 @@ class RateLimiter(ABC):
         is down and the limiter fails open.
         """
         limit, window = self.limits(tenant)
+        # The policy is part of the key: a TAT means nothing under another interval, so a
+        # changed limit starts with a full quota (the old key simply expires).
+        key = f"{tenant.id}:{limit}:{_number(window)}"
         try:
-            decision = await self.hit(tenant.id, limit, window)
+            decision = await self.hit(key, limit, window)
         except Exception as exc:
             if not self.is_outage(exc):
                 raise

@@ -40,7 +40,7 @@ class RedisRateLimiter(RateLimiter):
 
     One round trip per check: the script is sent once, then called by its SHA1
     (`EVALSHA`; redis-py loads it again by itself after a Redis restart). Keys are
-    `<prefix>ratelimit:<tenant id>`.
+    `<prefix>ratelimit:<tenant id>:<limit>:<window>`.
 
         limiter = RedisRateLimiter("redis://localhost:6379/0", requests=100, window=60)
     """

@@ -5,7 +5,7 @@ A page's Python blocks run in order, in one module namespace, from a fresh tempo
 directory. A block whose first line is `# not-run: <reason>` is skipped; that is for
 fragments and for code that needs a server. Blocks may use Redis at
 `redis://localhost:6379/0`: it is pointed at the test Redis, and the keys under the page's
-`prefix` (or `redis_key_prefix`) variable are deleted afterwards.
+`prefix` variable are deleted afterwards.
 """
 
 import asyncio
@@ -185,8 +185,46 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran}
 EXECUTED = [page for page in PAGES if any(not code.startswith(NOT_RUN) for _, code in _python_blocks(page))]
 
 
+DOCS_REDIS_URL = "redis://localhost:6379/0"
+
+
+def _run_redis_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`_exec_page` against the test Redis; the keys under the page's prefixes are deleted after."""
+    from redis import Redis
+    from tests.conftest import REDIS_URL, REQUIRE_SERVICES
+
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except Exception as exc:
+        client.close()
+        if REQUIRE_SERVICES:
+            pytest.fail(f"Redis is required (TENANCY_TEST_REQUIRE_SERVICES=1): {exc}")
+        pytest.skip(f"Redis not reachable: {exc}")
+    name = MODULE_NAMES.get(page.stem, f"docs_{page.stem}")
+    try:
+        return _exec_page(page, tmp_path, monkeypatch, REDIS_URL)
+    finally:
+        # The page's module (in sys.modules until the test ends), even if a block failed.
+        page_module = sys.modules.get(name)
+        namespace = {} if page_module is None else page_module.__dict__
+        prefix = namespace.get("prefix")
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000)) if prefix else []
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
 def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Run the page's Python blocks in order, in one module, from `tmp_path`; its namespace."""
+    if any(DOCS_REDIS_URL in code for _, code in _python_blocks(page)):
+        return _run_redis_page(page, tmp_path, monkeypatch)
+    return _exec_page(page, tmp_path, monkeypatch)
+
+
+def _exec_page(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str | None = None
+) -> dict[str, Any]:
     monkeypatch.chdir(tmp_path)
     for name in [name for name in os.environ if name.upper().startswith("TENANCY_")]:
         monkeypatch.delenv(name)  # the examples show the defaults
@@ -196,26 +234,18 @@ def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     for line, code in _python_blocks(page):
         if code.startswith(NOT_RUN):
             continue
+        if redis_url is not None:
+            code = code.replace(DOCS_REDIS_URL, redis_url)
         # Line numbers in tracebacks point into the page.
         source = "\n" * line + rewrite(code)
         exec(compile(source, str(page), "exec"), module.__dict__)
     return module.__dict__
 
 
-DOCS_REDIS_URL = "redis://localhost:6379/0"
-
-
-def _uses_redis(page: Path) -> bool:
-    return any(DOCS_REDIS_URL in code for _, code in _python_blocks(page))
-
-
 @pytest.mark.parametrize("page", EXECUTED, ids=_ids(EXECUTED))
 def test_python_blocks_run(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if _uses_redis(page):
-        _run_redis_page(page, tmp_path, monkeypatch, capsys)
-        return
     _run_page(page, tmp_path, monkeypatch)
     check = CHECKS.get(page.stem)
     if check is not None:
@@ -257,34 +287,3 @@ def test_the_custom_store_example_passes_the_store_contract(
             asyncio.run(case(store=store, **kwargs))
             ran += 1
     assert ran >= len(cases) > 0
-
-
-def _run_redis_page(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from redis import Redis
-    from tests.conftest import REDIS_URL, REQUIRE_SERVICES
-
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except Exception as exc:
-        client.close()
-        if REQUIRE_SERVICES:
-            pytest.fail(f"Redis is required (TENANCY_TEST_REQUIRE_SERVICES=1): {exc}")
-        pytest.skip(f"Redis not reachable: {exc}")
-    rewrite = REWRITES.get(page.stem, str)
-    monkeypatch.setitem(REWRITES, page.stem, lambda code: rewrite(code).replace(DOCS_REDIS_URL, REDIS_URL))
-    namespace: dict[str, Any] = {}
-    try:
-        namespace = _run_page(page, tmp_path, monkeypatch)
-        check = CHECKS.get(page.stem)
-        if check is not None:
-            check(tmp_path, capsys.readouterr().out)
-    finally:
-        prefixes = [namespace.get("prefix"), getattr(namespace.get("redis_config"), "redis_key_prefix", None)]
-        for prefix in filter(None, prefixes):
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if keys:
-                client.delete(*keys)
-        client.close()

@@ -111,6 +111,9 @@ def redis_client(url: str, *, timeout: float = 1.0) -> Any:
     """
     try:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
     except ImportError as exc:
         raise MissingDependencyError("redis", "redis") from exc
     return Redis.from_url(
@@ -119,4 +122,8 @@ def redis_client(url: str, *, timeout: float = 1.0) -> Any:
         socket_connect_timeout=timeout,
         health_check_interval=30,
         decode_responses=True,
+        # One immediate retry on a broken connection (a pooled one that a Redis restart
+        # closed), none on a timeout, and no backoff: the caller has a fallback (fail
+        # open, the backend store, a 503), and a request must not sleep in a retry loop.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )

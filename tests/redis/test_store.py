@@ -1,17 +1,22 @@
 """RedisTenantStore beyond the contract: outages, the shared cache, generic serialisation."""
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import fields
 from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 import pytest
 
-from fastapi_tenancy import TenancyUnavailableError, Tenant, TenantStatus
+from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyUnavailableError, Tenant, TenantStatus
 from fastapi_tenancy.storage import InMemoryTenantStore
+from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 from fastapi_tenancy.storage.redis import RedisTenantStore, _decode, _encode
 
+from ..apps import Base, build_app
 from .servers import OwnRedis, free_port
 
 
@@ -130,4 +135,35 @@ async def test_every_tenant_field_round_trips() -> None:
     assert _decode(record) == tenant
     # Serialised generically: every dataclass field is in the record.
     names = {f.name for f in fields(Tenant)}
-    assert names <= set(record) | set(__import__("json").loads(record["fields"]))
+    assert names <= set(record) | set(json.loads(record["fields"]))
+
+
+@pytest.mark.parametrize("mode", ["registry", "cache"])
+async def test_over_http_a_redis_outage_is_a_503_or_nothing(
+    mode: str, own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    backend = None if mode == "registry" else SQLAlchemyTenantStore(f"sqlite:///{tmp_path / 'reg.db'}")
+    store = RedisTenantStore(own_redis.url, backend=backend, timeout=0.5)
+    # No in-process cache: every request asks the store.
+    config = TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}", cache_ttl=0, negative_cache_ttl=0)
+    manager = TenancyManager(config, store)
+    await manager.initialize()
+    await manager.register_tenant("acme-corp", "Acme", app_metadata=Base.metadata)
+    transport = httpx.ASGITransport(app=build_app(manager))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})).status_code == 200
+            await own_redis.kill()
+            response = await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})
+            if mode == "registry":
+                assert response.status_code == 503
+                assert response.json() == {"detail": "Tenancy backend unavailable"}
+                assert response.headers["retry-after"] == "1"
+            else:
+                assert response.status_code == 200, response.text  # straight to the SQL registry
+            await own_redis.start()
+            # Back by itself; this Redis keeps nothing on disk, so a Redis registry is empty now.
+            after = await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})
+            assert after.status_code == (200 if mode == "cache" else 404), after.text
+    finally:
+        await manager.close()

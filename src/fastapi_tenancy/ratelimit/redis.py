@@ -29,7 +29,8 @@ local new_tat = tat + interval
 if new_tat - now > window then
   return {0, 0, string.format('%.0f', tat - now), string.format('%.0f', new_tat - window - now)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+local ttl_ms = math.max(1, math.ceil((new_tat - now) / 1000))
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
 local remaining = math.floor((window - (new_tat - now)) / interval + 1e-6)
 return {1, remaining, string.format('%.0f', new_tat - now), '0'}
 """

@@ -147,7 +147,7 @@ class TenancyManager:
             return RedisInvalidation(self.redis, prefix=self.config.redis_key_prefix)
         store = self.store
         if isinstance(store, SQLAlchemyTenantStore) and store.engine.url.get_backend_name() == "postgresql":
-            if self.config.database_pgbouncer and store.engine is self.engine:
+            if self.config.database_pgbouncer and store.engine.url == self.engine.url:
                 # LISTEN holds a session, which PgBouncer in transaction mode cannot give.
                 logger.warning(
                     "no cross-worker cache invalidation: LISTEN/NOTIFY does not work through PgBouncer "

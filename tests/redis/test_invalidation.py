@@ -124,3 +124,31 @@ async def _empty(manager: TenancyManager) -> bool:
 async def _reconnected(manager: TenancyManager, before: int) -> bool:
     assert manager.invalidation is not None
     return manager.invalidation.reconnects > before
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"database_url": "sqlite:///x.db"}, None),
+        ({"database_url": "sqlite:///x.db", "redis_url": "redis://cache:6379/0"}, RedisInvalidation),
+        ({"database_url": "postgresql://app@db/app"}, PostgresInvalidation),
+        ({"database_url": "postgresql://app@db/app", "redis_url": "redis://cache:6379/0"}, RedisInvalidation),
+        # LISTEN needs a session; PgBouncer in transaction mode has none to give.
+        ({"database_url": "postgresql://app@db/app", "database_pgbouncer": True}, None),
+    ],
+    ids=["sqlite", "sqlite-redis", "postgres", "postgres-redis", "pgbouncer"],
+)
+async def test_the_channel_follows_the_config(
+    settings: dict[str, object], expected: type | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = TenancyManager(TenancyConfig(**settings))  # type: ignore[arg-type]
+    try:
+        if expected is None:
+            assert manager.invalidation is None
+        else:
+            assert isinstance(manager.invalidation, expected)
+        assert ("no cross-worker cache invalidation" in caplog.text) == bool(
+            settings.get("database_pgbouncer")
+        )
+    finally:
+        await manager.close()

@@ -1,5 +1,6 @@
 """`MemoryRateLimiter`: GCRA counted in this process's memory."""
 
+from collections.abc import Mapping
 from time import monotonic
 
 from .base import RateLimitDecision, RateLimiter, gcra
@@ -15,8 +16,16 @@ class MemoryRateLimiter(RateLimiter):
     number per recently active tenant; at most `max_keys` (idle ones go first).
     """
 
-    def __init__(self, *, max_keys: int = 100_000, **options: object) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *,
+        requests: int = 100,
+        window: float = 60.0,
+        plans: Mapping[str, int] | None = None,
+        fail_open: bool = True,
+        max_keys: int = 100_000,
+    ) -> None:
+        super().__init__(requests=requests, window=window, plans=plans, fail_open=fail_open)
         self.max_keys = max_keys
         self._tats: dict[str, float] = {}
 

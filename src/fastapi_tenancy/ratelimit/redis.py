@@ -1,5 +1,7 @@
 """`RedisRateLimiter`: GCRA in one Lua script, shared by every worker."""
 
+from collections.abc import Mapping
+
 try:
     from redis.asyncio import Redis
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -52,9 +54,12 @@ class RedisRateLimiter(RateLimiter):
         *,
         prefix: str = "tenancy:",
         timeout: float = 1.0,
-        **options: object,
+        requests: int = 100,
+        window: float = 60.0,
+        plans: Mapping[str, int] | None = None,
+        fail_open: bool = True,
     ) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
+        super().__init__(requests=requests, window=window, plans=plans, fail_open=fail_open)
         if isinstance(redis, str):
             self.redis: Redis = redis_client(redis, timeout=timeout)
             self._owns_client = True

@@ -44,17 +44,21 @@ class TenancyError(Exception):
     """Base class of every fastapi-tenancy error.
 
     `detail` is what a client may see; the message (`str(exc)`) is for logs.
+    `headers` are sent with the refusal (e.g. `WWW-Authenticate` with a 401).
     """
 
     status_code: ClassVar[int] = 500
     detail: str = "Internal tenancy error"
     headers: Mapping[str, str] = MappingProxyType({})
-    """Extra response headers for the refusal (e.g. `Retry-After`)."""
 
-    def __init__(self, message: str = "", *, detail: str | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, detail: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message or self.detail)
         if detail is not None:
             self.detail = detail
+        if headers is not None:
+            self.headers = headers
 
 
 class ConfigurationError(TenancyError, ValueError):
@@ -130,8 +134,9 @@ class RateLimitExceededError(TenancyError):
     status_code = 429
 
     def __init__(self, identifier: str, headers: Mapping[str, str]) -> None:
-        super().__init__(detail=f"Rate limit exceeded for tenant {identifier}")
-        self.headers = MappingProxyType(dict(headers))
+        super().__init__(
+            detail=f"Rate limit exceeded for tenant {identifier}", headers=MappingProxyType(dict(headers))
+        )
 
 
 class TenancyUnavailableError(TenancyError):

@@ -153,9 +153,11 @@ async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
     # e.g. {"detail": "Tenant not found"}.
     body = json.dumps({"detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode(), value.encode()) for name, value in exc.headers.items()]
-    if exc.status_code == 503 and "retry-after" not in {name.lower() for name in exc.headers}:
+    if exc.status_code == 503:
         headers.append((b"retry-after", b"1"))
+    headers.extend(
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()
+    )
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})

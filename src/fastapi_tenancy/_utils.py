@@ -120,7 +120,9 @@ def redis_client(url: str, *, timeout: float = 1.0) -> Any:
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        health_check_interval=30,
+        # A connection idle this long is PINGed before use; the pub/sub listener thereby
+        # notices within seconds a connection that died without a reset.
+        health_check_interval=5,
         decode_responses=True,
         # One immediate retry on a broken connection (a pooled one that a Redis restart
         # closed), none on a timeout, and no backoff: the caller has a fallback (fail

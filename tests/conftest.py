@@ -188,3 +188,46 @@ async def pgbouncer_url(postgres_url: str) -> AsyncIterator[str]:
             process.terminate()
         await process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+REDIS_URL = os.environ.get("TENANCY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def _redis_admin(url: str) -> Any:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=5)
+    await client.ping()
+    return client
+
+
+class _Closed:
+    def close(self) -> None:
+        pass
+
+
+async def _redis_ping(url: str) -> _Closed:
+    client = await _redis_admin(url)
+    await client.aclose()
+    return _Closed()
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """The URL of the shared Redis; use `redis_prefix` for keys (others use it at the same time)."""
+    await _require("Redis", lambda: _redis_ping(REDIS_URL))
+    yield REDIS_URL
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; every key under it is deleted after the test."""
+    prefix = f"ft-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = await _redis_admin(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

@@ -59,6 +59,15 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "resolution_chain": ('["jwt", "subdomain"]', ("jwt", "subdomain")),
     "resolution_chain_mode": ("agree", "agree"),
     "anti_enumeration": ("false", False),  # true needs both caches on: tests/resolution/test_config.py
+    # Redis, invalidation and rate limiting
+    "redis_url": ("redis://:pw@cache:6379/2", "redis://:pw@cache:6379/2"),
+    "redis_key_prefix": ("app1:", "app1:"),
+    "redis_timeout": ("0.25", 0.25),
+    "rate_limit_enabled": ("true", True),
+    "rate_limit_requests": ("30", 30),
+    "rate_limit_window": ("1.5", 1.5),
+    "rate_limit_plans": ('{"free": 60, "pro": 600}', {"free": 60, "pro": 600}),
+    "rate_limit_fail_open": ("false", False),
 }
 
 
@@ -131,3 +140,24 @@ def test_config_is_immutable() -> None:
     config = TenancyConfig()
     with pytest.raises(ValidationError):
         config.cache_ttl = 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redis_url", "http://cache:6379"),
+        ("redis_timeout", 0),
+        ("rate_limit_requests", 0),
+        ("rate_limit_window", 0),
+        ("rate_limit_plans", {"free": 0}),
+    ],
+)
+def test_invalid_redis_and_rate_limit_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        TenancyConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_redis_password_is_masked() -> None:
+    config = TenancyConfig(redis_url="redis://:s3cret@cache:6379/0")
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    assert config.redis_url == "redis://:s3cret@cache:6379/0"

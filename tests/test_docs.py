@@ -3,7 +3,9 @@ Python block in docs/ runs.
 
 A page's Python blocks run in order, in one module namespace, from a fresh temporary
 directory. A block whose first line is `# not-run: <reason>` is skipped; that is for
-fragments and for code that needs a server. A block (in any language) whose first line is
+fragments and for code that needs a server. Blocks may use Redis at
+`redis://localhost:6379/0`: it is pointed at the test Redis, and the keys under the page's
+`prefix` variable are deleted afterwards. A block (in any language) whose first line is
 `# file: <name>` is written to that file in the directory instead, where later blocks can
 import it; when a page has `test_*.py` files, pytest runs them there as a user would.
 
@@ -205,8 +207,46 @@ def _files(page: Path) -> dict[str, str]:
 WITH_TESTS = [page for page in PAGES if any(name.startswith("test_") for name in _files(page))]
 
 
+DOCS_REDIS_URL = "redis://localhost:6379/0"
+
+
+def _run_redis_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`_exec_page` against the test Redis; the keys under the page's prefixes are deleted after."""
+    from redis import Redis
+    from tests.conftest import REDIS_URL, REQUIRE_SERVICES
+
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except Exception as exc:
+        client.close()
+        if REQUIRE_SERVICES:
+            pytest.fail(f"Redis is required (TENANCY_TEST_REQUIRE_SERVICES=1): {exc}")
+        pytest.skip(f"Redis not reachable: {exc}")
+    name = MODULE_NAMES.get(page.stem, f"docs_{page.stem}")
+    try:
+        return _exec_page(page, tmp_path, monkeypatch, REDIS_URL)
+    finally:
+        # The page's module (in sys.modules until the test ends), even if a block failed.
+        page_module = sys.modules.get(name)
+        namespace = {} if page_module is None else page_module.__dict__
+        prefix = namespace.get("prefix")
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000)) if prefix else []
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
 def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Run the page's Python blocks in order, in one module, from `tmp_path`; its namespace."""
+    if any(DOCS_REDIS_URL in code for _, code in _python_blocks(page)):
+        return _run_redis_page(page, tmp_path, monkeypatch)
+    return _exec_page(page, tmp_path, monkeypatch)
+
+
+def _exec_page(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str | None = None
+) -> dict[str, Any]:
     monkeypatch.chdir(tmp_path)
     for name in [name for name in os.environ if name.upper().startswith("TENANCY_")]:
         monkeypatch.delenv(name)  # the examples show the defaults
@@ -225,6 +265,8 @@ def _run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
             continue
         if code.startswith(NOT_RUN):
             continue
+        if redis_url is not None:
+            code = code.replace(DOCS_REDIS_URL, redis_url)
         # Line numbers in tracebacks point into the page.
         source = "\n" * line + rewrite(code)
         exec(compile(source, str(page), "exec"), module.__dict__)

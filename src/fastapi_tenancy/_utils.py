@@ -100,3 +100,32 @@ async def unavailable_as_503(what: str) -> AsyncIterator[None]:
         if not is_outage(exc):
             raise
         raise TenancyUnavailableError(f"{what} unavailable: {type(exc).__name__}") from exc
+
+
+def redis_client(url: str, *, timeout: float = 1.0) -> Any:
+    """A `redis.asyncio.Redis` for `url` that gives up after `timeout` seconds.
+
+    Imported here, not at the top: `redis` is an optional extra, and the package
+    root must import without it. Short timeouts matter: a Redis that hangs must
+    turn into a quick 503 or a fallback, not into requests that hang with it.
+    """
+    try:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+    except ImportError as exc:
+        raise MissingDependencyError("redis", "redis") from exc
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # A connection idle this long is PINGed before use; the pub/sub listener thereby
+        # notices within seconds a connection that died without a reset.
+        health_check_interval=5,
+        decode_responses=True,
+        # One immediate retry on a broken connection (a pooled one that a Redis restart
+        # closed), none on a timeout, and no backoff: the caller has a fallback (fail
+        # open, the backend store, a 503), and a request must not sleep in a retry loop.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )

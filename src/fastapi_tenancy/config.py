@@ -177,8 +177,9 @@ class TenancyConfig(BaseSettings):
 
     cache_ttl: float = Field(default=30.0, ge=0)
     """Seconds a resolved tenant is served from the in-process cache (0: no cache).
-    Changes made through this process's manager invalidate it at once; other
-    processes see them after at most this long."""
+    Changes made through a manager invalidate it at once, in every process when there is
+    an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made any other
+    way are seen after at most this long."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
     """Most tenants held in the in-process cache (and, on PostgreSQL, per-tenant engine
@@ -256,6 +257,54 @@ class TenancyConfig(BaseSettings):
     anti_enumeration: bool = False
     """Answer unknown, suspended and deleted tenants with the same 404 `Tenant not found`,
     so responses do not reveal which identifiers exist."""
+    # -- Redis, cross-worker invalidation and rate limiting ------------------------------
+
+    redis_url: str | None = None
+    """Redis for deployments with many workers (`redis://host:6379/0`): changes made by any
+    process reach every worker's cache through pub/sub, and the rate limiter counts there.
+    Without it, a PostgreSQL registry carries the invalidations with LISTEN/NOTIFY and the
+    rate limiter counts in process memory."""
+
+    redis_key_prefix: str = "tenancy:"
+    """Prefix of every Redis key and channel the library uses, so several applications
+    (or environments) can share one Redis."""
+
+    redis_timeout: float = Field(default=1.0, gt=0)
+    """Seconds to wait for Redis (connect and each command) before treating it as down."""
+
+    rate_limit_enabled: bool = False
+    """Limit how many requests each tenant may make per `rate_limit_window`; excess
+    requests get 429 with `Retry-After` and `RateLimit-*` headers."""
+
+    rate_limit_requests: int = Field(default=100, ge=1)
+    """Requests a tenant may make per window, unless its metadata or plan says otherwise.
+    A burst of this many is admitted at once; after that, one per window/requests."""
+
+    rate_limit_window: float = Field(default=60.0, gt=0)
+    """Seconds of the rate-limit window."""
+
+    rate_limit_plans: dict[str, int] = Field(default_factory=dict)
+    """Requests per window by plan: a tenant whose metadata has `"plan": "pro"` gets
+    `rate_limit_plans["pro"]`. In the environment, JSON: `{"free": 60, "pro": 600}`."""
+
+    rate_limit_fail_open: bool = True
+    """When the rate limiter's Redis is down: let requests through (true) or refuse them
+    with 503 (false). Either way each failure is logged and counted."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("not a Redis URL (expected redis://, rediss:// or unix://)")
+        return value
+
+    @field_validator("rate_limit_plans")
+    @classmethod
+    def _check_plans(cls, value: dict[str, int]) -> dict[str, int]:
+        for plan, requests in value.items():
+            if requests < 1:
+                raise ValueError(f"plan {plan!r}: requests per window must be at least 1")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -353,4 +402,5 @@ class TenancyConfig(BaseSettings):
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            yield name, mask_url(value) if name == "database_url" else value
+            masked = name == "database_url" or (name == "redis_url" and value is not None)
+            yield name, mask_url(value) if masked else value

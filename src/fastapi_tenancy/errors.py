@@ -17,6 +17,7 @@ logs and may say more (it never holds secrets either).
     ├── TenantMismatchError                       403: two sources name different tenants
     ├── TenantNotFoundError (LookupError)         404: no such tenant
     ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
+    ├── RateLimitExceededError                    429: the tenant used up its request quota
     └── TenancyUnavailableError                   503: the registry cannot be reached
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidTransitionError",
     "MissingDependencyError",
     "ProvisioningError",
+    "RateLimitExceededError",
     "TenancyError",
     "TenancyUnavailableError",
     "TenantAlreadyExistsError",
@@ -148,6 +150,17 @@ class TenantInactiveError(TenancyError):
         self.status = status
         detail = f"Tenant is not active (status: {status})"
         super().__init__(detail, detail=detail)
+
+
+class RateLimitExceededError(TenancyError):
+    """The tenant made more requests than its limit allows; `headers` say when to retry."""
+
+    status_code = 429
+
+    def __init__(self, identifier: str, headers: Mapping[str, str]) -> None:
+        super().__init__(
+            detail=f"Rate limit exceeded for tenant {identifier}", headers=MappingProxyType(dict(headers))
+        )
 
 
 class TenancyUnavailableError(TenancyError):

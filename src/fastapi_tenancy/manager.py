@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.requests import HTTPConnection
 
-from ._utils import create_engine, unavailable_as_503
+from ._utils import create_engine, redis_client, unavailable_as_503
 from .audit import AuditWriter, SQLAuditWriter
 from .config import TenancyConfig
 from .context import current_tenant
@@ -25,10 +25,13 @@ from .errors import (
     TenantResolutionError,
 )
 from .events import LifecycleEvent, LifecycleEvents
+from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
 from .isolation.schema import SchemaIsolation
 from .isolation.sqlite import SQLiteFileIsolation
 from .lookup import TenantLookup
+from .ratelimit.base import RateLimiter
+from .ratelimit.memory import MemoryRateLimiter
 from .resolution.base import Resolver, ResolverFunc, as_resolver
 from .resolution.chain import ChainResolver
 from .resolution.header import HeaderResolver
@@ -57,6 +60,9 @@ class TenancyManager:
         tenant = await manager.register_tenant("acme-corp", "Acme", app_metadata=Base.metadata)
 
     `store` defaults to a `SQLAlchemyTenantStore` sharing the manager's engine.
+    With `redis_url` set, every change is announced to all workers over Redis
+    (else, with the registry in PostgreSQL, over LISTEN/NOTIFY), and with
+    `rate_limit_enabled` the middleware asks `rate_limiter` before each request.
     Pass `resolver=` (a `Resolver` or an async function of the request) with
     `resolution_strategy="custom"`, and `isolation=` to supply your own strategy.
     Every lifecycle change is written to the audit log (`audit=`, default a
@@ -112,6 +118,14 @@ class TenancyManager:
         self.events = LifecycleEvents(
             audit if audit is not None else SQLAuditWriter(self.engine, schema=default_store_schema)
         )
+        # Redis, when configured, is shared by the invalidation channel and the limiter.
+        self.redis: Any = (
+            redis_client(self.config.redis_url, timeout=self.config.redis_timeout)
+            if self.config.redis_url
+            else None
+        )
+        self.invalidation: InvalidationChannel | None = self._build_invalidation()
+        self.rate_limiter: RateLimiter | None = self._build_rate_limiter()
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
 
@@ -178,6 +192,47 @@ class TenancyManager:
             empty_search_path=self._empty_search_path,
         )
 
+    def _build_invalidation(self) -> InvalidationChannel | None:
+        if self.redis is not None:
+            from .invalidation.redis import RedisInvalidation
+
+            return RedisInvalidation(self.redis, prefix=self.config.redis_key_prefix)
+        store = self.store
+        if isinstance(store, SQLAlchemyTenantStore) and store.engine.url.get_backend_name() == "postgresql":
+            if self.config.database_pgbouncer and store.engine.url == self.engine.url:
+                # LISTEN holds a session, which PgBouncer in transaction mode cannot give.
+                logger.warning(
+                    "no cross-worker cache invalidation: LISTEN/NOTIFY does not work through PgBouncer "
+                    "in transaction mode; set redis_url, or other workers see changes after cache_ttl"
+                )
+                return None
+            from .invalidation.postgres import PostgresInvalidation
+
+            return PostgresInvalidation(store.engine)
+        return None
+
+    def _build_rate_limiter(self) -> RateLimiter | None:
+        config = self.config
+        if not config.rate_limit_enabled:
+            return None
+        if self.redis is not None:
+            from .ratelimit.redis import RedisRateLimiter
+
+            return RedisRateLimiter(
+                self.redis,
+                prefix=config.redis_key_prefix,
+                requests=config.rate_limit_requests,
+                window=config.rate_limit_window,
+                plans=config.rate_limit_plans,
+                fail_open=config.rate_limit_fail_open,
+            )
+        return MemoryRateLimiter(
+            requests=config.rate_limit_requests,
+            window=config.rate_limit_window,
+            plans=config.rate_limit_plans,
+            fail_open=config.rate_limit_fail_open,
+        )
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def initialize(self) -> None:
@@ -190,11 +245,22 @@ class TenancyManager:
             await self.events.initialize()
             async with unavailable_as_503("database"), self.engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))  # warm the pool: fail now, not on the first request
+            if self.rate_limiter is not None:
+                await self.rate_limiter.initialize()
+            if self.invalidation is not None:
+                # Not fatal when down: the channel retries, dropping the cache meanwhile.
+                await self.invalidation.start(self.lookup.invalidate, self.lookup.clear)
             self._initialized = True
 
     async def close(self) -> None:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
         async with self._lifecycle_lock:
+            if self.invalidation is not None:
+                await self.invalidation.close()
+            if self.rate_limiter is not None:
+                await self.rate_limiter.close()
+            if self.redis is not None:
+                await self.redis.aclose()
             await self.isolation.close()
             await self.events.close()
             await self.store.close()
@@ -276,7 +342,7 @@ class TenancyManager:
                     "with delete_tenant(..., destroy_data=True)"
                 ) from exc
             raise
-        self.lookup.invalidate(identifier)
+        await self._changed(identifier)
         await self.events.emit(LifecycleEvent.REGISTERED, tenant)
         try:
             await self.isolation.provision(tenant, app_metadata)
@@ -297,7 +363,7 @@ class TenancyManager:
         except Exception:  # the original error matters more; say what is left behind
             logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
         finally:
-            self.lookup.invalidate(tenant.identifier)
+            await self._changed(tenant.identifier)
 
     async def get_tenant(self, identifier: str) -> Tenant:
         """The tenant with this identifier, read from the registry (not the cache)."""
@@ -351,7 +417,7 @@ class TenancyManager:
             return
         await self.isolation.destroy(current)
         await self.store.delete(current.id)
-        self.lookup.invalidate(current.identifier)
+        await self._changed(current.identifier)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
 
@@ -369,12 +435,18 @@ class TenancyManager:
             except TenantChangedError:
                 continue
             finally:
-                self.lookup.invalidate(identifier)
+                await self._changed(identifier)
             await self.events.changed(current, saved)
             return saved
         raise TenantChangedError(
             f"tenant {identifier!r} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"
         )
+
+    async def _changed(self, identifier: str) -> None:
+        # This process's cache at once; every other worker's through the channel.
+        self.lookup.invalidate(identifier)
+        if self.invalidation is not None:
+            await self.invalidation.publish(identifier)
 
 
 def _slug(tenant: Tenant | str) -> str:

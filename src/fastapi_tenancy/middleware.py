@@ -30,7 +30,10 @@ class TenancyMiddleware:
     - FastAPI's docs and OpenAPI URLs are excluded too unless `exclude_docs=False`.
     - Refusals are JSON: 400 `{"detail": "Tenant identifier missing"}`,
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
-      (status: suspended)"}`, 503 when the registry or database is unreachable.
+      (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
+      with `Retry-After` when the manager's rate limiter says so (admitted
+      responses carry the `RateLimit-*` headers), 503 when the registry, the
+      database or a fail-closed limiter is unreachable.
       Tenancy errors and database outages raised by the app before its response
       starts get the same treatment, on excluded paths too. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
@@ -60,14 +63,19 @@ class TenancyMiddleware:
         if self._excluded(scope):
             await _call(self.app, scope, receive, send)
             return
+        limiter = self.manager.rate_limiter
         try:
             tenant = await self.manager.resolve(HTTPConnection(scope))
+            # Right after resolution: a refused request costs no app work at all.
+            decision = None if limiter is None else await limiter.check(tenant)
         except TenancyError as exc:
             await _refuse(scope, send, exc)
             return
         # The strategy may show the app a rewritten scope (the path strategy moves the
         # tenant's segment into root_path); every other strategy hands it on as is.
         scope = self.manager.resolver.app_scope(scope)
+        if decision is not None and scope["type"] == "http":
+            send = _with_headers(send, decision.headers())
         scope.setdefault("state", {})["tenant"] = tenant
         token = _current.set(tenant)
         try:
@@ -102,6 +110,18 @@ class TenancyMiddleware:
             ]
             self._docs_paths = frozenset(url for url in urls if isinstance(url, str) and url)
         return self._docs_paths
+
+
+def _with_headers(send: Send, extra: dict[str, str]) -> Send:
+    """`send` that adds `extra` headers to the response start."""
+    encoded = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *encoded]}
+        await send(message)
+
+    return send_with_headers
 
 
 def _normalise(path: str) -> str:

@@ -1,8 +1,10 @@
-"""The contract every TenantStore passes, run against each backend (memory, SQLite, PostgreSQL, MySQL)."""
+"""The contract every TenantStore passes, run against each backend (memory, SQLite, PostgreSQL, MySQL,
+Redis as the registry, and Redis as a cache in front of SQLite)."""
 
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -16,27 +18,42 @@ from fastapi_tenancy import (
 from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
-BACKENDS = ["memory", "sqlite", "postgres", "mysql"]
+BACKENDS = ["memory", "sqlite", "postgres", "mysql", "redis", "redis_cache"]
 
 
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "memory":
         return None
+    if request.param.startswith("redis"):
+        # "redis+<prefix>" for the registry; "redis_cache+<prefix>" caches a SQLite registry.
+        kind = request.param
+        return f"{kind}+{request.getfixturevalue('redis_prefix')}+{request.getfixturevalue('redis_url')}"
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
+def _build(store_url: str, tmp_path: Path) -> TenantStore:
+    if not store_url.startswith("redis"):
+        return SQLAlchemyTenantStore(store_url)
+    from fastapi_tenancy.storage.redis import RedisTenantStore
+
+    kind, prefix, url = store_url.split("+", 2)
+    if kind == "redis":
+        return RedisTenantStore(url, prefix=prefix)
+    return RedisTenantStore(url, prefix=prefix, backend=SQLAlchemyTenantStore(f"sqlite:///{tmp_path}/reg.db"))
+
+
 @pytest.fixture
-async def store(store_url: str | None) -> AsyncIterator[TenantStore]:
+async def store(store_url: str | None, tmp_path: Path) -> AsyncIterator[TenantStore]:
     if store_url is None:
         yield InMemoryTenantStore()
         return
-    sql_store = SQLAlchemyTenantStore(store_url)
-    await sql_store.initialize()
-    await sql_store.initialize()  # idempotent
-    yield sql_store
-    await sql_store.close()
-    await sql_store.close()  # idempotent
+    built = _build(store_url, tmp_path)
+    await built.initialize()
+    await built.initialize()  # idempotent
+    yield built
+    await built.close()
+    await built.close()  # idempotent
 
 
 def _tenant(identifier: str, **kwargs: object) -> Tenant:

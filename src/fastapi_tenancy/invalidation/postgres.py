@@ -1,0 +1,70 @@
+"""`PostgresInvalidation`: tenant changes announced with PostgreSQL LISTEN/NOTIFY."""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .._utils import is_outage
+from .base import InvalidationChannel
+
+__all__ = ["PostgresInvalidation"]
+
+_HEALTH_CHECK_INTERVAL = 5.0
+
+
+class PostgresInvalidation(InvalidationChannel):
+    """Invalidation over LISTEN/NOTIFY in the registry's PostgreSQL. Safe for concurrent use.
+
+    For a registry in PostgreSQL without Redis. Each worker holds one dedicated
+    asyncpg connection that LISTENs (a session feature: it must reach PostgreSQL
+    directly, not through PgBouncer in transaction mode); NOTIFY is sent through
+    `engine`. The listening connection is checked every few seconds, so a silently
+    dead one is noticed and replaced (dropping the cache).
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, *, channel: str = "fastapi_tenancy_invalidate", retry_interval: float = 0.5
+    ) -> None:
+        super().__init__(retry_interval=retry_interval)
+        self.engine = engine
+        self.channel = channel
+
+    async def _send(self, identifier: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(sa.select(sa.func.pg_notify(self.channel, identifier)))
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        return is_outage(exc)
+
+    async def _listen_once(
+        self, invalidate: Callable[[str], None], reset: Callable[[], None], listening: Callable[[], None]
+    ) -> None:
+        import asyncpg  # the postgres extra: present whenever the engine is asyncpg's
+
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        conn: Any = await asyncpg.connect(
+            dsn,
+            timeout=self.retry_interval * 10,
+            # Named, so an operator can tell it apart in pg_stat_activity.
+            server_settings={"application_name": "fastapi-tenancy-invalidation"},
+        )
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _conn: lost.set())
+
+            def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+                invalidate(payload)
+
+            await conn.add_listener(self.channel, on_notify)
+            listening()
+            while not lost.is_set():
+                try:
+                    await asyncio.wait_for(lost.wait(), _HEALTH_CHECK_INTERVAL)
+                except TimeoutError:
+                    await conn.execute("SELECT 1", timeout=_HEALTH_CHECK_INTERVAL)
+            raise ConnectionError("the LISTEN connection was closed")
+        finally:
+            conn.terminate()

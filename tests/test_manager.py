@@ -22,6 +22,7 @@ from fastapi_tenancy import (
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
 from fastapi_tenancy.resolution import HeaderResolver
+from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
 from .apps import Base
 
@@ -179,3 +180,25 @@ async def test_a_concurrent_rename_never_undoes_a_suspension_or_delete(
 def test_an_inactive_tenant_error_says_the_same_in_logs_and_to_clients() -> None:
     error = TenantInactiveError("suspended")
     assert str(error) == error.detail == "Tenant is not active (status: suspended)"
+
+
+async def test_a_manager_restarts_in_a_new_event_loop_each_time(postgres_url: str) -> None:
+    # Test suites (and some servers) run startup and shutdown in a new event loop each time;
+    # nothing may keep a connection of an earlier loop: the registry's pool, the
+    # invalidation channel's NOTIFY connection.
+    config = TenancyConfig(database_url=postgres_url)
+    manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
+
+    async def cycle(index: int) -> None:
+        await manager.initialize()
+        try:
+            await manager.register_tenant(f"loop-{index}", "Loop")
+            await manager.suspend_tenant(f"loop-{index}")
+        finally:
+            await manager.close()
+
+    def run_cycles() -> None:
+        for index in range(3):
+            asyncio.run(cycle(index))
+
+    await asyncio.to_thread(run_cycles)

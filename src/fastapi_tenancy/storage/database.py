@@ -136,9 +136,9 @@ class SQLAlchemyTenantStore(TenantStore):
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:
+            # The engine stays (a new pool opens on next use): whoever holds it, such as the
+            # invalidation channel, keeps working after a close and a new initialize.
             await self._engine.dispose()
-            self._engine = None
-        self._read_engine = None
         self._initialized = False
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:

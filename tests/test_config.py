@@ -1,7 +1,7 @@
 """TenancyConfig: environment variables, validation naming the field, masked secrets."""
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from fastapi_tenancy import TenancyConfig
 
@@ -40,6 +40,10 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "negative_cache_ttl": ("0", 0.0),
     "negative_cache_max_size": ("60", 60),
     "max_cached_engines": ("7", 7),
+    # database per tenant
+    "database_connection_budget": ("30", 30),
+    "database_tenant_pool_size": ("3", 3),
+    "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
 }
 
 
@@ -90,6 +94,8 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"database_pgbouncer": True}, "database_pgbouncer"),
         ({"cache_max_size": 0}, "cache_max_size"),
         ({"databse_url": "sqlite://"}, "databse_url"),
+        ({"database_connection_budget": 0}, "database_connection_budget"),
+        ({"database_connection_budget": 4, "database_tenant_pool_size": 5}, "database_tenant_pool_size"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(
@@ -112,3 +118,11 @@ def test_config_is_immutable() -> None:
     config = TenancyConfig()
     with pytest.raises(ValidationError):
         config.cache_ttl = 1
+
+
+def test_database_isolation_accepts_every_backend_and_hides_the_keys() -> None:
+    for url in ("postgresql://u@h/db", "mysql://root@h/db", "mariadb://root@h/db", "sqlite://"):
+        assert TenancyConfig(database_url=url, isolation_strategy="database").isolation_strategy == "database"
+    config = TenancyConfig(encryption_keys=["k3y-material"])  # type: ignore[list-item]
+    for text in (repr(config), str(config), config.model_dump_json()):
+        assert "k3y-material" not in text

@@ -46,9 +46,9 @@ async def databases(url: str, prefix: str) -> list[str]:
 
 
 @asynccontextmanager
-async def dropped_afterwards(url: str) -> AsyncIterator[str]:
-    """A unique prefix; on exit, every database on `url`'s server named with it is dropped."""
-    prefix = unique_prefix()
+async def dropped_afterwards(url: str, prefix: str | None = None) -> AsyncIterator[str]:
+    """A unique prefix (or `prefix`); on exit, every database on `url`'s server named with it is dropped."""
+    prefix = prefix or unique_prefix()
     try:
         yield prefix
     finally:

@@ -32,6 +32,8 @@ class ConnectionBudget:
         self.timeout = timeout
         self.peak = 0
         """The most connections that were ever open at once (for tests and metrics)."""
+        self.opened = 0
+        """Connections opened so far (for tests and metrics)."""
         self.reclaim: Callable[[], Any] | None = None
         """An async callable closing idle connections; True when it closed some."""
         self._open: dict[int, object] = {}  # id -> DBAPI connection holding a slot
@@ -51,20 +53,25 @@ class ConnectionBudget:
         event.listen(sync_engine, "close", self._on_close)
         event.listen(sync_engine, "close_detached", self._on_close_detached)
 
-    def wake(self) -> None:
-        """Let waiting connects look again (a connection was closed or became idle)."""
+    def _wake_one(self) -> None:
+        # One at a time, oldest first: waking every waiter for one free slot would
+        # make them all scan for idle connections, and all but one go back to sleep.
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                return
 
     async def acquire(self) -> None:
         """Take a slot for a connection about to be opened; see the class docstring."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         while self.in_use >= self.limit:
-            if self.reclaim is not None and await self.reclaim():
+            before = self.in_use
+            if self.reclaim is not None and await self.reclaim() and self.in_use < before:
                 continue
+            if self.in_use < self.limit:
+                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise sa_exc.TimeoutError(
@@ -78,7 +85,15 @@ class ConnectionBudget:
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 pass
+            except BaseException:
+                self._pass_on(waiter)
+                raise
         self._connecting += 1
+
+    def _pass_on(self, waiter: "asyncio.Future[None]") -> None:
+        # A waiter that was woken but gives up (cancelled) hands the wake-up on.
+        if waiter.done() and not waiter.cancelled() and self.in_use < self.limit:
+            self._wake_one()
 
     def _do_connect(self, dialect: Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
         # Runs inside SQLAlchemy's greenlet, where await_only() may wait on the loop,
@@ -88,17 +103,23 @@ class ConnectionBudget:
             connection = dialect.connect(*cargs, **cparams)
         except BaseException:
             self._connecting -= 1
-            self.wake()
+            self._wake_one()
             raise
         self._connecting -= 1
+        self.opened += 1
         self._open[id(connection)] = connection
         self.peak = max(self.peak, self.in_use)
         return connection
 
-    def _on_checkin(self, _dbapi_connection: Any, _record: Any) -> None:
-        # An idle connection may now be reclaimed for a waiting connect.
-        if self._waiters:
-            self.wake()
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        # While connects wait for a slot, a returned connection is closed rather than
+        # kept idle: its slot goes to the oldest waiter (a tenant that keeps its
+        # connections idle must not starve the others).
+        if self._waiters and record is not None:
+            try:
+                record.close()
+            except Exception:  # pragma: no cover - outside the event loop (garbage collection)
+                record.invalidate()
 
     def _on_close(self, dbapi_connection: Any, _record: Any) -> None:
         self._release(dbapi_connection)
@@ -108,7 +129,7 @@ class ConnectionBudget:
 
     def _release(self, dbapi_connection: Any) -> None:
         if self._open.pop(id(dbapi_connection), None) is not None:
-            self.wake()
+            self._wake_one()
 
 
 class _Entry:
@@ -236,9 +257,13 @@ class EngineRegistry:
         return True
 
     async def reclaim(self) -> bool:
-        """Close the idle connections of one engine not in use, retired ones first, then LRU."""
+        """Close the idle connections of one engine not in use, retired ones first, then LRU.
+
+        True when that freed connections (some pools hold only closed ones).
+        """
+        before = self.budget.in_use if self.budget is not None else 0
         for entry in [*self._retired, *self._active.values()]:
-            if await self._close_idle(entry):
+            if await self._close_idle(entry) and (self.budget is None or self.budget.in_use < before):
                 return True
         return False
 

@@ -117,9 +117,11 @@ async def _orders(client: httpx.AsyncClient, tenant: str) -> list[str]:
     return [o["description"] for o in response.json()["orders"]]
 
 
-async def _seed(manager: TenancyManager, identifier: str, rows: dict[int, str], **kwargs: str) -> Tenant:
+async def _seed(
+    manager: TenancyManager, identifier: str, rows: dict[int, str], database_url: str | None = None
+) -> Tenant:
     tenant = await manager.register_tenant(
-        identifier, identifier.title(), app_metadata=Base.metadata, **kwargs
+        identifier, identifier.title(), app_metadata=Base.metadata, database_url=database_url
     )
     async with manager.session(tenant) as session:
         session.add_all(Order(id=i, description=d) for i, d in rows.items())

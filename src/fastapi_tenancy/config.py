@@ -141,8 +141,9 @@ class TenancyConfig(BaseSettings):
     """Most unknown identifiers remembered; bounded so probing cannot grow memory."""
 
     max_cached_engines: int = Field(default=100, ge=1)
-    """Most per-tenant engines kept open at once (SQLite: one file per tenant); the least
-    recently used is closed when the limit is passed."""
+    """Most per-tenant engines kept open at once (SQLite: one file per tenant; with
+    `isolation_strategy="database"`, one database per tenant); the least recently used
+    engine not in use is closed when the limit is passed."""
 
     # -- database per tenant (isolation_strategy="database") --------------------------
 

@@ -433,3 +433,23 @@ async def test_database_per_tenant_through_pgbouncer(pgbouncer_url: str, postgre
         await server_sql(postgres_url, f'CREATE DATABASE "{prefix}gamma"')
         with pytest.raises(ProvisioningError, match="already exists"):
             await manager.register_tenant("gamma", "Gamma", app_metadata=Base.metadata)
+
+
+# -- MySQL/MariaDB -------------------------------------------------------------------------
+
+
+async def test_mysql_tenant_databases_hold_any_text(mysql_url: str) -> None:
+    # Connections whose server default is latin1, as on many installed servers.
+    latin1 = make_url(mysql_url).update_query_dict({"init_command": "SET character_set_server = 'latin1'"})
+    async with (
+        dropped_afterwards(mysql_url) as prefix,
+        app_on(latin1.render_as_string(hide_password=False), schema_prefix=prefix) as (manager, client),
+    ):
+        await _seed(manager, "emoji", {1: "Grüße 🎉"})
+        assert await _orders(client, "emoji") == ["Grüße 🎉"]
+        charset = await server_sql(
+            mysql_url,
+            "SELECT default_character_set_name FROM information_schema.schemata "  # noqa: S608
+            f"WHERE schema_name = '{prefix}emoji'",
+        )
+        assert charset == ["utf8mb4"]

@@ -31,6 +31,10 @@ _EXISTS = {
 }
 
 
+# MySQL/MariaDB servers may default to latin1; tenants' text must not depend on that.
+_CHARSET = {"postgresql": "", "mysql": " CHARACTER SET utf8mb4"}
+
+
 def _backend(url: URL) -> str:
     backend = url.get_backend_name()
     return "mysql" if backend == "mariadb" else backend
@@ -173,7 +177,7 @@ class DatabaseIsolation(Isolation):
                         )
                     # A concurrent registration of the same name makes this fail, and
                     # `created` stays False: the other one's database is not ours to drop.
-                    await conn.exec_driver_sql(f"CREATE DATABASE {_quoted(backend, name)}")
+                    await conn.exec_driver_sql(f"CREATE DATABASE {_quoted(backend, name)}{_CHARSET[backend]}")
                     created = True
                 tables = self._engine(server.set(database=name), null_pool=True)
                 self.budget.attach(tables)

@@ -118,7 +118,7 @@ class ConnectionBudget:
         if self._waiters and record is not None:
             try:
                 record.close()
-            except Exception:  # pragma: no cover - outside the event loop (garbage collection)
+            except Exception:  # outside the event loop (garbage collection): no graceful close
                 record.invalidate()
 
     def _on_close(self, dbapi_connection: Any, _record: Any) -> None:
@@ -268,10 +268,14 @@ class EngineRegistry:
         return False
 
     async def discard(self, key: Hashable) -> None:
-        """Forget `key`'s engine and close it (its storage is about to be dropped)."""
+        """Forget `key`'s engine and close its idle connections now (its storage is about to go).
+
+        Connections still checked out are closed when they come back.
+        """
         entry = self._active.pop(key, None)
         if entry is not None:
             entry.retired = True
+            self._retired.add(entry)
             await entry.engine.dispose()
 
     async def close(self) -> None:

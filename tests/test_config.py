@@ -68,6 +68,10 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "rate_limit_window": ("1.5", 1.5),
     "rate_limit_plans": ('{"free": 60, "pro": 600}', {"free": 60, "pro": 600}),
     "rate_limit_fail_open": ("false", False),
+    # database per tenant
+    "database_connection_budget": ("30", 30),
+    "database_tenant_pool_size": ("3", 3),
+    "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
 }
 
 
@@ -118,6 +122,8 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"database_pgbouncer": True}, "database_pgbouncer"),
         ({"cache_max_size": 0}, "cache_max_size"),
         ({"databse_url": "sqlite://"}, "databse_url"),
+        ({"database_connection_budget": 0}, "database_connection_budget"),
+        ({"database_connection_budget": 4, "database_tenant_pool_size": 5}, "database_tenant_pool_size"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(
@@ -161,3 +167,11 @@ def test_redis_password_is_masked() -> None:
     config = TenancyConfig(redis_url="redis://:s3cret@cache:6379/0")
     assert "s3cret" not in repr(config) and "s3cret" not in str(config)
     assert config.redis_url == "redis://:s3cret@cache:6379/0"
+
+
+def test_database_isolation_accepts_every_backend_and_hides_the_keys() -> None:
+    for url in ("postgresql://u@h/db", "mysql://root@h/db", "mariadb://root@h/db", "sqlite://"):
+        assert TenancyConfig(database_url=url, isolation_strategy="database").isolation_strategy == "database"
+    config = TenancyConfig(encryption_keys=["k3y-material"])  # type: ignore[list-item]
+    for text in (repr(config), str(config), config.model_dump_json()):
+        assert "k3y-material" not in text

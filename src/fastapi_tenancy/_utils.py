@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from .errors import MissingDependencyError, TenancyUnavailableError
 
@@ -42,9 +42,15 @@ def create_engine(
     echo: bool = False,
     pgbouncer: bool = False,
     empty_search_path: bool = False,
+    null_pool: bool = False,
+    **options: Any,
 ) -> AsyncEngine:
-    """Create an async engine, naming the pip extra when its driver is missing."""
-    options: dict[str, Any] = {"echo": echo, "pool_pre_ping": pool_pre_ping}
+    """Create an async engine, naming the pip extra when its driver is missing.
+
+    `null_pool=True` opens a connection per checkout (for one-off admin work);
+    other `options` go to `create_async_engine` as they are.
+    """
+    options.update(echo=echo, pool_pre_ping=pool_pre_ping)
     if empty_search_path:
         # A startup parameter, so free per request: every connection starts with no
         # schema on its search_path, and an unqualified name fails instead of
@@ -62,6 +68,8 @@ def create_engine(
     if is_memory_sqlite(url):
         # One shared connection: every new connection to :memory: is a new, empty database.
         options["poolclass"] = StaticPool
+    elif null_pool:
+        options["poolclass"] = NullPool
     else:
         options.update(
             pool_size=pool_size,

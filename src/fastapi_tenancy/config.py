@@ -25,6 +25,7 @@ _ASYNC_DRIVERS = {
 }
 _OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
+_DATABASE_BACKENDS = ("postgresql", "sqlite", "mysql")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
 # HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: at least the
@@ -136,9 +137,10 @@ class TenancyConfig(BaseSettings):
     claim of the verified bearer token; `chain` the strategies in `resolution_chain`;
     `custom` uses the resolver passed to `TenancyManager(resolver=...)`."""
 
-    isolation_strategy: Literal["schema"] = "schema"
+    isolation_strategy: Literal["schema", "database"] = "schema"
     """How tenants' data is kept apart: `schema` gives each tenant its own PostgreSQL
-    schema (on SQLite, its own database file)."""
+    schema (on SQLite, its own database file); `database` gives each tenant its own
+    database on PostgreSQL or MySQL/MariaDB (on SQLite, its own database file)."""
 
     tenant_header_name: str = "X-Tenant-ID"
     """The request header that carries the tenant identifier (header resolution)."""
@@ -193,8 +195,27 @@ class TenancyConfig(BaseSettings):
     """Most unknown identifiers remembered; bounded so probing cannot grow memory."""
 
     max_cached_engines: int = Field(default=100, ge=1)
-    """Most per-tenant engines kept open at once (SQLite: one file per tenant); the least
-    recently used is closed when the limit is passed."""
+    """Most per-tenant engines kept open at once (SQLite: one file per tenant; with
+    `isolation_strategy="database"`, one database per tenant); the least recently used
+    engine not in use is closed when the limit is passed."""
+
+    # -- database per tenant (isolation_strategy="database") --------------------------
+
+    database_connection_budget: int = Field(default=50, ge=1, le=100_000)
+    """Most connections this process holds open to tenant databases at once, across all
+    tenants and servers (`isolation_strategy="database"`). A request that needs one more
+    waits up to `database_pool_timeout` for one to free up (idle tenants' connections are
+    closed first), then fails with 503. The registry's pool is not counted."""
+
+    database_tenant_pool_size: int = Field(default=2, ge=1, le=1000)
+    """Connections kept per tenant database (`isolation_strategy="database"`), with no
+    overflow; at most `database_connection_budget` in all."""
+
+    encryption_keys: list[SecretStr] = Field(default_factory=list)
+    """Fernet keys (`cryptography`) that encrypt each tenant's own `database_url` at rest,
+    as a JSON list in the environment. The first key encrypts, all of them decrypt: put a
+    new key first to rotate, run `manager.rotate_encryption_keys()`, then drop the old one.
+    Needed only to register tenants with a `database_url`."""
 
     # -- resolution strategies: subdomain, path, JWT, chains, anti-enumeration ---------
 
@@ -369,6 +390,16 @@ class TenancyConfig(BaseSettings):
         if self.database_pgbouncer and backend != "postgresql":
             raise ValueError(
                 f"database_pgbouncer: PgBouncer fronts PostgreSQL, but database_url is {backend}"
+            )
+        if self.isolation_strategy == "database" and backend not in _DATABASE_BACKENDS:
+            raise ValueError(
+                "isolation_strategy: 'database' needs PostgreSQL, MySQL/MariaDB or SQLite, "
+                f"but database_url is {backend}"
+            )
+        if self.database_tenant_pool_size > self.database_connection_budget:
+            raise ValueError(
+                "database_tenant_pool_size: a tenant's pool cannot be larger than "
+                f"database_connection_budget ({self.database_connection_budget})"
             )
         if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
             raise ValueError(

@@ -4,7 +4,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 
 from ._utils import create_engine, redis_client, unavailable_as_503
 from .audit import AuditWriter, SQLAuditWriter
-from .config import TenancyConfig
+from .config import TenancyConfig, normalise_database_url
 from .context import current_tenant
 from .errors import (
     ConfigurationError,
@@ -27,6 +27,7 @@ from .errors import (
 from .events import LifecycleEvent, LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
+from .isolation.database import DatabaseIsolation
 from .isolation.schema import SchemaIsolation
 from .isolation.sqlite import SQLiteFileIsolation
 from .lookup import TenantLookup
@@ -40,6 +41,9 @@ from .resolution.subdomain import SubdomainResolver
 from .storage.base import TenantStore
 from .storage.database import SQLAlchemyTenantStore
 from .tenant import Tenant, TenantStatus
+
+if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+    from .encryption import URLCipher
 
 __all__ = ["TenancyManager"]
 
@@ -105,6 +109,7 @@ class TenancyManager:
             # use: behind PgBouncer it must not cache prepared statements either.
             self.store.pgbouncer = True
         self.resolver = self._build_resolver(resolver)
+        self.cipher = self._build_cipher()
         self.isolation = isolation if isolation is not None else self._build_isolation()
         self.lookup = TenantLookup(
             self.store,
@@ -176,13 +181,36 @@ class TenancyManager:
             )
         return HeaderResolver(config.tenant_header_name)
 
+    def _build_cipher(self) -> "URLCipher | None":
+        if not self.config.encryption_keys:
+            return None
+        from .encryption import URLCipher  # imported only when keys are set: needs `cryptography`
+
+        return URLCipher(self.config.encryption_keys)
+
     def _build_isolation(self) -> Isolation:
         config = self.config
         if config.backend == "sqlite":
+            # Both strategies mean one file per tenant: SQLite has no schemas, and a
+            # file is its database.
             return SQLiteFileIsolation(
                 config.database_url,
                 prefix=config.schema_prefix,
                 max_engines=config.max_cached_engines,
+                echo=config.database_echo,
+            )
+        if config.isolation_strategy == "database":
+            return DatabaseIsolation(
+                config.database_url,
+                prefix=config.schema_prefix,
+                cipher=self.cipher,
+                connection_budget=config.database_connection_budget,
+                pool_size=config.database_tenant_pool_size,
+                pool_timeout=config.database_pool_timeout,
+                pool_recycle=config.database_pool_recycle,
+                pool_pre_ping=config.database_pool_pre_ping,
+                max_engines=config.max_cached_engines,
+                pgbouncer=config.database_pgbouncer,
                 echo=config.database_echo,
             )
         return SchemaIsolation(
@@ -319,8 +347,13 @@ class TenancyManager:
         *,
         app_metadata: sa.MetaData | None = None,
         metadata: Mapping[str, Any] | None = None,
+        database_url: str | None = None,
     ) -> Tenant:
         """Register a tenant, create its storage and the `app_metadata` tables in it.
+
+        `database_url` (database isolation) puts the tenant's database on another
+        server: it is encrypted with `encryption_keys` before it is stored, and only
+        the ciphertext is kept on the returned `Tenant`.
 
         The tenant is `provisioning` until its storage is ready, then `active`. If
         provisioning fails, the registration is undone and `ProvisioningError`
@@ -330,8 +363,13 @@ class TenancyManager:
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
         new = Tenant(
-            identifier=identifier, name=name, metadata=metadata or {}, status=TenantStatus.PROVISIONING
+            identifier=identifier,
+            name=name,
+            metadata=metadata or {},
+            status=TenantStatus.PROVISIONING,
+            encrypted_database_url=None if database_url is None else self._encrypt(database_url),
         )
+        self.isolation.check(new)
         try:
             tenant = await self.store.create(new)
         except TenantAlreadyExistsError as exc:
@@ -355,6 +393,47 @@ class TenancyManager:
         active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
         logger.info("registered tenant %s", identifier)
         return active
+
+    def _encrypt(self, database_url: str) -> str:
+        if self.cipher is None:
+            raise ConfigurationError(
+                "a tenant's database_url is encrypted at rest: set encryption_keys "
+                "(TENANCY_ENCRYPTION_KEYS) to register one"
+            )
+        try:
+            normalised = normalise_database_url(database_url)
+        except ValueError as exc:  # the message names the problem, never the URL
+            raise ConfigurationError(f"database_url: {exc}") from None
+        return self.cipher.encrypt(normalised)
+
+    async def rotate_encryption_keys(self) -> int:
+        """Re-encrypt every tenant's `database_url` under the first of `encryption_keys`.
+
+        Run it after putting a new key first; once it returns, the old keys can be
+        removed. Returns how many tenants were re-encrypted (those already under
+        the first key are left alone, so running it again is cheap).
+        """
+        cipher = self.cipher
+        if cipher is None:
+            raise ConfigurationError("rotate_encryption_keys() needs encryption_keys")
+
+        def rotate(tenant: Tenant) -> Tenant:
+            token = tenant.encrypted_database_url
+            if token is None or cipher.is_current(token):
+                return tenant
+            return tenant.with_encrypted_database_url(cipher.rotate(token))
+
+        rotated = 0
+        after: str | None = None
+        while page := await self.store.list(after=after, limit=500):
+            for tenant in page:
+                token = tenant.encrypted_database_url
+                if token is not None and not cipher.is_current(token):
+                    await self._change(tenant.identifier, rotate)
+                    rotated += 1
+            after = page[-1].identifier
+        logger.info("re-encrypted the database_url of %d tenants", rotated)
+        return rotated
 
     async def _undo_registration(self, tenant: Tenant) -> None:
         try:

@@ -133,7 +133,9 @@ class Tenant:
 
     `id` is opaque and never reused; `identifier` is the slug clients send
     (`acme-corp`). `metadata` is a deep-frozen mapping, so a route cannot change
-    the cached record other requests see.
+    the cached record other requests see. `encrypted_database_url` is the tenant's
+    own database server (database isolation), as ciphertext only: stores keep it as
+    they get it, and only the isolation strategy decrypts it, to connect.
     """
 
     identifier: str
@@ -143,6 +145,8 @@ class Tenant:
     metadata: Mapping[str, Any] = field(default_factory=FrozenDict)
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
+    # Ciphertext, yet still kept out of repr(): it is long, and says nothing useful.
+    encrypted_database_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         validate_identifier(self.identifier)
@@ -176,6 +180,10 @@ class Tenant:
             metadata=self.metadata if metadata is None else FrozenDict(metadata),
             updated_at=self._next_stamp(),
         )
+
+    def with_encrypted_database_url(self, token: str | None) -> "Tenant":
+        """Return a copy holding `token` (e.g. after re-encryption under a new key)."""
+        return replace(self, encrypted_database_url=token, updated_at=self._next_stamp())
 
     def _next_stamp(self) -> datetime:
         # Strictly later than the current one: `updated_at` is the version stores

@@ -1,6 +1,7 @@
 """The isolation matrix: two tenants with overlapping primary keys, on PostgreSQL schemas
-(a pool of ONE connection, so every request reuses the same physical connection) and on
-SQLite files. Every request must see its own tenant's rows and nothing else."""
+(a pool of ONE connection, so every request reuses the same physical connection), on
+SQLite files, and on a database per tenant on PostgreSQL and MariaDB (a pool of one per
+tenant). Every request must see its own tenant's rows and nothing else."""
 
 import asyncio
 import random
@@ -24,6 +25,7 @@ from fastapi_tenancy import (
 from fastapi_tenancy.isolation import SQLiteFileIsolation
 
 from ..apps import Base, Order, build_app
+from .databases import dropped_afterwards, server_sql
 
 ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
 
@@ -63,9 +65,20 @@ class Env:
             await engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(f"{request.param}_url"))
+# id -> (URL fixture, isolation_strategy)
+CASES = {
+    "sqlite": ("sqlite_url", "schema"),
+    "postgres": ("postgres_url", "schema"),
+    "sqlite-database": ("sqlite_url", "database"),
+    "postgres-database": ("postgres_url", "database"),
+    "mysql-database": ("mysql_url", "database"),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def db_case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    fixture, strategy = CASES[request.param]
+    return str(request.getfixturevalue(fixture)), strategy
 
 
 @asynccontextmanager
@@ -89,8 +102,20 @@ async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
 
 
 @pytest.fixture
-async def env(db_url: str) -> AsyncIterator[Env]:
-    async with two_tenants(db_url) as environment:
+async def env(db_case: tuple[str, str]) -> AsyncIterator[Env]:
+    url, strategy = db_case
+    if strategy == "schema":
+        async with two_tenants(url) as environment:
+            yield environment
+        return
+    # Tenant databases live beside the test's own: a prefix of their own keeps them apart
+    # from other tests on the shared server, and every one of them is dropped at the end.
+    async with (
+        dropped_afterwards(url) as prefix,
+        two_tenants(
+            url, isolation_strategy="database", schema_prefix=prefix, database_tenant_pool_size=1
+        ) as environment,
+    ):
         yield environment
 
 
@@ -172,7 +197,12 @@ async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:
 
 
 async def test_leftover_storage_is_never_adopted(env: Env, tmp_path: Path) -> None:
-    if env.backend == "postgresql":
+    config = env.manager.config
+    if config.isolation_strategy == "database" and env.backend != "sqlite":
+        name = f"{config.schema_prefix}delta"
+        quoted = f'"{name}"' if env.backend == "postgresql" else f"`{name}`"
+        await server_sql(config.database_url, f"CREATE DATABASE {quoted}")
+    elif env.backend == "postgresql":
         await env.shared_sql('CREATE SCHEMA "tenant_delta"')
         await env.shared_sql(
             "CREATE TABLE tenant_delta.orders (id INTEGER PRIMARY KEY, description VARCHAR(200))"
@@ -181,7 +211,7 @@ async def test_leftover_storage_is_never_adopted(env: Env, tmp_path: Path) -> No
     else:
         isolation = env.manager.isolation
         assert isinstance(isolation, SQLiteFileIsolation)
-        (isolation.directory / "app.tenant_delta.db").write_bytes(b"")
+        (isolation.directory / f"app.{config.schema_prefix}delta.db").write_bytes(b"")
     with pytest.raises(ProvisioningError, match="already exists"):
         await env.manager.register_tenant("delta", "Delta", app_metadata=Base.metadata)
     assert await env.manager.store.get_by_identifier("delta") is None
@@ -194,7 +224,8 @@ async def test_slugs_differing_only_in_dash_vs_double_dash_stay_apart(env: Env) 
     assert _descriptions(await env.get("acme-corp", "/orders")) == ["single"]
     assert _descriptions(await env.get("acme--corp", "/orders")) == ["double"]
     names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
-    assert names == {"tenant_acme_corp", "tenant_acme__corp"}
+    prefix = env.manager.config.schema_prefix
+    assert names == {f"{prefix}acme_corp", f"{prefix}acme__corp"}
 
 
 async def test_failed_provisioning_leaves_no_half_made_tenant(env: Env) -> None:

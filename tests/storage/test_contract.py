@@ -168,3 +168,17 @@ async def test_update_with_a_stale_expectation_changes_nothing(store: TenantStor
     assert (renamed.status, renamed.name) == (TenantStatus.SUSPENDED, "Renamed")
     with pytest.raises(TenantNotFoundError):
         await store.update(_tenant("ghost"), expected=_tenant("ghost"))
+
+
+async def test_the_encrypted_database_url_is_stored_as_given(store: TenantStore) -> None:
+    # Ciphertext (database isolation): a store keeps it byte for byte, on create and update.
+    token = "gAAAAABpZ" + "x" * 200
+    tenant = await store.create(_tenant("acme", encrypted_database_url=token))
+    assert (await store.get_by_identifier("acme")) == tenant
+    rotated = tenant.with_encrypted_database_url(token + "-rotated")
+    assert (await store.update(rotated, expected=tenant)).encrypted_database_url == token + "-rotated"
+    stored = await store.get_by_id(tenant.id)
+    assert stored is not None and stored.encrypted_database_url == token + "-rotated"
+    assert (await store.create(_tenant("plain"))).encrypted_database_url is None
+    assert (await store.get_by_identifier("plain")) is not None
+    assert (await store.get_by_identifier("plain")).encrypted_database_url is None  # type: ignore[union-attr]

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..errors import InvalidIdentifierError
+from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
 __all__ = ["Isolation", "create_tables", "storage_name", "tenant_tables"]
@@ -67,6 +67,18 @@ class Isolation(ABC):
     def storage_name(self, identifier: str) -> str:
         """The name of the tenant's schema or database; raises for unusable slugs."""
         return storage_name(self.prefix, identifier)
+
+    def check(self, tenant: Tenant) -> None:
+        """Raise `ConfigurationError` if this strategy cannot serve `tenant` as registered.
+
+        Called before anything of a new tenant is written. The default refuses a
+        tenant's own `database_url`, which only database isolation uses.
+        """
+        if tenant.encrypted_database_url is not None:
+            raise ConfigurationError(
+                f"tenant {tenant.identifier!r} has its own database_url, but {type(self).__name__} "
+                "keeps tenants on one server; use isolation_strategy='database'"
+            )
 
     async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Prepare shared resources (pools). Idempotent."""

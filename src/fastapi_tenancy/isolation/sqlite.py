@@ -2,7 +2,6 @@
 
 import asyncio
 import sqlite3
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from .._utils import create_engine, is_memory_sqlite, unavailable_as_503
 from ..errors import ProvisioningError
 from ..tenant import Tenant
 from .base import Isolation, create_tables, tenant_tables
+from .engines import EngineRegistry
 
 __all__ = ["SQLiteFileIsolation"]
 
@@ -35,13 +35,14 @@ def _confine(dbapi_connection: Any, _record: Any) -> None:
 class SQLiteFileIsolation(Isolation):
     """Each tenant in its own SQLite file beside the registry: `app.tenant_acme_corp.db`.
 
-    What `isolation_strategy="schema"` means on SQLite. A tenant session's engine
+    What both `isolation_strategy="schema"` and `"database"` mean on SQLite. A tenant session's engine
     opens only that tenant's file and refuses `ATTACH`, so neither other tenants
     nor the registry are reachable from it, even by raw SQL. Files are opened read-write without
     create (`mode=rw`): a tenant whose file is missing fails, it never gets a fresh
-    empty database. At most `max_engines` files are open at once (least recently
-    used closed first). An in-memory registry URL gives in-memory tenants, which are
-    never closed (that would lose them). Safe for concurrent use.
+    empty database. At most `max_engines` files are kept open (an `EngineRegistry`:
+    least recently used closed first, never under a request). An in-memory registry
+    URL gives in-memory tenants, which are never closed (that would lose them). Safe
+    for concurrent use.
     """
 
     def __init__(
@@ -54,10 +55,8 @@ class SQLiteFileIsolation(Isolation):
         database = Path(url.database or "tenancy.db")
         self.directory = database.parent.resolve()
         self._stem = database.name.removesuffix(".db")
-        self._max_engines = max_engines
         self._echo = echo
-        self._engines: OrderedDict[str, AsyncEngine] = OrderedDict()
-        self._disposals: set[asyncio.Task[None]] = set()
+        self.engines = EngineRegistry(max_engines=None if self._memory else max_engines)
 
     def path(self, tenant: Tenant) -> Path:
         """The database file of `tenant`."""
@@ -78,28 +77,12 @@ class SQLiteFileIsolation(Isolation):
         return AsyncSession(bind=self._engine(tenant), expire_on_commit=False)
 
     def _engine(self, tenant: Tenant) -> AsyncEngine:
-        engine = self._engines.get(tenant.identifier)
-        if engine is not None:
-            self._engines.move_to_end(tenant.identifier)
-            return engine
-        engine = self._open(self.path(tenant), "rw")
-        self._engines[tenant.identifier] = engine
-        if not self._memory and len(self._engines) > self._max_engines:
-            _, evicted = self._engines.popitem(last=False)
-            self._dispose_later(evicted)
-        return engine
-
-    def _dispose_later(self, engine: AsyncEngine) -> None:
-        # Sessions still using the evicted engine keep their connections until they
-        # finish; dispose() only closes the idle ones.
-        task = asyncio.get_running_loop().create_task(engine.dispose())
-        self._disposals.add(task)
-        task.add_done_callback(self._disposals.discard)
+        return self.engines.get(tenant.identifier, lambda: self._open(self.path(tenant), "rw"))
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         tables = tenant_tables(metadata)
         if self._memory:
-            if tenant.identifier in self._engines:
+            if tenant.identifier in self.engines:
                 raise ProvisioningError(f"in-memory database of {tenant.identifier!r} already exists")
             async with self._engine(tenant).begin() as conn:
                 await conn.run_sync(create_tables, tables)
@@ -127,19 +110,12 @@ class SQLiteFileIsolation(Isolation):
         await engine.dispose()
 
     async def destroy(self, tenant: Tenant) -> None:
-        engine = self._engines.pop(tenant.identifier, None)
-        if engine is not None:
-            await engine.dispose()
+        await self.engines.discard(tenant.identifier)
         if not self._memory:
             _unlink(self.path(tenant))
 
     async def close(self) -> None:
-        engines = list(self._engines.values())
-        self._engines.clear()
-        for engine in engines:
-            await engine.dispose()
-        if self._disposals:
-            await asyncio.gather(*self._disposals, return_exceptions=True)
+        await self.engines.close()
 
 
 def _unlink(path: Path) -> None:

@@ -17,7 +17,8 @@ class TenantStore(ABC):
       where exceptions would be the common case for probing clients);
     - `create` raises `TenantAlreadyExistsError` when the id or the identifier is
       taken, atomically (two concurrent creates of one slug: one wins);
-    - `update` stores name, status, metadata and `updated_at`; a tenant's `id`,
+    - `update` stores name, status, metadata, `updated_at` and
+      `encrypted_database_url` (ciphertext: store it as given); a tenant's `id`,
       `identifier` and `created_at` never change; unknown ids raise
       `TenantNotFoundError`, as does `delete`. Given `expected`, it is a
       compare-and-set: it applies only while the stored status and `updated_at`

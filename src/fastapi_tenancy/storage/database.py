@@ -56,6 +56,8 @@ def _tenants_table(name: str, schema: str | None) -> sa.Table:
         sa.Column("metadata", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("created_at", _UTCDateTime(), nullable=False),
         sa.Column("updated_at", _UTCDateTime(), nullable=False),
+        # Ciphertext only (database isolation): the store never sees the plain URL.
+        sa.Column("encrypted_database_url", sa.Text(), nullable=True),
         schema=schema,
     )
 
@@ -211,6 +213,7 @@ class SQLAlchemyTenantStore(TenantStore):
             "status": tenant.status.value,
             "metadata": thaw(tenant.metadata),
             "updated_at": tenant.updated_at,
+            "encrypted_database_url": tenant.encrypted_database_url,
         }
 
     @staticmethod
@@ -223,4 +226,5 @@ class SQLAlchemyTenantStore(TenantStore):
             metadata=row["metadata"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            encrypted_database_url=row["encrypted_database_url"],
         )

@@ -57,6 +57,7 @@ class InMemoryTenantStore(TenantStore):
                 status=tenant.status,
                 metadata=tenant.metadata,
                 updated_at=tenant.updated_at,
+                encrypted_database_url=tenant.encrypted_database_url,
             )
             self._by_id[tenant.id] = updated
         return updated

@@ -1,0 +1,225 @@
+"""`DatabaseIsolation`: one database per tenant on PostgreSQL or MySQL/MariaDB, on one
+server or many, under a per-process connection budget."""
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from .._utils import create_engine, unavailable_as_503
+from ..config import normalise_database_url
+from ..errors import ConfigurationError, ProvisioningError
+from ..tenant import Tenant
+from .base import Isolation, create_tables, tenant_tables
+from .engines import ConnectionBudget, EngineRegistry
+
+if TYPE_CHECKING:  # the cipher needs `cryptography`, an optional extra
+    from ..encryption import URLCipher
+
+__all__ = ["DatabaseIsolation"]
+
+logger = logging.getLogger("fastapi_tenancy")
+
+_SERVER_BACKENDS = ("postgresql", "mysql")
+_EXISTS = {
+    "postgresql": sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+    "mysql": sa.text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :name"),
+}
+
+
+# MySQL/MariaDB servers may default to latin1; tenants' text must not depend on that.
+_CHARSET = {"postgresql": "", "mysql": " CHARACTER SET utf8mb4"}
+
+
+def _backend(url: URL) -> str:
+    backend = url.get_backend_name()
+    return "mysql" if backend == "mariadb" else backend
+
+
+def _quoted(backend: str, name: str) -> str:
+    # `name` comes from storage_name(): lower-case letters, digits and `_` only, so
+    # quoting cannot be escaped; the quotes keep reserved words usable.
+    return f"`{name}`" if backend == "mysql" else f'"{name}"'
+
+
+class DatabaseIsolation(Isolation):
+    """Each tenant in a database of its own (`acme-corp` → database `tenant_acme_corp`).
+
+    Safe for concurrent use. A tenant's database lives on `server_url`'s server,
+    or on the server of its own `database_url` (stored encrypted; `cipher`
+    decrypts it when the tenant's engine is made). Engines are made on a
+    tenant's first request and kept in an `EngineRegistry`: at most
+    `max_engines`, each with a pool of `pool_size` connections and no overflow,
+    all of them under one `ConnectionBudget` of `connection_budget` connections.
+    Sessions connect to the tenant's database only, so neither other tenants nor
+    the registry are reachable by unqualified names, raw SQL included.
+
+        isolation = DatabaseIsolation("postgresql+asyncpg://app@db/app", connection_budget=40)
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        prefix: str = "tenant_",
+        cipher: "URLCipher | None" = None,
+        connection_budget: int = 50,
+        pool_size: int = 2,
+        pool_timeout: float = 30.0,
+        pool_recycle: int = 1800,
+        pool_pre_ping: bool = False,
+        max_engines: int = 100,
+        pgbouncer: bool = False,
+        echo: bool = False,
+    ) -> None:
+        super().__init__(prefix)
+        self._server = make_url(normalise_database_url(server_url))
+        if _backend(self._server) not in _SERVER_BACKENDS:
+            raise ConfigurationError(
+                "DatabaseIsolation needs a PostgreSQL or MySQL/MariaDB server; on SQLite, "
+                "SQLiteFileIsolation gives each tenant its own file"
+            )
+        if pool_size > connection_budget:
+            raise ConfigurationError("a tenant's pool_size cannot exceed connection_budget")
+        self._cipher = cipher
+        self._pool_size = pool_size
+        self._pool_timeout = pool_timeout
+        self._pool_recycle = pool_recycle
+        self._pool_pre_ping = pool_pre_ping
+        self._pgbouncer = pgbouncer
+        self._echo = echo
+        self.budget = ConnectionBudget(connection_budget, timeout=pool_timeout)
+        """Counts every connection this strategy opens, provisioning included."""
+        self.engines = EngineRegistry(max_engines=max_engines, budget=self.budget)
+
+    # -- where a tenant lives ------------------------------------------------------
+
+    def check(self, tenant: Tenant) -> None:
+        """Refuse a tenant whose own `database_url` cannot be decrypted or used."""
+        self._server_of(tenant)
+
+    def _server_of(self, tenant: Tenant) -> URL:
+        token = tenant.encrypted_database_url
+        if token is None:
+            return self._server
+        if self._cipher is None:
+            raise ConfigurationError(
+                f"tenant {tenant.identifier!r} has its own database_url, but no encryption_keys are set"
+            )
+        try:
+            server = make_url(normalise_database_url(self._cipher.decrypt(token)))
+        except ValueError as exc:  # ConfigurationError included; messages never hold the URL
+            raise ConfigurationError(
+                f"the database_url of tenant {tenant.identifier!r} is unusable: {exc}"
+            ) from None
+        if _backend(server) not in _SERVER_BACKENDS:
+            raise ConfigurationError(
+                f"the database_url of tenant {tenant.identifier!r} must name a PostgreSQL or "
+                "MySQL/MariaDB server"
+            )
+        return server
+
+    def _engine(self, url: URL, *, null_pool: bool = False, autocommit: bool = False) -> AsyncEngine:
+        postgres = _backend(url) == "postgresql"
+        options: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+        return create_engine(
+            url.render_as_string(hide_password=False),
+            pool_size=self._pool_size,
+            max_overflow=0,
+            pool_timeout=self._pool_timeout,
+            pool_recycle=self._pool_recycle,
+            pool_pre_ping=self._pool_pre_ping,
+            echo=self._echo,
+            pgbouncer=self._pgbouncer and postgres,
+            null_pool=null_pool,
+            **options,
+        )
+
+    def _admin_engine(self, server: URL) -> AsyncEngine:
+        # The server URL's own database, or the maintenance database: CREATE and DROP
+        # DATABASE run outside any transaction, on a connection of their own.
+        if server.database is None and _backend(server) == "postgresql":
+            server = server.set(database="postgres")
+        engine = self._engine(server, null_pool=True, autocommit=True)
+        self.budget.attach(engine)
+        return engine
+
+    def _tenant_engine(self, tenant: Tenant) -> AsyncEngine:
+        return self._engine(self._server_of(tenant).set(database=self.storage_name(tenant.identifier)))
+
+    # -- the request path ----------------------------------------------------------
+
+    async def session(self, tenant: Tenant) -> AsyncSession:
+        engine = self.engines.get(tenant.id, lambda: self._tenant_engine(tenant))
+        return AsyncSession(bind=engine, expire_on_commit=False)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
+        name = self.storage_name(tenant.identifier)
+        server = self._server_of(tenant)
+        backend = _backend(server)
+        admin = self._admin_engine(server)
+        created = False
+        try:
+            async with unavailable_as_503("tenant database server"):
+                async with admin.connect() as conn:
+                    # Never IF NOT EXISTS: an existing database may hold an earlier
+                    # tenant's rows, and adopting it would hand them to the new one.
+                    if await conn.scalar(_EXISTS[backend], {"name": name}):
+                        raise ProvisioningError(
+                            f"database {name!r} already exists; refusing to hand its data to a new "
+                            "tenant (drop it, or purge the old tenant with destroy_data=True)"
+                        )
+                    # A concurrent registration of the same name makes this fail, and
+                    # `created` stays False: the other one's database is not ours to drop.
+                    await conn.exec_driver_sql(f"CREATE DATABASE {_quoted(backend, name)}{_CHARSET[backend]}")
+                    created = True
+                tables = self._engine(server.set(database=name), null_pool=True)
+                self.budget.attach(tables)
+                try:
+                    async with tables.begin() as conn:
+                        await conn.run_sync(create_tables, tenant_tables(metadata))
+                finally:
+                    await tables.dispose()
+        except BaseException as exc:
+            # Whatever went wrong (even a cancellation), a database we created is
+            # dropped, so the slug can be registered again.
+            if created:
+                await asyncio.shield(self._drop(admin, backend, name))
+            if isinstance(exc, sa_exc.SQLAlchemyError):
+                detail = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+                raise ProvisioningError(f"could not provision database {name!r}: {detail}") from exc
+            raise
+        finally:
+            await admin.dispose()
+
+    async def _drop(self, admin: AsyncEngine, backend: str, name: str) -> None:
+        # WITH (FORCE) (PostgreSQL 13+) ends sessions still connected to it, ours in
+        # other processes included; MySQL drops under open connections anyway.
+        force = " WITH (FORCE)" if backend == "postgresql" else ""
+        try:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quoted(backend, name)}{force}")
+        except Exception:
+            logger.exception("could not drop database %s of a failed provisioning", name)
+
+    async def destroy(self, tenant: Tenant) -> None:
+        name = self.storage_name(tenant.identifier)
+        await self.engines.discard(tenant.id)
+        server = self._server_of(tenant)
+        backend = _backend(server)
+        admin = self._admin_engine(server)
+        force = " WITH (FORCE)" if backend == "postgresql" else ""
+        try:
+            async with unavailable_as_503("tenant database server"), admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quoted(backend, name)}{force}")
+        finally:
+            await admin.dispose()
+
+    async def close(self) -> None:
+        await self.engines.close()

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 try:
-    from alembic.runtime.environment import EnvironmentContext
+    import alembic  # noqa: F401 - fail at import, naming the extra
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from .errors import MissingDependencyError
 
@@ -68,7 +68,7 @@ _VERSIONS = sa.text(
 )
 
 
-def tenant_schema(context: EnvironmentContext, config: TenancyConfig | None = None) -> str:
+def tenant_schema(context: Any, config: TenancyConfig | None = None) -> str:
     """The schema an `env.py` run migrates: set by the fleet runner, or `-x tenant=<slug>`.
 
     Falls back to the `TENANCY_TENANT` environment variable (as `fastapi-tenancy run`
@@ -92,7 +92,7 @@ def _scope(connection: Connection, schema: str) -> None:
 
 
 def _run(
-    context: EnvironmentContext,
+    context: Any,
     schema: str,
     configure: dict[str, Any],
     fallback_url: str,
@@ -139,7 +139,7 @@ async def _run_async(url: str, migrate: Callable[[Connection], None]) -> None:
 
 
 def run_tenant_migrations(
-    context: EnvironmentContext,
+    context: Any,
     target_metadata: sa.MetaData | None = None,
     *,
     config: TenancyConfig | None = None,
@@ -162,7 +162,7 @@ def run_tenant_migrations(
 
 
 def run_shared_migrations(
-    context: EnvironmentContext,
+    context: Any,
     target_metadata: sa.MetaData | None = None,
     *,
     schema: str = "public",

@@ -59,14 +59,14 @@ async def test_upgrade_migrates_each_tenant_in_its_own_schema_concurrently(
         for slug in slugs:
             schema = f"tenant_{slug}"
             # Each tenant's migration ran in its own schema, and only there.
-            marks = await conn.fetch(f'SELECT schema, started, finished FROM "{schema}".marks')
+            marks = await conn.fetch(f'SELECT schema, started, finished FROM "{schema}".marks')  # noqa: S608
             assert [m["schema"] for m in marks] == [schema]
             windows.append((marks[0]["started"], marks[0]["finished"]))
-            assert await conn.fetchval(f'SELECT version_num FROM "{schema}".alembic_version') == "b2"
+            assert await conn.fetchval(f'SELECT version_num FROM "{schema}".alembic_version') == "b2"  # noqa: S608
             # Same primary key in two tenants: the tables are separate.
-            await conn.execute(f"INSERT INTO \"{schema}\".items (id, name) VALUES (1, '{slug}')")
+            await conn.execute(f"INSERT INTO \"{schema}\".items (id, name) VALUES (1, '{slug}')")  # noqa: S608
         for slug in slugs:
-            assert await conn.fetchval(f'SELECT name FROM "tenant_{slug}".items WHERE id = 1') == slug
+            assert await conn.fetchval(f'SELECT name FROM "tenant_{slug}".items WHERE id = 1') == slug  # noqa: S608
         assert await conn.fetchval("SELECT to_regclass('public.items')") is None
         assert await conn.fetchval("SELECT to_regclass('public.alembic_version')") is None
     finally:

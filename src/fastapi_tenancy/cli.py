@@ -106,6 +106,8 @@ def load_manager(app_path: str | None) -> TenancyManager:
         sys.path.insert(0, os.getcwd())  # like uvicorn: the app's module is found from here
     target: Any = importlib.import_module(module_name)
     for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigurationError(f"--app {app_path}: {module_name} has no attribute {attribute!r}")
         target = getattr(target, part)
     if not isinstance(target, TenancyManager) and callable(target):
         target = target()
@@ -341,7 +343,7 @@ def _migrate(
 
         def on_result(result: TenantResult) -> None:
             progress.advance(task_id)
-            if result.status == "failed":
+            if result.status == "failed" and show_progress:
                 progress.console.print(f"[red]failed[/red] {result.tenant}: {result.error}", highlight=False)
 
         try:

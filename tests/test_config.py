@@ -40,6 +40,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "negative_cache_ttl": ("0", 0.0),
     "negative_cache_max_size": ("60", 60),
     "max_cached_engines": ("7", 7),
+    "schema_template": ("tenancy_template", "tenancy_template"),
 }
 
 

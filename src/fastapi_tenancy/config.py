@@ -23,6 +23,7 @@ _OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
+_SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
 def normalise_database_url(url: str) -> str:
@@ -142,6 +143,15 @@ class TenancyConfig(BaseSettings):
     """Most per-tenant engines kept open at once (SQLite: one file per tenant); the least
     recently used is closed when the limit is passed."""
 
+    # -- fleet operations: fast provisioning -------------------------------------------
+
+    schema_template: str | None = None
+    """PostgreSQL: a schema kept at the current migration head that each new tenant's
+    schema is cloned from, so registration takes milliseconds instead of running every
+    migration or `create_all`. `fastapi-tenancy migrate upgrade` creates and upgrades it
+    with the tenants. Must not start with `schema_prefix`. Unset: tables are created
+    from `app_metadata`."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -164,6 +174,13 @@ class TenancyConfig(BaseSettings):
             )
         return value
 
+    @field_validator("schema_template")
+    @classmethod
+    def _check_schema_template(cls, value: str | None) -> str | None:
+        if value is not None and (_SCHEMA_NAME.fullmatch(value) is None or value.startswith("pg_")):
+            raise ValueError("must be 1-63 lower-case letters, digits or '_', start with a letter, not 'pg_'")
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TenancyConfig":
         backend = self.backend
@@ -174,6 +191,10 @@ class TenancyConfig(BaseSettings):
         if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
             raise ValueError(
                 f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, but database_url is {backend}"
+            )
+        if self.schema_template is not None and self.schema_template.startswith(self.schema_prefix):
+            raise ValueError(
+                "schema_template must not start with schema_prefix (it would be a tenant's name)"
             )
         return self
 

@@ -51,6 +51,8 @@ Outcome = Literal["ok", "failed", "skipped", "planned"]
 
 _LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
 _ERROR_MAX = 2000
+TEMPLATE_LABEL = "(template)"
+"""How results name the template schema (`schema_template`), which is migrated with the tenants."""
 FLEET_ATTRIBUTE = "tenancy_fleet"
 """`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
 
@@ -307,8 +309,14 @@ class FleetMigrator:
 
     async def _tenants(self, only: Sequence[str] | None) -> list[tuple[str, str]]:
         tenants: list[tuple[str, str]] = []
-        if only:
-            for slug in only:
+        wanted = list(only or ())
+        template = self.manager.config.schema_template
+        if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
+            # Migrated first, like a tenant, so tenants cloned from it start at head.
+            tenants.append((TEMPLATE_LABEL, template))
+        slugs = [slug for slug in wanted if slug != TEMPLATE_LABEL]
+        if wanted:
+            for slug in slugs:
                 tenant = await self.manager.get_tenant(slug)
                 tenants.append((tenant.identifier, self.manager.isolation.storage_name(tenant.identifier)))
             return tenants
@@ -359,6 +367,10 @@ class FleetMigrator:
         `dry_run=True` nothing is written: the report lists the tenants that
         would run as `planned`.
         """
+        template = self.manager.config.schema_template
+        if template is not None and not dry_run:
+            async with self.engine.begin() as conn:
+                await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{template}"'))
         plan = await self.status(target, tenants=tenants, direction=direction)
         skipped = [m for m in plan if m.at_target]
         todo = [m for m in plan if not m.at_target]

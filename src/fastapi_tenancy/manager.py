@@ -113,6 +113,8 @@ class TenancyManager:
     def _build_isolation(self) -> Isolation:
         config = self.config
         if config.backend == "sqlite":
+            if config.schema_template is not None:
+                raise ConfigurationError("schema_template needs PostgreSQL (a template is a schema)")
             return SQLiteFileIsolation(
                 config.database_url,
                 prefix=config.schema_prefix,
@@ -124,6 +126,7 @@ class TenancyManager:
             prefix=config.schema_prefix,
             max_cached_binds=config.cache_max_size,
             empty_search_path=self._empty_search_path,
+            template=config.schema_template,
         )
 
     # -- lifecycle -----------------------------------------------------------------

@@ -251,3 +251,27 @@ async def test_only_one_fleet_run_at_a_time(
     finally:
         await holder.close()
         await migrator.close()
+
+
+async def test_the_template_is_migrated_with_the_tenants_and_clones_start_at_head(
+    postgres_url: str, project: Path
+) -> None:
+    from fastapi_tenancy import TenancyConfig
+
+    config = TenancyConfig(
+        database_url=postgres_url, database_pool_size=2, schema_template="tenancy_template"
+    )
+    manager = TenancyManager(config)
+    await manager.initialize()
+    migrator = FleetMigrator(manager, project)
+    try:
+        report = await migrator.run()
+        assert [(r.tenant, r.status, r.to_revision) for r in report.results] == [("(template)", "ok", "b2")]
+        await manager.register_tenant("acme", "Acme")  # cloned from the template
+        status = {s.tenant: (s.versions, s.at_target) for s in await migrator.status()}
+        again = await migrator.run()
+    finally:
+        await migrator.close()
+        await manager.close()
+    assert status == {"(template)": (("b2",), True), "acme": (("b2",), True)}
+    assert [r.status for r in again.results] == ["skipped", "skipped"]

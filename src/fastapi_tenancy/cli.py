@@ -533,7 +533,7 @@ def doctor() -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
-DEMO_TENANTS = {"acme-corp": "Acme Corporation", "globex": "Globex Inc."}
+DEMO_TENANTS = {"demo-acme": "Acme Corporation", "demo-globex": "Globex Inc."}
 
 
 @app.command("demo")

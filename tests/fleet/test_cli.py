@@ -153,7 +153,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(postgres_url: str, pgbouncer_
 async def test_demo_shows_each_tenant_its_own_rows(postgres_url: str) -> None:
     code, rows = cli_json(postgres_url, "demo")
     assert code == 0
-    assert [(r["tenant"], r["order_id"]) for r in rows] == [("acme-corp", 1), ("globex", 1)]
+    assert [(r["tenant"], r["order_id"]) for r in rows] == [("demo-acme", 1), ("demo-globex", 1)]
     assert rows[0]["description"] != rows[1]["description"]
     assert cli_json(postgres_url, "demo") == (0, rows)  # idempotent
 

@@ -1,0 +1,105 @@
+"""Registering a tenant with 30 tables: `create_all` vs cloning the template schema.
+
+Alternates the two ways tenant by tenant (so machine load hits both alike),
+checks that both give the same catalog, and writes `results/provisioning.json`.
+
+    .venv/bin/python benchmarks/provisioning.py --tenants 40
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
+from fastapi_tenancy.provisioning import schema_catalog  # noqa: E402
+
+SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
+
+
+def thirty_tables() -> sa.MetaData:
+    """30 tables, each with a serial key, a foreign key to the previous one, an index and a check."""
+    metadata = sa.MetaData()
+    for i in range(30):
+        columns: list[sa.schema.SchemaItem] = [
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("name", sa.String(100), nullable=False, comment="display name"),
+            sa.Column("amount", sa.Numeric(12, 2), server_default=sa.text("0")),
+            sa.Column("created", sa.DateTime(timezone=True), server_default=sa.func.now()),
+            sa.Index(f"ix_t{i}_name", "name"),
+            sa.CheckConstraint("amount >= 0", name=f"ck_t{i}_amount"),
+        ]
+        if i:
+            columns.append(sa.Column("parent_id", sa.ForeignKey(f"t{i - 1}.id")))
+        sa.Table(f"t{i}", metadata, *columns)
+    return metadata
+
+
+def p50(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 1)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tenants", type=int, default=40, help="per way")
+    args = parser.parse_args()
+    database = f"bench_prov_{uuid.uuid4().hex[:8]}"
+    server = make_url(SERVER)
+    admin = await asyncpg.connect(
+        host=server.host, port=server.port or 5432, user=server.username, database="postgres"
+    )
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = server.set(database=database).render_as_string(hide_password=False)
+    metadata = thirty_tables()
+    plain = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2))
+    templated = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl"))
+    try:
+        await plain.initialize()
+        await templated.initialize()
+        await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
+        times: dict[str, list[float]] = {"create_all": [], "template": []}
+        for i in range(args.tenants):
+            for way, manager in (("create_all", plain), ("template", templated)):
+                started = time.perf_counter()
+                await manager.register_tenant(f"{way.replace('_', '-')}-{i}", "x", app_metadata=metadata)
+                times[way].append(time.perf_counter() - started)
+        async with plain.engine.connect() as conn:
+            same = await schema_catalog(conn, "tenant_create_all_0") == await schema_catalog(
+                conn, "tenant_template_0"
+            )
+        out = {
+            "tables": 30,
+            "tenants_per_way": args.tenants,
+            "register_p50_ms": {way: p50(values) for way, values in times.items()},
+            "register_mean_ms": {way: round(statistics.mean(v) * 1000, 1) for way, v in times.items()},
+            "speedup_p50": round(
+                statistics.median(times["create_all"]) / statistics.median(times["template"]), 1
+            ),
+            "identical_catalogs": same,
+            "load": os.getloadavg(),
+        }
+    finally:
+        await templated.close()
+        await plain.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "provisioning.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

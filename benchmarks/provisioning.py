@@ -1,7 +1,9 @@
-"""Registering a tenant with 30 tables: `create_all` vs cloning the template schema.
+"""Registering a tenant with 30 tables: `create_all`, cloning the template schema, or Alembic.
 
-Alternates the two ways tenant by tenant (so machine load hits both alike),
-checks that both give the same catalog, and writes `results/provisioning.json`.
+Alternates the ways tenant by tenant (so machine load hits them alike), checks that
+`create_all` and the clone give the same catalog, and writes `results/provisioning.json`.
+The third way is what a migrations-only app does without a template: an empty schema,
+then `alembic upgrade head` through 30 revisions (one table each).
 
     .venv/bin/python benchmarks/provisioning.py --tenants 40
 """
@@ -10,14 +12,18 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +53,48 @@ def thirty_tables() -> sa.MetaData:
     return metadata
 
 
+REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "r{i:02d}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "t{i}",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(100), nullable=False, comment="display name"),
+        sa.Column("amount", sa.Numeric(12, 2), server_default=sa.text("0")),
+        sa.Column("created", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        {parent}
+        sa.CheckConstraint("amount >= 0", name="ck_t{i}_amount"),
+    )
+    op.create_index("ix_t{i}_name", "t{i}", ["name"])
+
+
+def downgrade() -> None:
+    pass
+"""
+
+
+def alembic_project(root: Path, url: str) -> Config:
+    """The package's project template with 30 revisions, one table each, as `thirty_tables()`."""
+    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migration_template", root)
+    versions = root / "migrations" / "tenant" / "versions"
+    for i in range(30):
+        parent = f'sa.Column("parent_id", sa.Integer, sa.ForeignKey("t{i - 1}.id")),' if i else ""
+        down = f"r{i - 1:02d}" if i else None
+        (versions / f"r{i:02d}.py").write_text(REVISION.format(i=i, down=down, parent=parent))
+    config = Config(str(root / "alembic.ini"), ini_section="tenant")
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["tenancy_fleet"] = True  # no logging setup
+    return config
+
+
 def p50(values: list[float]) -> float:
     return round(statistics.median(values) * 1000, 1)
 
@@ -69,12 +117,20 @@ async def main() -> None:
         await plain.initialize()
         await templated.initialize()
         await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
-        times: dict[str, list[float]] = {"create_all": [], "template": []}
+        workdir = Path(tempfile.mkdtemp(prefix="bench-prov-"))
+        alembic = alembic_project(workdir / "project", url)
+        times: dict[str, list[float]] = {"create_all": [], "template": [], "alembic_upgrade": []}
         for i in range(args.tenants):
             for way, manager in (("create_all", plain), ("template", templated)):
                 started = time.perf_counter()
                 await manager.register_tenant(f"{way.replace('_', '-')}-{i}", "x", app_metadata=metadata)
                 times[way].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await plain.register_tenant(f"alembic-{i}", "x")  # an empty schema
+            alembic.attributes["tenancy_schema"] = f"tenant_alembic_{i}"
+            await asyncio.to_thread(command.upgrade, alembic, "head")  # env.py runs its own event loop
+            times["alembic_upgrade"].append(time.perf_counter() - started)
+        shutil.rmtree(workdir, ignore_errors=True)
         async with plain.engine.connect() as conn:
             same = await schema_catalog(conn, "tenant_create_all_0") == await schema_catalog(
                 conn, "tenant_template_0"
@@ -84,9 +140,10 @@ async def main() -> None:
             "tenants_per_way": args.tenants,
             "register_p50_ms": {way: p50(values) for way, values in times.items()},
             "register_mean_ms": {way: round(statistics.mean(v) * 1000, 1) for way, v in times.items()},
-            "speedup_p50": round(
-                statistics.median(times["create_all"]) / statistics.median(times["template"]), 1
-            ),
+            "template_speedup_p50": {
+                way: round(statistics.median(times[way]) / statistics.median(times["template"]), 2)
+                for way in ("create_all", "alembic_upgrade")
+            },
             "identical_catalogs": same,
             "load": os.getloadavg(),
         }

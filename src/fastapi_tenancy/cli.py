@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -43,6 +43,7 @@ from .errors import (
     ConfigurationError,
     InvalidIdentifierError,
     InvalidTransitionError,
+    TenancyError,
     TenancyUnavailableError,
     TenantAlreadyExistsError,
     TenantChangedError,
@@ -129,6 +130,8 @@ def _exit_code(exc: BaseException) -> int | None:
         return EXIT_USAGE
     if isinstance(exc, TenancyUnavailableError | OSError):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, TenancyError):  # e.g. ProvisioningError: a clear message, not a traceback
+        return EXIT_FAILED
     return None
 
 
@@ -145,7 +148,7 @@ def _run(work: Callable[[TenancyManager], Awaitable[T]], *, initialize: bool = T
             await manager.close()
 
     try:
-        return asyncio.run(_as_coroutine(go))
+        return asyncio.run(go())
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:
@@ -154,10 +157,6 @@ def _run(work: Callable[[TenancyManager], Awaitable[T]], *, initialize: bool = T
             raise
         _fail(str(exc) or type(exc).__name__, code)
         raise AssertionError("unreachable") from None
-
-
-async def _as_coroutine(go: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return await go()
 
 
 def _fail(message: str, code: int) -> None:

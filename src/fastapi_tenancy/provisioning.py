@@ -117,7 +117,8 @@ _CLONE_SCRIPT = sa.text(
       -- Foreign keys last, when every table they reference has its keys.
       SELECT 8, c.relname::text,
              format('ALTER TABLE %I %s', c.relname, string_agg(
-                 format('ADD CONSTRAINT %I %s', k.conname, pg_get_constraintdef(k.oid)), ', ' ORDER BY k.conname))
+                 format('ADD CONSTRAINT %I %s', k.conname, pg_get_constraintdef(k.oid)),
+                 ', ' ORDER BY k.conname))
         FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid, t
        WHERE c.relnamespace = t.nsp AND c.relkind = 'r' AND k.contype = 'f'
        GROUP BY c.relname

@@ -170,3 +170,13 @@ async def test_app_import_path(postgres_url: str, tmp_path: Path) -> None:
     code, shown = cli_json(postgres_url, "--app", "myapp:manager", "tenants", "show", "acme", cwd=tmp_path)
     assert code == 0 and shown["storage"] == "t_acme"
     assert cli(postgres_url, "--app", "myapp:nothing", "tenants", "list", cwd=tmp_path)[0] == 2
+
+
+async def test_create_from_a_missing_template_fails_with_a_message(postgres_url: str) -> None:
+    done = _call(
+        postgres_url, "tenants", "create", "acme", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"}
+    )
+    assert done.returncode == 1
+    assert "template schema 'tenancy_template' does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert cli(postgres_url, "tenants", "show", "acme")[0] == 3  # the registration was undone

@@ -140,3 +140,21 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
             "tenant storage", "fail", f"active tenants without a schema: {', '.join(missing[:20])}"
         )
     return CheckResult("tenant storage", "ok", f"all {len(schemas)} active tenants have their schema")
+
+
+@doctor_check
+async def check_template(manager: TenancyManager) -> CheckResult:
+    """The template schema new tenants are cloned from exists (when `schema_template` is set)."""
+    template = manager.config.schema_template
+    if template is None:
+        return CheckResult("template", "ok", "not configured: tenants are provisioned with create_all")
+    async with manager.engine.connect() as conn:
+        found = await conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": template})
+    if not found:
+        return CheckResult(
+            "template",
+            "fail",
+            f"schema {template!r} does not exist: registrations will fail until "
+            "`fastapi-tenancy migrate upgrade` (or build_template()) creates it",
+        )
+    return CheckResult("template", "ok", f"schema {template!r} exists")

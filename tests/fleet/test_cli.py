@@ -144,7 +144,10 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "registry": "ok",
         "pooler safety": "ok",
         "tenant storage": "ok",
+        "template": "ok",
     }
+    code, text = cli(postgres_url, "doctor", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"})
+    assert code == 1 and "does not exist" in text
     # Behind PgBouncer without pgbouncer mode the empty search_path never reaches the server.
     code, checks = cli_json(pgbouncer_url, "doctor")
     assert code == 1

@@ -387,7 +387,8 @@ def _migrate(
         counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n)  # type: ignore[attr-defined]
         out.print(
             f"run {report.run_id}{' (resumed)' if report.resumed else ''}: {counts or 'no tenants'}"
-            + (f"; stopped early, {len(report.not_run)} not run" if report.stopped else "")
+            + (f"; stopped early, {len(report.not_run)} not run" if report.stopped else ""),
+            highlight=False,
         )
     if not report.succeeded:
         raise typer.Exit(EXIT_FAILED)

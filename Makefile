@@ -45,8 +45,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite
-	$(BIN)/python benchmarks/provisioning.py --backend postgres
-	$(BIN)/python benchmarks/provisioning.py --backend sqlite
+	$(BIN)/python benchmarks/provisioning.py
+	$(BIN)/python benchmarks/ratelimit.py
+	$(BIN)/python benchmarks/fleet.py --tenants 100
+	$(BIN)/python benchmarks/fleet.py --tenants 1000
 	$(BIN)/python benchmarks/roundtrips.py
 	$(BIN)/python benchmarks/report.py
 

@@ -1,119 +1,168 @@
-"""How long does registering a tenant take? `register_tenant` with a 30-table schema.
+"""Registering a tenant with 30 tables: `create_all`, cloning the template schema, or Alembic.
 
-Each registration writes the registry row, creates the tenant's storage (a PostgreSQL
-schema, or a SQLite file) and the app's tables in it, and marks the tenant active: what
-a sign-up waits for. The app metadata has `--tables` tables (default 30), each with a
-primary key, a foreign key to the previous table, a unique constraint, an index, a
-server default and a few typed columns. Registrations run one after another; the
-report gives p50/p95/max in milliseconds.
+Alternates the ways tenant by tenant (so machine load hits them alike), checks that
+`create_all` and the clone give the same catalog, and writes `results/provisioning.json`.
+The third way is what a migrations-only app does without a template: an empty schema,
+then `alembic upgrade head` through 30 revisions (one table each).
 
-    .venv/bin/python benchmarks/provisioning.py [--tenants 50] [--backend postgres]
-
-PostgreSQL from `TENANCY_BENCH_POSTGRES_URL` (database `bench_provisioning`, created and
-dropped); SQLite in a temp directory. Writes `results/provisioning-<backend>.json`.
+    .venv/bin/python benchmarks/provisioning.py --tenants 40
 """
-
-from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import overhead  # noqa: E402  (benchmarks/ is not a package)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 
 from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
+from fastapi_tenancy.provisioning import schema_catalog  # noqa: E402
 
-DB_NAME = "bench_provisioning"
+SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 
 
-def app_metadata(tables: int) -> sa.MetaData:
-    """A realistic app schema: `tables` tables chained by foreign keys."""
+def thirty_tables() -> sa.MetaData:
+    """30 tables, each with a serial key, a foreign key to the previous one, an index and a check."""
     metadata = sa.MetaData()
-    for i in range(tables):
-        columns: list[Any] = [
+    for i in range(30):
+        columns: list[sa.schema.SchemaItem] = [
             sa.Column("id", sa.Integer, primary_key=True),
-            sa.Column("code", sa.String(32), nullable=False, unique=True),
-            sa.Column("title", sa.String(200), nullable=False, index=True),
-            sa.Column("amount", sa.Numeric(12, 2), nullable=False, server_default="0"),
-            sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
-            sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
-            sa.Column("notes", sa.Text),
+            sa.Column("name", sa.String(100), nullable=False, comment="display name"),
+            sa.Column("amount", sa.Numeric(12, 2), server_default=sa.text("0")),
+            sa.Column("created", sa.DateTime(timezone=True), server_default=sa.func.now()),
+            sa.Index(f"ix_t{i}_name", "name"),
+            sa.CheckConstraint("amount >= 0", name=f"ck_t{i}_amount"),
         ]
         if i:
-            columns.append(sa.Column("parent_id", sa.ForeignKey(f"table_{i - 1:02d}.id"), index=True))
-        sa.Table(f"table_{i:02d}", metadata, *columns)
+            columns.append(sa.Column("parent_id", sa.ForeignKey(f"t{i - 1}.id")))
+        sa.Table(f"t{i}", metadata, *columns)
     return metadata
 
 
-def percentile(values: list[float], q: float) -> float:
+REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "r{i:02d}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "t{i}",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(100), nullable=False, comment="display name"),
+        sa.Column("amount", sa.Numeric(12, 2), server_default=sa.text("0")),
+        sa.Column("created", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        {parent}
+        sa.CheckConstraint("amount >= 0", name="ck_t{i}_amount"),
+    )
+    op.create_index("ix_t{i}_name", "t{i}", ["name"])
+
+
+def downgrade() -> None:
+    pass
+"""
+
+
+def alembic_project(root: Path, url: str) -> Config:
+    """The package's project template with 30 revisions, one table each, as `thirty_tables()`."""
+    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migration_template", root)
+    versions = root / "migrations" / "tenant" / "versions"
+    for i in range(30):
+        parent = f'sa.Column("parent_id", sa.Integer, sa.ForeignKey("t{i - 1}.id")),' if i else ""
+        down = f"r{i - 1:02d}" if i else None
+        (versions / f"r{i:02d}.py").write_text(REVISION.format(i=i, down=down, parent=parent))
+    config = Config(str(root / "alembic.ini"), ini_section="tenant")
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["tenancy_fleet"] = True  # no logging setup
+    return config
+
+
+def p50(values: list[float]) -> float:
+    return round(statistics.median(values) * 1000, 1)
+
+
+def p95(values: list[float]) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] * 1000, 1)
 
 
-async def run(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
-    metadata = app_metadata(args.tables)
-    manager = TenancyManager(TenancyConfig(database_url=database_url))
-    await manager.initialize()
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tenants", type=int, default=40, help="per way")
+    args = parser.parse_args()
+    database = f"bench_prov_{uuid.uuid4().hex[:8]}"
+    server = make_url(SERVER)
+    admin = await asyncpg.connect(
+        host=server.host, port=server.port or 5432, user=server.username, database="postgres"
+    )
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    url = server.set(database=database).render_as_string(hide_password=False)
+    metadata = thirty_tables()
+    plain = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2))
+    templated = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl"))
     try:
-        await manager.register_tenant("warm-up", "Warm-up", app_metadata=metadata)
-        timings: list[float] = []
+        await plain.initialize()
+        await templated.initialize()
+        await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
+        workdir = Path(tempfile.mkdtemp(prefix="bench-prov-"))
+        alembic = alembic_project(workdir / "project", url)
+        times: dict[str, list[float]] = {"create_all": [], "template": [], "alembic_upgrade": []}
         for i in range(args.tenants):
-            start = time.perf_counter()
-            await manager.register_tenant(f"tenant-{i:04d}", f"Tenant {i}", app_metadata=metadata)
-            timings.append((time.perf_counter() - start) * 1000)
-        return {
-            "p50_ms": statistics.median(timings),
-            "p95_ms": percentile(timings, 0.95),
-            "max_ms": max(timings),
-            "mean_ms": statistics.fmean(timings),
+            for way, manager in (("create_all", plain), ("template", templated)):
+                started = time.perf_counter()
+                await manager.register_tenant(f"{way.replace('_', '-')}-{i}", "x", app_metadata=metadata)
+                times[way].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await plain.register_tenant(f"alembic-{i}", "x")  # an empty schema
+            alembic.attributes["tenancy_schema"] = f"tenant_alembic_{i}"
+            await asyncio.to_thread(command.upgrade, alembic, "head")  # env.py runs its own event loop
+            times["alembic_upgrade"].append(time.perf_counter() - started)
+        shutil.rmtree(workdir, ignore_errors=True)
+        async with plain.engine.connect() as conn:
+            same = await schema_catalog(conn, "tenant_create_all_0") == await schema_catalog(
+                conn, "tenant_template_0"
+            )
+        out = {
+            "tables": 30,
+            "tenants_per_way": args.tenants,
+            "register_p50_ms": {way: p50(values) for way, values in times.items()},
+            "register_p95_ms": {way: p95(values) for way, values in times.items()},
+            "register_mean_ms": {way: round(statistics.mean(v) * 1000, 1) for way, v in times.items()},
+            "template_speedup_p50": {
+                way: round(statistics.median(times[way]) / statistics.median(times["template"]), 2)
+                for way in ("create_all", "alembic_upgrade")
+            },
+            "identical_catalogs": same,
+            "load": os.getloadavg(),
         }
     finally:
-        await manager.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tenants", type=int, default=50)
-    parser.add_argument("--tables", type=int, default=30)
-    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="postgres")
-    parser.add_argument("--output-dir", type=Path, default=overhead.BENCH_DIR / "results")
-    base = overhead.parse_args([])
-    parser.add_argument("--pg-base", default=base.pg_base)
-    parser.add_argument("--maintenance-db", default=base.maintenance_db)
-    args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="bench_provisioning_"))
-    pg = args.pg_base.rstrip("/")
-    drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
-    try:
-        if args.backend == "postgres":
-            asyncio.run(overhead.pg_admin(pg, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
-            url = f"{pg}/{DB_NAME}"
-        else:
-            url = f"sqlite+aiosqlite:///{workdir / 'registry.db'}"
-        result = asyncio.run(run(args, url))
-    finally:
-        if args.backend == "postgres":
-            asyncio.run(overhead.pg_admin(pg, args.maintenance_db, drop))
-        shutil.rmtree(workdir, ignore_errors=True)
-    report = {"backend": args.backend, "tenants": args.tenants, "tables": args.tables, "register_ms": result}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"provisioning-{args.backend}.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"{args.backend}: register_tenant with {args.tables} tables: p50 {result['p50_ms']:.0f} ms, "
-        f"p95 {result['p95_ms']:.0f} ms, max {result['max_ms']:.0f} ms ({args.tenants} tenants)"
-    )
-    return 0
+        await templated.close()
+        await plain.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "provisioning.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    asyncio.run(main())

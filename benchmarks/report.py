@@ -1,6 +1,6 @@
 """Gather the latest benchmark results into one summary, with plots, and embed it in the docs.
 
-Reads `results/overhead.json`, `scale.json`, `lookups-*.json`, `provisioning-*.json` (each
+Reads `results/overhead.json`, `scale.json`, `lookups-*.json`, `provisioning.json`, `fleet-*.json` (each
 written by its script; missing ones are left out), writes `results/summary.md` and the
 plots `docs/images/bench-*.png` (matplotlib), and replaces the part of
 `docs/performance.md` between `<!-- bench:start -->` and `<!-- bench:end -->` with the
@@ -72,21 +72,37 @@ def small_sections() -> list[str]:
                 f"| {us['miss']:.0f} |"
             )
         lines.append("")
-    provisioning = [_load(f"provisioning-{b}.json") for b in ("postgres", "sqlite")]
-    if any(provisioning):
+    provisioning = _load("provisioning.json")
+    if provisioning:
+        p95 = provisioning.get("register_p95_ms", {})
         lines += [
-            "### Provisioning",
+            f"### Provisioning: registering a tenant with {provisioning['tables']} tables (PostgreSQL)",
             "",
-            "| backend | tables | p50 ms | p95 ms | max ms |",
-            "|---|---:|---:|---:|---:|",
+            "| way | p50 ms | p95 ms |",
+            "|---|---:|---:|",
         ]
-        for item in filter(None, provisioning):
-            ms = item["register_ms"]
-            lines.append(
-                f"| {item['backend']} | {item['tables']} | {ms['p50_ms']:.0f} | {ms['p95_ms']:.0f} "
-                f"| {ms['max_ms']:.0f} |"
-            )
+        for way, ms in provisioning["register_p50_ms"].items():
+            worst = f"{p95[way]:.0f}" if way in p95 else "-"
+            lines.append(f"| {way} | {ms:.0f} | {worst} |")
         lines.append("")
+    fleets = sorted(RESULTS.glob("fleet-*.json"), key=lambda p: json.loads(p.read_text())["tenants"])
+    if fleets:
+        lines += [
+            "### Fleet migrations (through the CLI)",
+            "",
+            "| tenants | no-op upgrade s (CLI) | no-op in process s | one ALTER, all tenants s "
+            "| per tenant p50 / p95 ms |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for path in fleets:
+            run = json.loads(path.read_text())
+            alter = run["alter_all"]
+            lines.append(
+                f"| {run['tenants']:,} | {min(run['noop_upgrade_s']):.2f} "
+                f"| {min(run['noop_upgrade_in_process_s']):.2f} | {alter['wall_s']:.0f} "
+                f"| {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f} |"
+            )
+        lines += ["", "Kill-and-resume and the discussion: `benchmarks/results/fleet.md`.", ""]
     return lines
 
 

@@ -72,6 +72,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "database_connection_budget": ("30", 30),
     "database_tenant_pool_size": ("3", 3),
     "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
+    "schema_template": ("tenancy_template", "tenancy_template"),
 }
 
 

@@ -35,6 +35,7 @@ _PUBLIC_KEY_ALGORITHMS = frozenset(
     ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"]
 )
 _ResolverName = Literal["header", "subdomain", "path", "jwt"]
+_SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
 def normalise_database_url(url: str) -> str:
@@ -327,6 +328,15 @@ class TenancyConfig(BaseSettings):
                 raise ValueError(f"plan {plan!r}: requests per window must be at least 1")
         return value
 
+    # -- fleet operations: fast provisioning -------------------------------------------
+
+    schema_template: str | None = None
+    """PostgreSQL: a schema kept at the current migration head that each new tenant's
+    schema is cloned from, so registration takes milliseconds instead of running every
+    migration or `create_all`. `fastapi-tenancy migrate upgrade` creates and upgrades it
+    with the tenants. Must not start with `schema_prefix`. Unset: tables are created
+    from `app_metadata`."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -383,6 +393,13 @@ class TenancyConfig(BaseSettings):
             raise ValueError("must be a claim name or a dotted path such as 'org.slug'")
         return value
 
+    @field_validator("schema_template")
+    @classmethod
+    def _check_schema_template(cls, value: str | None) -> str | None:
+        if value is not None and (_SCHEMA_NAME.fullmatch(value) is None or value.startswith("pg_")):
+            raise ValueError("must be 1-63 lower-case letters, digits or '_', start with a letter, not 'pg_'")
+        return value
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "TenancyConfig":
         self._check_resolution()
@@ -404,6 +421,10 @@ class TenancyConfig(BaseSettings):
         if self.isolation_strategy == "schema" and backend not in _SCHEMA_BACKENDS:
             raise ValueError(
                 f"isolation_strategy: 'schema' needs PostgreSQL or SQLite, but database_url is {backend}"
+            )
+        if self.schema_template is not None and self.schema_template.startswith(self.schema_prefix):
+            raise ValueError(
+                "schema_template must not start with schema_prefix (it would be a tenant's name)"
             )
         return self
 

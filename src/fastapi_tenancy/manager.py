@@ -193,6 +193,8 @@ class TenancyManager:
         if config.backend == "sqlite":
             # Both strategies mean one file per tenant: SQLite has no schemas, and a
             # file is its database.
+            if config.schema_template is not None:
+                raise ConfigurationError("schema_template needs PostgreSQL (a template is a schema)")
             return SQLiteFileIsolation(
                 config.database_url,
                 prefix=config.schema_prefix,
@@ -218,6 +220,7 @@ class TenancyManager:
             prefix=config.schema_prefix,
             max_cached_binds=config.cache_max_size,
             empty_search_path=self._empty_search_path,
+            template=config.schema_template,
         )
 
     def _build_invalidation(self) -> InvalidationChannel | None:

@@ -16,6 +16,7 @@ from sqlalchemy.sql.selectable import TableClause
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
+from ..provisioning import clone_schema
 from ..tenant import Tenant
 from .base import Isolation, create_tables, tenant_tables
 
@@ -120,8 +121,12 @@ class SchemaIsolation(Isolation):
         prefix: str = "tenant_",
         max_cached_binds: int = 10_000,
         empty_search_path: bool = False,
+        template: str | None = None,
     ):
         super().__init__(prefix)
+        # A schema kept at the current head: new tenants are cloned from it
+        # (fastapi_tenancy.provisioning) instead of created table by table.
+        self.template = template
         self.engine = engine
         # Whether the engine's connections start with an empty search_path (the
         # manager's do, unless behind PgBouncer): then only visible raw SQL needs
@@ -160,6 +165,9 @@ class SchemaIsolation(Isolation):
                             f"schema {schema!r} already exists; refusing to hand its data to "
                             "a new tenant (drop it, or purge the old tenant with destroy_data=True)"
                         )
+                    if self.template is not None:
+                        await clone_schema(conn, self.template, schema)
+                        return
                     await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
                     # Names the translate map does not reach (types, functions in DDL)
                     # resolve in the new schema only, as they will in the tenant's sessions.
@@ -168,6 +176,24 @@ class SchemaIsolation(Isolation):
                     await conn.run_sync(create_tables, tenant_tables(metadata))
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
+
+    async def build_template(self, metadata: sa.MetaData | None, *, replace: bool = False) -> None:
+        """Create the template schema from `metadata` (for apps that do not use Alembic).
+
+        With Alembic, let `fastapi-tenancy migrate upgrade` build and upgrade the
+        template like a tenant instead: it then carries `alembic_version` too.
+        `replace=True` drops an existing template first.
+        """
+        if self.template is None:
+            raise ConfigurationError("no template schema configured (schema_template)")
+        template = self.template
+        async with unavailable_as_503("tenant database"), self.engine.begin() as conn:
+            if replace:
+                await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{template}" CASCADE'))
+            await conn.execute(sa.text(f'CREATE SCHEMA "{template}"'))
+            await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{template}"',))
+            await conn.execution_options(schema_translate_map={None: template})
+            await conn.run_sync(create_tables, tenant_tables(metadata))
 
     async def destroy(self, tenant: Tenant) -> None:
         schema = self.storage_name(tenant.identifier)

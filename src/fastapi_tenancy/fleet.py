@@ -1,0 +1,538 @@
+"""`FleetMigrator`: upgrade or downgrade every tenant's schema, concurrently and resumably.
+
+How a run goes, and why:
+
+1. The registry lists the tenants; ONE catalog query reads every tenant schema's
+   Alembic version (`migrations.read_versions`). Tenants already at the target are
+   skipped without starting Alembic, so a no-op deploy over thousands of tenants
+   costs a couple of queries.
+2. The rest run in worker PROCESSES, at most `concurrency` at a time. Alembic keeps
+   its `context` and `op` proxies in module globals; two migrations sharing one
+   interpreter (threads, or coroutines interleaving on `run_sync`) would send one
+   tenant's operations to the other's connection. A process runs one tenant at a
+   time, so its globals belong to that tenant.
+3. Each tenant migrates in one transaction with its own `lock_timeout` and
+   `statement_timeout`; its result row (`ok`, duration) is written in that same
+   transaction, so "recorded ok" and "migrated" cannot disagree. A failure is rolled
+   back and recorded as `failed` with its error; the others go on unless `fail_fast`.
+4. An interrupted run (killed, Ctrl+C) is resumed by the next run with the same
+   direction and target: tenants it finished are not redone.
+
+Waves: `canary=N` migrates N tenants first and stops the run if any of them fails.
+Only one fleet run per database at a time (a PostgreSQL advisory lock).
+"""
+
+import asyncio
+import multiprocessing
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._utils import create_engine
+from .errors import ConfigurationError, TenancyError
+from .migrations import CONNECTION_ATTRIBUTE, SCHEMA_ATTRIBUTE, read_versions
+from .tenant import TenantStatus
+
+__all__ = ["FleetBusyError", "FleetMigrator", "FleetReport", "TenantMigration", "TenantResult"]
+
+Direction = Literal["upgrade", "downgrade"]
+Outcome = Literal["ok", "failed", "skipped", "planned"]
+
+_LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
+_ERROR_MAX = 2000
+TEMPLATE_LABEL = "(template)"
+"""How results name the template schema (`schema_template`), which is migrated with the tenants."""
+FLEET_ATTRIBUTE = "tenancy_fleet"
+"""`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
+
+
+class FleetBusyError(TenancyError):
+    """Another fleet migration is running against this database."""
+
+
+@dataclass(frozen=True)
+class TenantMigration:
+    """One tenant's schema and its current Alembic revision(s) (`None`: no version table)."""
+
+    tenant: str
+    schema: str
+    versions: tuple[str, ...] | None
+    at_target: bool
+
+
+@dataclass(frozen=True)
+class TenantResult:
+    """What a run did to one tenant."""
+
+    tenant: str
+    schema: str
+    status: Outcome
+    from_revision: str | None
+    to_revision: str | None
+    duration: float
+    error: str | None = None
+
+
+@dataclass
+class FleetReport:
+    """The results of one run, in the order tenants finished."""
+
+    run_id: str
+    direction: Direction
+    target: str
+    results: list[TenantResult] = field(default_factory=list)
+    resumed: bool = False
+    stopped: bool = False
+    """True when the canary wave failed or `fail_fast` stopped the run early."""
+    not_run: list[str] = field(default_factory=list)
+    """Tenants left untouched because the run stopped early."""
+
+    def count(self, status: Outcome) -> int:
+        """How many tenants ended with `status`."""
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def succeeded(self) -> bool:
+        """No tenant failed and nothing was left out."""
+        return not self.stopped and self.count("failed") == 0
+
+
+def _join(versions: tuple[str, ...] | None) -> str | None:
+    return None if versions is None else ",".join(sorted(versions))
+
+
+def _error_text(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = f"{type(orig or exc).__name__}: {orig or exc}"
+    return text[:_ERROR_MAX]
+
+
+# -- the worker process -------------------------------------------------------------
+
+_worker: "_Worker | None" = None
+
+
+class _Worker:
+    """One per worker process: an event loop, a one-connection pool and the Alembic config."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.engine = create_engine(settings["url"], pool_size=1, max_overflow=0)
+        self.alembic = Config(settings["ini"], ini_section=settings["section"])
+        self.alembic.attributes[FLEET_ATTRIBUTE] = True
+
+    def migrate(
+        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str
+    ) -> dict[str, Any]:
+        return self.loop.run_until_complete(self._migrate(run_id, tenant, schema, direction, target))
+
+    async def _migrate(
+        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str
+    ) -> dict[str, Any]:
+        settings = self.settings
+        started = time.perf_counter()
+        before: tuple[str, ...] | None = None
+        result: dict[str, Any]
+        try:
+            async with self.engine.connect() as conn, conn.begin():
+                # Transaction-local: the timeouts and the search_path end with this tenant.
+                await conn.exec_driver_sql(
+                    "SELECT set_config('search_path', $1, true), set_config('lock_timeout', $2, true), "
+                    "set_config('statement_timeout', $3, true)",
+                    (f'"{schema}"', settings["lock_timeout"], settings["statement_timeout"]),
+                )
+                before = (await read_versions(conn, [schema])).get(schema)
+                await conn.run_sync(self._alembic, schema, direction, target)
+                after = (await read_versions(conn, [schema])).get(schema)
+                result = {
+                    "status": "ok",
+                    "from_revision": _join(before),
+                    "to_revision": _join(after),
+                    "duration": time.perf_counter() - started,
+                    "error": None,
+                }
+                # In the migration's transaction: recorded ok if and only if migrated.
+                await _record(conn, settings["results_schema"], run_id, tenant, result)
+        except Exception as exc:
+            result = {
+                "status": "failed",
+                "from_revision": _join(before),
+                "to_revision": None,
+                "duration": time.perf_counter() - started,
+                "error": _error_text(exc),
+            }
+            try:
+                async with self.engine.begin() as conn:
+                    await _record(conn, settings["results_schema"], run_id, tenant, result)
+            except Exception as record_exc:  # the migration's error matters more
+                result["error"] += f" (and recording it failed: {_error_text(record_exc)})"
+        return result
+
+    def _alembic(self, connection: Connection, schema: str, direction: Direction, target: str) -> None:
+        self.alembic.attributes[CONNECTION_ATTRIBUTE] = connection
+        self.alembic.attributes[SCHEMA_ATTRIBUTE] = schema
+        try:
+            if direction == "upgrade":
+                command.upgrade(self.alembic, target)
+            else:
+                command.downgrade(self.alembic, target)
+        finally:
+            self.alembic.attributes.pop(CONNECTION_ATTRIBUTE, None)
+            self.alembic.attributes.pop(SCHEMA_ATTRIBUTE, None)
+
+
+def _init_worker(settings: dict[str, Any]) -> None:
+    global _worker
+    _worker = _Worker(settings)
+
+
+def _migrate_in_worker(
+    run_id: str, tenant: str, schema: str, direction: Direction, target: str
+) -> dict[str, Any]:
+    assert _worker is not None  # set by the pool's initializer
+    return _worker.migrate(run_id, tenant, schema, direction, target)
+
+
+# -- the results tables -------------------------------------------------------------
+
+
+def _tables(schema: str) -> tuple[str, str]:
+    return f'"{schema}".tenancy_migration_runs', f'"{schema}".tenancy_migration_results'
+
+
+async def _record(
+    conn: AsyncConnection, schema: str, run_id: str, tenant: str, result: dict[str, Any]
+) -> None:
+    _, results = _tables(schema)
+    await conn.execute(
+        sa.text(
+            f"INSERT INTO {results} (run_id, tenant, status, from_revision, to_revision, duration_ms, error) "  # noqa: S608 - quoted schema name
+            "VALUES (:run_id, :tenant, :status, :from_revision, :to_revision, :duration_ms, :error) "
+            "ON CONFLICT (run_id, tenant) DO UPDATE SET status = EXCLUDED.status, "
+            "from_revision = EXCLUDED.from_revision, to_revision = EXCLUDED.to_revision, "
+            "duration_ms = EXCLUDED.duration_ms, error = EXCLUDED.error, finished_at = now()"
+        ),
+        {
+            "run_id": run_id,
+            "tenant": tenant,
+            "status": result["status"],
+            "from_revision": result["from_revision"],
+            "to_revision": result["to_revision"],
+            "duration_ms": result["duration"] * 1000,
+            "error": result["error"],
+        },
+    )
+
+
+# -- the runner ---------------------------------------------------------------------
+
+
+class FleetMigrator:
+    """Migrates every tenant's schema with Alembic. One instance per command; not shared.
+
+        migrator = FleetMigrator(manager, "alembic.ini", concurrency=8)
+        report = await migrator.run("upgrade", "head", canary=5)
+
+    `alembic_ini` and `section` name the tenant environment (see the project
+    template: `fastapi-tenancy migrate init`). Results go to
+    `<results_schema>.tenancy_migration_runs` and `tenancy_migration_results`.
+    """
+
+    def __init__(
+        self,
+        manager: Any,
+        alembic_ini: str | Path,
+        *,
+        section: str = "tenant",
+        concurrency: int = 4,
+        lock_timeout: str = "5s",
+        statement_timeout: str = "0",
+        results_schema: str = "public",
+        statuses: Iterable[TenantStatus] = (TenantStatus.ACTIVE, TenantStatus.SUSPENDED),
+    ) -> None:
+        if manager.config.backend != "postgresql":
+            raise ConfigurationError("fleet migrations need PostgreSQL (schema isolation)")
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        self.manager = manager
+        self.alembic_ini = str(alembic_ini)
+        self.section = section
+        self.concurrency = concurrency
+        self.lock_timeout = lock_timeout
+        self.statement_timeout = statement_timeout
+        self.results_schema = results_schema
+        self.statuses = tuple(statuses)
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """A small pool of our own: the manager's connections start with an empty search_path."""
+        if self._engine is None:
+            self._engine = create_engine(self.manager.config.database_url, pool_size=2, max_overflow=0)
+        return self._engine
+
+    async def close(self) -> None:
+        """Close the runner's pool."""
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    def script(self) -> ScriptDirectory:
+        """The tenant environment's Alembic scripts."""
+        if not Path(self.alembic_ini).is_file():
+            raise ConfigurationError(
+                f"no Alembic config at {self.alembic_ini!r} (see `fastapi-tenancy migrate init`)"
+            )
+        return ScriptDirectory.from_config(Config(self.alembic_ini, ini_section=self.section))
+
+    def _target_revisions(self, direction: Direction, target: str) -> frozenset[str] | None:
+        """The revisions a tenant at `target` has, or None when that depends on where it is."""
+        if target[:1] in "+-" or any(mark in target for mark in "+-@:"):
+            return None  # relative: every tenant must go through Alembic
+        script = self.script()
+        if target == "base":
+            return frozenset()
+        revisions = script.get_revisions("heads" if target == "head" else target)
+        return frozenset(r.revision for r in revisions if r is not None)
+
+    async def _tenants(self, only: Sequence[str] | None) -> list[tuple[str, str]]:
+        tenants: list[tuple[str, str]] = []
+        wanted = list(only or ())
+        template = self.manager.config.schema_template
+        if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
+            # Migrated first, like a tenant, so tenants cloned from it start at head.
+            tenants.append((TEMPLATE_LABEL, template))
+        slugs = [slug for slug in wanted if slug != TEMPLATE_LABEL]
+        if wanted:
+            for slug in slugs:
+                tenant = await self.manager.get_tenant(slug)
+                tenants.append((tenant.identifier, self.manager.isolation.storage_name(tenant.identifier)))
+            return tenants
+        after: str | None = None
+        while True:
+            page = await self.manager.list_tenants(after=after, limit=1000)
+            tenants.extend(
+                (t.identifier, self.manager.isolation.storage_name(t.identifier))
+                for t in page
+                if t.status in self.statuses
+            )
+            if len(page) < 1000:
+                return tenants
+            after = page[-1].identifier
+
+    async def status(
+        self, target: str = "head", *, tenants: Sequence[str] | None = None, direction: Direction = "upgrade"
+    ) -> list[TenantMigration]:
+        """Every tenant's revision and whether it is at `target`: two queries, no Alembic run."""
+        wanted = self._target_revisions(direction, target)
+        listed = await self._tenants(tenants)
+        async with self.engine.connect() as conn:
+            versions = await read_versions(conn, [schema for _, schema in listed])
+        rows = []
+        for slug, schema in listed:
+            current = versions.get(schema)
+            have = frozenset(current or ())
+            at_target = wanted is not None and schema in versions and have == wanted
+            rows.append(TenantMigration(slug, schema, current, at_target))
+        return rows
+
+    async def run(
+        self,
+        direction: Direction = "upgrade",
+        target: str = "head",
+        *,
+        tenants: Sequence[str] | None = None,
+        canary: int = 0,
+        fail_fast: bool = False,
+        dry_run: bool = False,
+        on_result: Callable[[TenantResult], None] | None = None,
+        on_plan: Callable[[int], None] | None = None,
+    ) -> FleetReport:
+        """Migrate the tenants (all, or `tenants`) to `target`; the report says what happened.
+
+        `on_plan(n)` is called once with the number of tenants that will run
+        Alembic, `on_result` after each tenant (for progress bars). With
+        `dry_run=True` nothing is written: the report lists the tenants that
+        would run as `planned`.
+        """
+        template = self.manager.config.schema_template
+        if template is not None and not dry_run:
+            async with self.engine.begin() as conn:
+                await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{template}"'))
+        plan = await self.status(target, tenants=tenants, direction=direction)
+        skipped = [m for m in plan if m.at_target]
+        todo = [m for m in plan if not m.at_target]
+        report = FleetReport(run_id="", direction=direction, target=target)
+        if dry_run:
+            report.run_id = "dry-run"
+            report.results = [_result(m, "skipped") for m in skipped] + [_result(m, "planned") for m in todo]
+            return report
+        async with self.engine.connect() as lock_conn:
+            # Session-level and held for the whole run on this connection; released by
+            # PostgreSQL if this process dies, so a killed run never blocks the next.
+            if not await lock_conn.scalar(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}):
+                raise FleetBusyError("another fleet migration is running against this database")
+            await lock_conn.commit()
+            try:
+                return await self._run_locked(report, skipped, todo, canary, fail_fast, on_result, on_plan)
+            finally:
+                await lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                await lock_conn.commit()
+
+    async def _run_locked(
+        self,
+        report: FleetReport,
+        skipped: list[TenantMigration],
+        todo: list[TenantMigration],
+        canary: int,
+        fail_fast: bool,
+        on_result: Callable[[TenantResult], None] | None,
+        on_plan: Callable[[int], None] | None,
+    ) -> FleetReport:
+        runs, results = _tables(self.results_schema)
+        async with self.engine.begin() as conn:
+            await self._ensure_tables(conn)
+            previous = await conn.scalar(
+                sa.text(
+                    f"SELECT run_id FROM {runs} WHERE direction = :d AND target = :t "  # noqa: S608 - quoted schema
+                    "AND status = 'running' ORDER BY started_at DESC LIMIT 1"
+                ),
+                {"d": report.direction, "t": report.target},
+            )
+            if previous is not None:
+                report.run_id, report.resumed = previous, True
+                done = set(
+                    (
+                        await conn.scalars(
+                            sa.text(f"SELECT tenant FROM {results} WHERE run_id = :r AND status = 'ok'"),  # noqa: S608
+                            {"r": previous},
+                        )
+                    ).all()
+                )
+                todo = [m for m in todo if m.tenant not in done]
+            else:
+                report.run_id = uuid.uuid4().hex
+                await conn.execute(
+                    sa.text(
+                        f"INSERT INTO {runs} (run_id, direction, target, status) "  # noqa: S608
+                        "VALUES (:r, :d, :t, 'running')"
+                    ),
+                    {"r": report.run_id, "d": report.direction, "t": report.target},
+                )
+            if skipped:
+                await conn.execute(
+                    sa.text(
+                        f"INSERT INTO {results} "  # noqa: S608 - a quoted schema name
+                        "(run_id, tenant, status, from_revision, to_revision, duration_ms) "
+                        "VALUES (:r, :tenant, 'skipped', :v, :v, 0) ON CONFLICT (run_id, tenant) DO NOTHING"
+                    ),
+                    [{"r": report.run_id, "tenant": m.tenant, "v": _join(m.versions)} for m in skipped],
+                )
+        for m in skipped:
+            report.results.append(_result(m, "skipped"))
+        if on_plan is not None:
+            on_plan(len(todo))
+        if todo:
+            await self._execute(report, todo, canary, fail_fast, on_result)
+        status = "stopped" if report.stopped else ("failed" if report.count("failed") else "finished")
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.text(f"UPDATE {runs} SET status = :s, finished_at = now() WHERE run_id = :r"),  # noqa: S608
+                {"s": status, "r": report.run_id},
+            )
+        return report
+
+    async def _ensure_tables(self, conn: AsyncConnection) -> None:
+        runs, results = _tables(self.results_schema)
+        await conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {runs} (run_id text PRIMARY KEY, direction text NOT NULL, "
+                "target text NOT NULL, status text NOT NULL, started_at timestamptz NOT NULL DEFAULT now(), "
+                "finished_at timestamptz)"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {results} ("
+                f"run_id text NOT NULL REFERENCES {runs} ON DELETE CASCADE, "
+                "tenant text NOT NULL, status text NOT NULL, from_revision text, to_revision text, "
+                "duration_ms double precision NOT NULL, error text, "
+                "finished_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_id, tenant))"
+            )
+        )
+
+    async def _execute(
+        self,
+        report: FleetReport,
+        todo: list[TenantMigration],
+        canary: int,
+        fail_fast: bool,
+        on_result: Callable[[TenantResult], None] | None,
+    ) -> None:
+        settings = {
+            "url": self.manager.config.database_url,
+            "ini": self.alembic_ini,
+            "section": self.section,
+            "results_schema": self.results_schema,
+            "lock_timeout": self.lock_timeout,
+            "statement_timeout": self.statement_timeout,
+        }
+        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
+        pool = ProcessPoolExecutor(
+            max_workers=min(self.concurrency, len(todo)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(settings,),
+        )
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(self.concurrency)
+        stop = asyncio.Event()
+
+        async def one(m: TenantMigration, stop_on_failure: bool) -> None:
+            async with gate:
+                if stop.is_set():
+                    report.not_run.append(m.tenant)
+                    return
+                raw = await loop.run_in_executor(
+                    pool,
+                    _migrate_in_worker,
+                    report.run_id,
+                    m.tenant,
+                    m.schema,
+                    report.direction,
+                    report.target,
+                )
+            result = TenantResult(m.tenant, m.schema, **raw)
+            report.results.append(result)
+            if on_result is not None:
+                on_result(result)
+            if result.status == "failed" and stop_on_failure:
+                stop.set()
+
+        try:
+            waves = [(todo[:canary], True), (todo[canary:], fail_fast)] if canary > 0 else [(todo, fail_fast)]
+            for wave, stop_on_failure in waves:
+                if stop.is_set():
+                    report.not_run.extend(m.tenant for m in wave)
+                    continue
+                await asyncio.gather(*(one(m, stop_on_failure) for m in wave))
+            report.stopped = stop.is_set()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(m: TenantMigration, status: Outcome) -> TenantResult:
+    version = _join(m.versions)
+    return TenantResult(m.tenant, m.schema, status, version, version if status == "skipped" else None, 0.0)

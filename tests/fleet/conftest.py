@@ -1,0 +1,83 @@
+"""Fixtures for fleet tests: an Alembic project made from the package template, and tenants."""
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "fastapi_tenancy" / "migration_template"
+
+# Two tenant revisions. The first overlaps in time across tenants (pg_sleep) and records
+# the schema it ran in, so a test can see both concurrency and where each run landed;
+# the second fails in any schema holding a table named `fail_here`.
+REVISION_A = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "a1"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("items", sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.Text))
+    op.create_table("marks", sa.Column("schema", sa.Text), sa.Column("started", sa.DateTime(timezone=True)),
+                    sa.Column("finished", sa.DateTime(timezone=True)))
+    op.execute("INSERT INTO marks SELECT current_schema(), clock_timestamp(), NULL")
+    op.execute("SELECT pg_sleep(SLEEP)")
+    op.execute("UPDATE marks SET finished = clock_timestamp()")
+
+
+def downgrade() -> None:
+    op.drop_table("marks")
+    op.drop_table("items")
+"""
+
+REVISION_B = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "b2"
+down_revision = "a1"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        "DO $$ BEGIN IF to_regclass('fail_here') IS NOT NULL THEN RAISE EXCEPTION 'boom'; END IF; END $$"
+    )
+    op.add_column("items", sa.Column("price", sa.Integer, server_default="0"))
+
+
+def downgrade() -> None:
+    op.drop_column("items", "price")
+"""
+
+
+def make_project(root: Path, sleep: float = 0.0) -> Path:
+    """An Alembic project (the package template) with revisions a1 and b2; its alembic.ini."""
+    shutil.copytree(TEMPLATE, root, dirs_exist_ok=True)
+    versions = root / "migrations" / "tenant" / "versions"
+    (versions / "a1.py").write_text(REVISION_A.replace("SLEEP", str(sleep)))
+    (versions / "b2.py").write_text(REVISION_B)
+    ini = root / "alembic.ini"
+    ini.write_text(ini.read_text().replace("%(here)s", str(root)))
+    return ini
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+async def manager(postgres_url: str) -> AsyncIterator[TenancyManager]:
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url, database_pool_size=2))
+    await manager.initialize()
+    yield manager
+    await manager.close()

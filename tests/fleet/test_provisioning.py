@@ -1,0 +1,149 @@
+"""Provisioning from a template schema: the clone equals create_all, catalog for catalog."""
+
+import enum
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from fastapi_tenancy import ProvisioningError, TenancyConfig, TenancyManager
+from fastapi_tenancy.provisioning import schema_catalog
+
+pytestmark = pytest.mark.postgres
+
+TEMPLATE = "tenancy_template"
+
+
+class Status(enum.Enum):
+    open = "open"
+    closed = "closed"
+
+
+def rich_metadata() -> sa.MetaData:
+    """Tables using what a clone must get right: serial and identity keys, FKs, enums, comments."""
+    metadata = sa.MetaData()
+    sa.Table(
+        "customers",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),  # SERIAL: a sequence owned by the column
+        sa.Column("email", sa.String(200), nullable=False, unique=True, comment="login"),
+        sa.Column("created", sa.DateTime(timezone=True), server_default=sa.func.now()),
+        sa.CheckConstraint("length(email) > 3", name="ck_customers_email"),
+        comment="people who buy",
+    )
+    sa.Table(
+        "orders",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(start=10), primary_key=True),
+        sa.Column("customer_id", sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("status", sa.Enum(Status, name="order_status"), nullable=False, server_default="open"),
+        sa.Column("total", sa.Numeric(10, 2), server_default=sa.text("0")),
+        sa.Column("code", sa.String(20)),
+        sa.Index("ix_orders_customer_status", "customer_id", "status"),
+        sa.Index("ux_orders_code", sa.func.lower(sa.column("code")), unique=True),
+    )
+    sa.Table(
+        "order_lines",
+        metadata,
+        sa.Column("order_id", sa.ForeignKey("orders.id"), primary_key=True),
+        sa.Column("line", sa.Integer, primary_key=True),
+        sa.Column("qty", sa.Integer, nullable=False, server_default="1"),
+        sa.Column("doubled", sa.Integer, sa.Computed("qty * 2", persisted=True)),
+    )
+    return metadata
+
+
+@pytest.fixture
+async def managers(postgres_url: str) -> AsyncIterator[tuple[TenancyManager, TenancyManager]]:
+    plain = TenancyManager(TenancyConfig(database_url=postgres_url, database_pool_size=2))
+    templated = TenancyManager(
+        TenancyConfig(database_url=postgres_url, database_pool_size=2, schema_template=TEMPLATE)
+    )
+    await plain.initialize()
+    await templated.initialize()
+    yield plain, templated
+    await templated.close()
+    await plain.close()
+
+
+async def test_a_cloned_schema_equals_a_create_all_one(
+    managers: tuple[TenancyManager, TenancyManager], postgres_url: str
+) -> None:
+    plain, templated = managers
+    metadata = rich_metadata()
+    await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
+    engine = create_async_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text("CREATE TABLE tenancy_template.alembic_version (version_num varchar(32) PRIMARY KEY)")
+            )
+            await conn.execute(sa.text("INSERT INTO tenancy_template.alembic_version VALUES ('abc123')"))
+        await plain.register_tenant("by-create-all", "A", app_metadata=metadata)
+        await templated.register_tenant("by-template", "B")
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "CREATE TABLE tenant_by_create_all.alembic_version (version_num varchar(32) PRIMARY KEY)"
+                )
+            )
+            await conn.execute(sa.text("INSERT INTO tenant_by_create_all.alembic_version VALUES ('abc123')"))
+        async with engine.connect() as conn:
+            expected = await schema_catalog(conn, "tenant_by_create_all")
+            cloned = await schema_catalog(conn, "tenant_by_template")
+            template = await schema_catalog(conn, TEMPLATE)
+            version = await conn.scalar(sa.text("SELECT version_num FROM tenant_by_template.alembic_version"))
+        assert cloned == expected
+        assert cloned == template
+        assert version == "abc123"
+        assert len(expected["columns"]) > 10 and expected["indexes"] and expected["sequences"]
+        async with engine.begin() as conn:
+            for schema in ("tenant_by_template", "tenant_by_create_all"):
+                # Same primary keys in two tenants; the serial default uses the tenant's own sequence.
+                customer = await conn.scalar(
+                    sa.text(f"INSERT INTO {schema}.customers (email) VALUES ('a@b.example') RETURNING id")  # noqa: S608
+                )
+                assert customer == 1
+                order = await conn.scalar(
+                    sa.text(f"INSERT INTO {schema}.orders (customer_id) VALUES (1) RETURNING id")  # noqa: S608
+                )
+                assert order == 10
+            template_seq = await conn.scalar(
+                sa.text(
+                    "SELECT last_value FROM pg_sequences WHERE schemaname = 'tenancy_template'"
+                    " AND sequencename = 'customers_id_seq'"
+                )
+            )
+            assert template_seq is None  # the template's sequence was never used
+        async with engine.connect() as conn:
+            # Foreign keys were copied and point inside the tenant.
+            with pytest.raises(sa.exc.IntegrityError):
+                await conn.execute(sa.text("INSERT INTO tenant_by_template.orders (customer_id) VALUES (99)"))
+    finally:
+        await engine.dispose()
+
+
+async def test_a_template_it_cannot_copy_is_refused_and_nothing_is_left(
+    managers: tuple[TenancyManager, TenancyManager], postgres_url: str
+) -> None:
+    _, templated = managers
+    await templated.isolation.build_template(rich_metadata())  # type: ignore[attr-defined]
+    engine = create_async_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("CREATE VIEW tenancy_template.v AS SELECT 1 AS x"))
+        with pytest.raises(ProvisioningError, match="relation v"):
+            await templated.register_tenant("acme", "Acme")
+        async with engine.connect() as conn:
+            assert await conn.scalar(sa.text("SELECT to_regnamespace('tenant_acme')")) is None
+    finally:
+        await engine.dispose()
+    with pytest.raises(Exception, match="no tenant"):
+        await templated.get_tenant("acme")
+
+
+async def test_a_missing_template_fails_registration(managers: tuple[TenancyManager, TenancyManager]) -> None:
+    _, templated = managers
+    with pytest.raises(ProvisioningError, match="does not exist"):
+        await templated.register_tenant("acme", "Acme")

@@ -4,7 +4,7 @@ SQLite files. Every request must see its own tenant's rows and nothing else."""
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -69,15 +70,24 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 
 @asynccontextmanager
-async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
-    """A manager on a pool of one connection, the test app, and tenants alpha and beta."""
+async def two_tenants(
+    url: str,
+    *,
+    build: Callable[[TenancyManager], FastAPI] = build_app,
+    raise_app_exceptions: bool = True,
+    **settings: object,
+) -> AsyncIterator[Env]:
+    """A manager on a pool of one connection, the test app (`build`), and tenants alpha and beta.
+
+    `raise_app_exceptions=False` turns a route's own error into the 500 a server would send.
+    """
     config = TenancyConfig(
         database_url=url,
         **{"database_pool_size": 1, "database_max_overflow": 0, **settings},  # type: ignore[arg-type]
     )
     manager = TenancyManager(config)
     await manager.initialize()
-    transport = httpx.ASGITransport(app=build_app(manager))
+    transport = httpx.ASGITransport(app=build(manager), raise_app_exceptions=raise_app_exceptions)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             environment = Env(config.backend, manager, client)

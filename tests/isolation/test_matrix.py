@@ -23,6 +23,7 @@ from fastapi_tenancy import (
     TenantAlreadyExistsError,
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
+from fastapi_tenancy.resolution.base import ResolverFunc
 
 from ..apps import Base, Order, build_app
 
@@ -75,6 +76,7 @@ async def two_tenants(
     *,
     build: Callable[[TenancyManager], FastAPI] = build_app,
     raise_app_exceptions: bool = True,
+    resolver: ResolverFunc | None = None,
     **settings: object,
 ) -> AsyncIterator[Env]:
     """A manager on a pool of one connection, the test app (`build`), and tenants alpha and beta.
@@ -85,7 +87,7 @@ async def two_tenants(
         database_url=url,
         **{"database_pool_size": 1, "database_max_overflow": 0, **settings},  # type: ignore[arg-type]
     )
-    manager = TenancyManager(config)
+    manager = TenancyManager(config, resolver=resolver)
     await manager.initialize()
     transport = httpx.ASGITransport(app=build(manager), raise_app_exceptions=raise_app_exceptions)
     try:

@@ -42,7 +42,10 @@ def _factory(request: pytest.FixtureRequest) -> AppFactory:
     def make(**settings: object) -> AbstractAsyncContextManager[Env]:
         """Tenants alpha and beta (overlapping ids) behind the security app, pool of one."""
         return two_tenants(
-            url, build=build_security_app, raise_app_exceptions=False, **{**strategy.settings, **settings}
+            url,
+            build=build_security_app,
+            raise_app_exceptions=False,
+            **{**strategy.settings, **settings},  # type: ignore[arg-type]
         )
 
     return make

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import is_outage
+from ._utils import is_outage, is_query_timeout
 from .context import _current
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
@@ -30,7 +30,8 @@ class TenancyMiddleware:
     - FastAPI's docs and OpenAPI URLs are excluded too unless `exclude_docs=False`.
     - Refusals are JSON: 400 `{"detail": "Tenant identifier missing"}`,
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
-      (status: suspended)"}`, 503 when the registry or database is unreachable.
+      (status: suspended)"}`, 503 when the registry or database is unreachable
+      (503 `{"detail": "Database query timed out"}` when `statement_timeout` cancels a query).
       Tenancy errors and database outages raised by the app before its response
       starts get the same treatment, on excluded paths too. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
@@ -123,9 +124,16 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
             raise
         await _refuse(scope, send, exc)
     except Exception as exc:
-        if started or not is_outage(exc):
+        if started:
             raise
-        await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+        if is_outage(exc):
+            await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+        elif is_query_timeout(exc):
+            # Retryable like an outage, but told apart from "no connection to be had".
+            error = TenancyUnavailableError("database query timed out", detail="Database query timed out")
+            await _refuse(scope, send, error)
+        else:
+            raise
 
 
 async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -77,7 +78,7 @@ async def two_tenants(
     build: Callable[[TenancyManager], FastAPI] = build_app,
     raise_app_exceptions: bool = True,
     resolver: ResolverFunc | None = None,
-    **settings: object,
+    **settings: Any,
 ) -> AsyncIterator[Env]:
     """A manager on a pool of one connection, the test app (`build`), and tenants alpha and beta.
 
@@ -85,7 +86,7 @@ async def two_tenants(
     """
     config = TenancyConfig(
         database_url=url,
-        **{"database_pool_size": 1, "database_max_overflow": 0, **settings},  # type: ignore[arg-type]
+        **{"database_pool_size": 1, "database_max_overflow": 0, **settings},
     )
     manager = TenancyManager(config, resolver=resolver)
     await manager.initialize()

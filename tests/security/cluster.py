@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 __all__ = ["ThrowawayPostgres", "find_postgres_bin"]
@@ -73,13 +72,11 @@ class ThrowawayPostgres:
         """Stop the server; `immediate` is a crash (no shutdown checkpoint, clients cut off)."""
         self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
 
-    def wait_accepting(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), check=False).returncode == 0:
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"throwaway PostgreSQL not ready; see {self.log}")
+    def ensure_running(self) -> None:
+        """Start the server if a test left it stopped."""
+        status = self._run("pg_ctl", "-D", str(self.datadir), "status", check=False)
+        if status.returncode != 0:
+            self.start()
 
     def destroy(self) -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop", check=False)

@@ -9,6 +9,7 @@ Strategies landing later (RLS, database per tenant) add an entry to STRATEGIES.
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ class Strategy:
     """How to get a database for the strategy (a fixture) and the settings that select it."""
 
     url_fixture: str
-    settings: Mapping[str, object] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
     shares_pool: bool = True  # tenants' sessions use connections of the manager's one pool
 
 
@@ -39,13 +40,13 @@ def _factory(request: pytest.FixtureRequest) -> AppFactory:
     strategy = STRATEGIES[request.param]
     url = str(request.getfixturevalue(strategy.url_fixture))
 
-    def make(**settings: object) -> AbstractAsyncContextManager[Env]:
+    def make(**settings: Any) -> AbstractAsyncContextManager[Env]:
         """Tenants alpha and beta (overlapping ids) behind the security app, pool of one."""
         return two_tenants(
             url,
             build=build_security_app,
             raise_app_exceptions=False,
-            **{**strategy.settings, **settings},  # type: ignore[arg-type]
+            **{**strategy.settings, **settings},
         )
 
     return make

@@ -7,6 +7,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -99,9 +100,9 @@ def test_identifiers_built_to_collide_after_normalisation_are_refused(slug: str)
 @contextmanager
 def hostile_env(backend: str, resolver: ResolverFunc | None = None) -> Iterator[tuple[asyncio.Runner, Env]]:
     """Tenants alpha and beta (overlapping ids) behind the test app, on a loop of our own."""
-    settings: dict[str, object] = {"resolution_strategy": "custom"} if resolver is not None else {}
+    settings: dict[str, Any] = {"resolution_strategy": "custom"} if resolver is not None else {}
     with new_runner() as runner, fresh_database(runner, backend) as url:
-        context = two_tenants(url, resolver=resolver, **settings)  # type: ignore[arg-type]
+        context = two_tenants(url, resolver=resolver, **settings)
         env = runner.run(context.__aenter__())
         try:
             yield runner, env

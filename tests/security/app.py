@@ -18,10 +18,18 @@ __all__ = ["build_security_app"]
 
 
 def build_security_app(manager: TenancyManager) -> FastAPI:
-    """`build_app(manager)` with /fail, /slow, /stream and /ws added."""
+    """`build_app(manager)` with /raw-commit, /fail, /slow, /stream and /ws added."""
     app = build_app(manager)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
+
+    @app.post("/raw-commit")
+    async def raw_commit(session: Session) -> dict[str, int]:
+        # Raw SQL (so the tenant's search_path is set) in a transaction that COMMITS:
+        # a session-level setting would outlive it, a transaction-local one cannot.
+        count = (await session.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one()
+        await session.commit()
+        return {"count": int(count)}
 
     @app.post("/fail")
     async def fail(order_id: int, session: Session, status: int = 0) -> None:

@@ -30,6 +30,8 @@ def _rows(response: httpx.Response) -> list[str]:
 async def _ok(env: Env, tenant: str) -> None:
     assert _rows(await env.get(tenant, "/orders")) == EXPECTED[tenant]
     assert _rows(await env.get(tenant, "/raw")) == EXPECTED[tenant]  # raw SQL: a search_path is set
+    committed = await env.post(tenant, "/raw-commit")  # ... in a transaction that commits
+    assert committed.json() == {"count": len(EXPECTED[tenant])}, committed.text
 
 
 async def _route_error(env: Env, tenant: str) -> None:

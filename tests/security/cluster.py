@@ -68,9 +68,13 @@ class ThrowawayPostgres:
             "pg_ctl", "-D", str(self.datadir), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
         )
 
-    def stop(self, mode: str = "immediate") -> None:
-        """Stop the server; `immediate` is a crash (no shutdown checkpoint, clients cut off)."""
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
+    def stop(self, mode: str = "immediate", *, wait: bool = True) -> None:
+        """Stop the server; `immediate` is a crash (no shutdown checkpoint, clients cut off).
+
+        `smart` without `wait` starts a shutdown that waits for the open sessions to end;
+        meanwhile new connections are refused ("the database system is shutting down").
+        """
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w" if wait else "-W", "-t", "60", "stop")
 
     def ensure_running(self) -> None:
         """Start the server if a test left it stopped."""

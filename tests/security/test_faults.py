@@ -240,3 +240,35 @@ async def test_the_database_down_at_startup_fails_fast_as_unavailable_and_a_retr
     finally:
         await asyncio.to_thread(cluster.ensure_running)
         await manager.close()
+
+
+async def test_a_server_shutting_down_refuses_new_connections_with_503_not_500(
+    cluster: ThrowawayPostgres,
+) -> None:
+    # Deterministically what a restart only sometimes shows: while PostgreSQL shuts down
+    # (or starts up) it refuses connections with SQLSTATE 57P03, which SQLAlchemy does
+    # not count as a disconnect.
+    async with app_on(cluster) as env:
+        assert (await env.get("alpha", "/orders")).status_code == 200  # tenants cached
+        holder = await _postgres_admin(cluster.url)  # a smart shutdown waits for this session
+        try:
+            await asyncio.to_thread(cluster.stop, "smart", wait=False)
+            refusal = ""
+            for _ in range(400):  # until the server refuses new connections
+                try:
+                    probe = await _postgres_admin(cluster.url)
+                except Exception as exc:  # CannotConnectNowError: shutting down
+                    refusal = str(exc)
+                    break
+                await probe.close()
+                await asyncio.sleep(0.025)
+            assert "shutting down" in refusal, refusal
+            await env.manager.engine.dispose()  # the next request needs a new connection
+            for tenant in TENANTS:
+                _assert_refusal_is_a_clear_503(await env.get(tenant, "/orders"))
+        finally:
+            await holder.close()
+            await asyncio.to_thread(cluster.stop, "fast")
+            await asyncio.to_thread(cluster.start)
+        response = await env.get("alpha", "/orders")
+        assert response.status_code == 200, response.text

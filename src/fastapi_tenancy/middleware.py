@@ -59,7 +59,14 @@ class TenancyMiddleware:
             await self.app(scope, receive, send)
             return
         if self._excluded(scope):
-            await _call(self.app, scope, receive, send)
+            # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
+            # starts a pipelined request's task inside the previous request's context, while
+            # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
+            token = _current.set(None)
+            try:
+                await _call(self.app, scope, receive, send)
+            finally:
+                _current.reset(token)
             return
         try:
             tenant = await self.manager.resolve(HTTPConnection(scope))

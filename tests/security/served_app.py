@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy.context import current_tenant_or_none
 
 from ..apps import build_app
 
@@ -25,3 +26,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = build_app(manager)
 app.router.lifespan_context = _lifespan
+
+
+@app.get("/health/tenant")
+async def tenant_in_context() -> dict[str, str | None]:
+    """Excluded from resolution: which tenant, if any, this request's context holds."""
+    tenant = current_tenant_or_none()
+    return {"tenant": tenant.identifier if tenant is not None else None}

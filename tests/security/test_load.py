@@ -7,15 +7,10 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -23,18 +18,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fastapi_tenancy import TenancyConfig, TenancyManager
 
 from ..apps import Base
+from .server import Connection, serve
 
-ROOT = Path(__file__).resolve().parents[2]
 TENANTS = [f"load-{i:03d}" for i in range(200)]
 REQUESTS = int(os.environ.get("TENANCY_TEST_LOAD_REQUESTS", "20000"))
 CLIENTS = 16  # concurrent clients, one keep-alive connection each
 WRITE_SHARE = 0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _provision(url: str) -> None:
@@ -67,64 +56,8 @@ async def _provision(url: str) -> None:
 @pytest.fixture
 async def server(postgres_url: str) -> AsyncIterator[str]:
     await _provision(postgres_url)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "TENANCY_DATABASE_URL": postgres_url,
-        "TENANCY_DATABASE_POOL_SIZE": "4",  # per worker: well within a default max_connections
-        "TENANCY_DATABASE_MAX_OVERFLOW": "0",
-    }
-    command = [sys.executable, "-m", "uvicorn", "tests.security.served_app:app", "--workers", "2"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    command += ["--http", "httptools", "--loop", "asyncio"]  # the C parser; the stock event loop
-    process = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: ASYNC220 - started once, not awaited
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            for _ in range(600):
-                assert process.poll() is None, "uvicorn exited"
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
+    async with serve(postgres_url) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-class Connection:
-    """A lean keep-alive HTTP/1.1 client connection: the load generator must not need more
-    CPU than the server it loads (httpx costs ~2 ms of CPU a request)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, base: str) -> "Connection":
-        url = httpx.URL(base)
-        return cls(*await asyncio.open_connection(url.host, url.port))
-
-    async def request(self, method: str, target: str, tenant: str) -> tuple[int, bytes]:
-        self.writer.write(
-            f"{method} {target} HTTP/1.1\r\nHost: load\r\nX-Tenant-ID: {tenant}\r\n"
-            "Content-Length: 0\r\n\r\n".encode()
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-        assert b"transfer-encoding" not in head.lower(), head
-        return status, await self.reader.readexactly(length)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
 
 
 async def test_20000_requests_over_200_tenants_on_two_workers_never_cross(

@@ -4,7 +4,7 @@ exercise commit-then-read, `session.begin()` and raw SQL."""
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Path, Query
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -20,6 +20,11 @@ class Order(Base):
     __tablename__ = "orders"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     description: Mapped[str] = mapped_column(sa.String(200))
+
+
+# Ids fit the INTEGER column: an unbounded int would reach the database and fail there (a 500).
+OrderId = Annotated[int, Path(ge=-(2**31), lt=2**31)]
+NewOrderId = Annotated[int, Query(ge=-(2**31), lt=2**31)]
 
 
 def _rows(orders: Any) -> list[dict[str, Any]]:
@@ -43,20 +48,20 @@ def build_app(manager: TenancyManager) -> FastAPI:
         return {"tenant": tenant.identifier, "orders": _rows(orders)}
 
     @app.get("/orders/{order_id}")
-    async def get_order(order_id: int, session: Session) -> dict[str, Any]:
+    async def get_order(order_id: OrderId, session: Session) -> dict[str, Any]:
         order = await session.get(Order, order_id)
         if order is None:
             raise HTTPException(404, "Order not found")
         return _rows([order])[0]
 
     @app.post("/orders")
-    async def create_order(order_id: int, description: str, session: Session) -> dict[str, Any]:
+    async def create_order(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
         session.add(Order(id=order_id, description=description))
         await session.commit()
         return {"id": order_id}
 
     @app.put("/orders/{order_id}")
-    async def update_order(order_id: int, description: str, session: Session) -> dict[str, int]:
+    async def update_order(order_id: OrderId, description: str, session: Session) -> dict[str, int]:
         result = await session.execute(
             sa.update(Order).where(Order.id == order_id).values(description=description)
         )
@@ -64,14 +69,14 @@ def build_app(manager: TenancyManager) -> FastAPI:
         return {"updated": int(result.rowcount)}  # type: ignore[attr-defined]
 
     @app.post("/orders/commit-then-read")
-    async def commit_then_read(order_id: int, description: str, session: Session) -> dict[str, Any]:
+    async def commit_then_read(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
         session.add(Order(id=order_id, description=description))
         await session.commit()
         orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
         return {"orders": _rows(orders)}
 
     @app.post("/orders/begin")
-    async def with_begin(order_id: int, description: str, session: Session) -> dict[str, Any]:
+    async def with_begin(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
         async with session.begin():
             session.add(Order(id=order_id, description=description))
         async with session.begin():

@@ -85,18 +85,37 @@ def create_engine(
         raise MissingDependencyError(package, extra) from exc
 
 
+# SQLSTATEs saying the server or the connection is gone, not that the statement is
+# wrong: class 08 (connection exception, e.g. "connection was closed in the middle of
+# operation"), 57P01-57P03 (admin shutdown, crash shutdown, "the database system is
+# starting up") and 53300 (too many connections). SQLAlchemy does not flag all of them
+# as disconnects, notably when they happen on connect or during a rollback.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+_QUERY_CANCELED = "57014"  # statement_timeout (or an operator's pg_cancel_backend)
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when an error means the database is unreachable right now.
 
     Such errors become a clear 503. A statement's own mistake does not count,
     even where the driver calls it "operational" (SQLite's "no such table"): it
     stays an error of the code that ran it. A dropped connection (SQLAlchemy
-    marks it `connection_invalidated`), a refused connect, an unknown host or an
-    exhausted pool count.
+    marks it `connection_invalidated`, or the server's SQLSTATE says so), a
+    server shutting down or starting up, a refused connect, an unknown host or
+    an exhausted pool count.
     """
     if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated
+        return exc.connection_invalidated or _sqlstate(exc).startswith(_OUTAGE_SQLSTATES)
     return isinstance(exc, sa_exc.TimeoutError | ConnectionError | TimeoutError | socket.gaierror)
+
+
+def is_query_timeout(exc: BaseException) -> bool:
+    """True when the server cancelled a statement: `statement_timeout` ran out (SQLSTATE 57014)."""
+    return isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc) == _QUERY_CANCELED
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import is_outage
+from ._utils import is_outage, is_query_timeout
 from .context import _current
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
@@ -33,7 +33,8 @@ class TenancyMiddleware:
       (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
       with `Retry-After` when the manager's rate limiter says so (admitted
       responses carry the `RateLimit-*` headers), 503 when the registry, the
-      database or a fail-closed limiter is unreachable.
+      database or a fail-closed limiter is unreachable (`{"detail": "Database query timed
+      out"}` when `statement_timeout` cancels a query).
       Tenancy errors and database outages raised by the app before its response
       starts get the same treatment, on excluded paths too. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
@@ -61,7 +62,14 @@ class TenancyMiddleware:
             await self.app(scope, receive, send)
             return
         if self._excluded(scope):
-            await _call(self.app, scope, receive, send)
+            # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
+            # starts a pipelined request's task inside the previous request's context, while
+            # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
+            token = _current.set(None)
+            try:
+                await _call(self.app, scope, receive, send)
+            finally:
+                _current.reset(token)
             return
         limiter = self.manager.rate_limiter
         try:
@@ -146,9 +154,16 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
             raise
         await _refuse(scope, send, exc)
     except Exception as exc:
-        if started or not is_outage(exc):
+        if started:
             raise
-        await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+        if is_outage(exc):
+            await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
+        elif is_query_timeout(exc):
+            # Retryable like an outage, but told apart from "no connection to be had".
+            error = TenancyUnavailableError("database query timed out", detail="Database query timed out")
+            await _refuse(scope, send, error)
+        else:
+            raise
 
 
 async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:

@@ -5,14 +5,16 @@ tenant). Every request must see its own tenant's rows and nothing else."""
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -23,6 +25,7 @@ from fastapi_tenancy import (
     TenantAlreadyExistsError,
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
+from fastapi_tenancy.resolution.base import ResolverFunc
 
 from ..apps import Base, Order, build_app
 from .databases import dropped_afterwards, server_sql
@@ -82,15 +85,25 @@ def db_case(request: pytest.FixtureRequest) -> tuple[str, str]:
 
 
 @asynccontextmanager
-async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
-    """A manager on a pool of one connection, the test app, and tenants alpha and beta."""
+async def two_tenants(
+    url: str,
+    *,
+    build: Callable[[TenancyManager], FastAPI] = build_app,
+    raise_app_exceptions: bool = True,
+    resolver: ResolverFunc | None = None,
+    **settings: Any,
+) -> AsyncIterator[Env]:
+    """A manager on a pool of one connection, the test app (`build`), and tenants alpha and beta.
+
+    `raise_app_exceptions=False` turns a route's own error into the 500 a server would send.
+    """
     config = TenancyConfig(
         database_url=url,
-        **{"database_pool_size": 1, "database_max_overflow": 0, **settings},  # type: ignore[arg-type]
+        **{"database_pool_size": 1, "database_max_overflow": 0, **settings},
     )
-    manager = TenancyManager(config)
+    manager = TenancyManager(config, resolver=resolver)
     await manager.initialize()
-    transport = httpx.ASGITransport(app=build_app(manager))
+    transport = httpx.ASGITransport(app=build(manager), raise_app_exceptions=raise_app_exceptions)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             environment = Env(config.backend, manager, client)

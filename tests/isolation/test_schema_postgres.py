@@ -1,4 +1,5 @@
-"""PostgreSQL-only guarantees of schema isolation: pool hygiene, schema names, raw SQL."""
+"""PostgreSQL-only guarantees of schema isolation: schema names, raw SQL. (Pool hygiene after
+every kind of request: tests/security/test_pool_hygiene.py.)"""
 
 from collections.abc import Awaitable, Callable
 
@@ -11,34 +12,6 @@ from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyC
 
 from ..apps import Base
 from .test_matrix import ROWS, Env, two_tenants
-
-
-async def test_pooled_connection_is_clean_after_every_request(postgres_url: str) -> None:
-    async with two_tenants(postgres_url) as env:
-        async with env.manager.engine.connect() as conn:
-            baseline = (
-                await conn.execute(sa.text("SELECT current_setting('search_path'), pg_backend_pid()"))
-            ).one()
-        for tenant, path in [
-            ("alpha", "/orders"),
-            ("beta", "/raw"),
-            ("alpha", "/orders/1"),
-            ("beta", "/nope"),
-        ]:
-            response = await env.get(tenant, path)
-            assert response.status_code in (200, 404), response.text
-            async with env.manager.engine.connect() as conn:  # the one and only pooled connection
-                search_path, pid, xid, user = (
-                    await conn.execute(
-                        sa.text(
-                            "SELECT current_setting('search_path'), pg_backend_pid(),"
-                            " txid_current_if_assigned(), current_user"
-                        )
-                    )
-                ).one()
-            assert (search_path, pid) == tuple(baseline), "same physical connection, default search_path"
-            assert xid is None, "no transaction left open"
-            assert user == "postgres"
 
 
 async def test_schema_names_in_the_catalog_are_exactly_the_expected_ones(postgres_url: str) -> None:

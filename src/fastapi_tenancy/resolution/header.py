@@ -27,4 +27,7 @@ class HeaderResolver(Resolver):
             return None
         if len(values) > 1 and len(set(values)) > 1:
             raise TenantResolutionError("conflicting tenant headers", detail="Tenant identifier ambiguous")
-        return values[0].decode("latin-1").strip() or None
+        # Only HTTP's optional whitespace (RFC 9110: space and tab) is trimmed. str.strip()
+        # would also drop NBSP, NEL and other control characters, so "alpha\xa0" would
+        # reach tenant alpha while a proxy's rule comparing raw values saw another tenant.
+        return values[0].decode("latin-1").strip(" \t") or None

@@ -133,7 +133,8 @@ class Tenant:
 
     `id` is opaque and never reused; `identifier` is the slug clients send
     (`acme-corp`). `metadata` is a deep-frozen mapping, so a route cannot change
-    the cached record other requests see.
+    the cached record other requests see. `tier` names where a tenant's data lives
+    under hybrid isolation (`schema`, `rls`); None under a single strategy.
     """
 
     identifier: str
@@ -141,6 +142,7 @@ class Tenant:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: TenantStatus = TenantStatus.PROVISIONING
     metadata: Mapping[str, Any] = field(default_factory=FrozenDict)
+    tier: str | None = None
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
 
@@ -176,6 +178,10 @@ class Tenant:
             metadata=self.metadata if metadata is None else FrozenDict(metadata),
             updated_at=self._next_stamp(),
         )
+
+    def with_tier(self, tier: str) -> "Tenant":
+        """Return a copy placed in `tier` (hybrid isolation; see `TenancyManager.move_tenant`)."""
+        return replace(self, tier=tier, updated_at=self._next_stamp())
 
     def _next_stamp(self) -> datetime:
         # Strictly later than the current one: `updated_at` is the version stores

@@ -56,6 +56,7 @@ class InMemoryTenantStore(TenantStore):
                 name=tenant.name,
                 status=tenant.status,
                 metadata=tenant.metadata,
+                tier=tenant.tier,
                 updated_at=tenant.updated_at,
             )
             self._by_id[tenant.id] = updated

@@ -1,10 +1,13 @@
 """The isolation matrix: two tenants with overlapping primary keys, on PostgreSQL schemas
-(a pool of ONE connection, so every request reuses the same physical connection) and on
-SQLite files. Every request must see its own tenant's rows and nothing else."""
+(a pool of ONE connection, so every request reuses the same physical connection), on
+SQLite files, on shared tables under row-level security (as a plain application role)
+and on hybrid tiers (alpha in a schema, beta in the shared tables). Every request must
+see its own tenant's rows and nothing else."""
 
 import asyncio
+import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,8 @@ from fastapi_tenancy import (
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
 
-from ..apps import Base, Order, build_app
+from ..apps import Base, Order, SharedBase, SharedOrder, build_app
+from .conftest import Roles
 
 ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
 
@@ -33,6 +37,16 @@ class Env:
     backend: str
     manager: TenancyManager
     client: httpx.AsyncClient
+    strategy: str = "schema"
+    tiers: Iterator[str | None] = itertools.repeat(None)
+
+    @property
+    def model(self) -> type[Order] | type[SharedOrder]:
+        return Order if self.strategy == "schema" else SharedOrder
+
+    @property
+    def metadata(self) -> sa.MetaData:
+        return Base.metadata if self.strategy == "schema" else SharedBase.metadata
 
     async def get(self, tenant: str, path: str, **params: str | int) -> httpx.Response:
         return await self.client.get(path, params=params, headers={"X-Tenant-ID": tenant})
@@ -42,10 +56,10 @@ class Env:
 
     async def seed(self, identifier: str, rows: dict[int, str]) -> None:
         tenant = await self.manager.register_tenant(
-            identifier, identifier.title(), app_metadata=Base.metadata
+            identifier, identifier.title(), app_metadata=self.metadata, tier=next(self.tiers)
         )
         async with self.manager.session(tenant) as session:
-            session.add_all(Order(id=i, description=d) for i, d in rows.items())
+            session.add_all(self.model(id=i, description=d) for i, d in rows.items())
             await session.commit()
 
     async def shared_sql(self, statement: str) -> list[object]:
@@ -68,6 +82,20 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
+def shared_settings(roles: Roles, strategy: str) -> dict[str, object]:
+    """Settings of the row-level security and hybrid strategies for the test roles."""
+    return {"isolation_strategy": strategy, "database_owner_url": roles.owner_url}
+
+
+@pytest.fixture(params=["sqlite", "postgres", "rls", "hybrid"])
+def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """(application URL, settings) of each strategy the matrix runs for."""
+    if request.param in ("sqlite", "postgres"):
+        return str(request.getfixturevalue(f"{request.param}_url")), {}
+    roles: Roles = request.getfixturevalue("roles")
+    return roles.app_url, shared_settings(roles, request.param)
+
+
 @asynccontextmanager
 async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
     """A manager on a pool of one connection, the test app, and tenants alpha and beta."""
@@ -77,10 +105,14 @@ async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
     )
     manager = TenancyManager(config)
     await manager.initialize()
-    transport = httpx.ASGITransport(app=build_app(manager))
+    strategy = config.isolation_strategy
+    # Hybrid: tenants alternate between the tiers, alpha in a schema, beta in the shared tables.
+    tiers = itertools.cycle(["schema", "rls"]) if strategy == "hybrid" else itertools.repeat(None)
+    model = Order if strategy == "schema" else SharedOrder
+    transport = httpx.ASGITransport(app=build_app(manager, model))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            environment = Env(config.backend, manager, client)
+            environment = Env(config.backend, manager, client, strategy, tiers)
             for identifier, rows in ROWS.items():
                 await environment.seed(identifier, rows)
             yield environment
@@ -89,7 +121,15 @@ async def two_tenants(url: str, **settings: object) -> AsyncIterator[Env]:
 
 
 @pytest.fixture
-async def env(db_url: str) -> AsyncIterator[Env]:
+async def env(setup: tuple[str, dict[str, object]]) -> AsyncIterator[Env]:
+    url, settings = setup
+    async with two_tenants(url, **settings) as environment:
+        yield environment
+
+
+@pytest.fixture
+async def schema_env(db_url: str) -> AsyncIterator[Env]:
+    """The matrix for strategies giving each tenant storage of its own (schema, file)."""
     async with two_tenants(db_url) as environment:
         yield environment
 
@@ -145,7 +185,8 @@ async def test_raw_sql_reaches_only_the_tenant_and_never_the_registry(env: Env) 
         await env.get("alpha", "/raw", table="tenants")
 
 
-async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisioning(env: Env) -> None:
+async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisioning(schema_env: Env) -> None:
+    env = schema_env
     await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
     await env.shared_sql("INSERT INTO orders VALUES (1, 'SHARED-SECRET')")
     await env.seed("gamma", {})
@@ -171,7 +212,8 @@ async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:
     assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
 
 
-async def test_leftover_storage_is_never_adopted(env: Env, tmp_path: Path) -> None:
+async def test_leftover_storage_is_never_adopted(schema_env: Env, tmp_path: Path) -> None:
+    env = schema_env
     if env.backend == "postgresql":
         await env.shared_sql('CREATE SCHEMA "tenant_delta"')
         await env.shared_sql(
@@ -193,17 +235,19 @@ async def test_slugs_differing_only_in_dash_vs_double_dash_stay_apart(env: Env) 
     await env.seed("acme--corp", {1: "double"})
     assert _descriptions(await env.get("acme-corp", "/orders")) == ["single"]
     assert _descriptions(await env.get("acme--corp", "/orders")) == ["double"]
-    names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
-    assert names == {"tenant_acme_corp", "tenant_acme__corp"}
+    if env.strategy == "schema":
+        names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
+        assert names == {"tenant_acme_corp", "tenant_acme__corp"}
 
 
 async def test_failed_provisioning_leaves_no_half_made_tenant(env: Env) -> None:
-    broken = sa.MetaData()
-    sa.Table("good", broken, sa.Column("id", sa.Integer, primary_key=True))
+    broken = sa.MetaData()  # tenant columns too, so that row-level security gets to the DDL
+    sa.Table("good", broken, sa.Column("id", sa.Integer, primary_key=True), sa.Column("tenant_id", sa.Text))
     sa.Table(
         "bad",
         broken,
         sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("tenant_id", sa.Text),
         sa.CheckConstraint("id >>> ((", name="nonsense"),
     )
     with pytest.raises(ProvisioningError):

@@ -96,10 +96,11 @@ class SharedBase(DeclarativeBase):
 class SharedOrder(SharedBase):
     """The orders of `Order`, labelled with their tenant: for row-level security and hybrid tiers.
 
-    The tenant column leads the primary key, so two tenants can both have order 1.
+    The tenant column leads the primary key, so two tenants can both have order 1; the
+    server fills it (FetchedValue: the default row-level security sets on the column).
     """
 
     __tablename__ = "orders"
-    tenant_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, server_default=sa.FetchedValue())
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     description: Mapped[str] = mapped_column(sa.String(200))

@@ -68,7 +68,16 @@ class Env:
         On an engine of its own, with the server's default search_path: the
         manager's connections start with an empty one.
         """
-        engine = create_async_engine(self.manager.config.database_url, poolclass=sa.pool.NullPool)
+        return await self._sql(self.manager.config.database_url, statement)
+
+    async def shared_sql_as_owner(self, statement: str) -> list[object]:
+        """Run SQL as the owner role of row-level security (`database_owner_url`)."""
+        assert self.manager.config.database_owner_url is not None
+        return await self._sql(self.manager.config.database_owner_url, statement)
+
+    @staticmethod
+    async def _sql(url: str, statement: str) -> list[object]:
+        engine = create_async_engine(url, poolclass=sa.pool.NullPool)
         try:
             async with engine.begin() as conn:
                 result = await conn.execute(sa.text(statement))

@@ -148,8 +148,9 @@ class RLSIsolation(Isolation):
         self.schema = schema
         self.setting = f"{namespace}.tenant_id"
         self.policy = f"{namespace}_tenant"
-        self.fence_table = f"{_quote(schema)}.{_quote(namespace + '_moved')}"
-        self.enter_function = f"{_quote(schema)}.{_quote(namespace + '_enter')}"
+        # Tenants moved out to another tier (hybrid): their sessions here answer 503.
+        self.fence_table = f"{_quote(schema)}.{_quote(self.policy + '_fence')}"
+        self.enter_function = f"{_quote(schema)}.{_quote(self.policy + '_enter')}"
         if len(namespace) > 40:
             raise ConfigurationError("the setting namespace must be at most 40 characters")
         # set_config() of search_path too: the manager's connections start with an empty
@@ -445,7 +446,7 @@ SELECT session_user::text AS app_role,
     ARRAY(SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
           JOIN pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column AND NOT a.attisdropped
-          WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')
+          WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') AND c.relname <> :policy || '_fence'
             AND (pg_has_role(session_user, c.relowner, 'MEMBER') OR pg_has_role(current_user, c.relowner, 'MEMBER'))
           ORDER BY 1) AS owned,
     EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -475,6 +476,6 @@ SELECT c.oid, c.relname::text AS name, c.relrowsecurity AS enabled, c.relforcero
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column AND NOT a.attisdropped
-WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')
+WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') AND c.relname <> :policy || '_fence'
 ORDER BY c.relname
 """

@@ -368,14 +368,15 @@ class TenancyManager:
         current = await self.get_tenant(_slug(tenant))
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
-        await isolation.move(current, tier, app_metadata)
 
         def switch(stored: Tenant) -> Tenant:
             if stored.id != current.id or stored.tier != current.tier:
                 raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
             return stored.with_tier(tier)
 
-        moved = await self._change(current.identifier, switch)
+        with isolation.moving(current):
+            await isolation.move(current, tier, app_metadata)
+            moved = await self._change(current.identifier, switch)
         logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
         return moved
 

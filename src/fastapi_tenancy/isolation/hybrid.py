@@ -1,13 +1,14 @@
 """`HybridIsolation`: each tenant in the tier chosen for it, and moves between tiers."""
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .._utils import unavailable_as_503
-from ..errors import ConfigurationError, ProvisioningError
+from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
 from .base import Isolation
 from .rls import RLSIsolation, tenant_session
@@ -50,6 +51,9 @@ class HybridIsolation(Isolation):
         self.default_tier = default_tier
         self.plan_tiers = dict(plan_tiers or {})
         self.column = column
+        # Ids of tenants this process is moving: their new sessions answer 503 at once
+        # instead of reaching a copy that is being fenced off.
+        self._moving: set[str] = set()
 
     def choose_tier(self, tier: str | None, metadata: Mapping[str, Any]) -> str:
         """The tier of a new tenant: `tier` if given, else by its metadata `plan`, else the default."""
@@ -87,6 +91,8 @@ class HybridIsolation(Isolation):
             await isolation.close()
 
     async def session(self, tenant: Tenant) -> AsyncSession:
+        if tenant.id in self._moving:
+            raise TenancyUnavailableError(f"tenant {tenant.identifier!r} is being moved to another tier")
         isolation = self.tier(tenant)
         session = await isolation.session(tenant)
         if isinstance(isolation, RLSIsolation):
@@ -106,6 +112,15 @@ class HybridIsolation(Isolation):
                 await isolation.destroy(tenant)  # rows (none left) and its moved-out mark
 
     # -- moves between tiers ---------------------------------------------------------
+
+    @contextmanager
+    def moving(self, tenant: Tenant) -> Iterator[None]:
+        """While in this block, this process answers 503 for `tenant` (wrap the move and the switch)."""
+        self._moving.add(tenant.id)
+        try:
+            yield
+        finally:
+            self._moving.discard(tenant.id)
 
     async def move(self, tenant: Tenant, target: str, metadata: sa.MetaData) -> None:
         """Copy `tenant`'s rows (the tables of `metadata`) into tier `target`; fence the old copy.
@@ -223,8 +238,8 @@ async def _advance_sequences(conn: AsyncConnection, schema: str, tables: list[sa
     for table in tables:
         rows = await conn.execute(
             sa.text(
-                "SELECT a.attname::text, pg_get_serial_sequence(format('%I.%I', :schema, :table), a.attname) "
-                "FROM pg_attribute a WHERE a.attrelid = format('%I.%I', :schema, :table)::regclass "
+                "SELECT a.attname::text, pg_get_serial_sequence(format('%I.%I', CAST(:schema AS text), CAST(:table AS text)), a.attname) "
+                "FROM pg_attribute a WHERE a.attrelid = format('%I.%I', CAST(:schema AS text), CAST(:table AS text))::regclass "
                 "AND a.attnum > 0 AND NOT a.attisdropped"
             ),
             {"schema": schema, "table": table.name},

@@ -99,7 +99,11 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"isolation_strategy": "hybrid", "database_url": "mysql://root@h/db"}, "isolation_strategy"),
         ({"isolation_strategy": "rls", "database_url": "postgresql://app@h/db"}, "database_owner_url"),
         (
-            {"isolation_strategy": "rls", "database_url": "postgresql://a@h/db", "database_owner_url": "mysql://o@h/db"},
+            {
+                "isolation_strategy": "rls",
+                "database_url": "postgresql://a@h/db",
+                "database_owner_url": "mysql://o@h/db",
+            },
             "database_owner_url",
         ),
         ({"rls_tenant_column": "Tenant-Id"}, "rls_tenant_column"),

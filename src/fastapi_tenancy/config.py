@@ -219,7 +219,8 @@ class TenancyConfig(BaseSettings):
         if self.isolation_strategy in _SHARED_STRATEGIES:
             if backend != "postgresql":
                 raise ValueError(
-                    f"isolation_strategy: {self.isolation_strategy!r} needs PostgreSQL, but database_url is {backend}"
+                    f"isolation_strategy: {self.isolation_strategy!r} needs PostgreSQL, "
+                    f"but database_url is {backend}"
                 )
             if self.database_owner_url is None:
                 raise ValueError(

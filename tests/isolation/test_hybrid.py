@@ -19,7 +19,9 @@ from .test_matrix import Env, shared_settings, two_tenants
 @pytest.fixture
 async def env(roles: Roles) -> AsyncIterator[Env]:
     # alpha in its own schema, beta in the shared tables; a few connections for traffic.
-    async with two_tenants(roles.app_url, **shared_settings(roles, "hybrid"), database_pool_size=3) as environment:
+    async with two_tenants(
+        roles.app_url, **shared_settings(roles, "hybrid"), database_pool_size=3
+    ) as environment:
         yield environment
 
 
@@ -52,10 +54,13 @@ async def test_tiers_never_mix(env: Env, roles: Roles) -> None:
     # Writes through the app stay in each tenant's tier.
     assert (await env.post("alpha", "/orders", order_id=7, description="alpha-7")).status_code == 200
     assert (await env.post("beta", "/orders", order_id=7, description="beta-7")).status_code == 200
-    assert await _admin_rows(roles, "SELECT count(*) FROM public.orders WHERE description LIKE 'alpha%'") == [(0,)]
-    assert await _admin_rows(roles, "SELECT count(*) FROM tenant_alpha.orders WHERE tenant_id = '" + alpha.id + "'") == [
-        (3,)
-    ]  # the tenant column is filled in the schema tier too
+    assert await _admin_rows(roles, "SELECT count(*) FROM public.orders WHERE description LIKE 'alpha%'") == [
+        (0,)
+    ]
+    assert await _admin_rows(
+        roles,
+        "SELECT count(*) FROM tenant_alpha.orders WHERE tenant_id = '" + alpha.id + "'",  # noqa: S608
+    ) == [(3,)]  # the tenant column is filled in the schema tier too
 
 
 async def test_the_tier_comes_from_the_argument_the_plan_or_the_default(roles: Roles) -> None:
@@ -71,8 +76,12 @@ async def test_the_tier_comes_from_the_argument_the_plan_or_the_default(roles: R
     await manager.initialize()
     try:
         metadata = SharedBase.metadata
-        big = await manager.register_tenant("big", "Big", app_metadata=metadata, metadata={"plan": "enterprise"})
-        small = await manager.register_tenant("small", "Small", app_metadata=metadata, metadata={"plan": "free"})
+        big = await manager.register_tenant(
+            "big", "Big", app_metadata=metadata, metadata={"plan": "enterprise"}
+        )
+        small = await manager.register_tenant(
+            "small", "Small", app_metadata=metadata, metadata={"plan": "free"}
+        )
         chosen = await manager.register_tenant("chosen", "C", app_metadata=metadata, tier="schema")
         assert (big.tier, small.tier, chosen.tier) == ("schema", "rls", "schema")
         assert (await manager.get_tenant("big")).tier == "schema"  # stored, not recomputed
@@ -104,7 +113,9 @@ async def _traffic(env: Env, stop: asyncio.Event, acknowledged: list[int], cross
         while not stop.is_set():
             order_id = next(counter)
             try:
-                response = await env.post("beta", "/orders", order_id=order_id, description=f"beta-{order_id}")
+                response = await env.post(
+                    "beta", "/orders", order_id=order_id, description=f"beta-{order_id}"
+                )
             except Exception:  # noqa: S112 - a request that failed acknowledged nothing
                 STATUSES["error"] = STATUSES.get("error", 0) + 1
                 await asyncio.sleep(0.005)
@@ -156,7 +167,7 @@ async def test_a_live_tenant_moves_between_tiers_and_back(env: Env, roles: Roles
     assert {1, 3, *acknowledged} == stored  # every acknowledged write is in the new copy
     assert _orders(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]
     # The old copy stays in the shared tables until removed, and blocks a move back.
-    old_rows = "SELECT id FROM public.orders WHERE tenant_id = '" + beta.id + "'"
+    old_rows = "SELECT id FROM public.orders WHERE tenant_id = '" + beta.id + "'"  # noqa: S608
     old = {row[0] for row in await _admin_rows(roles, old_rows)}
     assert {1, 3} <= old <= stored  # what was there at the switch; later writes went to the schema
     with pytest.raises(ProvisioningError, match="remove the old copy"):
@@ -173,7 +184,9 @@ async def test_a_live_tenant_moves_between_tiers_and_back(env: Env, roles: Roles
         ("tenant_beta_",)  # the old copy, renamed out of the way
     ]
     await env.manager.remove_old_copy("beta")
-    assert await _admin_rows(roles, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant_beta%'") == []
+    assert (
+        await _admin_rows(roles, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant_beta%'") == []
+    )
     assert _orders(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]
     await env.manager.delete_tenant("beta", destroy_data=True)
     assert await _admin_rows(roles, "SELECT count(*) FROM public.orders") == [(0,)]

@@ -62,7 +62,9 @@ async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Role
             committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
             assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
             async with env.manager.engine.connect() as conn:  # the one server connection, unbound again
-                assert await conn.scalar(sa.text("SELECT current_setting('fastapi_tenancy.tenant_id', true)")) in (
+                assert await conn.scalar(
+                    sa.text("SELECT current_setting('fastapi_tenancy.tenant_id', true)")
+                ) in (
                     "",
                     None,
                 )

@@ -120,7 +120,10 @@ async def test_verify_reports_every_gap(env: Env, roles: Roles) -> None:
             "public.orders: row-level security is not forced (its owner bypasses it)",
             "public.unguarded: row-level security is not enabled",
             "public.unguarded: row-level security is not forced (its owner bypasses it)",
-            *(f"public.unguarded: no policy for {command}" for command in ("SELECT", "INSERT", "UPDATE", "DELETE")),
+            *(
+                f"public.unguarded: no policy for {command}"
+                for command in ("SELECT", "INSERT", "UPDATE", "DELETE")
+            ),
             *(f"public.half: no policy for {command}" for command in ("INSERT", "UPDATE", "DELETE")),
             "public.half: permissive policy 'reads' widens the tenant policy",
         ]
@@ -167,7 +170,9 @@ async def test_a_rolled_back_savepoint_does_not_unbind_the_transaction(env: Env)
         savepoint = await session.begin_nested()  # the first statement runs inside it
         assert (await session.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one() == 2
         await savepoint.rollback()
-        assert (await session.execute(sa.text("SELECT description FROM orders ORDER BY id"))).scalars().all() == [
+        assert (
+            await session.execute(sa.text("SELECT description FROM orders ORDER BY id"))
+        ).scalars().all() == [
             "beta-1",
             "beta-3",
         ]

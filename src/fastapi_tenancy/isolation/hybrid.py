@@ -5,7 +5,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
@@ -98,7 +98,9 @@ class HybridIsolation(Isolation):
         if isinstance(isolation, RLSIsolation):
             return session
         # The same bind, in a session that fills the tenant column of new ORM objects.
-        return tenant_session(session.bind, self.column, tenant.id)
+        bind = session.bind
+        assert isinstance(bind, AsyncEngine)  # every strategy binds its sessions to an engine
+        return tenant_session(bind, self.column, tenant.id)
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         await self.tier(tenant).provision(tenant, metadata)
@@ -238,9 +240,9 @@ async def _advance_sequences(conn: AsyncConnection, schema: str, tables: list[sa
     for table in tables:
         rows = await conn.execute(
             sa.text(
-                "SELECT a.attname::text, pg_get_serial_sequence(format('%I.%I', CAST(:schema AS text), CAST(:table AS text)), a.attname) "
-                "FROM pg_attribute a WHERE a.attrelid = format('%I.%I', CAST(:schema AS text), CAST(:table AS text))::regclass "
-                "AND a.attnum > 0 AND NOT a.attisdropped"
+                "SELECT a.attname::text, pg_get_serial_sequence(t.name, a.attname) "
+                "FROM (SELECT format('%I.%I', CAST(:schema AS text), CAST(:table AS text)) AS name) t "
+                "JOIN pg_attribute a ON a.attrelid = t.name::regclass AND a.attnum > 0 AND NOT a.attisdropped"
             ),
             {"schema": schema, "table": table.name},
         )

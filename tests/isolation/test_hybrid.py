@@ -6,8 +6,15 @@ import itertools
 from collections.abc import AsyncIterator
 
 import pytest
+import sqlalchemy as sa
 
-from fastapi_tenancy import ConfigurationError, ProvisioningError, TenancyConfig, TenancyManager
+from fastapi_tenancy import (
+    ConfigurationError,
+    ProvisioningError,
+    TenancyConfig,
+    TenancyManager,
+    TenancyUnavailableError,
+)
 from fastapi_tenancy.isolation.hybrid import HybridIsolation
 
 from ..apps import SharedBase
@@ -190,3 +197,23 @@ async def test_a_live_tenant_moves_between_tiers_and_back(env: Env, roles: Roles
     assert _orders(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]
     await env.manager.delete_tenant("beta", destroy_data=True)
     assert await _admin_rows(roles, "SELECT count(*) FROM public.orders") == [(0,)]
+
+
+async def test_another_process_with_a_stale_cache_is_fenced_off_after_a_move(env: Env, roles: Roles) -> None:
+    # A second manager stands for another process: its cache still places beta in the
+    # shared tables after the first one moved beta to a schema.
+    config = env.manager.config.model_copy(update={"cache_ttl": 3600.0})
+    other = TenancyManager(config)
+    await other.initialize()
+    try:
+        stale = await other.lookup.get("beta")
+        assert stale is not None and stale.tier == "rls"
+        await env.manager.move_tenant("beta", "schema", app_metadata=SharedBase.metadata)
+        assert (await other.lookup.get("beta")) == stale  # still cached
+        async with other.session(stale) as session:
+            with pytest.raises(TenancyUnavailableError, match="moved"):
+                await session.execute(sa.text("SELECT count(*) FROM orders"))
+        # The move's process serves the new copy at once.
+        assert _orders(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+    finally:
+        await other.close()

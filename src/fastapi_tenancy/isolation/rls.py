@@ -221,7 +221,8 @@ class RLSIsolation(Isolation):
                 "runs migrations and policies) and an application role for requests (database_url), "
                 "e.g. CREATE ROLE app LOGIN NOSUPERUSER NOBYPASSRLS; the library grants it what it needs."
             )
-        async with self.owner_engine.begin() as conn:
+        async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
+            await self._lock_setup(conn)
             await conn.execute(sa.text(f"REVOKE ALL ON FUNCTION {self.enter_function}(text) FROM PUBLIC"))
             await conn.execute(
                 sa.text(f"GRANT EXECUTE ON FUNCTION {self.enter_function}(text) TO {_quote(row.app_role)}")

@@ -4,6 +4,7 @@ ONE server connection shared by every client connection, so tenants' transaction
 import asyncio
 import random
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
@@ -39,14 +40,20 @@ async def test_tenants_sharing_one_server_connection_never_cross(pgbouncer_url: 
             assert (await conn.execute(sa.text("SHOW search_path"))).scalar_one() == '"$user", public'
 
 
-async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Roles) -> None:
+@pytest.mark.parametrize("strategy", ["rls", "hybrid"])
+async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Roles, strategy: str) -> None:
     # The binding is per transaction, so it travels with each transaction to whatever
     # server connection PgBouncer gives it, and is gone when that transaction ends.
+    # Hybrid: alpha in a schema, beta in the shared tables, on the same server connection.
     async with running_pgbouncer(roles.admin_url, (roles.app, roles.owner)) as bouncer:
         port = make_url(bouncer).port
         app_url = make_url(roles.app_url).set(port=port).render_as_string(hide_password=False)
         owner_url = make_url(roles.owner_url).set(port=port).render_as_string(hide_password=False)
-        settings = {"isolation_strategy": "rls", "database_owner_url": owner_url, "database_pgbouncer": True}
+        settings = {
+            "isolation_strategy": strategy,
+            "database_owner_url": owner_url,
+            "database_pgbouncer": True,
+        }
         async with two_tenants(app_url, **settings, database_pool_size=5) as env:
             expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
             rng = random.Random(5)

@@ -31,7 +31,9 @@ def _rows(orders: Any) -> list[dict[str, Any]]:
     return [{"id": o.id, "description": o.description} for o in orders]
 
 
-def build_app(manager: TenancyManager) -> FastAPI:
+def build_app(manager: TenancyManager, model: "type[Order] | type[SharedOrder] | None" = None) -> FastAPI:
+    """The app; `model` is the orders class (`SharedOrder` for row-level security and hybrid)."""
+    Row: Any = Order if model is None else model  # noqa: N806
     app = FastAPI()
     app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
     get_db = make_tenant_db_dependency(manager)
@@ -44,43 +46,43 @@ def build_app(manager: TenancyManager) -> FastAPI:
 
     @app.get("/orders")
     async def list_orders(tenant: CurrentTenant, session: Session) -> dict[str, Any]:
-        orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+        orders = (await session.execute(sa.select(Row).order_by(Row.id))).scalars().all()
         return {"tenant": tenant.identifier, "orders": _rows(orders)}
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: OrderId, session: Session) -> dict[str, Any]:
-        order = await session.get(Order, order_id)
+        order = (await session.execute(sa.select(Row).where(Row.id == order_id))).scalar_one_or_none()
         if order is None:
             raise HTTPException(404, "Order not found")
         return _rows([order])[0]
 
     @app.post("/orders")
     async def create_order(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
-        session.add(Order(id=order_id, description=description))
+        session.add(Row(id=order_id, description=description))
         await session.commit()
         return {"id": order_id}
 
     @app.put("/orders/{order_id}")
     async def update_order(order_id: OrderId, description: str, session: Session) -> dict[str, int]:
         result = await session.execute(
-            sa.update(Order).where(Order.id == order_id).values(description=description)
+            sa.update(Row).where(Row.id == order_id).values(description=description)
         )
         await session.commit()
         return {"updated": int(result.rowcount)}  # type: ignore[attr-defined]
 
     @app.post("/orders/commit-then-read")
     async def commit_then_read(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
-        session.add(Order(id=order_id, description=description))
+        session.add(Row(id=order_id, description=description))
         await session.commit()
-        orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+        orders = (await session.execute(sa.select(Row).order_by(Row.id))).scalars().all()
         return {"orders": _rows(orders)}
 
     @app.post("/orders/begin")
     async def with_begin(order_id: NewOrderId, description: str, session: Session) -> dict[str, Any]:
         async with session.begin():
-            session.add(Order(id=order_id, description=description))
+            session.add(Row(id=order_id, description=description))
         async with session.begin():
-            orders = (await session.execute(sa.select(Order).order_by(Order.id))).scalars().all()
+            orders = (await session.execute(sa.select(Row).order_by(Row.id))).scalars().all()
             return {"orders": _rows(orders)}
 
     @app.get("/raw")
@@ -90,3 +92,20 @@ def build_app(manager: TenancyManager) -> FastAPI:
         return {"orders": [{"id": r[0], "description": r[1]} for r in rows]}
 
     return app
+
+
+class SharedBase(DeclarativeBase):
+    pass
+
+
+class SharedOrder(SharedBase):
+    """The orders of `Order`, labelled with their tenant: for row-level security and hybrid tiers.
+
+    The tenant column leads the primary key, so two tenants can both have order 1; the
+    server fills it (FetchedValue: the default row-level security sets on the column).
+    """
+
+    __tablename__ = "orders"
+    tenant_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, server_default=sa.FetchedValue())
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    description: Mapped[str] = mapped_column(sa.String(200))

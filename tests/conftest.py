@@ -12,6 +12,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,17 @@ async def pgbouncer_url(postgres_url: str) -> AsyncIterator[str]:
     Debian's pgbouncer (.ci/run installs it when missing), on a spare loopback
     port, stopped after the test.
     """
+    async with running_pgbouncer(postgres_url) as url:
+        yield url
+
+
+@asynccontextmanager
+async def running_pgbouncer(postgres_url: str, users: tuple[str, ...] = ()) -> AsyncIterator[str]:
+    """Start a PgBouncer in front of `postgres_url` that also admits the roles `users`."""
     port = _free_port()
     binary, workdir = _pgbouncer_setup(postgres_url, port)
+    with (workdir / "users.txt").open("a") as auth_file:
+        auth_file.writelines(f'"{user}" ""\n' for user in users)
     user = ["-u", "postgres"] if os.geteuid() == 0 else []
     process = await asyncio.create_subprocess_exec(binary, *user, str(workdir / "pgbouncer.ini"))
     try:

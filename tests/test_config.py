@@ -73,6 +73,12 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "database_tenant_pool_size": ("3", 3),
     "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
     "schema_template": ("tenancy_template", "tenancy_template"),
+    # row-level security and hybrid tiers
+    "database_owner_url": ("postgresql://owner@db/app", "postgresql+asyncpg://owner@db/app"),
+    "rls_tenant_column": ("org_id", "org_id"),
+    "rls_setting_namespace": ("myapp", "myapp"),
+    "hybrid_default_tier": ("schema", "schema"),
+    "hybrid_plan_tiers": ('{"enterprise": "schema", "free": "rls"}', {"enterprise": "schema", "free": "rls"}),
 }
 
 
@@ -125,6 +131,19 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"databse_url": "sqlite://"}, "databse_url"),
         ({"database_connection_budget": 0}, "database_connection_budget"),
         ({"database_connection_budget": 4, "database_tenant_pool_size": 5}, "database_tenant_pool_size"),
+        ({"isolation_strategy": "hybrid", "database_url": "mysql://root@h/db"}, "isolation_strategy"),
+        ({"isolation_strategy": "rls", "database_url": "postgresql://app@h/db"}, "database_owner_url"),
+        (
+            {
+                "isolation_strategy": "rls",
+                "database_url": "postgresql://a@h/db",
+                "database_owner_url": "mysql://o@h/db",
+            },
+            "database_owner_url",
+        ),
+        ({"rls_tenant_column": "Tenant-Id"}, "rls_tenant_column"),
+        ({"rls_setting_namespace": "a.b"}, "rls_setting_namespace"),
+        ({"hybrid_plan_tiers": {"pro": "database"}}, "hybrid_plan_tiers"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(
@@ -141,6 +160,17 @@ def test_password_is_masked_in_repr_and_str() -> None:
         assert "s3cr3t-pw" not in text
         assert "***" in text
     assert config.database_url.endswith("app:s3cr3t-pw@db/app")  # the real value stays usable
+
+
+def test_owner_password_is_masked_too() -> None:
+    config = TenancyConfig(
+        database_url="postgresql://app@db/app",
+        database_owner_url="postgresql://owner:0wn3r-pw@db/app",
+        isolation_strategy="rls",
+    )
+    for text in (repr(config), str(config)):
+        assert "0wn3r-pw" not in text
+    assert config.database_owner_url == "postgresql+asyncpg://owner:0wn3r-pw@db/app"
 
 
 def test_config_is_immutable() -> None:

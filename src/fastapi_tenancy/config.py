@@ -36,6 +36,8 @@ _PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 _ResolverName = Literal["header", "subdomain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_SHARED_STRATEGIES = ("rls", "hybrid")
 
 
 def normalise_database_url(url: str) -> str:
@@ -138,10 +140,12 @@ class TenancyConfig(BaseSettings):
     claim of the verified bearer token; `chain` the strategies in `resolution_chain`;
     `custom` uses the resolver passed to `TenancyManager(resolver=...)`."""
 
-    isolation_strategy: Literal["schema", "database"] = "schema"
+    isolation_strategy: Literal["schema", "database", "rls", "hybrid"] = "schema"
     """How tenants' data is kept apart: `schema` gives each tenant its own PostgreSQL
     schema (on SQLite, its own database file); `database` gives each tenant its own
-    database on PostgreSQL or MySQL/MariaDB (on SQLite, its own database file)."""
+    database on PostgreSQL or MySQL/MariaDB (on SQLite, its own database file); `rls` keeps
+    every tenant in shared tables guarded by PostgreSQL row-level security; `hybrid` places
+    each tenant in a tier (`schema`, `database` or `rls`) chosen when it is registered."""
 
     tenant_header_name: str = "X-Tenant-ID"
     """The request header that carries the tenant identifier (header resolution)."""
@@ -337,10 +341,47 @@ class TenancyConfig(BaseSettings):
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
 
+    # -- row-level security and hybrid tiers ------------------------------------------
+
+    database_owner_url: str | None = None
+    """The URL of the role that owns the shared tables (`rls`, `hybrid`): the library runs
+    DDL (tables, policies, tenant schemas) and the tenant registry with it, while requests
+    run as the role of `database_url`, which must not own those tables, be a superuser or
+    have BYPASSRLS. Required for `rls` and `hybrid`."""
+
+    rls_tenant_column: str = "tenant_id"
+    """The column that names a row's tenant (`rls`): every table of the app metadata that
+    has it is shared and guarded by a policy; the library fills it on insert."""
+
+    rls_setting_namespace: str = "fastapi_tenancy"
+    """Namespace of the transaction-local setting that binds a transaction to its tenant
+    (`<namespace>.tenant_id`), read by the policies."""
+
+    hybrid_default_tier: Literal["schema", "rls"] = "rls"
+    """The tier of a tenant registered without `tier=` whose metadata `plan` is not in
+    `hybrid_plan_tiers` (`hybrid`)."""
+
+    hybrid_plan_tiers: dict[str, Literal["schema", "rls"]] = Field(default_factory=dict)
+    """Tier by plan (`hybrid`): a tenant registered with metadata `{"plan": "enterprise"}`
+    goes to `hybrid_plan_tiers["enterprise"]`. As JSON in the environment:
+    `{"enterprise": "schema", "free": "rls"}`."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
         return normalise_database_url(value)
+
+    @field_validator("database_owner_url")
+    @classmethod
+    def _check_database_owner_url(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_database_url(value)
+
+    @field_validator("rls_tenant_column", "rls_setting_namespace")
+    @classmethod
+    def _check_sql_name(cls, value: str) -> str:
+        if _SQL_NAME.fullmatch(value) is None:
+            raise ValueError("must be 1-63 lower-case letters, digits or '_', not starting with a digit")
+        return value
 
     @field_validator("tenant_header_name")
     @classmethod
@@ -426,6 +467,19 @@ class TenancyConfig(BaseSettings):
             raise ValueError(
                 "schema_template must not start with schema_prefix (it would be a tenant's name)"
             )
+        if self.isolation_strategy in _SHARED_STRATEGIES:
+            if backend != "postgresql":
+                raise ValueError(
+                    f"isolation_strategy: {self.isolation_strategy!r} needs PostgreSQL, "
+                    f"but database_url is {backend}"
+                )
+            if self.database_owner_url is None:
+                raise ValueError(
+                    f"database_owner_url: isolation_strategy {self.isolation_strategy!r} needs the URL of "
+                    "the role that owns the shared tables, besides database_url (the application role)"
+                )
+            if make_url(self.database_owner_url).get_backend_name() != "postgresql":
+                raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")
         return self
 
     def _check_resolution(self) -> None:
@@ -454,5 +508,5 @@ class TenancyConfig(BaseSettings):
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            masked = name == "database_url" or (name == "redis_url" and value is not None)
+            masked = name in ("database_url", "database_owner_url", "redis_url") and value is not None
             yield name, mask_url(value) if masked else value

@@ -28,6 +28,8 @@ from .events import LifecycleEvent, LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
 from .isolation.database import DatabaseIsolation
+from .isolation.hybrid import HybridIsolation
+from .isolation.rls import RLSIsolation
 from .isolation.schema import SchemaIsolation
 from .isolation.sqlite import SQLiteFileIsolation
 from .lookup import TenantLookup
@@ -98,11 +100,28 @@ class TenancyManager:
             pgbouncer=self.config.database_pgbouncer,
             empty_search_path=self._empty_search_path,
         )
+        # The role that owns the shared tables (rls, hybrid): DDL and the registry run as
+        # it, requests as the role of database_url, which therefore cannot read the
+        # registry (every tenant's name and metadata) even with raw SQL.
+        self.owner_engine: AsyncEngine | None = None
+        if self.config.database_owner_url is not None:
+            self.owner_engine = create_engine(
+                self.config.database_owner_url,
+                pool_size=2,
+                max_overflow=2,
+                pool_timeout=self.config.database_pool_timeout,
+                pool_recycle=self.config.database_pool_recycle,
+                pool_pre_ping=self.config.database_pool_pre_ping,
+                echo=self.config.database_echo,
+                pgbouncer=self.config.database_pgbouncer,
+            )
         # The engine's connections resolve no unqualified name, so a registry sharing
         # it names its schema.
-        default_store_schema = "public" if self._empty_search_path else None
+        default_store_schema = "public" if self._empty_search_path or self.owner_engine else None
         self.store = (
-            store if store is not None else SQLAlchemyTenantStore(self.engine, schema=default_store_schema)
+            store
+            if store is not None
+            else SQLAlchemyTenantStore(self.owner_engine or self.engine, schema=default_store_schema)
         )
         if self.config.database_pgbouncer and isinstance(self.store, SQLAlchemyTenantStore):
             # A registry opened from a URL (as in the Quick Start) makes its own pool on first
@@ -202,25 +221,55 @@ class TenancyManager:
                 echo=config.database_echo,
             )
         if config.isolation_strategy == "database":
-            return DatabaseIsolation(
-                config.database_url,
+            return self._database_isolation()
+        if config.isolation_strategy == "schema":
+            return SchemaIsolation(
+                self.engine,
                 prefix=config.schema_prefix,
-                cipher=self.cipher,
-                connection_budget=config.database_connection_budget,
-                pool_size=config.database_tenant_pool_size,
-                pool_timeout=config.database_pool_timeout,
-                pool_recycle=config.database_pool_recycle,
-                pool_pre_ping=config.database_pool_pre_ping,
-                max_engines=config.max_cached_engines,
-                pgbouncer=config.database_pgbouncer,
-                echo=config.database_echo,
+                max_cached_binds=config.cache_max_size,
+                empty_search_path=self._empty_search_path,
+                template=config.schema_template,
             )
-        return SchemaIsolation(
+        assert self.owner_engine is not None  # the config requires it for rls and hybrid
+        rls = RLSIsolation(
+            self.engine,
+            self.owner_engine,
+            column=config.rls_tenant_column,
+            namespace=config.rls_setting_namespace,
+            prefix=config.schema_prefix,
+            max_cached_binds=config.cache_max_size,
+        )
+        if config.isolation_strategy == "rls":
+            return rls
+        schema = SchemaIsolation(
             self.engine,
             prefix=config.schema_prefix,
             max_cached_binds=config.cache_max_size,
             empty_search_path=self._empty_search_path,
             template=config.schema_template,
+            ddl_engine=self.owner_engine,
+        )
+        return HybridIsolation(
+            {"schema": schema, "rls": rls},
+            default_tier=config.hybrid_default_tier,
+            plan_tiers=config.hybrid_plan_tiers,
+            column=config.rls_tenant_column,
+        )
+
+    def _database_isolation(self) -> DatabaseIsolation:
+        config = self.config
+        return DatabaseIsolation(
+            config.database_url,
+            prefix=config.schema_prefix,
+            cipher=self.cipher,
+            connection_budget=config.database_connection_budget,
+            pool_size=config.database_tenant_pool_size,
+            pool_timeout=config.database_pool_timeout,
+            pool_recycle=config.database_pool_recycle,
+            pool_pre_ping=config.database_pool_pre_ping,
+            max_engines=config.max_cached_engines,
+            pgbouncer=config.database_pgbouncer,
+            echo=config.database_echo,
         )
 
     def _build_invalidation(self) -> InvalidationChannel | None:
@@ -296,6 +345,8 @@ class TenancyManager:
             await self.events.close()
             await self.store.close()
             await self.engine.dispose()
+            if self.owner_engine is not None:
+                await self.owner_engine.dispose()
             self.lookup.clear()
             self._initialized = False
 
@@ -351,12 +402,15 @@ class TenancyManager:
         app_metadata: sa.MetaData | None = None,
         metadata: Mapping[str, Any] | None = None,
         database_url: str | None = None,
+        tier: str | None = None,
     ) -> Tenant:
         """Register a tenant, create its storage and the `app_metadata` tables in it.
 
         `database_url` (database isolation) puts the tenant's database on another
         server: it is encrypted with `encryption_keys` before it is stored, and only
-        the ciphertext is kept on the returned `Tenant`.
+        the ciphertext is kept on the returned `Tenant`. With hybrid isolation the
+        tenant goes to `tier`, or to the tier of its metadata's `plan`
+        (`hybrid_plan_tiers`), or to `hybrid_default_tier`; the choice is stored with it.
 
         The tenant is `provisioning` until its storage is ready, then `active`. If
         provisioning fails, the registration is undone and `ProvisioningError`
@@ -365,12 +419,17 @@ class TenancyManager:
         (a soft-deleted tenant keeps its slug until purged).
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
+        if isinstance(self.isolation, HybridIsolation):
+            tier = self.isolation.choose_tier(tier, metadata or {})
+        elif tier is not None:
+            raise ConfigurationError(f"tier={tier!r} needs isolation_strategy='hybrid'")
         new = Tenant(
             identifier=identifier,
             name=name,
             metadata=metadata or {},
             status=TenantStatus.PROVISIONING,
             encrypted_database_url=None if database_url is None else self._encrypt(database_url),
+            tier=tier,
         )
         self.isolation.check(new)
         try:
@@ -502,6 +561,44 @@ class TenancyManager:
         await self._changed(current.identifier)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
+
+    async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
+        """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
+
+        Copies the rows of `app_metadata`'s tables into the new tier while holding
+        the tenant's writes (see `HybridIsolation.move`), then switches the stored
+        tier with a compare-and-set; this process routes the tenant to the new tier
+        at once, others when their cache expires (`cache_ttl`), answering 503 or
+        failing in between, never serving the old copy. The old copy is kept until
+        `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
+        deleted meanwhile.
+        """
+        isolation = self.isolation
+        if not isinstance(isolation, HybridIsolation):
+            raise ConfigurationError("move_tenant needs isolation_strategy='hybrid'")
+        current = await self.get_tenant(_slug(tenant))
+        if current.status is not TenantStatus.ACTIVE:
+            raise TenantInactiveError(current.status.value)
+
+        def switch(stored: Tenant) -> Tenant:
+            if stored.id != current.id or stored.tier != current.tier:
+                raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
+            return stored.with_tier(tier)
+
+        with isolation.moving(current):
+            await isolation.move(current, tier, app_metadata)
+            moved = await self._change(current.identifier, switch)
+        logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
+        return moved
+
+    async def remove_old_copy(self, tenant: Tenant | str) -> None:
+        """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
+        isolation = self.isolation
+        if not isinstance(isolation, HybridIsolation):
+            raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
+        current = await self.get_tenant(_slug(tenant))
+        await isolation.remove_old_copy(current)
+        logger.warning("removed the old copy of tenant %s", current.identifier)
 
     async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
         # Read, apply, compare-and-set; on a concurrent change re-read and re-apply,

@@ -136,6 +136,8 @@ class Tenant:
     the cached record other requests see. `encrypted_database_url` is the tenant's
     own database server (database isolation), as ciphertext only: stores keep it as
     they get it, and only the isolation strategy decrypts it, to connect.
+    `tier` names where a tenant's data lives under hybrid isolation (`schema`,
+    `database`, `rls`); None under a single strategy.
     """
 
     identifier: str
@@ -143,6 +145,7 @@ class Tenant:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: TenantStatus = TenantStatus.PROVISIONING
     metadata: Mapping[str, Any] = field(default_factory=FrozenDict)
+    tier: str | None = None
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
     # Ciphertext, yet still kept out of repr(): it is long, and says nothing useful.
@@ -184,6 +187,10 @@ class Tenant:
     def with_encrypted_database_url(self, token: str | None) -> "Tenant":
         """Return a copy holding `token` (e.g. after re-encryption under a new key)."""
         return replace(self, encrypted_database_url=token, updated_at=self._next_stamp())
+
+    def with_tier(self, tier: str) -> "Tenant":
+        """Return a copy placed in `tier` (hybrid isolation; see `TenancyManager.move_tenant`)."""
+        return replace(self, tier=tier, updated_at=self._next_stamp())
 
     def _next_stamp(self) -> datetime:
         # Strictly later than the current one: `updated_at` is the version stores

@@ -1,11 +1,14 @@
 """The isolation matrix: two tenants with overlapping primary keys, on PostgreSQL schemas
 (a pool of ONE connection, so every request reuses the same physical connection), on
-SQLite files, and on a database per tenant on PostgreSQL and MariaDB (a pool of one per
-tenant). Every request must see its own tenant's rows and nothing else."""
+SQLite files, on a database per tenant on PostgreSQL and MariaDB (a pool of one per
+tenant), on shared tables under row-level security (as a plain application role) and on
+hybrid tiers (alpha in a schema, beta in the shared tables). Every request must see its
+own tenant's rows and nothing else."""
 
 import asyncio
+import itertools
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,8 @@ from fastapi_tenancy import (
 from fastapi_tenancy.isolation import SQLiteFileIsolation
 from fastapi_tenancy.resolution.base import ResolverFunc
 
-from ..apps import Base, Order, build_app
+from ..apps import Base, Order, SharedBase, SharedOrder, build_app
+from .conftest import Roles
 from .databases import dropped_afterwards, server_sql
 
 ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
@@ -38,6 +42,16 @@ class Env:
     backend: str
     manager: TenancyManager
     client: httpx.AsyncClient
+    strategy: str = "schema"
+    tiers: Iterator[str | None] = itertools.repeat(None)
+
+    @property
+    def model(self) -> type[Order] | type[SharedOrder]:
+        return SharedOrder if self.strategy in SHARED_TABLES else Order
+
+    @property
+    def metadata(self) -> sa.MetaData:
+        return SharedBase.metadata if self.strategy in SHARED_TABLES else Base.metadata
 
     async def get(self, tenant: str, path: str, **params: str | int) -> httpx.Response:
         return await self.client.get(path, params=params, headers={"X-Tenant-ID": tenant})
@@ -47,10 +61,10 @@ class Env:
 
     async def seed(self, identifier: str, rows: dict[int, str]) -> None:
         tenant = await self.manager.register_tenant(
-            identifier, identifier.title(), app_metadata=Base.metadata
+            identifier, identifier.title(), app_metadata=self.metadata, tier=next(self.tiers)
         )
         async with self.manager.session(tenant) as session:
-            session.add_all(Order(id=i, description=d) for i, d in rows.items())
+            session.add_all(self.model(id=i, description=d) for i, d in rows.items())
             await session.commit()
 
     async def shared_sql(self, statement: str) -> list[object]:
@@ -59,7 +73,16 @@ class Env:
         On an engine of its own, with the server's default search_path: the
         manager's connections start with an empty one.
         """
-        engine = create_async_engine(self.manager.config.database_url, poolclass=sa.pool.NullPool)
+        return await self._sql(self.manager.config.database_url, statement)
+
+    async def shared_sql_as_owner(self, statement: str) -> list[object]:
+        """Run SQL as the owner role of row-level security (`database_owner_url`)."""
+        assert self.manager.config.database_owner_url is not None
+        return await self._sql(self.manager.config.database_owner_url, statement)
+
+    @staticmethod
+    async def _sql(url: str, statement: str) -> list[object]:
+        engine = create_async_engine(url, poolclass=sa.pool.NullPool)
         try:
             async with engine.begin() as conn:
                 result = await conn.execute(sa.text(statement))
@@ -68,20 +91,46 @@ class Env:
             await engine.dispose()
 
 
-# id -> (URL fixture, isolation_strategy)
-CASES = {
-    "sqlite": ("sqlite_url", "schema"),
-    "postgres": ("postgres_url", "schema"),
-    "sqlite-database": ("sqlite_url", "database"),
-    "postgres-database": ("postgres_url", "database"),
-    "mysql-database": ("mysql_url", "database"),
-}
+def shared_settings(roles: Roles, strategy: str) -> dict[str, Any]:
+    """Settings of the row-level security and hybrid strategies for the test roles."""
+    return {"isolation_strategy": strategy, "database_owner_url": roles.owner_url}
 
 
-@pytest.fixture(params=list(CASES))
-def db_case(request: pytest.FixtureRequest) -> tuple[str, str]:
-    fixture, strategy = CASES[request.param]
-    return str(request.getfixturevalue(fixture)), strategy
+# Strategies whose tenants get storage of their own (schema, file, database), then those
+# sharing tables (row-level security, and hybrid with one tenant in each tier).
+STORAGE_SETUPS = ["sqlite", "postgres", "sqlite-database", "postgres-database", "mysql-database"]
+SHARED_TABLES = ("rls", "hybrid")
+
+
+def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
+    """(application URL, settings) of one strategy the matrix runs for."""
+    if name in ("sqlite", "postgres"):
+        return str(request.getfixturevalue(f"{name}_url")), {}
+    if name.endswith("-database"):
+        url = str(request.getfixturevalue(f"{name.removesuffix('-database')}_url"))
+        return url, {"isolation_strategy": "database", "database_tenant_pool_size": 1}
+    roles: Roles = request.getfixturevalue("roles")
+    return roles.app_url, shared_settings(roles, name)
+
+
+@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES])
+def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return _setup(request, request.param)
+
+
+@asynccontextmanager
+async def _environment(url: str, settings: dict[str, Any]) -> AsyncIterator[Env]:
+    if settings.get("isolation_strategy") != "database":
+        async with two_tenants(url, **settings) as environment:
+            yield environment
+        return
+    # Tenant databases live beside the test's own: a prefix of their own keeps them apart
+    # from other tests on the shared server, and every one of them is dropped at the end.
+    async with (
+        dropped_afterwards(url) as prefix,
+        two_tenants(url, schema_prefix=prefix, **settings) as environment,
+    ):
+        yield environment
 
 
 @asynccontextmanager
@@ -103,10 +152,15 @@ async def two_tenants(
     )
     manager = TenancyManager(config, resolver=resolver)
     await manager.initialize()
-    transport = httpx.ASGITransport(app=build(manager), raise_app_exceptions=raise_app_exceptions)
+    strategy = config.isolation_strategy
+    # Hybrid: tenants alternate between the tiers, alpha in a schema, beta in the shared tables.
+    tiers = itertools.cycle(["schema", "rls"]) if strategy == "hybrid" else itertools.repeat(None)
+    model = SharedOrder if strategy in SHARED_TABLES else Order
+    app = build_app(manager, model) if build is build_app else build(manager)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            environment = Env(config.backend, manager, client)
+            environment = Env(config.backend, manager, client, strategy, tiers)
             for identifier, rows in ROWS.items():
                 await environment.seed(identifier, rows)
             yield environment
@@ -115,20 +169,15 @@ async def two_tenants(
 
 
 @pytest.fixture
-async def env(db_case: tuple[str, str]) -> AsyncIterator[Env]:
-    url, strategy = db_case
-    if strategy == "schema":
-        async with two_tenants(url) as environment:
-            yield environment
-        return
-    # Tenant databases live beside the test's own: a prefix of their own keeps them apart
-    # from other tests on the shared server, and every one of them is dropped at the end.
-    async with (
-        dropped_afterwards(url) as prefix,
-        two_tenants(
-            url, isolation_strategy="database", schema_prefix=prefix, database_tenant_pool_size=1
-        ) as environment,
-    ):
+async def env(setup: tuple[str, dict[str, Any]]) -> AsyncIterator[Env]:
+    async with _environment(*setup) as environment:
+        yield environment
+
+
+@pytest.fixture(params=STORAGE_SETUPS)
+async def schema_env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    """The matrix for strategies giving each tenant storage of its own (schema, file, database)."""
+    async with _environment(*_setup(request, request.param)) as environment:
         yield environment
 
 
@@ -183,7 +232,8 @@ async def test_raw_sql_reaches_only_the_tenant_and_never_the_registry(env: Env) 
         await env.get("alpha", "/raw", table="tenants")
 
 
-async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisioning(env: Env) -> None:
+async def test_a_same_named_shared_table_is_neither_read_nor_used_by_provisioning(schema_env: Env) -> None:
+    env = schema_env
     await env.shared_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY, description VARCHAR(200))")
     await env.shared_sql("INSERT INTO orders VALUES (1, 'SHARED-SECRET')")
     await env.seed("gamma", {})
@@ -209,7 +259,8 @@ async def test_a_deleted_slug_never_revives_old_data(env: Env) -> None:
     assert _descriptions(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
 
 
-async def test_leftover_storage_is_never_adopted(env: Env, tmp_path: Path) -> None:
+async def test_leftover_storage_is_never_adopted(schema_env: Env, tmp_path: Path) -> None:
+    env = schema_env
     config = env.manager.config
     if config.isolation_strategy == "database" and env.backend != "sqlite":
         name = f"{config.schema_prefix}delta"
@@ -236,18 +287,20 @@ async def test_slugs_differing_only_in_dash_vs_double_dash_stay_apart(env: Env) 
     await env.seed("acme--corp", {1: "double"})
     assert _descriptions(await env.get("acme-corp", "/orders")) == ["single"]
     assert _descriptions(await env.get("acme--corp", "/orders")) == ["double"]
-    names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
-    prefix = env.manager.config.schema_prefix
-    assert names == {f"{prefix}acme_corp", f"{prefix}acme__corp"}
+    if env.strategy not in SHARED_TABLES:
+        names = {env.manager.isolation.storage_name(s) for s in ("acme-corp", "acme--corp")}
+        prefix = env.manager.config.schema_prefix
+        assert names == {f"{prefix}acme_corp", f"{prefix}acme__corp"}
 
 
 async def test_failed_provisioning_leaves_no_half_made_tenant(env: Env) -> None:
-    broken = sa.MetaData()
-    sa.Table("good", broken, sa.Column("id", sa.Integer, primary_key=True))
+    broken = sa.MetaData()  # tenant columns too, so that row-level security gets to the DDL
+    sa.Table("good", broken, sa.Column("id", sa.Integer, primary_key=True), sa.Column("tenant_id", sa.Text))
     sa.Table(
         "bad",
         broken,
         sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("tenant_id", sa.Text),
         sa.CheckConstraint("id >>> ((", name="nonsense"),
     )
     with pytest.raises(ProvisioningError):

@@ -1,14 +1,19 @@
-"""Schema isolation through a real PgBouncer in transaction mode, with ONE server
-connection shared by every client connection, so tenants' transactions interleave on it."""
+"""Schema and row-level security isolation through a real PgBouncer in transaction mode, with
+ONE server connection shared by every client connection, so tenants' transactions interleave on it."""
 
 import asyncio
 import random
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
+from ..conftest import running_pgbouncer
+from .conftest import Roles
 from .test_matrix import two_tenants
 
 
@@ -56,3 +61,41 @@ async def test_a_registry_opened_from_a_url_follows_the_pgbouncer_setting(pgboun
             assert [t.identifier for t in found if t is not None] == slugs
     finally:
         await manager.close()
+
+
+@pytest.mark.parametrize("strategy", ["rls", "hybrid"])
+async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Roles, strategy: str) -> None:
+    # The binding is per transaction, so it travels with each transaction to whatever
+    # server connection PgBouncer gives it, and is gone when that transaction ends.
+    # Hybrid: alpha in a schema, beta in the shared tables, on the same server connection.
+    async with running_pgbouncer(roles.admin_url, (roles.app, roles.owner)) as bouncer:
+        port = make_url(bouncer).port
+        app_url = make_url(roles.app_url).set(port=port).render_as_string(hide_password=False)
+        owner_url = make_url(roles.owner_url).set(port=port).render_as_string(hide_password=False)
+        settings: dict[str, Any] = {
+            "isolation_strategy": strategy,
+            "database_owner_url": owner_url,
+            "database_pgbouncer": True,
+        }
+        async with two_tenants(app_url, **settings, database_pool_size=5) as env:
+            expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
+            rng = random.Random(5)
+            picks = [rng.choice(["alpha", "beta"]) for _ in range(300)]
+            paths = [rng.choice(["/orders", "/raw"]) for _ in picks]
+            responses = await asyncio.gather(*(env.get(t, p) for t, p in zip(picks, paths, strict=True)))
+            crossed = [
+                (tenant, r.text)
+                for tenant, r in zip(picks, responses, strict=True)
+                if r.status_code != 200 or [o["description"] for o in r.json()["orders"]] != expected[tenant]
+            ]
+            assert crossed == []
+            committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
+            assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
+            async with env.manager.engine.connect() as conn:  # the one server connection, unbound again
+                assert await conn.scalar(
+                    sa.text("SELECT current_setting('fastapi_tenancy.tenant_id', true)")
+                ) in (
+                    "",
+                    None,
+                )
+                assert (await conn.execute(sa.text("SELECT count(*) FROM public.orders"))).scalar_one() == 0

@@ -182,3 +182,15 @@ async def test_the_encrypted_database_url_is_stored_as_given(store: TenantStore)
     assert (await store.create(_tenant("plain"))).encrypted_database_url is None
     assert (await store.get_by_identifier("plain")) is not None
     assert (await store.get_by_identifier("plain")).encrypted_database_url is None  # type: ignore[union-attr]
+
+
+async def test_tier_is_stored_on_create_and_changed_by_update(store: TenantStore) -> None:
+    tenant = await store.create(_tenant("acme", tier="rls", status=TenantStatus.ACTIVE))
+    assert (await store.get_by_id(tenant.id)) == tenant
+    assert (await store.get_by_identifier("acme")).tier == "rls"  # type: ignore[union-attr]
+    moved = await store.update(tenant.with_tier("schema"), expected=tenant)
+    assert moved.tier == "schema"
+    assert (await store.get_by_id(tenant.id)) == moved
+    with pytest.raises(TenantChangedError):  # a stale placement never overwrites a newer one
+        await store.update(tenant.with_tier("rls"), expected=tenant)
+    assert (await store.get_by_identifier("acme")).tier == "schema"  # type: ignore[union-attr]

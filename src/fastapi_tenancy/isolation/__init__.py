@@ -3,13 +3,16 @@
 `Isolation` is the contract; `SchemaIsolation` gives each tenant a PostgreSQL
 schema; `DatabaseIsolation` gives each tenant a database of its own (PostgreSQL,
 MySQL/MariaDB); `SQLiteFileIsolation` gives each tenant a SQLite database file (what
-both strategies mean on SQLite). `EngineRegistry` and `ConnectionBudget` hold the
-per-tenant engines of the latter two.
+both strategies mean on SQLite); `RLSIsolation` keeps tenants in shared tables under
+row-level security; `HybridIsolation` places each tenant in a tier. `EngineRegistry`
+and `ConnectionBudget` hold the per-tenant engines of the database and file strategies.
 """
 
 from .base import Isolation, storage_name
 from .database import DatabaseIsolation
 from .engines import ConnectionBudget, EngineRegistry
+from .hybrid import HybridIsolation
+from .rls import RLSIsolation
 from .schema import SchemaIsolation
 from .sqlite import SQLiteFileIsolation
 
@@ -17,7 +20,9 @@ __all__ = [
     "ConnectionBudget",
     "DatabaseIsolation",
     "EngineRegistry",
+    "HybridIsolation",
     "Isolation",
+    "RLSIsolation",
     "SQLiteFileIsolation",
     "SchemaIsolation",
     "storage_name",

@@ -28,6 +28,11 @@ __all__ = ["SchemaIsolation"]
 # parameter, so one prepared statement serves every tenant.
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
+_GRANTS = (
+    'GRANT USAGE ON SCHEMA "{schema}" TO {role}',
+    'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}',
+    'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}',
+)
 _SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
 _EVERY_TRANSACTION = "fastapi_tenancy_scope_every_transaction"  # tenant binds' execution option
 
@@ -122,12 +127,17 @@ class SchemaIsolation(Isolation):
         max_cached_binds: int = 10_000,
         empty_search_path: bool = False,
         template: str | None = None,
+        ddl_engine: AsyncEngine | None = None,
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
         # (fastapi_tenancy.provisioning) instead of created table by table.
         self.template = template
         self.engine = engine
+        # With a separate owner (hybrid isolation): schemas are created and dropped by
+        # it, and the sessions' role is granted use of each one, so it cannot drop them.
+        self.ddl_engine = ddl_engine or engine
+        self._grantee: str | None = None
         # Whether the engine's connections start with an empty search_path (the
         # manager's do, unless behind PgBouncer): then only visible raw SQL needs
         # the tenant's search_path, and everything else fails closed.
@@ -155,7 +165,10 @@ class SchemaIsolation(Isolation):
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         schema = self.storage_name(tenant.identifier)
-        async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
+        if self.ddl_engine is not self.engine and self._grantee is None:
+            async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
+                self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))
+        async with unavailable_as_503("tenant database"), self.ddl_engine.connect() as conn:
             try:
                 async with conn.begin():
                     # Never IF NOT EXISTS: an existing schema may hold an earlier tenant's
@@ -167,13 +180,17 @@ class SchemaIsolation(Isolation):
                         )
                     if self.template is not None:
                         await clone_schema(conn, self.template, schema)
-                        return
-                    await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-                    # Names the translate map does not reach (types, functions in DDL)
-                    # resolve in the new schema only, as they will in the tenant's sessions.
-                    await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
-                    await conn.execution_options(schema_translate_map={None: schema})
-                    await conn.run_sync(create_tables, tenant_tables(metadata))
+                    else:
+                        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+                        # Names the translate map does not reach (types, functions in DDL)
+                        # resolve in the new schema only, as in the tenant's sessions.
+                        await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
+                        await conn.execution_options(schema_translate_map={None: schema})
+                        await conn.run_sync(create_tables, tenant_tables(metadata))
+                    if self._grantee is not None:
+                        role = '"' + self._grantee.replace('"', '""') + '"'
+                        for grant in _GRANTS:
+                            await conn.execute(sa.text(grant.format(schema=schema, role=role)))
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
 
@@ -198,5 +215,5 @@ class SchemaIsolation(Isolation):
     async def destroy(self, tenant: Tenant) -> None:
         schema = self.storage_name(tenant.identifier)
         self._binds.pop(tenant.identifier, None)
-        async with unavailable_as_503("tenant database"), self.engine.begin() as conn:
+        async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

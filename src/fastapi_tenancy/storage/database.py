@@ -54,6 +54,7 @@ def _tenants_table(name: str, schema: str | None) -> sa.Table:
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("status", sa.String(16), nullable=False, index=True),
         sa.Column("metadata", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
+        sa.Column("tier", sa.String(32), nullable=True),
         sa.Column("created_at", _UTCDateTime(), nullable=False),
         sa.Column("updated_at", _UTCDateTime(), nullable=False),
         # Ciphertext only (database isolation): the store never sees the plain URL.
@@ -212,6 +213,7 @@ class SQLAlchemyTenantStore(TenantStore):
             "name": tenant.name,
             "status": tenant.status.value,
             "metadata": thaw(tenant.metadata),
+            "tier": tenant.tier,
             "updated_at": tenant.updated_at,
             "encrypted_database_url": tenant.encrypted_database_url,
         }
@@ -224,6 +226,7 @@ class SQLAlchemyTenantStore(TenantStore):
             name=row["name"],
             status=TenantStatus(row["status"]),
             metadata=row["metadata"],
+            tier=row["tier"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             encrypted_database_url=row["encrypted_database_url"],

@@ -56,6 +56,7 @@ class InMemoryTenantStore(TenantStore):
                 name=tenant.name,
                 status=tenant.status,
                 metadata=tenant.metadata,
+                tier=tenant.tier,
                 updated_at=tenant.updated_at,
                 encrypted_database_url=tenant.encrypted_database_url,
             )

@@ -1,0 +1,61 @@
+"""Roles for row-level security tests: an owner role for DDL and a plain application role.
+
+Both are created per test with unique names (the cluster is shared, roles are cluster-wide)
+and dropped after it, with everything they own in the test database.
+"""
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from ..conftest import _postgres_admin
+
+
+@dataclass(frozen=True)
+class Roles:
+    """URLs of one test database as its owner role and as its application role."""
+
+    owner_url: str
+    app_url: str
+    owner: str
+    app: str
+    admin_url: str  # the superuser (postgres), for setup and for the refusal tests
+
+
+@pytest.fixture
+async def roles(postgres_url: str) -> AsyncIterator[Roles]:
+    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+    suffix = uuid.uuid4().hex[:10]
+    owner, app = f"ft_owner_{suffix}", f"ft_app_{suffix}"
+    database = make_url(postgres_url).database
+    admin = await _postgres_admin(postgres_url)
+    try:
+        await admin.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS')
+        await admin.execute(f'CREATE ROLE "{app}" LOGIN NOSUPERUSER NOBYPASSRLS')
+        await admin.execute(f'GRANT CREATE ON DATABASE "{database}" TO "{owner}"')
+        await admin.execute(f'GRANT CREATE, USAGE ON SCHEMA public TO "{owner}"')
+    finally:
+        await admin.close()
+    url = make_url(postgres_url)
+    yield Roles(
+        owner_url=url.set(username=owner).render_as_string(hide_password=False),
+        app_url=url.set(username=app).render_as_string(hide_password=False),
+        owner=owner,
+        app=app,
+        admin_url=postgres_url,
+    )
+    admin = await _postgres_admin(postgres_url)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
+            [owner, app],
+        )
+        await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
+        await admin.execute(f'DROP OWNED BY "{owner}", "{app}"')
+        await admin.execute(f'DROP ROLE "{owner}"')
+        await admin.execute(f'DROP ROLE "{app}"')
+    finally:
+        await admin.close()

@@ -143,7 +143,7 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ),
         ({"rls_tenant_column": "Tenant-Id"}, "rls_tenant_column"),
         ({"rls_setting_namespace": "a.b"}, "rls_setting_namespace"),
-        ({"hybrid_plan_tiers": {"pro": "database"}}, "hybrid_plan_tiers"),
+        ({"hybrid_plan_tiers": {"pro": "dedicated"}}, "hybrid_plan_tiers"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

@@ -70,7 +70,9 @@ class SQLAuditWriter(AuditWriter):
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
             sa.Column("at", _UTCDateTime(), nullable=False),
             sa.Column("event", sa.String(16), nullable=False),
-            sa.Column("tenant_id", sa.String(36), nullable=False, index=True),
+            # Not named `tenant_id`: row-level security treats every table of the shared
+            # schema with the tenant column as a tenant table, and this one is the library's.
+            sa.Column("subject_tenant_id", sa.String(36), key="tenant_id", nullable=False, index=True),
             sa.Column("tenant_identifier", sa.String(IDENTIFIER_MAX_LENGTH), nullable=False),
             sa.Column("status", sa.String(16), nullable=False),
             sa.Column("actor", sa.String(255), nullable=False),
@@ -102,4 +104,4 @@ class SQLAuditWriter(AuditWriter):
             query = query.where(self.table.c.tenant_id == tenant_id)
         async with unavailable_as_503("audit log"), self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [AuditEntry(**row._mapping) for row in rows]
+        return [AuditEntry(**{column.key: row._mapping[column] for column in self.table.c}) for row in rows]

@@ -357,11 +357,11 @@ class TenancyConfig(BaseSettings):
     """Namespace of the transaction-local setting that binds a transaction to its tenant
     (`<namespace>.tenant_id`), read by the policies."""
 
-    hybrid_default_tier: Literal["schema", "rls"] = "rls"
+    hybrid_default_tier: Literal["schema", "database", "rls"] = "rls"
     """The tier of a tenant registered without `tier=` whose metadata `plan` is not in
     `hybrid_plan_tiers` (`hybrid`)."""
 
-    hybrid_plan_tiers: dict[str, Literal["schema", "rls"]] = Field(default_factory=dict)
+    hybrid_plan_tiers: dict[str, Literal["schema", "database", "rls"]] = Field(default_factory=dict)
     """Tier by plan (`hybrid`): a tenant registered with metadata `{"plan": "enterprise"}`
     goes to `hybrid_plan_tiers["enterprise"]`. As JSON in the environment:
     `{"enterprise": "schema", "free": "rls"}`."""

@@ -140,7 +140,9 @@ class TenancyManager:
         # Lifecycle hooks and the audit log (docs/background.md); the audit table
         # lives in the registry database unless another writer is passed.
         self.events = LifecycleEvents(
-            audit if audit is not None else SQLAuditWriter(self.engine, schema=default_store_schema)
+            audit
+            if audit is not None
+            else SQLAuditWriter(self.owner_engine or self.engine, schema=default_store_schema)
         )
         # Redis, when configured, is shared by the invalidation channel and the limiter.
         self.redis: Any = (
@@ -221,7 +223,7 @@ class TenancyManager:
                 echo=config.database_echo,
             )
         if config.isolation_strategy == "database":
-            return self._database_isolation()
+            return self._database_isolation(config.database_url)
         if config.isolation_strategy == "schema":
             return SchemaIsolation(
                 self.engine,
@@ -249,17 +251,21 @@ class TenancyManager:
             template=config.schema_template,
             ddl_engine=self.owner_engine,
         )
+        # The database tier's databases are created, and served, by the owner role: the
+        # application role needs no CREATEDB, and reaches no tenant database by itself.
+        assert config.database_owner_url is not None  # required with hybrid, like owner_engine
+        database = self._database_isolation(config.database_owner_url)
         return HybridIsolation(
-            {"schema": schema, "rls": rls},
+            {"schema": schema, "database": database, "rls": rls},
             default_tier=config.hybrid_default_tier,
             plan_tiers=config.hybrid_plan_tiers,
             column=config.rls_tenant_column,
         )
 
-    def _database_isolation(self) -> DatabaseIsolation:
+    def _database_isolation(self, server_url: str) -> DatabaseIsolation:
         config = self.config
         return DatabaseIsolation(
-            config.database_url,
+            server_url,
             prefix=config.schema_prefix,
             cipher=self.cipher,
             connection_budget=config.database_connection_budget,

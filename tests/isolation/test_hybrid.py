@@ -202,10 +202,13 @@ async def test_a_live_tenant_moves_between_tiers_and_back(env: Env, roles: Roles
 
 async def test_another_process_with_a_stale_cache_is_fenced_off_after_a_move(env: Env, roles: Roles) -> None:
     # A second manager stands for another process: its cache still places beta in the
-    # shared tables after the first one moved beta to a schema.
+    # shared tables after the first one moved beta to a schema. Its invalidation channel is
+    # stopped, as if the move's message were still on its way.
     config = env.manager.config.model_copy(update={"cache_ttl": 3600.0})
     other = TenancyManager(config)
     await other.initialize()
+    assert other.invalidation is not None
+    await other.invalidation.close()
     try:
         stale = await other.lookup.get("beta")
         assert stale is not None and stale.tier == "rls"

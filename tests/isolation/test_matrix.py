@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import (
@@ -100,26 +101,43 @@ def shared_settings(roles: Roles, strategy: str) -> dict[str, Any]:
 # sharing tables (row-level security, and hybrid with one tenant in each tier).
 STORAGE_SETUPS = ["sqlite", "postgres", "sqlite-database", "postgres-database", "mysql-database"]
 SHARED_TABLES = ("rls", "hybrid")
+# Hybrid with alpha in a database of its own (created by the owner role) and beta in the
+# shared tables.
+HYBRID_DATABASE = "hybrid-database"
 
 
 def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
     """(application URL, settings) of one strategy the matrix runs for."""
     if name in ("sqlite", "postgres"):
         return str(request.getfixturevalue(f"{name}_url")), {}
-    if name.endswith("-database"):
+    if name.endswith("-database") and name != HYBRID_DATABASE:
         url = str(request.getfixturevalue(f"{name.removesuffix('-database')}_url"))
         return url, {"isolation_strategy": "database", "database_tenant_pool_size": 1}
     roles: Roles = request.getfixturevalue("roles")
+    if name == HYBRID_DATABASE:
+        settings = {**shared_settings(roles, "hybrid"), "database_tenant_pool_size": 1}
+        return roles.app_url, {**settings, "tiers": ("database", "rls"), "admin_url": roles.admin_url}
     return roles.app_url, shared_settings(roles, name)
 
 
-@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES])
+@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE])
 def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return _setup(request, request.param)
 
 
 @asynccontextmanager
 async def _environment(url: str, settings: dict[str, Any]) -> AsyncIterator[Env]:
+    if "admin_url" in settings:  # hybrid with a database tier: tenant databases of the owner role
+        settings = dict(settings)
+        admin_url = settings.pop("admin_url")
+        owner = make_url(settings["database_owner_url"]).username
+        await server_sql(admin_url, f'ALTER ROLE "{owner}" CREATEDB')
+        async with (
+            dropped_afterwards(admin_url) as prefix,
+            two_tenants(url, schema_prefix=prefix, **settings) as env,
+        ):
+            yield env
+        return
     if settings.get("isolation_strategy") != "database":
         async with two_tenants(url, **settings) as environment:
             yield environment
@@ -140,6 +158,7 @@ async def two_tenants(
     build: Callable[[TenancyManager], FastAPI] = build_app,
     raise_app_exceptions: bool = True,
     resolver: ResolverFunc | None = None,
+    tiers: tuple[str, ...] = ("schema", "rls"),
     **settings: Any,
 ) -> AsyncIterator[Env]:
     """A manager on a pool of one connection, the test app (`build`), and tenants alpha and beta.
@@ -153,14 +172,15 @@ async def two_tenants(
     manager = TenancyManager(config, resolver=resolver)
     await manager.initialize()
     strategy = config.isolation_strategy
-    # Hybrid: tenants alternate between the tiers, alpha in a schema, beta in the shared tables.
-    tiers = itertools.cycle(["schema", "rls"]) if strategy == "hybrid" else itertools.repeat(None)
+    # Hybrid: tenants alternate between `tiers`; by default alpha in a schema, beta in the
+    # shared tables.
+    placements = itertools.cycle(tiers) if strategy == "hybrid" else itertools.repeat(None)
     model = SharedOrder if strategy in SHARED_TABLES else Order
     app = build_app(manager, model) if build is build_app else build(manager)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            environment = Env(config.backend, manager, client, strategy, tiers)
+            environment = Env(config.backend, manager, client, strategy, placements)
             for identifier, rows in ROWS.items():
                 await environment.seed(identifier, rows)
             yield environment

@@ -74,6 +74,10 @@ class HybridIsolation(Isolation):
             raise ConfigurationError(f"tenant {tenant.identifier!r} has no configured tier ({tenant.tier!r})")
         return isolation
 
+    def check(self, tenant: Tenant) -> None:
+        # The tenant's tier decides: only the database tier takes a tenant's own database_url.
+        self.tier(tenant).check(tenant)
+
     def storage_name(self, identifier: str) -> str:
         # Valid in every tier: a tenant may move to any of them.
         names = [isolation.storage_name(identifier) for isolation in self.tiers.values()]

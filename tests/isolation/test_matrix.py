@@ -195,9 +195,15 @@ async def env(setup: tuple[str, dict[str, Any]]) -> AsyncIterator[Env]:
 
 
 @pytest.fixture(params=STORAGE_SETUPS)
-async def schema_env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+def storage_setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    # Sync: an async fixture cannot ask for the async URL fixtures by name.
+    return _setup(request, request.param)
+
+
+@pytest.fixture
+async def schema_env(storage_setup: tuple[str, dict[str, Any]]) -> AsyncIterator[Env]:
     """The matrix for strategies giving each tenant storage of its own (schema, file, database)."""
-    async with _environment(*_setup(request, request.param)) as environment:
+    async with _environment(*storage_setup) as environment:
         yield environment
 
 

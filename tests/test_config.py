@@ -73,6 +73,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "database_tenant_pool_size": ("3", 3),
     "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
     "schema_template": ("tenancy_template", "tenancy_template"),
+    "schema_spares": ("5", 5),
 }
 
 
@@ -125,6 +126,8 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"databse_url": "sqlite://"}, "databse_url"),
         ({"database_connection_budget": 0}, "database_connection_budget"),
         ({"database_connection_budget": 4, "database_tenant_pool_size": 5}, "database_tenant_pool_size"),
+        ({"schema_spares": 3}, "schema_spares"),
+        ({"schema_spares": -1}, "schema_spares"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

@@ -337,6 +337,14 @@ class TenancyConfig(BaseSettings):
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
 
+    # -- fleet operations: spare schemas ---------------------------------------------------
+
+    schema_spares: int = Field(default=0, ge=0, le=1000)
+    """PostgreSQL, with `schema_template`: how many spare schemas (clones of the
+    template made ahead of time) to keep ready. Registration then renames one instead
+    of cloning (one catalog update), and a background fill replaces it. 0 (default):
+    no spares. See docs/migrations.md."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -426,6 +434,8 @@ class TenancyConfig(BaseSettings):
             raise ValueError(
                 "schema_template must not start with schema_prefix (it would be a tenant's name)"
             )
+        if self.schema_spares and self.schema_template is None:
+            raise ValueError("schema_spares: spare schemas are clones of the template; set schema_template")
         return self
 
     def _check_resolution(self) -> None:

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._utils import create_engine
 from .errors import ConfigurationError, TenancyError
 from .migrations import CONNECTION_ATTRIBUTE, SCHEMA_ATTRIBUTE, read_versions
+from .spares import FLEET_GATE_KEY, SPARES_TABLE
 from .tenant import TenantStatus
 
 __all__ = ["FleetBusyError", "FleetMigrator", "FleetReport", "TenantMigration", "TenantResult"]
@@ -53,6 +54,8 @@ _LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
 _ERROR_MAX = 2000
 TEMPLATE_LABEL = "(template)"
 """How results name the template schema (`schema_template`), which is migrated with the tenants."""
+SPARE_LABEL = "(spare {})"
+"""How results name a spare schema (`schema_spares`); spares are migrated with the template."""
 FLEET_ATTRIBUTE = "tenancy_fleet"
 """`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
 
@@ -314,6 +317,8 @@ class FleetMigrator:
         if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
             # Migrated first, like a tenant, so tenants cloned from it start at head.
             tenants.append((TEMPLATE_LABEL, template))
+            # Spares are clones of the template, to be handed out as tenants: kept at its revision.
+            tenants.extend((SPARE_LABEL.format(name), name) for name in await self._spares())
         slugs = [slug for slug in wanted if slug != TEMPLATE_LABEL]
         if wanted:
             for slug in slugs:
@@ -331,6 +336,12 @@ class FleetMigrator:
             if len(page) < 1000:
                 return tenants
             after = page[-1].identifier
+
+    async def _spares(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            if await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": SPARES_TABLE}) is None:
+                return []
+            return list((await conn.scalars(sa.text(f"SELECT name FROM {SPARES_TABLE} ORDER BY name"))).all())  # noqa: S608
 
     async def status(
         self, target: str = "head", *, tenants: Sequence[str] | None = None, direction: Direction = "upgrade"
@@ -386,9 +397,18 @@ class FleetMigrator:
                 raise FleetBusyError("another fleet migration is running against this database")
             await lock_conn.commit()
             try:
+                # Claims and fills of spare schemas hold this shared for milliseconds; waiting
+                # for it keeps spares from being handed out or made while the template and
+                # the spares change (they fall back to cloning meanwhile).
+                await lock_conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": FLEET_GATE_KEY})
+                await lock_conn.commit()
+                # Spares claimed since the plan was made are tenants now, not spares.
+                spares = set(await self._spares())
+                todo = [m for m in todo if not _is_spare(m.tenant) or m.schema in spares]
+                skipped = [m for m in skipped if not _is_spare(m.tenant) or m.schema in spares]
                 return await self._run_locked(report, skipped, todo, canary, fail_fast, on_result, on_plan)
             finally:
-                await lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                await lock_conn.execute(sa.text("SELECT pg_advisory_unlock_all()"))
                 await lock_conn.commit()
 
     async def _run_locked(
@@ -531,6 +551,10 @@ class FleetMigrator:
             report.stopped = stop.is_set()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_spare(label: str) -> bool:
+    return label.startswith(SPARE_LABEL.format(""))
 
 
 def _result(m: TenantMigration, status: Outcome) -> TenantResult:

@@ -221,6 +221,7 @@ class TenancyManager:
             max_cached_binds=config.cache_max_size,
             empty_search_path=self._empty_search_path,
             template=config.schema_template,
+            spares=config.schema_spares,
         )
 
     def _build_invalidation(self) -> InvalidationChannel | None:

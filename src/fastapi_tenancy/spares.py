@@ -52,6 +52,11 @@ _CREATE_TABLE = sa.text(
     "name text PRIMARY KEY, created_at timestamptz NOT NULL DEFAULT clock_timestamp())"
 )
 _FLEET_IDLE = sa.text("SELECT pg_try_advisory_xact_lock_shared(:k)")
+# Also whether the spares table exists (dropped by hand, or initialize() not run): a
+# registration must then clone, not fail.
+_CAN_CLAIM = sa.text(
+    f"SELECT pg_try_advisory_xact_lock_shared(:k) AND to_regclass('{SPARES_TABLE}') IS NOT NULL"
+)
 _NEXT = sa.text(
     f"SELECT name FROM {SPARES_TABLE} ORDER BY created_at, name LIMIT 1 FOR UPDATE SKIP LOCKED"  # noqa: S608
 )
@@ -134,7 +139,7 @@ class SparePool:
         provisions the slow way; a commit makes the claim final, a rollback returns
         the spare to the pool.
         """
-        if not await conn.scalar(_FLEET_IDLE, {"k": FLEET_GATE_KEY}):
+        if not await conn.scalar(_CAN_CLAIM, {"k": FLEET_GATE_KEY}):
             return False
         name = await conn.scalar(_NEXT)
         if name is None:

@@ -149,6 +149,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "pooler safety": "ok",
         "tenant storage": "ok",
         "template": "ok",
+        "spares": "ok",
     }
     code, text = cli(postgres_url, "doctor", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"})
     assert code == 1 and "does not exist" in text
@@ -213,3 +214,6 @@ async def test_spares_commands(postgres_url: str, tmp_path: Path) -> None:
     assert len(set(left) & {s["name"] for s in listed}) == 1
     done = _call(postgres_url, "--json", "tenants", "spares", "drain", env=env)
     assert done.returncode == 0 and json.loads(done.stdout)["dropped"] == len(left)
+    done = _call(postgres_url, "--json", "doctor", env=env)
+    [spares] = [c for c in json.loads(done.stdout) if c["name"] == "spares"]
+    assert spares["status"] == "warn" and spares["detail"].startswith("0 of 2 ready"), spares

@@ -123,13 +123,11 @@ class SparePool:
         self.template = template
         self.size = size
         self._refill: asyncio.Task[int] | None = None
-        self._table_ready = False
 
     async def initialize(self) -> None:
         """Create the spares table if needed. Idempotent."""
         async with self.engine.begin() as conn:
             await conn.execute(_CREATE_TABLE)
-        self._table_ready = True
 
     async def claim(self, conn: AsyncConnection, target: str) -> bool:
         """Rename a current spare to `target` in `conn`'s transaction; False when none can be used.
@@ -174,8 +172,7 @@ class SparePool:
         migration runs. Each spare is made and listed in its own transaction.
         """
         target = self.size if count is None else count
-        if not self._table_ready:
-            await self.initialize()
+        await self.initialize()  # cheap, and brings back a table dropped by hand
         made = 0
         async with self.engine.begin() as gate:
             # One fill per database at a time: a transaction-level lock on a connection of

@@ -172,6 +172,26 @@ async def test_an_empty_pool_falls_back_to_cloning(postgres_url: str, engine: As
         await spared.close()
 
 
+async def test_without_the_spares_table_registration_clones_and_the_fill_restores_it(
+    postgres_url: str, engine: AsyncEngine
+) -> None:
+    await _build_template(postgres_url, engine)
+    spared = _spared(postgres_url, spares=1)
+    await spared.initialize()
+    try:
+        pool = _pool(spared)
+        await pool.wait()
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("DROP TABLE public.tenancy_spares"))
+        await spared.register_tenant("acme", "Acme")
+        async with engine.connect() as conn:
+            assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
+        await pool.wait()
+        assert len(await _spare_names(engine)) == 1
+    finally:
+        await spared.close()
+
+
 async def test_a_stale_spare_is_never_handed_out_and_is_replaced(
     postgres_url: str, engine: AsyncEngine
 ) -> None:

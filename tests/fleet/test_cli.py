@@ -40,9 +40,11 @@ def cli(url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | Non
     return done.returncode, done.stdout + done.stderr
 
 
-def cli_json(url: str, *args: str, cwd: Path | None = None) -> tuple[int, Any]:
+def cli_json(
+    url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """Run the console script with --json; (exit code, parsed stdout)."""
-    done = _call(url, "--json", *args, cwd=cwd)
+    done = _call(url, "--json", *args, cwd=cwd, env=env)
     return done.returncode, json.loads(done.stdout)
 
 

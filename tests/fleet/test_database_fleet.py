@@ -146,6 +146,7 @@ async def test_database_tenants_are_migrated_in_their_own_databases_and_resume(
 async def test_alembic_migrates_one_tenant_database_named_on_the_command_line(
     postgres_url: str, tmp_path: Path
 ) -> None:
+    from .test_cli import cli_json
     from .test_migrations import alembic
 
     ini = make_project(tmp_path)
@@ -170,6 +171,12 @@ async def test_alembic_migrates_one_tenant_database_named_on_the_command_line(
             assert await _version(postgres_url, f"{prefix}acme") == "b2"
             assert await _sql(postgres_url, registry, "SELECT to_regclass('public.alembic_version')") == [
                 (None,)
+            ]
+            # The console script reads that database's version too.
+            code, status = cli_json(postgres_url, "migrate", "status", "--config", str(ini), env=env)
+            assert code == 0, status
+            assert [(r["tenant"], r["schema"], r["revision"]) for r in status] == [
+                ("acme", f"{prefix}acme", "b2")
             ]
         finally:
             await manager.delete_tenant("acme", destroy_data=True)

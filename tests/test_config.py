@@ -79,6 +79,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "rls_setting_namespace": ("myapp", "myapp"),
     "hybrid_default_tier": ("schema", "schema"),
     "hybrid_plan_tiers": ('{"enterprise": "schema", "free": "rls"}', {"enterprise": "schema", "free": "rls"}),
+    "schema_spares": ("5", 5),
 }
 
 
@@ -144,6 +145,8 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"rls_tenant_column": "Tenant-Id"}, "rls_tenant_column"),
         ({"rls_setting_namespace": "a.b"}, "rls_setting_namespace"),
         ({"hybrid_plan_tiers": {"pro": "dedicated"}}, "hybrid_plan_tiers"),
+        ({"schema_spares": 3}, "schema_spares"),
+        ({"schema_spares": -1}, "schema_spares"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

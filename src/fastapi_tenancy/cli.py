@@ -278,6 +278,70 @@ def tenants_delete(
         out.print(f"{'Destroyed' if destroy_data else 'Deleted (data kept)'}: {identifier}")
 
 
+# -- tenants spares ---------------------------------------------------------------------
+
+spares_app = typer.Typer(
+    help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True
+)
+tenants_app.add_typer(spares_app, name="spares")
+
+
+def _spares(manager: TenancyManager) -> Any:
+    pool = getattr(manager.isolation, "spares", None)
+    if pool is None:
+        raise ConfigurationError("no spare schemas configured: set schema_template and schema_spares")
+    return pool
+
+
+@spares_app.command("fill")
+def spares_fill(
+    count: Annotated[
+        int | None, typer.Option(min=0, max=1000, help="Keep this many ready (default: schema_spares).")
+    ] = None,
+) -> None:
+    """Drop stale spares and clone the template until COUNT spares are ready."""
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        pool = _spares(manager)
+        await pool.initialize()
+        made = await pool.fill(count)
+        return {"made": made, "ready": sum(1 for s in await pool.list_spares() if s.current)}
+
+    result = _run(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"made {result['made']} spare schema(s); {result['ready']} ready", highlight=False)
+
+
+@spares_app.command("list")
+def spares_list() -> None:
+    """Each spare and whether it is at the template's revision."""
+
+    async def work(manager: TenancyManager) -> list[dict[str, Any]]:
+        pool = _spares(manager)
+        await pool.initialize()
+        return [s.as_dict() for s in await pool.list_spares()]
+
+    _print_rows("Spare schemas", _run(work, initialize=False), ["name", "revision", "current"])
+
+
+@spares_app.command("drain")
+def spares_drain() -> None:
+    """Drop every spare (e.g. after rebuilding the template by hand)."""
+
+    async def work(manager: TenancyManager) -> int:
+        pool = _spares(manager)
+        await pool.initialize()
+        return int(await pool.drain())
+
+    dropped = _run(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps({"dropped": dropped}))
+    else:
+        out.print(f"dropped {dropped} spare schema(s)", highlight=False)
+
+
 # -- migrate ------------------------------------------------------------------------------
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The Alembic config file.")]

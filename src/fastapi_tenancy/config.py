@@ -365,6 +365,13 @@ class TenancyConfig(BaseSettings):
     """Tier by plan (`hybrid`): a tenant registered with metadata `{"plan": "enterprise"}`
     goes to `hybrid_plan_tiers["enterprise"]`. As JSON in the environment:
     `{"enterprise": "schema", "free": "rls"}`."""
+    # -- fleet operations: spare schemas ---------------------------------------------------
+
+    schema_spares: int = Field(default=0, ge=0, le=1000)
+    """PostgreSQL, with `schema_template`: how many spare schemas (clones of the
+    template made ahead of time) to keep ready. Registration then renames one instead
+    of cloning (one catalog update), and a background fill replaces it. 0 (default):
+    no spares. See docs/migrations.md."""
 
     @field_validator("database_url")
     @classmethod
@@ -480,6 +487,10 @@ class TenancyConfig(BaseSettings):
                 )
             if make_url(self.database_owner_url).get_backend_name() != "postgresql":
                 raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")
+        if self.schema_spares and self.schema_template is None:
+            raise ValueError("schema_spares: spare schemas are clones of the template; set schema_template")
+        if self.schema_spares and self.isolation_strategy != "schema":
+            raise ValueError("schema_spares: spare schemas serve isolation_strategy='schema' only")
         return self
 
     def _check_resolution(self) -> None:

@@ -158,3 +158,28 @@ async def check_template(manager: TenancyManager) -> CheckResult:
             "`fastapi-tenancy migrate upgrade` (or build_template()) creates it",
         )
     return CheckResult("template", "ok", f"schema {template!r} exists")
+
+
+@doctor_check
+async def check_spares(manager: TenancyManager) -> CheckResult:
+    """Spare schemas (`schema_spares`): how many are ready at the template's revision."""
+    pool = getattr(manager.isolation, "spares", None)
+    if pool is None:
+        return CheckResult("spares", "ok", "not configured: registrations clone or create their schema")
+    async with manager.engine.connect() as conn:
+        listed = await conn.scalar(sa.text("SELECT to_regclass('public.tenancy_spares')"))
+    if listed is None:
+        return CheckResult(
+            "spares",
+            "warn",
+            "no spares table yet: start the app or run `fastapi-tenancy tenants spares fill`",
+        )
+    spares = await pool.list_spares()
+    ready = sum(1 for s in spares if s.current)
+    stale = len(spares) - ready
+    detail = f"{ready} of {pool.size} ready" + (
+        f", {stale} stale (dropped by the next fill)" if stale else ""
+    )
+    if ready < pool.size or stale:
+        return CheckResult("spares", "warn", detail + "; registrations clone meanwhile")
+    return CheckResult("spares", "ok", detail)

@@ -1,4 +1,4 @@
-"""`FleetMigrator`: upgrade or downgrade every tenant's schema, concurrently and resumably.
+"""`FleetMigrator`: upgrade or downgrade every tenant's schema or database, concurrently and resumably.
 
 How a run goes, and why:
 
@@ -17,6 +17,12 @@ How a run goes, and why:
    back and recorded as `failed` with its error; the others go on unless `fail_fast`.
 4. An interrupted run (killed, Ctrl+C) is resumed by the next run with the same
    direction and target: tenants it finished are not redone.
+
+With database isolation each tenant is migrated in its own database (the URL comes
+from the isolation, which decrypts a tenant's own `database_url`), its version is read
+there, one database at a time per reader, and its result is recorded in the registry
+database after the migration commits (a crash in between: the next run finds the
+tenant at the target and skips it).
 
 Waves: `canary=N` migrates N tenants first and stops the run if any of them fails.
 Only one fleet run per database at a time (a PostgreSQL advisory lock).
@@ -41,8 +47,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._utils import create_engine
 from .errors import ConfigurationError, TenancyError
-from .migrations import CONNECTION_ATTRIBUTE, SCHEMA_ATTRIBUTE, read_versions
-from .tenant import TenantStatus
+from .isolation.database import DatabaseIsolation
+from .migrations import (
+    CONNECTION_ATTRIBUTE,
+    DATABASE_ATTRIBUTE,
+    SCHEMA_ATTRIBUTE,
+    read_database_version,
+    read_versions,
+)
+from .spares import FLEET_GATE_KEY, SPARES_TABLE
+from .tenant import Tenant, TenantStatus
 
 __all__ = ["FleetBusyError", "FleetMigrator", "FleetReport", "TenantMigration", "TenantResult"]
 
@@ -53,6 +67,8 @@ _LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
 _ERROR_MAX = 2000
 TEMPLATE_LABEL = "(template)"
 """How results name the template schema (`schema_template`), which is migrated with the tenants."""
+SPARE_LABEL = "(spare {})"
+"""How results name a spare schema (`schema_spares`); spares are migrated with the template."""
 FLEET_ATTRIBUTE = "tenancy_fleet"
 """`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
 
@@ -134,9 +150,60 @@ class _Worker:
         self.alembic.attributes[FLEET_ATTRIBUTE] = True
 
     def migrate(
-        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str
+        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str, url: str | None
     ) -> dict[str, Any]:
+        if url is not None:
+            return self.loop.run_until_complete(
+                self._migrate_database(run_id, tenant, schema, direction, target, url)
+            )
         return self.loop.run_until_complete(self._migrate(run_id, tenant, schema, direction, target))
+
+    async def _migrate_database(
+        self, run_id: str, tenant: str, database: str, direction: Direction, target: str, url: str
+    ) -> dict[str, Any]:
+        """Database isolation: migrate in the tenant's database, then record in the registry's.
+
+        Two databases, so two transactions: a crash between them leaves a migrated tenant
+        without its `ok` row, and the next run finds it at the target and skips it.
+        """
+        settings = self.settings
+        started = time.perf_counter()
+        before: tuple[str, ...] | None = None
+        engine = create_engine(url, null_pool=True)
+        try:
+            async with engine.connect() as conn, conn.begin():
+                await conn.exec_driver_sql(
+                    "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+                    (settings["lock_timeout"], settings["statement_timeout"]),
+                )
+                before = await read_database_version(conn)
+                await conn.run_sync(self._alembic, {DATABASE_ATTRIBUTE: database}, direction, target)
+                after = await read_database_version(conn)
+        except Exception as exc:
+            result = {
+                "status": "failed",
+                "from_revision": _join(before),
+                "to_revision": None,
+                "duration": time.perf_counter() - started,
+                "error": _error_text(exc),
+            }
+        else:
+            result = {
+                "status": "ok",
+                "from_revision": _join(before),
+                "to_revision": _join(after),
+                "duration": time.perf_counter() - started,
+                "error": None,
+            }
+        finally:
+            await engine.dispose()
+        try:
+            async with self.engine.begin() as conn:
+                await _record(conn, settings["results_schema"], run_id, tenant, result)
+        except Exception as record_exc:
+            note = f"recording the result failed: {_error_text(record_exc)}"
+            result["error"] = f"{result['error']} ({note})" if result["error"] else note
+        return result
 
     async def _migrate(
         self, run_id: str, tenant: str, schema: str, direction: Direction, target: str
@@ -154,7 +221,7 @@ class _Worker:
                     (f'"{schema}"', settings["lock_timeout"], settings["statement_timeout"]),
                 )
                 before = (await read_versions(conn, [schema])).get(schema)
-                await conn.run_sync(self._alembic, schema, direction, target)
+                await conn.run_sync(self._alembic, {SCHEMA_ATTRIBUTE: schema}, direction, target)
                 after = (await read_versions(conn, [schema])).get(schema)
                 result = {
                     "status": "ok",
@@ -180,17 +247,19 @@ class _Worker:
                 result["error"] += f" (and recording it failed: {_error_text(record_exc)})"
         return result
 
-    def _alembic(self, connection: Connection, schema: str, direction: Direction, target: str) -> None:
-        self.alembic.attributes[CONNECTION_ATTRIBUTE] = connection
-        self.alembic.attributes[SCHEMA_ATTRIBUTE] = schema
+    def _alembic(
+        self, connection: Connection, where: dict[str, str], direction: Direction, target: str
+    ) -> None:
+        attributes = {CONNECTION_ATTRIBUTE: connection, **where}
+        self.alembic.attributes.update(attributes)
         try:
             if direction == "upgrade":
                 command.upgrade(self.alembic, target)
             else:
                 command.downgrade(self.alembic, target)
         finally:
-            self.alembic.attributes.pop(CONNECTION_ATTRIBUTE, None)
-            self.alembic.attributes.pop(SCHEMA_ATTRIBUTE, None)
+            for key in attributes:
+                self.alembic.attributes.pop(key, None)
 
 
 def _init_worker(settings: dict[str, Any]) -> None:
@@ -199,10 +268,10 @@ def _init_worker(settings: dict[str, Any]) -> None:
 
 
 def _migrate_in_worker(
-    run_id: str, tenant: str, schema: str, direction: Direction, target: str
+    run_id: str, tenant: str, schema: str, direction: Direction, target: str, url: str | None
 ) -> dict[str, Any]:
     assert _worker is not None  # set by the pool's initializer
-    return _worker.migrate(run_id, tenant, schema, direction, target)
+    return _worker.migrate(run_id, tenant, schema, direction, target, url)
 
 
 # -- the results tables -------------------------------------------------------------
@@ -240,7 +309,7 @@ async def _record(
 
 
 class FleetMigrator:
-    """Migrates every tenant's schema with Alembic. One instance per command; not shared.
+    """Migrates every tenant's schema (or database) with Alembic. One instance per command; not shared.
 
         migrator = FleetMigrator(manager, "alembic.ini", concurrency=8)
         report = await migrator.run("upgrade", "head", canary=5)
@@ -263,7 +332,7 @@ class FleetMigrator:
         statuses: Iterable[TenantStatus] = (TenantStatus.ACTIVE, TenantStatus.SUSPENDED),
     ) -> None:
         if manager.config.backend != "postgresql":
-            raise ConfigurationError("fleet migrations need PostgreSQL (schema isolation)")
+            raise ConfigurationError("fleet migrations need PostgreSQL (schema or database isolation)")
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         self.manager = manager
@@ -275,6 +344,10 @@ class FleetMigrator:
         self.results_schema = results_schema
         self.statuses = tuple(statuses)
         self._engine: AsyncEngine | None = None
+        # Database isolation: each tenant is migrated in its own database (its URL from
+        # the isolation, which decrypts a tenant's own database_url); results stay here.
+        self._per_database = isinstance(manager.isolation, DatabaseIsolation)
+        self._urls: dict[str, str] = {}
 
     @property
     def engine(self) -> AsyncEngine:
@@ -310,36 +383,74 @@ class FleetMigrator:
     async def _tenants(self, only: Sequence[str] | None) -> list[tuple[str, str]]:
         tenants: list[tuple[str, str]] = []
         wanted = list(only or ())
-        template = self.manager.config.schema_template
+        template = None if self._per_database else self.manager.config.schema_template
         if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
             # Migrated first, like a tenant, so tenants cloned from it start at head.
             tenants.append((TEMPLATE_LABEL, template))
+            # Spares are clones of the template, to be handed out as tenants: kept at its revision.
+            tenants.extend((SPARE_LABEL.format(name), name) for name in await self._spares())
         slugs = [slug for slug in wanted if slug != TEMPLATE_LABEL]
         if wanted:
             for slug in slugs:
-                tenant = await self.manager.get_tenant(slug)
-                tenants.append((tenant.identifier, self.manager.isolation.storage_name(tenant.identifier)))
+                tenants.append(self._entry(await self.manager.get_tenant(slug)))
             return tenants
         after: str | None = None
         while True:
             page = await self.manager.list_tenants(after=after, limit=1000)
-            tenants.extend(
-                (t.identifier, self.manager.isolation.storage_name(t.identifier))
-                for t in page
-                if t.status in self.statuses
-            )
+            tenants.extend(self._entry(t) for t in page if t.status in self.statuses)
             if len(page) < 1000:
                 return tenants
             after = page[-1].identifier
 
+    def _entry(self, tenant: Tenant) -> tuple[str, str]:
+        isolation = self.manager.isolation
+        if self._per_database:
+            self._urls[tenant.identifier] = isolation.tenant_url(tenant).render_as_string(hide_password=False)
+        return tenant.identifier, isolation.storage_name(tenant.identifier)
+
+    async def _database_versions(self, listed: list[tuple[str, str]]) -> dict[str, tuple[str, ...] | None]:
+        """Database isolation: each tenant database's revision, a few databases at a time.
+
+        A database that cannot be reached is left out (not at the target): its
+        migration then fails with the reason, recorded like any other failure.
+        """
+        gate = asyncio.Semaphore(max(self.concurrency, 8))
+        versions: dict[str, tuple[str, ...] | None] = {}
+
+        async def read(slug: str, database: str) -> None:
+            async with gate:
+                engine = create_engine(self._urls[slug], null_pool=True)
+                try:
+                    async with engine.connect() as conn:
+                        versions[database] = await read_database_version(conn)
+                except Exception:  # noqa: S110 - reported by the migration that follows
+                    pass
+                finally:
+                    await engine.dispose()
+
+        await asyncio.gather(*(read(slug, database) for slug, database in listed))
+        return versions
+
+    async def _spares(self) -> list[str]:
+        async with self.engine.connect() as conn:
+            if await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": SPARES_TABLE}) is None:
+                return []
+            return list((await conn.scalars(sa.text(f"SELECT name FROM {SPARES_TABLE} ORDER BY name"))).all())  # noqa: S608
+
     async def status(
         self, target: str = "head", *, tenants: Sequence[str] | None = None, direction: Direction = "upgrade"
     ) -> list[TenantMigration]:
-        """Every tenant's revision and whether it is at `target`: two queries, no Alembic run."""
+        """Every tenant's revision and whether it is at `target`: two queries, no Alembic run.
+
+        With database isolation, one query per tenant database instead (a few at a time).
+        """
         wanted = self._target_revisions(direction, target)
         listed = await self._tenants(tenants)
-        async with self.engine.connect() as conn:
-            versions = await read_versions(conn, [schema for _, schema in listed])
+        if self._per_database:
+            versions = await self._database_versions(listed)
+        else:
+            async with self.engine.connect() as conn:
+                versions = await read_versions(conn, [schema for _, schema in listed])
         rows = []
         for slug, schema in listed:
             current = versions.get(schema)
@@ -367,7 +478,7 @@ class FleetMigrator:
         `dry_run=True` nothing is written: the report lists the tenants that
         would run as `planned`.
         """
-        template = self.manager.config.schema_template
+        template = None if self._per_database else self.manager.config.schema_template
         if template is not None and not dry_run:
             async with self.engine.begin() as conn:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{template}"'))
@@ -386,9 +497,18 @@ class FleetMigrator:
                 raise FleetBusyError("another fleet migration is running against this database")
             await lock_conn.commit()
             try:
+                # Claims and fills of spare schemas hold this shared for milliseconds; waiting
+                # for it keeps spares from being handed out or made while the template and
+                # the spares change (they fall back to cloning meanwhile).
+                await lock_conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": FLEET_GATE_KEY})
+                await lock_conn.commit()
+                # Spares claimed since the plan was made are tenants now, not spares.
+                spares = set(await self._spares())
+                todo = [m for m in todo if not _is_spare(m.tenant) or m.schema in spares]
+                skipped = [m for m in skipped if not _is_spare(m.tenant) or m.schema in spares]
                 return await self._run_locked(report, skipped, todo, canary, fail_fast, on_result, on_plan)
             finally:
-                await lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                await lock_conn.execute(sa.text("SELECT pg_advisory_unlock_all()"))
                 await lock_conn.commit()
 
     async def _run_locked(
@@ -513,6 +633,7 @@ class FleetMigrator:
                     m.schema,
                     report.direction,
                     report.target,
+                    self._urls.get(m.tenant),
                 )
             result = TenantResult(m.tenant, m.schema, **raw)
             report.results.append(result)
@@ -531,6 +652,10 @@ class FleetMigrator:
             report.stopped = stop.is_set()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_spare(label: str) -> bool:
+    return label.startswith(SPARE_LABEL.format(""))
 
 
 def _result(m: TenantMigration, status: Outcome) -> TenantResult:

@@ -231,6 +231,7 @@ class TenancyManager:
                 max_cached_binds=config.cache_max_size,
                 empty_search_path=self._empty_search_path,
                 template=config.schema_template,
+                spares=config.schema_spares,
             )
         assert self.owner_engine is not None  # the config requires it for rls and hybrid
         rls = RLSIsolation(

@@ -1,4 +1,4 @@
-"""Alembic integration: run a migration inside one tenant's schema, and read every tenant's version.
+"""Alembic integration: run a migration inside one tenant's schema or database, and read versions.
 
 Tenant migrations and shared (registry, `public`) migrations live in two Alembic
 script directories, each with its own `env.py` and version table. A tenant's
@@ -12,6 +12,8 @@ script directories, each with its own `env.py` and version table. A tenant's
 
 `alembic --name tenant -x tenant=acme-corp upgrade head` then migrates one tenant;
 `fastapi-tenancy migrate upgrade` (see `fastapi_tenancy.fleet`) migrates them all.
+With `isolation_strategy="database"` a tenant is migrated in its own database, with
+the version table in that database's default schema.
 Needs the `migrations` extra (Alembic).
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 
 try:
     import alembic  # noqa: F401 - fail at import, naming the extra
@@ -35,7 +37,9 @@ from .isolation.base import storage_name
 
 __all__ = [
     "CONNECTION_ATTRIBUTE",
+    "DATABASE_ATTRIBUTE",
     "SCHEMA_ATTRIBUTE",
+    "read_database_version",
     "read_versions",
     "run_shared_migrations",
     "run_tenant_migrations",
@@ -47,6 +51,10 @@ CONNECTION_ATTRIBUTE = "connection"
 
 SCHEMA_ATTRIBUTE = "tenancy_schema"
 """`Config.attributes` key of the schema to migrate; the fleet runner sets it."""
+
+DATABASE_ATTRIBUTE = "tenancy_database"
+"""`Config.attributes` key set (to the database's name) when the given connection is a
+tenant's own database (database isolation): the migration runs in its default schema."""
 
 # Transaction-local, like the request path: nothing outlives the migration's transaction.
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
@@ -68,6 +76,15 @@ _VERSIONS = sa.text(
 )
 
 
+def _tenant_slug(context: Any) -> str:
+    slug = context.get_x_argument(as_dictionary=True).get("tenant") or os.environ.get("TENANCY_TENANT")
+    if not slug:
+        raise ValueError(
+            "no tenant to migrate: pass -x tenant=<slug> to alembic, or use `fastapi-tenancy migrate`"
+        )
+    return str(slug)
+
+
 def tenant_schema(context: Any, config: TenancyConfig | None = None) -> str:
     """The schema an `env.py` run migrates: set by the fleet runner, or `-x tenant=<slug>`.
 
@@ -78,13 +95,8 @@ def tenant_schema(context: Any, config: TenancyConfig | None = None) -> str:
     attributes = context.config.attributes
     if attributes.get(SCHEMA_ATTRIBUTE):
         return str(attributes[SCHEMA_ATTRIBUTE])
-    slug = context.get_x_argument(as_dictionary=True).get("tenant") or os.environ.get("TENANCY_TENANT")
-    if not slug:
-        raise ValueError(
-            "no tenant to migrate: pass -x tenant=<slug> to alembic, or use `fastapi-tenancy migrate`"
-        )
     prefix = (config or TenancyConfig()).schema_prefix
-    return storage_name(prefix, slug)
+    return storage_name(prefix, _tenant_slug(context))
 
 
 def _scope(connection: Connection, schema: str) -> None:
@@ -93,30 +105,34 @@ def _scope(connection: Connection, schema: str) -> None:
 
 def _run(
     context: Any,
-    schema: str,
+    schema: str | None,
     configure: dict[str, Any],
     fallback_url: str,
+    *,
+    url: str | None = None,
 ) -> None:
-    """Configure `context` on the given or a new connection, scoped to `schema`, and migrate."""
+    """Configure `context` on the given or a new connection, scoped to `schema`, and migrate.
+
+    `schema=None`: the connection is the tenant's own database; nothing is scoped.
+    """
+    if schema is not None:
+        configure["version_table_schema"] = schema
 
     def migrate(connection: Connection) -> None:
-        context.configure(connection=connection, version_table_schema=schema, **configure)
+        context.configure(connection=connection, **configure)
         with context.begin_transaction():
             # In the migration's transaction: unqualified names in migration scripts
             # (op.create_table without schema=) land in this schema and nowhere else.
-            _scope(connection, schema)
+            if schema is not None:
+                _scope(connection, schema)
             context.run_migrations()
 
-    url = context.config.get_main_option("sqlalchemy.url") or fallback_url
+    url = url or context.config.get_main_option("sqlalchemy.url") or fallback_url
     if context.is_offline_mode():
-        context.configure(
-            url=url,
-            version_table_schema=schema,
-            literal_binds=True,
-            **configure,
-        )
+        context.configure(url=url, literal_binds=True, **configure)
         with context.begin_transaction():
-            context.execute(f'SET LOCAL search_path TO "{schema}"')
+            if schema is not None:
+                context.execute(f'SET LOCAL search_path TO "{schema}"')
             context.run_migrations()
         return
     given = context.config.attributes.get(CONNECTION_ATTRIBUTE)
@@ -145,7 +161,7 @@ def run_tenant_migrations(
     config: TenancyConfig | None = None,
     **configure: Any,
 ) -> None:
-    """Run Alembic's migrations inside one tenant's schema; call it from the tenant `env.py`.
+    """Run Alembic's migrations inside one tenant's schema (or database); call it from the tenant `env.py`.
 
     The schema comes from `tenant_schema()`. Its version table is
     `<schema>.alembic_version`, and the migration runs with a transaction-local
@@ -153,12 +169,24 @@ def run_tenant_migrations(
     create and alter the tenant's tables. The connection is the one in
     `config.attributes["connection"]` if given, else a new one to
     `sqlalchemy.url` or `TENANCY_DATABASE_URL`. Extra keyword arguments go to
-    `context.configure()` (e.g. `compare_type=True`).
+    `context.configure()` (e.g. `compare_type=True`). With database isolation the
+    migration runs in the tenant's database (`-x tenant=<slug>`: the one named by
+    `storage_name` on `TENANCY_DATABASE_URL`'s server; `sqlalchemy.url` is not used),
+    its version table in that database's default schema.
     """
     config = config or TenancyConfig()
-    schema = tenant_schema(context, config)
     configure.setdefault("target_metadata", target_metadata)
-    _run(context, schema, configure, config.database_url)
+    if context.config.attributes.get(DATABASE_ATTRIBUTE):
+        _run(context, None, configure, config.database_url)  # the fleet runner's tenant database
+        return
+    if config.isolation_strategy == "database" and config.backend != "sqlite":
+        # The tenant's database on the configured server. A tenant with its own
+        # (encrypted) database_url is reached through the fleet runner, which reads it.
+        name = storage_name(config.schema_prefix, _tenant_slug(context))
+        url = make_url(config.database_url).set(database=name).render_as_string(hide_password=False)
+        _run(context, None, configure, config.database_url, url=url)
+        return
+    _run(context, tenant_schema(context, config), configure, config.database_url)
 
 
 def run_shared_migrations(
@@ -187,3 +215,12 @@ async def read_versions(
     """
     result = await conn.execute(_VERSIONS, {"schemas": list(schemas), "table": version_table})
     return {row.schema: (tuple(row.versions) if row.versions is not None else None) for row in result}
+
+
+async def read_database_version(conn: Any) -> tuple[str, ...] | None:
+    """The Alembic revision(s) in `conn`'s database (its default schema); `None` without a version table.
+
+    For database isolation, where each tenant's version table is in its own database.
+    """
+    schema = await conn.scalar(sa.text("SELECT current_schema()"))
+    return (await read_versions(conn, [schema])).get(schema)

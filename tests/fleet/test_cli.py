@@ -40,9 +40,11 @@ def cli(url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | Non
     return done.returncode, done.stdout + done.stderr
 
 
-def cli_json(url: str, *args: str, cwd: Path | None = None) -> tuple[int, Any]:
+def cli_json(
+    url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """Run the console script with --json; (exit code, parsed stdout)."""
-    done = _call(url, "--json", *args, cwd=cwd)
+    done = _call(url, "--json", *args, cwd=cwd, env=env)
     return done.returncode, json.loads(done.stdout)
 
 
@@ -149,6 +151,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "pooler safety": "ok",
         "tenant storage": "ok",
         "template": "ok",
+        "spares": "ok",
     }
     code, text = cli(postgres_url, "doctor", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"})
     assert code == 1 and "does not exist" in text
@@ -191,3 +194,28 @@ async def test_create_from_a_missing_template_fails_with_a_message(postgres_url:
     assert "template schema 'tenancy_template' does not exist" in done.stderr
     assert "Traceback" not in done.stderr
     assert cli(postgres_url, "tenants", "show", "acme")[0] == 3  # the registration was undone
+
+
+async def test_spares_commands(postgres_url: str, tmp_path: Path) -> None:
+    env = {"TENANCY_SCHEMA_TEMPLATE": "tenancy_template", "TENANCY_SCHEMA_SPARES": "2"}
+    assert cli(postgres_url, "tenants", "spares", "list")[0] == 2  # not configured
+    ini = make_project(tmp_path / "p")
+    code, text = cli(postgres_url, "migrate", "upgrade", "--config", str(ini), env=env)  # makes the template
+    assert code == 0, text
+    done = _call(postgres_url, "--json", "tenants", "spares", "fill", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"made": 2, "ready": 2}
+    done = _call(postgres_url, "--json", "tenants", "spares", "list", env=env)
+    listed = json.loads(done.stdout)
+    assert [(s["revision"], s["current"]) for s in listed] == [("b2", True)] * 2
+    code, text = cli(postgres_url, "tenants", "create", "acme", env=env)
+    assert code == 0, text
+    done = _call(postgres_url, "--json", "tenants", "spares", "list", env=env)
+    left = [s["name"] for s in json.loads(done.stdout)]
+    # One of the two was renamed to the tenant's schema (a background refill may have added one).
+    assert len(set(left) & {s["name"] for s in listed}) == 1
+    done = _call(postgres_url, "--json", "tenants", "spares", "drain", env=env)
+    assert done.returncode == 0 and json.loads(done.stdout)["dropped"] == len(left)
+    done = _call(postgres_url, "--json", "doctor", env=env)
+    [spares] = [c for c in json.loads(done.stdout) if c["name"] == "spares"]
+    assert spares["status"] == "warn" and spares["detail"].startswith("0 of 2 ready"), spares

@@ -148,8 +148,12 @@ class DatabaseIsolation(Isolation):
         self.budget.attach(engine)
         return engine
 
+    def tenant_url(self, tenant: Tenant) -> URL:
+        """The URL of `tenant`'s database, password included (for tools such as the fleet migrator)."""
+        return self._server_of(tenant).set(database=self.storage_name(tenant.identifier))
+
     def _tenant_engine(self, tenant: Tenant) -> AsyncEngine:
-        return self._engine(self._server_of(tenant).set(database=self.storage_name(tenant.identifier)))
+        return self._engine(self.tenant_url(tenant))
 
     # -- the request path ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from sqlalchemy.sql.selectable import TableClause
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..provisioning import clone_schema
+from ..spares import SparePool
 from ..tenant import Tenant
 from .base import Isolation, create_tables, tenant_tables
 
@@ -128,11 +129,18 @@ class SchemaIsolation(Isolation):
         empty_search_path: bool = False,
         template: str | None = None,
         ddl_engine: AsyncEngine | None = None,
+        spares: int = 0,
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
         # (fastapi_tenancy.provisioning) instead of created table by table.
         self.template = template
+        # Clones of the template made ahead of time: a registration renames one.
+        self.spares: SparePool | None = None
+        if spares:
+            if template is None:
+                raise ConfigurationError("spare schemas are clones of the template: set schema_template")
+            self.spares = SparePool(engine, template, size=spares)
         self.engine = engine
         # With a separate owner (hybrid isolation): schemas are created and dropped by
         # it, and the sessions' role is granted use of each one, so it cannot drop them.
@@ -163,8 +171,26 @@ class SchemaIsolation(Isolation):
         self._binds[identifier] = bind
         return bind
 
+    async def initialize(self) -> None:
+        if self.spares is not None:
+            async with unavailable_as_503("tenant database"):
+                await self.spares.initialize()
+            self.spares.refill_soon()
+
+    async def close(self) -> None:
+        if self.spares is not None:
+            await self.spares.close()
+
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
-        schema = self.storage_name(tenant.identifier)
+        try:
+            await self._provision(self.storage_name(tenant.identifier), metadata)
+        finally:
+            if self.spares is not None:
+                # After the claim committed (or not): a fill that ran alongside it would
+                # count the spare being claimed as still there.
+                self.spares.refill_soon()
+
+    async def _provision(self, schema: str, metadata: sa.MetaData | None) -> None:
         if self.ddl_engine is not self.engine and self._grantee is None:
             async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
                 self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))
@@ -178,7 +204,9 @@ class SchemaIsolation(Isolation):
                             f"schema {schema!r} already exists; refusing to hand its data to "
                             "a new tenant (drop it, or purge the old tenant with destroy_data=True)"
                         )
-                    if self.template is not None:
+                    if self.spares is not None and await self.spares.claim(conn, schema):
+                        pass  # a spare, renamed: already at the template's revision
+                    elif self.template is not None:
                         await clone_schema(conn, self.template, schema)
                     else:
                         await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))

@@ -18,7 +18,7 @@ __all__ = ["build_security_app"]
 
 
 def build_security_app(manager: TenancyManager) -> FastAPI:
-    """`build_app(manager)` with /raw-commit, /fail, /slow, /stream and /ws added."""
+    """`build_app(manager)` with /raw-commit, /fail, /savepoints, /slow, /stream and /ws added."""
     app = build_app(manager)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
@@ -40,6 +40,32 @@ def build_security_app(manager: TenancyManager) -> FastAPI:
         if status:
             raise HTTPException(status, "refused after a write")
         raise RuntimeError("a bug in the route, after a write")
+
+    @app.post("/savepoints")
+    async def savepoints(order_id: int, session: Session) -> dict[str, list[str]]:
+        # Raw SQL (it needs the tenant's search_path) inside savepoints that write and are
+        # rolled back, and after them: the search_path set inside a savepoint goes with it,
+        # and the next raw statement must still run in the tenant. Nothing is committed.
+        async def descriptions() -> str:
+            query = sa.text("SELECT string_agg(description, ',' ORDER BY id) FROM orders")
+            return str((await session.execute(query)).scalar_one())
+
+        seen = []
+        outer = await session.begin_nested()
+        seen.append(await descriptions())
+        session.add(Order(id=order_id, description="in-a-savepoint"))
+        await session.flush()
+        seen.append(await descriptions())
+        inner = await session.begin_nested()
+        session.add(Order(id=order_id + 1, description="in-a-nested-savepoint"))
+        await session.flush()
+        seen.append(await descriptions())
+        await inner.rollback()
+        seen.append(await descriptions())
+        await outer.rollback()
+        seen.append(await descriptions())
+        await session.commit()
+        return {"seen": seen}
 
     @app.post("/slow")
     async def slow(order_id: int, seconds: float, session: Session) -> dict[str, int]:

@@ -178,13 +178,14 @@ def test_correctly_signed_tokens_are_served_only_as_their_valid_tenant_claim() -
         # Whatever the draws were: header values naming a key or a key URL are ignored (the key
         # is the configured one), an unknown critical extension is refused.
         claims = {"tenant": "alpha", "exp": int(time.time()) + 300}
-        for headers, expected in [
+        cases: list[tuple[dict[str, Any], str | None]] = [
             ({"kid": "../../dev/null"}, "alpha"),
             ({"kid": "' OR 1=1 --", "jku": "http://127.0.0.1:1/jwks", "x5u": "file:///etc/passwd"}, "alpha"),
             ({"kid": ["not", "a", "string"]}, None),
             ({"crit": ["unknown-critical"], "unknown-critical": True}, None),
             ({"crit": []}, None),
-        ]:
+        ]
+        for headers, expected in cases:
             token = sign(claims, **headers)
             assert _served_as(_get(runner, env, [f"Bearer {token}".encode()])) == expected, headers
 

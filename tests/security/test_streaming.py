@@ -115,5 +115,3 @@ async def _disconnect_after(env: Env, tenant: str, *, lines: int) -> list[Messag
     app = env.client._transport.app  # type: ignore[attr-defined]
     await asyncio.wait_for(app(scope, receive, send), timeout=30)
     return sent
-
-

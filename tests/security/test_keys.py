@@ -25,7 +25,11 @@ from .sync import new_runner
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-SLUG = st.from_regex(re.compile(r"[a-z0-9](?:[a-z0-9-]{0,20}[a-z0-9])?"), fullmatch=True)
+# Slugs, including ones spelling parts of the key layout: the cache and the limiter share a
+# prefix here, as they do when both follow `redis_key_prefix`.
+SLUG = st.from_regex(re.compile(r"[a-z0-9](?:[a-z0-9-]{0,20}[a-z0-9])?"), fullmatch=True) | st.sampled_from(
+    ["ratelimit", "version", "v0", "v1", "secret"]
+)
 KEYS = st.one_of(
     st.text(max_size=40),
     st.sampled_from(["", ":", "*", "?", "[a]", "\\", "*:*", "v0:*", ":version", "version", "%3A", "..", "/"]),
@@ -62,8 +66,8 @@ async def _stored(cache: TenantCache, name: str) -> list[str]:
     return [key.decode() async for key in cache.backend.redis.scan_iter(match=f"{name}:*", count=1000)]
 
 
-async def _keys_of(cache: TenantCache, tenant: Tenant, name: str, before: set[str]) -> set[str]:
-    """The keys that appear when `tenant` stores a cache entry and spends its rate limit."""
+async def _new_keys(cache: TenantCache, name: str, before: set[str]) -> set[str]:
+    """The keys stored under our prefix since `before` was taken."""
     return set(await _stored(cache, name)) - before
 
 
@@ -112,7 +116,7 @@ async def _exercise(
         await cache.invalidate_tenant(tenant)  # writes the version key
         await cache.set(keys[tenant.name], [tenant.id, keys[tenant.name]], tenant=tenant)
         assert await limiter.check(tenant) is not None
-        owned[tenant.name] = await _keys_of(cache, tenant, name, before)
+        owned[tenant.name] = await _new_keys(cache, name, before)  # its cache entries and limiter key
         assert owned[tenant.name], "nothing was stored"
     # No key of one tenant equals or prefixes a key of the other.
     _apart(owned["first"], owned["second"])

@@ -20,7 +20,7 @@ from sqlalchemy.orm import (
 
 from fastapi_tenancy import TenancyConfig, TenancyManager, Tenant
 
-ROUNDS = 75
+ROUNDS = 50
 
 
 class Base(AsyncAttrs, DeclarativeBase):

@@ -1,6 +1,7 @@
 """The test app (tests/apps.py) plus the kinds of request the security suite needs:
 a route that fails after writing, a slow one, a streaming response and a WebSocket."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -9,7 +10,7 @@ from fastapi import Depends, FastAPI, HTTPException, WebSocket, WebSocketDisconn
 from fastapi.responses import StreamingResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fastapi_tenancy import TenancyManager
+from fastapi_tenancy import TenancyManager, current_tenant
 from fastapi_tenancy.dependencies import make_tenant_db_dependency
 
 from ..apps import Order, build_app
@@ -18,7 +19,8 @@ __all__ = ["build_security_app"]
 
 
 def build_security_app(manager: TenancyManager) -> FastAPI:
-    """`build_app(manager)` with /raw-commit, /fail, /slow, /stream and /ws added."""
+    """`build_app(manager)` with /raw-commit, /fail, /savepoints, /slow, /stream, /slow-stream
+    and /ws added."""
     app = build_app(manager)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
@@ -41,6 +43,32 @@ def build_security_app(manager: TenancyManager) -> FastAPI:
             raise HTTPException(status, "refused after a write")
         raise RuntimeError("a bug in the route, after a write")
 
+    @app.post("/savepoints")
+    async def savepoints(order_id: int, session: Session) -> dict[str, list[str]]:
+        # Raw SQL (it needs the tenant's search_path) inside savepoints that write and are
+        # rolled back, and after them: the search_path set inside a savepoint goes with it,
+        # and the next raw statement must still run in the tenant. Nothing is committed.
+        async def descriptions() -> str:
+            query = sa.text("SELECT string_agg(description, ',' ORDER BY id) FROM orders")
+            return str((await session.execute(query)).scalar_one())
+
+        seen = []
+        outer = await session.begin_nested()
+        seen.append(await descriptions())
+        session.add(Order(id=order_id, description="in-a-savepoint"))
+        await session.flush()
+        seen.append(await descriptions())
+        inner = await session.begin_nested()
+        session.add(Order(id=order_id + 1, description="in-a-nested-savepoint"))
+        await session.flush()
+        seen.append(await descriptions())
+        await inner.rollback()
+        seen.append(await descriptions())
+        await outer.rollback()
+        seen.append(await descriptions())
+        await session.commit()
+        return {"seen": seen}
+
     @app.post("/slow")
     async def slow(order_id: int, seconds: float, session: Session) -> dict[str, int]:
         # A write, then a long query, then the commit: cancelled or cut in the middle,
@@ -59,6 +87,19 @@ def build_security_app(manager: TenancyManager) -> FastAPI:
                 yield f"{order.id}:{order.description}\n".encode()
 
         return StreamingResponse(rows(), media_type="text/plain")
+
+    @app.get("/slow-stream")
+    async def slow_stream(session: Session, rounds: int, pause: float = 0.005) -> StreamingResponse:
+        # A long stream: each line reads the tenant's rows again on the request's session
+        # (raw SQL, so the search_path is in play) and names the tenant in context.
+        async def lines() -> AsyncIterator[bytes]:
+            for number in range(rounds):
+                query = sa.text("SELECT string_agg(description, ',' ORDER BY id) FROM orders")
+                rows = (await session.execute(query)).scalar_one()
+                yield f"{number}:{current_tenant().identifier}:{rows}\n".encode()
+                await asyncio.sleep(pause)
+
+        return StreamingResponse(lines(), media_type="text/plain")
 
     @app.websocket("/ws")
     async def websocket(socket: WebSocket, session: Session) -> None:

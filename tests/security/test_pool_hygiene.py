@@ -46,6 +46,20 @@ async def _http_error(env: Env, tenant: str) -> None:
     assert _rows(await env.get(tenant, "/orders")) == EXPECTED[tenant], "the write was rolled back"
 
 
+async def _savepoints(env: Env, tenant: str) -> None:
+    response = await env.post(tenant, "/savepoints", order_id=70)
+    assert response.status_code == 200, response.text
+    rows = ",".join(description for _, description in sorted(ROWS[tenant].items()))
+    assert response.json()["seen"] == [
+        rows,
+        f"{rows},in-a-savepoint",
+        f"{rows},in-a-savepoint,in-a-nested-savepoint",
+        f"{rows},in-a-savepoint",
+        rows,
+    ]
+    assert _rows(await env.get(tenant, "/orders")) == EXPECTED[tenant], "the savepoints were rolled back"
+
+
 async def _cancelled(env: Env, tenant: str) -> None:
     # The client goes away in the middle of a query, after a write, before the commit.
     request = asyncio.ensure_future(env.post(tenant, "/slow", order_id=60, seconds=60))
@@ -137,6 +151,7 @@ KINDS: dict[str, Callable[[Env, str], Awaitable[None]]] = {
     "ok and raw SQL": _ok,
     "error in the route": _route_error,
     "HTTP error after a write": _http_error,
+    "savepoints rolled back": _savepoints,
     "cancelled mid-query": _cancelled,
     "streaming response": _streaming,
     "websocket": _websocket,

@@ -182,3 +182,11 @@ async def test_the_encrypted_database_url_is_stored_as_given(store: TenantStore)
     assert (await store.create(_tenant("plain"))).encrypted_database_url is None
     assert (await store.get_by_identifier("plain")) is not None
     assert (await store.get_by_identifier("plain")).encrypted_database_url is None  # type: ignore[union-attr]
+
+
+async def test_get_many_returns_the_known_ones_by_identifier(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    globex = await store.create(_tenant("globex", status=TenantStatus.SUSPENDED))
+    found = await store.get_many(["globex", "nobody", "acme"])
+    assert found == {"acme": acme, "globex": globex}
+    assert await store.get_many([]) == {}

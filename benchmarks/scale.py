@@ -185,11 +185,22 @@ def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> 
             srv.stop()
 
 
+def cpu_ratio(res: dict[str, Any]) -> str:
+    """Median over rounds of bare/tenancy server CPU per request: the req/s ratio the worker
+    would reach on a core of its own (req/s ratios also carry the machine's noise)."""
+    ratios = [
+        r["bare"]["cpu_us_per_request"] / r["tenancy"]["cpu_us_per_request"]
+        for r in res["rounds"]
+        if r["bare"].get("cpu_us_per_request") and r["tenancy"].get("cpu_us_per_request")
+    ]
+    return f"{statistics.median(ratios):.3f}" if ratios else "-"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| tenants | tenancy req/s | bare req/s | **req/s ratio** (min-max) | p50 ms tenancy / bare "
-        "| p99 ms tenancy / bare | p99 ratio | tenancy RSS MB (idle → after) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tenants | tenancy req/s | bare req/s | **req/s ratio** (min-max) | CPU ratio "
+        "| p50 ms tenancy / bare | p99 ms tenancy / bare | p99 ratio | tenancy RSS MB (idle → after) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         s = res["summary"]
@@ -197,7 +208,7 @@ def table(results: list[dict[str, Any]]) -> str:
         mem = res["memory_mb"]
         lines.append(
             f"| {res['tenants']:,} | {t['rps_median']:.0f} | {b['rps_median']:.0f} "
-            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) "
+            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | {cpu_ratio(res)} "
             f"| {t['p50_ms_median']:.1f} / {b['p50_ms_median']:.1f} "
             f"| {t['p99_ms_median']:.1f} / {b['p99_ms_median']:.1f} | {s['p99_ratio_median']:.2f} "
             f"| {mem['idle']:.1f} → {mem['after']:.1f} |"

@@ -169,3 +169,17 @@ async def test_no_refresh_for_short_ttls(monkeypatch: pytest.MonkeyPatch) -> Non
     lookup = TenantLookup(store, ttl=1.0)
     await lookup.get("acme")
     assert lookup._sweeper is None
+
+
+async def test_usage_records_stay_bounded_by_the_cache() -> None:
+    store = CountingStore()
+    for i in range(20):
+        await store.create(Tenant(identifier=f"t-{i}", name=f"T {i}"))
+    lookup = TenantLookup(store, ttl=TTL, max_size=5)
+    for i in range(20):
+        await lookup.get(f"t-{i}")
+    await asyncio.sleep(TTL / 4 + 0.05)  # one sweep
+    assert len(lookup._used) <= 5
+    lookup.invalidate("t-19")
+    assert "t-19" not in lookup._used
+    lookup.clear()

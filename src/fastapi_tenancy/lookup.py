@@ -141,6 +141,9 @@ class TenantLookup:
                 elif expires <= now:  # expired and idle: forget it
                     del self._hits[identifier]
                     self._used.pop(identifier, None)
+            if len(self._used) > len(self._hits):  # entries evicted by size or invalidated
+                for identifier in [i for i in self._used if i not in self._hits]:
+                    del self._used[identifier]
             for start in range(0, len(keep), _REFRESH_BATCH):
                 await self._refresh(keep[start : start + _REFRESH_BATCH])
         for identifier in [i for i in self._used if i not in self._hits]:
@@ -169,6 +172,7 @@ class TenantLookup:
     def invalidate(self, identifier: str) -> None:
         """Forget what is known about `identifier`, and discard reads in flight."""
         self._hits.pop(identifier, None)
+        self._used.pop(identifier, None)
         self._misses.pop(identifier, None)
         self._inflight.pop(identifier, None)
         self._refreshing.discard(identifier)

@@ -17,7 +17,10 @@ tenancy worker's resident set size after the last round.
 
 Tenants are added incrementally (the 1,000 include the first 10), registered through
 the Quick Start's own manager. Needs `wrk` and PostgreSQL (`TENANCY_BENCH_POSTGRES_URL`);
-creates and drops the database `bench_scale`. Writes `results/scale.json` and `scale.md`.
+creates and drops the database `bench_scale` (`--keep-database` keeps it, and a later run
+with `--keep-database` reuses its tenants: registering 10,000 takes minutes; it then
+measures only sizes at least as large as what is registered). Writes `results/scale.json`
+and `scale.md`. `profile_scale.py` profiles a kept database in process.
 """
 
 from __future__ import annotations
@@ -86,6 +89,18 @@ async def touch_every_tenant(url: str, size: int, concurrency: int = 16) -> floa
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - began
+
+
+async def registered_tenants(base: str, maintenance_db: str) -> int | None:
+    """How many tenants a kept `bench_scale` holds (None: there is no such database)."""
+    exists = "SELECT 1 FROM pg_database WHERE datname = 'bench_scale'"  # DB_NAME
+    if not (await overhead.pg_admin(base, maintenance_db, exists))[0]:
+        return None
+    try:
+        rows = await overhead.pg_admin(base, DB_NAME, "SELECT count(*) FROM tenants")
+    except Exception:  # created, but no registry yet
+        return 0
+    return int(rows[0][0][0])
 
 
 def rss_mb(pid: int) -> dict[str, float]:
@@ -170,11 +185,22 @@ def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> 
             srv.stop()
 
 
+def cpu_ratio(res: dict[str, Any]) -> str:
+    """Median over rounds of bare/tenancy server CPU per request: the req/s ratio the worker
+    would reach on a core of its own (req/s ratios also carry the machine's noise)."""
+    ratios = [
+        r["bare"]["cpu_us_per_request"] / r["tenancy"]["cpu_us_per_request"]
+        for r in res["rounds"]
+        if r["bare"].get("cpu_us_per_request") and r["tenancy"].get("cpu_us_per_request")
+    ]
+    return f"{statistics.median(ratios):.3f}" if ratios else "-"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| tenants | tenancy req/s | bare req/s | **req/s ratio** (min-max) | p50 ms tenancy / bare "
-        "| p99 ms tenancy / bare | p99 ratio | tenancy RSS MB (idle → after) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tenants | tenancy req/s | bare req/s | **req/s ratio** (min-max) | CPU ratio "
+        "| p50 ms tenancy / bare | p99 ms tenancy / bare | p99 ratio | tenancy RSS MB (idle → after) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         s = res["summary"]
@@ -182,7 +208,7 @@ def table(results: list[dict[str, Any]]) -> str:
         mem = res["memory_mb"]
         lines.append(
             f"| {res['tenants']:,} | {t['rps_median']:.0f} | {b['rps_median']:.0f} "
-            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) "
+            f"| **{s['ratio_median']:.3f}** ({s['ratio_min']:.3f}-{s['ratio_max']:.3f}) | {cpu_ratio(res)} "
             f"| {t['p50_ms_median']:.1f} / {b['p50_ms_median']:.1f} "
             f"| {t['p99_ms_median']:.1f} / {b['p99_ms_median']:.1f} | {s['p99_ratio_median']:.2f} "
             f"| {mem['idle']:.1f} → {mem['after']:.1f} |"
@@ -242,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="appended to the tenancy app's database URL, e.g. '?prepared_statement_cache_size=500'",
     )
+    parser.add_argument(
+        "--keep-database", action="store_true", help=f"keep {DB_NAME} afterwards; reuse a kept one"
+    )
     parser.add_argument("--output-dir", type=Path, default=overhead.BENCH_DIR / "results")
     # The same server/loop/database options as overhead.py.
     base = overhead.parse_args([])
@@ -266,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     seeding: dict[int, float] = {}
     drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
-    asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
-    try:
+    registered = asyncio.run(registered_tenants(base, args.maintenance_db)) if args.keep_database else None
+    if registered is None:
+        asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
         registered = 0
+    elif registered > args.sizes[0]:
+        print(f"{DB_NAME} holds {registered} tenants: cannot measure {args.sizes[0]}", file=sys.stderr)
+        return 2
+    try:
         for size in args.sizes:
             seconds = asyncio.run(
                 add_tenants(f"{base}/{DB_NAME}", registered + 1, size + 1, args.orders, args.seed_concurrency)
@@ -279,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure_size(size, base, args, logs))
     finally:
         overhead._stop_all()
-        asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop))
+        if not args.keep_database:
+            asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg_base"}
     report = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -186,7 +186,8 @@ class TenancyConfig(BaseSettings):
     """Seconds a resolved tenant is served from the in-process cache (0: no cache).
     Changes made through a manager invalidate it at once, in every process when there is
     an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made any other
-    way are seen after at most this long."""
+    way are seen after at most this long. Entries in use are re-read in the background, in
+    batches, before they expire, so busy tenants never wait for the registry."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
     """Most tenants held in the in-process cache (and, on PostgreSQL, per-tenant engine

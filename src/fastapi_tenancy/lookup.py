@@ -1,6 +1,8 @@
 """`TenantLookup`: identifier → tenant on the request path, from an in-process cache."""
 
 import asyncio
+import contextlib
+import logging
 from time import monotonic
 from typing import TypeVar
 
@@ -9,7 +11,16 @@ from .tenant import Tenant, validate_identifier
 
 __all__ = ["TenantLookup"]
 
+logger = logging.getLogger("fastapi_tenancy")
+
 _V = TypeVar("_V")
+
+# Refresh-ahead: entries used within the last _KEEP_WARM TTLs are re-read in batches of
+# _REFRESH_BATCH (one registry query each) before they expire; TTLs under _MIN_REFRESH_TTL
+# seconds are left to expire (a sweep every few milliseconds would cost more than it saves).
+_KEEP_WARM = 10
+_REFRESH_BATCH = 500
+_MIN_REFRESH_TTL = 2.0
 
 
 class TenantLookup:
@@ -19,8 +30,17 @@ class TenantLookup:
     seconds, unknown identifiers for `negative_ttl` (so clients probing random
     slugs cannot make every request a registry query); both caches are bounded.
     Concurrent misses for one identifier share a single store read. `invalidate`
-    is called by the manager on every change it makes; a read that started before
-    an invalidation does not write its (possibly stale) result back.
+    is called by the manager on every change it makes; a read of that identifier
+    that started before the invalidation does not write its (possibly stale) result
+    back (reads of other identifiers are unaffected).
+
+    Refresh-ahead: when `ttl` is at least two seconds, a background task sweeps the
+    cache every `ttl / 4` seconds and re-reads, in batches (`TenantStore.get_many`,
+    one registry query per 500 tenants), every entry past half its TTL that was
+    used within the last ten TTLs. A busy tenant's entry is thus replaced before it
+    expires, and its requests never wait for the registry; an entry served is still
+    never older than `ttl` (its age counts from the start of the read that produced
+    it), and a failed refresh leaves the entries to expire as usual.
     """
 
     def __init__(
@@ -40,13 +60,16 @@ class TenantLookup:
         self._hits: dict[str, tuple[Tenant, float]] = {}
         self._misses: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Tenant | None]] = {}
-        self._generation = 0
+        self._used: dict[str, float] = {}  # identifier -> when its entry was last served
+        self._refreshing: set[str] = set()  # identifiers whose batch read is in flight
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def get(self, identifier: str) -> Tenant | None:
         """The tenant with this identifier, or None if there is none (or it is malformed)."""
         now = monotonic()
         hit = self._hits.get(identifier)
         if hit is not None and hit[1] > now:
+            self._used[identifier] = now
             return hit[0]
         expires = self._misses.get(identifier)
         if expires is not None and expires > now:
@@ -66,10 +89,12 @@ class TenantLookup:
         return await asyncio.shield(task)
 
     async def _load(self, identifier: str) -> Tenant | None:
-        generation = self._generation
+        started = monotonic()
+        task = asyncio.current_task()
         tenant = await self.store.get_by_identifier(identifier)
-        if generation == self._generation:
-            self._remember(identifier, tenant)
+        # Still the read in flight for this identifier: neither invalidated nor cleared since.
+        if self._inflight.get(identifier) is task:
+            self._remember(identifier, tenant, started)
         return tenant
 
     def _loaded(self, identifier: str, task: "asyncio.Task[Tenant | None]") -> None:
@@ -78,27 +103,93 @@ class TenantLookup:
         if not task.cancelled():
             task.exception()  # mark retrieved even if every waiter was cancelled
 
-    def _remember(self, identifier: str, tenant: Tenant | None) -> None:
-        now = monotonic()
+    def _remember(self, identifier: str, tenant: Tenant | None, started: float) -> None:
         if tenant is not None:
             if self.ttl > 0:
-                _bounded_put(self._hits, identifier, (tenant, now + self.ttl), self.max_size)
+                _bounded_put(self._hits, identifier, (tenant, started + self.ttl), self.max_size)
+                self._used.setdefault(identifier, started)
+                self._start_sweeper()
         elif self.negative_ttl > 0:
-            _bounded_put(self._misses, identifier, now + self.negative_ttl, self.negative_max_size)
+            _bounded_put(self._misses, identifier, started + self.negative_ttl, self.negative_max_size)
+
+    # -- refresh-ahead ------------------------------------------------------------
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and self.ttl >= _MIN_REFRESH_TTL:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+            self._sweeper.add_done_callback(self._swept)
+
+    def _swept(self, task: "asyncio.Task[None]") -> None:
+        if self._sweeper is task:
+            self._sweeper = None
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
+            logger.error("tenant cache refresh stopped", exc_info=task.exception())
+
+    async def _sweep(self) -> None:
+        # Ends when nothing is cached any more; the next cached tenant starts it again.
+        while self._hits:
+            await asyncio.sleep(self.ttl / 4)
+            now = monotonic()
+            due = now + self.ttl / 2  # would expire before the sweep after next
+            idle = now - _KEEP_WARM * self.ttl
+            keep: list[str] = []
+            for identifier, (_tenant, expires) in list(self._hits.items()):
+                if expires > due:
+                    continue
+                if self._used.get(identifier, 0.0) > idle:
+                    keep.append(identifier)
+                elif expires <= now:  # expired and idle: forget it
+                    del self._hits[identifier]
+                    self._used.pop(identifier, None)
+            if len(self._used) > len(self._hits):  # entries evicted by size or invalidated
+                for identifier in [i for i in self._used if i not in self._hits]:
+                    del self._used[identifier]
+            for start in range(0, len(keep), _REFRESH_BATCH):
+                await self._refresh(keep[start : start + _REFRESH_BATCH])
+        for identifier in [i for i in self._used if i not in self._hits]:
+            del self._used[identifier]
+
+    async def _refresh(self, identifiers: list[str]) -> None:
+        started = monotonic()
+        batch = self._refreshing = set(identifiers)
+        try:
+            found = await self.store.get_many(identifiers)
+        except Exception as exc:  # an outage: the entries expire as they would have
+            logger.debug("tenant cache refresh failed (%s: %s)", type(exc).__name__, exc)
+            return
+        finally:
+            if self._refreshing is batch:
+                self._refreshing = set()
+        for identifier in identifiers:
+            if identifier not in batch or identifier in self._inflight:
+                continue  # invalidated (or cleared, or re-read) while the batch was in flight
+            tenant = found.get(identifier)
+            if tenant is None:  # gone from the registry: the next request reads it again
+                self._hits.pop(identifier, None)
+            elif identifier in self._hits:
+                self._hits[identifier] = (tenant, started + self.ttl)
 
     def invalidate(self, identifier: str) -> None:
         """Forget what is known about `identifier`, and discard reads in flight."""
-        self._generation += 1
         self._hits.pop(identifier, None)
+        self._used.pop(identifier, None)
         self._misses.pop(identifier, None)
         self._inflight.pop(identifier, None)
+        self._refreshing.discard(identifier)
 
     def clear(self) -> None:
-        """Forget everything."""
-        self._generation += 1
+        """Forget everything (and stop refreshing until a tenant is cached again)."""
         self._hits.clear()
         self._misses.clear()
         self._inflight.clear()
+        self._used.clear()
+        self._refreshing.clear()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and not sweeper.done():
+            # It may belong to an event loop that is already closed (a manager restarted
+            # in a new loop): then there is nothing left to stop.
+            with contextlib.suppress(RuntimeError):
+                sweeper.cancel()
 
     def __len__(self) -> int:
         return len(self._hits) + len(self._misses)

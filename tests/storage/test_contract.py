@@ -194,3 +194,11 @@ async def test_tier_is_stored_on_create_and_changed_by_update(store: TenantStore
     with pytest.raises(TenantChangedError):  # a stale placement never overwrites a newer one
         await store.update(tenant.with_tier("rls"), expected=tenant)
     assert (await store.get_by_identifier("acme")).tier == "schema"  # type: ignore[union-attr]
+
+
+async def test_get_many_returns_the_known_ones_by_identifier(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    globex = await store.create(_tenant("globex", status=TenantStatus.SUSPENDED))
+    found = await store.get_many(["globex", "nobody", "acme"])
+    assert found == {"acme": acme, "globex": globex}
+    assert await store.get_many([]) == {}

@@ -13,6 +13,7 @@ from .base import InvalidationChannel
 __all__ = ["PostgresInvalidation"]
 
 _HEALTH_CHECK_INTERVAL = 5.0
+_ADAPTER_ARGUMENTS = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
 
 
 class PostgresInvalidation(InvalidationChannel):
@@ -44,7 +45,10 @@ class PostgresInvalidation(InvalidationChannel):
     ) -> None:
         import asyncpg  # the postgres extra: present whenever the engine is asyncpg's
 
-        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # Without the query arguments that configure SQLAlchemy's driver adapter, which
+        # asyncpg would send to the server as settings (and the server refuse).
+        url = self.engine.url.set(drivername="postgresql").difference_update_query(_ADAPTER_ARGUMENTS)
+        dsn = url.render_as_string(hide_password=False)
         conn: Any = await asyncpg.connect(
             dsn,
             timeout=self.retry_interval * 10,

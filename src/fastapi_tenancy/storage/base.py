@@ -1,6 +1,7 @@
 """`TenantStore`: the contract every tenant registry fulfils."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from ..tenant import Tenant, TenantStatus
 
@@ -44,6 +45,19 @@ class TenantStore(ABC):
     @abstractmethod
     async def get_by_identifier(self, identifier: str) -> Tenant | None:
         """The tenant with this slug, or None."""
+
+    async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
+        """The tenants with these slugs, by slug (unknown ones are left out).
+
+        Used by the lookup cache to refresh many entries at once. The default reads them
+        one by one; a store that can read them in one query should override it.
+        """
+        found: dict[str, Tenant] = {}
+        for identifier in identifiers:
+            tenant = await self.get_by_identifier(identifier)
+            if tenant is not None:
+                found[identifier] = tenant
+        return found
 
     @abstractmethod
     async def create(self, tenant: Tenant) -> Tenant:

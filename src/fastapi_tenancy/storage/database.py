@@ -1,5 +1,6 @@
 """`SQLAlchemyTenantStore`: the tenant registry in PostgreSQL, SQLite or MySQL/MariaDB."""
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -149,6 +150,15 @@ class SQLAlchemyTenantStore(TenantStore):
 
     async def get_by_identifier(self, identifier: str) -> Tenant | None:
         return await self._one(self.table.c.identifier == identifier)
+
+    async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
+        if not identifiers:
+            return {}
+        query = self.table.select().where(self.table.c.identifier.in_(list(identifiers)))
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        tenants = (self._tenant(row._mapping) for row in rows)
+        return {tenant.identifier: tenant for tenant in tenants}
 
     async def create(self, tenant: Tenant) -> Tenant:
         row = self._row(tenant)

@@ -17,6 +17,11 @@ from typing import Literal
 import sqlalchemy as sa
 
 from .config import mask_url
+from .isolation.base import Isolation
+from .isolation.database import DatabaseIsolation
+from .isolation.hybrid import HybridIsolation
+from .isolation.rls import RLSIsolation
+from .isolation.schema import SchemaIsolation
 from .manager import TenancyManager
 from .tenant import TenantStatus
 
@@ -113,16 +118,30 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     return CheckResult("pooler safety", "ok", "connections start with an empty search_path")
 
 
+def _tiers(manager: TenancyManager) -> dict[str, Isolation]:
+    """The strategies the manager serves tenants with: one, or each tier of a hybrid."""
+    isolation = manager.isolation
+    if isinstance(isolation, HybridIsolation):
+        return dict(isolation.tiers)
+    return {manager.config.isolation_strategy: isolation}
+
+
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
-    """Every active tenant has its schema (one catalog query)."""
+    """Every active tenant has its schema, or its database on the main server (one catalog query)."""
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
-    schemas: dict[str, str] = {}
+    tiers = _tiers(manager)
+    expected: dict[str, tuple[str, str]] = {}  # storage name -> (kind, identifier)
     after: str | None = None
     while True:
         page = await manager.list_tenants(status=TenantStatus.ACTIVE, after=after, limit=1000)
-        schemas.update((manager.isolation.storage_name(t.identifier), t.identifier) for t in page)
+        for tenant in page:
+            isolation = tiers.get(tenant.tier or "") if len(tiers) > 1 else next(iter(tiers.values()))
+            if isinstance(isolation, SchemaIsolation):
+                expected[isolation.storage_name(tenant.identifier)] = ("schema", tenant.identifier)
+            elif isinstance(isolation, DatabaseIsolation) and tenant.encrypted_database_url is None:
+                expected[isolation.storage_name(tenant.identifier)] = ("database", tenant.identifier)
         if len(page) < 1000:
             break
         after = page[-1].identifier
@@ -130,16 +149,36 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
         found = set(
             (
                 await conn.scalars(
-                    sa.text("SELECT nspname FROM pg_namespace WHERE nspname = ANY(:s)"), {"s": list(schemas)}
+                    sa.text(
+                        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(:s) "
+                        "UNION ALL SELECT datname FROM pg_database WHERE datname = ANY(:s)"
+                    ),
+                    {"s": list(expected)},
                 )
             ).all()
         )
-    missing = sorted(slug for schema, slug in schemas.items() if schema not in found)
+    missing = sorted(f"{slug} ({kind})" for name, (kind, slug) in expected.items() if name not in found)
     if missing:
         return CheckResult(
-            "tenant storage", "fail", f"active tenants without a schema: {', '.join(missing[:20])}"
+            "tenant storage", "fail", f"active tenants without their storage: {', '.join(missing[:20])}"
         )
-    return CheckResult("tenant storage", "ok", f"all {len(schemas)} active tenants have their schema")
+    return CheckResult(
+        "tenant storage",
+        "ok",
+        f"all {len(expected)} active tenants with storage of their own on this server have it",
+    )
+
+
+@doctor_check
+async def check_row_level_security(manager: TenancyManager) -> CheckResult:
+    """Row-level security (`rls`, `hybrid`): every shared tenant table enabled, forced, fully covered."""
+    rls = next((i for i in _tiers(manager).values() if isinstance(i, RLSIsolation)), None)
+    if rls is None:
+        return CheckResult("row-level security", "ok", "not used")
+    problems = await rls.verify()
+    if problems:
+        return CheckResult("row-level security", "fail", "; ".join(problems[:20]))
+    return CheckResult("row-level security", "ok", "every shared tenant table is enabled, forced and covered")
 
 
 @doctor_check

@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import ConfigurationError, ProvisioningError, TenancyConfig, TenancyManager, Tenant
+from fastapi_tenancy.doctor import run_checks
 from fastapi_tenancy.isolation.rls import RLSIsolation
 
 from ..apps import SharedBase, SharedOrder
@@ -226,3 +227,16 @@ async def test_the_registry_is_out_of_reach_of_the_app_role(env: Env, roles: Rol
                 await conn.execute(sa.text("SELECT * FROM public.tenants"))
     finally:
         await engine.dispose()
+
+
+async def test_doctor_reports_a_table_that_lost_its_guard(env: Env, roles: Roles) -> None:
+    checks = {c.name: c for c in await run_checks(env.manager)}
+    assert (checks["row-level security"].status, checks["tenant storage"].status) == ("ok", "ok")
+    admin = await _postgres_admin(roles.admin_url)
+    try:
+        await admin.execute("ALTER TABLE public.orders NO FORCE ROW LEVEL SECURITY")
+    finally:
+        await admin.close()
+    checks = {c.name: c for c in await run_checks(env.manager)}
+    assert checks["row-level security"].status == "fail"
+    assert "public.orders: row-level security is not forced" in checks["row-level security"].detail

@@ -453,3 +453,23 @@ async def test_mysql_tenant_databases_hold_any_text(mysql_url: str) -> None:
             f"WHERE schema_name = '{prefix}emoji'",
         )
         assert charset == ["utf8mb4"]
+
+
+async def test_doctor_finds_a_tenant_database_that_went_missing(postgres_url: str) -> None:
+    from fastapi_tenancy.doctor import run_checks
+
+    async with dropped_afterwards(postgres_url) as prefix:
+        config = TenancyConfig(database_url=postgres_url, isolation_strategy="database", schema_prefix=prefix)
+        manager = TenancyManager(config)
+        await manager.initialize()
+        try:
+            await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+            checks = {c.name: c for c in await run_checks(manager)}
+            assert checks["tenant storage"].status == "ok", checks["tenant storage"].detail
+            await manager.isolation.close()  # its pool holds the database open
+            await server_sql(postgres_url, f'DROP DATABASE "{prefix}acme" WITH (FORCE)')
+            checks = {c.name: c for c in await run_checks(manager)}
+            assert checks["tenant storage"].status == "fail"
+            assert "acme (database)" in checks["tenant storage"].detail
+        finally:
+            await manager.close()

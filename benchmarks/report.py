@@ -85,7 +85,11 @@ def small_sections() -> list[str]:
             worst = f"{p95[way]:.0f}" if way in p95 else "-"
             lines.append(f"| {way} | {ms:.0f} | {worst} |")
         lines.append("")
-    fleets = sorted(RESULTS.glob("fleet-*.json"), key=lambda p: json.loads(p.read_text())["tenants"])
+    # fleet-<tenants>.json from fleet.py (schemas); fleet-databases.json is reported below.
+    fleets = sorted(
+        (p for p in RESULTS.glob("fleet-*.json") if p.stem.removeprefix("fleet-").isdigit()),
+        key=lambda p: json.loads(p.read_text())["tenants"],
+    )
     if fleets:
         lines += [
             "### Fleet migrations (through the CLI)",
@@ -103,6 +107,14 @@ def small_sections() -> list[str]:
                 f"| {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f} |"
             )
         lines += ["", "Kill-and-resume and the discussion: `benchmarks/results/fleet.md`.", ""]
+    databases = _load("fleet-databases.json")
+    if databases:
+        lines += [
+            f"Database per tenant ({databases['tenants']} tenant databases, concurrency "
+            f"{databases['concurrency']}): no-op upgrade {databases['noop_upgrade_s']:.1f} s, "
+            f"one ALTER across all {databases['alter_table_s']:.1f} s.",
+            "",
+        ]
     return lines
 
 

@@ -180,13 +180,7 @@ class _Worker:
                 await conn.run_sync(self._alembic, {DATABASE_ATTRIBUTE: database}, direction, target)
                 after = await read_database_version(conn)
         except Exception as exc:
-            result = {
-                "status": "failed",
-                "from_revision": _join(before),
-                "to_revision": None,
-                "duration": time.perf_counter() - started,
-                "error": _error_text(exc),
-            }
+            result = _failed(before, started, exc)
         else:
             result = {
                 "status": "ok",
@@ -233,13 +227,7 @@ class _Worker:
                 # In the migration's transaction: recorded ok if and only if migrated.
                 await _record(conn, settings["results_schema"], run_id, tenant, result)
         except Exception as exc:
-            result = {
-                "status": "failed",
-                "from_revision": _join(before),
-                "to_revision": None,
-                "duration": time.perf_counter() - started,
-                "error": _error_text(exc),
-            }
+            result = _failed(before, started, exc)
             try:
                 async with self.engine.begin() as conn:
                     await _record(conn, settings["results_schema"], run_id, tenant, result)
@@ -661,3 +649,14 @@ def _is_spare(label: str) -> bool:
 def _result(m: TenantMigration, status: Outcome) -> TenantResult:
     version = _join(m.versions)
     return TenantResult(m.tenant, m.schema, status, version, version if status == "skipped" else None, 0.0)
+
+
+def _failed(before: tuple[str, ...] | None, started: float, exc: BaseException) -> dict[str, Any]:
+    """The result of a tenant whose migration raised `exc`, from revision `before`."""
+    return {
+        "status": "failed",
+        "from_revision": _join(before),
+        "to_revision": None,
+        "duration": time.perf_counter() - started,
+        "error": _error_text(exc),
+    }

@@ -14,7 +14,7 @@ from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
 from ..conftest import running_pgbouncer
 from .conftest import Roles
-from .test_matrix import two_tenants
+from .test_matrix import Env, two_tenants
 
 
 async def test_tenants_sharing_one_server_connection_never_cross(pgbouncer_url: str) -> None:
@@ -26,20 +26,7 @@ async def test_tenants_sharing_one_server_connection_never_cross(pgbouncer_url: 
                 await conn.commit()
         assert pids[0] == pids[1], "two client connections, one server connection"
 
-        expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
-        rng = random.Random(3)
-        picks = [rng.choice(["alpha", "beta"]) for _ in range(300)]
-        paths = [rng.choice(["/orders", "/raw"]) for _ in picks]
-        responses = await asyncio.gather(*(env.get(t, p) for t, p in zip(picks, paths, strict=True)))
-        crossed = [
-            (tenant, r.text)
-            for tenant, r in zip(picks, responses, strict=True)
-            if r.status_code != 200 or [o["description"] for o in r.json()["orders"]] != expected[tenant]
-        ]
-        assert crossed == []
-
-        committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
-        assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
+        await _interleaved_requests_never_cross(env, seed=3)
         async with env.manager.engine.connect() as conn:
             assert (await conn.execute(sa.text("SHOW search_path"))).scalar_one() == '"$user", public'
 
@@ -78,19 +65,7 @@ async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Role
             "database_pgbouncer": True,
         }
         async with two_tenants(app_url, **settings, database_pool_size=5) as env:
-            expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
-            rng = random.Random(5)
-            picks = [rng.choice(["alpha", "beta"]) for _ in range(300)]
-            paths = [rng.choice(["/orders", "/raw"]) for _ in picks]
-            responses = await asyncio.gather(*(env.get(t, p) for t, p in zip(picks, paths, strict=True)))
-            crossed = [
-                (tenant, r.text)
-                for tenant, r in zip(picks, responses, strict=True)
-                if r.status_code != 200 or [o["description"] for o in r.json()["orders"]] != expected[tenant]
-            ]
-            assert crossed == []
-            committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
-            assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
+            await _interleaved_requests_never_cross(env, seed=5)
             async with env.manager.engine.connect() as conn:  # the one server connection, unbound again
                 assert await conn.scalar(
                     sa.text("SELECT current_setting('fastapi_tenancy.tenant_id', true)")
@@ -99,3 +74,20 @@ async def test_rls_tenants_sharing_one_server_connection_never_cross(roles: Role
                     None,
                 )
                 assert (await conn.execute(sa.text("SELECT count(*) FROM public.orders"))).scalar_one() == 0
+
+
+async def _interleaved_requests_never_cross(env: Env, *, seed: int) -> None:
+    """300 requests of alpha and beta (ORM and raw SQL) at once, then a commit-then-read."""
+    expected = {"alpha": ["alpha-1", "alpha-2"], "beta": ["beta-1", "beta-3"]}
+    rng = random.Random(seed)
+    picks = [rng.choice(["alpha", "beta"]) for _ in range(300)]
+    paths = [rng.choice(["/orders", "/raw"]) for _ in picks]
+    responses = await asyncio.gather(*(env.get(t, p) for t, p in zip(picks, paths, strict=True)))
+    crossed = [
+        (tenant, r.text)
+        for tenant, r in zip(picks, responses, strict=True)
+        if r.status_code != 200 or [o["description"] for o in r.json()["orders"]] != expected[tenant]
+    ]
+    assert crossed == []
+    committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
+    assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]

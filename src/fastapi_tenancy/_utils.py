@@ -42,29 +42,38 @@ def create_engine(
     echo: bool = False,
     pgbouncer: bool = False,
     empty_search_path: bool = False,
+    begin_settings: bool = False,
     null_pool: bool = False,
     **options: Any,
 ) -> AsyncEngine:
     """Create an async engine, naming the pip extra when its driver is missing.
 
     `null_pool=True` opens a connection per checkout (for one-off admin work);
-    other `options` go to `create_async_engine` as they are.
+    `begin_settings=True` lets tenant binds send a setting with each `BEGIN`
+    (asyncpg only; see isolation/begin.py); other `options` go to
+    `create_async_engine` as they are.
     """
     options.update(echo=echo, pool_pre_ping=pool_pre_ping)
+    connect_args: dict[str, Any] = options.setdefault("connect_args", {})
     if empty_search_path:
         # A startup parameter, so free per request: every connection starts with no
         # schema on its search_path, and an unqualified name fails instead of
         # resolving in `public` (see isolation/schema.py).
-        options["connect_args"] = {"server_settings": {"search_path": ""}}
+        connect_args["server_settings"] = {"search_path": ""}
     if pgbouncer:
         # Behind PgBouncer in transaction mode a client connection's next transaction
         # may run on another server connection: no statement may outlive its
         # transaction, and names must not collide between clients sharing a server.
-        options["connect_args"] = {
-            "statement_cache_size": 0,
-            "prepared_statement_cache_size": 0,
-            "prepared_statement_name_func": _unique_statement_name,
-        }
+        connect_args.update(
+            statement_cache_size=0,
+            prepared_statement_cache_size=0,
+            prepared_statement_name_func=_unique_statement_name,
+        )
+    begin_settings = begin_settings and make_url(url).get_driver_name() == "asyncpg"
+    if begin_settings:
+        from .isolation import begin
+
+        connect_args["connection_class"] = begin.BeginSettingsConnection
     if is_memory_sqlite(url):
         # One shared connection: every new connection to :memory: is a new, empty database.
         options["poolclass"] = StaticPool
@@ -78,11 +87,14 @@ def create_engine(
             pool_recycle=pool_recycle,
         )
     try:
-        return create_async_engine(url, **options)
+        engine = create_async_engine(url, **options)
     except ImportError as exc:
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
+    if begin_settings:
+        begin.attach(engine)
+    return engine
 
 
 # SQLSTATEs saying the server or the connection is gone, not that the statement is
@@ -111,6 +123,15 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         return exc.connection_invalidated or _sqlstate(exc).startswith(_OUTAGE_SQLSTATES)
     return isinstance(exc, sa_exc.TimeoutError | ConnectionError | TimeoutError | socket.gaierror)
+
+
+def is_result_type_change(exc: BaseException) -> bool:
+    """True when PostgreSQL refused a cached statement whose result type changed.
+
+    Its tables changed since it was prepared (a migration, or another tenant's
+    schema with types of its own): retrying prepares it again.
+    """
+    return isinstance(exc, sa_exc.DBAPIError) and type(exc.orig).__name__ == "InvalidCachedStatementError"
 
 
 def is_query_timeout(exc: BaseException) -> bool:

@@ -342,6 +342,14 @@ class TenancyConfig(BaseSettings):
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
 
+    schema_shared_statements: bool = True
+    """PostgreSQL schema isolation: one SQL text for every tenant (names resolve through
+    the tenant's `search_path`, sent with `BEGIN`), so the driver's prepared-statement
+    cache holds one entry per statement however many tenants there are. Switched off
+    by itself when tenant schemas hold types of their own (native ENUM, DOMAIN,
+    composite: result types then differ between tenants); set `false` to always write
+    the tenant's schema into each statement instead."""
+
     # -- row-level security and hybrid tiers ------------------------------------------
 
     database_owner_url: str | None = None

@@ -99,6 +99,7 @@ class TenancyManager:
             echo=self.config.database_echo,
             pgbouncer=self.config.database_pgbouncer,
             empty_search_path=self._empty_search_path,
+            begin_settings=True,
         )
         # The role that owns the shared tables (rls, hybrid): DDL and the registry run as
         # it, requests as the role of database_url, which therefore cannot read the
@@ -232,6 +233,7 @@ class TenancyManager:
                 empty_search_path=self._empty_search_path,
                 template=config.schema_template,
                 spares=config.schema_spares,
+                shared_statements=config.schema_shared_statements,
             )
         assert self.owner_engine is not None  # the config requires it for rls and hybrid
         rls = RLSIsolation(
@@ -251,6 +253,7 @@ class TenancyManager:
             empty_search_path=self._empty_search_path,
             template=config.schema_template,
             ddl_engine=self.owner_engine,
+            shared_statements=config.schema_shared_statements,
         )
         # The database tier's databases are created, and served, by the owner role: the
         # application role needs no CREATEDB, and reaches no tenant database by itself.

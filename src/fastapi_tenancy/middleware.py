@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import is_outage, is_query_timeout
+from ._utils import is_outage, is_query_timeout, is_result_type_change
 from .context import _current
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
@@ -162,6 +162,9 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
             # Retryable like an outage, but told apart from "no connection to be had".
             error = TenancyUnavailableError("database query timed out", detail="Database query timed out")
             await _refuse(scope, send, error)
+        elif is_result_type_change(exc):
+            # The driver dropped its cached statements: a retry succeeds.
+            await _refuse(scope, send, TenancyUnavailableError("tables changed under a cached statement"))
         else:
             raise
 

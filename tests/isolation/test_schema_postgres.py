@@ -5,10 +5,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyConfig, TenancyManager
+from fastapi_tenancy._utils import is_result_type_change
+from fastapi_tenancy.isolation import SchemaIsolation
+from fastapi_tenancy.isolation.schema import _defines_schema_types
 
 from ..apps import Base
 from .test_matrix import ROWS, Env, two_tenants
@@ -44,15 +48,98 @@ async def test_docs_and_health_need_no_tenant(postgres_url: str) -> None:
             assert response.status_code == 200, (path, response.text)
 
 
-async def test_only_tenant_transactions_that_need_it_get_a_search_path(postgres_url: str) -> None:
-    async with two_tenants(postgres_url) as env:
+async def test_every_tenant_transaction_begins_with_the_tenant_search_path(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:  # a pool of one connection
         path = sa.text("SELECT current_setting('search_path')")
         async with env.manager.engine.connect() as conn:  # the manager's own connections: nothing
             assert (await conn.execute(path)).scalar_one() == ""
         async with env.manager.session(await env.manager.get_tenant("alpha")) as session:
-            assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
+            assert (await session.execute(path)).scalar_one() == "tenant_alpha"
             await session.commit()
-            assert (await session.execute(path)).scalar_one() == '"tenant_alpha"'
+            assert (await session.execute(path)).scalar_one() == "tenant_alpha"
+            async with session.begin_nested():
+                assert (await session.execute(path)).scalar_one() == "tenant_alpha"
+        async with env.manager.engine.connect() as conn:  # the same connection, back to nothing
+            assert (await conn.execute(path)).scalar_one() == ""
+
+
+async def test_one_statement_text_serves_every_tenant(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:  # a pool of one connection
+        for _ in range(3):
+            for identifier, rows in ROWS.items():
+                response = await env.client.get("/orders", headers={"X-Tenant-ID": identifier})
+                assert response.json()["orders"] == [{"id": k, "description": v} for k, v in rows.items()]
+        async with env.manager.engine.connect() as conn:
+            prepared = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT statement FROM pg_prepared_statements WHERE statement LIKE 'SELECT orders.%'"
+                    )
+                )
+            ).scalars()
+            assert list(prepared) == ["SELECT orders.id, orders.description \nFROM orders ORDER BY orders.id"]
+
+
+async def test_a_transaction_begun_for_no_tenant_refuses_tenant_statements(postgres_url: str) -> None:
+    async with two_tenants(postgres_url) as env:
+        isolation = env.manager.isolation
+        assert isinstance(isolation, SchemaIsolation)
+        await isolation.session(await env.manager.get_tenant("alpha"))  # makes alpha's bind
+        tenant_options = isolation._binds["alpha"].get_execution_options()
+        async with env.manager.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))  # begins, with no tenant
+            await conn.execution_options(**tenant_options)
+            with pytest.raises(ConfigurationError, match="not begun for that tenant"):
+                await conn.execute(sa.text("SELECT description FROM orders"))
+
+
+async def test_tenant_schema_types_switch_to_statements_per_tenant(postgres_url: str) -> None:
+    # Each schema gets its own enum type, after the manager started: PostgreSQL refuses the
+    # shared statement once (a 503, retryable), then each tenant's SQL names its schema.
+    mood = postgresql.ENUM("ok", "sad", name="mood", create_type=False)
+    table = sa.Table(
+        "moods", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("m", mood)
+    )
+    ddl = (
+        "CREATE TYPE {s}.mood AS ENUM ('ok', 'sad')",
+        "CREATE TABLE {s}.moods (id int PRIMARY KEY, m {s}.mood)",
+        "INSERT INTO {s}.moods VALUES (1, 'ok')",
+    )
+    async with two_tenants(postgres_url) as env:
+        isolation = env.manager.isolation
+        assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
+        async with env.manager.engine.begin() as conn:
+            for schema in ("tenant_alpha", "tenant_beta"):
+                for statement in ddl:
+                    await conn.execute(sa.text(statement.format(s=schema)))
+
+        async def read(identifier: str) -> list[str]:
+            async with env.manager.session(await env.manager.get_tenant(identifier)) as session:
+                return list((await session.execute(sa.select(table.c.m))).scalars())
+
+        assert await read("alpha") == ["ok"]
+        with pytest.raises(sa.exc.DBAPIError) as refused:
+            await read("beta")
+        assert is_result_type_change(refused.value)
+        assert not isolation.shared_statements
+        for _ in range(2):
+            assert await read("beta") == ["ok"]
+            assert await read("alpha") == ["ok"]
+        # A manager started on such schemas writes statements per tenant from the start.
+        later = TenancyManager(TenancyConfig(database_url=postgres_url))
+        await later.initialize()
+        try:
+            assert isinstance(later.isolation, SchemaIsolation) and not later.isolation.shared_statements
+        finally:
+            await later.close()
+
+
+def test_metadata_with_enum_types_is_seen() -> None:
+    metadata = sa.MetaData()
+    sa.Table("plain", metadata, sa.Column("id", sa.Integer, primary_key=True))
+    assert not _defines_schema_types(metadata)
+    sa.Table("tagged", metadata, sa.Column("tags", postgresql.ARRAY(sa.Enum("a", "b", name="tag"))))
+    assert _defines_schema_types(metadata)
 
 
 async def test_autocommit_is_refused_in_tenant_sessions(postgres_url: str) -> None:
@@ -163,7 +250,5 @@ async def test_sql_hidden_from_the_check_never_reaches_another_schema(
         assert len(outcomes) == 4
         for outcome in outcomes:
             assert "PUBLIC" not in outcome and "beta" not in outcome, outcomes
-        if pgbouncer:  # the search_path is set on every transaction: hidden SQL works
-            assert all("alpha-1" in outcome for outcome in outcomes), outcomes
-        else:  # connections start with an empty search_path: hidden SQL fails closed
-            assert all('relation "orders" does not exist' in outcome for outcome in outcomes), outcomes
+        # Every tenant transaction begins with the tenant's search_path: hidden SQL works.
+        assert all("alpha-1" in outcome for outcome in outcomes), outcomes

@@ -9,7 +9,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
-__all__ = ["Isolation", "create_tables", "storage_name", "tenant_tables"]
+__all__ = [
+    "BEGIN_SETTING",
+    "ON_RESULT_TYPE_CHANGE",
+    "Isolation",
+    "create_tables",
+    "storage_name",
+    "tenant_tables",
+]
+
+# Execution options of tenant binds, read by isolation/begin.py on engines that send
+# settings with BEGIN (defined here because that module needs asyncpg).
+BEGIN_SETTING = "fastapi_tenancy_begin_setting"
+"""SQL (ending in `;`) run in the same message as each transaction's `BEGIN`."""
+ON_RESULT_TYPE_CHANGE = "fastapi_tenancy_on_result_type_change"
+"""Called with a reason when PostgreSQL refuses a cached statement because its result
+type changed (its tables differ from those it was prepared for, such as another
+tenant's schema with types of its own)."""
 
 _MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 _RESERVED_NAMES = frozenset({"public", "information_schema"})

@@ -1,11 +1,14 @@
 """`SchemaIsolation`: one PostgreSQL schema per tenant, on one shared pool."""
 
+import logging
 import weakref
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.named_types import NamedType
 from sqlalchemy.engine import Compiled, Connection
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -19,9 +22,11 @@ from ..errors import ConfigurationError, ProvisioningError
 from ..provisioning import clone_schema
 from ..spares import SparePool
 from ..tenant import Tenant
-from .base import Isolation, create_tables, tenant_tables
+from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE, Isolation, create_tables, tenant_tables
 
 __all__ = ["SchemaIsolation"]
+
+logger = logging.getLogger("fastapi_tenancy")
 
 # Transaction-local (the third argument, is_local=true): the setting ends with the
 # transaction, so a pooled connection never carries a tenant's search_path to the
@@ -29,6 +34,14 @@ __all__ = ["SchemaIsolation"]
 # parameter, so one prepared statement serves every tenant.
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
 _SCHEMA_EXISTS = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name")
+# A schema matching one of the patterns that holds a type of its own: an enum, a
+# domain, a range, or a standalone composite type (a table's row type does not count).
+_SCHEMA_TYPES = sa.text(
+    "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+    "LEFT JOIN pg_class c ON c.oid = t.typrelid "
+    "WHERE n.nspname LIKE ANY (:patterns) AND t.typtype IN ('e', 'd', 'r', 'm', 'c') "
+    "AND (t.typtype <> 'c' OR c.relkind = 'c') LIMIT 1"
+)
 _GRANTS = (
     'GRANT USAGE ON SCHEMA "{schema}" TO {role}',
     'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}',
@@ -41,6 +54,26 @@ _EVERY_TRANSACTION = "fastapi_tenancy_scope_every_transaction"  # tenant binds' 
 # Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
 # whether the statement visibly holds SQL the translate map cannot qualify.
 _UNQUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
+
+
+def _sends_begin_settings(engine: AsyncEngine) -> bool:
+    from . import begin  # asyncpg's module: imported only for asyncpg engines
+
+    return begin.installed(engine)
+
+
+def _defines_schema_types(metadata: sa.MetaData) -> bool:
+    """True when creating the tenant tables creates types in the tenant's schema."""
+    for table in tenant_tables(metadata):
+        for column in table.columns:
+            column_type = column.type
+            if isinstance(column_type, ARRAY):
+                column_type = column_type.item_type
+            if isinstance(column_type, sa.Enum) and column_type.native_enum and column_type.schema is None:
+                return True
+            if isinstance(column_type, NamedType) and getattr(column_type, "schema", None) is None:
+                return True
+    return False
 
 
 def _is_unqualified(element: Any) -> bool:
@@ -111,13 +144,27 @@ class SchemaIsolation(Isolation):
     """Each tenant in its own PostgreSQL schema (`acme-corp` → `tenant_acme_corp`).
 
     Safe for concurrent use: per-request state lives in each session's bind and
-    transaction, never on this object. Sessions are bound to the shared engine
-    with `schema_translate_map={None: schema}`, so ORM and Core statements name
-    the tenant's schema explicitly. SQL the map does not reach runs under a
-    transaction-local `search_path` holding that schema alone: set before visible
-    raw SQL when the engine's connections start with an empty search_path
-    (`empty_search_path=True`, the manager's default), else at the start of every
-    transaction.
+    transaction, never on this object.
+
+    On engines made by the library (asyncpg), every transaction of a tenant
+    session begins with the tenant's schema as its only `search_path`, sent in the
+    same message as `BEGIN` (`isolation/begin.py`): no extra round trip, and every
+    name in every statement (ORM, Core, raw SQL, SQL added at compile time)
+    resolves in that schema or fails. The SQL text is then the same for every
+    tenant (`shared_statements=True`), so asyncpg's prepared-statement cache serves
+    all tenants from one entry per statement; PostgreSQL re-plans a cached
+    statement for the schema in use. Where tenant schemas hold types of their own
+    (native ENUM, DOMAIN, composite types), a statement's result type differs
+    between tenants and PostgreSQL refuses a reused statement ("cached plan must
+    not change result type"): statements are then written per tenant (the schema
+    named in the SQL), found at `initialize()`, at `provision()` from the metadata,
+    or, failing both, at the first such refusal (that request gets a 503).
+
+    On other engines sessions are bound with `schema_translate_map={None: schema}`
+    and SQL the map does not reach runs under a transaction-local `search_path`
+    holding that schema alone: set before visible raw SQL when the engine's
+    connections start with an empty search_path (`empty_search_path=True`), else at
+    the start of every transaction.
     """
 
     def __init__(
@@ -130,6 +177,7 @@ class SchemaIsolation(Isolation):
         template: str | None = None,
         ddl_engine: AsyncEngine | None = None,
         spares: int = 0,
+        shared_statements: bool = True,
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
@@ -146,6 +194,18 @@ class SchemaIsolation(Isolation):
         # it, and the sessions' role is granted use of each one, so it cannot drop them.
         self.ddl_engine = ddl_engine or engine
         self._grantee: str | None = None
+        # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
+        self._binds: dict[str, AsyncEngine] = {}
+        self._max_binds = max_cached_binds
+        asyncpg = engine.sync_engine.dialect.driver == "asyncpg"
+        self._begin_settings = asyncpg and _sends_begin_settings(engine)
+        self.shared_statements = shared_statements and self._begin_settings
+        """Whether one SQL text serves every tenant (see the class docstring)."""
+        if self._begin_settings:
+            # Per tenant, an execution_options() copy of the engine: no listener, so
+            # statements keep SQLAlchemy's fast path.
+            self._tenant_engine = engine
+            return
         # Whether the engine's connections start with an empty search_path (the
         # manager's do, unless behind PgBouncer): then only visible raw SQL needs
         # the tenant's search_path, and everything else fails closed.
@@ -158,9 +218,6 @@ class SchemaIsolation(Isolation):
         # listener registered per tenant cost about 4 KB each, 40 MB at 10,000 tenants).
         self._tenant_engine = engine.execution_options(**{_EVERY_TRANSACTION: self._every_transaction})
         event.listen(self._tenant_engine.sync_engine, "before_cursor_execute", _scope_statement)
-        # identifier -> a copy of that view carrying the tenant's translate map; bounded.
-        self._binds: dict[str, AsyncEngine] = {}
-        self._max_binds = max_cached_binds
 
     async def session(self, tenant: Tenant) -> AsyncSession:
         bind = self._binds.get(tenant.identifier) or self._bind(tenant.identifier)
@@ -168,13 +225,39 @@ class SchemaIsolation(Isolation):
 
     def _bind(self, identifier: str) -> AsyncEngine:
         schema = self.storage_name(identifier)
-        bind = self._tenant_engine.execution_options(schema_translate_map={None: schema})
+        options: dict[str, Any] = {}
+        if self._begin_settings:
+            options[BEGIN_SETTING] = f'SET LOCAL search_path TO "{schema}";'
+            options[ON_RESULT_TYPE_CHANGE] = self._write_statements_per_tenant
+        if not self.shared_statements:
+            options["schema_translate_map"] = {None: schema}
+        bind = self._tenant_engine.execution_options(**options)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind
         return bind
 
+    def _write_statements_per_tenant(self, reason: str) -> None:
+        """From now on, name each tenant's schema in its SQL (see the class docstring)."""
+        if self.shared_statements:
+            logger.warning("schema isolation: %s; tenant statements are now written per tenant", reason)
+            self.shared_statements = False
+            self._binds.clear()
+
+    async def _check_schema_types(self) -> None:
+        # Types of the tenants' own (or the template's) make result types differ
+        # between tenants: shared statements would be refused by PostgreSQL.
+        patterns = [self.prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "%"]
+        if self.template is not None:
+            patterns.append(self.template.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%"))
+        async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
+            found = await conn.scalar(_SCHEMA_TYPES, {"patterns": patterns})
+        if found:
+            self._write_statements_per_tenant(f"schema {found!r} defines types of its own")
+
     async def initialize(self) -> None:
+        if self.shared_statements:
+            await self._check_schema_types()
         if self.spares is not None:
             async with unavailable_as_503("tenant database"):
                 await self.spares.initialize()
@@ -194,6 +277,8 @@ class SchemaIsolation(Isolation):
                 self.spares.refill_soon()
 
     async def _provision(self, schema: str, metadata: sa.MetaData | None) -> None:
+        if self.shared_statements and metadata is not None and _defines_schema_types(metadata):
+            self._write_statements_per_tenant("the tenant tables use types created in each schema")
         if self.ddl_engine is not self.engine and self._grantee is None:
             async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
                 self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))

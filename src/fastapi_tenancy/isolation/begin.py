@@ -1,0 +1,102 @@
+"""Transaction-local settings sent in the same message as `BEGIN` (PostgreSQL, asyncpg).
+
+A tenant's transaction needs its setting (the schema's `search_path`) before its
+first statement. Sent as a statement of its own, that costs a round trip per
+transaction; here it rides in the `BEGIN` message the driver sends anyway
+(`BEGIN; SET LOCAL search_path TO "tenant_acme";`, one simple-protocol message),
+so a tenant request costs the same round trips as a request without tenancy.
+
+Two parts, installed together by `install()` on engines the library creates:
+
+- `BeginSettingsConnection`, the asyncpg connection class (asyncpg's documented
+  `connection_class`), appends the pending setting to the next `BEGIN`;
+- `BeginSettingsContext`, the dialect's execution context, which runs before every
+  statement: when the statement is about to open a transaction it hands the
+  connection that transaction's setting (the bind's `BEGIN_SETTING` execution
+  option, or none), and inside a transaction it refuses a statement whose
+  setting is not the one the transaction began with. No engine event listener is
+  involved: listeners put every statement of an engine on SQLAlchemy's slower
+  event-dispatching path.
+
+Every `BEGIN` is preceded by the statement that caused it (SQLAlchemy's asyncpg
+adapter begins lazily, right before the first statement), so a setting is never
+left over for another transaction: each statement overwrites it, a `BEGIN`
+consumes it.
+"""
+
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..errors import ConfigurationError
+from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE
+
+__all__ = ["BeginSettingsConnection", "BeginSettingsContext", "attach", "installed"]
+
+
+class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
+    """An asyncpg connection that sends a pending setting with its next `BEGIN`."""
+
+    __slots__ = ("begun_with", "pending")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: str | None = None
+        """The setting for the transaction about to begin (set before each `BEGIN`)."""
+        self.begun_with: str | None = None
+        """The setting the current (or last) transaction began with."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's signature)
+        # asyncpg's Transaction.start() sends "BEGIN[ ISOLATION ...];" through here, as
+        # one simple-protocol message: a second statement in it runs inside the new
+        # transaction. Savepoints are "SAVEPOINT ..." and keep the transaction's setting.
+        if not args and query.startswith("BEGIN"):
+            setting, self.pending = self.pending, None
+            self.begun_with = setting
+            if setting is not None:
+                query = f"{query} {setting}"
+        result: str = await super().execute(query, *args, timeout=timeout)
+        return result
+
+
+class BeginSettingsContext(PGExecutionContext_asyncpg):
+    """The asyncpg execution context, handing each new transaction its setting."""
+
+    def pre_exec(self) -> None:
+        super().pre_exec()  # type: ignore[no-untyped-call]
+        raw = self._dbapi_connection.driver_connection
+        if not isinstance(raw, BeginSettingsConnection):
+            return  # a connection made by a creator of the application's own
+        setting = self.execution_options.get(BEGIN_SETTING)
+        if not raw.is_in_transaction():
+            if setting is not None and self.execution_options.get("isolation_level") == "AUTOCOMMIT":
+                # Outside a transaction there is no BEGIN to carry the setting.
+                raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
+            raw.pending = setting  # the adapter sends BEGIN next, right before this statement
+        elif setting is not None and raw.begun_with != setting:
+            # A transaction begun for someone else (or for no tenant), joined by a
+            # tenant's bind: its statements would run under the wrong setting.
+            raise ConfigurationError(
+                "a tenant statement ran in a transaction that was not begun for that tenant; "
+                "use one tenant session per transaction"
+            )
+
+    def handle_dbapi_exception(self, e: BaseException) -> None:
+        super().handle_dbapi_exception(e)  # type: ignore[no-untyped-call]
+        if type(e).__name__ == "InvalidCachedStatementError":  # SQLAlchemy's adapted error class
+            hook = self.execution_options.get(ON_RESULT_TYPE_CHANGE)
+            if hook is not None:
+                hook("PostgreSQL refused a statement cached for another tenant (its result type changed)")
+
+
+def attach(engine: AsyncEngine) -> None:
+    """Make `engine` (created with `connect_args={"connection_class": BeginSettingsConnection}`)
+    send `BEGIN_SETTING` with each `BEGIN`. Changes this engine's dialect only."""
+    engine.sync_engine.dialect.execution_ctx_cls = BeginSettingsContext
+
+
+def installed(engine: AsyncEngine) -> bool:
+    """True when `engine` sends `BEGIN_SETTING` with each `BEGIN` (see `attach`)."""
+    return issubclass(engine.sync_engine.dialect.execution_ctx_cls, BeginSettingsContext)

@@ -1,10 +1,12 @@
-"""Fleet operations with 1,000 schema tenants: no-op upgrade, one ALTER TABLE across all, kill + resume.
+"""Fleet operations with N schema tenants: no-op upgrade, one ALTER TABLE across all, kill + resume.
 
 Runs the real `fastapi-tenancy` console script against its own `bench_fleet_*`
-database on local PostgreSQL (TENANCY_BENCH_POSTGRES_URL) and writes
-`results/fleet-<tenants>.json` (`results/fleet.md` discusses them). Not a test: numbers depend on the machine.
+database (`--database-prefix`) on local PostgreSQL (TENANCY_BENCH_POSTGRES_URL) and
+writes `results/fleet-<tenants>.json` with the machine's load average at the start
+(`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants.
+Not a test: numbers depend on the machine.
 
-    .venv/bin/python benchmarks/fleet.py --tenants 1000 --concurrency 4
+    .venv/bin/python benchmarks/fleet.py --tenants 100 --concurrency 4
 """
 
 import argparse
@@ -111,9 +113,10 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--database-prefix", default="bench_fleet_", help="of the throwaway database")
     args = parser.parse_args()
 
-    database = f"bench_fleet_{uuid.uuid4().hex[:8]}"
+    database = f"{args.database_prefix}{uuid.uuid4().hex[:8]}"
     admin = await connect(SERVER)
     await admin.execute(f'CREATE DATABASE "{database}"')
     await admin.close()

@@ -95,18 +95,26 @@ def small_sections() -> list[str]:
             "### Fleet migrations (through the CLI)",
             "",
             "| tenants | no-op upgrade s (CLI) | no-op in process s | one ALTER, all tenants s "
-            "| per tenant p50 / p95 ms |",
-            "|---:|---:|---:|---:|---:|",
+            "| per tenant p50 / p95 ms | load at start |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
-        for path in fleets:
-            run = json.loads(path.read_text())
+        runs = [json.loads(path.read_text()) for path in fleets]
+        for run in runs:
             alter = run["alter_all"]
             lines.append(
                 f"| {run['tenants']:,} | {min(run['noop_upgrade_s']):.2f} "
-                f"| {min(run['noop_upgrade_in_process_s']):.2f} | {alter['wall_s']:.0f} "
-                f"| {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f} |"
+                f"| {min(run['noop_upgrade_in_process_s']):.3f} | {alter['wall_s']:.1f} "
+                f"| {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f} | {run['machine']['load'][0]:.1f} |"
             )
-        lines += ["", "Kill-and-resume and the discussion: `benchmarks/results/fleet.md`.", ""]
+        concurrency = " / ".join(sorted({str(run["concurrency"]) for run in runs}))
+        lines += [
+            "",
+            f"One run per row, concurrency {concurrency}, best of 3 for the no-op upgrade. Load is "
+            "the 1-minute load average on 2 shared cores when the run started: rows taken at "
+            "different loads do not compare directly. Kill-and-resume and the discussion: "
+            "`benchmarks/results/fleet.md`.",
+            "",
+        ]
     databases = _load("fleet-databases.json")
     if databases:
         lines += [

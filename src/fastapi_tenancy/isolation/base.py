@@ -4,7 +4,7 @@ from abc import ABC, abstractmethod
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
@@ -12,8 +12,10 @@ from ..tenant import Tenant, validate_identifier
 __all__ = [
     "BEGIN_SETTING",
     "ON_RESULT_TYPE_CHANGE",
+    "UNAVAILABLE_SQLSTATE",
     "Isolation",
     "create_tables",
+    "sends_begin_settings",
     "storage_name",
     "tenant_tables",
 ]
@@ -22,6 +24,8 @@ __all__ = [
 # settings with BEGIN (defined here because that module needs asyncpg).
 BEGIN_SETTING = "fastapi_tenancy_begin_setting"
 """SQL (ending in `;`) run in the same message as each transaction's `BEGIN`."""
+UNAVAILABLE_SQLSTATE = "FT503"
+"""SQLSTATE a setting raises when the tenant is not served here right now (a 503)."""
 ON_RESULT_TYPE_CHANGE = "fastapi_tenancy_on_result_type_change"
 """Called with a reason when PostgreSQL refuses a cached statement because its result
 type changed (its tables differ from those it was prepared for, such as another
@@ -29,6 +33,15 @@ tenant's schema with types of its own)."""
 
 _MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 _RESERVED_NAMES = frozenset({"public", "information_schema"})
+
+
+def sends_begin_settings(engine: AsyncEngine) -> bool:
+    """True when `engine` sends each transaction's `BEGIN_SETTING` with its `BEGIN`."""
+    if engine.sync_engine.dialect.driver != "asyncpg":
+        return False
+    from . import begin  # needs asyncpg: imported only for asyncpg engines
+
+    return begin.installed(engine)
 
 
 def storage_name(prefix: str, identifier: str) -> str:

@@ -30,8 +30,8 @@ import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import ConfigurationError
-from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE
+from ..errors import ConfigurationError, TenancyUnavailableError
+from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE, UNAVAILABLE_SQLSTATE
 
 __all__ = ["BeginSettingsConnection", "BeginSettingsContext", "attach", "installed"]
 
@@ -52,12 +52,27 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
         # asyncpg's Transaction.start() sends "BEGIN[ ISOLATION ...];" through here, as
         # one simple-protocol message: a second statement in it runs inside the new
         # transaction. Savepoints are "SAVEPOINT ..." and keep the transaction's setting.
-        if not args and query.startswith("BEGIN"):
-            setting, self.pending = self.pending, None
-            self.begun_with = setting
-            if setting is not None:
-                query = f"{query} {setting}"
-        result: str = await super().execute(query, *args, timeout=timeout)
+        if args or not query.startswith("BEGIN"):
+            result: str = await super().execute(query, *args, timeout=timeout)
+            return result
+        setting, self.pending = self.pending, None
+        self.begun_with = setting
+        if setting is None:
+            result = await super().execute(query, timeout=timeout)
+            return result
+        try:
+            result = await super().execute(f"{query} {setting}", timeout=timeout)
+        except Exception as exc:
+            # BEGIN ran but the setting failed: the transaction is open and aborted, and
+            # the caller, seeing BEGIN fail, will never roll it back.
+            if not self.is_closed() and self.is_in_transaction():
+                await super().execute("ROLLBACK;")
+            # asyncpg keeps a transaction whose start failed as the connection's current
+            # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
+            self._top_xact = None
+            if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
+                raise TenancyUnavailableError(str(getattr(exc, "message", exc))) from exc
+            raise
         return result
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant, validate_identifier
-from .base import Isolation
+from .base import BEGIN_SETTING, UNAVAILABLE_SQLSTATE, Isolation, sends_begin_settings
 
 __all__ = ["RLSIsolation", "tenant_session"]
 
@@ -74,6 +74,17 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _refusal(exc: BaseException) -> str:
+    # The tenant function's message: 'moving' (a tier move holds the tenant) or 'moved'
+    # (it lives in another tier now, and this process has not yet seen it). Either
+    # way: not here, retry.
+    return str(getattr(exc, "message", None) or exc).splitlines()[0]
+
+
 def _bind_transaction(
     conn: Connection,
     cursor: Any,
@@ -104,14 +115,12 @@ def _bind_transaction(
     setter = raw.cursor()
     try:
         setter.execute(sql, (search_path, tenant_id))
-        row = setter.fetchone()
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
+            raise TenancyUnavailableError(_refusal(exc)) from exc
+        raise
     finally:
         setter.close()
-    if row is None or row[1] != "ok":
-        # 'moving': a tier move holds the tenant; 'moved': it lives in another tier now
-        # and this process has not yet seen it (its cache). Either way: not here, retry.
-        state = "unknown" if row is None else row[1]
-        raise TenancyUnavailableError(f"tenant is not served by row-level security right now ({state})")
     conn.info[_BOUND] = scope
 
 
@@ -158,6 +167,9 @@ class RLSIsolation(Isolation):
         # must resolve for raw SQL. The tenant function also takes the tenant's shared
         # advisory lock and checks it has not moved to another tier: see `enter_sql`.
         self._binding_sql = f"SELECT set_config('search_path', $1, true), {self.enter_function}($2)"
+        # On engines made by the library the binding rides in each BEGIN message
+        # (isolation/begin.py); on others a listener sends it before the first statement.
+        self._begin_settings = sends_begin_settings(engine)
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
         self.app_role: str | None = None
@@ -176,11 +188,21 @@ class RLSIsolation(Isolation):
     def _bind(self, tenant_id: str) -> AsyncEngine:
         # Keyed by the tenant's id, never its slug: a slug purged and registered again
         # belongs to a new tenant with a new id.
-        bind = self.engine.execution_options(
-            schema_translate_map={None: self.schema},
-            **{_BINDING: (self._binding_sql, _quote(self.schema), tenant_id)},
-        )
-        event.listen(bind.sync_engine, "before_cursor_execute", _bind_transaction)
+        if self._begin_settings:
+            # Sent with BEGIN: no round trip of its own, and no listener.
+            setting = (
+                f"SET LOCAL search_path TO {_quote(self.schema)}; "
+                f"SELECT {self.enter_function}({_literal(tenant_id)});"
+            )
+            bind = self.engine.execution_options(
+                schema_translate_map={None: self.schema}, **{BEGIN_SETTING: setting}
+            )
+        else:
+            bind = self.engine.execution_options(
+                schema_translate_map={None: self.schema},
+                **{_BINDING: (self._binding_sql, _quote(self.schema), tenant_id)},
+            )
+            event.listen(bind.sync_engine, "before_cursor_execute", _bind_transaction)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[tenant_id] = bind
@@ -245,10 +267,12 @@ CREATE OR REPLACE FUNCTION {self.enter_function}(tenant text) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF NOT pg_try_advisory_xact_lock_shared(hashtextextended('{self.policy}:' || tenant, 0)) THEN
-        RETURN 'moving';
+        RAISE EXCEPTION 'tenant is not served by row-level security right now (moving)'
+            USING ERRCODE = '{UNAVAILABLE_SQLSTATE}';
     END IF;
     IF EXISTS (SELECT 1 FROM {self.fence_table} WHERE tenant_id = tenant) THEN
-        RETURN 'moved';
+        RAISE EXCEPTION 'tenant is not served by row-level security right now (moved)'
+            USING ERRCODE = '{UNAVAILABLE_SQLSTATE}';
     END IF;
     PERFORM set_config('{self.setting}', tenant, true);
     RETURN 'ok';

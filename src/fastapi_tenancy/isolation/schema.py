@@ -22,7 +22,14 @@ from ..errors import ConfigurationError, ProvisioningError
 from ..provisioning import clone_schema
 from ..spares import SparePool
 from ..tenant import Tenant
-from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE, Isolation, create_tables, tenant_tables
+from .base import (
+    BEGIN_SETTING,
+    ON_RESULT_TYPE_CHANGE,
+    Isolation,
+    create_tables,
+    sends_begin_settings,
+    tenant_tables,
+)
 
 __all__ = ["SchemaIsolation"]
 
@@ -54,12 +61,6 @@ _EVERY_TRANSACTION = "fastapi_tenancy_scope_every_transaction"  # tenant binds' 
 # Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
 # whether the statement visibly holds SQL the translate map cannot qualify.
 _UNQUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
-
-
-def _sends_begin_settings(engine: AsyncEngine) -> bool:
-    from . import begin  # asyncpg's module: imported only for asyncpg engines
-
-    return begin.installed(engine)
 
 
 def _defines_schema_types(metadata: sa.MetaData) -> bool:
@@ -197,8 +198,7 @@ class SchemaIsolation(Isolation):
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
-        asyncpg = engine.sync_engine.dialect.driver == "asyncpg"
-        self._begin_settings = asyncpg and _sends_begin_settings(engine)
+        self._begin_settings = sends_begin_settings(engine)
         self.shared_statements = shared_statements and self._begin_settings
         """Whether one SQL text serves every tenant (see the class docstring)."""
         if self._begin_settings:

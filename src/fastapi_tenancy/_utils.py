@@ -42,16 +42,13 @@ def create_engine(
     echo: bool = False,
     pgbouncer: bool = False,
     empty_search_path: bool = False,
-    begin_settings: bool = False,
     null_pool: bool = False,
     **options: Any,
 ) -> AsyncEngine:
     """Create an async engine, naming the pip extra when its driver is missing.
 
     `null_pool=True` opens a connection per checkout (for one-off admin work);
-    `begin_settings=True` lets tenant binds send a setting with each `BEGIN`
-    (asyncpg only; see isolation/begin.py); other `options` go to
-    `create_async_engine` as they are.
+    other `options` go to `create_async_engine` as they are.
     """
     options.update(echo=echo, pool_pre_ping=pool_pre_ping)
     connect_args: dict[str, Any] = options.setdefault("connect_args", {})
@@ -69,11 +66,6 @@ def create_engine(
             prepared_statement_cache_size=0,
             prepared_statement_name_func=_unique_statement_name,
         )
-    begin_settings = begin_settings and make_url(url).get_driver_name() == "asyncpg"
-    if begin_settings:
-        from .isolation import begin
-
-        connect_args["connection_class"] = begin.BeginSettingsConnection
     if is_memory_sqlite(url):
         # One shared connection: every new connection to :memory: is a new, empty database.
         options["poolclass"] = StaticPool
@@ -87,14 +79,11 @@ def create_engine(
             pool_recycle=pool_recycle,
         )
     try:
-        engine = create_async_engine(url, **options)
+        return create_async_engine(url, **options)
     except ImportError as exc:
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
-    if begin_settings:
-        begin.attach(engine)
-    return engine
 
 
 # SQLSTATEs saying the server or the connection is gone, not that the statement is

@@ -99,7 +99,6 @@ class TenancyManager:
             echo=self.config.database_echo,
             pgbouncer=self.config.database_pgbouncer,
             empty_search_path=self._empty_search_path,
-            begin_settings=True,
         )
         # The role that owns the shared tables (rls, hybrid): DDL and the registry run as
         # it, requests as the role of database_url, which therefore cannot read the
@@ -230,7 +229,6 @@ class TenancyManager:
                 self.engine,
                 prefix=config.schema_prefix,
                 max_cached_binds=config.cache_max_size,
-                empty_search_path=self._empty_search_path,
                 template=config.schema_template,
                 spares=config.schema_spares,
                 shared_statements=config.schema_shared_statements,
@@ -250,7 +248,6 @@ class TenancyManager:
             self.engine,
             prefix=config.schema_prefix,
             max_cached_binds=config.cache_max_size,
-            empty_search_path=self._empty_search_path,
             template=config.schema_template,
             ddl_engine=self.owner_engine,
             shared_statements=config.schema_shared_statements,

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyConfig, TenancyManager
@@ -252,3 +252,32 @@ async def test_sql_hidden_from_the_check_never_reaches_another_schema(
             assert "PUBLIC" not in outcome and "beta" not in outcome, outcomes
         # Every tenant transaction begins with the tenant's search_path: hidden SQL works.
         assert all("alpha-1" in outcome for outcome in outcomes), outcomes
+
+
+async def test_an_engine_of_the_applications_own_is_made_to_send_the_setting(postgres_url: str) -> None:
+    # Connections opened before the isolation attached to the engine cannot carry the
+    # setting: refused, never used without it. Those opened after can.
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url))
+    await manager.initialize()
+    engine = create_async_engine(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        tenant = await manager.register_tenant("alpha", "Alpha", app_metadata=Base.metadata)
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))  # a plain connection, back in the pool
+        isolation = SchemaIsolation(engine)
+        async with await isolation.session(tenant) as session:
+            with pytest.raises(ConfigurationError, match="cannot carry the tenant's setting"):
+                await session.execute(sa.text("SELECT count(*) FROM orders"))
+        await engine.dispose()
+        async with await isolation.session(tenant) as session:
+            assert (await session.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one() == 0
+            path = (await session.execute(sa.text("SELECT current_setting('search_path')"))).scalar_one()
+            assert path == "tenant_alpha"
+    finally:
+        await engine.dispose()
+        await manager.close()
+
+
+def test_schema_isolation_needs_asyncpg() -> None:
+    with pytest.raises(ConfigurationError, match="needs PostgreSQL through asyncpg"):
+        SchemaIsolation(create_async_engine("sqlite+aiosqlite://"))

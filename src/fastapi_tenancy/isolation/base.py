@@ -15,7 +15,7 @@ __all__ = [
     "UNAVAILABLE_SQLSTATE",
     "Isolation",
     "create_tables",
-    "sends_begin_settings",
+    "enable_begin_settings",
     "storage_name",
     "tenant_tables",
 ]
@@ -35,13 +35,14 @@ _MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently 
 _RESERVED_NAMES = frozenset({"public", "information_schema"})
 
 
-def sends_begin_settings(engine: AsyncEngine) -> bool:
-    """True when `engine` sends each transaction's `BEGIN_SETTING` with its `BEGIN`."""
-    if engine.sync_engine.dialect.driver != "asyncpg":
-        return False
+def enable_begin_settings(engine: AsyncEngine) -> None:
+    """Make `engine` send tenant settings with each `BEGIN` (PostgreSQL with asyncpg only)."""
+    driver = engine.sync_engine.dialect.driver
+    if driver != "asyncpg":
+        raise ConfigurationError(f"this isolation strategy needs PostgreSQL through asyncpg, not {driver}")
     from . import begin  # needs asyncpg: imported only for asyncpg engines
 
-    return begin.installed(engine)
+    begin.enable(engine)
 
 
 def storage_name(prefix: str, identifier: str) -> str:

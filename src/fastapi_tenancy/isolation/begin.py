@@ -6,7 +6,7 @@ transaction; here it rides in the `BEGIN` message the driver sends anyway
 (`BEGIN; SET LOCAL search_path TO "tenant_acme";`, one simple-protocol message),
 so a tenant request costs the same round trips as a request without tenancy.
 
-Two parts, installed together by `install()` on engines the library creates:
+Two parts, installed together by `enable()` on the engine tenant sessions run on:
 
 - `BeginSettingsConnection`, the asyncpg connection class (asyncpg's documented
   `connection_class`), appends the pending setting to the next `BEGIN`;
@@ -27,13 +27,14 @@ consumes it.
 from typing import Any
 
 import asyncpg
+from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import ConfigurationError, TenancyUnavailableError
 from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE, UNAVAILABLE_SQLSTATE
 
-__all__ = ["BeginSettingsConnection", "BeginSettingsContext", "attach", "installed"]
+__all__ = ["BeginSettingsConnection", "BeginSettingsContext", "enable"]
 
 
 class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
@@ -69,7 +70,7 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
                 await super().execute("ROLLBACK;")
             # asyncpg keeps a transaction whose start failed as the connection's current
             # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
-            self._top_xact = None
+            self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot
             if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
                 raise TenancyUnavailableError(str(getattr(exc, "message", exc))) from exc
             raise
@@ -81,10 +82,18 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
 
     def pre_exec(self) -> None:
         super().pre_exec()  # type: ignore[no-untyped-call]
-        raw = self._dbapi_connection.driver_connection
-        if not isinstance(raw, BeginSettingsConnection):
-            return  # a connection made by a creator of the application's own
         setting = self.execution_options.get(BEGIN_SETTING)
+        raw = self._dbapi_connection.driver_connection
+        # Not isinstance(): asyncpg's metaclass makes every asyncpg connection pass it.
+        if BeginSettingsConnection not in type(raw).__mro__:
+            if setting is not None:
+                # Opened before enable(), or with a connection_class of the application's.
+                raise ConfigurationError(
+                    "this connection cannot carry the tenant's setting: tenant sessions need "
+                    "connections opened after the isolation was set up, with asyncpg's "
+                    "connection_class left to fastapi-tenancy (or a subclass of BeginSettingsConnection)"
+                )
+            return
         if not raw.is_in_transaction():
             if setting is not None and self.execution_options.get("isolation_level") == "AUTOCOMMIT":
                 # Outside a transaction there is no BEGIN to carry the setting.
@@ -106,12 +115,21 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
                 hook("PostgreSQL refused a statement cached for another tenant (its result type changed)")
 
 
-def attach(engine: AsyncEngine) -> None:
-    """Make `engine` (created with `connect_args={"connection_class": BeginSettingsConnection}`)
-    send `BEGIN_SETTING` with each `BEGIN`. Changes this engine's dialect only."""
-    engine.sync_engine.dialect.execution_ctx_cls = BeginSettingsContext
+def enable(engine: AsyncEngine) -> None:
+    """Make `engine` send each transaction's `BEGIN_SETTING` with its `BEGIN`. Idempotent.
+
+    Changes this engine only: its dialect's execution context, and the connection
+    class of the connections it opens from now on (a `do_connect` hook, which runs
+    once per new connection and leaves statements on SQLAlchemy's fast path).
+    Connections it opened before are refused to tenant binds, never used without
+    the setting.
+    """
+    sync_engine = engine.sync_engine
+    if issubclass(sync_engine.dialect.execution_ctx_cls, BeginSettingsContext):
+        return
+    event.listen(sync_engine, "do_connect", _use_connection_class)
+    sync_engine.dialect.execution_ctx_cls = BeginSettingsContext
 
 
-def installed(engine: AsyncEngine) -> bool:
-    """True when `engine` sends `BEGIN_SETTING` with each `BEGIN` (see `attach`)."""
-    return issubclass(engine.sync_engine.dialect.execution_ctx_cls, BeginSettingsContext)
+def _use_connection_class(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+    cparams.setdefault("connection_class", BeginSettingsConnection)

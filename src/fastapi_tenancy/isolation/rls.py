@@ -5,20 +5,16 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
-from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Mapper, Session, UOWTransaction
 
 from .._utils import unavailable_as_503
-from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
+from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant, validate_identifier
-from .base import BEGIN_SETTING, UNAVAILABLE_SQLSTATE, Isolation, sends_begin_settings
+from .base import BEGIN_SETTING, UNAVAILABLE_SQLSTATE, Isolation, enable_begin_settings
 
 __all__ = ["RLSIsolation", "tenant_session"]
 
-_BINDING = "fastapi_tenancy_rls_binding"  # tenant binds' execution option: (search_path, tenant id)
-_BOUND = "fastapi_tenancy.rls_bound"  # Connection.info: the transaction the tenant was bound in
 _TENANT_ID = "fastapi_tenancy.tenant_id"  # Session.info: the id the tenant column is filled with
 _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
 
@@ -78,52 +74,6 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _refusal(exc: BaseException) -> str:
-    # The tenant function's message: 'moving' (a tier move holds the tenant) or 'moved'
-    # (it lives in another tier now, and this process has not yet seen it). Either
-    # way: not here, retry.
-    return str(getattr(exc, "message", None) or exc).splitlines()[0]
-
-
-def _bind_transaction(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: DefaultExecutionContext,
-    many: bool,
-) -> None:
-    # Listens on tenant binds only, before every statement: binds the transaction to
-    # the tenant once, with ONE statement sent before the first one of the
-    # transaction (and again in a savepoint begun since, which a rollback could
-    # undo). Transaction-local (set_config(..., true)): the binding ends with the
-    # transaction, so a pooled connection never carries it to the next request, a
-    # commit() in the middle of a request starts a transaction that is bound again,
-    # and it holds behind PgBouncer in transaction mode.
-    options = context.execution_options
-    if options.get("isolation_level") == "AUTOCOMMIT":
-        # Outside a transaction a transaction-local setting lasts one statement.
-        raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
-    binding = options[_BINDING]
-    scope = (binding, conn.get_transaction(), conn.get_nested_transaction())
-    known = conn.info.get(_BOUND)
-    if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
-        return
-    raw = conn.connection.dbapi_connection
-    assert raw is not None  # a connection executing a statement has one
-    sql, search_path, tenant_id = binding
-    setter = raw.cursor()
-    try:
-        setter.execute(sql, (search_path, tenant_id))
-    except Exception as exc:
-        if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
-            raise TenancyUnavailableError(_refusal(exc)) from exc
-        raise
-    finally:
-        setter.close()
-    conn.info[_BOUND] = scope
-
-
 class RLSIsolation(Isolation):
     """All tenants in shared tables, each row labelled by a tenant column, guarded by policies.
 
@@ -132,8 +82,8 @@ class RLSIsolation(Isolation):
     row-level security (not a superuser, no BYPASSRLS, not the tables' owner:
     `initialize()` refuses it otherwise); tables, policies and the tenant
     registry are managed with `owner_engine`. Each transaction of a tenant
-    session is bound to the tenant by one statement sending a transaction-local
-    setting, which every policy reads: with no tenant bound, a query sees zero
+    session is bound to the tenant in its `BEGIN` message, by a transaction-local
+    setting which every policy reads: with no tenant bound, a query sees zero
     rows and an insert fails.
 
         isolation = RLSIsolation(app_engine, owner_engine)
@@ -162,14 +112,9 @@ class RLSIsolation(Isolation):
         self.enter_function = f"{_quote(schema)}.{_quote(self.policy + '_enter')}"
         if len(namespace) > 40:
             raise ConfigurationError("the setting namespace must be at most 40 characters")
-        # set_config() of search_path too: the manager's connections start with an empty
-        # one (so raw SQL cannot fall back to another schema), and the shared tables
-        # must resolve for raw SQL. The tenant function also takes the tenant's shared
-        # advisory lock and checks it has not moved to another tier: see `enter_sql`.
-        self._binding_sql = f"SELECT set_config('search_path', $1, true), {self.enter_function}($2)"
-        # On engines made by the library the binding rides in each BEGIN message
-        # (isolation/begin.py); on others a listener sends it before the first statement.
-        self._begin_settings = sends_begin_settings(engine)
+        # Each transaction of a tenant session begins bound to its tenant, in the BEGIN
+        # message itself (isolation/begin.py): no round trip of its own, no listener.
+        enable_begin_settings(engine)
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
         self.app_role: str | None = None
@@ -188,21 +133,21 @@ class RLSIsolation(Isolation):
     def _bind(self, tenant_id: str) -> AsyncEngine:
         # Keyed by the tenant's id, never its slug: a slug purged and registered again
         # belongs to a new tenant with a new id.
-        if self._begin_settings:
-            # Sent with BEGIN: no round trip of its own, and no listener.
-            setting = (
-                f"SET LOCAL search_path TO {_quote(self.schema)}; "
-                f"SELECT {self.enter_function}({_literal(tenant_id)});"
-            )
-            bind = self.engine.execution_options(
-                schema_translate_map={None: self.schema}, **{BEGIN_SETTING: setting}
-            )
-        else:
-            bind = self.engine.execution_options(
-                schema_translate_map={None: self.schema},
-                **{_BINDING: (self._binding_sql, _quote(self.schema), tenant_id)},
-            )
-            event.listen(bind.sync_engine, "before_cursor_execute", _bind_transaction)
+        # The search_path too: the manager's connections start with an empty one (so
+        # raw SQL cannot fall back to another schema), and the shared tables must
+        # resolve for raw SQL. The tenant function takes the tenant's shared advisory
+        # lock, checks it has not moved to another tier (else raises: a 503), then sets
+        # the setting the policies read. Transaction-local: the binding ends with the
+        # transaction, so a pooled connection never carries it to the next request, a
+        # commit() in the middle of a request starts a transaction that is bound
+        # again, and it holds behind PgBouncer in transaction mode.
+        setting = (
+            f"SET LOCAL search_path TO {_quote(self.schema)}; "
+            f"SELECT {self.enter_function}({_literal(tenant_id)});"
+        )
+        bind = self.engine.execution_options(
+            schema_translate_map={None: self.schema}, **{BEGIN_SETTING: setting}
+        )
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[tenant_id] = bind

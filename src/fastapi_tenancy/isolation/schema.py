@@ -1,21 +1,13 @@
 """`SchemaIsolation`: one PostgreSQL schema per tenant, on one shared pool."""
 
 import logging
-import weakref
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.named_types import NamedType
-from sqlalchemy.engine import Compiled, Connection
-from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ColumnClause, TextClause
-from sqlalchemy.sql.functions import Function
-from sqlalchemy.sql.selectable import TableClause
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
@@ -27,7 +19,7 @@ from .base import (
     ON_RESULT_TYPE_CHANGE,
     Isolation,
     create_tables,
-    sends_begin_settings,
+    enable_begin_settings,
     tenant_tables,
 )
 
@@ -54,13 +46,6 @@ _GRANTS = (
     'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}',
     'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}',
 )
-_SCOPED = "fastapi_tenancy.search_path"  # Connection.info: where the search_path was set
-_EVERY_TRANSACTION = "fastapi_tenancy_scope_every_transaction"  # tenant binds' execution option
-
-
-# Compiled statements (cached by SQLAlchemy, so each shape is inspected once) ->
-# whether the statement visibly holds SQL the translate map cannot qualify.
-_UNQUALIFIED: "weakref.WeakKeyDictionary[Compiled, bool]" = weakref.WeakKeyDictionary()
 
 
 def _defines_schema_types(metadata: sa.MetaData) -> bool:
@@ -75,70 +60,6 @@ def _defines_schema_types(metadata: sa.MetaData) -> bool:
             if isinstance(column_type, NamedType) and getattr(column_type, "schema", None) is None:
                 return True
     return False
-
-
-def _is_unqualified(element: Any) -> bool:
-    return (
-        isinstance(element, TextClause)  # text(), also inside a Core statement
-        or (isinstance(element, ColumnClause) and element.is_literal)  # literal_column()
-        or (isinstance(element, TableClause) and not isinstance(element, sa.Table))  # table()
-        or type(element) is Function  # func.<name>() other than SQLAlchemy's built-ins
-    )
-
-
-def _holds_unqualified_sql(context: DefaultExecutionContext) -> bool:
-    compiled = context.compiled
-    if compiled is None or context.isddl:  # exec_driver_sql() strings, DDL
-        return True
-    known = _UNQUALIFIED.get(compiled)
-    if known is None:
-        statement = compiled.statement
-        known = statement is None or any(map(_is_unqualified, visitors.iterate(statement)))
-        _UNQUALIFIED[compiled] = known
-    return known
-
-
-def _scope_statement(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: DefaultExecutionContext,
-    many: bool,
-) -> None:
-    # Listens on tenant binds only, before every statement. With connections that
-    # start with an empty search_path (the manager's): ORM and Core statements built
-    # from Table objects name the tenant's schema and need nothing (no extra round
-    # trip); visible raw SQL (text(), driver SQL, DDL, literal_column(), table(),
-    # func.<name>()) gets the tenant-only search_path once per transaction; SQL that
-    # SQLAlchemy adds at compile time, out of sight of this check (literal
-    # column_property, hints, SQL column defaults), finds an empty search_path and
-    # fails: it can never fall back to `public` or the registry. Where the default
-    # search_path cannot be controlled (behind PgBouncer, startup parameters do not
-    # reach the server), every transaction is scoped instead.
-    options = context.execution_options
-    if options.get("isolation_level") == "AUTOCOMMIT":
-        # Outside a transaction a transaction-local setting lasts one statement.
-        raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
-    schema = options["schema_translate_map"][None]
-    # The transaction (and savepoint) the search_path was set in: a new transaction
-    # has lost it, and so has one whose savepoint was rolled back since.
-    scope = (schema, conn.get_transaction(), conn.get_nested_transaction())
-    known = conn.info.get(_SCOPED)
-    if known is not None and all(a is b for a, b in zip(known, scope, strict=True)):
-        return
-    if not options[_EVERY_TRANSACTION] and not _holds_unqualified_sql(context):
-        return
-    raw = conn.connection.dbapi_connection
-    assert raw is not None  # a connection executing a statement has one
-    # Straight on a DBAPI cursor of the same connection: the cheapest way to send it
-    # (no SQLAlchemy execution context), inside the transaction the driver opens.
-    setter = raw.cursor()
-    try:
-        setter.execute(_SET_SEARCH_PATH, (f'"{schema}"',))
-    finally:
-        setter.close()
-    conn.info[_SCOPED] = scope
 
 
 class SchemaIsolation(Isolation):
@@ -161,11 +82,9 @@ class SchemaIsolation(Isolation):
     named in the SQL), found at `initialize()`, at `provision()` from the metadata,
     or, failing both, at the first such refusal (that request gets a 503).
 
-    On other engines sessions are bound with `schema_translate_map={None: schema}`
-    and SQL the map does not reach runs under a transaction-local `search_path`
-    holding that schema alone: set before visible raw SQL when the engine's
-    connections start with an empty search_path (`empty_search_path=True`), else at
-    the start of every transaction.
+    The engine must be one that sends settings with `BEGIN`: the manager's, or any
+    asyncpg engine on which no connection was opened before this isolation attached
+    to it (connections opened before are refused, never used without the setting).
     """
 
     def __init__(
@@ -174,7 +93,6 @@ class SchemaIsolation(Isolation):
         *,
         prefix: str = "tenant_",
         max_cached_binds: int = 10_000,
-        empty_search_path: bool = False,
         template: str | None = None,
         ddl_engine: AsyncEngine | None = None,
         spares: int = 0,
@@ -198,26 +116,9 @@ class SchemaIsolation(Isolation):
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
         self._binds: dict[str, AsyncEngine] = {}
         self._max_binds = max_cached_binds
-        self._begin_settings = sends_begin_settings(engine)
-        self.shared_statements = shared_statements and self._begin_settings
+        enable_begin_settings(engine)
+        self.shared_statements = shared_statements
         """Whether one SQL text serves every tenant (see the class docstring)."""
-        if self._begin_settings:
-            # Per tenant, an execution_options() copy of the engine: no listener, so
-            # statements keep SQLAlchemy's fast path.
-            self._tenant_engine = engine
-            return
-        # Whether the engine's connections start with an empty search_path (the
-        # manager's do, unless behind PgBouncer): then only visible raw SQL needs
-        # the tenant's search_path, and everything else fails closed.
-        self._every_transaction = not empty_search_path
-        # The view of the shared engine (same pool) that tenant sessions run on, with the
-        # scoping listener. On this view, not the shared engine: listeners on an
-        # execution_options() copy stay local to it and its own copies, so the
-        # registry's queries keep SQLAlchemy's fast path. Registered once here: each
-        # tenant's bind below is a copy of this view that inherits the listener (a
-        # listener registered per tenant cost about 4 KB each, 40 MB at 10,000 tenants).
-        self._tenant_engine = engine.execution_options(**{_EVERY_TRANSACTION: self._every_transaction})
-        event.listen(self._tenant_engine.sync_engine, "before_cursor_execute", _scope_statement)
 
     async def session(self, tenant: Tenant) -> AsyncSession:
         bind = self._binds.get(tenant.identifier) or self._bind(tenant.identifier)
@@ -225,13 +126,15 @@ class SchemaIsolation(Isolation):
 
     def _bind(self, identifier: str) -> AsyncEngine:
         schema = self.storage_name(identifier)
-        options: dict[str, Any] = {}
-        if self._begin_settings:
-            options[BEGIN_SETTING] = f'SET LOCAL search_path TO "{schema}";'
-            options[ON_RESULT_TYPE_CHANGE] = self._write_statements_per_tenant
+        # An execution_options() copy of the engine (same pool), with no listener, so
+        # statements keep SQLAlchemy's fast path.
+        options: dict[str, Any] = {
+            BEGIN_SETTING: f'SET LOCAL search_path TO "{schema}";',
+            ON_RESULT_TYPE_CHANGE: self._write_statements_per_tenant,
+        }
         if not self.shared_statements:
             options["schema_translate_map"] = {None: schema}
-        bind = self._tenant_engine.execution_options(**options)
+        bind = self.engine.execution_options(**options)
         if len(self._binds) >= self._max_binds:
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind

@@ -80,6 +80,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "hybrid_default_tier": ("schema", "schema"),
     "hybrid_plan_tiers": ('{"enterprise": "schema", "free": "rls"}', {"enterprise": "schema", "free": "rls"}),
     "schema_spares": ("5", 5),
+    "schema_shared_statements": ("false", False),
 }
 
 

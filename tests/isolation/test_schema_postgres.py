@@ -93,6 +93,13 @@ async def test_a_transaction_begun_for_no_tenant_refuses_tenant_statements(postg
                 await conn.execute(sa.text("SELECT description FROM orders"))
 
 
+_MOOD_DDL = (
+    "CREATE TYPE {s}.mood AS ENUM ('ok', 'sad')",
+    "CREATE TABLE {s}.moods (id int PRIMARY KEY, m {s}.mood)",
+    "INSERT INTO {s}.moods VALUES (1, 'ok')",
+)
+
+
 async def test_tenant_schema_types_switch_to_statements_per_tenant(postgres_url: str) -> None:
     # Each schema gets its own enum type, after the manager started: PostgreSQL refuses the
     # shared statement once (a 503, retryable), then each tenant's SQL names its schema.
@@ -100,17 +107,12 @@ async def test_tenant_schema_types_switch_to_statements_per_tenant(postgres_url:
     table = sa.Table(
         "moods", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("m", mood)
     )
-    ddl = (
-        "CREATE TYPE {s}.mood AS ENUM ('ok', 'sad')",
-        "CREATE TABLE {s}.moods (id int PRIMARY KEY, m {s}.mood)",
-        "INSERT INTO {s}.moods VALUES (1, 'ok')",
-    )
     async with two_tenants(postgres_url) as env:
         isolation = env.manager.isolation
         assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
         async with env.manager.engine.begin() as conn:
             for schema in ("tenant_alpha", "tenant_beta"):
-                for statement in ddl:
+                for statement in _MOOD_DDL:
                     await conn.execute(sa.text(statement.format(s=schema)))
 
         async def read(identifier: str) -> list[str]:
@@ -281,3 +283,33 @@ async def test_an_engine_of_the_applications_own_is_made_to_send_the_setting(pos
 def test_schema_isolation_needs_asyncpg() -> None:
     with pytest.raises(ConfigurationError, match="needs PostgreSQL through asyncpg"):
         SchemaIsolation(create_async_engine("sqlite+aiosqlite://"))
+
+
+async def test_a_bound_tenant_type_switches_to_statements_per_tenant(postgres_url: str) -> None:
+    # A parameter's type is fixed when a statement is first prepared: comparing with
+    # another tenant's enum fails ("cannot cast type tenant_alpha.mood to mood") until
+    # the statements name their schema.
+    mood = postgresql.ENUM("ok", "sad", name="mood", create_type=False)
+    table = sa.Table(
+        "moods", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("m", mood)
+    )
+    async with two_tenants(postgres_url) as env:
+        isolation = env.manager.isolation
+        assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
+        async with env.manager.engine.begin() as conn:
+            for schema in ("tenant_alpha", "tenant_beta"):
+                for statement in _MOOD_DDL:
+                    await conn.execute(sa.text(statement.format(s=schema)))
+
+        async def count(identifier: str) -> int:
+            async with env.manager.session(await env.manager.get_tenant(identifier)) as session:
+                query = sa.select(sa.func.count()).select_from(table).where(table.c.m == "ok")
+                return int((await session.execute(query)).scalar_one())
+
+        assert await count("alpha") == 1
+        with pytest.raises(sa.exc.ProgrammingError, match="tenant_alpha.mood"):
+            await count("beta")
+        assert not isolation.shared_statements
+        for _ in range(2):
+            assert await count("beta") == 1
+            assert await count("alpha") == 1

@@ -11,7 +11,7 @@ from ..tenant import Tenant, validate_identifier
 
 __all__ = [
     "BEGIN_SETTING",
-    "ON_RESULT_TYPE_CHANGE",
+    "ON_STATEMENT_TYPES_CHANGE",
     "UNAVAILABLE_SQLSTATE",
     "Isolation",
     "create_tables",
@@ -26,10 +26,10 @@ BEGIN_SETTING = "fastapi_tenancy_begin_setting"
 """SQL (ending in `;`) run in the same message as each transaction's `BEGIN`."""
 UNAVAILABLE_SQLSTATE = "FT503"
 """SQLSTATE a setting raises when the tenant is not served here right now (a 503)."""
-ON_RESULT_TYPE_CHANGE = "fastapi_tenancy_on_result_type_change"
-"""Called with a reason when PostgreSQL refuses a cached statement because its result
-type changed (its tables differ from those it was prepared for, such as another
-tenant's schema with types of its own)."""
+ON_STATEMENT_TYPES_CHANGE = "fastapi_tenancy_on_statement_types_change"
+"""Called with the error when PostgreSQL refuses a cached statement whose result or
+parameter types no longer fit (its tables differ from those it was prepared for, such
+as another tenant's schema with types of its own)."""
 
 _MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 _RESERVED_NAMES = frozenset({"public", "information_schema"})

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import ConfigurationError, TenancyUnavailableError
-from .base import BEGIN_SETTING, ON_RESULT_TYPE_CHANGE, UNAVAILABLE_SQLSTATE
+from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
 
 __all__ = ["BeginSettingsConnection", "BeginSettingsContext", "enable"]
 
@@ -83,7 +83,7 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
     def pre_exec(self) -> None:
         super().pre_exec()  # type: ignore[no-untyped-call]
         setting = self.execution_options.get(BEGIN_SETTING)
-        raw = self._dbapi_connection.driver_connection
+        raw: Any = self._dbapi_connection.driver_connection
         # Not isinstance(): asyncpg's metaclass makes every asyncpg connection pass it.
         if BeginSettingsConnection not in type(raw).__mro__:
             if setting is not None:
@@ -109,10 +109,19 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
 
     def handle_dbapi_exception(self, e: BaseException) -> None:
         super().handle_dbapi_exception(e)  # type: ignore[no-untyped-call]
-        if type(e).__name__ == "InvalidCachedStatementError":  # SQLAlchemy's adapted error class
-            hook = self.execution_options.get(ON_RESULT_TYPE_CHANGE)
+        # SQLAlchemy's adapted errors: a cached statement whose result type changed, or
+        # whose parameter types (fixed when first prepared) no longer fit ("cannot cast
+        # type tenant_a.mood to mood", "operator does not exist").
+        if (
+            type(e).__name__ == "InvalidCachedStatementError"
+            or getattr(e, "sqlstate", None) in _TYPE_MISMATCH
+        ):
+            hook = self.execution_options.get(ON_STATEMENT_TYPES_CHANGE)
             if hook is not None:
-                hook("PostgreSQL refused a statement cached for another tenant (its result type changed)")
+                hook(e)
+
+
+_TYPE_MISMATCH = ("42846", "42883")  # cannot_coerce, undefined_function (operators too)
 
 
 def enable(engine: AsyncEngine) -> None:

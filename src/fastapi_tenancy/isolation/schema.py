@@ -16,7 +16,7 @@ from ..spares import SparePool
 from ..tenant import Tenant
 from .base import (
     BEGIN_SETTING,
-    ON_RESULT_TYPE_CHANGE,
+    ON_STATEMENT_TYPES_CHANGE,
     Isolation,
     create_tables,
     enable_begin_settings,
@@ -130,7 +130,7 @@ class SchemaIsolation(Isolation):
         # statements keep SQLAlchemy's fast path.
         options: dict[str, Any] = {
             BEGIN_SETTING: f'SET LOCAL search_path TO "{schema}";',
-            ON_RESULT_TYPE_CHANGE: self._write_statements_per_tenant,
+            ON_STATEMENT_TYPES_CHANGE: self._on_statement_types_change,
         }
         if not self.shared_statements:
             options["schema_translate_map"] = {None: schema}
@@ -139,6 +139,15 @@ class SchemaIsolation(Isolation):
             self._binds.pop(next(iter(self._binds)))
         self._binds[identifier] = bind
         return bind
+
+    def _on_statement_types_change(self, error: BaseException) -> None:
+        # A changed result type always means the statement's tables changed; a parameter
+        # type mismatch only counts when it names a tenant schema's type (any other is
+        # a mistake in the statement, which per-tenant SQL would not mend).
+        if type(error).__name__ == "InvalidCachedStatementError":
+            self._write_statements_per_tenant("PostgreSQL refused a statement cached for another tenant")
+        elif self.prefix in str(error):
+            self._write_statements_per_tenant("a cached statement's parameter types belong to another tenant")
 
     def _write_statements_per_tenant(self, reason: str) -> None:
         """From now on, name each tenant's schema in its SQL (see the class docstring)."""

@@ -11,12 +11,18 @@ file. Configured from the environment by `overhead.py`:
 - `BENCH_BARE_TENANT`: the identifier echoed in the response (`acme-corp`).
 - `BENCH_BARE_POOL_SIZE` / `BENCH_BARE_MAX_OVERFLOW`: the pool (10 / 10 by default,
   like `TenancyConfig`'s defaults).
+- `BENCH_BARE_TENANT_COLUMN`: the model's tenant column, as the tables of row-level
+  security and hybrid isolation have it ("" for none, the default).
+- `BENCH_BARE_TENANT_ID`: with a tenant column, the value the query filters it by
+  (`WHERE tenant_id = ...`, what an app sharing tables does by hand); "" for no filter.
 """
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -27,6 +33,10 @@ SCHEMA = os.environ.get("BENCH_BARE_SCHEMA", "") or None
 TENANT = os.environ.get("BENCH_BARE_TENANT", "acme-corp")
 POOL_SIZE = int(os.environ.get("BENCH_BARE_POOL_SIZE", "10"))
 MAX_OVERFLOW = int(os.environ.get("BENCH_BARE_MAX_OVERFLOW", "10"))
+TENANT_COLUMN = os.environ.get("BENCH_BARE_TENANT_COLUMN", "")
+TENANT_ID = os.environ.get("BENCH_BARE_TENANT_ID", "")
+if TENANT_ID and not TENANT_COLUMN:
+    sys.exit("BENCH_BARE_TENANT_ID needs BENCH_BARE_TENANT_COLUMN")
 
 
 class Base(DeclarativeBase):
@@ -36,8 +46,11 @@ class Base(DeclarativeBase):
 class Order(Base):
     __tablename__ = "orders"
     __table_args__: dict[str, Any] = {"schema": SCHEMA} if SCHEMA else {}
-    id: Mapped[int] = mapped_column(primary_key=True)
-    description: Mapped[str] = mapped_column()
+    if TENANT_COLUMN:
+        # The shared table's shape (benchmarks/tenancy_app.py): the tenant column leads the key.
+        tenant_id: Mapped[str] = mapped_column(sa.String(36), name=TENANT_COLUMN, primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False if TENANT_COLUMN else "auto")
+    description: Mapped[str] = mapped_column(sa.String(200) if TENANT_COLUMN else sa.String())
 
 
 engine = create_async_engine(DATABASE_URL, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
@@ -61,7 +74,10 @@ async def health():  # type: ignore[no-untyped-def]
 
 @app.get("/orders")
 async def list_orders(session: Annotated[AsyncSession, Depends(get_db)]):  # type: ignore[no-untyped-def]
-    result = await session.execute(select(Order))
+    query = select(Order)
+    if TENANT_ID:
+        query = query.where(Order.tenant_id == TENANT_ID)
+    result = await session.execute(query)
     orders = result.scalars().all()
     return {
         "tenant": TENANT,

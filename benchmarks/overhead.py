@@ -1,26 +1,55 @@
 """What does tenancy cost per request? The Quick Start app against the same route without it.
 
-Side A, "tenancy": exactly `examples/quickstart/main.py` (header resolution, schema
-isolation), one tenant `acme-corp` registered with `app_metadata=Base.metadata` and
-a few orders seeded for it. Side B, "bare": `benchmarks/bare_app.py`, the same route
-and JSON over a plain `async_sessionmaker`, the `orders` table bound to the tenant's
-fixed schema (PostgreSQL) or file (SQLite). Same rows, same driver, same
-session-per-request dependency.
+Side A, "tenancy": the Quick Start app, header resolution, one isolation strategy;
+the tenant `acme-corp` registered with `app_metadata=Base.metadata` and a few orders
+seeded for it, and a second tenant, `globex`, with orders of its own that `acme-corp`
+must never see. Side B, "bare": `benchmarks/bare_app.py`, the same route and JSON over
+a plain `async_sessionmaker` bound to the storage that holds `acme-corp`'s rows. Same
+rows, same driver, same session-per-request dependency, same pool as the library opens.
+
+Strategies (`--strategies`, all by default):
+
+- `schema` (PostgreSQL): exactly `examples/quickstart/main.py`. Bare reads
+  `tenant_acme_corp.orders` (pool 10+10, the `TenancyConfig` defaults).
+- `database` (PostgreSQL, a database per tenant): `benchmarks/tenancy_app.py`, the Quick
+  Start configured by `TENANCY_*` variables only (its `isolation_strategy="schema"`
+  argument would win over the environment), tenant databases named `<db-prefix>_<slug>`.
+  Bare opens the tenant's database directly with the library's per-tenant pool (2, no
+  overflow: `database_tenant_pool_size`).
+- `rls` (PostgreSQL row-level security): `tenancy_app.py`, whose `Order` then carries the
+  `tenant_id` column shared tables need; requests run as a plain application role that
+  RLS binds, DDL and the registry as an owner role (both created for the run, dropped
+  after it). Bare reads the same shared table `public.orders` as the superuser (RLS does
+  not apply to it) with `WHERE tenant_id = <acme-corp's id>`: what an app sharing tables
+  without this library writes by hand. It returns the same rows through the same index
+  (the tenant column leads the primary key); what it lacks is what tenancy adds: the
+  middleware, the binding statement before each transaction and the policy check.
+  Without the filter, bare would read both tenants' rows and not be an equivalent.
+- `hybrid` (PostgreSQL): `tenancy_app.py` with hybrid isolation, the tenant in
+  `--hybrid-tier` (default `rls`, the default tier). Bare as for that tier's strategy
+  (with the tenant column in the model; filtered only in the rls tier).
+- `sqlite` (a database file per tenant, what `schema` means on SQLite): exactly the
+  Quick Start. Bare opens the tenant's file directly (pool 2+8, as the library does).
 
 Each app runs in one uvicorn worker (subprocess, pinned to CPU 0 where `taskset`
 exists); `wrk` (pinned to CPU 1) drives `GET /orders` with `X-Tenant-ID: acme-corp`
-on both. After a warm-up, rounds alternate A B / B A ...; the report gives per-side
-medians of req/s and of p50/p99 latency, and the median of the per-round ratios
-tenancy/bare. `--baseline-src DIR` adds a third side, the Quick Start importing
+on both. Before measuring, both sides must answer the same `acme-corp` orders and the
+tenancy side must answer `globex`'s orders, and only those, for `X-Tenant-ID: globex`.
+After a warm-up, rounds alternate A B / B A ...; the report gives per-side medians of
+req/s and of p50/p99 latency, and the median of the per-round ratios tenancy/bare.
+`--baseline-src DIR` adds a third side, the same tenancy app importing
 fastapi_tenancy from DIR (such as an older version's src/).
 
-    .venv/bin/python benchmarks/overhead.py                 # PostgreSQL, then SQLite
-    .venv/bin/python benchmarks/overhead.py --backends postgres --rounds 3 --duration 5
+    .venv/bin/python benchmarks/overhead.py                 # every strategy
+    .venv/bin/python benchmarks/overhead.py --strategies schema,rls --rounds 3 --duration 5
+    .venv/bin/python benchmarks/overhead.py --rounds 2 --duration 3 --output-dir /tmp/smoke
 
 Needs `wrk` on PATH (`apt-get install -y wrk`). PostgreSQL comes from
-`TENANCY_BENCH_POSTGRES_URL` (default `postgresql+asyncpg://postgres@127.0.0.1:5432`);
-the database `bench_overhead` is created fresh and dropped at the end. Results go to
-`benchmarks/results/overhead.json` and `overhead.md`.
+`TENANCY_BENCH_POSTGRES_URL` (default `postgresql+asyncpg://postgres@127.0.0.1:5432`, a
+superuser); each strategy gets a fresh database `<db-prefix>_<strategy>` (default prefix
+`bench_overhead`), `rls` and `hybrid` the roles `<db-prefix>_owner` and `<db-prefix>_app`,
+all dropped at the end. Results go to `benchmarks/results/overhead.json` and
+`overhead.md` (`--output-dir` to write them elsewhere).
 """
 
 from __future__ import annotations
@@ -34,6 +63,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -53,12 +83,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 QUICKSTART = ROOT / "examples" / "quickstart" / "main.py"
+TENANCY_APP = BENCH_DIR / "tenancy_app.py"  # the Quick Start, isolation strategy from TENANCY_*
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
 DEFAULT_PG_BASE = "postgresql+asyncpg://postgres@127.0.0.1:5432"
-DB_NAME = "bench_overhead"
+DB_NAME = "bench_overhead"  # the default --db-prefix
 TENANT = "acme-corp"
 SCHEMA = "tenant_acme_corp"
 HEADER = ("X-Tenant-ID", TENANT)
+OTHER_TENANT = "globex"  # a second tenant, whose rows acme-corp must not see
+OTHER_ORDERS = 3
+POSTGRES_STRATEGIES = ("schema", "database", "rls", "hybrid")
+STRATEGIES = (*POSTGRES_STRATEGIES, "sqlite")
+ROLE_PASSWORD = "bench"  # of the run's own owner/app roles, dropped at the end
 
 
 # -- processes -------------------------------------------------------------------------
@@ -183,8 +219,8 @@ class Server:
             _stop(self.proc)
 
 
-def fetch_orders(server: Server) -> Any:
-    request = urllib.request.Request(server.url + "/orders", headers={HEADER[0]: HEADER[1]})
+def fetch_orders(server: Server, tenant: str = TENANT) -> Any:
+    request = urllib.request.Request(server.url + "/orders", headers={HEADER[0]: tenant})
     with urllib.request.urlopen(request, timeout=10) as resp:
         if resp.status != 200:
             raise RuntimeError(f"{server.name}: GET /orders answered {resp.status}")
@@ -270,32 +306,64 @@ def run_wrk(
 # -- setup -----------------------------------------------------------------------------
 
 
-def load_quickstart(database_url: str, module_name: str) -> ModuleType:
-    """Import `examples/quickstart/main.py` afresh, configured for `database_url`."""
-    previous = os.environ.get("TENANCY_DATABASE_URL")
-    os.environ["TENANCY_DATABASE_URL"] = database_url
+def load_app(path: Path, env: dict[str, str], module_name: str) -> ModuleType:
+    """Import the app at `path` afresh, with `env` set while it reads its configuration."""
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
-        spec = importlib.util.spec_from_file_location(module_name, QUICKSTART)
+        spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
     finally:
-        if previous is None:
-            os.environ.pop("TENANCY_DATABASE_URL", None)
-        else:
-            os.environ["TENANCY_DATABASE_URL"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-async def seed(database_url: str, module_name: str, orders: int) -> None:
-    """Register `acme-corp` through the Quick Start's own manager and add its orders."""
-    qs = load_quickstart(database_url, module_name)
+def load_quickstart(database_url: str, module_name: str) -> ModuleType:
+    """Import `examples/quickstart/main.py` afresh, configured for `database_url`."""
+    return load_app(QUICKSTART, {"TENANCY_DATABASE_URL": database_url}, module_name)
+
+
+@dataclass
+class Seeded:
+    tenant_id: str  # acme-corp's id: the tenant column's value under row-level security
+    storage: dict[str, str]  # identifier -> schema, database or file stem holding its rows
+
+
+async def seed(
+    database_url: str,
+    module_name: str,
+    orders: int,
+    *,
+    app: Path = QUICKSTART,
+    env: dict[str, str] | None = None,
+) -> Seeded:
+    """Register `acme-corp` and `globex` through the app's own manager and add their orders."""
+    qs = load_app(app, {"TENANCY_DATABASE_URL": database_url, **(env or {})}, module_name)
     await qs.manager.initialize()
     try:
-        tenant = await qs.manager.register_tenant(TENANT, "Acme Corp", app_metadata=qs.Base.metadata)
-        async with qs.manager.session(tenant) as session:
-            session.add_all([qs.Order(description=f"Order #{i}") for i in range(1, orders + 1)])
-            await session.commit()
+        ids: dict[str, str] = {}
+        storage: dict[str, str] = {}
+        for identifier, name, count, label in (
+            (TENANT, "Acme Corp", orders, "Order #"),
+            (OTHER_TENANT, "Globex", OTHER_ORDERS, "Globex order #"),
+        ):
+            tenant = await qs.manager.register_tenant(identifier, name, app_metadata=qs.Base.metadata)
+            async with qs.manager.session(tenant) as session:
+                # Explicit ids: the shared tables' key (tenant_id, id) does not autoincrement.
+                session.add_all([qs.Order(id=i, description=f"{label}{i}") for i in range(1, count + 1)])
+                await session.commit()
+            isolation = qs.manager.isolation
+            if hasattr(isolation, "tier"):  # hybrid: the strategy of the tenant's tier
+                isolation = isolation.tier(tenant)
+            ids[identifier] = tenant.id
+            storage[identifier] = isolation.storage_name(identifier)
+        return Seeded(tenant_id=ids[TENANT], storage=storage)
     finally:
         await qs.manager.close()
 
@@ -321,41 +389,107 @@ async def pg_admin(base_url: str, maintenance_db: str, *statements: str) -> list
 
 @dataclass
 class Backend:
-    name: str
+    name: str  # postgres or sqlite
+    strategy: str
+    tier: str | None  # hybrid: the tenant's tier
+    tenancy_app: Path
     tenancy_env: dict[str, str]
     bare_env: dict[str, str]
     notes: str
 
+    @property
+    def label(self) -> str:
+        return label({"backend": self.name, "strategy": self.strategy, "tier": self.tier})
 
-async def setup_postgres(args: argparse.Namespace, cleanups: list[Callable[[], object]]) -> Backend:
+
+def _role_url(base: str, role: str, database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(f"{base}/{database}").set(username=role, password=ROLE_PASSWORD)
+    return url.render_as_string(hide_password=False)
+
+
+def _drop_all(base: str, maintenance_db: str, databases: list[str], roles: list[str]) -> None:
+    """Drop the run's databases, then its roles (which own objects in those databases only)."""
+    statements = [f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in databases]
+    statements += [f"DROP ROLE IF EXISTS {role}" for role in roles]
+    asyncio.run(pg_admin(base, maintenance_db, *statements))
+
+
+def _pool(size: int, overflow: int) -> dict[str, str]:
+    return {"BENCH_BARE_POOL_SIZE": str(size), "BENCH_BARE_MAX_OVERFLOW": str(overflow)}
+
+
+async def setup_postgres(
+    args: argparse.Namespace, cleanups: list[Callable[[], object]], strategy: str = "schema"
+) -> Backend:
     base = args.pg_base.rstrip("/")
-    cleanups.append(
-        lambda: asyncio.run(
-            pg_admin(base, args.maintenance_db, f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        )
-    )
+    prefix = args.db_prefix
+    db = f"{prefix}_{strategy}"
+    tier = args.hybrid_tier if strategy == "hybrid" else strategy
+    # Tenant databases are cluster-wide names: they carry the run's prefix.
+    tenant_dbs = [f"{prefix}_{slug.replace('-', '_')}" for slug in (TENANT, OTHER_TENANT)]
+    shared = strategy in ("rls", "hybrid")
+    roles = [f"{prefix}_owner", f"{prefix}_app"] if shared else []
+    databases = [db, *(tenant_dbs if tier == "database" else [])]
+    cleanups.append(lambda: _drop_all(base, args.maintenance_db, databases, roles))
     await pg_admin(
         base,
         args.maintenance_db,
-        f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)",
-        f"CREATE DATABASE {DB_NAME}",
+        *(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in databases),
+        *(f"DROP ROLE IF EXISTS {role}" for role in roles),
+        f"CREATE DATABASE {db}",
     )
-    backend = Backend(
-        name="postgres",
-        tenancy_env={"TENANCY_DATABASE_URL": f"{base}/{DB_NAME}"},
-        bare_env={
-            "BENCH_BARE_DATABASE_URL": f"{base}/{DB_NAME}",
-            "BENCH_BARE_SCHEMA": SCHEMA,
-            "BENCH_BARE_POOL_SIZE": "10",
-            "BENCH_BARE_MAX_OVERFLOW": "10",
-        },
-        notes=(
-            f"database {DB_NAME}; bare app reads {SCHEMA}.orders directly "
+    env = {"TENANCY_ISOLATION_STRATEGY": strategy, "TENANCY_SCHEMA_PREFIX": f"{prefix}_"}
+    app, tenancy_url = TENANCY_APP, f"{base}/{db}"
+    if strategy == "schema":
+        app, env = QUICKSTART, {}  # the Quick Start itself, as it is
+    if shared:
+        owner, app_role = roles
+        # As docs/isolation.md sets them up; CREATEDB only for a hybrid database tier.
+        createdb = " CREATEDB" if tier == "database" else ""
+        await pg_admin(
+            base,
+            args.maintenance_db,
+            f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOBYPASSRLS{createdb} PASSWORD '{ROLE_PASSWORD}'",
+            f"CREATE ROLE {app_role} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{ROLE_PASSWORD}'",
+            f"GRANT CREATE ON DATABASE {db} TO {owner}",
+        )
+        await pg_admin(base, db, f"GRANT CREATE, USAGE ON SCHEMA public TO {owner}")
+        tenancy_url = _role_url(base, app_role, db)
+        env["TENANCY_DATABASE_OWNER_URL"] = _role_url(base, owner, db)
+        if strategy == "hybrid":
+            env["TENANCY_HYBRID_DEFAULT_TIER"] = tier
+    seeded = await seed(tenancy_url, f"seed_{prefix}_{strategy}", args.orders, app=app, env=env)
+    storage = seeded.storage[TENANT]
+    column = {"BENCH_BARE_TENANT_COLUMN": "tenant_id"} if shared else {}
+    if tier == "database":
+        bare_url, schema, pool = f"{base}/{storage}", "", _pool(2, 0)
+        where = f"database {storage} directly (pool 2+0, the library's per-tenant pool)"
+    elif tier == "rls":
+        bare_url, schema, pool = f"{base}/{db}", storage, _pool(10, 10)
+        column["BENCH_BARE_TENANT_ID"] = seeded.tenant_id
+        where = (
+            f"{storage}.orders as the superuser (no RLS) WHERE tenant_id = acme-corp's id "
             "(pool 10+10, like TenancyConfig defaults)"
-        ),
+        )
+    else:
+        bare_url, schema, pool = f"{base}/{db}", storage, _pool(10, 10)
+        where = f"{storage}.orders directly (pool 10+10, like TenancyConfig defaults)"
+    app_note = "the Quick Start" if app == QUICKSTART else "tenancy_app.py"
+    role_note = " as the app role (owner role for DDL)" if shared else ""
+    if strategy == "hybrid" and tier == "database":
+        role_note = " as the owner role (it serves the database tier)"
+    tier_note = f", tenant in tier {tier}" if strategy == "hybrid" else ""
+    return Backend(
+        name="postgres",
+        strategy=strategy,
+        tier=tier if strategy == "hybrid" else None,
+        tenancy_app=app,
+        tenancy_env={"TENANCY_DATABASE_URL": tenancy_url, **env},
+        bare_env={"BENCH_BARE_DATABASE_URL": bare_url, "BENCH_BARE_SCHEMA": schema, **pool, **column},
+        notes=f"database {db}; {app_note}{role_note}{tier_note}; bare app reads {where}",
     )
-    await seed(f"{base}/{DB_NAME}", "quickstart_seed_postgres", args.orders)
-    return backend
 
 
 async def setup_sqlite(args: argparse.Namespace, cleanups: list[Callable[[], object]]) -> Backend:
@@ -365,16 +499,18 @@ async def setup_sqlite(args: argparse.Namespace, cleanups: list[Callable[[], obj
     tenant_file = directory / f"tenancy.{SCHEMA}.db"
     backend = Backend(
         name="sqlite",
+        strategy="file",
+        tier=None,
+        tenancy_app=QUICKSTART,
         tenancy_env={"TENANCY_DATABASE_URL": f"sqlite+aiosqlite:///{registry}"},
         bare_env={
             # The same URL form and pool the library opens for a tenant file.
             "BENCH_BARE_DATABASE_URL": f"sqlite+aiosqlite:///file:{tenant_file}?mode=rw&uri=true",
             "BENCH_BARE_SCHEMA": "",
-            "BENCH_BARE_POOL_SIZE": "2",
-            "BENCH_BARE_MAX_OVERFLOW": "8",
+            **_pool(2, 8),
         },
         notes=(
-            f"files in a temp dir; bare app opens {tenant_file.name} directly "
+            f"files in a temp dir; the Quick Start; bare app opens {tenant_file.name} directly "
             "(pool 2+8, as the library does per tenant file)"
         ),
     )
@@ -441,33 +577,47 @@ def _brief(run: dict[str, Any]) -> str:
     return f"{run['rps']:.0f} req/s p99 {run['p99_ms']:.1f} ms{cpu}"
 
 
+def check_answers(servers: dict[str, Server], orders: int) -> None:
+    """Refuse to measure apps that answer differently, or a tenancy app that leaks rows."""
+    bodies = {side: fetch_orders(srv) for side, srv in servers.items()}
+    mine = bodies["bare"]["orders"]
+    if (
+        any(body != bodies["bare"] for body in bodies.values())
+        or len(mine) != orders
+        or not all(o["description"].startswith("Order #") for o in mine)
+    ):
+        raise RuntimeError(f"the apps answer differently: {bodies}")
+    other = fetch_orders(servers["tenancy"], OTHER_TENANT)
+    expected = [f"Globex order #{i}" for i in range(1, OTHER_ORDERS + 1)]
+    if other["tenant"] != OTHER_TENANT or sorted(o["description"] for o in other["orders"]) != expected:
+        raise RuntimeError(f"tenant {OTHER_TENANT} is not isolated from {TENANT}: {other}")
+
+
 def compare(backend: Backend, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     def server(name: str, app: str, app_dir: Path, env: dict[str, str]) -> Server:
-        log = logs / f"{backend.name}-{name}.log"
+        log = logs / f"{backend.name}-{backend.strategy}-{name}.log"
         return Server(name, app, app_dir, env, args.server_cpu, args.loop, args.http, log)
 
+    tenancy_app = f"{backend.tenancy_app.stem}:app"
     servers = {
-        "tenancy": server("tenancy", "main:app", QUICKSTART.parent, backend.tenancy_env),
+        "tenancy": server("tenancy", tenancy_app, backend.tenancy_app.parent, backend.tenancy_env),
         "bare": server("bare", "bare_app:app", BENCH_DIR, backend.bare_env),
     }
     if args.baseline_src is not None:
-        # The same Quick Start, importing fastapi_tenancy from another source tree first.
+        # The same tenancy app, importing fastapi_tenancy from another source tree first.
         env = {**backend.tenancy_env, "PYTHONPATH": str(args.baseline_src)}
-        servers["baseline"] = server("baseline", "main:app", QUICKSTART.parent, env)
+        servers["baseline"] = server("baseline", tenancy_app, backend.tenancy_app.parent, env)
     sides = list(servers)
+    tag = f"[{backend.label}]"
     try:
         for srv in servers.values():
             srv.start()
         for srv in servers.values():
             srv.wait_ready()
-        bodies = {side: fetch_orders(srv) for side, srv in servers.items()}
-        if (
-            any(body != bodies["bare"] for body in bodies.values())
-            or len(bodies["bare"]["orders"]) != args.orders
-        ):
-            raise RuntimeError(f"the apps answer differently: {bodies}")
+        check_answers(servers, args.orders)
         print(
-            f"[{backend.name}] all apps answer {len(bodies['bare']['orders'])} orders; warming up",
+            f"{tag} all apps answer the same {args.orders} {TENANT} orders, and the tenancy app "
+            f"{OTHER_ORDERS} {OTHER_TENANT} orders only; warming up",
             flush=True,
         )
         for side in sides:
@@ -489,7 +639,7 @@ def compare(backend: Backend, args: argparse.Namespace, logs: Path) -> dict[str,
                 if side != "bare"
             )
             print(
-                f"[{backend.name}] round {index + 1}/{args.rounds} ({'→'.join(order)}): "
+                f"{tag} round {index + 1}/{args.rounds} ({'→'.join(order)}): "
                 + " | ".join(f"{side} {_brief(result[side])}" for side in sides)
                 + f" | {ratios}",
                 flush=True,
@@ -497,6 +647,8 @@ def compare(backend: Backend, args: argparse.Namespace, logs: Path) -> dict[str,
             rounds.append(result)
         return {
             "backend": backend.name,
+            "strategy": backend.strategy,
+            "tier": backend.tier,
             "notes": backend.notes,
             "sides": sides,
             "rounds": rounds,
@@ -567,9 +719,16 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
+def label(res: dict[str, Any]) -> str:
+    """`postgres/rls`, `postgres/hybrid (rls tier)`, ...; older results name the backend only."""
+    strategy = res.get("strategy") or {"postgres": "schema", "sqlite": "file"}.get(res["backend"], "?")
+    tier = f" ({res['tier']} tier)" if res.get("tier") else ""
+    return f"{res['backend']}/{strategy}{tier}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| backend | side | req/s (median) | req/s (min-max) | p50 ms | p99 ms | server CPU µs/req "
+        "| backend/strategy | side | req/s (median) | req/s (min-max) | p50 ms | p99 ms | server CPU µs/req "
         "| server CPU busy | req/s ratio to bare |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -583,7 +742,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 ratio = f"**{v['ratio_median']:.3f}** ({v['ratio_min']:.3f}-{v['ratio_max']:.3f})"
             cpu, busy = x["cpu_us_per_request_median"], x["server_cpu_utilisation_median"]
             lines.append(
-                f"| {res['backend']} | {side} | {x['rps_median']:.0f} "
+                f"| {label(res)} | {side} | {x['rps_median']:.0f} "
                 f"| {x['rps_min']:.0f}-{x['rps_max']:.0f} | "
                 f"{x['p50_ms_median']:.2f} | {x['p99_ms_median']:.2f} | "
                 f"{'-' if cpu is None else f'{cpu:.0f}'} | {'-' if busy is None else f'{busy:.0%}'} "
@@ -613,7 +772,7 @@ def _extra_line(res: dict[str, Any]) -> str:
         if s.get("starved_rounds")
         else ""
     )
-    return f"- {res['backend']}: {'; '.join(parts)} (medians over rounds). {res['notes']}.{starved}"
+    return f"- {label(res)}: {'; '.join(parts)} (medians over rounds). {res['notes']}.{starved}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -621,7 +780,7 @@ def markdown(report: dict[str, Any]) -> str:
     pkgs = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     extra = "\n".join(_extra_line(r) for r in report["results"])
     baseline = (
-        f"\nSide `baseline` is the same Quick Start importing fastapi_tenancy from `{s['baseline_src']}`"
+        f"\nSide `baseline` is the same tenancy app importing fastapi_tenancy from `{s['baseline_src']}`"
         f"{' (' + s['baseline_label'] + ')' if s.get('baseline_label') else ''}."
         if s.get("baseline_src")
         else ""
@@ -631,9 +790,12 @@ def markdown(report: dict[str, Any]) -> str:
 Generated by `benchmarks/overhead.py` on {report["date"]}.
 
 `GET /orders` ({s["orders"]} rows) with `X-Tenant-ID: {TENANT}`: the Quick Start app
-(`examples/quickstart/main.py`, header resolution, schema isolation) against the same route
-with no tenancy (`benchmarks/bare_app.py`, plain `async_sessionmaker`, table bound to the
-tenant's fixed schema/file). One uvicorn worker each; rounds alternate A/B, B/A.{baseline}
+(`examples/quickstart/main.py`, header resolution; `benchmarks/tenancy_app.py`, the same
+app configured by `TENANCY_*` variables, for strategies other than schema) against the same
+route with no tenancy (`benchmarks/bare_app.py`, plain `async_sessionmaker` on the storage
+holding the tenant's rows: see each row's note below and the docstring of `overhead.py`).
+A second tenant's rows sit beside them. One uvicorn worker each; rounds alternate A/B,
+B/A.{baseline}
 
 {table(report["results"])}
 
@@ -668,7 +830,27 @@ Shared, noisy machine: compare the ratio, not the absolute req/s, across runs.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     has = importlib.util.find_spec
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="postgres,sqlite", help="comma-separated: postgres, sqlite")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated: schema, database, rls, hybrid (PostgreSQL), sqlite (a file per tenant)",
+    )
+    parser.add_argument(
+        "--backends",
+        default="postgres,sqlite",
+        help="comma-separated: postgres (its strategies among --strategies), sqlite",
+    )
+    parser.add_argument(
+        "--hybrid-tier",
+        choices=["rls", "schema", "database"],
+        default="rls",
+        help="the tier of the tenant with --strategies hybrid (default: rls, the default tier)",
+    )
+    parser.add_argument(
+        "--db-prefix",
+        default=DB_NAME,
+        help="prefix of the run's databases and roles (<prefix>_<strategy>, <prefix>_owner, ...)",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="measured rounds (each runs both sides)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per side per round")
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per side")
@@ -705,6 +887,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.backends) - {"postgres", "sqlite"}
     if unknown:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        parser.error(f"unknown strategies: {', '.join(sorted(unknown))}; use {', '.join(STRATEGIES)}")
+    args.strategies = [
+        name for name in strategies if ("sqlite" if name == "sqlite" else "postgres") in args.backends
+    ]
+    if not args.strategies:
+        parser.error("--strategies and --backends leave nothing to measure")
+    if re.fullmatch(r"[a-z][a-z0-9_]{0,20}", args.db_prefix) is None:
+        parser.error("--db-prefix: 1-21 lower-case letters, digits or '_', starting with a letter")
     if args.rounds < 1 or args.duration <= 0 or args.connections < args.threads:
         parser.error("need --rounds >= 1, --duration > 0 and --connections >= --threads")
     return args
@@ -722,17 +915,18 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     failed = False
     try:
-        for name in args.backends:
+        for name in args.strategies:
             cleanups: list[Callable[[], object]] = []
             try:
-                if name == "postgres":
-                    rows = asyncio.run(
-                        pg_admin(args.pg_base.rstrip("/"), args.maintenance_db, "SELECT version()")
-                    )
-                    facts["postgres_version"] = rows[0][0][0].split(" on ")[0]
-                    backend = asyncio.run(setup_postgres(args, cleanups))
-                else:
+                if name == "sqlite":
                     backend = asyncio.run(setup_sqlite(args, cleanups))
+                else:
+                    if "postgres_version" not in facts:
+                        rows = asyncio.run(
+                            pg_admin(args.pg_base.rstrip("/"), args.maintenance_db, "SELECT version()")
+                        )
+                        facts["postgres_version"] = rows[0][0][0].split(" on ")[0]
+                    backend = asyncio.run(setup_postgres(args, cleanups, name))
                 results.append(compare(backend, args, logs))
             except Exception as exc:  # report and go on with the next backend
                 failed = True

@@ -94,11 +94,12 @@ async def check_registry(manager: TenancyManager) -> CheckResult:
 
 @doctor_check
 async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
-    """Connections start with the empty search_path schema isolation relies on.
+    """Connections start with the empty search_path the manager asks for at connect.
 
-    A transaction-mode pooler (PgBouncer) drops startup parameters; without
-    `TENANCY_DATABASE_PGBOUNCER=true` the library would then count on a setting
-    the server never received.
+    A transaction-mode pooler (PgBouncer) drops startup parameters, which shows
+    here. Without `TENANCY_DATABASE_PGBOUNCER=true` the manager's own connections
+    would then resolve unqualified names in `public`, and asyncpg's named prepared
+    statements would meet other clients' on shared server connections.
     """
     if manager.config.backend != "postgresql":
         return CheckResult("pooler safety", "ok", f"not applicable to {manager.config.backend}")
@@ -106,7 +107,7 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
         search_path = await conn.scalar(sa.text("SELECT current_setting('search_path')"))
     if manager.config.database_pgbouncer:
         return CheckResult(
-            "pooler safety", "ok", "pgbouncer mode: every tenant transaction sets its own search_path"
+            "pooler safety", "ok", "pgbouncer mode: no cached prepared statements"
         )
     if search_path not in ("", '""'):
         return CheckResult(

@@ -106,9 +106,7 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     async with manager.engine.connect() as conn:
         search_path = await conn.scalar(sa.text("SELECT current_setting('search_path')"))
     if manager.config.database_pgbouncer:
-        return CheckResult(
-            "pooler safety", "ok", "pgbouncer mode: no cached prepared statements"
-        )
+        return CheckResult("pooler safety", "ok", "pgbouncer mode: no cached prepared statements")
     if search_path not in ("", '""'):
         return CheckResult(
             "pooler safety",

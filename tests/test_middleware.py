@@ -2,10 +2,13 @@
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Annotated
 
 import httpx
 import pytest
-from fastapi import FastAPI, WebSocket
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, WebSocket
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from fastapi_tenancy import (
     TenancyConfig,
@@ -123,18 +126,25 @@ async def test_docs_can_be_put_behind_tenancy(manager: TenancyManager) -> None:
 
 
 async def test_excluded_path_with_a_tenant_dependency_is_a_400_not_a_500(manager: TenancyManager) -> None:
-    from fastapi_tenancy.dependencies import CurrentTenant
+    from fastapi_tenancy.dependencies import CurrentTenant, make_tenant_db_dependency
 
     app = FastAPI()
     app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/public"])
+
+    get_db = make_tenant_db_dependency(manager)
 
     @app.get("/public/who")
     async def who(tenant: CurrentTenant) -> str:
         return tenant.identifier
 
+    @app.get("/public/orders")
+    async def orders(session: Annotated[AsyncSession, Depends(get_db)]) -> int:
+        return len((await session.execute(sa.text("SELECT 1"))).all())
+
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        response = await client.get("/public/who")
-    assert (response.status_code, response.json()) == (400, {"detail": "Tenant identifier missing"})
+        for path in ("/public/who", "/public/orders"):
+            response = await client.get(path)
+            assert (response.status_code, response.json()) == (400, {"detail": "Tenant identifier missing"})
 
 
 async def test_tenant_context_is_reset_after_each_request(client: httpx.AsyncClient) -> None:

@@ -250,15 +250,24 @@ def run_wrk(
     script: Path = WRK_SCRIPT,
     script_args: tuple[str, ...] = (),
     header: tuple[str, str] | None = HEADER,
+    paced: bool = False,
 ) -> dict[str, Any]:
-    """Drive `GET /orders` on `server` for `seconds`; `script` may set its own headers."""
+    """Drive `GET /orders` on `server` for `seconds`; `script` may set its own headers.
+
+    `paced=True`: `--latency-connections` connections at about `--latency-rate`
+    requests per second in all (see wrk_report.lua), instead of as fast as possible.
+    """
+    connections = args.latency_connections if paced else args.connections
+    env = None
+    if paced:
+        env = {**os.environ, "BENCH_PACE_MS": f"{connections * 1000 / args.latency_rate:.3f}"}
     cmd = [
         *_pin(args.load_cpu),
         "wrk",
         "-t",
-        str(args.threads),
+        str(min(args.threads, connections)),
         "-c",
-        str(args.connections),
+        str(connections),
         "-d",
         f"{seconds:g}s",
         "--timeout",
@@ -272,7 +281,7 @@ def run_wrk(
     pid = server.proc.pid if server.proc is not None else -1  # taskset execs: same pid
     cpu_before = process_cpu_seconds(pid)
     done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, cwd=BENCH_DIR
+        cmd, capture_output=True, text=True, timeout=seconds + 60, check=False, cwd=BENCH_DIR, env=env
     )
     cpu_after = process_cpu_seconds(pid)
     server.check_alive()
@@ -541,6 +550,14 @@ def summarise(rounds: list[dict[str, Any]], sides: list[str]) -> dict[str, Any]:
             "cpu_us_per_request_median": med(side, "cpu_us_per_request") if have_cpu else None,
             "server_cpu_utilisation_median": med(side, "server_cpu_utilisation") if have_cpu else None,
         }
+    paced = all("paced" in r[side] for r in rounds for side in sides)
+    if paced:
+        # Latency at a fixed load below saturation (see run_wrk): the request's own time.
+        for side in sides:
+            out[side]["paced"] = {
+                key + "_median": float(statistics.median(r[side]["paced"][key] for r in rounds))
+                for key in ("rps", "p50_ms", "p99_ms")
+            }
     out["vs_bare"] = {}
     for side in sides:
         if side == "bare":
@@ -554,6 +571,13 @@ def summarise(rounds: list[dict[str, Any]], sides: list[str]) -> dict[str, Any]:
             "ratio_max": max(ratios),
             "extra_us_per_request_median": statistics.median(extra_us),
         }
+        # Per round, then the median: both sides of a round ran under the same conditions.
+        cmp["p99_ratio_median"] = statistics.median(r[side]["p99_ms"] / r["bare"]["p99_ms"] for r in rounds)
+        if paced:
+            for key in ("p50_ms", "p99_ms"):
+                cmp[f"paced_{key.removesuffix('_ms')}_ratio_median"] = statistics.median(
+                    r[side]["paced"][key] / r["bare"]["paced"][key] for r in rounds
+                )
         if have_cpu:
             cmp["extra_cpu_us_per_request_median"] = statistics.median(
                 r[side]["cpu_us_per_request"] - r["bare"]["cpu_us_per_request"] for r in rounds
@@ -572,9 +596,21 @@ def summarise(rounds: list[dict[str, Any]], sides: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=250.0,
+        help="req/s of the paced latency runs after each round's throughput runs (0: none)",
+    )
+    parser.add_argument("--latency-connections", type=int, default=8, help="connections of the paced runs")
+
+
 def _brief(run: dict[str, Any]) -> str:
     cpu = "" if run["cpu_us_per_request"] is None else f", {run['cpu_us_per_request']:.0f} µs CPU/req"
-    return f"{run['rps']:.0f} req/s p99 {run['p99_ms']:.1f} ms{cpu}"
+    paced = run.get("paced")
+    at_rate = "" if paced is None else f", p99 {paced['p99_ms']:.1f} ms at {paced['rps']:.0f} req/s"
+    return f"{run['rps']:.0f} req/s p99 {run['p99_ms']:.1f} ms{cpu}{at_rate}"
 
 
 def check_answers(servers: dict[str, Server], orders: int) -> None:
@@ -633,6 +669,10 @@ def compare(backend: Backend, args: argparse.Namespace, logs: Path) -> dict[str,
             for side in order:
                 time.sleep(args.pause)
                 result[side] = run_wrk(servers[side], args.duration, args)
+            if args.latency_rate:
+                for side in order:
+                    time.sleep(args.pause)
+                    result[side]["paced"] = run_wrk(servers[side], args.duration, args, paced=True)
             ratios = " ".join(
                 f"{side}/bare {result[side]['rps'] / result['bare']['rps']:.3f}"
                 for side in sides
@@ -729,24 +769,29 @@ def label(res: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| backend/strategy | side | req/s (median) | req/s (min-max) | p50 ms | p99 ms | server CPU µs/req "
-        "| server CPU busy | req/s ratio to bare |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU busy | req/s ratio to bare | fixed load: p50 / p99 ms | p99 ratio at fixed load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         s = res["summary"]
         for side in res["sides"]:
             x = s[side]
-            ratio = ""
+            ratio = paced_ratio = ""
             if side in s["vs_bare"]:
                 v = s["vs_bare"][side]
                 ratio = f"**{v['ratio_median']:.3f}** ({v['ratio_min']:.3f}-{v['ratio_max']:.3f})"
+                paced_ratio = (
+                    f"**{v['paced_p99_ratio_median']:.2f}**" if "paced_p99_ratio_median" in v else "-"
+                )
+            paced = x.get("paced")
+            at_load = "-" if paced is None else f"{paced['p50_ms_median']:.2f} / {paced['p99_ms_median']:.2f}"
             cpu, busy = x["cpu_us_per_request_median"], x["server_cpu_utilisation_median"]
             lines.append(
                 f"| {label(res)} | {side} | {x['rps_median']:.0f} "
                 f"| {x['rps_min']:.0f}-{x['rps_max']:.0f} | "
                 f"{x['p50_ms_median']:.2f} | {x['p99_ms_median']:.2f} | "
                 f"{'-' if cpu is None else f'{cpu:.0f}'} | {'-' if busy is None else f'{busy:.0%}'} "
-                f"| {ratio} |"
+                f"| {ratio} | {at_load} | {paced_ratio} |"
             )
     return "\n".join(lines)
 
@@ -800,6 +845,11 @@ B/A.{baseline}
 {table(report["results"])}
 
 Medians over rounds; the ratio is the median of per-round ratios (min-max in brackets).
+req/s and the first p50/p99 come from runs as fast as the server goes ({s["connections"]}
+connections: latency there is mostly time queued behind other requests); the fixed-load
+latencies from paced runs right after each round's, {s.get("latency_connections", "-")}
+connections at about {s.get("latency_rate", "-")} req/s in all, well below saturation, where a
+request's latency is its own.
 "Server CPU" is the uvicorn process's user+system CPU time (from /proc, all threads): per
 request served, and as a share of the run's wall time. Near 100 % busy, the server is
 CPU-bound and req/s is the inverse of its CPU cost per request.
@@ -856,6 +906,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per side")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each run")
     parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
+    add_latency_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--orders", type=int, default=10, help="orders seeded for the tenant")
     parser.add_argument(

@@ -1,5 +1,16 @@
 -- wrk script for overhead.py: print one machine-readable line when the run ends.
 -- Latencies are in microseconds.
+
+-- Paced runs (BENCH_PACE_MS set): each connection waits a random time, exponential with
+-- that mean in milliseconds, before each request, so the server runs at a fixed load
+-- below saturation and latency is the request's own, not time spent queueing.
+local pace_ms = tonumber(os.getenv("BENCH_PACE_MS") or "")
+if pace_ms then
+  delay = function()
+    return math.floor(-pace_ms * math.log(1 - math.random()))
+  end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

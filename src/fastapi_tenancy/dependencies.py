@@ -45,11 +45,12 @@ def make_tenant_db_dependency(
     explicitly, and anything uncommitted is rolled back when the request ends.
     """
 
-    async def get_tenant_db(tenant: CurrentTenant) -> AsyncIterator[AsyncSession]:
-        # The middleware has just resolved `tenant` as active, so this skips the
-        # registry re-check of `manager.session()`: nothing but the session itself
-        # on the request path.
-        session = await manager.isolation.session(tenant)
+    async def get_tenant_db() -> AsyncIterator[AsyncSession]:
+        # The tenant read here, not declared as a `CurrentTenant` sub-dependency (that
+        # costs FastAPI a second dependency solve per request). The middleware has just
+        # resolved it as active, so this skips the registry re-check of
+        # `manager.session()`: nothing but the session itself on the request path.
+        session = await manager.isolation.session(await get_current_tenant())
         async with session:
             yield session
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 from fastapi_tenancy import ConfigurationError, InvalidIdentifierError, TenancyConfig, TenancyManager
 from fastapi_tenancy._utils import is_result_type_change
 from fastapi_tenancy.isolation import SchemaIsolation
+from fastapi_tenancy.isolation.base import CONNECTION_OPTIONS
 from fastapi_tenancy.isolation.schema import _defines_schema_types
 
 from ..apps import Base
@@ -82,10 +83,8 @@ async def test_one_statement_text_serves_every_tenant(postgres_url: str) -> None
 
 async def test_a_transaction_begun_for_no_tenant_refuses_tenant_statements(postgres_url: str) -> None:
     async with two_tenants(postgres_url) as env:
-        isolation = env.manager.isolation
-        assert isinstance(isolation, SchemaIsolation)
-        await isolation.session(await env.manager.get_tenant("alpha"))  # makes alpha's bind
-        tenant_options = isolation._binds["alpha"].get_execution_options()
+        session = await env.manager.isolation.session(await env.manager.get_tenant("alpha"))
+        tenant_options = session.info[CONNECTION_OPTIONS]
         async with env.manager.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))  # begins, with no tenant
             await conn.execution_options(**tenant_options)

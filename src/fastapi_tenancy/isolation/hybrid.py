@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
-from .base import Isolation
+from .base import CONNECTION_OPTIONS, Isolation
 from .rls import RLSIsolation, tenant_session
 from .schema import SchemaIsolation
 
@@ -101,10 +101,11 @@ class HybridIsolation(Isolation):
         session = await isolation.session(tenant)
         if isinstance(isolation, RLSIsolation):
             return session
-        # The same bind, in a session that fills the tenant column of new ORM objects.
+        # The same bind and connection options, in a session that fills the tenant
+        # column of new ORM objects.
         bind = session.bind
         assert isinstance(bind, AsyncEngine)  # every strategy binds its sessions to an engine
-        return tenant_session(bind, self.column, tenant.id)
+        return tenant_session(bind, self.column, tenant.id, session.info.get(CONNECTION_OPTIONS))
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         await self.tier(tenant).provision(tenant, metadata)

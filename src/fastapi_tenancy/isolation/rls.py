@@ -11,7 +11,14 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant, validate_identifier
-from .base import BEGIN_SETTING, UNAVAILABLE_SQLSTATE, Isolation, enable_begin_settings
+from .base import (
+    BEGIN_SETTING,
+    CONNECTION_OPTIONS,
+    UNAVAILABLE_SQLSTATE,
+    Isolation,
+    TenantSession,
+    enable_begin_settings,
+)
 
 __all__ = ["RLSIsolation", "tenant_session"]
 
@@ -19,7 +26,7 @@ _TENANT_ID = "fastapi_tenancy.tenant_id"  # Session.info: the id the tenant colu
 _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
 
 
-class _TenantRowSession(Session):
+class _TenantRowSession(TenantSession):
     """The sync side of tenant sessions: a class of our own only to scope one flush listener."""
 
 
@@ -52,17 +59,20 @@ def _fill_tenant_column(session: Session, _context: UOWTransaction, _instances: 
 event.listen(_TenantRowSession, "before_flush", _fill_tenant_column)
 
 
-def tenant_session(bind: AsyncEngine, column: str, tenant_id: str) -> AsyncSession:
+def tenant_session(
+    bind: AsyncEngine, column: str, tenant_id: str, options: dict[str, Any] | None = None
+) -> AsyncSession:
     """A new session on `bind` that fills `column` with `tenant_id` in every new ORM object.
 
     What RLS sessions are; hybrid isolation makes its other tiers' sessions the same
-    way, so one model (with the tenant column) serves every tier.
+    way, so one model (with the tenant column) serves every tier. `options`: the
+    execution options of each connection it begins on (see `TenantSession`).
     """
     return AsyncSession(
         bind=bind,
         expire_on_commit=False,
         sync_session_class=_TenantRowSession,
-        info={_TENANT_ID: (column, tenant_id)},
+        info={_TENANT_ID: (column, tenant_id), CONNECTION_OPTIONS: options},
     )
 
 
@@ -115,8 +125,10 @@ class RLSIsolation(Isolation):
         # Each transaction of a tenant session begins bound to its tenant, in the BEGIN
         # message itself (isolation/begin.py): no round trip of its own, no listener.
         enable_begin_settings(engine)
-        self._binds: dict[str, AsyncEngine] = {}
-        self._max_binds = max_cached_binds
+        # tenant id -> its BEGIN setting (strings: not tracked by the garbage collector).
+        self._settings: dict[str, str] = {}
+        self._max_settings = max_cached_binds
+        self._translate = {None: schema}
         self.app_role: str | None = None
         self._owner_role: str | None = None
 
@@ -128,11 +140,13 @@ class RLSIsolation(Isolation):
     # -- sessions --------------------------------------------------------------------
 
     async def session(self, tenant: Tenant) -> AsyncSession:
-        return tenant_session(self._binds.get(tenant.id) or self._bind(tenant.id), self.column, tenant.id)
-
-    def _bind(self, tenant_id: str) -> AsyncEngine:
         # Keyed by the tenant's id, never its slug: a slug purged and registered again
         # belongs to a new tenant with a new id.
+        setting = self._settings.get(tenant.id) or self._setting(tenant.id)
+        options = {"schema_translate_map": self._translate, BEGIN_SETTING: setting}
+        return tenant_session(self.engine, self.column, tenant.id, options)
+
+    def _setting(self, tenant_id: str) -> str:
         # The search_path too: the manager's connections start with an empty one (so
         # raw SQL cannot fall back to another schema), and the shared tables must
         # resolve for raw SQL. The tenant function takes the tenant's shared advisory
@@ -145,13 +159,10 @@ class RLSIsolation(Isolation):
             f"SET LOCAL search_path TO {_quote(self.schema)}; "
             f"SELECT {self.enter_function}({_literal(tenant_id)});"
         )
-        bind = self.engine.execution_options(
-            schema_translate_map={None: self.schema}, **{BEGIN_SETTING: setting}
-        )
-        if len(self._binds) >= self._max_binds:
-            self._binds.pop(next(iter(self._binds)))
-        self._binds[tenant_id] = bind
-        return bind
+        if len(self._settings) >= self._max_settings:
+            self._settings.pop(next(iter(self._settings)))
+        self._settings[tenant_id] = setting
+        return setting
 
     # -- startup ---------------------------------------------------------------------
 
@@ -352,7 +363,7 @@ $fn$"""  # noqa: S608
 
     async def destroy(self, tenant: Tenant) -> None:
         """Delete the tenant's rows from every tenant table (children first), as the owner."""
-        self._binds.pop(tenant.id, None)
+        self._settings.pop(tenant.id, None)
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
             await self.delete_rows(conn, tenant)
             await conn.execute(

@@ -20,6 +20,7 @@ from .base import (
     Isolation,
     create_tables,
     enable_begin_settings,
+    session_with_options,
     tenant_tables,
 )
 
@@ -114,31 +115,30 @@ class SchemaIsolation(Isolation):
         self.ddl_engine = ddl_engine or engine
         self._grantee: str | None = None
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
-        self._binds: dict[str, AsyncEngine] = {}
-        self._max_binds = max_cached_binds
+        # identifier -> the tenant's BEGIN setting: strings only, which the garbage
+        # collector does not track. Bounded.
+        self._settings: dict[str, str] = {}
+        self._max_settings = max_cached_binds
         enable_begin_settings(engine)
         self.shared_statements = shared_statements
         """Whether one SQL text serves every tenant (see the class docstring)."""
 
     async def session(self, tenant: Tenant) -> AsyncSession:
-        bind = self._binds.get(tenant.identifier) or self._bind(tenant.identifier)
-        return AsyncSession(bind=bind, expire_on_commit=False)
-
-    def _bind(self, identifier: str) -> AsyncEngine:
-        schema = self.storage_name(identifier)
-        # An execution_options() copy of the engine (same pool), with no listener, so
-        # statements keep SQLAlchemy's fast path.
+        identifier = tenant.identifier
         options: dict[str, Any] = {
-            BEGIN_SETTING: f'SET LOCAL search_path TO "{schema}";',
+            BEGIN_SETTING: self._settings.get(identifier) or self._setting(identifier),
             ON_STATEMENT_TYPES_CHANGE: self._on_statement_types_change,
         }
         if not self.shared_statements:
-            options["schema_translate_map"] = {None: schema}
-        bind = self.engine.execution_options(**options)
-        if len(self._binds) >= self._max_binds:
-            self._binds.pop(next(iter(self._binds)))
-        self._binds[identifier] = bind
-        return bind
+            options["schema_translate_map"] = {None: self.storage_name(identifier)}
+        return session_with_options(self.engine, options)
+
+    def _setting(self, identifier: str) -> str:
+        setting = f'SET LOCAL search_path TO "{self.storage_name(identifier)}";'
+        if len(self._settings) >= self._max_settings:
+            self._settings.pop(next(iter(self._settings)))
+        self._settings[identifier] = setting
+        return setting
 
     def _on_statement_types_change(self, error: BaseException) -> None:
         # A changed result type always means the statement's tables changed; a parameter
@@ -154,7 +154,6 @@ class SchemaIsolation(Isolation):
         if self.shared_statements:
             logger.warning("schema isolation: %s; tenant statements are now written per tenant", reason)
             self.shared_statements = False
-            self._binds.clear()
 
     async def _check_schema_types(self) -> None:
         # Types of the tenants' own (or the template's) make result types differ
@@ -242,6 +241,6 @@ class SchemaIsolation(Isolation):
 
     async def destroy(self, tenant: Tenant) -> None:
         schema = self.storage_name(tenant.identifier)
-        self._binds.pop(tenant.identifier, None)
+        self._settings.pop(tenant.identifier, None)
         async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

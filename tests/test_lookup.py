@@ -47,6 +47,19 @@ async def test_negative_cache_is_bounded() -> None:
     assert len(lookup) == 10
 
 
+async def test_the_tenant_cache_is_bounded_and_evicts_oldest_first() -> None:
+    store = CountingStore()
+    for name in ("a1", "a2", "a3"):
+        await store.create(Tenant(identifier=name, name=name, status=TenantStatus.ACTIVE))
+    lookup = TenantLookup(store, ttl=60, max_size=2)
+    for name in ("a1", "a2", "a3", "a3", "a2", "a1"):
+        tenant = await lookup.get(name)
+        assert tenant is not None and tenant.identifier == name
+    assert len(lookup) == 2
+    assert store.reads == ["a1", "a2", "a3", "a1"]  # a1 was evicted by a3, a2 was not
+    lookup.clear()
+
+
 async def test_ttl_zero_disables_caching() -> None:
     store = CountingStore()
     lookup = TenantLookup(store, ttl=0, negative_ttl=0)

@@ -57,7 +57,11 @@ class TenantLookup:
         self.max_size = max_size
         self.negative_ttl = negative_ttl
         self.negative_max_size = negative_max_size
-        self._hits: dict[str, tuple[Tenant, float]] = {}
+        # Tenants and their expiry times apart: a (tenant, expiry) pair per entry would
+        # be one more object per cached tenant for the garbage collector to walk (a
+        # dict of floats is not walked at all).
+        self._hits: dict[str, Tenant] = {}
+        self._expires: dict[str, float] = {}
         self._misses: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Tenant | None]] = {}
         self._used: dict[str, float] = {}  # identifier -> when its entry was last served
@@ -67,10 +71,9 @@ class TenantLookup:
     async def get(self, identifier: str) -> Tenant | None:
         """The tenant with this identifier, or None if there is none (or it is malformed)."""
         now = monotonic()
-        hit = self._hits.get(identifier)
-        if hit is not None and hit[1] > now:
+        if self._expires.get(identifier, 0.0) > now:
             self._used[identifier] = now
-            return hit[0]
+            return self._hits[identifier]
         expires = self._misses.get(identifier)
         if expires is not None and expires > now:
             return None
@@ -106,7 +109,11 @@ class TenantLookup:
     def _remember(self, identifier: str, tenant: Tenant | None, started: float) -> None:
         if tenant is not None:
             if self.ttl > 0:
-                _bounded_put(self._hits, identifier, (tenant, started + self.ttl), self.max_size)
+                self._hits.pop(identifier, None)
+                while len(self._hits) >= self.max_size:
+                    self._forget(next(iter(self._hits)))  # oldest insertion first
+                self._hits[identifier] = tenant
+                self._expires[identifier] = started + self.ttl
                 self._used.setdefault(identifier, started)
                 self._start_sweeper()
         elif self.negative_ttl > 0:
@@ -133,14 +140,13 @@ class TenantLookup:
             due = now + self.ttl / 2  # would expire before the sweep after next
             idle = now - _KEEP_WARM * self.ttl
             keep: list[str] = []
-            for identifier, (_tenant, expires) in list(self._hits.items()):
+            for identifier, expires in list(self._expires.items()):
                 if expires > due:
                     continue
                 if self._used.get(identifier, 0.0) > idle:
                     keep.append(identifier)
                 elif expires <= now:  # expired and idle: forget it
-                    del self._hits[identifier]
-                    self._used.pop(identifier, None)
+                    self._forget(identifier)
             if len(self._used) > len(self._hits):  # entries evicted by size or invalidated
                 for identifier in [i for i in self._used if i not in self._hits]:
                     del self._used[identifier]
@@ -165,14 +171,21 @@ class TenantLookup:
                 continue  # invalidated (or cleared, or re-read) while the batch was in flight
             tenant = found.get(identifier)
             if tenant is None:  # gone from the registry: the next request reads it again
-                self._hits.pop(identifier, None)
+                self._forget(identifier)
             elif identifier in self._hits:
-                self._hits[identifier] = (tenant, started + self.ttl)
+                # The cached object when nothing changed: no new long-lived objects.
+                if tenant != self._hits[identifier]:
+                    self._hits[identifier] = tenant
+                self._expires[identifier] = started + self.ttl
+
+    def _forget(self, identifier: str) -> None:
+        self._hits.pop(identifier, None)
+        self._expires.pop(identifier, None)
+        self._used.pop(identifier, None)
 
     def invalidate(self, identifier: str) -> None:
         """Forget what is known about `identifier`, and discard reads in flight."""
-        self._hits.pop(identifier, None)
-        self._used.pop(identifier, None)
+        self._forget(identifier)
         self._misses.pop(identifier, None)
         self._inflight.pop(identifier, None)
         self._refreshing.discard(identifier)
@@ -180,6 +193,7 @@ class TenantLookup:
     def clear(self) -> None:
         """Forget everything (and stop refreshing until a tenant is cached again)."""
         self._hits.clear()
+        self._expires.clear()
         self._misses.clear()
         self._inflight.clear()
         self._used.clear()

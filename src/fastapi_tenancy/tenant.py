@@ -99,6 +99,9 @@ class FrozenDict(Mapping[str, Any]):
         return (FrozenDict, (thaw(self),))
 
 
+_NO_METADATA = FrozenDict()
+
+
 def freeze(value: Any) -> Any:
     """Return an immutable copy of JSON-like data (dict → FrozenDict, list → tuple)."""
     if isinstance(value, FrozenDict):
@@ -144,7 +147,7 @@ class Tenant:
     name: str
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: TenantStatus = TenantStatus.PROVISIONING
-    metadata: Mapping[str, Any] = field(default_factory=FrozenDict)
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _NO_METADATA)
     tier: str | None = None
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
@@ -154,7 +157,9 @@ class Tenant:
     def __post_init__(self) -> None:
         validate_identifier(self.identifier)
         if not isinstance(self.metadata, FrozenDict):
-            object.__setattr__(self, "metadata", FrozenDict(self.metadata))
+            # One shared empty mapping: thousands of cached tenants without metadata
+            # then add no object for the garbage collector to walk.
+            object.__setattr__(self, "metadata", FrozenDict(self.metadata) if self.metadata else _NO_METADATA)
         object.__setattr__(self, "status", TenantStatus(self.status))
 
     @property

@@ -901,11 +901,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DB_NAME,
         help="prefix of the run's databases and roles (<prefix>_<strategy>, <prefix>_owner, ...)",
     )
-    parser.add_argument("--rounds", type=int, default=10, help="measured rounds (each runs both sides)")
+    parser.add_argument("--rounds", type=int, default=6, help="measured rounds (each runs both sides)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per side per round")
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per side")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each run")
-    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
+    # 16: fewer than the apps' pools hold (10 + 10), so no request waits for a connection.
+    parser.add_argument("--connections", type=int, default=16, help="wrk keep-alive connections")
     add_latency_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--orders", type=int, default=10, help="orders seeded for the tenant")

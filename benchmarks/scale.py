@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--pause", type=float, default=1.0)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=16)  # below the pools' 10 + 10
     overhead.add_latency_arguments(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--orders", type=int, default=10)

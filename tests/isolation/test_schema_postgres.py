@@ -97,26 +97,35 @@ _MOOD_DDL = (
     "CREATE TABLE {s}.moods (id int PRIMARY KEY, m {s}.mood)",
     "INSERT INTO {s}.moods VALUES (1, 'ok')",
 )
+# The table as the application declares it: the enum type resolves in each tenant's schema.
+_MOODS = sa.Table(
+    "moods",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("m", postgresql.ENUM("ok", "sad", name="mood", create_type=False)),
+)
+
+
+async def _moods_in_both_schemas(env: Env) -> SchemaIsolation:
+    """Give alpha's and beta's schemas an enum type of their own (after the manager started)."""
+    isolation = env.manager.isolation
+    assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
+    async with env.manager.engine.begin() as conn:
+        for schema in ("tenant_alpha", "tenant_beta"):
+            for statement in _MOOD_DDL:
+                await conn.execute(sa.text(statement.format(s=schema)))
+    return isolation
 
 
 async def test_tenant_schema_types_switch_to_statements_per_tenant(postgres_url: str) -> None:
     # Each schema gets its own enum type, after the manager started: PostgreSQL refuses the
     # shared statement once (a 503, retryable), then each tenant's SQL names its schema.
-    mood = postgresql.ENUM("ok", "sad", name="mood", create_type=False)
-    table = sa.Table(
-        "moods", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("m", mood)
-    )
     async with two_tenants(postgres_url) as env:
-        isolation = env.manager.isolation
-        assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
-        async with env.manager.engine.begin() as conn:
-            for schema in ("tenant_alpha", "tenant_beta"):
-                for statement in _MOOD_DDL:
-                    await conn.execute(sa.text(statement.format(s=schema)))
+        isolation = await _moods_in_both_schemas(env)
 
         async def read(identifier: str) -> list[str]:
             async with env.manager.session(await env.manager.get_tenant(identifier)) as session:
-                return list((await session.execute(sa.select(table.c.m))).scalars())
+                return list((await session.execute(sa.select(_MOODS.c.m))).scalars())
 
         assert await read("alpha") == ["ok"]
         with pytest.raises(sa.exc.DBAPIError) as refused:
@@ -288,21 +297,12 @@ async def test_a_bound_tenant_type_switches_to_statements_per_tenant(postgres_ur
     # A parameter's type is fixed when a statement is first prepared: comparing with
     # another tenant's enum fails ("cannot cast type tenant_alpha.mood to mood") until
     # the statements name their schema.
-    mood = postgresql.ENUM("ok", "sad", name="mood", create_type=False)
-    table = sa.Table(
-        "moods", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True), sa.Column("m", mood)
-    )
     async with two_tenants(postgres_url) as env:
-        isolation = env.manager.isolation
-        assert isinstance(isolation, SchemaIsolation) and isolation.shared_statements
-        async with env.manager.engine.begin() as conn:
-            for schema in ("tenant_alpha", "tenant_beta"):
-                for statement in _MOOD_DDL:
-                    await conn.execute(sa.text(statement.format(s=schema)))
+        isolation = await _moods_in_both_schemas(env)
 
         async def count(identifier: str) -> int:
             async with env.manager.session(await env.manager.get_tenant(identifier)) as session:
-                query = sa.select(sa.func.count()).select_from(table).where(table.c.m == "ok")
+                query = sa.select(sa.func.count()).select_from(_MOODS).where(_MOODS.c.m == "ok")
                 return int((await session.execute(query)).scalar_one())
 
         assert await count("alpha") == 1

@@ -12,8 +12,8 @@ Two parts, installed together by `enable()` on the engine tenant sessions run on
   `connection_class`), appends the pending setting to the next `BEGIN`;
 - `BeginSettingsContext`, the dialect's execution context, which runs before every
   statement: when the statement is about to open a transaction it hands the
-  connection that transaction's setting (the bind's `BEGIN_SETTING` execution
-  option, or none), and inside a transaction it refuses a statement whose
+  connection that transaction's setting (the `BEGIN_SETTING` execution option
+  its tenant session gave the connection, or none), and inside a transaction it refuses a statement whose
   setting is not the one the transaction began with. No engine event listener is
   involved: listeners put every statement of an engine on SQLAlchemy's slower
   event-dispatching path.
@@ -24,6 +24,7 @@ left over for another transaction: each statement overwrites it, a `BEGIN`
 consumes it.
 """
 
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -67,7 +68,8 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
             # BEGIN ran but the setting failed: the transaction is open and aborted, and
             # the caller, seeing BEGIN fail, will never roll it back.
             if not self.is_closed() and self.is_in_transaction():
-                await super().execute("ROLLBACK;")
+                with contextlib.suppress(Exception):  # a broken connection: the error above says why
+                    await super().execute("ROLLBACK;")
             # asyncpg keeps a transaction whose start failed as the connection's current
             # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
             self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot

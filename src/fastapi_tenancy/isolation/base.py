@@ -20,7 +20,7 @@ __all__ = [
     "Isolation",
     "TenantSession",
     "create_tables",
-    "enable_begin_settings",
+    "require_asyncpg",
     "storage_name",
     "tenant_tables",
 ]
@@ -77,14 +77,11 @@ def session_with_options(
     )
 
 
-def enable_begin_settings(engine: AsyncEngine) -> None:
-    """Make `engine` send tenant settings with each `BEGIN` (PostgreSQL with asyncpg only)."""
+def require_asyncpg(engine: AsyncEngine) -> None:
+    """Refuse an engine whose driver cannot send tenant settings with `BEGIN` (see begin.py)."""
     driver = engine.sync_engine.dialect.driver
     if driver != "asyncpg":
         raise ConfigurationError(f"this isolation strategy needs PostgreSQL through asyncpg, not {driver}")
-    from . import begin  # needs asyncpg: imported only for asyncpg engines
-
-    begin.enable(engine)
 
 
 def storage_name(prefix: str, identifier: str) -> str:

@@ -17,7 +17,7 @@ from .base import (
     UNAVAILABLE_SQLSTATE,
     Isolation,
     TenantSession,
-    enable_begin_settings,
+    require_asyncpg,
 )
 
 __all__ = ["RLSIsolation", "tenant_session"]
@@ -124,7 +124,10 @@ class RLSIsolation(Isolation):
             raise ConfigurationError("the setting namespace must be at most 40 characters")
         # Each transaction of a tenant session begins bound to its tenant, in the BEGIN
         # message itself (isolation/begin.py): no round trip of its own, no listener.
-        enable_begin_settings(engine)
+        require_asyncpg(engine)
+        from . import begin  # needs asyncpg: imported once the engine is known to use it
+
+        begin.enable(engine)
         # tenant id -> its BEGIN setting (strings: not tracked by the garbage collector).
         self._settings: dict[str, str] = {}
         self._max_settings = max_cached_binds

@@ -19,7 +19,7 @@ from .base import (
     ON_STATEMENT_TYPES_CHANGE,
     Isolation,
     create_tables,
-    enable_begin_settings,
+    require_asyncpg,
     session_with_options,
     tenant_tables,
 )
@@ -119,7 +119,10 @@ class SchemaIsolation(Isolation):
         # collector does not track. Bounded.
         self._settings: dict[str, str] = {}
         self._max_settings = max_cached_binds
-        enable_begin_settings(engine)
+        require_asyncpg(engine)
+        from . import begin  # needs asyncpg: imported once the engine is known to use it
+
+        begin.enable(engine)
         self.shared_statements = shared_statements
         """Whether one SQL text serves every tenant (see the class docstring)."""
 

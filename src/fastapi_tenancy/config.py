@@ -190,8 +190,8 @@ class TenancyConfig(BaseSettings):
     batches, before they expire, so busy tenants never wait for the registry."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
-    """Most tenants held in the in-process cache (and, on PostgreSQL, per-tenant engine
-    views kept ready); the oldest entry goes first."""
+    """Most tenants held in the in-process cache (and, on PostgreSQL, their transaction
+    settings kept ready); the oldest entry goes first."""
 
     negative_cache_ttl: float = Field(default=5.0, ge=0)
     """Seconds an unknown identifier is remembered as unknown, so probing with random

@@ -66,14 +66,13 @@ def _defines_schema_types(metadata: sa.MetaData) -> bool:
 class SchemaIsolation(Isolation):
     """Each tenant in its own PostgreSQL schema (`acme-corp` → `tenant_acme_corp`).
 
-    Safe for concurrent use: per-request state lives in each session's bind and
+    Safe for concurrent use: per-request state lives in each session and its
     transaction, never on this object.
 
-    On engines made by the library (asyncpg), every transaction of a tenant
-    session begins with the tenant's schema as its only `search_path`, sent in the
-    same message as `BEGIN` (`isolation/begin.py`): no extra round trip, and every
-    name in every statement (ORM, Core, raw SQL, SQL added at compile time)
-    resolves in that schema or fails. The SQL text is then the same for every
+    Every transaction of a tenant session begins with the tenant's schema as its
+    only `search_path`, sent in the same message as `BEGIN` (`isolation/begin.py`):
+    no extra round trip, and every name in every statement (ORM, Core, raw SQL,
+    SQL added at compile time) resolves in that schema or fails. The SQL text is then the same for every
     tenant (`shared_statements=True`), so asyncpg's prepared-statement cache serves
     all tenants from one entry per statement; PostgreSQL re-plans a cached
     statement for the schema in use. Where tenant schemas hold types of their own

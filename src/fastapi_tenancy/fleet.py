@@ -182,13 +182,7 @@ class _Worker:
         except Exception as exc:
             result = _failed(before, started, exc)
         else:
-            result = {
-                "status": "ok",
-                "from_revision": _join(before),
-                "to_revision": _join(after),
-                "duration": time.perf_counter() - started,
-                "error": None,
-            }
+            result = _migrated(before, after, started)
         finally:
             await engine.dispose()
         try:
@@ -217,13 +211,7 @@ class _Worker:
                 before = (await read_versions(conn, [schema])).get(schema)
                 await conn.run_sync(self._alembic, {SCHEMA_ATTRIBUTE: schema}, direction, target)
                 after = (await read_versions(conn, [schema])).get(schema)
-                result = {
-                    "status": "ok",
-                    "from_revision": _join(before),
-                    "to_revision": _join(after),
-                    "duration": time.perf_counter() - started,
-                    "error": None,
-                }
+                result = _migrated(before, after, started)
                 # In the migration's transaction: recorded ok if and only if migrated.
                 await _record(conn, settings["results_schema"], run_id, tenant, result)
         except Exception as exc:
@@ -649,6 +637,19 @@ def _is_spare(label: str) -> bool:
 def _result(m: TenantMigration, status: Outcome) -> TenantResult:
     version = _join(m.versions)
     return TenantResult(m.tenant, m.schema, status, version, version if status == "skipped" else None, 0.0)
+
+
+def _migrated(
+    before: tuple[str, ...] | None, after: tuple[str, ...] | None, started: float
+) -> dict[str, Any]:
+    """The result of a tenant migrated from revision `before` to `after`."""
+    return {
+        "status": "ok",
+        "from_revision": _join(before),
+        "to_revision": _join(after),
+        "duration": time.perf_counter() - started,
+        "error": None,
+    }
 
 
 def _failed(before: tuple[str, ...] | None, started: float, exc: BaseException) -> dict[str, Any]:

@@ -124,12 +124,13 @@ class SchemaIsolation(Isolation):
         begin.enable(engine)
         self.shared_statements = shared_statements
         """Whether one SQL text serves every tenant (see the class docstring)."""
+        self._types_changed = self._on_statement_types_change  # bound once, not per session
 
     async def session(self, tenant: Tenant) -> AsyncSession:
         identifier = tenant.identifier
         options: dict[str, Any] = {
             BEGIN_SETTING: self._settings.get(identifier) or self._setting(identifier),
-            ON_STATEMENT_TYPES_CHANGE: self._on_statement_types_change,
+            ON_STATEMENT_TYPES_CHANGE: self._types_changed,
         }
         if not self.shared_statements:
             options["schema_translate_map"] = {None: self.storage_name(identifier)}

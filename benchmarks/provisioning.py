@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
-from fastapi_tenancy.provisioning import schema_catalog  # noqa: E402
+from fastapi_tenancy.isolation.clone import schema_catalog  # noqa: E402
 
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 

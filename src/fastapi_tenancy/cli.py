@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from .config import TenancyConfig
 from .errors import (
     ConfigurationError,
+    FleetBusyError,
     InvalidIdentifierError,
     InvalidTransitionError,
     TenancyError,
@@ -118,8 +119,6 @@ def load_manager(app_path: str | None) -> TenancyManager:
 
 
 def _exit_code(exc: BaseException) -> int | None:
-    from .fleet import FleetBusyError  # noqa: PLC0415 - needs the migrations extra
-
     if isinstance(exc, TenantNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(

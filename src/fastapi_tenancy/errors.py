@@ -12,6 +12,8 @@ logs and may say more (it never holds secrets either).
     ├── TenantAlreadyExistsError (ValueError)     the slug is taken (also by a deleted tenant)
     ├── TenantChangedError                        a concurrent change won; re-read and retry
     ├── ProvisioningError                         storage for a new tenant could not be made
+    ├── FleetBusyError                            another fleet migration holds the database
+    ├── IsolationError (AssertionError)           assert_isolated found one tenant reaching another
     ├── TenantResolutionError                     400: the request names no tenant
     ├── InvalidTokenError                         401: the bearer token is not acceptable
     ├── TenantMismatchError                       403: two sources name different tenants
@@ -23,13 +25,15 @@ logs and may say more (it never holds secrets either).
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "ConfigurationError",
+    "FleetBusyError",
     "InvalidIdentifierError",
     "InvalidTokenError",
     "InvalidTransitionError",
+    "IsolationError",
     "MissingDependencyError",
     "ProvisioningError",
     "RateLimitExceededError",
@@ -168,3 +172,19 @@ class TenancyUnavailableError(TenancyError):
 
     status_code = 503
     detail = "Tenancy backend unavailable"
+
+
+class FleetBusyError(TenancyError):
+    """Another fleet migration is running against this database."""
+
+
+class IsolationError(TenancyError, AssertionError):
+    """`assert_isolated` found tenant B's data read or changed by tenant A (or could not check).
+
+    An `AssertionError` too, so that test runners report it as a failed assertion.
+    `report` is the `fastapi_tenancy.testing.IsolationReport` of the run.
+    """
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report

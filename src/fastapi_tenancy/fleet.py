@@ -46,8 +46,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._utils import create_engine
-from .errors import ConfigurationError, TenancyError
+from .errors import ConfigurationError, FleetBusyError
 from .isolation.database import DatabaseIsolation
+from .isolation.spares import FLEET_GATE_KEY, SPARES_TABLE
 from .migrations import (
     CONNECTION_ATTRIBUTE,
     DATABASE_ATTRIBUTE,
@@ -55,7 +56,6 @@ from .migrations import (
     read_database_version,
     read_versions,
 )
-from .spares import FLEET_GATE_KEY, SPARES_TABLE
 from .tenant import Tenant, TenantStatus
 
 __all__ = ["FleetBusyError", "FleetMigrator", "FleetReport", "TenantMigration", "TenantResult"]
@@ -71,10 +71,6 @@ SPARE_LABEL = "(spare {})"
 """How results name a spare schema (`schema_spares`); spares are migrated with the template."""
 FLEET_ATTRIBUTE = "tenancy_fleet"
 """`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
-
-
-class FleetBusyError(TenancyError):
-    """Another fleet migration is running against this database."""
 
 
 @dataclass(frozen=True)

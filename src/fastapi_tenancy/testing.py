@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from .config import TenancyConfig
 from .context import _current
 from .dependencies import get_current_tenant
-from .errors import MissingDependencyError
+from .errors import IsolationError, MissingDependencyError
 from .manager import TenancyManager
 from .storage.memory import InMemoryTenantStore
 from .tenant import Tenant
@@ -167,14 +167,6 @@ def override_tenant(app: FastAPI, tenant: Tenant) -> Iterator[Tenant]:
 _METHODS = ("get", "post", "put", "patch", "delete")
 _PATH_PARAM = re.compile(r"{([^}/]+)}")
 _PER_ROUTE = 4  # requests per route with identifiers in its path, one per identifier of B
-
-
-class IsolationError(AssertionError):
-    """`assert_isolated` found tenant B's data read or changed by tenant A (or could not check)."""
-
-    def __init__(self, message: str, report: "IsolationReport") -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass

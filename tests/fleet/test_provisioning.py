@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import ProvisioningError, TenancyConfig, TenancyManager
-from fastapi_tenancy.provisioning import schema_catalog
+from fastapi_tenancy.isolation.clone import schema_catalog
 
 pytestmark = pytest.mark.postgres
 

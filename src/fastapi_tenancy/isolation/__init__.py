@@ -6,11 +6,13 @@ MySQL/MariaDB); `SQLiteFileIsolation` gives each tenant a SQLite database file (
 both strategies mean on SQLite); `RLSIsolation` keeps tenants in shared tables under
 row-level security; `HybridIsolation` places each tenant in a tier. `EngineRegistry`
 and `ConnectionBudget` hold the per-tenant engines of the database and file strategies.
+Helpers of the schema strategy: `clone` (a tenant schema cloned from the template) and
+`spares` (clones made ahead of time); `_begin` sends tenant settings with `BEGIN`.
 """
 
+from ._engines import ConnectionBudget, EngineRegistry
 from .base import Isolation, storage_name
 from .database import DatabaseIsolation
-from .engines import ConnectionBudget, EngineRegistry
 from .hybrid import HybridIsolation
 from .rls import RLSIsolation
 from .schema import SchemaIsolation

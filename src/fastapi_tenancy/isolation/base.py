@@ -25,7 +25,7 @@ __all__ = [
     "tenant_tables",
 ]
 
-# Execution options of tenant binds, read by isolation/begin.py on engines that send
+# Execution options of tenant binds, read by isolation/_begin.py on engines that send
 # settings with BEGIN (defined here because that module needs asyncpg).
 BEGIN_SETTING = "fastapi_tenancy_begin_setting"
 """SQL (ending in `;`) run in the same message as each transaction's `BEGIN`."""
@@ -78,7 +78,7 @@ def session_with_options(
 
 
 def require_asyncpg(engine: AsyncEngine) -> None:
-    """Refuse an engine whose driver cannot send tenant settings with `BEGIN` (see begin.py)."""
+    """Refuse an engine whose driver cannot send tenant settings with `BEGIN` (see _begin.py)."""
     driver = engine.sync_engine.dialect.driver
     if driver != "asyncpg":
         raise ConfigurationError(f"this isolation strategy needs PostgreSQL through asyncpg, not {driver}")

@@ -14,8 +14,8 @@ from .._utils import create_engine, unavailable_as_503
 from ..config import normalise_database_url
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
+from ._engines import ConnectionBudget, EngineRegistry
 from .base import Isolation, create_tables, tenant_tables
-from .engines import ConnectionBudget, EngineRegistry
 
 if TYPE_CHECKING:  # the cipher needs `cryptography`, an optional extra
     from ..encryption import URLCipher

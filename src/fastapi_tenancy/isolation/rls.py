@@ -123,9 +123,9 @@ class RLSIsolation(Isolation):
         if len(namespace) > 40:
             raise ConfigurationError("the setting namespace must be at most 40 characters")
         # Each transaction of a tenant session begins bound to its tenant, in the BEGIN
-        # message itself (isolation/begin.py): no round trip of its own, no listener.
+        # message itself (isolation/_begin.py): no round trip of its own, no listener.
         require_asyncpg(engine)
-        from . import begin  # needs asyncpg: imported once the engine is known to use it
+        from . import _begin as begin  # needs asyncpg: imported once the engine is known to use it
 
         begin.enable(engine)
         # tenant id -> its BEGIN setting (strings: not tracked by the garbage collector).

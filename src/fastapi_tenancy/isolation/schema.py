@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
-from ..provisioning import clone_schema
-from ..spares import SparePool
 from ..tenant import Tenant
 from .base import (
     BEGIN_SETTING,
@@ -23,6 +21,8 @@ from .base import (
     session_with_options,
     tenant_tables,
 )
+from .clone import clone_schema
+from .spares import SparePool
 
 __all__ = ["SchemaIsolation"]
 
@@ -70,7 +70,7 @@ class SchemaIsolation(Isolation):
     transaction, never on this object.
 
     Every transaction of a tenant session begins with the tenant's schema as its
-    only `search_path`, sent in the same message as `BEGIN` (`isolation/begin.py`):
+    only `search_path`, sent in the same message as `BEGIN` (`isolation/_begin.py`):
     no extra round trip, and every name in every statement (ORM, Core, raw SQL,
     SQL added at compile time) resolves in that schema or fails. The SQL text is then the same for every
     tenant (`shared_statements=True`), so asyncpg's prepared-statement cache serves
@@ -100,7 +100,7 @@ class SchemaIsolation(Isolation):
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
-        # (fastapi_tenancy.provisioning) instead of created table by table.
+        # (fastapi_tenancy.isolation.clone) instead of created table by table.
         self.template = template
         # Clones of the template made ahead of time: a registration renames one.
         self.spares: SparePool | None = None
@@ -119,7 +119,7 @@ class SchemaIsolation(Isolation):
         self._settings: dict[str, str] = {}
         self._max_settings = max_cached_binds
         require_asyncpg(engine)
-        from . import begin  # needs asyncpg: imported once the engine is known to use it
+        from . import _begin as begin  # needs asyncpg: imported once the engine is known to use it
 
         begin.enable(engine)
         self.shared_statements = shared_statements

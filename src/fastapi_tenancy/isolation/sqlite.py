@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from .._utils import create_engine, is_memory_sqlite, unavailable_as_503
 from ..errors import ProvisioningError
 from ..tenant import Tenant
+from ._engines import EngineRegistry
 from .base import Isolation, create_tables, tenant_tables
-from .engines import EngineRegistry
 
 __all__ = ["SQLiteFileIsolation"]
 

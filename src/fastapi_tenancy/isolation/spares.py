@@ -29,8 +29,8 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .errors import ProvisioningError
-from .provisioning import clone_schema
+from ..errors import ProvisioningError
+from .clone import clone_schema
 
 __all__ = ["SPARES_TABLE", "SPARE_PREFIX", "SpareInfo", "SparePool"]
 

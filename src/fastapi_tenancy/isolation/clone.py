@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .errors import ProvisioningError
+from ..errors import ProvisioningError
 
 __all__ = ["clone_schema", "schema_catalog"]
 

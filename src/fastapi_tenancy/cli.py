@@ -556,13 +556,7 @@ def run_command(
         if tenant:
             chosen = [await manager.get_tenant(slug) for slug in tenant]
         else:
-            chosen, after = [], None
-            while True:
-                page = await manager.list_tenants(status=status, after=after, limit=1000)
-                chosen.extend(page)
-                if len(page) < 1000:
-                    break
-                after = page[-1].identifier
+            chosen = [t async for t in manager.store.iterate(status=status)]
         return [(t.identifier, manager.isolation.storage_name(t.identifier)) for t in chosen]
 
     results = []

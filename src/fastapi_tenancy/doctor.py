@@ -1,8 +1,9 @@
 """`fastapi-tenancy doctor`: health checks of a deployment, as an extensible list.
 
-Each check is an async function of the manager returning a `CheckResult`. Add
-one with `@doctor_check` (strategies that need their own checks, such as RLS
-policies and roles, register them here):
+Each check is an async function of the manager returning a `CheckResult` (or a
+list of them). Add one with `@doctor_check`. Isolation strategies bring their own
+checks (RLS policies, the template schema, spares) through `Isolation.diagnose()`,
+which `check_isolation` runs for every strategy in use:
 
     @doctor_check
     async def my_check(manager: TenancyManager) -> CheckResult:
@@ -17,11 +18,6 @@ from typing import Literal
 import sqlalchemy as sa
 
 from .config import mask_url
-from .isolation.base import Isolation
-from .isolation.database import DatabaseIsolation
-from .isolation.hybrid import HybridIsolation
-from .isolation.rls import RLSIsolation
-from .isolation.schema import SchemaIsolation
 from .manager import TenancyManager
 from .tenant import TenantStatus
 
@@ -39,7 +35,7 @@ class CheckResult:
     detail: str
 
 
-Check = Callable[[TenancyManager], Awaitable[CheckResult]]
+Check = Callable[[TenancyManager], Awaitable[CheckResult | list[CheckResult]]]
 
 CHECKS: list[Check] = []
 """The checks `doctor` runs, in order."""
@@ -56,7 +52,8 @@ async def run_checks(manager: TenancyManager) -> list[CheckResult]:
     results = []
     for check in CHECKS:
         try:
-            results.append(await check(manager))
+            result = await check(manager)
+            results.extend(result if isinstance(result, list) else [result])
         except Exception as exc:
             name = check.__name__.removeprefix("check_").replace("_", " ")
             results.append(CheckResult(name, "fail", f"{type(exc).__name__}: {exc}"))
@@ -117,33 +114,17 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     return CheckResult("pooler safety", "ok", "connections start with an empty search_path")
 
 
-def _tiers(manager: TenancyManager) -> dict[str, Isolation]:
-    """The strategies the manager serves tenants with: one, or each tier of a hybrid."""
-    isolation = manager.isolation
-    if isinstance(isolation, HybridIsolation):
-        return dict(isolation.tiers)
-    return {manager.config.isolation_strategy: isolation}
-
-
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
     """Every active tenant has its schema, or its database on the main server (one catalog query)."""
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
-    tiers = _tiers(manager)
+    isolation = manager.isolation
     expected: dict[str, tuple[str, str]] = {}  # storage name -> (kind, identifier)
-    after: str | None = None
-    while True:
-        page = await manager.list_tenants(status=TenantStatus.ACTIVE, after=after, limit=1000)
-        for tenant in page:
-            isolation = tiers.get(tenant.tier or "") if len(tiers) > 1 else next(iter(tiers.values()))
-            if isinstance(isolation, SchemaIsolation):
-                expected[isolation.storage_name(tenant.identifier)] = ("schema", tenant.identifier)
-            elif isinstance(isolation, DatabaseIsolation) and tenant.encrypted_database_url is None:
-                expected[isolation.storage_name(tenant.identifier)] = ("database", tenant.identifier)
-        if len(page) < 1000:
-            break
-        after = page[-1].identifier
+    async for tenant in manager.store.iterate(status=TenantStatus.ACTIVE):
+        storage = isolation.expected_storage(tenant)
+        if storage is not None:
+            expected[storage[1]] = (storage[0], tenant.identifier)
     async with manager.engine.connect() as conn:
         found = set(
             (
@@ -169,55 +150,9 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
 
 
 @doctor_check
-async def check_row_level_security(manager: TenancyManager) -> CheckResult:
-    """Row-level security (`rls`, `hybrid`): every shared tenant table enabled, forced, fully covered."""
-    rls = next((i for i in _tiers(manager).values() if isinstance(i, RLSIsolation)), None)
-    if rls is None:
-        return CheckResult("row-level security", "ok", "not used")
-    problems = await rls.verify()
-    if problems:
-        return CheckResult("row-level security", "fail", "; ".join(problems[:20]))
-    return CheckResult("row-level security", "ok", "every shared tenant table is enabled, forced and covered")
-
-
-@doctor_check
-async def check_template(manager: TenancyManager) -> CheckResult:
-    """The template schema new tenants are cloned from exists (when `schema_template` is set)."""
-    template = manager.config.schema_template
-    if template is None:
-        return CheckResult("template", "ok", "not configured: tenants are provisioned with create_all")
-    async with manager.engine.connect() as conn:
-        found = await conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": template})
-    if not found:
-        return CheckResult(
-            "template",
-            "fail",
-            f"schema {template!r} does not exist: registrations will fail until "
-            "`fastapi-tenancy migrate upgrade` (or build_template()) creates it",
-        )
-    return CheckResult("template", "ok", f"schema {template!r} exists")
-
-
-@doctor_check
-async def check_spares(manager: TenancyManager) -> CheckResult:
-    """Spare schemas (`schema_spares`): how many are ready at the template's revision."""
-    pool = getattr(manager.isolation, "spares", None)
-    if pool is None:
-        return CheckResult("spares", "ok", "not configured: registrations clone or create their schema")
-    async with manager.engine.connect() as conn:
-        listed = await conn.scalar(sa.text("SELECT to_regclass('public.tenancy_spares')"))
-    if listed is None:
-        return CheckResult(
-            "spares",
-            "warn",
-            "no spares table yet: start the app or run `fastapi-tenancy tenants spares fill`",
-        )
-    spares = await pool.list_spares()
-    ready = sum(1 for s in spares if s.current)
-    stale = len(spares) - ready
-    detail = f"{ready} of {pool.size} ready" + (
-        f", {stale} stale (dropped by the next fill)" if stale else ""
-    )
-    if ready < pool.size or stale:
-        return CheckResult("spares", "warn", detail + "; registrations clone meanwhile")
-    return CheckResult("spares", "ok", detail)
+async def check_isolation(manager: TenancyManager) -> list[CheckResult]:
+    """The checks each isolation strategy in use brings (RLS policies, the template, spares...)."""
+    results: list[CheckResult] = []
+    for part in manager.isolation.parts():
+        results.extend(CheckResult(*finding) for finding in await part.diagnose())
+    return results

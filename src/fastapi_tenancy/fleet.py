@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from alembic import command
@@ -47,7 +47,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._utils import create_engine
 from .errors import ConfigurationError, FleetBusyError
-from .isolation.database import DatabaseIsolation
 from .isolation.spares import FLEET_GATE_KEY, SPARES_TABLE
 from .migrations import (
     CONNECTION_ATTRIBUTE,
@@ -57,6 +56,9 @@ from .migrations import (
     read_versions,
 )
 from .tenant import Tenant, TenantStatus
+
+if TYPE_CHECKING:  # the manager imports nothing of the fleet; this is for typing only
+    from .manager import TenancyManager
 
 __all__ = ["FleetBusyError", "FleetMigrator", "FleetReport", "TenantMigration", "TenantResult"]
 
@@ -293,7 +295,7 @@ class FleetMigrator:
 
     def __init__(
         self,
-        manager: Any,
+        manager: "TenancyManager",
         alembic_ini: str | Path,
         *,
         section: str = "tenant",
@@ -317,8 +319,8 @@ class FleetMigrator:
         self.statuses = tuple(statuses)
         self._engine: AsyncEngine | None = None
         # Database isolation: each tenant is migrated in its own database (its URL from
-        # the isolation, which decrypts a tenant's own database_url); results stay here.
-        self._per_database = isinstance(manager.isolation, DatabaseIsolation)
+        # the isolation's migration_url); results stay here, and there is no template.
+        self._per_database = manager.config.isolation_strategy == "database"
         self._urls: dict[str, str] = {}
 
     @property
@@ -366,18 +368,16 @@ class FleetMigrator:
             for slug in slugs:
                 tenants.append(self._entry(await self.manager.get_tenant(slug)))
             return tenants
-        after: str | None = None
-        while True:
-            page = await self.manager.list_tenants(after=after, limit=1000)
-            tenants.extend(self._entry(t) for t in page if t.status in self.statuses)
-            if len(page) < 1000:
-                return tenants
-            after = page[-1].identifier
+        async for tenant in self.manager.store.iterate(page=1000):
+            if tenant.status in self.statuses:
+                tenants.append(self._entry(tenant))
+        return tenants
 
     def _entry(self, tenant: Tenant) -> tuple[str, str]:
         isolation = self.manager.isolation
-        if self._per_database:
-            self._urls[tenant.identifier] = isolation.tenant_url(tenant).render_as_string(hide_password=False)
+        url = isolation.migration_url(tenant)
+        if url is not None:
+            self._urls[tenant.identifier] = url.render_as_string(hide_password=False)
         return tenant.identifier, isolation.storage_name(tenant.identifier)
 
     async def _database_versions(self, listed: list[tuple[str, str]]) -> dict[str, tuple[str, ...] | None]:
@@ -418,11 +418,12 @@ class FleetMigrator:
         """
         wanted = self._target_revisions(direction, target)
         listed = await self._tenants(tenants)
-        if self._per_database:
-            versions = await self._database_versions(listed)
-        else:
+        own = [(slug, name) for slug, name in listed if slug in self._urls]
+        versions = await self._database_versions(own) if own else {}
+        in_schemas = [name for slug, name in listed if slug not in self._urls]
+        if in_schemas:
             async with self.engine.connect() as conn:
-                versions = await read_versions(conn, [schema for _, schema in listed])
+                versions.update(await read_versions(conn, in_schemas))
         rows = []
         for slug, schema in listed:
             current = versions.get(schema)

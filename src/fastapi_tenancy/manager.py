@@ -1,4 +1,4 @@
-"""`TenancyManager`: builds the parts from the config and runs the tenant lifecycle."""
+"""`TenancyManager`: the tenant lifecycle and the request path, over parts built from the config."""
 
 import asyncio
 import logging
@@ -10,8 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.requests import HTTPConnection
 
-from ._utils import create_engine, redis_client, unavailable_as_503
-from .audit import AuditWriter, SQLAuditWriter
+from ._utils import unavailable_as_503
+from .audit import AuditWriter
+from .builder import build_parts
 from .config import TenancyConfig, normalise_database_url
 from .context import current_tenant
 from .errors import (
@@ -27,21 +28,10 @@ from .errors import (
 from .events import LifecycleEvent, LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
-from .isolation.database import DatabaseIsolation
-from .isolation.hybrid import HybridIsolation
-from .isolation.rls import RLSIsolation
-from .isolation.schema import SchemaIsolation
-from .isolation.sqlite import SQLiteFileIsolation
 from .lookup import TenantLookup
 from .ratelimit.base import RateLimiter
-from .ratelimit.memory import MemoryRateLimiter
-from .resolution.base import Resolver, ResolverFunc, as_resolver
-from .resolution.chain import ChainResolver
-from .resolution.header import HeaderResolver
-from .resolution.path import PathResolver
-from .resolution.subdomain import SubdomainResolver
+from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
-from .storage.database import SQLAlchemyTenantStore
 from .tenant import Tenant, TenantStatus
 
 if TYPE_CHECKING:  # needs `cryptography`, an optional extra
@@ -86,239 +76,23 @@ class TenancyManager:
         audit: AuditWriter | None = None,
     ) -> None:
         self.config = config if config is not None else TenancyConfig()
-        # PostgreSQL connections start with an empty search_path (fail closed), except
-        # behind PgBouncer, which does not pass startup parameters on.
-        self._empty_search_path = self.config.backend == "postgresql" and not self.config.database_pgbouncer
-        self.engine: AsyncEngine = create_engine(
-            self.config.database_url,
-            pool_size=self.config.database_pool_size,
-            max_overflow=self.config.database_max_overflow,
-            pool_timeout=self.config.database_pool_timeout,
-            pool_recycle=self.config.database_pool_recycle,
-            pool_pre_ping=self.config.database_pool_pre_ping,
-            echo=self.config.database_echo,
-            pgbouncer=self.config.database_pgbouncer,
-            empty_search_path=self._empty_search_path,
-        )
+        parts = build_parts(self.config, store=store, resolver=resolver, isolation=isolation, audit=audit)
+        self.engine: AsyncEngine = parts.engine
         # The role that owns the shared tables (rls, hybrid): DDL and the registry run as
-        # it, requests as the role of database_url, which therefore cannot read the
-        # registry (every tenant's name and metadata) even with raw SQL.
-        self.owner_engine: AsyncEngine | None = None
-        if self.config.database_owner_url is not None:
-            self.owner_engine = create_engine(
-                self.config.database_owner_url,
-                pool_size=2,
-                max_overflow=2,
-                pool_timeout=self.config.database_pool_timeout,
-                pool_recycle=self.config.database_pool_recycle,
-                pool_pre_ping=self.config.database_pool_pre_ping,
-                echo=self.config.database_echo,
-                pgbouncer=self.config.database_pgbouncer,
-            )
-        # The engine's connections resolve no unqualified name, so a registry sharing
-        # it names its schema.
-        default_store_schema = "public" if self._empty_search_path or self.owner_engine else None
-        self.store = (
-            store
-            if store is not None
-            else SQLAlchemyTenantStore(self.owner_engine or self.engine, schema=default_store_schema)
-        )
-        if self.config.database_pgbouncer and isinstance(self.store, SQLAlchemyTenantStore):
-            # A registry opened from a URL (as in the Quick Start) makes its own pool on first
-            # use: behind PgBouncer it must not cache prepared statements either.
-            self.store.pgbouncer = True
-        self.resolver = self._build_resolver(resolver)
-        self.cipher = self._build_cipher()
-        self.isolation = isolation if isolation is not None else self._build_isolation()
-        self.lookup = TenantLookup(
-            self.store,
-            ttl=self.config.cache_ttl,
-            max_size=self.config.cache_max_size,
-            negative_ttl=self.config.negative_cache_ttl,
-            negative_max_size=self.config.negative_cache_max_size,
-        )
-        # Lifecycle hooks and the audit log (docs/background.md); the audit table
-        # lives in the registry database unless another writer is passed.
-        self.events = LifecycleEvents(
-            audit
-            if audit is not None
-            else SQLAuditWriter(self.owner_engine or self.engine, schema=default_store_schema)
-        )
+        # it, requests as the role of database_url.
+        self.owner_engine: AsyncEngine | None = parts.owner_engine
+        self.store: TenantStore = parts.store
+        self.resolver: Resolver = parts.resolver
+        self.cipher: URLCipher | None = parts.cipher
+        self.isolation: Isolation = parts.isolation
+        self.lookup: TenantLookup = parts.lookup
+        self.events: LifecycleEvents = parts.events
         # Redis, when configured, is shared by the invalidation channel and the limiter.
-        self.redis: Any = (
-            redis_client(self.config.redis_url, timeout=self.config.redis_timeout)
-            if self.config.redis_url
-            else None
-        )
-        self.invalidation: InvalidationChannel | None = self._build_invalidation()
-        self.rate_limiter: RateLimiter | None = self._build_rate_limiter()
+        self.redis: Any = parts.redis
+        self.invalidation: InvalidationChannel | None = parts.invalidation
+        self.rate_limiter: RateLimiter | None = parts.rate_limiter
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
-
-    def _build_resolver(self, resolver: Resolver | ResolverFunc | None) -> Resolver:
-        strategy = self.config.resolution_strategy
-        if strategy == "custom":
-            if resolver is None:
-                raise ConfigurationError("resolution_strategy='custom' needs TenancyManager(resolver=...)")
-            return as_resolver(resolver)
-        if resolver is not None:
-            raise ConfigurationError(
-                f"a resolver was passed but resolution_strategy is {strategy!r}; "
-                "set resolution_strategy='custom' to use it"
-            )
-        if strategy == "chain":
-            return ChainResolver(
-                [self._build_strategy(name) for name in self.config.resolution_chain],
-                mode=self.config.resolution_chain_mode,
-            )
-        return self._build_strategy(strategy)
-
-    def _build_strategy(self, name: str) -> Resolver:
-        config = self.config
-        if name == "subdomain":
-            assert config.domain_suffix is not None  # TenancyConfig requires it
-            return SubdomainResolver(
-                config.domain_suffix,
-                reserved=config.reserved_subdomains,
-                trusted_proxies=config.trusted_proxies,
-            )
-        if name == "path":
-            return PathResolver(config.path_prefix)
-        if name == "jwt":
-            # Imported here: PyJWT is an optional extra, needed only by this strategy.
-            from .resolution.jwt import JWTResolver
-
-            return JWTResolver(
-                config.jwt_algorithms,
-                secret=config.jwt_secret.get_secret_value() if config.jwt_secret is not None else None,
-                public_key=config.jwt_public_key,
-                jwks_url=config.jwt_jwks_url,
-                jwks_cache_ttl=config.jwt_jwks_cache_ttl,
-                audience=config.jwt_audience,
-                issuer=config.jwt_issuer,
-                leeway=config.jwt_leeway,
-                tenant_claim=config.jwt_tenant_claim,
-                require_exp=config.jwt_require_exp,
-            )
-        return HeaderResolver(config.tenant_header_name)
-
-    def _build_cipher(self) -> "URLCipher | None":
-        if not self.config.encryption_keys:
-            return None
-        from .encryption import URLCipher  # imported only when keys are set: needs `cryptography`
-
-        return URLCipher(self.config.encryption_keys)
-
-    def _build_isolation(self) -> Isolation:
-        config = self.config
-        if config.backend == "sqlite":
-            # Both strategies mean one file per tenant: SQLite has no schemas, and a
-            # file is its database.
-            if config.schema_template is not None:
-                raise ConfigurationError("schema_template needs PostgreSQL (a template is a schema)")
-            return SQLiteFileIsolation(
-                config.database_url,
-                prefix=config.schema_prefix,
-                max_engines=config.max_cached_engines,
-                echo=config.database_echo,
-            )
-        if config.isolation_strategy == "database":
-            return self._database_isolation(config.database_url)
-        if config.isolation_strategy == "schema":
-            return SchemaIsolation(
-                self.engine,
-                prefix=config.schema_prefix,
-                max_cached_binds=config.cache_max_size,
-                template=config.schema_template,
-                spares=config.schema_spares,
-                shared_statements=config.schema_shared_statements,
-            )
-        assert self.owner_engine is not None  # the config requires it for rls and hybrid
-        rls = RLSIsolation(
-            self.engine,
-            self.owner_engine,
-            column=config.rls_tenant_column,
-            namespace=config.rls_setting_namespace,
-            prefix=config.schema_prefix,
-            max_cached_binds=config.cache_max_size,
-        )
-        if config.isolation_strategy == "rls":
-            return rls
-        schema = SchemaIsolation(
-            self.engine,
-            prefix=config.schema_prefix,
-            max_cached_binds=config.cache_max_size,
-            template=config.schema_template,
-            ddl_engine=self.owner_engine,
-            shared_statements=config.schema_shared_statements,
-        )
-        # The database tier's databases are created, and served, by the owner role: the
-        # application role needs no CREATEDB, and reaches no tenant database by itself.
-        assert config.database_owner_url is not None  # required with hybrid, like owner_engine
-        database = self._database_isolation(config.database_owner_url)
-        return HybridIsolation(
-            {"schema": schema, "database": database, "rls": rls},
-            default_tier=config.hybrid_default_tier,
-            plan_tiers=config.hybrid_plan_tiers,
-            column=config.rls_tenant_column,
-        )
-
-    def _database_isolation(self, server_url: str) -> DatabaseIsolation:
-        config = self.config
-        return DatabaseIsolation(
-            server_url,
-            prefix=config.schema_prefix,
-            cipher=self.cipher,
-            connection_budget=config.database_connection_budget,
-            pool_size=config.database_tenant_pool_size,
-            pool_timeout=config.database_pool_timeout,
-            pool_recycle=config.database_pool_recycle,
-            pool_pre_ping=config.database_pool_pre_ping,
-            max_engines=config.max_cached_engines,
-            pgbouncer=config.database_pgbouncer,
-            echo=config.database_echo,
-        )
-
-    def _build_invalidation(self) -> InvalidationChannel | None:
-        if self.redis is not None:
-            from .invalidation.redis import RedisInvalidation
-
-            return RedisInvalidation(self.redis, prefix=self.config.redis_key_prefix)
-        store = self.store
-        if isinstance(store, SQLAlchemyTenantStore) and store.engine.url.get_backend_name() == "postgresql":
-            if self.config.database_pgbouncer and store.engine.url == self.engine.url:
-                # LISTEN holds a session, which PgBouncer in transaction mode cannot give.
-                logger.warning(
-                    "no cross-worker cache invalidation: LISTEN/NOTIFY does not work through PgBouncer "
-                    "in transaction mode; set redis_url, or other workers see changes after cache_ttl"
-                )
-                return None
-            from .invalidation.postgres import PostgresInvalidation
-
-            return PostgresInvalidation(store.engine)
-        return None
-
-    def _build_rate_limiter(self) -> RateLimiter | None:
-        config = self.config
-        if not config.rate_limit_enabled:
-            return None
-        if self.redis is not None:
-            from .ratelimit.redis import RedisRateLimiter
-
-            return RedisRateLimiter(
-                self.redis,
-                prefix=config.redis_key_prefix,
-                requests=config.rate_limit_requests,
-                window=config.rate_limit_window,
-                plans=config.rate_limit_plans,
-                fail_open=config.rate_limit_fail_open,
-            )
-        return MemoryRateLimiter(
-            requests=config.rate_limit_requests,
-            window=config.rate_limit_window,
-            plans=config.rate_limit_plans,
-            fail_open=config.rate_limit_fail_open,
-        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -426,10 +200,7 @@ class TenancyManager:
         (a soft-deleted tenant keeps its slug until purged).
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
-        if isinstance(self.isolation, HybridIsolation):
-            tier = self.isolation.choose_tier(tier, metadata or {})
-        elif tier is not None:
-            raise ConfigurationError(f"tier={tier!r} needs isolation_strategy='hybrid'")
+        tier = self.isolation.choose_tier(tier, metadata or {})
         new = Tenant(
             identifier=identifier,
             name=name,
@@ -493,14 +264,11 @@ class TenancyManager:
             return tenant.with_encrypted_database_url(cipher.rotate(token))
 
         rotated = 0
-        after: str | None = None
-        while page := await self.store.list(after=after, limit=500):
-            for tenant in page:
-                token = tenant.encrypted_database_url
-                if token is not None and not cipher.is_current(token):
-                    await self._change(tenant.identifier, rotate)
-                    rotated += 1
-            after = page[-1].identifier
+        async for tenant in self.store.iterate():
+            token = tenant.encrypted_database_url
+            if token is not None and not cipher.is_current(token):
+                await self._change(tenant.identifier, rotate)
+                rotated += 1
         logger.info("re-encrypted the database_url of %d tenants", rotated)
         return rotated
 
@@ -581,8 +349,6 @@ class TenancyManager:
         deleted meanwhile.
         """
         isolation = self.isolation
-        if not isinstance(isolation, HybridIsolation):
-            raise ConfigurationError("move_tenant needs isolation_strategy='hybrid'")
         current = await self.get_tenant(_slug(tenant))
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
@@ -600,11 +366,8 @@ class TenancyManager:
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        isolation = self.isolation
-        if not isinstance(isolation, HybridIsolation):
-            raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
         current = await self.get_tenant(_slug(tenant))
-        await isolation.remove_old_copy(current)
+        await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
     async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:

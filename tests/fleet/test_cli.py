@@ -150,7 +150,6 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "registry": "ok",
         "pooler safety": "ok",
         "tenant storage": "ok",
-        "row-level security": "ok",
         "template": "ok",
         "spares": "ok",
     }

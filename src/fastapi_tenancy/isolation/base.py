@@ -1,11 +1,13 @@
 """`Isolation`: the contract of an isolation strategy, and tenant storage names."""
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -15,11 +17,14 @@ from ..tenant import Tenant, validate_identifier
 __all__ = [
     "BEGIN_SETTING",
     "CONNECTION_OPTIONS",
+    "MAX_NAME_BYTES",
     "ON_STATEMENT_TYPES_CHANGE",
     "UNAVAILABLE_SQLSTATE",
+    "Finding",
     "Isolation",
     "TenantSession",
     "create_tables",
+    "quote_identifier",
     "require_asyncpg",
     "storage_name",
     "tenant_tables",
@@ -38,7 +43,10 @@ ON_STATEMENT_TYPES_CHANGE = "fastapi_tenancy_on_statement_types_change"
 parameter types no longer fit (its tables differ from those it was prepared for, such
 as another tenant's schema with types of its own)."""
 
-_MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
+Finding = tuple[str, Literal["ok", "warn", "fail"], str]
+"""One health check's verdict for `fastapi-tenancy doctor`: (name, status, detail)."""
+
+MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 _RESERVED_NAMES = frozenset({"public", "information_schema"})
 
 
@@ -77,6 +85,11 @@ def session_with_options(
     )
 
 
+def quote_identifier(name: str, *, quote: str = '"') -> str:
+    """`name` as a quoted SQL identifier (`"` for PostgreSQL and SQLite, a backtick for MySQL)."""
+    return quote + name.replace(quote, quote * 2) + quote
+
+
 def require_asyncpg(engine: AsyncEngine) -> None:
     """Refuse an engine whose driver cannot send tenant settings with `BEGIN` (see _begin.py)."""
     driver = engine.sync_engine.dialect.driver
@@ -94,10 +107,10 @@ def storage_name(prefix: str, identifier: str) -> str:
     """
     validate_identifier(identifier)
     name = prefix + identifier.replace("-", "_")
-    if len(name.encode()) > _MAX_NAME_BYTES:
+    if len(name.encode()) > MAX_NAME_BYTES:
         raise InvalidIdentifierError(
             f"tenant identifier {identifier!r} is too long: its storage name {name!r} "
-            f"exceeds {_MAX_NAME_BYTES} bytes (at most {_MAX_NAME_BYTES - len(prefix)} characters)"
+            f"exceeds {MAX_NAME_BYTES} bytes (at most {MAX_NAME_BYTES - len(prefix)} characters)"
         )
     if name in _RESERVED_NAMES or name.startswith("pg_"):
         raise InvalidIdentifierError(f"tenant storage name {name!r} is reserved")
@@ -132,6 +145,57 @@ class Isolation(ABC):
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+
+    # -- what the rest of the library asks a strategy (instead of testing its class) ----
+
+    def parts(self) -> list["Isolation"]:
+        """Every strategy that serves tenants here: this one (hybrid isolation: each tier once)."""
+        return [self]
+
+    def serving(self, tenant: Tenant) -> "Isolation":
+        """The strategy that holds `tenant`'s data: this one (hybrid isolation: its tier's)."""
+        return self
+
+    def expected_storage(self, tenant: Tenant) -> tuple[str, str] | None:
+        """`(kind, name)` of the storage `tenant` must have on the main server, for `doctor`.
+
+        `kind` is `"schema"` or `"database"`; None when the tenant has none of its own there
+        (shared tables, another server, a file).
+        """
+        return None
+
+    async def diagnose(self) -> list[Finding]:
+        """This strategy's own health checks, run by `fastapi-tenancy doctor` (none by default)."""
+        return []
+
+    def migration_url(self, tenant: Tenant) -> URL | None:
+        """The URL of the database the fleet migrator migrates `tenant` in, or None.
+
+        None (the default): the tenant is migrated on the main database, scoped to its
+        schema `storage_name()`. Database isolation returns the tenant's own database.
+        """
+        return None
+
+    def choose_tier(self, tier: str | None, metadata: Mapping[str, Any]) -> str | None:
+        """The tier a new tenant is stored with; only hybrid isolation has tiers (None here)."""
+        if tier is not None:
+            raise ConfigurationError(f"tier={tier!r} needs isolation_strategy='hybrid'")
+        return None
+
+    def moving(self, tenant: Tenant) -> AbstractContextManager[None]:
+        """A block during which this process refuses `tenant`'s sessions (503) while it moves.
+
+        Only strategies with tiers move tenants; the default refuses.
+        """
+        raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
+
+    async def move(self, tenant: Tenant, target: str, metadata: sa.MetaData) -> None:
+        """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default."""
+        raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
+
+    async def remove_old_copy(self, tenant: Tenant) -> None:
+        """Delete what a move left behind (see `HybridIsolation`); refused by default."""
+        raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
 
     def storage_name(self, identifier: str) -> str:
         """The name of the tenant's schema or database; raises for unusable slugs."""

@@ -15,7 +15,7 @@ from ..config import normalise_database_url
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
 from ._engines import ConnectionBudget, EngineRegistry
-from .base import Isolation, create_tables, tenant_tables
+from .base import Isolation, create_tables, quote_identifier, tenant_tables
 
 if TYPE_CHECKING:  # the cipher needs `cryptography`, an optional extra
     from ..encryption import URLCipher
@@ -41,9 +41,8 @@ def _backend(url: URL) -> str:
 
 
 def _quoted(backend: str, name: str) -> str:
-    # `name` comes from storage_name(): lower-case letters, digits and `_` only, so
-    # quoting cannot be escaped; the quotes keep reserved words usable.
-    return f"`{name}`" if backend == "mysql" else f'"{name}"'
+    # The quotes keep reserved words usable (names come from storage_name() anyway).
+    return quote_identifier(name, quote="`" if backend == "mysql" else '"')
 
 
 class DatabaseIsolation(Isolation):
@@ -151,6 +150,15 @@ class DatabaseIsolation(Isolation):
     def tenant_url(self, tenant: Tenant) -> URL:
         """The URL of `tenant`'s database, password included (for tools such as the fleet migrator)."""
         return self._server_of(tenant).set(database=self.storage_name(tenant.identifier))
+
+    def expected_storage(self, tenant: Tenant) -> tuple[str, str] | None:
+        # A tenant with its own database_url lives on another server.
+        if tenant.encrypted_database_url is not None:
+            return None
+        return "database", self.storage_name(tenant.identifier)
+
+    def migration_url(self, tenant: Tenant) -> URL | None:
+        return self.tenant_url(tenant)
 
     def _tenant_engine(self, tenant: Tenant) -> AsyncEngine:
         return self._engine(self.tenant_url(tenant))

@@ -5,22 +5,19 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
-from .base import CONNECTION_OPTIONS, Isolation
+from .base import CONNECTION_OPTIONS, MAX_NAME_BYTES, Isolation, quote_identifier
 from .rls import RLSIsolation, tenant_session
 from .schema import SchemaIsolation
 
 __all__ = ["HybridIsolation"]
 
-_MAX_NAME_BYTES = 63
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+_quote = quote_identifier
 
 
 class HybridIsolation(Isolation):
@@ -85,6 +82,19 @@ class HybridIsolation(Isolation):
 
     def _unique(self) -> list[Isolation]:
         return list({id(i): i for i in self.tiers.values()}.values())
+
+    def parts(self) -> list[Isolation]:
+        return self._unique()
+
+    def serving(self, tenant: Tenant) -> Isolation:
+        return self.tier(tenant)
+
+    def expected_storage(self, tenant: Tenant) -> tuple[str, str] | None:
+        isolation = self.tiers.get(tenant.tier or "")
+        return None if isolation is None else isolation.expected_storage(tenant)
+
+    def migration_url(self, tenant: Tenant) -> URL | None:
+        return self.tier(tenant).migration_url(tenant)
 
     async def initialize(self) -> None:
         for isolation in self._unique():
@@ -235,7 +245,7 @@ class HybridIsolation(Isolation):
 def _old_copy_name(name: str) -> str:
     # A trailing "_": no slug ends in "-", so no live tenant's schema is ever named so.
     old = name + "_"
-    if len(old.encode()) > _MAX_NAME_BYTES:
+    if len(old.encode()) > MAX_NAME_BYTES:
         raise ConfigurationError(f"schema {name!r} is too long to keep an old copy beside it")
     return old
 

@@ -15,8 +15,10 @@ from .base import (
     BEGIN_SETTING,
     CONNECTION_OPTIONS,
     UNAVAILABLE_SQLSTATE,
+    Finding,
     Isolation,
     TenantSession,
+    quote_identifier,
     require_asyncpg,
 )
 
@@ -76,8 +78,7 @@ def tenant_session(
     )
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+_quote = quote_identifier
 
 
 def _literal(value: str) -> str:
@@ -309,6 +310,12 @@ $fn$"""  # noqa: S608
                 )
         for statement in statements:
             await conn.execute(sa.text(statement))
+
+    async def diagnose(self) -> list[Finding]:
+        problems = await self.verify()
+        if problems:
+            return [("row-level security", "fail", "; ".join(problems[:20]))]
+        return [("row-level security", "ok", "every shared tenant table is enabled, forced and covered")]
 
     async def verify(self, metadata: sa.MetaData | None = None) -> list[str]:
         """Problems of every tenant table (in the shared schema, having the tenant column).

@@ -15,14 +15,16 @@ from ..tenant import Tenant
 from .base import (
     BEGIN_SETTING,
     ON_STATEMENT_TYPES_CHANGE,
+    Finding,
     Isolation,
     create_tables,
+    quote_identifier,
     require_asyncpg,
     session_with_options,
     tenant_tables,
 )
 from .clone import clone_schema
-from .spares import SparePool
+from .spares import SPARES_TABLE, SparePool
 
 __all__ = ["SchemaIsolation"]
 
@@ -177,6 +179,49 @@ class SchemaIsolation(Isolation):
                 await self.spares.initialize()
             self.spares.refill_soon()
 
+    def expected_storage(self, tenant: Tenant) -> tuple[str, str] | None:
+        return "schema", self.storage_name(tenant.identifier)
+
+    async def diagnose(self) -> list[Finding]:
+        return [await self._check_template(), await self._check_spares()]
+
+    async def _check_template(self) -> Finding:
+        template = self.template
+        if template is None:
+            return "template", "ok", "not configured: tenants are provisioned with create_all"
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(_SCHEMA_EXISTS, {"name": template})
+        if not found:
+            return (
+                "template",
+                "fail",
+                f"schema {template!r} does not exist: registrations will fail until "
+                "`fastapi-tenancy migrate upgrade` (or build_template()) creates it",
+            )
+        return "template", "ok", f"schema {template!r} exists"
+
+    async def _check_spares(self) -> Finding:
+        pool = self.spares
+        if pool is None:
+            return "spares", "ok", "not configured: registrations clone or create their schema"
+        async with self.engine.connect() as conn:
+            listed = await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": SPARES_TABLE})
+        if listed is None:
+            return (
+                "spares",
+                "warn",
+                "no spares table yet: start the app or run `fastapi-tenancy tenants spares fill`",
+            )
+        spares = await pool.list_spares()
+        ready = sum(1 for s in spares if s.current)
+        stale = len(spares) - ready
+        detail = f"{ready} of {pool.size} ready" + (
+            f", {stale} stale (dropped by the next fill)" if stale else ""
+        )
+        if ready < pool.size or stale:
+            return "spares", "warn", detail + "; registrations clone meanwhile"
+        return "spares", "ok", detail
+
     async def close(self) -> None:
         if self.spares is not None:
             await self.spares.close()
@@ -218,7 +263,7 @@ class SchemaIsolation(Isolation):
                         await conn.execution_options(schema_translate_map={None: schema})
                         await conn.run_sync(create_tables, tenant_tables(metadata))
                     if self._grantee is not None:
-                        role = '"' + self._grantee.replace('"', '""') + '"'
+                        role = quote_identifier(self._grantee)
                         for grant in _GRANTS:
                             await conn.execute(sa.text(grant.format(schema=schema, role=role)))
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:

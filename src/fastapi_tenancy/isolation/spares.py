@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import ProvisioningError
+from .base import quote_identifier
 from .clone import clone_schema
 
 __all__ = ["SPARES_TABLE", "SPARE_PREFIX", "SpareInfo", "SparePool"]
@@ -99,10 +100,7 @@ async def _versions(conn: AsyncConnection, names: list[str]) -> dict[str, tuple[
     return {row.name: None if row.versions is None else tuple(row.versions) for row in rows}
 
 
-def _quoted(name: str) -> str:
-    # Names here are the validated template name or SPARE_PREFIX + hex, and tenant
-    # storage names: no double quote can occur in them.
-    return f'"{name}"'
+_quoted = quote_identifier
 
 
 class SparePool:

@@ -1,7 +1,7 @@
 """`TenantStore`: the contract every tenant registry fulfils."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from ..tenant import Tenant, TenantStatus
 
@@ -76,6 +76,17 @@ class TenantStore(ABC):
         self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
     ) -> list[Tenant]:
         """Tenants ordered by identifier, those after the identifier `after` (keyset paging)."""
+
+    async def iterate(self, *, status: TenantStatus | None = None, page: int = 500) -> AsyncIterator[Tenant]:
+        """Every tenant (with `status`, if given) in identifier order, read `page` at a time."""
+        after: str | None = None
+        while True:
+            batch = await self.list(status=status, after=after, limit=page)
+            for tenant in batch:
+                yield tenant
+            if len(batch) < page:
+                return
+            after = batch[-1].identifier
 
     @abstractmethod
     async def count(self, *, status: TenantStatus | None = None) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._utils import unavailable_as_503
 from .events import TenantEvent
-from .storage.database import _UTCDateTime
+from .storage.database import UTCDateTime
 from .tenant import IDENTIFIER_MAX_LENGTH, thaw
 
 __all__ = ["AuditEntry", "AuditWriter", "SQLAuditWriter"]
@@ -68,7 +68,7 @@ class SQLAuditWriter(AuditWriter):
             table_name,
             sa.MetaData(),
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-            sa.Column("at", _UTCDateTime(), nullable=False),
+            sa.Column("at", UTCDateTime(), nullable=False),
             sa.Column("event", sa.String(16), nullable=False),
             # Not named `tenant_id`: row-level security treats every table of the shared
             # schema with the tenant column as a tenant table, and this one is the library's.

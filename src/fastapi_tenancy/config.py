@@ -7,23 +7,14 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import make_url
 
 from .resolution.path import validate_path_prefix
 from .resolution.subdomain import validate_domain_suffix
+from .urls import mask_url, normalise_database_url
 
 __all__ = ["TenancyConfig", "check_jwt_settings"]
 
-# The async driver we use for each backend; a URL naming the bare backend (or a
-# sync driver) is normalised to it once, here.
-_ASYNC_DRIVERS = {
-    "postgresql": "asyncpg",
-    "sqlite": "aiosqlite",
-    "mysql": "aiomysql",
-    "mariadb": "aiomysql",
-}
-_OTHER_ASYNC_DRIVERS = {"mysql": ("asyncmy",), "mariadb": ("asyncmy",)}
 _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _DATABASE_BACKENDS = ("postgresql", "sqlite", "mysql")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -38,26 +29,6 @@ _ResolverName = Literal["header", "subdomain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SHARED_STRATEGIES = ("rls", "hybrid")
-
-
-def normalise_database_url(url: str) -> str:
-    """Return `url` with the async driver this library uses for its backend.
-
-    `postgresql://` becomes `postgresql+asyncpg://`, `sqlite://` becomes
-    `sqlite+aiosqlite://`, `mysql://` becomes `mysql+aiomysql://`. Raises
-    `ValueError` for an unparsable URL or a backend we do not support.
-    """
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ValueError("not a database URL (expected e.g. postgresql+asyncpg://...)") from exc
-    backend, _, driver = parsed.drivername.partition("+")
-    backend = {"postgres": "postgresql"}.get(backend, backend)
-    if backend not in _ASYNC_DRIVERS:
-        raise ValueError(f"unsupported database backend {backend!r}; use one of {sorted(_ASYNC_DRIVERS)}")
-    if driver not in (_ASYNC_DRIVERS[backend], *_OTHER_ASYNC_DRIVERS.get(backend, ())):
-        parsed = parsed.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
-    return parsed.render_as_string(hide_password=False)
 
 
 def check_jwt_settings(
@@ -98,15 +69,6 @@ def check_jwt_settings(
         raise ValueError("jwt_public_key: give exactly one of jwt_public_key and jwt_jwks_url")
     if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
         raise ValueError("jwt_jwks_url: must be an https:// (or http://) URL")
-
-
-def mask_url(url: str) -> str:
-    """Return `url` with its password replaced by `***` (for logs and reprs)."""
-    try:
-        parsed: URL = make_url(url)
-    except ArgumentError:
-        return "***"
-    return parsed.render_as_string(hide_password=True)
 
 
 class TenancyConfig(BaseSettings):

@@ -2,12 +2,19 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from .errors import TenantResolutionError
 from .tenant import Tenant
 
-__all__ = ["current_tenant", "current_tenant_or_none", "tenant_scope"]
+__all__ = [
+    "current_tenant",
+    "current_tenant_or_none",
+    "no_tenant_scope",
+    "reset_current_tenant",
+    "set_current_tenant",
+    "tenant_scope",
+]
 
 # A ContextVar, not a global or an attribute of the middleware: each request (and
 # each asyncio task started inside it) sees its own value, and the value is reset
@@ -49,3 +56,31 @@ def tenant_scope(tenant: Tenant) -> Iterator[Tenant]:
         yield tenant
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def no_tenant_scope() -> Iterator[None]:
+    """Run a block explicitly as no tenant, whatever the caller's context holds.
+
+    What excluded paths run under: code inside sees no tenant (and fails closed if
+    it needs one), even where the task inherited another request's context.
+    """
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def set_current_tenant(tenant: Tenant | None) -> "Token[Tenant | None]":
+    """Make `tenant` (or no tenant) current; give the token to `reset_current_tenant`.
+
+    The low-level form of `tenant_scope` for code that cannot use a `with` block
+    around its work (ASGI middleware, test overrides); always reset in a `finally`.
+    """
+    return _current.set(tenant)
+
+
+def reset_current_tenant(token: "Token[Tenant | None]") -> None:
+    """Restore the tenant that was current before the `set_current_tenant` that gave `token`."""
+    _current.reset(token)

@@ -17,9 +17,9 @@ from typing import Literal
 
 import sqlalchemy as sa
 
-from .config import mask_url
 from .manager import TenancyManager
 from .tenant import TenantStatus
+from .urls import mask_url
 
 __all__ = ["CHECKS", "CheckResult", "doctor_check", "run_checks"]
 

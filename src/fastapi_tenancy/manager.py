@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection
 from ._utils import unavailable_as_503
 from .audit import AuditWriter
 from .builder import build_parts
-from .config import TenancyConfig, normalise_database_url
+from .config import TenancyConfig
 from .context import current_tenant
 from .errors import (
     ConfigurationError,
@@ -33,6 +33,7 @@ from .ratelimit.base import RateLimiter
 from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
+from .urls import normalise_database_url
 
 if TYPE_CHECKING:  # needs `cryptography`, an optional extra
     from .encryption import URLCipher

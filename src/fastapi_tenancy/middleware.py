@@ -7,7 +7,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._utils import is_outage, is_query_timeout, is_result_type_change
-from .context import _current
+from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 
@@ -65,11 +65,11 @@ class TenancyMiddleware:
             # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
             # starts a pipelined request's task inside the previous request's context, while
             # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
-            token = _current.set(None)
+            token = set_current_tenant(None)
             try:
                 await _call(self.app, scope, receive, send)
             finally:
-                _current.reset(token)
+                reset_current_tenant(token)
             return
         limiter = self.manager.rate_limiter
         try:
@@ -85,11 +85,11 @@ class TenancyMiddleware:
         if decision is not None and scope["type"] == "http":
             send = _with_headers(send, decision.headers())
         scope.setdefault("state", {})["tenant"] = tenant
-        token = _current.set(tenant)
+        token = set_current_tenant(tenant)
         try:
             await _call(self.app, scope, receive, send)
         finally:
-            _current.reset(token)
+            reset_current_tenant(token)
 
     def _excluded(self, scope: Scope) -> bool:
         path: str = scope["path"]

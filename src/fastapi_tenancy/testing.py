@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from .config import TenancyConfig
-from .context import _current
+from .context import reset_current_tenant, set_current_tenant
 from .dependencies import get_current_tenant
 from .errors import IsolationError, MissingDependencyError
 from .manager import TenancyManager
@@ -143,11 +143,11 @@ def override_tenant(app: FastAPI, tenant: Tenant) -> Iterator[Tenant]:
     """
 
     async def as_tenant() -> AsyncIterator[Tenant]:
-        token = _current.set(tenant)
+        token = set_current_tenant(tenant)
         try:
             yield tenant
         finally:
-            _current.reset(token)
+            reset_current_tenant(token)
 
     overrides = app.dependency_overrides
     missing = object()

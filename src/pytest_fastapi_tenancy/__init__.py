@@ -181,7 +181,7 @@ def tenancy_postgres_url() -> Iterator[str]:
         pytest.skip(f"set {POSTGRES_URL_VARIABLE} to a PostgreSQL server URL to run tests on PostgreSQL")
     from sqlalchemy.engine import make_url
 
-    from fastapi_tenancy.config import normalise_database_url
+    from fastapi_tenancy.urls import normalise_database_url
 
     url = make_url(normalise_database_url(server))
     name = f"tenancy_test_{uuid.uuid4().hex[:12]}"

@@ -11,9 +11,9 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._utils import create_engine, unavailable_as_503
-from ..config import normalise_database_url
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
+from ..urls import normalise_database_url
 from ._engines import ConnectionBudget, EngineRegistry
 from .base import Isolation, create_tables, quote_identifier, tenant_tables
 

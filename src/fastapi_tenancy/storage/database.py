@@ -11,15 +11,15 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, unavailable_as_503
-from ..config import normalise_database_url
 from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
 from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
+from ..urls import normalise_database_url
 from .base import TenantStore
 
 __all__ = ["SQLAlchemyTenantStore"]
 
 
-class _UTCDateTime(sa.types.TypeDecorator[datetime]):
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Timestamps stored as UTC; always read back timezone-aware.
 
     SQLite and MySQL keep no zone, so values go in as naive UTC and come back
@@ -56,8 +56,8 @@ def _tenants_table(name: str, schema: str | None) -> sa.Table:
         sa.Column("status", sa.String(16), nullable=False, index=True),
         sa.Column("metadata", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("tier", sa.String(32), nullable=True),
-        sa.Column("created_at", _UTCDateTime(), nullable=False),
-        sa.Column("updated_at", _UTCDateTime(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
         # Ciphertext only (database isolation): the store never sees the plain URL.
         sa.Column("encrypted_database_url", sa.Text(), nullable=True),
         schema=schema,

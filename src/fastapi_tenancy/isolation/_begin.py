@@ -18,6 +18,11 @@ Two parts, installed together by `enable()` on the engine tenant sessions run on
   involved: listeners put every statement of an engine on SQLAlchemy's slower
   event-dispatching path.
 
+Below SQLAlchemy's public surface, read against SQLAlchemy 2.0.30-2.1.x and asyncpg
+0.29-0.32 (`AsyncAdapt_asyncpg_connection._start_transaction`, asyncpg's
+`Transaction.start` and `Connection._top_xact`); tests/isolation/test_begin_internals.py
+pins each hook and fails, naming it, on an upgrade that moves one.
+
 Every `BEGIN` is preceded by the statement that caused it (SQLAlchemy's asyncpg
 adapter begins lazily, right before the first statement), so a setting is never
 left over for another transaction: each statement overwrites it, a `BEGIN`

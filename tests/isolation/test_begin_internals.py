@@ -1,0 +1,67 @@
+"""Pins the SQLAlchemy and asyncpg internals that isolation/_begin.py builds on.
+
+`_begin.py` sends each tenant transaction's setting in the `BEGIN` message by
+subclassing `asyncpg.Connection` and swapping the dialect's execution context:
+below SQLAlchemy's public surface. These tests fail loudly, naming what moved, when
+an upgrade changes one of those hooks. Read against SQLAlchemy 2.0.30-2.1.x and
+asyncpg 0.29-0.32; on a version outside those ranges the first test asks for the
+hooks to be read again (and the ranges here and in _begin.py's docstring updated).
+"""
+
+import inspect
+
+import pytest
+
+asyncpg = pytest.importorskip("asyncpg")
+
+import sqlalchemy  # noqa: E402
+from asyncpg.transaction import Transaction  # noqa: E402
+from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg  # noqa: E402
+
+from fastapi_tenancy.isolation import _begin  # noqa: E402
+
+READ_SQLALCHEMY = ((2, 0), (2, 1))
+READ_ASYNCPG = ((0, 29), (0, 32))
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_the_versions_are_those_the_hooks_were_read_against() -> None:
+    low, high = READ_SQLALCHEMY
+    assert low <= _minor(sqlalchemy.__version__) <= high, (
+        f"SQLAlchemy {sqlalchemy.__version__}: re-read the asyncpg dialect's execution context and "
+        "_start_transaction (see isolation/_begin.py), then widen READ_SQLALCHEMY"
+    )
+    low, high = READ_ASYNCPG
+    assert low <= _minor(asyncpg.__version__) <= high, (
+        f"asyncpg {asyncpg.__version__}: re-read Transaction.start and Connection.execute "
+        "(see isolation/_begin.py), then widen READ_ASYNCPG"
+    )
+
+
+def test_sqlalchemy_begins_through_asyncpg_transactions() -> None:
+    # The adapter begins lazily with connection.transaction(...).start(): that is the
+    # BEGIN our connection class extends.
+    source = inspect.getsource(sa_asyncpg.AsyncAdapt_asyncpg_connection._start_transaction)
+    assert "self._connection.transaction(" in source
+    assert ".start()" in source
+
+
+def test_the_dialect_execution_context_is_the_one_we_subclass() -> None:
+    assert sa_asyncpg.dialect.execution_ctx_cls is sa_asyncpg.PGExecutionContext_asyncpg
+    assert issubclass(_begin.BeginSettingsContext, sa_asyncpg.PGExecutionContext_asyncpg)
+    for hook in ("pre_exec", "handle_dbapi_exception"):
+        assert callable(getattr(sa_asyncpg.PGExecutionContext_asyncpg, hook)), hook
+    assert "_dbapi_connection" in inspect.getsource(sqlalchemy.engine.default.DefaultExecutionContext)
+
+
+def test_asyncpg_sends_begin_through_connection_execute() -> None:
+    source = inspect.getsource(Transaction.start)
+    assert "self._connection.execute(query)" in source  # one simple-protocol message
+    assert "_top_xact" in source  # the slot reset after a failed BEGIN message
+    assert "_top_xact" in asyncpg.Connection.__slots__
+    parameters = inspect.signature(asyncpg.Connection.execute).parameters
+    assert list(parameters)[:3] == ["self", "query", "args"] and "timeout" in parameters

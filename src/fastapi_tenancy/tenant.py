@@ -94,7 +94,7 @@ class FrozenDict(Mapping[str, Any]):
         if isinstance(other, FrozenDict):
             return self._data == other._data
         if isinstance(other, Mapping):
-            return _comparable(self) == _comparable(other)
+            return bool(_comparable(self) == _comparable(other))
         return NotImplemented
 
     def __repr__(self) -> str:

@@ -13,7 +13,9 @@ from fastapi_tenancy import (
     InvalidTransitionError,
     TenancyConfig,
     TenancyManager,
+    Tenant,
     TenantAlreadyExistsError,
+    TenantChangedError,
     TenantInactiveError,
     TenantNotFoundError,
     TenantResolutionError,
@@ -22,6 +24,7 @@ from fastapi_tenancy import (
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
 from fastapi_tenancy.resolution import HeaderResolver
+from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
 from .apps import Base
@@ -175,6 +178,67 @@ async def test_a_concurrent_rename_never_undoes_a_suspension_or_delete(
     stored = await manager.get_tenant("acme")
     assert stored.status is (TenantStatus.SUSPENDED if lifecycle == "suspend" else TenantStatus.DELETED)
     assert stored.name == "Acme 2"
+
+
+class _YieldingStore(InMemoryTenantStore):
+    """The memory store, yielding to the event loop on each read as a real store does."""
+
+    async def get_by_identifier(self, identifier: str) -> Tenant | None:
+        tenant = await super().get_by_identifier(identifier)
+        await asyncio.sleep(0)  # the answer may be stale by the time the caller has it
+        return tenant
+
+
+def _count_conflicts(store: TenantStore) -> list[int]:
+    conflicts = [0]
+    update = store.update
+
+    async def counting(tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
+        try:
+            return await update(tenant, expected=expected)
+        except TenantChangedError:
+            conflicts[0] += 1
+            raise
+
+    store.update = counting  # type: ignore[method-assign]
+    return conflicts
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def racing_manager(request: pytest.FixtureRequest, tmp_path: Path) -> TenancyManager:
+    if request.param == "memory":
+        config = TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}")
+        return TenancyManager(config, _YieldingStore())
+    config = TenancyConfig(database_url=str(request.getfixturevalue("postgres_url")))
+    return TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
+
+
+async def test_concurrent_metadata_patches_all_survive(racing_manager: TenancyManager) -> None:
+    manager = racing_manager
+    await manager.initialize()
+    try:
+        await manager.register_tenant("acme", "Acme", metadata={"plan": "free", "old": 1})
+        conflicts = _count_conflicts(manager.store)
+        await asyncio.gather(*(manager.update_tenant("acme", metadata_patch={f"k{i}": i}) for i in range(10)))
+        stored = await manager.get_tenant("acme")
+        assert stored.metadata == {"plan": "free", "old": 1, **{f"k{i}": i for i in range(10)}}
+        assert conflicts[0] > 0  # the patches did race, and were re-applied on retry
+    finally:
+        await manager.close()
+
+
+async def test_a_metadata_patch_merges_one_level_and_none_removes(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme", metadata={"plan": "free", "limits": {"rpm": 10}, "x": 1})
+    patched = await manager.update_tenant(
+        "acme",
+        name="Acme Inc",
+        metadata_patch={"limits": {"burst": 5}, "x": None, "missing": None, "seats": 3},
+    )
+    assert patched.name == "Acme Inc"
+    assert patched.metadata == {"plan": "free", "limits": {"burst": 5}, "seats": 3}
+    assert (await manager.get_tenant("acme")).metadata == patched.metadata
+    with pytest.raises(ConfigurationError, match="not both"):
+        await manager.update_tenant("acme", metadata={"a": 1}, metadata_patch={"b": 2})
 
 
 def test_an_inactive_tenant_error_says_the_same_in_logs_and_to_clients() -> None:

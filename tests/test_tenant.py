@@ -7,7 +7,7 @@ import pytest
 
 from fastapi_tenancy import InvalidIdentifierError, InvalidTransitionError, Tenant, TenantStatus
 from fastapi_tenancy.isolation import storage_name
-from fastapi_tenancy.tenant import validate_identifier
+from fastapi_tenancy.tenant import FrozenDict, thaw, validate_identifier
 
 
 def test_tenant_and_its_metadata_are_immutable() -> None:
@@ -27,6 +27,30 @@ def test_changes_return_new_tenants() -> None:
     changed = tenant.with_changes(metadata={"plan": "pro"})
     assert (tenant.metadata["plan"], changed.metadata["plan"]) == ("free", "pro")
     assert changed.updated_at >= tenant.updated_at
+
+
+def test_metadata_equals_the_plain_value_it_was_made_from() -> None:
+    plain = {"tags": ["a", "b"], "limits": {"rpm": 10, "paths": [["/x", 1]]}, "plan": None}
+    tenant = Tenant(identifier="acme", name="Acme", metadata=plain)
+    assert tenant.metadata == plain
+    assert plain == tenant.metadata
+    assert tenant.metadata == thaw(tenant.metadata)  # what a store writes and reads back
+    assert tenant.metadata == Tenant(identifier="acme", name="Acme", metadata=plain).metadata
+    assert tenant.metadata != {**plain, "tags": ["b", "a"]}
+    assert tenant.metadata != {**plain, "plan": "pro"}
+    assert tenant.metadata != {"tags": ["a", "b"]}
+    assert tenant.with_changes(metadata={"tags": ["c"]}).metadata == {"tags": ["c"]}
+    assert hash(tenant.metadata) == hash(FrozenDict(plain))
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_empty_id_and_name_are_refused(blank: str) -> None:
+    with pytest.raises(ValueError, match="tenant id"):
+        Tenant(identifier="acme", name="Acme", id=blank)
+    with pytest.raises(ValueError, match="tenant name"):
+        Tenant(identifier="acme", name=blank)
+    with pytest.raises(ValueError, match="tenant name"):
+        Tenant(identifier="acme", name="Acme").with_changes(name=blank)
 
 
 ALLOWED = {

@@ -51,7 +51,7 @@ from .errors import (
     TenantNotFoundError,
 )
 from .manager import TenancyManager
-from .tenant import Tenant, TenantStatus
+from .tenant import Tenant, TenantStatus, thaw
 
 __all__ = ["EXIT_CONFLICT", "EXIT_FAILED", "EXIT_NOT_FOUND", "EXIT_UNAVAILABLE", "EXIT_USAGE", "app", "main"]
 
@@ -212,7 +212,7 @@ def tenants_show(identifier: str) -> None:
         return {
             **_tenant_dict(tenant),
             "storage": manager.isolation.storage_name(identifier),
-            "metadata": dict(tenant.metadata),
+            "metadata": thaw(tenant.metadata),
         }
 
     row = _run(work)

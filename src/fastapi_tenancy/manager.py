@@ -303,10 +303,41 @@ class TenancyManager:
         return await self.store.list(status=status, after=after, limit=limit)
 
     async def update_tenant(
-        self, tenant: Tenant | str, *, name: str | None = None, metadata: Mapping[str, Any] | None = None
+        self,
+        tenant: Tenant | str,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        metadata_patch: Mapping[str, Any] | None = None,
     ) -> Tenant:
-        """Change a tenant's name and/or metadata (replaced whole)."""
-        return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
+        """Change a tenant's name and/or metadata.
+
+        `metadata` replaces the metadata whole. Building it from a tenant read
+        earlier (`metadata={**tenant.metadata, "seats": 25}`) is unsafe under
+        concurrency: two such updates each start from the old value, and the
+        second silently drops the key the first one added.
+
+        `metadata_patch` merges instead, one level deep, into the metadata as
+        stored at the moment of writing (re-read and re-applied on every
+        compare-and-set retry), so concurrent patches of different keys all
+        survive. A key patched to `None` is removed, as in a JSON merge patch
+        (RFC 7396) at the top level; nested values are replaced, not merged.
+        Giving both `metadata` and `metadata_patch` raises `ConfigurationError`.
+        """
+        if metadata is not None and metadata_patch is not None:
+            raise ConfigurationError("update_tenant takes metadata= or metadata_patch=, not both")
+        if metadata_patch is None:
+            return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
+        patch = dict(metadata_patch)
+
+        def apply(stored: Tenant) -> Tenant:
+            merged = {**stored.metadata, **patch}
+            for key, value in patch.items():
+                if value is None:
+                    merged.pop(key, None)
+            return stored.with_changes(name=name, metadata=merged)
+
+        return await self._change(_slug(tenant), apply)
 
     async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
         """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""

@@ -88,8 +88,13 @@ class FrozenDict(Mapping[str, Any]):
         return self._hash
 
     def __eq__(self, other: object) -> bool:
+        # Equal to the plain JSON-shaped value it was made from (and to what a store
+        # gives back): frozen tuples compare as the lists they were, so
+        # `FrozenDict({"tags": ["a"]}) == {"tags": ["a"]}`.
+        if isinstance(other, FrozenDict):
+            return self._data == other._data
         if isinstance(other, Mapping):
-            return dict(self._data) == dict(other)
+            return bool(_comparable(self) == _comparable(other))
         return NotImplemented
 
     def __repr__(self) -> str:
@@ -126,6 +131,21 @@ def thaw(value: Any) -> Any:
     return value
 
 
+def _comparable(value: Any) -> Any:
+    # What `FrozenDict.__eq__` compares: tuples and lists alike as lists, mappings as
+    # dicts, at any depth. Sets stay sets (their members are hashable already).
+    if isinstance(value, Mapping):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _require_text(field_name: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"tenant {field_name} must be a non-empty string, got {value!r:.80}")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -141,6 +161,11 @@ class Tenant:
     they get it, and only the isolation strategy decrypts it, to connect.
     `tier` names where a tenant's data lives under hybrid isolation (`schema`,
     `database`, `rls`); None under a single strategy.
+
+    `metadata` compares equal to the plain dicts and lists it was made from
+    (`tenant.metadata == {"tags": ["a"]}`), though a nested list reads back as a
+    tuple. An empty or blank `id` or `name` raises `ValueError`, as a malformed
+    `identifier` raises `InvalidIdentifierError` (also a `ValueError`).
     """
 
     identifier: str
@@ -156,6 +181,8 @@ class Tenant:
 
     def __post_init__(self) -> None:
         validate_identifier(self.identifier)
+        _require_text("id", self.id)
+        _require_text("name", self.name)
         if not isinstance(self.metadata, FrozenDict):
             # One shared empty mapping: thousands of cached tenants without metadata
             # then add no object for the garbage collector to walk.

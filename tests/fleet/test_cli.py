@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fastapi_tenancy import TenancyManager
+from fastapi_tenancy import TenancyConfig, TenancyManager
 
 from .conftest import make_project
 
@@ -162,6 +162,18 @@ async def test_doctor_passes_and_fails_on_a_pooler(
     code, checks = cli(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
     assert code == 0, checks
     assert cli("postgresql://postgres@127.0.0.1:1/nowhere", "doctor")[0] == 1
+
+
+async def test_show_prints_nested_metadata_as_json(postgres_url: str) -> None:
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url))
+    await manager.initialize()
+    try:
+        metadata = {"plan": "pro", "limits": {"rpm": 10, "paths": ["/a"]}, "tags": ["x"]}
+        await manager.register_tenant("acme", "Acme", metadata=metadata)
+    finally:
+        await manager.close()
+    code, shown = cli_json(postgres_url, "tenants", "show", "acme")
+    assert code == 0 and shown["metadata"] == metadata
 
 
 async def test_demo_shows_each_tenant_its_own_rows(postgres_url: str) -> None:

@@ -42,8 +42,6 @@ __all__ = ["TenancyManager"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
-_CHANGE_ATTEMPTS = 10
-
 
 class TenancyManager:
     """The composition root: one per application, shared by all its requests.
@@ -329,15 +327,7 @@ class TenancyManager:
         if metadata_patch is None:
             return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
         patch = dict(metadata_patch)
-
-        def apply(stored: Tenant) -> Tenant:
-            merged = {**stored.metadata, **patch}
-            for key, value in patch.items():
-                if value is None:
-                    merged.pop(key, None)
-            return stored.with_changes(name=name, metadata=merged)
-
-        return await self._change(_slug(tenant), apply)
+        return await self._change(_slug(tenant), lambda t: t.with_metadata_patch(patch, name=name))
 
     async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
         """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
@@ -403,25 +393,14 @@ class TenancyManager:
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
     async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
-        # Read, apply, compare-and-set; on a concurrent change re-read and re-apply,
-        # so the lifecycle rules are checked against what is really stored and a
-        # stale read can never undo a suspension or a delete.
-        for _ in range(_CHANGE_ATTEMPTS):
-            current = await self.get_tenant(identifier)
-            changed = change(current)
-            if changed is current:
-                return current
-            try:
-                saved = await self.store.update(changed, expected=current)
-            except TenantChangedError:
-                continue
-            finally:
-                await self._changed(identifier)
-            await self.events.changed(current, saved)
-            return saved
-        raise TenantChangedError(
-            f"tenant {identifier!r} kept changing; gave up after {_CHANGE_ATTEMPTS} tries"
-        )
+        # The store's compare-and-set loop; caches are invalidated whatever the outcome.
+        try:
+            before, after = await self.store.change(identifier, change)
+        finally:
+            await self._changed(identifier)
+        if after is not before:
+            await self.events.changed(before, after)
+        return after
 
     async def _changed(self, identifier: str) -> None:
         # This process's cache at once; every other worker's through the channel.

@@ -216,6 +216,18 @@ class Tenant:
             updated_at=self._next_stamp(),
         )
 
+    def with_metadata_patch(self, patch: Mapping[str, Any], *, name: str | None = None) -> "Tenant":
+        """Return a copy with `patch` merged into the metadata, one level deep.
+
+        A key patched to `None` is removed, as in a JSON merge patch (RFC 7396) at the
+        top level; nested values are replaced, not merged.
+        """
+        merged = {**self.metadata, **patch}
+        for key, value in patch.items():
+            if value is None:
+                merged.pop(key, None)
+        return self.with_changes(name=name, metadata=merged)
+
     def with_encrypted_database_url(self, token: str | None) -> "Tenant":
         """Return a copy holding `token` (e.g. after re-encryption under a new key)."""
         return replace(self, encrypted_database_url=token, updated_at=self._next_stamp())

@@ -1,8 +1,9 @@
 """`TenantStore`: the contract every tenant registry fulfils."""
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
+from ..errors import TenantChangedError, TenantNotFoundError
 from ..tenant import Tenant, TenantStatus
 
 __all__ = ["TenantStore"]
@@ -87,6 +88,30 @@ class TenantStore(ABC):
             if len(batch) < page:
                 return
             after = batch[-1].identifier
+
+    async def change(
+        self, identifier: str, change: Callable[[Tenant], Tenant], *, attempts: int = 10
+    ) -> tuple[Tenant, Tenant]:
+        """Apply `change` to the stored tenant with compare-and-set; `(before, after)`.
+
+        Read, apply, `update(expected=before)`; when a concurrent change won, read
+        again and re-apply, so `change` always sees what is really stored and a stale
+        read can never undo a suspension or a delete. `after is before` when `change`
+        returned its argument (nothing written). Raises `TenantNotFoundError` for an
+        unknown slug, and `TenantChangedError` after `attempts` lost races.
+        """
+        for _ in range(attempts):
+            before = await self.get_by_identifier(identifier)
+            if before is None:
+                raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
+            after = change(before)
+            if after is before:
+                return before, before
+            try:
+                return before, await self.update(after, expected=before)
+            except TenantChangedError:
+                continue
+        raise TenantChangedError(f"tenant {identifier!r} kept changing; gave up after {attempts} tries")
 
     @abstractmethod
     async def count(self, *, status: TenantStatus | None = None) -> int:

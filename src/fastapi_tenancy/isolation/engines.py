@@ -129,7 +129,7 @@ class ConnectionBudget:
         # The record takes the connection right after this returns, with no await in
         # between, so _prune() never sees it half-assigned.
         self._open[connection] = _record
-        self.peak = max(self.peak, self.in_use)
+        self.peak = max(self.peak, len(self._open) + self._connecting)  # no _prune(): not assigned yet
         return connection
 
     def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:

@@ -36,14 +36,28 @@ class ConnectionBudget:
         """Connections opened so far (for tests and metrics)."""
         self.reclaim: Callable[[], Any] | None = None
         """An async callable closing idle connections; True when it closed some."""
-        self._open: dict[int, object] = {}  # id -> DBAPI connection holding a slot
+        # DBAPI connection -> the pool record it was opened for, per connection holding a
+        # slot. Keyed by the object, never id(): an id is reused once a lost connection
+        # is garbage collected.
+        self._open: dict[Any, Any] = {}
         self._connecting = 0  # slots taken by connects in progress
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def in_use(self) -> int:
         """Connections open now, plus those being opened."""
+        self._prune()
         return len(self._open) + self._connecting
+
+    def _prune(self) -> None:
+        # SQLAlchemy closes connections on some paths without a `close` event: a
+        # connect whose `connect` events fail or are cancelled (dialect setup awaits),
+        # a connection the garbage collector finds checked out (detached, then closed).
+        # So a slot is not trusted to its event alone: it is held only while its
+        # record still holds the connection and the driver says it is open.
+        dead = [c for c, record in self._open.items() if record.dbapi_connection is not c or _closed(c)]
+        for connection in dead:
+            del self._open[connection]
 
     def attach(self, engine: AsyncEngine) -> None:
         """Count `engine`'s connections against this budget (before it opens any)."""
@@ -82,12 +96,17 @@ class ConnectionBudget:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                # Capped: a slot freed without an event (see _prune) wakes no one.
+                await asyncio.wait_for(waiter, min(remaining, 0.25))
             except TimeoutError:
                 pass
             except BaseException:
                 self._pass_on(waiter)
                 raise
+            finally:
+                # Never left behind: _on_checkin closes connections while any waiter is queued.
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
         self._connecting += 1
 
     def _pass_on(self, waiter: "asyncio.Future[None]") -> None:
@@ -107,8 +126,10 @@ class ConnectionBudget:
             raise
         self._connecting -= 1
         self.opened += 1
-        self._open[id(connection)] = connection
-        self.peak = max(self.peak, self.in_use)
+        # The record takes the connection right after this returns, with no await in
+        # between, so _prune() never sees it half-assigned.
+        self._open[connection] = _record
+        self.peak = max(self.peak, len(self._open) + self._connecting)  # no _prune(): not assigned yet
         return connection
 
     def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
@@ -128,8 +149,21 @@ class ConnectionBudget:
         self._release(dbapi_connection)
 
     def _release(self, dbapi_connection: Any) -> None:
-        if self._open.pop(id(dbapi_connection), None) is not None:
+        before = len(self._open)
+        self._open.pop(dbapi_connection, None)
+        self._prune()
+        for _ in range(before - len(self._open)):
             self._wake_one()
+
+
+def _closed(connection: Any) -> bool:
+    """Whether the driver says `connection` is closed (asyncpg `is_closed()`, aiomysql `closed`)."""
+    driver = getattr(connection, "driver_connection", connection)
+    is_closed = getattr(driver, "is_closed", None)
+    if callable(is_closed):
+        return bool(is_closed())
+    closed = getattr(driver, "closed", False)
+    return closed if isinstance(closed, bool) else False
 
 
 class _Entry:

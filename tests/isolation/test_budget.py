@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 
 from fastapi_tenancy import Tenant
 from fastapi_tenancy.isolation import DatabaseIsolation
-from fastapi_tenancy.isolation.engines import ConnectionBudget
+from fastapi_tenancy.isolation._engines import ConnectionBudget
 
 from .databases import dropped_afterwards
 

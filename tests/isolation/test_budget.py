@@ -93,3 +93,28 @@ async def test_an_overload_gives_every_slot_back(postgres_url: str) -> None:
             assert isolation.budget.in_use <= 3
         finally:
             await isolation.close()
+
+
+async def test_a_connect_whose_setup_fails_gives_its_slot_back(postgres_url: str) -> None:
+    from fastapi_tenancy._utils import create_engine  # noqa: PLC0415
+
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0)
+    budget = ConnectionBudget(1, timeout=0.5)
+    budget.attach(engine)
+
+    def fail(_dbapi_connection: Any, _record: Any) -> None:
+        raise RuntimeError("setup failed")
+
+    sa.event.listen(engine.sync_engine, "connect", fail)
+    try:
+        with pytest.raises(RuntimeError):
+            async with engine.connect():
+                pass
+        assert budget.in_use == 0  # SQLAlchemy closed it with no `close` event
+        sa.event.remove(engine.sync_engine, "connect", fail)
+        async with engine.connect() as conn:
+            assert await conn.scalar(sa.text("SELECT 1")) == 1
+            assert budget.in_use == 1
+    finally:
+        await engine.dispose()
+    assert budget.in_use == 0

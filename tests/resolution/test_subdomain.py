@@ -162,3 +162,34 @@ def test_the_resolver_can_be_used_directly() -> None:
         SubdomainResolver("10.0.0.1")
     with pytest.raises(ValueError):
         SubdomainResolver("example.com", trusted_proxies=["not-a-network"])
+
+
+_HOSTILE_HOSTS = [
+    b"acme.example.com\xa0",
+    b"\x85acme.example.com",
+    b"acme.example.com\x1f",
+    b"acme.example.com\x0c",
+    b"\x0bacme.example.com",
+    b"acme.example.com\r",
+    b"acme\x00.example.com",
+]
+
+
+@pytest.mark.parametrize("host", _HOSTILE_HOSTS, ids=repr)
+@pytest.mark.parametrize("header", ["host", "x-forwarded-host"])
+async def test_only_space_and_tab_are_trimmed_from_a_host(build: Build, host: bytes, header: str) -> None:
+    # Unicode whitespace and control bytes around (or in) the host never resolve to acme:
+    # only HTTP's optional whitespace is trimmed.
+    async with build(
+        resolution_strategy="subdomain",
+        domain_suffix="example.com",
+        trusted_proxies=["10.0.0.0/8"],
+        client_addr=("10.0.0.1", 1),
+    ) as (client, _, _):
+        headers = (
+            [(b"host", host)] if header == "host" else [(b"host", b"x.test"), (b"x-forwarded-host", host)]
+        )
+        response = await client.get("/whoami", headers=headers)
+        trimmed = await client.get("/whoami", headers=[(b"host", b" \tacme.example.com\t ")])
+    assert (response.status_code, response.json()) == MISSING
+    assert trimmed.status_code == 200 and trimmed.json()["tenant"] == "acme", trimmed.text

@@ -245,10 +245,11 @@ def _bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         return None
     if len(found) > _MAX_TOKEN:
         raise InvalidTokenError("Authorization header too long")
-    scheme, _, token = found.decode("latin-1").strip().partition(" ")
+    # Only HTTP's optional whitespace is trimmed (as for Host): never \x85, \xa0, ...
+    scheme, _, token = found.decode("latin-1").strip(" \t").partition(" ")
     if scheme.lower() != "bearer":
         return None  # another scheme (Basic, ...): not ours to judge
-    token = token.strip()
+    token = token.strip(" \t")
     if not token:
         raise InvalidTokenError("empty bearer token")
     return token

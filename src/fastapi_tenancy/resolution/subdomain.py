@@ -67,7 +67,9 @@ class SubdomainResolver(Resolver):
 
     def label(self, host: str) -> str | None:
         """The tenant label of a Host value (`ACME.example.com:8443` -> `acme`), or None."""
-        if len(host) > _MAX_HOST or not host.isascii():  # label() is public: check again
+        # Printable ASCII only (label() is public: check again): control bytes and
+        # Unicode never name a tenant.
+        if len(host) > _MAX_HOST or not host.isascii() or not host.isprintable():
             return None
         if host.startswith("["):  # an IPv6 literal, with or without a port
             return None
@@ -108,7 +110,9 @@ class SubdomainResolver(Resolver):
             host = forwarded.rpartition(b",")[2]  # the nearest proxy appends its own view last
         if host is None or len(host) > _MAX_HOST:
             return None
-        return host.decode("latin-1").strip()
+        # Only HTTP's optional whitespace (space, tab) may be trimmed: str.strip() would
+        # also drop \x85, \xa0, \x0c or \x1f, and a host carrying them would resolve.
+        return host.decode("latin-1").strip(" \t")
 
     def _from_trusted_proxy(self, connection: HTTPConnection) -> bool:
         client = connection.scope.get("client")

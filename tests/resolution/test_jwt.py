@@ -428,3 +428,33 @@ def test_unsafe_resolvers_cannot_be_built(kwargs: dict[str, Any], field: str) ->
     algorithms = kwargs.pop("algorithms")
     with pytest.raises(ConfigurationError, match=field):
         JWTResolver(algorithms, **kwargs)
+
+
+_LATER = int(time.time()) + 300
+
+
+@pytest.mark.parametrize(
+    ("dates", "served"),
+    [
+        ({"exp": str(_LATER)}, False),
+        ({"exp": True}, False),
+        ({"exp": [_LATER]}, False),
+        ({"nbf": "0"}, False),
+        ({"iat": "0"}, False),
+        ({"exp": _LATER}, True),
+        ({"exp": _LATER + 0.5, "nbf": 0, "iat": 0.0}, True),
+    ],
+    ids=repr,
+)
+async def test_exp_nbf_and_iat_must_be_numeric_dates(
+    build: Build, dates: dict[str, Any], served: bool
+) -> None:
+    # RFC 7519: NumericDate is a JSON number. PyJWT would convert "1999999999".
+    async with build(**RS_SETTINGS) as (client, _, _):
+        token = rs256({**claims(), **dates})
+        response = await client.get("/whoami", headers={"Authorization": f"Bearer {token}"})
+    if served:
+        assert response.status_code == 200, response.text
+    else:  # a bool exp is 1 to PyJWT: refused as expired before our check sees it
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == BEARER_ERROR

@@ -126,6 +126,9 @@ class JWKSKeys:
         return keys
 
 
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+
+
 class JWTResolver(Resolver):
     """Reads the identifier from a claim of the request's bearer token, after verifying it.
 
@@ -203,7 +206,7 @@ class JWTResolver(Resolver):
                 if kid is not None and not isinstance(kid, str):
                     raise InvalidTokenError("kid is not a string")
                 key = await self.jwks.get(kid)
-            return jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=self.algorithms,
@@ -219,6 +222,13 @@ class JWTResolver(Resolver):
             raise InvalidTokenError(f"token rejected: {type(exc).__name__}: {exc}") from exc
         except (ValueError, TypeError, KeyError) as exc:  # hostile input PyJWT did not wrap
             raise InvalidTokenError(f"token rejected: {type(exc).__name__}") from exc
+        # RFC 7519 §2: exp, nbf and iat are NumericDates (JSON numbers). PyJWT converts a
+        # string ("1999999999") and would accept it; a bool is an int to Python.
+        for name in _NUMERIC_DATES:
+            value = claims.get(name)
+            if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise InvalidTokenError(f"claim {name!r} is not a NumericDate")
+        return claims
 
     def _tenant(self, claims: Mapping[str, Any]) -> str | None:
         # A claim named with dots (`https://example.com/tenant`) is read whole first.

@@ -4,7 +4,7 @@ exercise commit-then-read, `session.begin()` and raw SQL."""
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, HTTPException, Path, Query
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -90,6 +90,16 @@ def build_app(manager: TenancyManager, model: "type[Order] | type[SharedOrder] |
         # Raw SQL naming a table without a schema; `table` is chosen by the test only.
         rows = (await session.execute(sa.text(f"SELECT id, description FROM {table} ORDER BY id"))).all()  # noqa: S608
         return {"orders": [{"id": r[0], "description": r[1]} for r in rows]}
+
+    @app.post("/sql")
+    async def route_sql(session: Session, statements: Annotated[list[str], Body()]) -> dict[str, Any]:
+        # Misbehaving route code: whatever SQL the test sends, then the session's commit.
+        results: list[Any] = []
+        for statement in statements:
+            result = await session.execute(sa.text(statement))
+            results.append([list(row) for row in result] if result.returns_rows else None)
+        await session.commit()
+        return {"results": results}
 
     return app
 

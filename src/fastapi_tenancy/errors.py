@@ -14,6 +14,7 @@ logs and may say more (it never holds secrets either).
     ├── ProvisioningError                         storage for a new tenant could not be made
     ├── FleetBusyError                            another fleet migration holds the database
     ├── IsolationError (AssertionError)           assert_isolated found one tenant reaching another
+    ├── TenantScopeError                          route SQL tried to end the tenant's transaction
     ├── TenantResolutionError                     400: the request names no tenant
     ├── InvalidTokenError                         401: the bearer token is not acceptable
     ├── TenantMismatchError                       403: two sources name different tenants
@@ -45,6 +46,7 @@ __all__ = [
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantResolutionError",
+    "TenantScopeError",
 ]
 
 
@@ -176,6 +178,20 @@ class TenancyUnavailableError(TenancyError):
 
 class FleetBusyError(TenancyError):
     """Another fleet migration is running against this database."""
+
+
+class TenantScopeError(TenancyError):
+    """A statement in a tenant session would have run outside the tenant's transaction.
+
+    Raised before it runs, for transaction control in route SQL (`COMMIT`, `ROLLBACK`,
+    `END`, `ABORT`, `PREPARE TRANSACTION`, `... AND CHAIN`): ending the transaction the
+    tenant's setting lives in would leave the next statements unscoped. Use the
+    session's `commit()` and `rollback()`, which begin the next transaction scoped again.
+    Raised too when something below SQLAlchemy ended the transaction anyway (raw
+    driver calls): no statement runs until the session is rolled back.
+    """
+
+    detail = "A statement tried to leave the tenant's transaction"
 
 
 class IsolationError(TenancyError, AssertionError):

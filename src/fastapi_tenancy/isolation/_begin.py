@@ -27,9 +27,20 @@ Every `BEGIN` is preceded by the statement that caused it (SQLAlchemy's asyncpg
 adapter begins lazily, right before the first statement), so a setting is never
 left over for another transaction: each statement overwrites it, a `BEGIN`
 consumes it.
+
+A tenant transaction also begins and ends with the connection reset (`RESET_STATE`,
+in the `BEGIN` message and in the `COMMIT`/`ROLLBACK` message, so again no round
+trip of its own): whatever route code set at session level (`SET search_path`,
+`set_config(..., false)`, `SET ROLE`, a temporary table, a `WITH HOLD` cursor, an
+advisory lock) never reaches the next user of the pooled connection, and what code
+outside tenant sessions left on it never reaches a tenant. Transaction control in
+route SQL (`COMMIT`, `ROLLBACK`, ...) is refused before it runs (`TenantScopeError`):
+it would end the transaction the tenant's setting lives in, and SQLAlchemy, still
+believing it open, would send the next statements without a `BEGIN`.
 """
 
 import contextlib
+import re
 from typing import Any
 
 import asyncpg
@@ -37,10 +48,28 @@ from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import ConfigurationError, TenancyUnavailableError
+from ..errors import ConfigurationError, TenancyUnavailableError, TenantScopeError
 from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
 
-__all__ = ["BeginSettingsConnection", "BeginSettingsContext", "enable"]
+__all__ = ["RESET_STATE", "BeginSettingsConnection", "BeginSettingsContext", "enable"]
+
+RESET_STATE = (
+    "RESET ALL; RESET SESSION AUTHORIZATION; DISCARD TEMP; DISCARD SEQUENCES; CLOSE ALL; "
+    "UNLISTEN *; SELECT pg_advisory_unlock_all();"
+)
+"""Session state back to how the connection was opened (`DISCARD ALL` without
+`DEALLOCATE ALL`, which would drop the driver's prepared statements, and usable inside
+a transaction). `RESET ALL` keeps startup parameters (asyncpg's `server_settings`);
+`RESET SESSION AUTHORIZATION` also resets `SET ROLE`; temporary tables go, which would
+otherwise be found first by unqualified names in every later transaction."""
+
+# Transaction control at the start of a statement, after blanks and comments.
+# ROLLBACK TO [SAVEPOINT] stays inside the transaction and is allowed.
+_ENDS_TRANSACTION = re.compile(
+    r"(?:\s+|--[^\n]*|/\*.*?\*/)*"
+    r"(?:COMMIT|END|ABORT|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+(?:WORK\s+|TRANSACTION\s+)?TO\b))\b",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
@@ -56,22 +85,36 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
         """The setting the current (or last) transaction began with."""
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's signature)
-        # asyncpg's Transaction.start() sends "BEGIN[ ISOLATION ...];" through here, as
-        # one simple-protocol message: a second statement in it runs inside the new
-        # transaction. Savepoints are "SAVEPOINT ..." and keep the transaction's setting.
-        if args or not query.startswith("BEGIN"):
+        # asyncpg's Transaction sends "BEGIN[ ISOLATION ...];", "COMMIT;" and "ROLLBACK;"
+        # through here, each as one simple-protocol message: statements after BEGIN run
+        # inside the new transaction, those after COMMIT or ROLLBACK right after it, on
+        # the same server connection (behind PgBouncer too). Savepoints are
+        # "SAVEPOINT ...", "RELEASE ..." and "ROLLBACK TO ...", and keep the transaction.
+        if args:
             result: str = await super().execute(query, *args, timeout=timeout)
             return result
+        if query.startswith("BEGIN"):
+            return await self._begin(query, timeout)
+        if self.begun_with is not None and query in ("COMMIT;", "ROLLBACK;"):
+            # The end of a tenant's transaction: reset what its statements set.
+            self.begun_with = None
+            result = await super().execute(f"{query} {RESET_STATE}", timeout=timeout)
+            return result
+        result = await super().execute(query, timeout=timeout)
+        return result
+
+    async def _begin(self, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
         setting, self.pending = self.pending, None
         self.begun_with = setting
         if setting is None:
-            result = await super().execute(query, timeout=timeout)
+            result: str = await super().execute(query, timeout=timeout)
             return result
         try:
-            result = await super().execute(f"{query} {setting}", timeout=timeout)
+            result = await super().execute(f"{query} {RESET_STATE} {setting}", timeout=timeout)
         except Exception as exc:
             # BEGIN ran but the setting failed: the transaction is open and aborted, and
             # the caller, seeing BEGIN fail, will never roll it back.
+            self.begun_with = None
             if not self.is_closed() and self.is_in_transaction():
                 with contextlib.suppress(Exception):  # a broken connection: the error above says why
                     await super().execute("ROLLBACK;")
@@ -101,12 +144,28 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
                     "connection_class left to fastapi-tenancy (or a subclass of BeginSettingsConnection)"
                 )
             return
+        if setting is None:
+            if not raw.is_in_transaction():
+                raw.pending = None
+            return
+        if _ENDS_TRANSACTION.match(self.statement):
+            raise TenantScopeError(
+                "transaction control in a tenant session is refused: it would end the "
+                f"transaction the tenant's setting lives in ({self.statement[:40]!r}); use the "
+                "session's commit() or rollback()"
+            )
         if not raw.is_in_transaction():
-            if setting is not None and self.execution_options.get("isolation_level") == "AUTOCOMMIT":
+            if self._dbapi_connection.dbapi_connection._transaction is not None:
+                # SQLAlchemy believes its transaction open, so it will send no BEGIN:
+                # something below it (the raw driver) ended the transaction.
+                raise TenantScopeError(
+                    "the tenant's transaction was ended outside SQLAlchemy; roll the session back"
+                )
+            if self.execution_options.get("isolation_level") == "AUTOCOMMIT":
                 # Outside a transaction there is no BEGIN to carry the setting.
                 raise ConfigurationError("AUTOCOMMIT is not supported in tenant sessions")
             raw.pending = setting  # the adapter sends BEGIN next, right before this statement
-        elif setting is not None and raw.begun_with != setting:
+        elif raw.begun_with != setting:
             # A transaction begun for someone else (or for no tenant), joined by a
             # tenant's bind: its statements would run under the wrong setting.
             raise ConfigurationError(

@@ -97,7 +97,7 @@ def build_app(manager: TenancyManager, model: "type[Order] | type[SharedOrder] |
         results: list[Any] = []
         for statement in statements:
             result = await session.execute(sa.text(statement))
-            results.append([list(row) for row in result] if result.returns_rows else None)
+            results.append([list(row) for row in result] if result.returns_rows else None)  # type: ignore[attr-defined]
         await session.commit()
         return {"results": results}
 

@@ -65,3 +65,18 @@ def test_asyncpg_sends_begin_through_connection_execute() -> None:
     assert "_top_xact" in asyncpg.Connection.__slots__
     parameters = inspect.signature(asyncpg.Connection.execute).parameters
     assert list(parameters)[:3] == ["self", "query", "args"] and "timeout" in parameters
+
+
+def test_asyncpg_ends_transactions_with_the_messages_the_reset_rides_in() -> None:
+    # The connection reset is appended to exactly these two messages (savepoints differ).
+    commit = inspect.getsource(Transaction._Transaction__commit)
+    rollback = inspect.getsource(Transaction._Transaction__rollback)
+    assert "query = 'COMMIT;'" in commit and "self._connection.execute(query)" in commit
+    assert "query = 'ROLLBACK;'" in rollback and "self._connection.execute(query)" in rollback
+
+
+def test_the_adapter_tracks_its_open_transaction_in_one_slot() -> None:
+    # _begin.py reads it to see a transaction ended below SQLAlchemy.
+    adapter = sa_asyncpg.AsyncAdapt_asyncpg_connection
+    assert "self._transaction = transaction" in inspect.getsource(adapter._start_transaction)
+    assert "adapt_connection._transaction is None" in inspect.getsource(sa_asyncpg.AsyncAdapt_asyncpg_cursor)

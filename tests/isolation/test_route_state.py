@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy.errors import TenantScopeError
 
@@ -132,7 +133,7 @@ async def test_advisory_locks_of_a_route_are_released(pg_env: Env) -> None:
     env = pg_env
     await _sql(env, "alpha", "SELECT pg_advisory_lock(4242)")
     # Another connection gets the lock: the route's connection gave it back.
-    engine = sa.ext.asyncio.create_async_engine(env.manager.config.database_url, poolclass=sa.pool.NullPool)
+    engine = create_async_engine(env.manager.config.database_url, poolclass=sa.pool.NullPool)
     try:
         async with engine.connect() as conn:
             assert await conn.scalar(sa.text("SELECT pg_try_advisory_lock(4242)")) is True
@@ -195,7 +196,7 @@ async def test_a_transaction_ended_below_sqlalchemy_runs_nothing_more(pg_env: En
     async with env.manager.session(tenant) as session:
         await session.execute(sa.text("SELECT 1"))
         connection = await session.connection()
-        raw = (await connection.get_raw_connection()).driver_connection
+        raw: Any = (await connection.get_raw_connection()).driver_connection
         await raw.execute("COMMIT")
         with pytest.raises(TenantScopeError):
             await session.execute(sa.text("SELECT description FROM orders"))

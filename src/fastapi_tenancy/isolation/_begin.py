@@ -155,7 +155,8 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
                 "session's commit() or rollback()"
             )
         if not raw.is_in_transaction():
-            if self._dbapi_connection.dbapi_connection._transaction is not None:
+            adapted: Any = self._dbapi_connection.dbapi_connection
+            if adapted._transaction is not None:
                 # SQLAlchemy believes its transaction open, so it will send no BEGIN:
                 # something below it (the raw driver) ended the transaction.
                 raise TenantScopeError(

@@ -1,5 +1,6 @@
 """Private helpers shared by the store and the isolation strategies."""
 
+import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -9,9 +10,9 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 
-from .errors import MissingDependencyError, TenancyUnavailableError
+from .errors import ConfigurationError, MissingDependencyError, TenancyUnavailableError
 
 _DRIVER_EXTRAS = {
     "asyncpg": ("asyncpg", "postgres"),
@@ -29,6 +30,45 @@ def is_memory_sqlite(url: str) -> bool:
     """True for a SQLite URL that names no file (an in-memory database)."""
     parsed = make_url(url)
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
+class _MemoryPool(AsyncAdaptedQueuePool):
+    """The pool of an in-memory SQLite engine: one connection, lent to one checkout at a time.
+
+    Every connection to `:memory:` opens a database of its own, so the engine keeps
+    exactly one, open until `dispose()`. Checkouts take turns on it: a second one
+    waits in the queue, up to `pool_timeout`. Sharing it (SQLAlchemy's `StaticPool`)
+    interleaves transactions, each committing or rolling back the others' work. A task
+    asking again while it holds the connection would wait for itself: it fails at once.
+    """
+
+    _holder: "asyncio.Task[Any] | None" = None
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: nobody to wait for
+            task = None
+        if task is not None and task is self._holder:
+            raise ConfigurationError(
+                "in-memory SQLite has one connection and this task already holds it (an open "
+                "session, transaction or connection of the same engine): a second one would wait "
+                "for itself forever. Commit or close the first before opening another, or use a "
+                "SQLite file"
+            )
+        try:
+            record = super()._do_get()
+        except sa_exc.TimeoutError as exc:
+            raise sa_exc.TimeoutError(
+                f"in-memory SQLite: its one connection stayed in use for {self._timeout:g} s "
+                "(pool_timeout); another session or transaction of the same engine holds it"
+            ) from exc
+        self._holder = task
+        return record
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        self._holder = None
+        super()._do_return_conn(record)
 
 
 def create_engine(
@@ -67,8 +107,11 @@ def create_engine(
             prepared_statement_name_func=_unique_statement_name,
         )
     if is_memory_sqlite(url):
-        # One shared connection: every new connection to :memory: is a new, empty database.
-        options["poolclass"] = StaticPool
+        # One connection, since every new connection to :memory: is a new, empty database,
+        # never recycled (that would empty it too). Shared-cache memory databases would
+        # allow several, but SQLite then refuses concurrent writers ("database table is
+        # locked") instead of making them wait.
+        options.update(poolclass=_MemoryPool, pool_size=1, max_overflow=0, pool_timeout=pool_timeout)
     elif null_pool:
         options["poolclass"] = NullPool
     else:

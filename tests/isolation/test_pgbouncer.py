@@ -91,3 +91,33 @@ async def _interleaved_requests_never_cross(env: Env, *, seed: int) -> None:
     assert crossed == []
     committed = await env.post("beta", "/orders/commit-then-read", order_id=2, description="beta-2")
     assert [o["description"] for o in committed.json()["orders"]] == ["beta-1", "beta-2", "beta-3"]
+
+
+async def test_route_state_and_raw_commit_never_follow_the_server_connection(pgbouncer_url: str) -> None:
+    # One server connection behind PgBouncer: what a route sets at session level would
+    # follow it to the next client, and a raw COMMIT would hand the server back mid-request.
+    async with two_tenants(pgbouncer_url, database_pgbouncer=True, database_pool_size=2) as env:
+        beta = env.manager.isolation.storage_name("beta")
+        response = await env.client.post(
+            "/sql",
+            json=[
+                f"SELECT set_config('search_path', '\"{beta}\"', false)",
+                "CREATE TEMPORARY TABLE orders AS SELECT * FROM orders",
+                "SET statement_timeout = '5min'",
+            ],
+            headers={"X-Tenant-ID": "alpha"},
+        )
+        assert response.status_code == 200, response.text
+        await _interleaved_requests_never_cross(env, seed=7)
+        async with env.manager.engine.connect() as conn:
+            assert (await conn.execute(sa.text("SHOW search_path"))).scalar_one() == '"$user", public'
+            assert (await conn.execute(sa.text("SHOW statement_timeout"))).scalar_one() == "0"
+        response = await env.client.post(
+            "/sql",
+            json=[f"SET search_path TO \"{beta}\"", "COMMIT", "SELECT description FROM orders"],
+            headers={"X-Tenant-ID": "alpha"},
+        )
+        assert response.status_code == 500 and "beta" not in response.text
+        for tenant, rows in (("alpha", ["alpha-1", "alpha-2"]), ("beta", ["beta-1", "beta-2", "beta-3"])):
+            response = await env.get(tenant, "/raw")
+            assert [o["description"] for o in response.json()["orders"]] == rows

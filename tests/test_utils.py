@@ -14,7 +14,9 @@ from fastapi_tenancy._utils import is_outage
 
 def _wrapped(orig: Exception, base: type[Exception], *, invalidated: bool = False) -> sa_exc.DBAPIError:
     """`orig` as SQLAlchemy hands it on (`OperationalError` for pymysql's `OperationalError`...)."""
-    return sa_exc.DBAPIError.instance("SELECT 1", {}, orig, base, connection_invalidated=invalidated)
+    error = sa_exc.DBAPIError.instance("SELECT 1", {}, orig, base, connection_invalidated=invalidated)
+    assert isinstance(error, sa_exc.DBAPIError)
+    return error
 
 
 def _mysql(kind: type[pymysql.err.Error], code: int, message: str, **flags: bool) -> sa_exc.DBAPIError:

@@ -1,12 +1,14 @@
 """Private helpers shared by the store and the isolation strategies."""
 
 import asyncio
+import errno
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -122,11 +124,42 @@ def create_engine(
             pool_recycle=pool_recycle,
         )
     try:
-        return create_async_engine(url, **options)
+        engine = create_async_engine(url, **options)
     except ImportError as exc:
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
+    if "poolclass" not in options and not pool_pre_ping:
+        event.listen(engine.sync_engine, "checkout", _discard_if_closed)
+    return engine
+
+
+def _discard_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection its driver already knows is closed; the pool opens another.
+
+    A database restart closes every pooled connection, but SQLAlchemy invalidates only
+    the pool that sees the error: with a registry pool and tenant pools, the tenant
+    pools still held dead connections after the outage, and the first request after
+    recovery was a 503. The driver has already read the server's close (asyncpg's
+    `is_closed()`, the end of the stream aiomysql reads from), so asking costs no round
+    trip, where `pool_pre_ping` costs one per checkout. `InvalidatePoolError` makes
+    SQLAlchemy drop every connection of the pool older than this one and connect anew
+    (an error then, the server still down, is the usual 503). A connection cut off
+    without a word (a network partition) still needs `pool_pre_ping` to be noticed.
+    """
+    if _known_closed(dbapi_connection.driver_connection):
+        raise sa_exc.InvalidatePoolError("the server closed this pooled connection")
+
+
+def _known_closed(driver_connection: Any) -> bool:
+    is_closed = getattr(driver_connection, "is_closed", None)  # asyncpg
+    if callable(is_closed):
+        return bool(is_closed())
+    # aiomysql (asyncmy where it exposes it): an asyncio StreamReader that saw the close.
+    # None once the driver itself closed it; SQLite connections have neither.
+    reader = getattr(driver_connection, "_reader", None)
+    at_eof = getattr(reader, "at_eof", None)
+    return callable(at_eof) and bool(at_eof())
 
 
 # SQLSTATEs saying the server or the connection is gone, not that the statement is
@@ -137,24 +170,72 @@ def create_engine(
 _OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
 _QUERY_CANCELED = "57014"  # statement_timeout (or an operator's pg_cancel_backend)
 
+# MySQL/MariaDB error codes (pymysql's CR and ER constants, which aiomysql raises too;
+# asyncmy uses the same numbers) that SQLAlchemy's MySQL `is_disconnect` leaves out
+# because no open connection broke: the connect itself failed (2002 CR_CONNECTION_ERROR,
+# 2003 CR_CONN_HOST_ERROR, raised for a refused connect and an unknown host alike), or
+# the server refused to serve (1040 ER_CON_COUNT_ERROR, 1203
+# ER_TOO_MANY_USER_CONNECTIONS, 1053 ER_SERVER_SHUTDOWN). A broken connection (2006
+# server gone, 2013 lost, 2055, 1927 killed, 4031 idle timeout...) SQLAlchemy already
+# knows: it comes here as `connection_invalidated`, and its list is not repeated.
+_OUTAGE_MYSQL_CODES = frozenset({1040, 1053, 1203, 2002, 2003})
+_MYSQL_DRIVERS = ("pymysql", "aiomysql", "asyncmy", "MySQLdb")
+
+# errno values of a socket that could not reach the server or lost it.
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EADDRNOTAVAIL,
+    }
+)
+
 
 def _sqlstate(exc: sa_exc.DBAPIError) -> str:
     return str(getattr(exc.orig, "sqlstate", None) or "")
+
+
+def _mysql_code(exc: sa_exc.DBAPIError) -> int | None:
+    orig = exc.orig
+    if type(orig).__module__.partition(".")[0] not in _MYSQL_DRIVERS:
+        return None  # SQLite's and PostgreSQL's errors carry no such number
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    # asyncio's create_connection raises one plain OSError, with no errno, when every
+    # address of the host refused ("localhost": ::1 and 127.0.0.1).
+    return exc.errno in _NETWORK_ERRNOS or (exc.errno is None and str(exc).startswith("Multiple exceptions"))
 
 
 def is_outage(exc: BaseException) -> bool:
     """True when an error means the database is unreachable right now.
 
     Such errors become a clear 503. A statement's own mistake does not count,
-    even where the driver calls it "operational" (SQLite's "no such table"): it
-    stays an error of the code that ran it. A dropped connection (SQLAlchemy
-    marks it `connection_invalidated`, or the server's SQLSTATE says so), a
-    server shutting down or starting up, a refused connect, an unknown host or
-    an exhausted pool count.
+    even where the driver calls it "operational" (SQLite's "no such table", a
+    MySQL syntax error): it stays an error of the code that ran it. A dropped
+    connection (SQLAlchemy marks it `connection_invalidated`, or the server's
+    SQLSTATE or MySQL error code says so), a server shutting down or starting
+    up, a refused connect, an unknown host, too many connections or an
+    exhausted pool count.
     """
     if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or _sqlstate(exc).startswith(_OUTAGE_SQLSTATES)
-    return isinstance(exc, sa_exc.TimeoutError | ConnectionError | TimeoutError | socket.gaierror)
+        return (
+            exc.connection_invalidated
+            or _sqlstate(exc).startswith(_OUTAGE_SQLSTATES)
+            or _mysql_code(exc) in _OUTAGE_MYSQL_CODES
+        )
+    return isinstance(exc, sa_exc.TimeoutError) or _is_network_error(exc)
 
 
 def is_result_type_change(exc: BaseException) -> bool:

@@ -21,6 +21,7 @@ from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyUnavailableErr
 
 from ..apps import Order
 from ..conftest import REQUIRE_SERVICES, _postgres_admin
+from ..isolation.databases import unique_prefix
 from ..isolation.test_matrix import Env, two_tenants
 from .app import build_security_app
 from .cluster import ThrowawayPostgres, find_postgres_bin
@@ -154,6 +155,31 @@ async def test_a_restart_mid_load_gives_503s_then_recovers_and_loses_no_acknowle
             f"503 window {last_503 - first_503:.2f}s (server down {up_at - down_at:.2f}s), "
             f"first 200 {first_ok - up_at:.2f}s after the server was back"
         )
+
+
+@pytest.mark.parametrize("strategy", ["schema", "database"])
+async def test_a_crash_gives_503s_and_the_first_request_after_the_restart_is_served(
+    cluster: ThrowawayPostgres, strategy: str
+) -> None:
+    # One request at a time, so "the first request after the restart" is well defined.
+    # With a database per tenant the registry's pool sees the outage but the tenants'
+    # pools do not: they must not hand out their dead connections afterwards.
+    settings = (
+        {"isolation_strategy": "database", "schema_prefix": unique_prefix()} if strategy == "database" else {}
+    )
+    async with app_on(cluster, cache_ttl=0, negative_cache_ttl=0, **settings) as env:
+        for tenant in TENANTS:
+            assert (await env.get(tenant, "/orders")).status_code == 200
+        await asyncio.to_thread(cluster.stop, "immediate")
+        try:
+            for tenant in (*TENANTS, "nobody", "alpha"):
+                _assert_refusal_is_a_clear_503(await env.get(tenant, "/orders"))
+        finally:
+            await asyncio.to_thread(cluster.start)
+        for tenant in TENANTS:
+            response = await env.get(tenant, "/orders")
+            assert response.status_code == 200, response.text
+            assert all(o["description"].startswith(f"{tenant}-") for o in response.json()["orders"])
 
 
 async def _backend_of_sleep(cluster: ThrowawayPostgres, database: str) -> int:

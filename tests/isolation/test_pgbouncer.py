@@ -114,7 +114,7 @@ async def test_route_state_and_raw_commit_never_follow_the_server_connection(pgb
             assert (await conn.execute(sa.text("SHOW statement_timeout"))).scalar_one() == "0"
         response = await env.client.post(
             "/sql",
-            json=[f"SET search_path TO \"{beta}\"", "COMMIT", "SELECT description FROM orders"],
+            json=[f'SET search_path TO "{beta}"', "COMMIT", "SELECT description FROM orders"],
             headers={"X-Tenant-ID": "alpha"},
         )
         assert response.status_code == 500 and "beta" not in response.text

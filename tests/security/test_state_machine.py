@@ -4,7 +4,8 @@ commit / rollback over several tenants, some steps running several tenants' work
 once (asyncio.gather), against real PostgreSQL and SQLite. Route code misbehaves in
 some steps: it sets session-level state (another tenant's `search_path`, `SET ROLE`,
 `ATTACH`) or ends its transaction with its own `COMMIT`/`ROLLBACK`. Some steps hold
-every connection of a pool and send more requests than it holds.
+every connection of a pool and send more requests than it holds; some purge a tenant
+and register its slug again while a session of the old incarnation is open.
 
 After every step, every tenant is read through the app and must show exactly the rows
 the model says it committed, each marked with that tenant's slug and incarnation, or
@@ -297,6 +298,70 @@ class TenancyMachine(RuleBasedStateMachine):
                 if again:
                     self.register(slug)
 
+    @rule(slug=st.sampled_from(SLUGS), order_id=IDS, touch=st.booleans(), commit=st.booleans())
+    def purge_in_flight(self, slug: str, order_id: int, touch: bool, commit: bool) -> None:
+        """A session of `slug` is open (begun; with uncommitted writes if it is pending, or
+        having read the tables if `touch`) while the tenant is deleted for good, the slug
+        registered again and the new customer writes a row. The old session then goes on
+        reading and writing: it never sees or changes a row of the new incarnation (the
+        invariant reads the new one's rows).
+        """
+        model = self.model[slug]
+        old = self.pending.pop(slug, None)
+        if old is None:
+            if model.status != "active":
+                return
+            old = self.runner.run(self._begun(slug, touch))
+        incarnation = model.incarnation
+
+        def late_write() -> Any:  # a write of the old request, on the id the new customer writes
+            return old.session.merge(Order(id=order_id, description=f"{slug}/{incarnation}/{order_id}/late"))
+
+        try:
+            before = self._record(slug)
+
+            async def during_the_purge() -> None:
+                purge = asyncio.ensure_future(self.manager.delete_tenant(slug, destroy_data=True))
+                await asyncio.sleep(0.1)  # the purge is on its way (or waiting for this transaction)
+                seen = await _attempt(old.session, _rows(old.session))
+                if seen is not None:  # its own incarnation only: committed rows and its own writes
+                    assert seen == {**model.rows, **old.writes}, (slug, seen)
+                    await _attempt(old.session, late_write())
+                    await _attempt(old.session, old.session.commit() if commit else old.session.rollback())
+                await old.session.rollback()
+                await purge
+
+            self.runner.run(during_the_purge())
+            model.status, model.rows = "absent", {}
+            self._session_refused(before, TenantNotFoundError)
+            self.purged[slug] = before
+            self.register(slug)
+            self.runner.run(self._write_and_commit(slug, order_id))  # the new customer's row
+
+            async def after_the_purge() -> None:
+                old.session.expunge_all()  # what it loaded before is no guide to what is stored now
+                seen = await _attempt(old.session, _rows(old.session))
+                if seen is not None:
+                    self._check_marks(slug, seen.values(), incarnation)
+                await old.session.rollback()
+                await _attempt(old.session, late_write())
+                await _attempt(old.session, old.session.commit())
+                await old.session.rollback()
+
+            self.runner.run(after_the_purge())
+        finally:
+            self.runner.run(old.context.__aexit__(None, None, None))
+
+    async def _begun(self, slug: str, touch: bool) -> Pending:
+        """A session of `slug` whose transaction has begun (and read its table if `touch`)."""
+        context = self.manager.session(await self.manager.get_tenant(slug))
+        session = await context.__aenter__()
+        if touch:
+            await _rows(session)
+        else:
+            await session.execute(sa.text("SELECT 1"))
+        return Pending(context, session)
+
     # -- data ----------------------------------------------------------------------
 
     @rule(slug=st.sampled_from(SLUGS), order_id=IDS)
@@ -504,6 +569,21 @@ class TenancyMachine(RuleBasedStateMachine):
 
 async def _rows(session: AsyncSession) -> dict[int, str]:
     return {r[0]: r[1] for r in await session.execute(sa.select(Order.id, Order.description))}
+
+
+# How a session of a purged incarnation may be refused: its storage is gone or is
+# another tenant's (TenantNotFoundError), cannot be reached (a 503), or the database
+# ended its transaction or finds no table.
+REFUSED = (TenantNotFoundError, TenancyUnavailableError, sa_exc.DBAPIError)
+
+
+async def _attempt(session: AsyncSession, work: Any) -> Any:
+    """`await work`, or None (the session rolled back) if the database refused it."""
+    try:
+        return await work
+    except REFUSED:
+        await session.rollback()
+        return None
 
 
 @dataclass(frozen=True)

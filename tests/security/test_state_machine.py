@@ -1,8 +1,9 @@
 """Property-based isolation: a Hypothesis state machine drives random sequences of
 register / suspend / activate / delete (soft and for good) / re-register / write / read /
 commit / rollback over several tenants, some steps running several tenants' work at
-once (asyncio.gather), against real PostgreSQL and SQLite. Route code misbehaves in
-some steps: it sets session-level state (another tenant's `search_path`, `SET ROLE`,
+once (asyncio.gather), against real PostgreSQL (a schema per tenant), MariaDB (a
+database per tenant) and SQLite (a file per tenant). Route code misbehaves in some
+steps: it sets session-level state (another tenant's `search_path`, `SET ROLE`, `USE`,
 `ATTACH`) or ends its transaction with its own `COMMIT`/`ROLLBACK`. Some steps hold
 every connection of a pool and send more requests than it holds; some purge a tenant
 and register its slug again while a session of the old incarnation is open.
@@ -61,11 +62,13 @@ POOL_TIMEOUT = 0.5  # seconds a request waits for a pooled connection before its
 # (TenantScopeError); elsewhere the tenant's storage is the connection's whole world.
 CONTROLS = {
     "postgres": ["COMMIT", "ROLLBACK", "END", "ABORT", "/* x */ commit", "COMMIT AND CHAIN"],
+    "mysql": ["COMMIT", "ROLLBACK"],
     "sqlite": ["COMMIT", "ROLLBACK"],
 }
 # Session-level state route SQL may leave on its connection.
 SESSION_STATE = {
     "postgres": ["SET search_path", "set_config", "SET ROLE"],
+    "mysql": ["USE"],
     "sqlite": ["ATTACH"],
 }
 
@@ -114,11 +117,23 @@ class TenancyMachine(RuleBasedStateMachine):
         try:
             # A small shared pool (PostgreSQL): every pending session holds a connection,
             # with room for the steps' own (a purge, a registration, a few reads at once).
+            settings: dict[str, Any] = {}
+            if self.backend == "mysql":
+                # A database per tenant, named after the registry's database so that all
+                # of them are dropped with it; a pool of two per tenant (one for a pending
+                # session, one for requests), under a budget with room for all of them.
+                settings = {
+                    "isolation_strategy": "database",
+                    "schema_prefix": f"{make_url(url).database}_",
+                    "database_tenant_pool_size": 2,
+                    "database_connection_budget": 2 * len(SLUGS) + 4,
+                }
             config = TenancyConfig(
                 database_url=url,
                 database_pool_size=len(SLUGS) + 6,
                 database_max_overflow=0,
                 database_pool_timeout=POOL_TIMEOUT,
+                **settings,
             )
             self.manager = TenancyManager(config)
             self.runner.run(self.manager.initialize())
@@ -448,6 +463,7 @@ class TenancyMachine(RuleBasedStateMachine):
             "SET search_path": f'SET search_path TO "{storage}", public',
             "set_config": f"SELECT set_config('search_path', '\"{storage}\"', false)",
             "SET ROLE": f'SET ROLE "{self.role}"',
+            "USE": f"USE `{storage}`",
             "ATTACH": f"ATTACH DATABASE '{self._sqlite_file(other)}' AS other",
         }
         sql = [statements[kind] for kind in sorted(kinds)]
@@ -458,12 +474,17 @@ class TenancyMachine(RuleBasedStateMachine):
                 # SQLite: a tenant's connection may not open another file.
                 with pytest.raises(sa_exc.DatabaseError, match="not authorized"):
                     await self._route_sql(slug, sql)
+            elif "USE" in kinds and status == "active" and self.model[other].status == "absent":
+                with pytest.raises(sa_exc.OperationalError, match="Unknown database"):
+                    await self._route_sql(slug, sql)
             else:
                 response = await self._route_sql(slug, sql)
                 assert response.status_code == EXPECTED_STATUS[status], (slug, status, response.text)
             if self.backend == "postgres":
                 # Checked before any tenant request could reset a connection again.
                 assert set(await self._outside_state()) <= set(self.outside)
+            for _ in range(2):  # one after the other: each idle connection of a tenant pool of two
+                await self._read(slug)
 
         self.runner.run(misbehave())
 
@@ -606,11 +627,15 @@ class PostgresMachine(TenancyMachine):
     backend = "postgres"
 
 
+class MySQLMachine(TenancyMachine):
+    backend = "mysql"
+
+
 class SQLiteMachine(TenancyMachine):
     backend = "sqlite"
 
 
-MACHINES = {"postgres": PostgresMachine, "sqlite": SQLiteMachine}
+MACHINES = {"postgres": PostgresMachine, "mysql": MySQLMachine, "sqlite": SQLiteMachine}
 
 
 @pytest.mark.parametrize("backend", list(MACHINES))
@@ -618,7 +643,7 @@ def test_random_lifecycles_and_transactions_never_cross_tenants(backend: str) ->
     run_state_machine_as_test(
         MACHINES[backend],
         settings=settings(
-            max_examples={"postgres": 8, "sqlite": 15}[backend],
+            max_examples={"postgres": 8, "mysql": 8, "sqlite": 15}[backend],
             stateful_step_count=20,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

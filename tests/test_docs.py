@@ -213,6 +213,7 @@ DOCS_REDIS_URL = "redis://localhost:6379/0"
 def _run_redis_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """`_exec_page` against the test Redis; the keys under the page's prefixes are deleted after."""
     from redis import Redis
+
     from tests.conftest import REDIS_URL, REQUIRE_SERVICES
 
     client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)

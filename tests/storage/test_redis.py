@@ -17,7 +17,7 @@ from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 from fastapi_tenancy.storage.redis import RedisTenantStore, _decode, _encode
 
 from ..apps import Base, build_app
-from .servers import OwnRedis, free_port
+from ..servers import OwnRedis, free_port
 
 
 class CountingStore(InMemoryTenantStore):

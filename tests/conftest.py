@@ -14,10 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from .servers import OwnRedis
 
 POSTGRES_URL = os.environ.get(
     "TENANCY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -67,6 +70,10 @@ async def _require(name: str, connect: Callable[[], Awaitable[Any]]) -> None:
             _reachable[name] = None
         except Exception as exc:  # any failure to connect means "not reachable"
             _reachable[name] = f"{type(exc).__name__}: {exc}"
+    _skip_unless_reachable(name)
+
+
+def _skip_unless_reachable(name: str) -> None:
     reason = _reachable[name]
     if reason is None:
         return
@@ -211,22 +218,31 @@ async def _redis_admin(url: str) -> Any:
     return client
 
 
-class _Closed:
-    def close(self) -> None:
-        pass
+def require_redis() -> str:
+    """The URL of the shared Redis; skips (or, in CI, fails) the test when it is down."""
+    if "Redis" not in _reachable:
+        import redis
 
-
-async def _redis_ping(url: str) -> _Closed:
-    client = await _redis_admin(url)
-    await client.aclose()
-    return _Closed()
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+        try:
+            client.ping()
+            _reachable["Redis"] = None
+        except redis.RedisError as exc:
+            _reachable["Redis"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            client.close()
+    _skip_unless_reachable("Redis")
+    return REDIS_URL
 
 
 @pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """The URL of the shared Redis; use `redis_prefix` for keys (others use it at the same time)."""
-    await _require("Redis", lambda: _redis_ping(REDIS_URL))
-    yield REDIS_URL
+def redis_url() -> str:
+    """The URL of the shared Redis; use `redis_prefix` or `unique` for keys (others use it at
+    the same time).
+
+    Synchronous, so that async fixtures can ask for it with `getfixturevalue`.
+    """
+    return require_redis()
 
 
 @pytest.fixture
@@ -241,3 +257,23 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name of this test's own (`ft-` and 12 hex digits), for cache prefixes and queues."""
+    return f"ft-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator["OwnRedis"]:
+    """A throwaway redis-server (never the shared one), which the test may kill and restart."""
+    from .servers import OwnRedis  # servers.py imports this module
+
+    redis = OwnRedis()
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        await redis.kill()
+        shutil.rmtree(redis.workdir, ignore_errors=True)

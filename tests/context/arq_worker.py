@@ -16,7 +16,8 @@ from fastapi_tenancy import TenancyConfig, TenancyManager, current_tenant
 from fastapi_tenancy.integrations.arq import tenancy_startup, tenant_job
 
 from ..apps import Order
-from .conftest import REDIS_URL, descriptions
+from ..conftest import REDIS_URL
+from .conftest import descriptions
 
 manager = TenancyManager(TenancyConfig(database_pool_size=1, database_max_overflow=0))
 

@@ -1,4 +1,5 @@
-"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file.
+"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file;
+and managers started on them.
 
 Server URLs come from TENANCY_TEST_POSTGRES_URL and TENANCY_TEST_MYSQL_URL (local
 defaults below). Without the server a test skips with the reason, unless
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
 
 POSTGRES_URL = os.environ.get(
     "TENANCY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -241,3 +244,15 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+# -- managers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
+    """A started manager with no tenant: the registry and each tenant in SQLite files."""
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    yield manager
+    await manager.close()

@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
+
+from .apps import Base, Order
 
 POSTGRES_URL = os.environ.get(
     "TENANCY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -256,3 +259,36 @@ async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
     await manager.initialize()
     yield manager
     await manager.close()
+
+
+@dataclass
+class Tenants:
+    manager: TenancyManager
+    url: str
+
+
+# Two tenants with overlapping primary keys: id 1 exists in both.
+ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
+
+
+@pytest.fixture
+async def tenants(postgres_url: str) -> AsyncIterator[Tenants]:
+    """A manager on PostgreSQL (a pool of one connection), tenants alpha and beta seeded."""
+    config = TenancyConfig(database_url=postgres_url, database_pool_size=1, database_max_overflow=0)
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for identifier, rows in ROWS.items():
+            tenant = await manager.register_tenant(identifier, identifier.title(), app_metadata=Base.metadata)
+            async with manager.session(tenant) as session:
+                session.add_all(Order(id=i, description=d) for i, d in rows.items())
+                await session.commit()
+        yield Tenants(manager, postgres_url)
+    finally:
+        await manager.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test uses (Redis keys, queues)."""
+    return f"ft-{uuid.uuid4().hex[:12]}"

@@ -1,4 +1,5 @@
-"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file.
+"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file;
+and managers started on them.
 
 Server URLs come from TENANCY_TEST_POSTGRES_URL and TENANCY_TEST_MYSQL_URL (local
 defaults below). Without the server a test skips with the reason, unless
@@ -13,11 +14,16 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import make_url
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+from .apps import Base, Order
 
 if TYPE_CHECKING:
     from .servers import OwnRedis
@@ -257,6 +263,45 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+# -- managers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
+    """A started manager with no tenant: the registry and each tenant in SQLite files."""
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    yield manager
+    await manager.close()
+
+
+@dataclass
+class Tenants:
+    manager: TenancyManager
+    url: str
+
+
+# Two tenants with overlapping primary keys: id 1 exists in both.
+ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
+
+
+@pytest.fixture
+async def tenants(postgres_url: str) -> AsyncIterator[Tenants]:
+    """A manager on PostgreSQL (a pool of one connection), tenants alpha and beta seeded."""
+    config = TenancyConfig(database_url=postgres_url, database_pool_size=1, database_max_overflow=0)
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for identifier, rows in ROWS.items():
+            tenant = await manager.register_tenant(identifier, identifier.title(), app_metadata=Base.metadata)
+            async with manager.session(tenant) as session:
+                session.add_all(Order(id=i, description=d) for i, d in rows.items())
+                await session.commit()
+        yield Tenants(manager, postgres_url)
+    finally:
+        await manager.close()
 
 
 @pytest.fixture

@@ -61,13 +61,22 @@ POOL_TIMEOUT = 0.5  # seconds a request waits for a pooled connection before its
 # Transaction control route SQL may send. PostgreSQL refuses every form before it runs
 # (TenantScopeError); elsewhere the tenant's storage is the connection's whole world.
 CONTROLS = {
-    "postgres": ["COMMIT", "ROLLBACK", "END", "ABORT", "/* x */ commit", "COMMIT AND CHAIN"],
+    "postgres": [
+        "COMMIT",
+        "ROLLBACK",
+        "END",
+        "ABORT",
+        "/* x */ commit",
+        "COMMIT AND CHAIN",
+        "ROLLBACK AND CHAIN",
+        "PREPARE TRANSACTION 'x'",
+    ],
     "mysql": ["COMMIT", "ROLLBACK"],
     "sqlite": ["COMMIT", "ROLLBACK"],
 }
 # Session-level state route SQL may leave on its connection.
 SESSION_STATE = {
-    "postgres": ["SET search_path", "set_config", "SET ROLE"],
+    "postgres": ["SET search_path", "set_config", "SET ROLE", "advisory lock"],
     "mysql": ["USE"],
     "sqlite": ["ATTACH"],
 }
@@ -253,7 +262,11 @@ class TenancyMachine(RuleBasedStateMachine):
                 await stack.enter_async_context(self.manager.engine.connect())
                 for _ in range(pool.checkedin())
             ]
-            query = sa.text("SELECT current_setting('search_path'), current_user, session_user")
+            # to_regclass: where an unqualified `orders` resolves (nowhere: None).
+            query = sa.text(
+                "SELECT current_setting('search_path'), current_user, session_user, to_regclass('orders'), "
+                "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
+            )
             return [tuple((await conn.execute(query)).one()) for conn in connections]
 
     # -- lifecycle -----------------------------------------------------------------
@@ -450,9 +463,10 @@ class TenancyMachine(RuleBasedStateMachine):
 
     # -- route code that misbehaves ----------------------------------------------------
 
-    @rule(slug=st.sampled_from(SLUGS), other=st.sampled_from(SLUGS), data=st.data())
-    def route_sets_session_state(self, slug: str, other: str, data: st.DataObject) -> None:
-        """A route of `slug` points its connection at `other`'s storage (or another role), then commits.
+    @rule(slug=st.sampled_from(SLUGS), other=st.sampled_from(SLUGS), fail=st.booleans(), data=st.data())
+    def route_sets_session_state(self, slug: str, other: str, fail: bool, data: st.DataObject) -> None:
+        """A route of `slug` points its connection at `other`'s storage (or another role), then
+        commits, or fails (`fail`: the request's session is rolled back).
 
         Nothing of it may outlive the request: the next requests of every tenant (the
         invariant) and code outside tenant sessions find their connections as opened.
@@ -463,19 +477,25 @@ class TenancyMachine(RuleBasedStateMachine):
             "SET search_path": f'SET search_path TO "{storage}", public',
             "set_config": f"SELECT set_config('search_path', '\"{storage}\"', false)",
             "SET ROLE": f'SET ROLE "{self.role}"',
+            # Not undone by a rollback, unlike the settings above (try: never a wait).
+            "advisory lock": "SELECT pg_try_advisory_lock(4242)",
             "USE": f"USE `{storage}`",
             "ATTACH": f"ATTACH DATABASE '{self._sqlite_file(other)}' AS other",
         }
-        sql = [statements[kind] for kind in sorted(kinds)]
+        sql = [statements[kind] for kind in sorted(kinds)] + (["SELECT 1 FROM no_such_table"] if fail else [])
         status = self.model[slug].status
+        error: tuple[type[Exception], str] | None = None
+        if status == "active":
+            if "ATTACH" in kinds:  # SQLite: a tenant's connection may not open another file
+                error = sa_exc.DatabaseError, "not authorized"
+            elif "USE" in kinds and self.model[other].status == "absent":
+                error = sa_exc.OperationalError, "Unknown database"
+            elif fail:
+                error = sa_exc.DBAPIError, "no_such_table"
 
         async def misbehave() -> None:
-            if "ATTACH" in kinds and status == "active":
-                # SQLite: a tenant's connection may not open another file.
-                with pytest.raises(sa_exc.DatabaseError, match="not authorized"):
-                    await self._route_sql(slug, sql)
-            elif "USE" in kinds and status == "active" and self.model[other].status == "absent":
-                with pytest.raises(sa_exc.OperationalError, match="Unknown database"):
+            if error is not None:  # the route's error, raised to the test by the transport
+                with pytest.raises(error[0], match=error[1]):
                     await self._route_sql(slug, sql)
             else:
                 response = await self._route_sql(slug, sql)

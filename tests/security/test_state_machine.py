@@ -555,9 +555,9 @@ class TenancyMachine(RuleBasedStateMachine):
     def overload(self, slug: str, extra: int, long: bool) -> None:
         """Every connection of `slug`'s pool held while `extra` more requests of it arrive.
 
-        Held past the pool timeout, each of them is a 503 (never a 500, never a wait
-        without end); released at once, they are served. Either way every connection
-        comes back (the invariant).
+        Held (`long`) until they are answered, which only the pool timeout can do, each
+        is a 503 (never a 500, never a wait without end); released at once, they are
+        served. Either way every connection comes back (the invariant).
         """
         if self.model[slug].status != "active":
             return
@@ -567,19 +567,25 @@ class TenancyMachine(RuleBasedStateMachine):
         async def overload() -> None:
             tenant = await self.manager.get_tenant(slug)
             async with contextlib.AsyncExitStack() as holders:
-                while True:
+                for _ in range(32):
                     session = await holders.enter_async_context(self.manager.session(tenant))
                     bind = session.get_bind()  # no connection checked out yet
                     assert isinstance(bind, sa.Engine)
                     if _checked_out(bind.pool) >= _capacity(bind.pool):
                         break
                     self._check_rows(slug, await _rows(session))  # holds a connection from here on
-                requests = [
-                    asyncio.ensure_future(self.client.get("/orders", headers={"X-Tenant-ID": slug}))
-                    for _ in range(extra)
-                ]
-                await asyncio.sleep(POOL_TIMEOUT + 0.25 if long else 0)
-            for response in await asyncio.gather(*requests):
+                else:
+                    raise AssertionError(f"the sessions of {slug} are not bounded by one pool")
+                requests = asyncio.gather(
+                    *(self.client.get("/orders", headers={"X-Tenant-ID": slug}) for _ in range(extra))
+                )
+                if long:
+                    responses = await asyncio.wait_for(requests, POOL_TIMEOUT + 30)
+                else:
+                    await asyncio.sleep(0)  # they start, and wait for a connection
+            if not long:
+                responses = await requests
+            for response in responses:
                 if long or response.status_code == 503:
                     assert response.status_code == 503, response.text
                     assert response.json() == UNAVAILABLE

@@ -669,7 +669,7 @@ def test_random_lifecycles_and_transactions_never_cross_tenants(backend: str) ->
     run_state_machine_as_test(
         MACHINES[backend],
         settings=settings(
-            max_examples={"postgres": 8, "mysql": 8, "sqlite": 15}[backend],
+            max_examples={"postgres": 6, "mysql": 6, "sqlite": 10}[backend],
             stateful_step_count=20,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -56,7 +56,7 @@ from .sync import fresh_database, new_runner
 
 SLUGS = ["ant", "bee", "cat-1", "cat--1"]  # the last two differ only in '-' vs '--'
 IDS = st.integers(min_value=1, max_value=6)  # few ids: tenants' primary keys overlap
-POOL_TIMEOUT = 0.5  # seconds a request waits for a pooled connection before its 503
+POOL_TIMEOUT = 1.0  # seconds a request waits for a pooled connection before its 503
 
 # Transaction control route SQL may send. PostgreSQL refuses every form before it runs
 # (TenantScopeError); elsewhere the tenant's storage is the connection's whole world.
@@ -129,13 +129,13 @@ class TenancyMachine(RuleBasedStateMachine):
             settings: dict[str, Any] = {}
             if self.backend == "mysql":
                 # A database per tenant, named after the registry's database so that all
-                # of them are dropped with it; a pool of two per tenant (one for a pending
-                # session, one for requests), under a budget with room for all of them.
+                # of them are dropped with it; a pool of three per tenant (one for a
+                # pending session, two for requests), under a budget with room for all.
                 settings = {
                     "isolation_strategy": "database",
                     "schema_prefix": f"{make_url(url).database}_",
-                    "database_tenant_pool_size": 2,
-                    "database_connection_budget": 2 * len(SLUGS) + 4,
+                    "database_tenant_pool_size": 3,
+                    "database_connection_budget": 3 * len(SLUGS) + 4,
                 }
             config = TenancyConfig(
                 database_url=url,
@@ -506,7 +506,7 @@ class TenancyMachine(RuleBasedStateMachine):
             if self.backend == "postgres":
                 # Checked before any tenant request could reset a connection again.
                 assert set(await self._outside_state()) <= set(self.outside)
-            for _ in range(2):  # one after the other: each idle connection of a tenant pool of two
+            for _ in range(3):  # one after the other: each idle connection of a tenant pool of three
                 await self._read(slug)
 
         self.runner.run(misbehave())

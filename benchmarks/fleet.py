@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TEMPLATE = ROOT / "src" / "fastapi_tenancy" / "migration_template"
+TEMPLATE = ROOT / "src" / "fastapi_tenancy" / "migrations" / "template"
 SCRIPT = Path(sys.executable).parent / "fastapi-tenancy"
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 

@@ -355,7 +355,8 @@ def migrate_init(
     directory: Annotated[Path, typer.Argument(help="Where to create the project.")] = Path(),
 ) -> None:
     """Create alembic.ini and the shared/ and tenant/ migration environments."""
-    template = Path(__file__).parent / "migration_template"
+    # The path, not an import: the package imports Alembic, which init does not need.
+    template = Path(__file__).parent / "migrations" / "template"
     if (directory / "alembic.ini").exists() or (directory / "migrations").exists():
         _fail(f"{directory} already holds alembic.ini or migrations/", EXIT_CONFLICT)
     shutil.copytree(template, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from ._utils import create_engine
 from .errors import ConfigurationError, FleetBusyError
 from .isolation.spares import FLEET_GATE_KEY, SPARES_TABLE
-from .migrations import (
+from .migrations.env import (
     CONNECTION_ATTRIBUTE,
     DATABASE_ATTRIBUTE,
     SCHEMA_ATTRIBUTE,

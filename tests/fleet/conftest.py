@@ -8,7 +8,7 @@ import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "fastapi_tenancy" / "migration_template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "fastapi_tenancy" / "migrations" / "template"
 
 # Two tenant revisions. The first overlaps in time across tenants (pg_sleep) and records
 # the schema it ran in, so a test can see both concurrency and where each run landed;

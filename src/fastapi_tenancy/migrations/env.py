@@ -1,4 +1,4 @@
-"""Alembic integration: run a migration inside one tenant's schema or database, and read versions.
+"""What an Alembic `env.py` calls: run a migration inside one tenant's schema or database; read versions.
 
 Tenant migrations and shared (registry, `public`) migrations live in two Alembic
 script directories, each with its own `env.py` and version table. A tenant's
@@ -28,12 +28,12 @@ from sqlalchemy.engine import Connection, make_url
 try:
     import alembic  # noqa: F401 - fail at import, naming the extra
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    from .errors import MissingDependencyError
+    from ..errors import MissingDependencyError
 
     raise MissingDependencyError("alembic", "migrations") from exc
 
-from .config import TenancyConfig
-from .isolation.base import storage_name
+from ..config import TenancyConfig
+from ..isolation.base import storage_name
 
 __all__ = [
     "CONNECTION_ATTRIBUTE",
@@ -143,7 +143,7 @@ def _run(
 
 
 async def _run_async(url: str, migrate: Callable[[Connection], None]) -> None:
-    from ._utils import create_engine
+    from .._utils import create_engine
 
     engine = create_engine(url, pool_size=1, max_overflow=0)
     try:

@@ -159,7 +159,7 @@ async def main() -> None:
         out["noop_upgrade_s"] = noop
         print(f"no-op upgrade (whole CLI process): {noop} s", flush=True)
         # The same in process: what the run itself costs, without starting Python and importing.
-        from fastapi_tenancy.fleet import FleetMigrator
+        from fastapi_tenancy.migrations.fleet import FleetMigrator
 
         manager = TenancyManager(TenancyConfig(database_url=url, schema_template="tenancy_template"))
         await manager.initialize()

@@ -379,7 +379,8 @@ def _migrate(
     lock_timeout: str,
     statement_timeout: str,
 ) -> None:
-    from .fleet import FleetMigrator, FleetReport, TenantResult  # noqa: PLC0415 - the migrations extra
+    from .migrations.fleet import FleetMigrator  # noqa: PLC0415 - the migrations extra
+    from .migrations.results import FleetReport, TenantResult  # noqa: PLC0415
 
     show_progress = out.is_terminal and not state.json
 
@@ -507,7 +508,8 @@ def migrate_status(
     tenant: TenantOption = None,
 ) -> None:
     """Each tenant's revision and whether it is at TARGET (two queries; Alembic does not run)."""
-    from .fleet import FleetMigrator, TenantMigration  # noqa: PLC0415 - the migrations extra
+    from .migrations.fleet import FleetMigrator  # noqa: PLC0415 - the migrations extra
+    from .migrations.results import TenantMigration  # noqa: PLC0415
 
     async def work(manager: TenancyManager) -> list[TenantMigration]:
         migrator = FleetMigrator(manager, config, section=section)

@@ -9,7 +9,8 @@ from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from fastapi_tenancy.encryption import URLCipher
-from fastapi_tenancy.fleet import FleetMigrator, TenantResult
+from fastapi_tenancy.migrations.fleet import FleetMigrator
+from fastapi_tenancy.migrations.results import TenantResult
 from tests.isolation.databases import dropped_afterwards
 from tests.isolation.test_database import second_cluster  # noqa: F401 - a fixture: a private cluster
 

@@ -8,8 +8,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyManager
-from fastapi_tenancy.fleet import FleetBusyError, FleetMigrator, TenantResult
+from fastapi_tenancy.errors import FleetBusyError
 from fastapi_tenancy.migrations import read_versions
+from fastapi_tenancy.migrations.fleet import FleetMigrator
+from fastapi_tenancy.migrations.results import TenantResult
 
 from .conftest import make_project
 

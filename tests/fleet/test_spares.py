@@ -9,9 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-from fastapi_tenancy.fleet import FleetMigrator
 from fastapi_tenancy.isolation.clone import schema_catalog
 from fastapi_tenancy.isolation.spares import FLEET_GATE_KEY, SPARE_PREFIX, SparePool
+from fastapi_tenancy.migrations.fleet import FleetMigrator
 
 from .conftest import make_project
 from .test_provisioning import rich_metadata

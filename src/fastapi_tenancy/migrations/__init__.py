@@ -12,6 +12,7 @@ Needs the `migrations` extra (Alembic).
 from .env import (
     CONNECTION_ATTRIBUTE,
     DATABASE_ATTRIBUTE,
+    FLEET_ATTRIBUTE,
     SCHEMA_ATTRIBUTE,
     read_database_version,
     read_versions,
@@ -23,6 +24,7 @@ from .env import (
 __all__ = [
     "CONNECTION_ATTRIBUTE",
     "DATABASE_ATTRIBUTE",
+    "FLEET_ATTRIBUTE",
     "SCHEMA_ATTRIBUTE",
     "read_database_version",
     "read_versions",

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from hatchling.builders.wheel import WheelBuilder
 
+from .projects import TEMPLATE
+
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "src" / "fastapi_tenancy" / "migrations" / "template"
 
 
 def _files(root: Path) -> set[str]:

@@ -13,7 +13,7 @@ from fastapi_tenancy.migrations import read_versions
 from fastapi_tenancy.migrations.fleet import FleetMigrator
 from fastapi_tenancy.migrations.results import TenantResult
 
-from .conftest import make_project
+from .projects import make_project
 
 pytestmark = pytest.mark.postgres
 

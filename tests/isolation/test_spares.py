@@ -12,9 +12,9 @@ from fastapi_tenancy import TenancyConfig, TenancyManager
 from fastapi_tenancy.isolation.clone import schema_catalog
 from fastapi_tenancy.isolation.spares import FLEET_GATE_KEY, SPARE_PREFIX, SparePool
 from fastapi_tenancy.migrations.fleet import FleetMigrator
+from tests.migrations.projects import make_project
 
-from .conftest import make_project
-from .test_provisioning import rich_metadata
+from .test_clone import rich_metadata
 
 pytestmark = pytest.mark.postgres
 

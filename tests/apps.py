@@ -119,3 +119,9 @@ class SharedOrder(SharedBase):
     tenant_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, server_default=sa.FetchedValue())
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     description: Mapped[str] = mapped_column(sa.String(200))
+
+
+async def descriptions(manager: TenancyManager) -> list[str]:
+    """The current tenant's order descriptions, read through `manager.session()`."""
+    async with manager.session() as session:
+        return list((await session.execute(sa.select(Order.description).order_by(Order.id))).scalars())

@@ -136,11 +136,12 @@ async def test_override_tenant_restores_an_earlier_override(manager: TenancyMana
         assert app.dependency_overrides[get_current_tenant] is outer
 
 
-def test_the_helpers_name_their_extra_when_httpx_is_missing() -> None:
+@pytest.mark.parametrize("module", ["testing", "probe"])
+def test_the_helpers_name_their_extra_when_httpx_is_missing(module: str) -> None:
     code = (
         "import sys; sys.modules['httpx'] = None\n"
         "from fastapi_tenancy import MissingDependencyError\n"
-        "try:\n    import fastapi_tenancy.testing\n"
+        f"try:\n    import fastapi_tenancy.{module}\n"
         "except MissingDependencyError as exc:\n    print(exc)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -170,3 +171,18 @@ async def test_concurrent_writes_are_all_kept_per_tenant(manager: TenancyManager
             assert acknowledged == list(range(1, 11)), results
             orders = (await client.get("/orders")).json()["orders"]
             assert orders == [{"id": i, "description": f"{tenant}'s"} for i in acknowledged]
+
+
+def test_the_probe_is_exported_here_too_whichever_module_is_imported_first() -> None:
+    import fastapi_tenancy.probe
+    import fastapi_tenancy.testing
+    from fastapi_tenancy.errors import IsolationError
+
+    assert fastapi_tenancy.testing.assert_isolated is fastapi_tenancy.probe.assert_isolated
+    assert fastapi_tenancy.testing.IsolationReport is fastapi_tenancy.probe.IsolationReport
+    assert fastapi_tenancy.testing.IsolationError is IsolationError
+    assert set(fastapi_tenancy.probe.__all__) < set(fastapi_tenancy.testing.__all__)
+    for first, then in [("probe", "testing"), ("testing", "probe")]:
+        code = f"import fastapi_tenancy.{first}, fastapi_tenancy.{then}; print('ok')"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip() == "ok", result.stderr

@@ -144,23 +144,32 @@ class TenancyConfig(BaseSettings):
     start of every transaction (one statement each) instead of relying on connections
     that start with an empty one."""
 
+    # -- the registry cache: tenant records in memory (lookup.py), not the application
+    # cache (cache/, the user's data) ------------------------------------------------
+
     cache_ttl: float = Field(default=30.0, ge=0)
-    """Seconds a resolved tenant is served from the in-process cache (0: no cache).
-    Changes made through a manager invalidate it at once, in every process when there is
-    an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made any other
-    way are seen after at most this long. Entries in use are re-read in the background, in
-    batches, before they expire, so busy tenants never wait for the registry."""
+    """Registry cache: seconds a resolved tenant is served from the manager's in-process
+    cache of tenant records (0: no cache; the application cache, `TenantCache`, has its
+    own TTL). Changes made through a manager invalidate it at once, in every process when
+    there is an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made
+    any other way are seen after at most this long. Entries in use are re-read in the
+    background, in batches, before they expire, so busy tenants never wait for the
+    registry."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
-    """Most tenants held in the in-process cache (and, on PostgreSQL, their transaction
-    settings kept ready); the oldest entry goes first."""
+    """Registry cache: most tenants held (and, on PostgreSQL, their transaction settings
+    kept ready); the oldest entry goes first."""
 
     negative_cache_ttl: float = Field(default=5.0, ge=0)
-    """Seconds an unknown identifier is remembered as unknown, so probing with random
-    identifiers cannot hammer the registry (0: off). Registration clears it at once."""
+    """Registry cache: seconds an unknown identifier is remembered as unknown, so probing
+    with random identifiers cannot hammer the registry (0: off). Registration clears it
+    at once."""
 
     negative_cache_max_size: int = Field(default=10_000, ge=1)
-    """Most unknown identifiers remembered; bounded so probing cannot grow memory."""
+    """Registry cache: most unknown identifiers remembered; bounded so probing cannot grow
+    memory."""
+
+    # -- per-tenant engines -------------------------------------------------------------
 
     max_cached_engines: int = Field(default=100, ge=1)
     """Most per-tenant engines kept open at once (SQLite: one file per tenant; with
@@ -250,7 +259,8 @@ class TenancyConfig(BaseSettings):
 
     redis_url: str | None = None
     """Redis for deployments with many workers (`redis://host:6379/0`): changes made by any
-    process reach every worker's cache through pub/sub, and the rate limiter counts there.
+    process reach every worker's registry cache through pub/sub, and the rate limiter
+    counts there.
     Without it, a PostgreSQL registry carries the invalidations with LISTEN/NOTIFY and the
     rate limiter counts in process memory."""
 

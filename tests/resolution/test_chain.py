@@ -10,7 +10,8 @@ from starlette.requests import HTTPConnection
 from fastapi_tenancy import TenancyConfig
 from fastapi_tenancy.resolution import ChainResolver, HeaderResolver, SubdomainResolver
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 SECRET = "chain-secret-" * 4
 JWT_SETTINGS: dict[str, Any] = {

@@ -20,7 +20,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from fastapi_tenancy import ConfigurationError, InvalidTokenError, TenancyConfig, TenancyUnavailableError
 from fastapi_tenancy.resolution.jwt import JWKSKeys, JWTResolver
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

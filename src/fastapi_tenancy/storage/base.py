@@ -29,8 +29,9 @@ class TenantStore(ABC):
     - an unreachable backend raises `TenancyUnavailableError` (a clear 503),
       never a driver exception.
 
-    The manager invalidates its cache on every change it makes, so a store needs
-    no cache of its own.
+    The manager's registry cache (in memory, per process) is invalidated on every
+    change it makes, so a store needs no in-process cache of its own;
+    `CachingTenantStore` adds one in Redis that every worker shares.
     """
 
     async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
@@ -50,7 +51,7 @@ class TenantStore(ABC):
     async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
         """The tenants with these slugs, by slug (unknown ones are left out).
 
-        Used by the lookup cache to refresh many entries at once. The default reads them
+        Used by the registry cache (`TenantLookup`) to refresh many entries at once. The default reads them
         one by one; a store that can read them in one query should override it.
         """
         found: dict[str, Tenant] = {}

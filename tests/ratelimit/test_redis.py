@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from fastapi_tenancy import RateLimitExceededError, TenancyUnavailableError, Tenant, TenantStatus
 from fastapi_tenancy.ratelimit.redis import _GCRA, RedisRateLimiter
 
-from .servers import OwnRedis, free_port
+from ..servers import OwnRedis, free_port
 
 
 def _tenant(slug: str = "acme") -> Tenant:

@@ -35,7 +35,7 @@ async def manager(sqlite_url: str) -> AsyncIterator[TenancyManager]:
 
 
 def test_the_log_filter_puts_the_tenant_on_records(caplog: pytest.LogCaptureFixture) -> None:
-    logger = logging.getLogger("tests.context.logs")
+    logger = logging.getLogger("tests.observability.logs")
     log_filter = TenantLogFilter()
     caplog.handler.addFilter(log_filter)
     try:

@@ -11,7 +11,7 @@ from fastapi_tenancy import ProvisioningError, TenancyConfig, TenancyManager, Te
 from fastapi_tenancy.audit import AuditWriter, SQLAuditWriter
 from fastapi_tenancy.events import LifecycleEvent, TenantEvent, acting_as, current_actor
 
-from ..apps import Base
+from .apps import Base
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -24,8 +24,8 @@ from fastapi_tenancy import (
 )
 from fastapi_tenancy.background import run_as_tenant, tenant_task
 
-from ..apps import Base
-from .conftest import Tenants, descriptions
+from .apps import Base, descriptions
+from .conftest import Tenants
 
 
 def _app(

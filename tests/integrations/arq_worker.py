@@ -1,6 +1,7 @@
-"""The ARQ worker the job tests run in a process of its own.
+"""The ARQ worker the job tests run in a process of its own, with TENANCY_DATABASE_URL
+and FT_TEST_QUEUE set:
 
-    TENANCY_DATABASE_URL=... FT_TEST_QUEUE=... python -m arq tests.context.arq_worker.WorkerSettings --burst
+    python -m arq tests.integrations.arq_worker.WorkerSettings --burst
 
 The manager is built from the TENANCY_* environment like any application's; the
 queue name is per test, so concurrent test runs never take each other's jobs.
@@ -15,8 +16,8 @@ from arq.connections import RedisSettings
 from fastapi_tenancy import TenancyConfig, TenancyManager, current_tenant
 from fastapi_tenancy.integrations.arq import tenancy_startup, tenant_job
 
-from ..apps import Order
-from .conftest import REDIS_URL, descriptions
+from ..apps import Order, descriptions
+from ..conftest import REDIS_URL
 
 manager = TenancyManager(TenancyConfig(database_pool_size=1, database_max_overflow=0))
 

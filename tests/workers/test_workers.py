@@ -1,6 +1,6 @@
 """Two uvicorn workers against real Redis and PostgreSQL: invalidation, exact limits, Redis outages.
 
-Each test starts tests/redis/app.py with `uvicorn --workers 2` and changes tenants from
+Each test starts tests/workers/app.py with `uvicorn --workers 2` and changes tenants from
 this process (a third one), as an admin job or another host would.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 
-from .servers import OwnRedis, fresh_client, serve_workers
+from ..servers import OwnRedis, fresh_client, serve_workers
 
 
 def _env(postgres_url: str, **settings: object) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""`assert_isolated`: it passes on correct apps (ours and the Quick Start) and catches leaky routes."""
+"""`fastapi_tenancy.probe`: `assert_isolated` passes on correct apps (ours and the Quick Start)
+and catches leaky routes."""
 
 import importlib.util
 import sys
@@ -14,13 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fastapi_tenancy import TenancyManager, TenancyMiddleware, Tenant
 from fastapi_tenancy.dependencies import get_current_tenant, make_tenant_db_dependency
-from fastapi_tenancy.testing import (
-    IsolationError,
-    assert_isolated,
-    create_tenant,
-    memory_manager,
-    run_lifespan,
-)
+from fastapi_tenancy.errors import IsolationError
+from fastapi_tenancy.probe import assert_isolated
+from fastapi_tenancy.testing import create_tenant, memory_manager, run_lifespan
 from tests.apps import Base, Order, build_app
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "main.py"

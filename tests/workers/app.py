@@ -1,4 +1,4 @@
-"""The app the multi-worker tests serve: `uvicorn tests.redis.app:app --workers 2`.
+"""The app the multi-worker tests serve: `uvicorn tests.workers.app:app --workers 2`.
 
 Configured entirely from `TENANCY_*` variables. Every response says which worker
 process answered (`X-Worker-Pid`), so a test can tell the two workers apart.

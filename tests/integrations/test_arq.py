@@ -24,7 +24,7 @@ from fastapi_tenancy import (
 from fastapi_tenancy.integrations.arq import TENANT_KWARG, enqueue_tenant_job
 
 from ..apps import Base
-from .conftest import Tenants
+from ..conftest import Tenants
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ async def _run_worker(tenants: Tenants, queue: str) -> None:
         sys.executable,
         "-m",
         "arq",
-        "tests.context.arq_worker.WorkerSettings",
+        "tests.integrations.arq_worker.WorkerSettings",
         "--burst",
         cwd=ROOT,
         env=env,

@@ -11,7 +11,7 @@ from fastapi_tenancy import TenancyConfig, TenancyManager, TenantStatus
 from fastapi_tenancy.invalidation.postgres import PostgresInvalidation
 from fastapi_tenancy.invalidation.redis import RedisInvalidation
 
-from .servers import OwnRedis, poll
+from ..servers import OwnRedis, poll
 
 
 @pytest.fixture

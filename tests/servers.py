@@ -1,4 +1,7 @@
-"""Helpers for the Redis and multi-worker tests: a two-worker uvicorn server, a Redis of our own."""
+"""Servers a test runs for itself: a Redis it may kill and restart, the app on two uvicorn workers.
+
+Shared by the Redis store, rate limiter, invalidation and multi-worker tests.
+"""
 
 import asyncio
 import os
@@ -16,7 +19,7 @@ import pytest
 
 from tests.conftest import REQUIRE_SERVICES
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -34,7 +37,7 @@ def fresh_client(base_url: str) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def serve_workers(env: dict[str, str]) -> AsyncIterator[str]:
-    """`async with serve_workers(env) as base_url`: tests/redis/app.py on two uvicorn workers.
+    """`async with serve_workers(env) as base_url`: tests/workers/app.py on two uvicorn workers.
 
     Returns once both workers have answered. `env` holds the `TENANCY_*` settings.
     """
@@ -43,7 +46,7 @@ async def serve_workers(env: dict[str, str]) -> AsyncIterator[str]:
         sys.executable,
         "-m",
         "uvicorn",
-        "tests.redis.app:app",
+        "tests.workers.app:app",
         "--workers",
         "2",
         "--host",

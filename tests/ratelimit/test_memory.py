@@ -11,7 +11,7 @@ from fastapi_tenancy import RateLimitExceededError, TenancyConfig, TenancyManage
 from fastapi_tenancy.ratelimit import MemoryRateLimiter, RateLimitDecision
 from fastapi_tenancy.ratelimit.base import gcra
 
-from .apps import Base, build_app
+from ..apps import Base, build_app
 
 
 def _tenant(slug: str = "acme", metadata: dict[str, object] | None = None) -> Tenant:

@@ -87,7 +87,7 @@ def downgrade() -> None:
 
 def alembic_project(root: Path, url: str) -> Config:
     """The package's project template with 30 revisions, one table each, as `thirty_tables()`."""
-    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migration_template", root)
+    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migrations" / "template", root)
     versions = root / "migrations" / "tenant" / "versions"
     for i in range(30):
         parent = f'sa.Column("parent_id", sa.Integer, sa.ForeignKey("t{i - 1}.id")),' if i else ""

@@ -1,14 +1,9 @@
-"""Fixtures for fleet tests: an Alembic project made from the package template, and tenants."""
+"""An Alembic project made from the package template, with two tenant revisions (a1, b2)."""
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from fastapi_tenancy import TenancyConfig, TenancyManager
-
-TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "fastapi_tenancy" / "migration_template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "src" / "fastapi_tenancy" / "migrations" / "template"
 
 # Two tenant revisions. The first overlaps in time across tenants (pg_sleep) and records
 # the schema it ran in, so a test can see both concurrency and where each run landed;
@@ -68,16 +63,3 @@ def make_project(root: Path, sleep: float = 0.0) -> Path:
     ini = root / "alembic.ini"
     ini.write_text(ini.read_text().replace("%(here)s", str(root)))
     return ini
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    return make_project(tmp_path / "project")
-
-
-@pytest.fixture
-async def manager(postgres_url: str) -> AsyncIterator[TenancyManager]:
-    manager = TenancyManager(TenancyConfig(database_url=postgres_url, database_pool_size=2))
-    await manager.initialize()
-    yield manager
-    await manager.close()

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-
-from .conftest import make_project
+from tests.migrations.projects import make_project
 
 pytestmark = pytest.mark.postgres
 

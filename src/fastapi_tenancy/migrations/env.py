@@ -1,4 +1,4 @@
-"""Alembic integration: run a migration inside one tenant's schema or database, and read versions.
+"""What an Alembic `env.py` calls: run a migration inside one tenant's schema or database; read versions.
 
 Tenant migrations and shared (registry, `public`) migrations live in two Alembic
 script directories, each with its own `env.py` and version table. A tenant's
@@ -11,7 +11,7 @@ script directories, each with its own `env.py` and version table. A tenant's
     run_tenant_migrations(context, Base.metadata)
 
 `alembic --name tenant -x tenant=acme-corp upgrade head` then migrates one tenant;
-`fastapi-tenancy migrate upgrade` (see `fastapi_tenancy.fleet`) migrates them all.
+`fastapi-tenancy migrate upgrade` (see `fastapi_tenancy.migrations.fleet`) migrates them all.
 With `isolation_strategy="database"` a tenant is migrated in its own database, with
 the version table in that database's default schema.
 Needs the `migrations` extra (Alembic).
@@ -28,16 +28,17 @@ from sqlalchemy.engine import Connection, make_url
 try:
     import alembic  # noqa: F401 - fail at import, naming the extra
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    from .errors import MissingDependencyError
+    from ..errors import MissingDependencyError
 
     raise MissingDependencyError("alembic", "migrations") from exc
 
-from .config import TenancyConfig
-from .isolation.base import storage_name
+from ..config import TenancyConfig
+from ..isolation.base import storage_name
 
 __all__ = [
     "CONNECTION_ATTRIBUTE",
     "DATABASE_ATTRIBUTE",
+    "FLEET_ATTRIBUTE",
     "SCHEMA_ATTRIBUTE",
     "read_database_version",
     "read_versions",
@@ -55,6 +56,9 @@ SCHEMA_ATTRIBUTE = "tenancy_schema"
 DATABASE_ATTRIBUTE = "tenancy_database"
 """`Config.attributes` key set (to the database's name) when the given connection is a
 tenant's own database (database isolation): the migration runs in its default schema."""
+
+FLEET_ATTRIBUTE = "tenancy_fleet"
+"""`Config.attributes` key set to True when the fleet runner runs `env.py` (e.g. skip fileConfig)."""
 
 # Transaction-local, like the request path: nothing outlives the migration's transaction.
 _SET_SEARCH_PATH = "SELECT set_config('search_path', $1, true)"
@@ -143,7 +147,7 @@ def _run(
 
 
 async def _run_async(url: str, migrate: Callable[[Connection], None]) -> None:
-    from ._utils import create_engine
+    from .._utils import create_engine
 
     engine = create_engine(url, pool_size=1, max_overflow=0)
     try:

@@ -13,8 +13,8 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from ..config import check_jwt_settings
 from ..errors import ConfigurationError, InvalidTokenError, MissingDependencyError, TenancyUnavailableError
+from .algorithms import check_jwt_settings
 from .base import Resolver
 
 try:

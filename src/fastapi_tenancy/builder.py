@@ -105,10 +105,7 @@ def build_parts(
     default_store_schema = "public" if empty_search_path or owner_engine else None
     if store is None:
         store = SQLAlchemyTenantStore(owner_engine or engine, schema=default_store_schema)
-    if config.database_pgbouncer and isinstance(store, SQLAlchemyTenantStore):
-        # A registry opened from a URL (as in the Quick Start) makes its own pool on first
-        # use: behind PgBouncer it must not cache prepared statements either.
-        store.pgbouncer = True
+    store.configure(pgbouncer=config.database_pgbouncer)
     cipher = _cipher(config)
     redis: Any = redis_client(config.redis_url, timeout=config.redis_timeout) if config.redis_url else None
     return Parts(
@@ -275,8 +272,9 @@ def _invalidation(
         from .invalidation.redis import RedisInvalidation
 
         return RedisInvalidation(redis, prefix=config.redis_key_prefix)
-    if isinstance(store, SQLAlchemyTenantStore) and store.engine.url.get_backend_name() == "postgresql":
-        if config.database_pgbouncer and store.engine.url == engine.url:
+    listen = store.notify_engine()
+    if listen is not None:
+        if config.database_pgbouncer and listen.url == engine.url:
             # LISTEN holds a session, which PgBouncer in transaction mode cannot give.
             logger.warning(
                 "no cross-worker cache invalidation: LISTEN/NOTIFY does not work through PgBouncer "
@@ -285,7 +283,7 @@ def _invalidation(
             return None
         from .invalidation.postgres import PostgresInvalidation
 
-        return PostgresInvalidation(store.engine)
+        return PostgresInvalidation(listen)
     return None
 
 

@@ -3,6 +3,8 @@
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from ..errors import TenantChangedError, TenantNotFoundError
 from ..tenant import Tenant, TenantStatus
 
@@ -39,6 +41,19 @@ class TenantStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Idempotent."""
+
+    def configure(self, *, pgbouncer: bool) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Settings of the deployment, given by the manager once, before `initialize()`.
+
+        `pgbouncer`: PostgreSQL is reached through PgBouncer in transaction mode, so a
+        pool the store opens itself must cache no prepared statements.
+        """
+
+    def notify_engine(self) -> AsyncEngine | None:
+        """A PostgreSQL engine on which LISTEN/NOTIFY reaches every worker sharing this
+        registry, or None. The manager announces tenant changes over it when no
+        `redis_url` is configured."""
+        return None
 
     @abstractmethod
     async def get_by_id(self, tenant_id: str) -> Tenant | None:

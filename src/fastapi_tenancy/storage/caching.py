@@ -18,6 +18,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
     raise MissingDependencyError("redis", "redis") from exc
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from .._utils import redis_client
 from ..tenant import Tenant, TenantStatus
 from ._records import decode, encode
@@ -98,6 +100,13 @@ class CachingTenantStore(TenantStore):
         await self.backend.close()
         if self._owns_client:
             await self.redis.aclose()
+
+    def configure(self, *, pgbouncer: bool) -> None:
+        self.backend.configure(pgbouncer=pgbouncer)
+
+    def notify_engine(self) -> AsyncEngine | None:
+        # The registry is the backend's: its workers listen where it lives.
+        return self.backend.notify_engine()
 
     # -- reads -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 def make_tenant_db_dependency(
     manager: TenancyManager,
-) -> Callable[[], AsyncIterator[AsyncSession]]:
+) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]:
     """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
 
         get_db = make_tenant_db_dependency(manager)

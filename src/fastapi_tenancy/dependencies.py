@@ -5,10 +5,12 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
 
 from .context import current_tenant_or_none
 from .errors import TenantResolutionError
 from .manager import TenancyManager
+from .middleware import release_when_response_is_ready
 from .tenant import Tenant
 
 __all__ = ["CurrentTenant", "get_current_tenant", "make_tenant_db_dependency"]
@@ -33,7 +35,7 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 def make_tenant_db_dependency(
     manager: TenancyManager,
-) -> Callable[[], AsyncIterator[AsyncSession]]:
+) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]:
     """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
 
         get_db = make_tenant_db_dependency(manager)
@@ -43,15 +45,20 @@ def make_tenant_db_dependency(
 
     The session is not begun (so `async with session.begin()` works); commit
     explicitly, and anything uncommitted is rolled back when the request ends.
+
+    Its connection goes back to the pool as soon as the route's response is ready,
+    before the response is sent (see `TenancyMiddleware`); a streaming response keeps
+    it until its last chunk.
     """
 
-    async def get_tenant_db() -> AsyncIterator[AsyncSession]:
+    async def get_tenant_db(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
         # The tenant read here, not declared as a `CurrentTenant` sub-dependency (that
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
         # `manager.session()`: nothing but the session itself on the request path.
         session = await manager.isolation.session(await get_current_tenant())
         async with session:
+            release_when_response_is_ready(connection.scope, session)
             yield session
 
     return get_tenant_db

@@ -1,8 +1,10 @@
 """`TenancyMiddleware`: resolves the tenant of every HTTP and WebSocket request."""
 
 import json
+import logging
 from collections.abc import Iterable
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -11,7 +13,14 @@ from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 
-__all__ = ["TenancyMiddleware"]
+__all__ = ["TenancyMiddleware", "release_when_response_is_ready"]
+
+logger = logging.getLogger("fastapi_tenancy")
+
+# Where a request's tenant sessions wait for its response (the ASGI scope's "state").
+_SESSIONS = "fastapi_tenancy.sessions"
+# The messages that end an HTTP response when they carry no `more_body`.
+_LAST_MESSAGES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 
 # WebSocket close codes for refused connections (RFC 6455): policy violation, or
 # "try again later" when the backend is down.
@@ -36,7 +45,10 @@ class TenancyMiddleware:
       database or a fail-closed limiter is unreachable (`{"detail": "Database query timed
       out"}` when `statement_timeout` cancels a query).
       Tenancy errors and database outages raised by the app before its response
-      starts get the same treatment, on excluded paths too. A refused WebSocket
+      starts get the same treatment, on excluded paths too.
+    - The sessions of `make_tenant_db_dependency` are closed, and their connections
+      given back to the pool, when the response is ready: before its last (for most
+      responses, its only) body message is sent, not after the client has read it. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
       "websocket.http.response" extension, else a close with code 1008 (1013 for 503).
 
@@ -138,6 +150,29 @@ def _normalise(path: str) -> str:
     return path.rstrip("/") or "/"
 
 
+def release_when_response_is_ready(scope: Scope, session: AsyncSession) -> None:
+    """Close `session` once the response of the HTTP request `scope` is ready to send.
+
+    The connection goes back to the pool before the response travels to the client:
+    a `yield` dependency would otherwise hold it until the client has read the whole
+    response, so that once clients outnumber the pool, requests also wait on each
+    other's network writes. A streaming response releases it before its last chunk.
+    Without `TenancyMiddleware` nothing happens early (the dependency's exit closes it).
+    """
+    if scope["type"] == "http":
+        scope.setdefault("state", {}).setdefault(_SESSIONS, []).append(session)
+
+
+async def _release(scope: Scope) -> None:
+    sessions = scope.get("state", {}).pop(_SESSIONS, None)
+    for session in sessions or ():
+        try:
+            # Rolls back what the route left uncommitted, as the dependency's exit would.
+            await session.close()
+        except Exception:  # the response is ready: send it; the pool drops a broken connection
+            logger.warning("closing a tenant session before its response failed", exc_info=True)
+
+
 async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
     """Run the app; a tenancy error or a database outage before the response starts is refused."""
     started = False
@@ -145,6 +180,8 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
     async def send_tracking(message: Message) -> None:
         nonlocal started
         started = True
+        if message["type"] in _LAST_MESSAGES and not message.get("more_body", False):
+            await _release(scope)
         await send(message)
 
     try:

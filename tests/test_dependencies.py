@@ -22,7 +22,7 @@ from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyMiddleware
 from fastapi_tenancy.dependencies import make_tenant_db_dependency
 
 from .apps import Base, Order
-from .resolution.conftest import websocket
+from .asgi import websocket
 
 TENANTS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
 

@@ -269,6 +269,14 @@ class TenancyConfig(BaseSettings):
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
 
+    alembic_config: str | None = None
+    """The `alembic.ini` of the project `fastapi-tenancy migrate init` made (its `tenant`
+    section): set, tenants' migrations are known to the library. A tenant registered from
+    `app_metadata` (or a template without a revision) is stamped at the head revision, one
+    registered with no tables at all is migrated to head, `fastapi-tenancy migrate` uses
+    this file, and `doctor` fails for a tenant that is not at head. PostgreSQL only.
+    Unset: registration makes tables without recording a revision."""
+
     schema_shared_statements: bool = True
     """PostgreSQL schema isolation: one SQL text for every tenant (names resolve through
     the tenant's `search_path`, sent with `BEGIN`), so the driver's prepared-statement
@@ -423,6 +431,10 @@ class TenancyConfig(BaseSettings):
                 )
             if make_url(self.database_owner_url).get_backend_name() != "postgresql":
                 raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")
+        if self.alembic_config is not None and backend != "postgresql":
+            raise ValueError(
+                f"alembic_config: tenant migrations need PostgreSQL, but database_url is {backend}"
+            )
         if self.schema_spares and self.schema_template is None:
             raise ValueError("schema_spares: spare schemas are clones of the template; set schema_template")
         if self.schema_spares and self.isolation_strategy != "schema":

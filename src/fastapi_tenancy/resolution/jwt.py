@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection
 
 from ..errors import ConfigurationError, InvalidTokenError, MissingDependencyError, TenancyUnavailableError
 from .algorithms import check_jwt_settings
-from .base import Resolver
+from .base import OpenAPITenant, Resolver
 from .claims import remember_token
 
 try:
@@ -213,6 +213,15 @@ class JWTResolver(Resolver):
         # Per request, in the scope: the routes read these claims instead of decoding again.
         remember_token(connection.scope, tenant, claims)
         return tenant
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant:
+        scheme = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": f"A JWT whose `{self.tenant_claim}` claim names the tenant.",
+        }
+        return OpenAPITenant(security_schemes={"TenantToken": scheme}, security_optional=not required)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The claims of `token` if it passes every check; `InvalidTokenError` otherwise."""

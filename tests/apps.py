@@ -1,6 +1,7 @@
 """A small tenant-aware app used by the tests: the Quick Start's orders, plus routes that
 exercise commit-then-read, `session.begin()` and raw SQL."""
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -31,11 +32,16 @@ def _rows(orders: Any) -> list[dict[str, Any]]:
     return [{"id": o.id, "description": o.description} for o in orders]
 
 
-def build_app(manager: TenancyManager, model: "type[Order] | type[SharedOrder] | None" = None) -> FastAPI:
+def build_app(
+    manager: TenancyManager,
+    model: "type[Order] | type[SharedOrder] | None" = None,
+    *,
+    excluded_paths: Sequence[str] = ("/health",),
+) -> FastAPI:
     """The app; `model` is the orders class (`SharedOrder` for row-level security and hybrid)."""
     Row: Any = Order if model is None else model  # noqa: N806
     app = FastAPI()
-    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
+    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=excluded_paths)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
     CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -14,6 +14,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -380,8 +381,9 @@ async def assert_isolated(
 
     Works from the app's OpenAPI schema, with the manager already initialized. Without
     `tenant_a` and `tenant_b` it registers two fresh tenants with the tables of
-    `app_metadata` and removes them, with their data, when it is done; tenants you pass
-    must be fresh (the seeded integer ids start at 1 in each) and stay yours.
+    `app_metadata` (and, when `schema_template` is set but missing, the template) and
+    removes them, with their data, when it is done; tenants you pass must be fresh (the
+    seeded integer ids start at 1 in each) and stay yours.
 
     1. Both tenants create data through their POST routes, with unique marker
        strings in every text field and overlapping integer ids (A first, then B).
@@ -423,22 +425,33 @@ async def assert_isolated(
     # What the registry held before: only tenants registered during the run are removed.
     registered = {tenant.identifier async for tenant in manager.store.iterate()}
     own: list[str] = []
-    try:
-        if tenant_a is None or tenant_b is None:
-            tenant_a = await _register(manager, "a", app_metadata, own)
-            tenant_b = await _register(manager, "b", app_metadata, own)
-        make_client = client or _default_client(app, manager)
-        await _probe(
-            operations, make_client, tenant_a, tenant_b, a_values, b_values, report, markers, identifiers
-        )
-    except BaseException as exc:
-        for error in await _remove(manager, own, registered, (a_values, b_values), report):
-            exc.add_note(f"assert_isolated could not remove what it made: {error!r}")
-        raise
-    errors = await _remove(manager, own, registered, (a_values, b_values), report)
-    if errors:
-        raise errors[0]
+    async with AsyncExitStack() as template:
+        try:
+            if tenant_a is None or tenant_b is None:
+                # On a fresh test database the `schema_template` they are cloned from may be missing.
+                await template.enter_async_context(_template_schema(manager, app_metadata))
+                tenant_a = await _register(manager, "a", app_metadata, own)
+                tenant_b = await _register(manager, "b", app_metadata, own)
+            make_client = client or _default_client(app, manager)
+            await _probe(
+                operations, make_client, tenant_a, tenant_b, a_values, b_values, report, markers, identifiers
+            )
+        except BaseException as exc:
+            for error in await _remove(manager, own, registered, (a_values, b_values), report):
+                exc.add_note(f"assert_isolated could not remove what it made: {error!r}")
+            raise
+        errors = await _remove(manager, own, registered, (a_values, b_values), report)
+        if errors:
+            raise errors[0]
     return report
+
+
+def _template_schema(
+    manager: TenancyManager, metadata: sa.MetaData | None
+) -> AbstractAsyncContextManager[bool]:
+    from .testing import template_schema  # imported when called, as in _default_client
+
+    return template_schema(manager, metadata)
 
 
 async def _register(

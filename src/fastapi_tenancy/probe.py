@@ -379,7 +379,7 @@ async def assert_isolated(
 
         report = await assert_isolated(app, manager, app_metadata=Base.metadata)
 
-    Works from the app's OpenAPI schema, with the manager already initialized. Without
+    Works from the app's OpenAPI schema (and starts the manager if needed). Without
     `tenant_a` and `tenant_b` it registers two fresh tenants with the tables of
     `app_metadata` (and, when `schema_template` is set but missing, the template) and
     removes them, with their data, when it is done; tenants you pass must be fresh (the

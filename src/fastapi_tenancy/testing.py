@@ -225,8 +225,7 @@ async def retarget(
     """
     if config is not None and settings:
         raise TypeError("retarget takes a config or settings, not both")
-    # Private, but this module is part of the library: no public flag says it.
-    if manager._initialized:
+    if manager.initialized:
         raise ConfigurationError(
             "retarget() needs a manager that is not initialized yet: its pools are open on the "
             "app's own servers (retarget it before the app's lifespan runs)"
@@ -234,7 +233,7 @@ async def retarget(
     config = config if config is not None else retargeted_config(manager.config, **settings)
     resolver = manager.resolver if config.resolution_strategy == "custom" else None
     rebuilt = TenancyManager(config, store if store is not None else InMemoryTenantStore(), resolver=resolver)
-    for kinds, hook in manager.events._hooks:  # the hooks the app registered at import
+    for kinds, hook in manager.events.hooks:  # the hooks the app registered at import
         rebuilt.events.add(hook, *kinds)
     saved = dict(vars(manager))
     vars(manager).update(vars(rebuilt))

@@ -302,12 +302,10 @@ def path_prefixes(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(normalised))
 
 
-def under_prefix(path: str, prefixes: Iterable[str]) -> bool:
-    """Whether `path` is one of `prefixes` or below one, by whole segments.
+def path_covers(prefix: str, path: str) -> bool:
+    """Whether `prefix` covers `path` by whole segments, as `excluded_paths` do.
 
-    `/health` covers `/health` and `/health/live`, not `/healthz`; `/` only itself.
+    `/health` covers `/health` and `/health/live`, not `/healthz`; `/` covers nothing
+    but itself. `prefix` is normalised (`path_prefixes`: no trailing `/`).
     """
-    for prefix in prefixes:
-        if path == prefix or (prefix != "/" and path.startswith(prefix + "/")):
-            return True
-    return False
+    return path == prefix or (prefix != "/" and path.startswith(prefix + "/"))

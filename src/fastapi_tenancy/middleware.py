@@ -8,13 +8,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import is_outage, is_query_timeout, is_result_type_change, path_prefixes, under_prefix
+from ._utils import is_outage, is_query_timeout, is_result_type_change, path_covers, path_prefixes
 from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 from .openapi import tenant_openapi
 
-__all__ = ["TenancyMiddleware", "release_when_response_is_ready"]
+__all__ = ["TenancyMiddleware", "path_covers", "release_when_response_is_ready"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -91,7 +91,7 @@ class TenancyMiddleware:
             # outside it still compresses what we send.
             headers = [header for header in scope["headers"] if header[0] != b"accept-encoding"]
             scope = {**scope, "headers": headers}
-        if (self.exclude_docs and path in docs) or under_prefix(path, self.excluded_paths):
+        if (self.exclude_docs and path in docs) or any(path_covers(p, path) for p in self.excluded_paths):
             # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
             # starts a pipelined request's task inside the previous request's context, while
             # that request's tenant is still set (CPython gh-140947, uvicorn #2167).

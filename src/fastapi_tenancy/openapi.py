@@ -11,7 +11,7 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._utils import path_prefixes, under_prefix
+from ._utils import path_covers, path_prefixes
 from .resolution.base import OpenAPITenant, Resolver
 
 __all__ = ["tenant_openapi"]
@@ -46,7 +46,7 @@ def tenant_openapi(
     servers = _servers(documented, hints)
     paths: dict[str, Any] = {}
     for path, item in (documented.get("paths") or {}).items():
-        if under_prefix(path, excluded) or not isinstance(item, dict):
+        if any(path_covers(prefix, path) for prefix in excluded) or not isinstance(item, dict):
             paths[path] = item
             continue
         parameters = [dict(parameter) for parameter in hints.parameters]

@@ -141,6 +141,8 @@ def build_parts(
 def _stamper(config: TenancyConfig, engine: AsyncEngine) -> "Stamper | None":
     if config.alembic_config is None:
         return None
+    if config.backend != "postgresql":
+        raise ConfigurationError(f"alembic_config: tenant migrations need PostgreSQL, not {config.backend}")
     # Imported only when migrations are configured: needs Alembic (the migrations extra).
     from .migrations.stamp import Stamper
 

@@ -431,10 +431,6 @@ class TenancyConfig(BaseSettings):
                 )
             if make_url(self.database_owner_url).get_backend_name() != "postgresql":
                 raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")
-        if self.alembic_config is not None and backend != "postgresql":
-            raise ValueError(
-                f"alembic_config: tenant migrations need PostgreSQL, but database_url is {backend}"
-            )
         if self.schema_spares and self.schema_template is None:
             raise ValueError("schema_spares: spare schemas are clones of the template; set schema_template")
         if self.schema_spares and self.isolation_strategy != "schema":

@@ -352,3 +352,9 @@ async def test_hybrid_tiers_are_stamped_where_each_tenant_lives(roles: Roles, tm
             assert await _rows(manager, slug, "notes") == [tenant.id]
     finally:
         await manager.close()
+
+
+def test_alembic_config_needs_postgresql(tmp_path: Path) -> None:
+    config = TenancyConfig(database_url=f"sqlite:///{tmp_path}/app.db", alembic_config="alembic.ini")
+    with pytest.raises(ConfigurationError, match="alembic_config: tenant migrations need PostgreSQL"):
+        TenancyManager(config)

@@ -30,8 +30,9 @@ from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
 from .urls import normalise_database_url
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Alembic (the migrations extra)
     from .encryption import URLCipher
+    from .migrations.stamp import Stamper
 
 __all__ = ["TenantAdmin"]
 
@@ -56,6 +57,7 @@ class TenantAdmin:
         events: LifecycleEvents,
         invalidation: InvalidationChannel | None = None,
         cipher: "URLCipher | None" = None,
+        stamper: "Stamper | None" = None,
     ) -> None:
         self.store = store
         self.isolation = isolation
@@ -63,6 +65,8 @@ class TenantAdmin:
         self.events = events
         self.invalidation = invalidation
         self.cipher = cipher
+        # Set when migrations are configured (alembic_config): new tenants start at head.
+        self.stamper = stamper
 
     # -- registration --------------------------------------------------------------
 
@@ -89,6 +93,11 @@ class TenantAdmin:
         raised: no half-made tenant is left. Raises `InvalidIdentifierError` for a
         slug that cannot be stored and `TenantAlreadyExistsError` for a taken one
         (a soft-deleted tenant keeps its slug until purged).
+
+        With `alembic_config` set, provisioning ends at the head revision: storage made
+        from `app_metadata` is stamped at head, storage with no tables is migrated to
+        head, and a revision the storage already has (a clone of the template) is kept
+        (see `fastapi_tenancy.migrations.stamp`).
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
         tier = self.isolation.choose_tier(tier, metadata or {})
@@ -114,7 +123,7 @@ class TenantAdmin:
         await self._changed(identifier)
         await self.events.emit(LifecycleEvent.REGISTERED, tenant)
         try:
-            await self.isolation.provision(tenant, app_metadata)
+            await self._provision(tenant, app_metadata)
         except BaseException as exc:
             await self._undo_registration(tenant)
             if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
@@ -124,6 +133,24 @@ class TenantAdmin:
         active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
         logger.info("registered tenant %s", identifier)
         return active
+
+    async def _provision(self, tenant: Tenant, app_metadata: sa.MetaData | None) -> None:
+        await self.isolation.provision(tenant, app_metadata)
+        if self.stamper is None:
+            return
+        try:
+            outcome = await self.stamper.after_provision(self.isolation, tenant)
+        except BaseException:
+            # The storage made above goes too, so that the slug can be registered again.
+            await asyncio.shield(self._destroy_quietly(tenant))
+            raise
+        logger.info("tenant %s: version table %s", tenant.identifier, _OUTCOMES[outcome])
+
+    async def _destroy_quietly(self, tenant: Tenant) -> None:
+        try:
+            await self.isolation.destroy(tenant)
+        except Exception:  # the original error matters more; say what is left behind
+            logger.exception("could not remove the storage of failed tenant %s", tenant.identifier)
 
     def _encrypt(self, database_url: str) -> str:
         if self.cipher is None:
@@ -282,6 +309,13 @@ class TenantAdmin:
             await isolation.move(current, tier, app_metadata)
             moved = await self._change(current.identifier, switch)
         logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
+        if self.stamper is not None:
+            # The new copy was made from app_metadata: at head, like a registration. The
+            # move stands either way; a failure here shows in `doctor`.
+            try:
+                await self.stamper.after_provision(isolation, moved)
+            except Exception:
+                logger.exception("could not stamp the version table of moved tenant %s", moved.identifier)
         return moved
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
@@ -307,6 +341,9 @@ class TenantAdmin:
         self.lookup.invalidate(identifier)
         if self.invalidation is not None:
             await self.invalidation.publish(identifier)
+
+
+_OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
 
 
 def _slug(tenant: Tenant | str) -> str:

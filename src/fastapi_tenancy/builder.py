@@ -34,8 +34,9 @@ from .resolution.subdomain import SubdomainResolver
 from .storage.base import TenantStore
 from .storage.database import SQLAlchemyTenantStore
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Alembic (the migrations extra)
     from .encryption import URLCipher
+    from .migrations.stamp import Stamper
 
 __all__ = ["Parts", "build_parts"]
 
@@ -57,6 +58,7 @@ class Parts:
     redis: Any
     invalidation: InvalidationChannel | None
     rate_limiter: RateLimiter | None
+    stamper: "Stamper | None" = None
 
 
 def build_parts(
@@ -132,7 +134,19 @@ def build_parts(
         redis=redis,
         invalidation=_invalidation(config, redis, store, engine),
         rate_limiter=_rate_limiter(config, redis),
+        stamper=_stamper(config, owner_engine or engine),
     )
+
+
+def _stamper(config: TenancyConfig, engine: AsyncEngine) -> "Stamper | None":
+    if config.alembic_config is None:
+        return None
+    if config.backend != "postgresql":
+        raise ConfigurationError(f"alembic_config: tenant migrations need PostgreSQL, not {config.backend}")
+    # Imported only when migrations are configured: needs Alembic (the migrations extra).
+    from .migrations.stamp import Stamper
+
+    return Stamper(config.alembic_config, engine=engine, config=config)
 
 
 def _resolver(config: TenancyConfig, resolver: Resolver | ResolverFunc | None) -> Resolver:

@@ -269,6 +269,14 @@ class TenancyConfig(BaseSettings):
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
 
+    alembic_config: str | None = None
+    """The `alembic.ini` of the project `fastapi-tenancy migrate init` made (its `tenant`
+    section): set, tenants' migrations are known to the library. A tenant registered from
+    `app_metadata` (or a template without a revision) is stamped at the head revision, one
+    registered with no tables at all is migrated to head, `fastapi-tenancy migrate` uses
+    this file, and `doctor` fails for a tenant that is not at head. PostgreSQL only.
+    Unset: registration makes tables without recording a revision."""
+
     schema_shared_statements: bool = True
     """PostgreSQL schema isolation: one SQL text for every tenant (names resolve through
     the tenant's `search_path`, sent with `BEGIN`), so the driver's prepared-statement

@@ -87,6 +87,7 @@ class TenancyManager:
             events=self.events,
             invalidation=self.invalidation,
             cipher=self.cipher,
+            stamper=parts.stamper,
         )
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False

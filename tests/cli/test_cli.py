@@ -11,6 +11,7 @@ import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from tests.migrations.projects import make_project
+from tests.migrations.test_stamp import METADATA
 
 pytestmark = pytest.mark.postgres
 
@@ -48,11 +49,14 @@ def cli_json(
 
 
 async def test_tenant_lifecycle_commands(postgres_url: str) -> None:
-    code, created = cli_json(postgres_url, "tenants", "create", "acme-corp", "--name", "Acme")
+    # No migrations to run, no template to clone: the schema would have no tables.
+    code, text = cli(postgres_url, "tenants", "create", "acme-corp")
+    assert code == 2 and "would have no tables" in text and "--empty" in text
+    code, created = cli_json(postgres_url, "tenants", "create", "acme-corp", "--name", "Acme", "--empty")
     assert code == 0, created
     assert created[0]["status"] == "active"
-    assert cli(postgres_url, "tenants", "create", "acme-corp")[0] == 4  # conflict
-    assert cli(postgres_url, "tenants", "create", "Bad_Slug")[0] == 2  # invalid identifier
+    assert cli(postgres_url, "tenants", "create", "acme-corp", "--empty")[0] == 4  # conflict
+    assert cli(postgres_url, "tenants", "create", "Bad_Slug", "--empty")[0] == 2  # invalid identifier
     code, shown = cli_json(postgres_url, "tenants", "show", "acme-corp")
     assert code == 0 and shown["storage"] == "tenant_acme_corp" and shown["name"] == "Acme"
     assert cli(postgres_url, "tenants", "show", "nobody")[0] == 3
@@ -71,6 +75,29 @@ async def test_tenant_lifecycle_commands(postgres_url: str) -> None:
     code, _ = cli_json(postgres_url, "tenants", "delete", "acme-corp", "--destroy-data", "--yes")
     assert code == 0
     assert cli(postgres_url, "tenants", "show", "acme-corp")[0] == 3
+
+
+async def test_tenants_create_with_alembic_config_migrates_the_new_tenant_to_head(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import asyncpg
+
+    ini = make_project(tmp_path / "project")
+    env = {"TENANCY_ALEMBIC_CONFIG": str(ini)}
+    code, created = cli_json(postgres_url, "tenants", "create", "acme", env=env)
+    assert code == 0, created
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+    try:
+        assert await conn.fetchval("SELECT version_num FROM tenant_acme.alembic_version") == "b2"
+        assert await conn.fetchval("SELECT count(*) FROM tenant_acme.items") == 0
+    finally:
+        await conn.close()
+    # migrate finds the project through alembic_config, wherever it runs from.
+    code, status = cli_json(postgres_url, "migrate", "status", cwd=tmp_path, env=env)
+    assert code == 0 and [(s["tenant"], s["revision"]) for s in status] == [("acme", "b2")]
+    code, checks = cli_json(postgres_url, "doctor", env=env)
+    assert code == 0, checks
+    assert {c["name"]: c["status"] for c in checks}["migrations"] == "ok"
 
 
 async def test_migrate_commands(manager: TenancyManager, postgres_url: str, tmp_path: Path) -> None:
@@ -140,7 +167,7 @@ async def test_run_executes_once_per_tenant_with_the_tenant_in_its_environment(
 async def test_doctor_passes_and_fails_on_a_pooler(
     manager: TenancyManager, postgres_url: str, pgbouncer_url: str
 ) -> None:
-    await manager.register_tenant("acme", "Acme")
+    await manager.register_tenant("acme", "Acme", app_metadata=METADATA)
     code, checks = cli_json(postgres_url, "doctor")
     assert code == 0, checks
     assert {c["name"]: c["status"] for c in checks} == {
@@ -149,6 +176,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "registry": "ok",
         "pooler safety": "ok",
         "tenant storage": "ok",
+        "migrations": "ok",
         "template": "ok",
         "spares": "ok",
     }
@@ -189,7 +217,7 @@ async def test_app_import_path(postgres_url: str, tmp_path: Path) -> None:
         "manager = TenancyManager(TenancyConfig(schema_prefix='t_'))\n"
     )
     code, created = cli_json(
-        postgres_url, "--app", "myapp:manager", "tenants", "create", "acme", cwd=tmp_path
+        postgres_url, "--app", "myapp:manager", "tenants", "create", "acme", "--empty", cwd=tmp_path
     )
     assert code == 0, created
     code, shown = cli_json(postgres_url, "--app", "myapp:manager", "tenants", "show", "acme", cwd=tmp_path)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
+from tests.isolation.conftest import roles  # noqa: F401 - a fixture: an owner and an application role
 
 from .projects import make_project
 

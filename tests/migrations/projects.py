@@ -63,3 +63,54 @@ def make_project(root: Path, sleep: float = 0.0) -> Path:
     ini = root / "alembic.ini"
     ini.write_text(ini.read_text().replace("%(here)s", str(root)))
     return ini
+
+
+def models(*, tenant_column: bool = False, note: bool = False) -> str:
+    """The source of a `models.py`: two tenant tables (one referring to the other) and a shared one.
+
+    `tenant_column`: every tenant table leads its primary key with `tenant_id` (row-level
+    security, hybrid tiers). `note`: the second version of the models, `orders.note` added.
+    """
+    tenant = 'sa.Column("tenant_id", sa.String(36), primary_key=True), ' if tenant_column else ""
+    reference = (
+        'sa.ForeignKeyConstraint(["tenant_id", "customer_id"], ["customers.tenant_id", "customers.id"])'
+        if tenant_column
+        else 'sa.ForeignKeyConstraint(["customer_id"], ["customers.id"])'
+    )
+    return f"""
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+customers = sa.Table(
+    "customers", metadata, {tenant}
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text, nullable=False),
+)
+orders = sa.Table(
+    "orders", metadata, {tenant}
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("customer_id", sa.Integer, nullable=False),
+    sa.Column("total", sa.Numeric(10, 2)),
+    {'sa.Column("note", sa.Text),' if note else ""}
+    {reference},
+)
+# Shared: declared with its schema, so it is the shared environment's, never a tenant's.
+plans = sa.Table("plans", metadata, sa.Column("id", sa.Integer, primary_key=True), schema="public")
+"""
+
+
+def make_models_project(root: Path, source: str) -> Path:
+    """An Alembic project (the package template, no revisions) whose envs compare `models.py`."""
+    shutil.copytree(TEMPLATE, root, dirs_exist_ok=True)
+    (root / "models.py").write_text(source)
+    for env in ("tenant", "shared"):
+        path = root / "migrations" / env / "env.py"
+        path.write_text(
+            path.read_text().replace(
+                "target_metadata = None", "from models import metadata as target_metadata"
+            )
+        )
+    ini = root / "alembic.ini"
+    ini.write_text(ini.read_text().replace("%(here)s", str(root)))
+    return ini

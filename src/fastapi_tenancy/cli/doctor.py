@@ -12,7 +12,7 @@ __all__ = ["doctor"]
 
 
 def doctor() -> None:
-    """Check configuration, connectivity, the registry, pooler safety and tenant storage."""
+    """Check configuration, connectivity, the registry, pooler safety, tenant storage and revisions."""
 
     async def work(manager: TenancyManager) -> list[CheckResult]:
         return await run_checks(manager)

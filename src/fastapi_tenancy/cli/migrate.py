@@ -21,7 +21,12 @@ __all__ = ["migrate_app"]
 
 migrate_app = typer.Typer(help="Alembic migrations across every tenant.", no_args_is_help=True)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The Alembic config file.")]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="The Alembic config file (default: alembic_config, else alembic.ini)."
+    ),
+]
 SectionOption = Annotated[str, typer.Option(help="The tenant section of the Alembic config.")]
 
 
@@ -41,10 +46,17 @@ def migrate_init(
         out.print(f"Created {directory / 'alembic.ini'} with migrations/shared and migrations/tenant")
 
 
+def _alembic_ini(manager: TenancyManager, given: Path | None) -> Path:
+    """`--config` if given, else the configured `alembic_config`, else `alembic.ini` here."""
+    if given is not None:
+        return given
+    return Path(manager.config.alembic_config or "alembic.ini")
+
+
 def _migrate(
     direction: str,
     target: str,
-    config: Path,
+    config: Path | None,
     section: str,
     tenants: list[str] | None,
     concurrency: int,
@@ -62,7 +74,7 @@ def _migrate(
     async def work(manager: TenancyManager) -> FleetReport:
         migrator = FleetMigrator(
             manager,
-            config,
+            _alembic_ini(manager, config),
             section=section,
             concurrency=concurrency,
             lock_timeout=lock_timeout,
@@ -138,7 +150,7 @@ def _fleet_command(direction: str, default_target: str | None) -> Callable[..., 
     def command(
         target: Annotated[str, typer.Argument(help="Alembic revision (head, base, an id).")] = default_target
         or "head",
-        config: ConfigOption = Path("alembic.ini"),
+        config: ConfigOption = None,
         section: SectionOption = "tenant",
         tenant: TenantOption = None,
         concurrency: Annotated[int, typer.Option(min=1, max=64, help="Tenants migrated at once.")] = 4,
@@ -178,7 +190,7 @@ migrate_app.command("downgrade", help="Downgrade every tenant (or --tenant ...) 
 @migrate_app.command("status")
 def migrate_status(
     target: Annotated[str, typer.Argument()] = "head",
-    config: ConfigOption = Path("alembic.ini"),
+    config: ConfigOption = None,
     section: SectionOption = "tenant",
     tenant: TenantOption = None,
 ) -> None:
@@ -187,7 +199,7 @@ def migrate_status(
     from ..migrations.results import TenantMigration  # noqa: PLC0415
 
     async def work(manager: TenancyManager) -> list[TenantMigration]:
-        migrator = FleetMigrator(manager, config, section=section)
+        migrator = FleetMigrator(manager, _alembic_ini(manager, config), section=section)
         try:
             return await migrator.status(target, tenants=tenant)
         finally:

@@ -64,10 +64,38 @@ def tenants_show(identifier: str) -> None:
 def tenants_create(
     identifier: str,
     name: Annotated[str | None, typer.Option(help="Display name (default: the identifier).")] = None,
+    empty: Annotated[
+        bool,
+        typer.Option(
+            "--empty", help="Without alembic_config or schema_template: create the storage with no tables."
+        ),
+    ] = False,
 ) -> None:
-    """Register a tenant and provision its storage (from the template schema when configured)."""
-    tenant = run_with_manager(lambda m: m.register_tenant(identifier, name or identifier))
+    """Register a tenant: its storage migrated to head (alembic_config) or cloned from the template."""
+
+    async def work(manager: TenancyManager) -> Tenant:
+        if not empty:
+            _refuse_empty_storage(manager)
+        return await manager.register_tenant(identifier, name or identifier)
+
+    tenant = run_with_manager(work)
     print_rows("Created", [tenant_dict(tenant)], ["identifier", "name", "status"])
+
+
+def _refuse_empty_storage(manager: TenancyManager) -> None:
+    # The command has no models to create tables from: without migrations to run or a
+    # template to clone, the tenant's schema or database would have no tables, and every
+    # request of the tenant would fail. Shared tables (rls) are there already, or not.
+    config = manager.config
+    tier = manager.isolation.choose_tier(None, {}) or config.isolation_strategy
+    if config.alembic_config is not None or tier == "rls":
+        return
+    if tier == "schema" and config.schema_template is not None and config.backend == "postgresql":
+        return
+    raise ConfigurationError(
+        "the new tenant's storage would have no tables: set alembic_config (TENANCY_ALEMBIC_CONFIG) "
+        "so that it is migrated to head, or schema_template to clone it, or pass --empty"
+    )
 
 
 def _change(action: str, change: Callable[[TenancyManager], Awaitable[Tenant]]) -> None:

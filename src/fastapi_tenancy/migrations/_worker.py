@@ -25,6 +25,7 @@ from .env import (
     DATABASE_ATTRIBUTE,
     FLEET_ATTRIBUTE,
     SCHEMA_ATTRIBUTE,
+    VERSION_TABLE_ATTRIBUTE,
     read_database_version,
     read_versions,
 )
@@ -52,14 +53,23 @@ class Worker:
         self.tables = ResultsTables(settings["results_schema"])
 
     def migrate(
-        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str, url: str | None
+        self,
+        run_id: str,
+        tenant: str,
+        schema: str,
+        direction: Direction,
+        target: str,
+        url: str | None,
+        version_table: str = "alembic_version",
     ) -> dict[str, Any]:
         """Migrate one tenant (in its own database when `url` is given); the result as a dictionary."""
         if url is not None:
             return self.loop.run_until_complete(
                 self._migrate_database(run_id, tenant, schema, direction, target, url)
             )
-        return self.loop.run_until_complete(self._migrate(run_id, tenant, schema, direction, target))
+        return self.loop.run_until_complete(
+            self._migrate(run_id, tenant, schema, direction, target, version_table)
+        )
 
     async def _migrate_database(
         self, run_id: str, tenant: str, database: str, direction: Direction, target: str, url: str
@@ -97,7 +107,7 @@ class Worker:
         return result
 
     async def _migrate(
-        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str
+        self, run_id: str, tenant: str, schema: str, direction: Direction, target: str, version_table: str
     ) -> dict[str, Any]:
         settings = self.settings
         started = time.perf_counter()
@@ -111,9 +121,10 @@ class Worker:
                     "set_config('statement_timeout', $3, true)",
                     (f'"{schema}"', settings["lock_timeout"], settings["statement_timeout"]),
                 )
-                before = (await read_versions(conn, [schema])).get(schema)
-                await conn.run_sync(self._alembic, {SCHEMA_ATTRIBUTE: schema}, direction, target)
-                after = (await read_versions(conn, [schema])).get(schema)
+                before = (await read_versions(conn, [schema], version_table=version_table)).get(schema)
+                where = {SCHEMA_ATTRIBUTE: schema, VERSION_TABLE_ATTRIBUTE: version_table}
+                await conn.run_sync(self._alembic, where, direction, target)
+                after = (await read_versions(conn, [schema], version_table=version_table)).get(schema)
                 result = _migrated(before, after, started)
                 # In the migration's transaction: recorded ok if and only if migrated.
                 await self.tables.record(conn, run_id, tenant, result)
@@ -148,11 +159,17 @@ def init_worker(settings: dict[str, Any]) -> None:
 
 
 def migrate_in_worker(
-    run_id: str, tenant: str, schema: str, direction: Direction, target: str, url: str | None
+    run_id: str,
+    tenant: str,
+    schema: str,
+    direction: Direction,
+    target: str,
+    url: str | None,
+    version_table: str = "alembic_version",
 ) -> dict[str, Any]:
     """What the orchestrator submits to the pool: one tenant, migrated by this process's `Worker`."""
     assert _current is not None  # set by the pool's initializer
-    return _current.migrate(run_id, tenant, schema, direction, target, url)
+    return _current.migrate(run_id, tenant, schema, direction, target, url, version_table)
 
 
 def _migrated(

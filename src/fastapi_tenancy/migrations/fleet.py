@@ -26,7 +26,10 @@ With database isolation each tenant is migrated in its own database (the URL com
 from the isolation, which decrypts a tenant's own `database_url`), its version is read
 there, one database at a time per reader, and its result is recorded in the registry
 database after the migration commits (a crash in between: the next run finds the
-tenant at the target and skips it).
+tenant at the target and skips it). Tenants under row-level security share their
+tables: those are migrated once, as `(rls tables)`, with their own version table
+(`targets.py` says where each tenant is migrated). Under rls and hybrid isolation the
+runner connects as the owner role (`database_owner_url`), which owns the tables.
 
 Waves: `canary=N` migrates N tenants first and stops the run if any of them fails.
 Only one fleet run per database at a time (a PostgreSQL advisory lock).
@@ -51,6 +54,7 @@ from ..tenant import Tenant, TenantStatus
 from ._worker import init_worker, migrate_in_worker
 from .env import read_database_version, read_versions
 from .results import (
+    RLS_LABEL,
     SPARE_LABEL,
     TEMPLATE_LABEL,
     Direction,
@@ -61,6 +65,7 @@ from .results import (
     TenantResult,
     join_versions,
 )
+from .targets import MigrationTarget, migration_target
 
 if TYPE_CHECKING:  # the manager imports nothing of the fleet; this is for typing only
     from ..manager import TenancyManager
@@ -109,13 +114,16 @@ class FleetMigrator:
         # Database isolation: each tenant is migrated in its own database (its URL from
         # the isolation's migration_url); results stay here, and there is no template.
         self._per_database = manager.config.isolation_strategy == "database"
-        self._urls: dict[str, str] = {}
+        # Each label of the plan (a tenant, the template, a spare, the rls tables) -> where.
+        self._targets: dict[str, MigrationTarget] = {}
+        # The owner role, where there is one (rls, hybrid): it owns what migrations change.
+        self._url = manager.config.database_owner_url or manager.config.database_url
 
     @property
     def engine(self) -> AsyncEngine:
         """A small pool of our own: the manager's connections start with an empty search_path."""
         if self._engine is None:
-            self._engine = create_engine(self.manager.config.database_url, pool_size=2, max_overflow=0)
+            self._engine = create_engine(self._url, pool_size=2, max_overflow=0)
         return self._engine
 
     async def close(self) -> None:
@@ -143,32 +151,32 @@ class FleetMigrator:
         return frozenset(r.revision for r in revisions if r is not None)
 
     async def _tenants(self, only: Sequence[str] | None) -> list[tuple[str, str]]:
-        tenants: list[tuple[str, str]] = []
+        """The plan's entries, as (label, schema or database); `_targets` says where each is."""
+        self._targets = {}
         wanted = list(only or ())
         template = None if self._per_database else self.manager.config.schema_template
         if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
             # Migrated first, like a tenant, so tenants cloned from it start at head.
-            tenants.append((TEMPLATE_LABEL, template))
+            self._targets[TEMPLATE_LABEL] = MigrationTarget(template)
             # Spares are clones of the template, to be handed out as tenants: kept at its revision.
-            tenants.extend((SPARE_LABEL.format(name), name) for name in await self._spares())
-        slugs = [slug for slug in wanted if slug != TEMPLATE_LABEL]
+            for name in await self._spares():
+                self._targets[SPARE_LABEL.format(name)] = MigrationTarget(name)
         if wanted:
-            for slug in slugs:
-                tenants.append(self._entry(await self.manager.get_tenant(slug)))
-            return tenants
-        async for tenant in self.manager.store.iterate(page=1000):
-            if tenant.status in self.statuses:
-                tenants.append(self._entry(tenant))
-        return tenants
+            for slug in wanted:
+                if slug != TEMPLATE_LABEL:
+                    self._add(await self.manager.get_tenant(slug))
+        else:
+            async for tenant in self.manager.store.iterate(page=1000):
+                if tenant.status in self.statuses:
+                    self._add(tenant)
+        return [(label, target.name) for label, target in self._targets.items()]
 
-    def _entry(self, tenant: Tenant) -> tuple[str, str]:
-        isolation = self.manager.isolation
-        url = isolation.migration_url(tenant)
-        if url is not None:
-            self._urls[tenant.identifier] = url.render_as_string(hide_password=False)
-        return tenant.identifier, isolation.storage_name(tenant.identifier)
+    def _add(self, tenant: Tenant) -> None:
+        target = migration_target(self.manager.isolation, tenant)
+        # Tenants sharing tables (row-level security) share one migration: one entry.
+        self._targets[RLS_LABEL if target.shared else tenant.identifier] = target
 
-    async def _database_versions(self, listed: list[tuple[str, str]]) -> dict[str, tuple[str, ...] | None]:
+    async def _database_versions(self, labels: list[str]) -> dict[str, tuple[str, ...] | None]:
         """Database isolation: each tenant database's revision, a few databases at a time.
 
         A database that cannot be reached is left out (not at the target): its
@@ -177,18 +185,31 @@ class FleetMigrator:
         gate = asyncio.Semaphore(max(self.concurrency, 8))
         versions: dict[str, tuple[str, ...] | None] = {}
 
-        async def read(slug: str, database: str) -> None:
+        async def read(label: str, url: str) -> None:
             async with gate:
-                engine = create_engine(self._urls[slug], null_pool=True)
+                engine = create_engine(url, null_pool=True)
                 try:
                     async with engine.connect() as conn:
-                        versions[database] = await read_database_version(conn)
+                        versions[label] = await read_database_version(conn)
                 except Exception:  # noqa: S110 - reported by the migration that follows
                     pass
                 finally:
                     await engine.dispose()
 
-        await asyncio.gather(*(read(slug, database) for slug, database in listed))
+        await asyncio.gather(*(read(label, url) for label in labels if (url := self._targets[label].url)))
+        return versions
+
+    async def _schema_versions(self, labels: list[str]) -> dict[str, tuple[str, ...] | None]:
+        """The revisions of the entries in schemas of the main database: a query per version table."""
+        versions: dict[str, tuple[str, ...] | None] = {}
+        by_table: dict[str, dict[str, str]] = {}  # version table -> label -> schema
+        for label in labels:
+            target = self._targets[label]
+            by_table.setdefault(target.version_table, {})[label] = target.name
+        async with self.engine.connect() as conn:
+            for table, group in by_table.items():
+                found = await read_versions(conn, group.values(), version_table=table)
+                versions.update({label: found[name] for label, name in group.items() if name in found})
         return versions
 
     async def _spares(self) -> list[str]:
@@ -206,18 +227,17 @@ class FleetMigrator:
         """
         wanted = self._target_revisions(direction, target)
         listed = await self._tenants(tenants)
-        own = [(slug, name) for slug, name in listed if slug in self._urls]
+        own = [label for label, _ in listed if self._targets[label].url is not None]
         versions = await self._database_versions(own) if own else {}
-        in_schemas = [name for slug, name in listed if slug not in self._urls]
+        in_schemas = [label for label, _ in listed if self._targets[label].url is None]
         if in_schemas:
-            async with self.engine.connect() as conn:
-                versions.update(await read_versions(conn, in_schemas))
+            versions.update(await self._schema_versions(in_schemas))
         rows = []
-        for slug, schema in listed:
-            current = versions.get(schema)
+        for label, name in listed:
+            current = versions.get(label)
             have = frozenset(current or ())
-            at_target = wanted is not None and schema in versions and have == wanted
-            rows.append(TenantMigration(slug, schema, current, at_target))
+            at_target = wanted is not None and label in versions and have == wanted
+            rows.append(TenantMigration(label, name, current, at_target))
         return rows
 
     async def run(
@@ -299,6 +319,10 @@ class FleetMigrator:
             on_plan(len(todo))
         if todo:
             await self._execute(report, todo, canary, fail_fast, on_result)
+            if any(r.status == "ok" and self._targets[r.tenant].shared for r in report.results):
+                # Row-level security guards the tables the migrations added.
+                for part in self.manager.isolation.parts():
+                    await part.migrated()
         status = "stopped" if report.stopped else ("failed" if report.count("failed") else "finished")
         async with self.engine.begin() as conn:
             await tables.finish(conn, report.run_id, status)
@@ -313,7 +337,7 @@ class FleetMigrator:
         on_result: Callable[[TenantResult], None] | None,
     ) -> None:
         settings = {
-            "url": self.manager.config.database_url,
+            "url": self._url,
             "ini": self.alembic_ini,
             "section": self.section,
             "results_schema": self.results_schema,
@@ -344,7 +368,8 @@ class FleetMigrator:
                     m.schema,
                     report.direction,
                     report.target,
-                    self._urls.get(m.tenant),
+                    self._targets[m.tenant].url,
+                    self._targets[m.tenant].version_table,
                 )
             result = TenantResult(m.tenant, m.schema, **raw)
             report.results.append(result)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = [
+    "RLS_LABEL",
     "SPARE_LABEL",
     "TEMPLATE_LABEL",
     "Direction",
@@ -37,6 +38,8 @@ TEMPLATE_LABEL = "(template)"
 """How results name the template schema (`schema_template`), which is migrated with the tenants."""
 SPARE_LABEL = "(spare {})"
 """How results name a spare schema (`schema_spares`); spares are migrated with the template."""
+RLS_LABEL = "(rls tables)"
+"""How results name the tables tenants share under row-level security: migrated once for all."""
 
 _ERROR_MAX = 2000
 

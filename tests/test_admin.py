@@ -198,7 +198,7 @@ async def test_an_id_given_as_an_identifier_is_never_guessed_but_named(manager: 
     for method in ("suspend_tenant", "activate_tenant", "delete_tenant", "update_tenant"):
         with pytest.raises(TenantNotFoundError) as caught:
             await getattr(manager, method)(acme.id)
-        assert f"is the id of tenant 'acme'" in str(caught.value), method
+        assert "is the id of tenant 'acme'" in str(caught.value), method
         assert f"{method}(tenant_id=...)" in str(caught.value)
     assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE  # nothing changed
     # A tenant whose identifier is another tenant's id: the identifier wins, always.

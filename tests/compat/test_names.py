@@ -62,6 +62,8 @@ def test_the_050_middleware_path_is_the_middleware_module() -> None:
 
 
 def test_the_050_middleware_path_imports_first_in_a_fresh_interpreter() -> None:
-    code = "from fastapi_tenancy.middleware.tenancy import TenancyMiddleware; print(TenancyMiddleware.__name__)"
+    code = (
+        "from fastapi_tenancy.middleware.tenancy import TenancyMiddleware; print(TenancyMiddleware.__name__)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "TenancyMiddleware"

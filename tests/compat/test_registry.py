@@ -1,6 +1,6 @@
 """A fastapi-tenancy 0.5.0 registry table: refused at startup with the command that converts it,
-and converted by that command (through the real console script) on PostgreSQL and SQLite,
-after which the app serves the 0.5.0 tenants' data.
+and converted by that command (through the real console script) on PostgreSQL, SQLite and
+MariaDB; on PostgreSQL the app then serves the 0.5.0 tenants' data.
 
 The 0.5.0 table is made here as 0.5.0 makes it (its columns, types, indexes and server
 defaults, and rows as its `register_tenant` writes them), from the description of 0.5.0 in
@@ -106,7 +106,16 @@ async def _columns(engine: AsyncEngine, table: str) -> set[str] | None:
         return await conn.run_sync(read)
 
 
-BACKENDS = ["postgres_url", "sqlite_url"]
+BACKENDS = ["postgres_url", "sqlite_url", "mysql_url"]
+
+
+def _isolation(url: str) -> str:
+    return "database" if url.startswith("mysql") else "schema"
+
+
+def _env(url: str) -> dict[str, str]:
+    """What the CLI needs besides the URL: MySQL/MariaDB serves database isolation only."""
+    return {"TENANCY_ISOLATION_STRATEGY": _isolation(url)}
 
 
 @pytest.mark.parametrize("url", BACKENDS, indirect=True)
@@ -115,7 +124,7 @@ async def test_a_050_registry_is_refused_at_startup_naming_the_command(
 ) -> None:
     url, _ = engine
     await _registry_050(url, [_row_050("acme-corp")])
-    config = TenancyConfig(database_url=url)
+    config = TenancyConfig(database_url=url, isolation_strategy=_isolation(url))
     manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
     with pytest.raises(ConfigurationError) as caught:
         await manager.initialize()
@@ -131,7 +140,7 @@ async def test_a_foreign_table_of_the_same_name_is_refused_at_startup(
     url, sql = engine
     async with sql.begin() as conn:
         await conn.execute(sa.text("CREATE TABLE tenants (id INTEGER PRIMARY KEY, label TEXT)"))
-    manager = TenancyManager(TenancyConfig(database_url=url))
+    manager = TenancyManager(TenancyConfig(database_url=url, isolation_strategy=_isolation(url)))
     with pytest.raises(ConfigurationError, match="not a fastapi-tenancy registry .*identifier"):
         await manager.initialize()
     await manager.close()
@@ -203,7 +212,7 @@ async def test_a_converted_registry_keeps_every_field(engine: tuple[str, AsyncEn
     url, sql = engine
     rows = [_row_050("acme-corp"), _row_050("b2", status="provisioning", tenant_metadata="{}")]
     await _registry_050(url, rows)
-    code, output = cli(url, *COMMAND, "--backup-table", "old_tenants")
+    code, output = cli(url, *COMMAND, "--backup-table", "old_tenants", env=_env(url))
     assert code == 0, output
     assert await _columns(sql, "old_tenants") is not None
     store = SQLAlchemyTenantStore(url)
@@ -218,7 +227,11 @@ async def test_a_converted_registry_keeps_every_field(engine: tuple[str, AsyncEn
                 row["status"],
             )
             assert tenant.metadata == json.loads(row["tenant_metadata"])
-            assert (tenant.created_at, tenant.updated_at) == (row["created_at"], row["updated_at"])
+            # As 0.5.0 stored them: its MySQL columns (DATETIME) keep whole seconds.
+            stored = [row[name].replace(microsecond=0) if url.startswith("mysql") else row[name] for name in (
+                "created_at", "updated_at"
+            )]  # fmt: skip
+            assert [tenant.created_at, tenant.updated_at] == stored
         assert await store.count() == 2
     finally:
         await store.close()
@@ -238,7 +251,7 @@ async def test_rows_that_cannot_be_converted_exactly_change_nothing(engine: tupl
         _row_050("odd-tier", isolation_strategy="hybrid"),
     ]
     await _registry_050(url, rows)
-    code, output = cli(url, *COMMAND)
+    code, output = cli(url, *COMMAND, env=_env(url))
     assert code == 2, output
     assert "7 of 8 tenants cannot be converted exactly, so nothing was changed" in output
     for expected in (

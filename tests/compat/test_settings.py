@@ -3,6 +3,7 @@ exactly one of ours, refused with an error naming ours otherwise, never silently
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,7 +98,8 @@ def test_a_050_setting_without_our_meaning_is_refused(
 @pytest.mark.parametrize(("old", "value", "hint"), REFUSED_VALUES, ids=lambda v: str(v))
 def test_a_050_value_without_our_meaning_is_refused(old: str, value: str, hint: str) -> None:
     with pytest.raises(ValidationError, match=re.escape(hint)):
-        TenancyConfig(**{"database_url": "sqlite://", old: value})
+        settings: dict[str, Any] = {"database_url": "sqlite://", old: value}
+        TenancyConfig(**settings)
 
 
 def test_each_refusal_names_an_alternative() -> None:
@@ -166,3 +168,10 @@ def test_a_domain_suffix_is_still_checked(suffix: str) -> None:
 @pytest.mark.parametrize(("prefix", "expected"), [("/t/", "/t"), ("/tenants", "/tenants"), ("/", "")])
 def test_the_050_path_prefix_form_is_accepted(prefix: str, expected: str) -> None:
     assert TenancyConfig(database_url="sqlite://", path_prefix=prefix).path_prefix == expected
+
+
+def test_the_migration_page_lists_every_050_setting_we_do_not_share() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "coming-from-0.5.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    for name in [*LEGACY_SETTINGS, "cache_enabled", "l1_cache_enabled"]:
+        assert any(f"`{name}`" in row.split(" | ")[0] for row in rows), name

@@ -31,15 +31,20 @@ def test_without_configuration_the_default_database_is_named(tmp_path: Path) -> 
 
 def test_the_configured_database_is_named_with_its_password_masked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
-    done = _run(tmp_path, "--json", "tenants", "list", TENANCY_DATABASE_URL=url)
+    done = _run(tmp_path, "tenants", "list", TENANCY_DATABASE_URL=url)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"  # stdout stays machine-readable
-    assert f"database sqlite+aiosqlite:///{tmp_path / 'registry.db'} (TENANCY_DATABASE_URL)" in " ".join(
-        done.stderr.split()
-    )
+    note = " ".join(done.stderr.split())
+    assert f"database sqlite+aiosqlite:///{tmp_path / 'registry.db'} (TENANCY_DATABASE_URL)" in note
     done = _run(tmp_path, "tenants", "list", TENANCY_DATABASE_URL="postgresql://app:s3cret@127.0.0.1:1/x")
     assert "s3cret" not in done.stdout + done.stderr
     assert "postgresql+asyncpg://app:***@127.0.0.1:1/x" in done.stderr
+
+
+def test_json_output_stays_machine_readable_even_with_stderr_mixed_in(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    done = _run(tmp_path, "--json", "tenants", "list", TENANCY_DATABASE_URL=url)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout.strip(), done.stderr) == ("[]", "")
 
 
 def test_with_app_there_is_no_note(tmp_path: Path) -> None:

@@ -108,9 +108,12 @@ def load_manager(app_path: str | None) -> TenancyManager:
     Without `--app`, the configuration comes from the `TENANCY_*` variables alone, and
     a line on stderr says so, with the database it points to: a forgotten
     `TENANCY_DATABASE_URL` would otherwise act on a new `./tenancy.db` without a word.
+    (Not with `--json`, whose output a script may read with stderr mixed in.)
     """
     if not app_path:
         config = TenancyConfig()
+        if state.json:
+            return TenancyManager(config)
         origin = "TENANCY_DATABASE_URL"
         if "database_url" not in config.model_fields_set:
             origin = "the default: set TENANCY_DATABASE_URL, or name the app's manager with --app module:attr"

@@ -135,13 +135,13 @@ async def test_create_lifespan_initializes_and_closes(tmp_path: Path) -> None:
     manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
     app = FastAPI(lifespan=manager.create_lifespan())
     async with app.router.lifespan_context(app):
-        assert manager._initialized
+        assert manager.initialized
         await manager.register_tenant("acme", "Acme")
-    assert not manager._initialized
+    assert not manager.initialized
     with pytest.raises(RuntimeError, match="boom"):
         async with app.router.lifespan_context(app):
             raise RuntimeError("boom")
-    assert not manager._initialized  # closed on the way out of a failure too
+    assert not manager.initialized  # closed on the way out of a failure too
 
 
 async def test_tenant_scope_also_works_with_async_with(manager: TenancyManager) -> None:

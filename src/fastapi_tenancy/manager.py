@@ -93,6 +93,11 @@ class TenancyManager:
 
     # -- lifecycle -----------------------------------------------------------------
 
+    @property
+    def initialized(self) -> bool:
+        """Whether `initialize()` has run (and `close()` not since): its pools may be open."""
+        return self._initialized
+
     async def initialize(self) -> None:
         """Create the registry table and open the pool. Idempotent; call at startup."""
         async with self._lifecycle_lock:

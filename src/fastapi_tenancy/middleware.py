@@ -13,7 +13,7 @@ from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 
-__all__ = ["TenancyMiddleware", "release_when_response_is_ready"]
+__all__ = ["TenancyMiddleware", "path_covers", "release_when_response_is_ready"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -110,10 +110,7 @@ class TenancyMiddleware:
             path = path[len(root_path) :] or "/"
         if self.exclude_docs and path in self._docs(scope):
             return True
-        for excluded in self.excluded_paths:
-            if path == excluded or (excluded != "/" and path.startswith(excluded + "/")):
-                return True
-        return False
+        return any(path_covers(excluded, path) for excluded in self.excluded_paths)
 
     def _docs(self, scope: Scope) -> frozenset[str]:
         if self._docs_paths is None:
@@ -142,6 +139,15 @@ def _with_headers(send: Send, extra: dict[str, str]) -> Send:
         await send(message)
 
     return send_with_headers
+
+
+def path_covers(prefix: str, path: str) -> bool:
+    """Whether `prefix` covers `path` by whole segments, as `excluded_paths` do.
+
+    `/health` covers `/health` and `/health/live`, not `/healthz`; `/` covers nothing
+    but itself. `prefix` is normalised (no trailing `/`).
+    """
+    return path == prefix or (prefix != "/" and path.startswith(prefix + "/"))
 
 
 def _normalise(path: str) -> str:

@@ -10,7 +10,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -109,7 +109,7 @@ async def _columns(engine: AsyncEngine, table: str) -> set[str] | None:
 BACKENDS = ["postgres_url", "sqlite_url", "mysql_url"]
 
 
-def _isolation(url: str) -> str:
+def _isolation(url: str) -> Literal["database", "schema"]:
     return "database" if url.startswith("mysql") else "schema"
 
 

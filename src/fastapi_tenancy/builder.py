@@ -147,14 +147,21 @@ def _resolver(config: TenancyConfig, resolver: Resolver | ResolverFunc | None) -
             "set resolution_strategy='custom' to use it"
         )
     if strategy == "chain":
+        # A member with nothing after it to ask (the last in `first` mode, any in `agree`
+        # mode) is where a request without a token ends: there the JWT strategy says 401.
+        chain = config.resolution_chain
+        agree = config.resolution_chain_mode == "agree"
         return ChainResolver(
-            [_resolution_strategy(config, name) for name in config.resolution_chain],
+            [
+                _resolution_strategy(config, name, last=agree or position == len(chain) - 1)
+                for position, name in enumerate(chain)
+            ],
             mode=config.resolution_chain_mode,
         )
-    return _resolution_strategy(config, strategy)
+    return _resolution_strategy(config, strategy, last=True)
 
 
-def _resolution_strategy(config: TenancyConfig, name: str) -> Resolver:
+def _resolution_strategy(config: TenancyConfig, name: str, *, last: bool) -> Resolver:
     if name == "subdomain":
         assert config.domain_suffix is not None  # TenancyConfig requires it
         return SubdomainResolver(
@@ -179,6 +186,7 @@ def _resolution_strategy(config: TenancyConfig, name: str) -> Resolver:
             leeway=config.jwt_leeway,
             tenant_claim=config.jwt_tenant_claim,
             require_exp=config.jwt_require_exp,
+            required=last,
         )
     return HeaderResolver(config.tenant_header_name)
 

@@ -187,9 +187,8 @@ class TenancyConfig(BaseSettings):
     is believed (JSON list, e.g. `["10.0.0.0/8"]`). Empty: the header is always ignored."""
 
     path_prefix: str = "/t"
-    """Path resolution: the segments before the tenant's (`/t/acme/orders`; a trailing `/`
-    is dropped). The app's routes are written without them; `""` puts the tenant first
-    (`/acme/orders`)."""
+    """Path resolution: the segments before the tenant's (`/t/acme/orders`). The app's
+    routes are written without them; `""` puts the tenant first (`/acme/orders`)."""
 
     jwt_algorithms: tuple[str, ...] = ()
     """JWT resolution: the accepted signing algorithms, all HS* or all public-key
@@ -415,8 +414,7 @@ class TenancyConfig(BaseSettings):
     @field_validator("path_prefix")
     @classmethod
     def _check_path_prefix(cls, value: str) -> str:
-        # "/t/" (0.5.0's form) is the prefix "/t"; "/" alone puts the tenant first.
-        return validate_path_prefix(value.rstrip("/"))
+        return validate_path_prefix(value)
 
     @field_validator("jwt_tenant_claim")
     @classmethod

@@ -165,9 +165,10 @@ def test_a_domain_suffix_is_still_checked(suffix: str) -> None:
         TenancyConfig(database_url="sqlite://", resolution_strategy="subdomain", domain_suffix=suffix)
 
 
-@pytest.mark.parametrize(("prefix", "expected"), [("/t/", "/t"), ("/tenants", "/tenants"), ("/", "")])
-def test_the_050_path_prefix_form_is_accepted(prefix: str, expected: str) -> None:
-    assert TenancyConfig(database_url="sqlite://", path_prefix=prefix).path_prefix == expected
+def test_the_050_path_prefix_form_is_refused_naming_the_fix() -> None:
+    # 0.5.0's README wrote "/t/"; the prefix is "/t" (kept strict: a refusal, not a guess).
+    with pytest.raises(ValidationError, match="without a trailing '/'"):
+        TenancyConfig(database_url="sqlite://", path_prefix="/t/")
 
 
 def test_the_migration_page_lists_every_050_setting_we_do_not_share() -> None:

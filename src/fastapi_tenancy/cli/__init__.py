@@ -12,7 +12,7 @@ people, `--json` for scripts. Exit codes:
     5  the database is unavailable
 
 One module per command group: `base.py` (the root command, its options, the manager and
-output every command shares), `tenants.py`, `migrate.py`, and one module for each of
+output every command shares), `tenants.py`, `migrate.py`, `registry.py`, and one module for each of
 `run`, `doctor` and `demo`. This module puts them together. Needs the `cli` extra
 (typer, rich); `migrate` also the `migrations` extra.
 """
@@ -28,6 +28,7 @@ from .base import (
     load_manager,
 )
 from .migrate import migrate_app
+from .registry import registry_app
 from .tenants import tenants_app
 
 __all__ = [
@@ -49,6 +50,7 @@ app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """`TenantStore`: the contract every tenant registry fulfils."""
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -75,6 +75,23 @@ class TenantStore(ABC):
             if tenant is not None:
                 found[identifier] = tenant
         return found
+
+    async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
+        """The tenants with these ids, in the order given (unknown ids are left out).
+
+        The default reads them one by one; a store that can read them in one query
+        should override it.
+        """
+        found: list[Tenant] = []
+        for tenant_id in dict.fromkeys(tenant_ids):
+            tenant = await self.get_by_id(tenant_id)
+            if tenant is not None:
+                found.append(tenant)
+        return found
+
+    async def exists(self, tenant_id: str) -> bool:
+        """Whether a tenant with this id is registered, whatever its status."""
+        return await self.get_by_id(tenant_id) is not None
 
     @abstractmethod
     async def create(self, tenant: Tenant) -> Tenant:

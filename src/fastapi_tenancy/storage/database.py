@@ -1,6 +1,6 @@
 """`SQLAlchemyTenantStore`: the tenant registry in PostgreSQL, SQLite or MySQL/MariaDB."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,10 +11,11 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, unavailable_as_503
-from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
+from ..errors import ConfigurationError, TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
 from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
 from .base import TenantStore
+from .legacy import registry_problem
 
 __all__ = ["SQLAlchemyTenantStore"]
 
@@ -143,8 +144,19 @@ class SQLAlchemyTenantStore(TenantStore):
         if self._initialized:
             return
         async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
-            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+            await conn.run_sync(self._create_or_check)
         self._initialized = True
+
+    def _create_or_check(self, conn: sa.Connection) -> None:
+        # A table of the same name made by something else (fastapi-tenancy 0.5.0 used
+        # `tenants` too) is refused here, at startup, not by a 500 on the first request.
+        self.table.metadata.create_all(conn, checkfirst=True)
+        columns = {
+            column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
+        }
+        problem = registry_problem(self.table, columns)
+        if problem is not None:
+            raise ConfigurationError(problem)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:
@@ -168,9 +180,23 @@ class SQLAlchemyTenantStore(TenantStore):
         tenants = (self._tenant(row._mapping) for row in rows)
         return {tenant.identifier: tenant for tenant in tenants}
 
+    async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
+        wanted = list(dict.fromkeys(tenant_ids))
+        if not wanted:
+            return []
+        query = self.table.select().where(self.table.c.id.in_(wanted))
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        by_id = {row.id: self._tenant(row._mapping) for row in rows}
+        return [by_id[tenant_id] for tenant_id in wanted if tenant_id in by_id]
+
+    async def exists(self, tenant_id: str) -> bool:
+        query = sa.select(sa.literal(1)).select_from(self.table).where(self.table.c.id == tenant_id)
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
     async def create(self, tenant: Tenant) -> Tenant:
-        row = self._row(tenant)
-        row.update(id=tenant.id, identifier=tenant.identifier, created_at=tenant.created_at)
+        row = self.new_row(tenant)
         try:
             async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
                 await conn.execute(self.table.insert().values(**row))
@@ -224,6 +250,13 @@ class SQLAlchemyTenantStore(TenantStore):
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             row = (await conn.execute(self.table.select().where(condition))).first()
         return None if row is None else self._tenant(row._mapping)
+
+    @classmethod
+    def new_row(cls, tenant: Tenant) -> dict[str, Any]:
+        """The column values that register `tenant`: what `create` inserts."""
+        row = cls._row(tenant)
+        row.update(id=tenant.id, identifier=tenant.identifier, created_at=tenant.created_at)
+        return row
 
     @staticmethod
     def _row(tenant: Tenant) -> dict[str, Any]:

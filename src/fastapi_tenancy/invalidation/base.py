@@ -141,7 +141,7 @@ class InvalidationChannel(ABC):
     def record(self) -> ChannelRecord:
         """What the registry records about this channel when this process is the first to start."""
 
-    async def bind(self, record: ChannelRecord, *, mode: BindMode = "join") -> None:
+    async def bind(self, record: ChannelRecord, *, mode: BindMode = "join") -> None:  # noqa: B027 - optional hook
         """Check that this process reaches the server `record` names; `ConfigurationError` if not.
 
         Called at `initialize()` with a record whose `kind` and `channel` agree with this

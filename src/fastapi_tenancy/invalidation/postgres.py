@@ -36,7 +36,8 @@ class PostgresInvalidation(InvalidationChannel):
     def record(self) -> ChannelRecord:
         # No token: the engine is the registry's own, so a process that reads this record
         # reaches the database whose NOTIFY it is.
-        return ChannelRecord("postgres", self.channel, where=self.engine.url.render_as_string(hide_password=True))
+        where = self.engine.url.render_as_string(hide_password=True)
+        return ChannelRecord("postgres", self.channel, where=where)
 
     async def _send(self, identifier: str) -> None:
         async with self.engine.begin() as conn:

@@ -15,7 +15,7 @@ from ..errors import ConfigurationError
 from ..storage.base import TenantStore
 from .base import NO_CHANNEL, ChannelRecord, InvalidationChannel
 
-__all__ = ["check_channel", "mismatch", "read_channel", "record_channel"]
+__all__ = ["check_channel", "mismatch", "own_record", "read_channel", "record_channel"]
 
 _HOW_TO_MOVE = (
     "To move every process to this process's channel on purpose, run `fastapi-tenancy invalidation "
@@ -23,7 +23,8 @@ _HOW_TO_MOVE = (
 )
 
 
-def _own(channel: InvalidationChannel | None) -> ChannelRecord:
+def own_record(channel: InvalidationChannel | None) -> ChannelRecord:
+    """What the registry would record for a process on `channel` (None: no channel)."""
     return NO_CHANNEL if channel is None else channel.record()
 
 
@@ -41,12 +42,12 @@ async def check_channel(store: TenantStore, channel: InvalidationChannel | None)
     """
     recorded = await read_channel(store)
     if recorded is None:
-        mine = _own(channel).stamped()
+        mine = own_record(channel).stamped()
         if channel is not None:
             await channel.bind(mine, mode="new")  # before anything is written
         # Of two processes starting at once, one record wins; the other is checked against it.
         recorded = ChannelRecord.loads(await store.set_channel_record(mine.dumps()))
-    problem = mismatch(recorded, _own(channel))
+    problem = mismatch(recorded, own_record(channel))
     if problem is not None:
         raise ConfigurationError(f"{problem} {_HOW_TO_MOVE}")
     if channel is not None:
@@ -63,7 +64,7 @@ async def record_channel(
     running keep the channel they started with; the ones started later must use this one.
     """
     old = await read_channel(store)
-    new = _own(channel).stamped()
+    new = own_record(channel).stamped()
     if channel is not None:
         await channel.bind(new, mode="replace")
     await store.set_channel_record(new.dumps(), replace=True)
@@ -71,10 +72,12 @@ async def record_channel(
 
 
 def mismatch(recorded: ChannelRecord, mine: ChannelRecord) -> str | None:
-    """Why a process on channel `mine` would miss changes under `recorded`, with the fix; None if it would not."""
+    """Why a process on `mine` would miss the changes of processes on `recorded`, and the fix; or None."""
     if recorded.same_channel(mine):
         return None
-    recorded_by = f" (recorded {recorded.recorded_at} by {recorded.recorded_by})" if recorded.recorded_by else ""
+    recorded_by = ""
+    if recorded.recorded_by:
+        recorded_by = f" (recorded {recorded.recorded_at} by {recorded.recorded_by})"
     head = (
         f"this registry's processes use {recorded.describe()}{recorded_by}, but this one uses "
         f"{mine.describe()}: "

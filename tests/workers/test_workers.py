@@ -5,9 +5,14 @@ this process (a third one), as an admin job or another host would.
 """
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -229,3 +234,50 @@ async def test_killing_redis_under_load_gives_no_500_and_recovers(
             f"during the outage {dict(during)}, slowest {max(t for t, _ in outage) * 1000:.0f} ms"
         )
     assert during and set(during) == expected, during
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+    """`fastapi-tenancy --json <args>` in a process of its own, configured by `env` alone."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TENANCY_")}
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "fastapi-tenancy"),
+        "--json",
+        *args,
+        env={**environment, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, json.loads(stdout) if stdout.strip() else stderr.decode()
+
+
+async def test_a_cli_without_the_workers_channel_is_refused_and_one_with_it_is_heard_at_once(
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    admin_factory: list[TenancyManager],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = _env(postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix)
+    admin = await _admin(admin_factory, env)
+    await admin.register_tenant("acme", "Acme")
+    async with serve_workers(env) as base_url, fresh_client(base_url) as client:
+        await _both_workers_serve(client, "acme")
+        # The operator's shell without TENANCY_REDIS_URL: its change would reach neither
+        # worker (they would serve acme until cache_ttl); it is refused instead.
+        forgot = {k: v for k, v in env.items() if not k.startswith("TENANCY_REDIS")}
+        code, refused = await _cli(forgot, "tenants", "suspend", "acme")
+        assert code == 2, refused
+        assert "Fix: set redis_url (TENANCY_REDIS_URL)" in refused["error"]
+        await _both_workers_serve(client, "acme")  # nothing was changed
+        code, suspended = await _cli(env, "tenants", "suspend", "acme")
+        assert code == 0 and suspended[0]["status"] == "suspended", suspended
+        started = time.monotonic()  # the command has exited: the change is in the registry
+        first_403 = await _until_both_refuse(client, "acme", started)
+    with capsys.disabled():
+        print(
+            "\n[cli] first 403 per worker after the command exited: "
+            + ", ".join(f"{t * 1000:.0f} ms" for t in sorted(first_403.values()))
+        )
+    assert max(first_403.values()) <= 1.0, first_403

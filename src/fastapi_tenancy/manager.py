@@ -18,6 +18,7 @@ from .context import current_tenant
 from .errors import TenantInactiveError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
+from .invalidation.record import check_channel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
 from .ratelimit.base import RateLimiter
@@ -105,6 +106,9 @@ class TenancyManager:
             if self._initialized:
                 return
             await self.store.initialize()
+            # Before anything else starts: a process on another channel than the registry's
+            # other processes would miss their changes, and they its (invalidation/record.py).
+            await check_channel(self.store, self.invalidation)
             await self.isolation.initialize()
             await self.events.initialize()
             async with unavailable_as_503("database"), self.engine.connect() as conn:

@@ -65,12 +65,28 @@ def _tenants_table(name: str, schema: str | None) -> sa.Table:
     )
 
 
+def _settings_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    # Values every process sharing the registry agrees on (the invalidation channel), by name.
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+        schema=schema,
+    )
+
+
+_CHANNEL_SETTING = "invalidation_channel"
+
+
 class SQLAlchemyTenantStore(TenantStore):
     """The tenant registry as one SQL table. Safe for concurrent use.
 
     `database_url` is a URL (the store opens and owns a small pool of its own) or
     an `AsyncEngine` you manage. `initialize()` creates the table (`tenants` by
-    default) if it is missing. `pgbouncer=True` opens the store's own pool for
+    default) if it is missing, and beside it `<table>_settings`, where the registry
+    records its invalidation channel. `pgbouncer=True` opens the store's own pool for
     PgBouncer in transaction mode (no cached prepared statements); a manager whose
     config sets `database_pgbouncer` turns it on for a store opened from a URL.
 
@@ -102,6 +118,7 @@ class SQLAlchemyTenantStore(TenantStore):
         self._max_overflow = max_overflow
         self.pgbouncer = pgbouncer
         self.table = _tenants_table(table_name, schema)
+        self.settings = _settings_table(self.table.metadata, f"{table_name}_settings", schema)
         self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
@@ -164,6 +181,38 @@ class SQLAlchemyTenantStore(TenantStore):
             # invalidation channel, keeps working after a close and a new initialize.
             await self._engine.dispose()
         self._initialized = False
+
+    async def get_channel_record(self) -> str | None:
+        query = sa.select(self.settings.c.value).where(self.settings.c.name == _CHANNEL_SETTING)
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        settings, now = self.settings, datetime.now(UTC)
+        for _ in range(3):
+            if replace:
+                async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+                    updated = await conn.execute(
+                        settings.update()
+                        .where(settings.c.name == _CHANNEL_SETTING)
+                        .values(value=record, updated_at=now)
+                    )
+                if updated.rowcount:
+                    return record
+            else:
+                in_force = await self.get_channel_record()
+                if in_force is not None:
+                    return in_force
+            try:
+                # The primary key makes this atomic: of two first processes, one inserts.
+                async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+                    await conn.execute(
+                        settings.insert().values(name=_CHANNEL_SETTING, value=record, updated_at=now)
+                    )
+                return record
+            except sa_exc.IntegrityError:
+                continue  # another process recorded it meanwhile: read (or replace) theirs
+        raise TenantChangedError("the registry's channel record kept changing")
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
         return await self._one(self.table.c.id == tenant_id)

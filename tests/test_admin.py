@@ -3,6 +3,7 @@ cache invalidation."""
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ async def test_a_record_of_a_purged_incarnation_never_changes_the_new_holder(man
     await manager.delete_tenant(old, destroy_data=True)
     new = await manager.register_tenant("reuse", "New customer", app_metadata=Base.metadata)
     # A job still holding the old record acts on it: never on the new customer.
-    changes = [
+    changes: list[Callable[[], Awaitable[object]]] = [
         lambda: manager.suspend_tenant(old),
         lambda: manager.activate_tenant(old),
         lambda: manager.update_tenant(old, name="renamed by a stale job"),

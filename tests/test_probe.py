@@ -4,6 +4,7 @@ and catches leaky routes."""
 import importlib.util
 import sys
 import types
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,12 +12,13 @@ from typing import Annotated, Any
 import pytest
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, HTTPException
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fastapi_tenancy import TenancyManager, TenancyMiddleware, Tenant
 from fastapi_tenancy.dependencies import get_current_tenant, make_tenant_db_dependency
 from fastapi_tenancy.errors import IsolationError
-from fastapi_tenancy.probe import assert_isolated
+from fastapi_tenancy.probe import ProbeWarning, assert_isolated
 from fastapi_tenancy.testing import create_tenant, memory_manager, run_lifespan
 from tests.apps import Base, Order, build_app
 
@@ -75,13 +77,14 @@ async def test_passes_on_the_quickstart_app(database_url: str, monkeypatch: pyte
         a = await create_tenant(main.manager, app_metadata=main.Base.metadata)
         b = await create_tenant(main.manager, app_metadata=main.Base.metadata)
         report = await assert_isolated(main.app, main.manager, a, b)
-    assert set(report.routes) == {"GET /health", "GET /orders", "POST /orders"}
+    assert set(report.routes) == {"GET /orders", "POST /orders"}
+    assert report.skipped == ["GET /health"]  # excluded by the app's middleware: no tenant there
     assert report.b_markers and report.findings == []
 
 
-def _leaky_app(manager: TenancyManager, leak: str) -> FastAPI:
+def _leaky_app(manager: TenancyManager, leak: str, **options: Any) -> FastAPI:
     """The example app plus one route with a classic multi-tenancy bug."""
-    app = build_app(manager)
+    app = build_app(manager, **options)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
     cache: dict[int, dict[str, Any]] = {}
@@ -209,3 +212,126 @@ async def test_takes_a_client_factory_for_other_resolvers() -> None:
 def test_module_types() -> None:
     assert issubclass(IsolationError, AssertionError)  # pytest shows it as a failed assertion
     assert isinstance(sys.modules[__name__], types.ModuleType)
+
+
+# -- what the probe calls, and what it leaves behind ---------------------------------------
+
+
+class SignUp(BaseModel):
+    company: str
+    email: str
+
+
+def _app_with_sign_up(manager: TenancyManager, jobs: list[str], *, leaky: bool = False) -> FastAPI:
+    """The example app (or the leaky one) with a sign-up route on an excluded path, as a real app
+    has: it registers a tenant and queues a welcome job, and registers a bystander as well (a
+    tenant another test could have made meanwhile, made of none of the probe's values)."""
+    excluded = ["/health", "/auth/"]
+    app = (
+        _leaky_app(manager, "cache", excluded_paths=excluded)
+        if leaky
+        else build_app(manager, excluded_paths=excluded)
+    )
+
+    @app.post("/auth/signup")
+    async def sign_up(form: SignUp) -> dict[str, str]:
+        tenant = await manager.register_tenant(
+            f"t-{uuid.uuid4().hex[:12]}", form.company, app_metadata=Base.metadata
+        )
+        await manager.register_tenant(
+            f"bystander-{uuid.uuid4().hex[:12]}", "Bystander", app_metadata=Base.metadata
+        )
+        jobs.append(f"welcome {form.email}")
+        return {"tenant": tenant.identifier}
+
+    return app
+
+
+async def _identifiers(manager: TenancyManager) -> set[str]:
+    return {tenant.identifier for tenant in await manager.list_tenants(limit=1000)}
+
+
+async def test_leaves_out_the_apps_excluded_paths(manager: TenancyManager) -> None:
+    a, b = await _tenants(manager)
+    jobs: list[str] = []
+    report = await assert_isolated(_app_with_sign_up(manager, jobs), manager, a, b)
+    assert jobs == []  # the sign-up route was never called: no tenant, no job
+    assert await _identifiers(manager) == {a.identifier, b.identifier}
+    assert "POST /auth/signup" in report.skipped and "GET /health" in report.skipped
+    assert not [route for route in report.routes if route.endswith(("/auth/signup", "/health"))]
+    assert report.b_markers and report.findings == []
+
+
+async def test_skip_matches_whole_segments_like_excluded_paths(memory: TenancyManager) -> None:
+    a, b = await _tenants(memory)
+    jobs: list[str] = []
+    app = _app_with_sign_up(memory, jobs)
+    report = await assert_isolated(app, memory, a, b, skip_excluded=False, skip=["/auth", "PUT /orders/"])
+    assert jobs == []
+    assert {"POST /auth/signup", "PUT /orders/{order_id}"} <= set(report.skipped)
+    assert "GET /orders/{order_id}" in report.routes  # another method, or a path that merely starts alike
+    assert "GET /health" in report.routes and "GET /health" not in report.skipped
+
+
+async def test_warns_of_skip_entries_that_match_no_route(memory: TenancyManager) -> None:
+    a, b = await _tenants(memory)
+    app = build_app(memory)
+    with pytest.warns(ProbeWarning) as caught:
+        # /order is not /orders (whole segments); /health is excluded, yet it is a route.
+        await assert_isolated(app, memory, a, b, skip=["/order", "GET /health", "DELETE /orders"])
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        "assert_isolated: skip entry '/order' matches no route of the app's OpenAPI schema",
+        "assert_isolated: skip entry 'DELETE /orders' matches no route of the app's OpenAPI schema",
+    ]
+    assert all(w.filename == __file__ for w in caught)  # points at the caller's line
+    with pytest.raises(ValueError, match="skip entry 'orders': expected '/path' or 'METHOD /path'"):
+        await assert_isolated(app, memory, a, b, skip=["orders"])
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["passes", "fails"])
+async def test_removes_the_tenants_its_requests_registered(memory: TenancyManager, leaky: bool) -> None:
+    a, b = await _tenants(memory)
+    jobs: list[str] = []
+    app = _app_with_sign_up(memory, jobs, leaky=leaky)
+    if leaky:
+        with pytest.raises(IsolationError) as caught:
+            await assert_isolated(app, memory, a, b, skip_excluded=False)
+        report = caught.value.report
+    else:
+        report = await assert_isolated(app, memory, a, b, skip_excluded=False)
+    assert jobs  # called on purpose this time: queued jobs are the app's to undo
+    left = await _identifiers(memory)
+    bystanders = {i for i in left if i.startswith("bystander-")}
+    assert left == {a.identifier, b.identifier} | bystanders  # the probe's sign-ups are gone
+    assert len(bystanders) == len(jobs)  # the tenants made of none of its values are not its own
+    assert len(report.removed_tenants) == len(jobs) and not set(report.removed_tenants) & left
+
+
+async def _tenant_schemas(manager: TenancyManager) -> set[str]:
+    if manager.config.backend != "postgresql":
+        return set()
+    async with manager.engine.connect() as conn:
+        query = sa.text("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant\\_probe\\_%'")
+        return set((await conn.scalars(query)).all())
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["passes", "fails"])
+async def test_makes_and_removes_its_own_tenants(manager: TenancyManager, leaky: bool) -> None:
+    app = _leaky_app(manager, "cache") if leaky else build_app(manager)
+    if leaky:
+        with pytest.raises(IsolationError) as caught:
+            await assert_isolated(app, manager, app_metadata=Base.metadata)
+        report = caught.value.report
+    else:
+        report = await assert_isolated(app, manager, app_metadata=Base.metadata)
+    assert len(report.b_markers) >= 3 and report.b_identifiers[:3] == [1, 2, 3]  # fresh tenants
+    assert [name.split("-")[1] for name in report.removed_tenants] == ["a", "b"]
+    assert await _identifiers(manager) == set()  # the registry is as it was
+    assert await _tenant_schemas(manager) == set()  # and their data is gone with them
+
+
+async def test_takes_both_tenants_or_neither(memory: TenancyManager) -> None:
+    a = await create_tenant(memory, app_metadata=Base.metadata)
+    with pytest.raises(TypeError, match="both tenants or neither"):
+        await assert_isolated(build_app(memory), memory, a)

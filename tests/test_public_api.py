@@ -53,3 +53,19 @@ def test_a_missing_extra_is_named() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fastapi-tenancy[prometheus]'" in result.stdout
+
+
+def test_the_fleet_names_keep_their_first_import_path() -> None:
+    from fastapi_tenancy import errors, fleet
+    from fastapi_tenancy.migrations import env, results
+    from fastapi_tenancy.migrations import fleet as orchestrator
+
+    assert fleet.FleetMigrator is orchestrator.FleetMigrator
+    assert fleet.FleetBusyError is errors.FleetBusyError
+    assert fleet.FLEET_ATTRIBUTE == env.FLEET_ATTRIBUTE
+    for name in ("FleetReport", "TenantMigration", "TenantResult", "TEMPLATE_LABEL", "SPARE_LABEL"):
+        assert getattr(fleet, name) is getattr(results, name), name
+    assert sorted(fleet.__all__) == sorted(
+        ["FLEET_ATTRIBUTE", "SPARE_LABEL", "TEMPLATE_LABEL", "Direction", "FleetBusyError"]
+        + ["FleetMigrator", "FleetReport", "Outcome", "TenantMigration", "TenantResult"]
+    )

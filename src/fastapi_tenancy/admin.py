@@ -30,8 +30,9 @@ from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
 from .urls import normalise_database_url
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Alembic (the migrations extra)
     from .encryption import URLCipher
+    from .migrations.stamp import Stamper
 
 __all__ = ["TenantAdmin"]
 
@@ -56,6 +57,7 @@ class TenantAdmin:
         events: LifecycleEvents,
         invalidation: InvalidationChannel | None = None,
         cipher: "URLCipher | None" = None,
+        stamper: "Stamper | None" = None,
     ) -> None:
         self.store = store
         self.isolation = isolation
@@ -63,6 +65,8 @@ class TenantAdmin:
         self.events = events
         self.invalidation = invalidation
         self.cipher = cipher
+        # Set when migrations are configured (alembic_config): new tenants start at head.
+        self.stamper = stamper
 
     # -- registration --------------------------------------------------------------
 
@@ -89,6 +93,11 @@ class TenantAdmin:
         raised: no half-made tenant is left. Raises `InvalidIdentifierError` for a
         slug that cannot be stored and `TenantAlreadyExistsError` for a taken one
         (a soft-deleted tenant keeps its slug until purged).
+
+        With `alembic_config` set, provisioning ends at the head revision: storage made
+        from `app_metadata` is stamped at head, storage with no tables is migrated to
+        head, and a revision the storage already has (a clone of the template) is kept
+        (see `fastapi_tenancy.migrations.stamp`).
         """
         self.isolation.storage_name(identifier)  # validates before anything is written
         tier = self.isolation.choose_tier(tier, metadata or {})
@@ -114,7 +123,7 @@ class TenantAdmin:
         await self._changed(identifier)
         await self.events.emit(LifecycleEvent.REGISTERED, tenant)
         try:
-            await self.isolation.provision(tenant, app_metadata)
+            await self._provision(tenant, app_metadata)
         except BaseException as exc:
             await self._undo_registration(tenant)
             if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
@@ -124,6 +133,24 @@ class TenantAdmin:
         active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
         logger.info("registered tenant %s", identifier)
         return active
+
+    async def _provision(self, tenant: Tenant, app_metadata: sa.MetaData | None) -> None:
+        await self.isolation.provision(tenant, app_metadata)
+        if self.stamper is None:
+            return
+        try:
+            outcome = await self.stamper.after_provision(self.isolation, tenant)
+        except BaseException:
+            # The storage made above goes too, so that the slug can be registered again.
+            await asyncio.shield(self._destroy_quietly(tenant))
+            raise
+        logger.info("tenant %s: version table %s", tenant.identifier, _OUTCOMES[outcome])
+
+    async def _destroy_quietly(self, tenant: Tenant) -> None:
+        try:
+            await self.isolation.destroy(tenant)
+        except Exception:  # the original error matters more; say what is left behind
+            logger.exception("could not remove the storage of failed tenant %s", tenant.identifier)
 
     def _encrypt(self, database_url: str) -> str:
         if self.cipher is None:
@@ -198,8 +225,9 @@ class TenantAdmin:
 
     async def update_tenant(
         self,
-        tenant: Tenant | str,
+        tenant: Tenant | str | None = None,
         *,
+        tenant_id: str | None = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         metadata_patch: Mapping[str, Any] | None = None,
@@ -217,23 +245,43 @@ class TenantAdmin:
         survive. A key patched to `None` is removed, as in a JSON merge patch
         (RFC 7396) at the top level; nested values are replaced, not merged.
         Giving both `metadata` and `metadata_patch` raises `ConfigurationError`.
+
+        Like the other changes, it takes a `Tenant`, an identifier, or an id as
+        `tenant_id=` (never guessed from the string: a UUID is a valid identifier too).
         """
         if metadata is not None and metadata_patch is not None:
             raise ConfigurationError("update_tenant takes metadata= or metadata_patch=, not both")
         if metadata_patch is None:
-            return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
+            return await self._change_of(
+                "update_tenant", tenant, tenant_id, lambda t: t.with_changes(name=name, metadata=metadata)
+            )
         patch = dict(metadata_patch)
-        return await self._change(_slug(tenant), lambda t: t.with_metadata_patch(patch, name=name))
+        return await self._change_of(
+            "update_tenant", tenant, tenant_id, lambda t: t.with_metadata_patch(patch, name=name)
+        )
 
-    async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
-        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.SUSPENDED))
+    async def suspend_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`.
 
-    async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
+        The tenant is a `Tenant`, an identifier, or an id given as `tenant_id=`.
+        """
+        return await self._change_of(
+            "suspend_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.SUSPENDED)
+        )
+
+    async def activate_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.ACTIVE))
+        return await self._change_of(
+            "activate_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.ACTIVE)
+        )
 
-    async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
+    async def delete_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
+    ) -> None:
         """Delete a tenant: soft by default, or for good with `destroy_data=True`.
 
         Soft: the tenant is marked `deleted` (403 from then on), its data kept and
@@ -242,8 +290,10 @@ class TenantAdmin:
         it and removes it from the registry, then frees the slug. Irreversible,
         and logged as such at WARNING.
         """
-        current = await self._change(
-            _slug(tenant),
+        current = await self._change_of(
+            "delete_tenant",
+            tenant,
+            tenant_id,
             lambda t: t if t.status is TenantStatus.DELETED else t.with_status(TenantStatus.DELETED),
         )
         if not destroy_data:
@@ -254,6 +304,42 @@ class TenantAdmin:
         await self._changed(current.identifier)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
+
+    async def _change_of(
+        self,
+        method: str,
+        tenant: Tenant | str | None,
+        tenant_id: str | None,
+        change: Callable[[Tenant], Tenant],
+    ) -> Tenant:
+        """`_change` on the tenant named as the public methods take it: object, identifier or id."""
+        if (tenant is None) == (tenant_id is None):
+            raise TypeError(
+                f"{method}() takes a tenant or an identifier, or tenant_id=, and only one of them"
+            )
+        if isinstance(tenant, Tenant):
+            # A record read earlier names one incarnation: if its slug was purged and
+            # registered again since, the change must not reach the new holder.
+            return await self._change(tenant.identifier, _only(tenant.id, change))
+        if tenant_id is None:
+            assert tenant is not None  # checked above
+            try:
+                return await self._change(tenant, change)
+            except TenantNotFoundError as exc:
+                raise await self._not_an_identifier(method, tenant) from exc
+        # The slug found by id could have been purged and registered again since.
+        target = await self.get_tenant_by_id(tenant_id)
+        return await self._change(target.identifier, _only(tenant_id, change))
+
+    async def _not_an_identifier(self, method: str, tenant: Tenant | str) -> TenantNotFoundError:
+        # Only on this failure path: 0.5.0 took ids where we take identifiers; say so.
+        owner = await self.store.get_by_id(tenant) if isinstance(tenant, str) else None
+        if owner is None:
+            return TenantNotFoundError(f"no tenant {_slug(tenant)!r:.80}")
+        return TenantNotFoundError(
+            f"{tenant!r:.80} is the id of tenant {owner.identifier!r}, not an identifier: "
+            f"call {method}({owner.identifier!r}) or {method}(tenant_id=...)"
+        )
 
     # -- moving between tiers (hybrid isolation) ---------------------------------------
 
@@ -269,7 +355,7 @@ class TenantAdmin:
         deleted meanwhile.
         """
         isolation = self.isolation
-        current = await self.get_tenant(_slug(tenant))
+        current = await self._current(tenant)
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
 
@@ -282,13 +368,27 @@ class TenantAdmin:
             await isolation.move(current, tier, app_metadata)
             moved = await self._change(current.identifier, switch)
         logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
+        if self.stamper is not None:
+            # The new copy was made from app_metadata: at head, like a registration. The
+            # move stands either way; a failure here shows in `doctor`.
+            try:
+                await self.stamper.after_provision(isolation, moved)
+            except Exception:
+                logger.exception("could not stamp the version table of moved tenant %s", moved.identifier)
         return moved
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        current = await self.get_tenant(_slug(tenant))
+        current = await self._current(tenant)
         await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
+
+    async def _current(self, tenant: Tenant | str) -> Tenant:
+        # As stored now; a `Tenant` of an incarnation since purged is not found.
+        current = await self.get_tenant(_slug(tenant))
+        if isinstance(tenant, Tenant) and current.id != tenant.id:
+            raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
+        return current
 
     # -- announcing changes --------------------------------------------------------------
 
@@ -307,6 +407,20 @@ class TenantAdmin:
         self.lookup.invalidate(identifier)
         if self.invalidation is not None:
             await self.invalidation.publish(identifier)
+
+
+_OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
+
+
+def _only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:
+    """`change`, applied only while the slug still belongs to `tenant_id`."""
+
+    def guarded(stored: Tenant) -> Tenant:
+        if stored.id != tenant_id:
+            raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
+        return change(stored)
+
+    return guarded
 
 
 def _slug(tenant: Tenant | str) -> str:

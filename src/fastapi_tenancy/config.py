@@ -1,14 +1,18 @@
 """`TenancyConfig`: every setting of the library, read from arguments or `TENANCY_*` variables."""
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from .compat import LEGACY_SETTINGS, translate_legacy_settings
+from .resolution.algorithms import check_jwt_settings
 from .resolution.path import validate_path_prefix
 from .resolution.subdomain import validate_domain_suffix
 from .urls import mask_url, normalise_database_url
@@ -19,56 +23,30 @@ _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _DATABASE_BACKENDS = ("postgresql", "sqlite", "mysql")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
-# HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: at least the
-# hash size); every other algorithm is verified with a public key.
-_HS_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}
-_PUBLIC_KEY_ALGORITHMS = frozenset(
-    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"]
-)
 _ResolverName = Literal["header", "subdomain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SHARED_STRATEGIES = ("rls", "hybrid")
+# fastapi-tenancy 0.5.0's settings we do not share (compat.py): the two cache switches
+# are handled there too, apart from the table.
+_LEGACY_NAMES = (*LEGACY_SETTINGS, "cache_enabled", "l1_cache_enabled")
 
 
-def check_jwt_settings(
-    algorithms: Iterable[str], secret: bytes | None, public_key: str | None, jwks_url: str | None
-) -> None:
-    """Refuse JWT settings that could be attacked; `ValueError` naming the `jwt_*` field.
+class _LegacyEnvironment(PydanticBaseSettingsSource):
+    """The `TENANCY_*` variables that name 0.5.0 settings, by setting name.
 
-    The allow-list is all HMAC (verified with `secret`) or all public-key algorithms
-    (verified with exactly one of `public_key` or `jwks_url`), never both: a public
-    key that could also serve as an HMAC secret is the classic algorithm confusion.
-    `none` is not an algorithm here.
+    The environment source reads only our fields' variables, so without this one a
+    0.5.0 variable (`TENANCY_ENABLE_RATE_LIMITING`) would be ignored without a word;
+    `compat.translate_legacy_settings` then translates or refuses each.
     """
-    algorithms = tuple(algorithms)
-    if not algorithms:
-        raise ValueError("jwt_algorithms: list the algorithms your tokens are signed with, e.g. ['RS256']")
-    known = _PUBLIC_KEY_ALGORITHMS.union(_HS_ALGORITHMS)
-    unknown = [name for name in algorithms if name not in known]
-    if unknown:
-        raise ValueError(
-            f"jwt_algorithms: unsupported {unknown}; use HS256/384/512, RS*, PS*, ES* or EdDSA ('none' never)"
-        )
-    hmac = [name for name in algorithms if name in _HS_ALGORITHMS]
-    if hmac and len(hmac) != len(algorithms):
-        raise ValueError("jwt_algorithms: do not mix HS* with public-key algorithms (algorithm confusion)")
-    if hmac:
-        if public_key is not None or jwks_url is not None:
-            field = "jwt_public_key" if public_key is not None else "jwt_jwks_url"
-            raise ValueError(f"{field}: HS* tokens are verified with jwt_secret, not a public key")
-        if secret is None:
-            raise ValueError("jwt_secret: required for HS* algorithms")
-        needed = max(_HS_ALGORITHMS[name] for name in hmac)
-        if len(secret) < needed:
-            raise ValueError(f"jwt_secret: {'/'.join(hmac)} needs a secret of at least {needed} bytes")
-        return
-    if secret is not None:
-        raise ValueError("jwt_secret: public-key algorithms are verified with jwt_public_key or jwt_jwks_url")
-    if (public_key is None) == (jwks_url is None):
-        raise ValueError("jwt_public_key: give exactly one of jwt_public_key and jwt_jwks_url")
-    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
-        raise ValueError("jwt_jwks_url: must be an https:// (or http://) URL")
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not a source of our fields
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix", "")).upper()
+        wanted = {f"{prefix}{name.upper()}": name for name in _LEGACY_NAMES}
+        return {wanted[key.upper()]: value for key, value in os.environ.items() if key.upper() in wanted}
 
 
 class TenancyConfig(BaseSettings):
@@ -197,8 +175,9 @@ class TenancyConfig(BaseSettings):
     # -- resolution strategies: subdomain, path, JWT, chains, anti-enumeration ---------
 
     domain_suffix: str | None = None
-    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`,
-    `acme.example.com` is tenant `acme`; deeper hosts and the bare domain name none."""
+    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`
+    (or `.example.com`), `acme.example.com` is tenant `acme`; deeper hosts and the bare
+    domain name none."""
 
     reserved_subdomains: tuple[str, ...] = ("www",)
     """Subdomain resolution: labels that never name a tenant (JSON list in the environment)."""
@@ -290,6 +269,27 @@ class TenancyConfig(BaseSettings):
     """When the rate limiter's Redis is down: let requests through (true) or refuse them
     with 503 (false). Either way each failure is logged and counted."""
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        legacy = _LegacyEnvironment(settings_cls)
+        return init_settings, env_settings, legacy, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _translate_legacy(cls, data: Any) -> Any:
+        # fastapi-tenancy 0.5.0 names, given as arguments or variables: translated with a
+        # DeprecationWarning where the meaning is exactly ours, refused otherwise.
+        if isinstance(data, dict) and any(name in data for name in _LEGACY_NAMES):
+            return translate_legacy_settings(data)
+        return data
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -313,6 +313,14 @@ class TenancyConfig(BaseSettings):
     migration or `create_all`. `fastapi-tenancy migrate upgrade` creates and upgrades it
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
+
+    alembic_config: str | None = None
+    """The `alembic.ini` of the project `fastapi-tenancy migrate init` made (its `tenant`
+    section): set, tenants' migrations are known to the library. A tenant registered from
+    `app_metadata` (or a template without a revision) is stamped at the head revision, one
+    registered with no tables at all is migrated to head, `fastapi-tenancy migrate` uses
+    this file, and `doctor` fails for a tenant that is not at head. PostgreSQL only.
+    Unset: registration makes tables without recording a revision."""
 
     schema_shared_statements: bool = True
     """PostgreSQL schema isolation: one SQL text for every tenant (names resolve through
@@ -393,7 +401,8 @@ class TenancyConfig(BaseSettings):
     def _check_domain_suffix(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return validate_domain_suffix(value)
+        # ".example.com" (0.5.0's form) names the same domain.
+        return validate_domain_suffix(value.strip().removeprefix("."))
 
     @field_validator("reserved_subdomains")
     @classmethod

@@ -17,6 +17,8 @@ from typing import Literal
 
 import sqlalchemy as sa
 
+from .errors import TenancyUnavailableError
+from .invalidation.record import mismatch, own_record, read_channel
 from .manager import TenancyManager
 from .tenant import TenantStatus
 from .urls import mask_url
@@ -90,6 +92,40 @@ async def check_registry(manager: TenancyManager) -> CheckResult:
 
 
 @doctor_check
+async def check_invalidation_channel(manager: TenancyManager) -> CheckResult:
+    """This process uses the invalidation channel the registry records for its processes.
+
+    Reads the record and writes nothing; `manager.initialize()` refuses to start a
+    process that fails this check.
+    """
+    own = own_record(manager.invalidation)
+    try:
+        recorded = await read_channel(manager.store)
+    except TenancyUnavailableError:
+        raise
+    except Exception as exc:  # e.g. the table, made by this version's first start, is not there yet
+        return CheckResult(
+            "invalidation channel",
+            "warn",
+            f"no record read ({type(exc).__name__}); this process uses {own.describe()}",
+        )
+    if recorded is None:
+        return CheckResult(
+            "invalidation channel",
+            "ok",
+            f"none recorded yet: the first process to start records its own; this one uses {own.describe()}",
+        )
+    problem = mismatch(recorded, own)
+    if problem is not None:
+        return CheckResult("invalidation channel", "fail", problem)
+    return CheckResult(
+        "invalidation channel",
+        "ok",
+        f"{recorded.describe()}, recorded {recorded.recorded_at} by {recorded.recorded_by}",
+    )
+
+
+@doctor_check
 async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     """Connections start with the empty search_path the manager asks for at connect.
 
@@ -114,9 +150,23 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     return CheckResult("pooler safety", "ok", "connections start with an empty search_path")
 
 
+# Each expected schema or database that exists; for a schema, whether it holds a table
+# (other than Alembic's version table): an empty one answers every request with an error.
+_STORAGE = sa.text(
+    "SELECT n.nspname AS name, EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid "
+    "AND c.relkind IN ('r', 'p') AND c.relname <> 'alembic_version') AS has_tables "
+    "FROM pg_namespace n WHERE n.nspname = ANY(:s) "
+    "UNION ALL SELECT datname, true FROM pg_database WHERE datname = ANY(:s)"
+)
+
+
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
-    """Every active tenant has its schema, or its database on the main server (one catalog query)."""
+    """Every active tenant has its schema (holding tables), or its database on the main server.
+
+    One catalog query. A tenant schema with no table at all (registered without
+    `app_metadata`, a template or migrations) fails: each of its requests would.
+    """
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
     isolation = manager.isolation
@@ -126,27 +176,54 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
         if storage is not None:
             expected[storage[1]] = (storage[0], tenant.identifier)
     async with manager.engine.connect() as conn:
-        found = set(
-            (
-                await conn.scalars(
-                    sa.text(
-                        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(:s) "
-                        "UNION ALL SELECT datname FROM pg_database WHERE datname = ANY(:s)"
-                    ),
-                    {"s": list(expected)},
-                )
-            ).all()
-        )
+        found = {row.name: row.has_tables for row in await conn.execute(_STORAGE, {"s": list(expected)})}
     missing = sorted(f"{slug} ({kind})" for name, (kind, slug) in expected.items() if name not in found)
     if missing:
         return CheckResult(
             "tenant storage", "fail", f"active tenants without their storage: {', '.join(missing[:20])}"
+        )
+    empty = sorted(slug for name, (_, slug) in expected.items() if not found[name])
+    if empty:
+        return CheckResult(
+            "tenant storage",
+            "fail",
+            f"active tenants whose schema holds no table: {', '.join(empty[:20])} (their tables were "
+            "never created: run the migrations, `fastapi-tenancy migrate upgrade` with alembic_config)",
         )
     return CheckResult(
         "tenant storage",
         "ok",
         f"all {len(expected)} active tenants with storage of their own on this server have it",
     )
+
+
+@doctor_check
+async def check_migrations(manager: TenancyManager) -> CheckResult:
+    """With `alembic_config`: every tenant (and the template, its spares, the rls tables) at head.
+
+    Reads the revisions as `fastapi-tenancy migrate status` does (one catalog query for
+    schemas; one connection per tenant database).
+    """
+    path = manager.config.alembic_config
+    if path is None:
+        return CheckResult("migrations", "ok", "not configured (alembic_config): revisions are not checked")
+    from .migrations.fleet import FleetMigrator  # needs Alembic, which alembic_config implies
+
+    migrator = FleetMigrator(manager, path)
+    try:
+        rows = await migrator.status("head")
+    finally:
+        await migrator.close()
+    unversioned = [m.tenant for m in rows if not m.at_target and not m.versions]
+    behind = [f"{m.tenant} ({','.join(m.versions or ())})" for m in rows if not m.at_target and m.versions]
+    if unversioned or behind:
+        problems = []
+        if unversioned:
+            problems.append(f"no revision (never migrated nor stamped): {', '.join(unversioned[:20])}")
+        if behind:
+            problems.append(f"not at head: {', '.join(behind[:20])}; run `fastapi-tenancy migrate upgrade`")
+        return CheckResult("migrations", "fail", "; ".join(problems))
+    return CheckResult("migrations", "ok", f"all {len(rows)} at head")
 
 
 @doctor_check

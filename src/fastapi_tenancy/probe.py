@@ -2,7 +2,9 @@
 
 An OpenAPI-driven probe: it seeds data as two tenants through the app's POST routes,
 then calls every route as tenant A with tenant B's identifiers and looks for B's data
-in the answers and for changes in B's own view. `fastapi_tenancy.testing` exports it too.
+in the answers and for changes in B's own view. It leaves out the app's excluded paths
+(they run as no tenant), and removes what it made: its own two tenants, and tenants its
+requests registered. `fastapi_tenancy.testing` exports it too.
 
 Needs httpx: `pip install 'fastapi-tenancy[testing]'`.
 """
@@ -10,15 +12,19 @@ Needs httpx: `pip install 'fastapi-tenancy[testing]'`.
 import json
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import sqlalchemy as sa
 from fastapi import FastAPI
 
-from .errors import IsolationError, MissingDependencyError
+from .errors import IsolationError, MissingDependencyError, TenantNotFoundError
 from .manager import TenancyManager
+from .middleware import TenancyMiddleware, path_covers
 from .tenant import Tenant
 
 try:
@@ -26,11 +32,17 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("httpx", "testing") from exc
 
-__all__ = ["IsolationReport", "assert_isolated"]
+__all__ = ["IsolationReport", "ProbeWarning", "assert_isolated"]
 
 _METHODS = ("get", "post", "put", "patch", "delete")
 _PATH_PARAM = re.compile(r"{([^}/]+)}")
 _PER_ROUTE = 4  # requests per route with identifiers in its path, one per identifier of B
+_SKIP_ENTRY = re.compile(r"(?:(?P<method>[A-Za-z]+) +)?(?P<path>/\S*)")
+_MIN_TRACE = 8  # shorter generated values are too common to tell the probe's data by
+
+
+class ProbeWarning(UserWarning):
+    """An `assert_isolated` option that had no effect, such as a `skip` entry matching no route."""
 
 
 @dataclass
@@ -49,6 +61,11 @@ class IsolationReport:
     """B's identifiers (ids and keys) that A's requests used."""
     findings: list[str] = field(default_factory=list)
     """Each read or change of B's data by A; empty when isolated."""
+    skipped: list[str] = field(default_factory=list)
+    """`METHOD /path` of every route left out: on an excluded path, or named by `skip`."""
+    removed_tenants: list[str] = field(default_factory=list)
+    """Identifiers of the tenants removed afterwards, with their data: the probe's own
+    two, and those its requests registered."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,7 @@ class _Values:
         self.id_names = id_names
         self.markers: set[str] = set()
         self.sent_ids: list[Any] = []
+        self.generated: set[str] = set()  # every string made up, to recognise what requests created
         self._next_int = 0
 
     def is_identifier(self, name: str | None) -> bool:
@@ -148,6 +166,12 @@ class _Values:
         return self._string(schema, name)
 
     def _string(self, schema: Mapping[str, Any], name: str | None) -> str:
+        value = self._made_up_string(schema, name)
+        if len(value) >= _MIN_TRACE:
+            self.generated.add(value)
+        return value
+
+    def _made_up_string(self, schema: Mapping[str, Any], name: str | None) -> str:
         fmt = schema.get("format")
         if fmt == "uuid" or (fmt is None and self.is_identifier(name)):
             value = str(uuid.uuid4())
@@ -174,19 +198,59 @@ class _Values:
         return marker
 
 
-def _operations(app: FastAPI, skip: Iterable[str]) -> tuple[list[_Operation], dict[str, Any]]:
+@dataclass(frozen=True)
+class _Skip:
+    """One `skip` entry: a path prefix, by whole segments like `excluded_paths`, and maybe a method."""
+
+    entry: str
+    method: str | None
+    path: str
+
+    @classmethod
+    def parse(cls, entry: str) -> "_Skip":
+        match = _SKIP_ENTRY.fullmatch(entry.strip())
+        if match is None:
+            raise ValueError(f"skip entry {entry!r}: expected '/path' or 'METHOD /path'")
+        method = match["method"]
+        return cls(entry, method.lower() if method else None, match["path"].rstrip("/") or "/")
+
+    def covers(self, operation: _Operation) -> bool:
+        return self.method in (None, operation.method) and path_covers(self.path, operation.path)
+
+
+def _excluded_paths(app: FastAPI) -> list[str]:
+    """The `excluded_paths` of the app's `TenancyMiddleware`: there, requests run as no tenant."""
+    paths: list[str] = []
+    for middleware in app.user_middleware:
+        cls, args, kwargs = middleware
+        if isinstance(cls, type) and issubclass(cls, TenancyMiddleware):
+            # Built as Starlette builds it, to read the paths exactly as normalised there.
+            paths.extend(cls(app, *args, **kwargs).excluded_paths)
+    return paths
+
+
+def _operations(
+    app: FastAPI, skips: list[_Skip], excluded: list[str], report: IsolationReport
+) -> tuple[list[_Operation], dict[str, Any], list[_Skip]]:
+    """The routes to call, the schema components, and the `skip` entries that matched none."""
     schema = app.openapi()
-    skipped = {s.strip() for s in skip}
+    unused = list(skips)
     operations = []
     for path, item in schema.get("paths", {}).items():
         for method in _METHODS:
             spec = item.get(method)
-            if spec is None or path in skipped or f"{method.upper()} {path}" in skipped:
+            if spec is None:
                 continue
             merged = dict(spec)
             merged["parameters"] = [*item.get("parameters", []), *spec.get("parameters", [])]
-            operations.append(_Operation(method, path, merged))
-    return operations, schema.get("components", {})
+            operation = _Operation(method, path, merged)
+            matching = [s for s in skips if s.covers(operation)]
+            unused = [s for s in unused if s not in matching]
+            if matching or any(path_covers(prefix, path) for prefix in excluded):
+                report.skipped.append(operation.key)
+            else:
+                operations.append(operation)
+    return operations, schema.get("components", {}), unused
 
 
 def _build(
@@ -301,20 +365,25 @@ def _default_client(app: FastAPI, manager: TenancyManager) -> Callable[[Tenant],
 async def assert_isolated(
     app: FastAPI,
     manager: TenancyManager,
-    tenant_a: Tenant,
-    tenant_b: Tenant,
+    tenant_a: Tenant | None = None,
+    tenant_b: Tenant | None = None,
     *,
+    app_metadata: sa.MetaData | None = None,
     skip: Iterable[str] = (),
+    skip_excluded: bool = True,
     markers: Iterable[str] = (),
     identifiers: Iterable[Any] = (),
     client: Callable[[Tenant], httpx.AsyncClient] | None = None,
 ) -> IsolationReport:
     """Fail (`IsolationError`) if tenant A's requests read or change anything of tenant B.
 
-        report = await assert_isolated(app, manager, acme, globex)
+        report = await assert_isolated(app, manager, app_metadata=Base.metadata)
 
-    Works from the app's OpenAPI schema, with the manager already initialized and
-    two fresh tenants (the seeded integer ids start at 1 in each):
+    Works from the app's OpenAPI schema (and starts the manager if needed). Without
+    `tenant_a` and `tenant_b` it registers two fresh tenants with the tables of
+    `app_metadata` (and, when `schema_template` is set but missing, the template) and
+    removes them, with their data, when it is done; tenants you pass must be fresh (the
+    seeded integer ids start at 1 in each) and stay yours.
 
     1. Both tenants create data through their POST routes, with unique marker
        strings in every text field and overlapping integer ids (A first, then B).
@@ -325,18 +394,119 @@ async def assert_isolated(
        markers in A's responses is a read of B's data.
     4. B's GET requests are replayed: any difference is a change made by A.
 
-    `skip` takes `"/path"` or `"METHOD /path"` entries to leave out; `markers` and
-    `identifiers` add values of B's data you seeded yourself; `client(tenant)`
-    replaces the default `tenant_client(app, tenant, manager=manager)` (e.g. for a
-    custom resolver). Fails as well when no data of B is visible to B itself,
-    since then nothing would be checked. Returns the report when isolated.
+    Routes under the `excluded_paths` of the app's `TenancyMiddleware` run as no
+    tenant and are left out (`skip_excluded=False` calls them too). `skip` takes
+    `"/path"` or `"METHOD /path"` entries, matched by whole path segments like
+    `excluded_paths` (`"/admin"` covers `/admin/users/{id}`); an entry that matches no
+    route raises a `ProbeWarning`. `markers` and `identifiers` add values of B's data
+    you seeded yourself; `client(tenant)` replaces the default
+    `tenant_client(app, tenant, manager=manager)` (e.g. for a custom resolver).
+    Fails as well when no data of B is visible to B itself, since then nothing
+    would be checked. Whether it passes or fails, tenants registered meanwhile whose
+    identifier, name or metadata holds a value the probe made up are removed with
+    their data too (a sign-up route it called). Returns the report when isolated.
     """
+    if (tenant_a is None) != (tenant_b is None):
+        raise TypeError("assert_isolated takes both tenants or neither (it then registers two)")
     report = IsolationReport()
-    operations, components = _operations(app, skip)
+    skips = [_Skip.parse(entry) for entry in ([skip] if isinstance(skip, str) else skip)]
+    excluded = _excluded_paths(app) if skip_excluded else []
+    operations, components, unused = _operations(app, skips, excluded, report)
+    for entry in unused:
+        warnings.warn(
+            f"assert_isolated: skip entry {entry.entry!r} matches no route of the app's OpenAPI schema",
+            ProbeWarning,
+            stacklevel=2,
+        )
     id_names = {name for o in operations for name in o.path_params}
     a_values = _Values("a", components, id_names)
     b_values = _Values("b", components, id_names)
-    make_client = client or _default_client(app, manager)
+    await manager.initialize()  # idempotent
+    # What the registry held before: only tenants registered during the run are removed.
+    registered = {tenant.identifier async for tenant in manager.store.iterate()}
+    own: list[str] = []
+    async with AsyncExitStack() as template:
+        try:
+            if tenant_a is None or tenant_b is None:
+                # On a fresh test database the `schema_template` they are cloned from may be missing.
+                await template.enter_async_context(_template_schema(manager, app_metadata))
+                tenant_a = await _register(manager, "a", app_metadata, own)
+                tenant_b = await _register(manager, "b", app_metadata, own)
+            make_client = client or _default_client(app, manager)
+            await _probe(
+                operations, make_client, tenant_a, tenant_b, a_values, b_values, report, markers, identifiers
+            )
+        except BaseException as exc:
+            for error in await _remove(manager, own, registered, (a_values, b_values), report):
+                exc.add_note(f"assert_isolated could not remove what it made: {error!r}")
+            raise
+        errors = await _remove(manager, own, registered, (a_values, b_values), report)
+        if errors:
+            raise errors[0]
+    return report
+
+
+def _template_schema(
+    manager: TenancyManager, metadata: sa.MetaData | None
+) -> AbstractAsyncContextManager[bool]:
+    from .testing import template_schema  # imported when called, as in _default_client
+
+    return template_schema(manager, metadata)
+
+
+async def _register(
+    manager: TenancyManager, role: str, metadata: sa.MetaData | None, own: list[str]
+) -> Tenant:
+    identifier = f"probe-{role}-{uuid.uuid4().hex[:12]}"
+    own.append(identifier)  # before registering: a half-made tenant is removed too
+    return await manager.register_tenant(
+        identifier, f"assert_isolated tenant {role.upper()}", app_metadata=metadata
+    )
+
+
+async def _remove(
+    manager: TenancyManager,
+    own: list[str],
+    registered: set[str],
+    values: tuple[_Values, ...],
+    report: IsolationReport,
+) -> list[Exception]:
+    """Remove, with their data, the probe's own tenants and those its requests registered."""
+    made_up = set().union(*(v.generated for v in values))
+    doomed = list(own)
+    async for tenant in manager.store.iterate():
+        if tenant.identifier in registered or tenant.identifier in doomed:
+            continue
+        # Only tenants carrying the probe's values: one registered meanwhile by anything
+        # else (another test on this registry) is left alone.
+        seen = json.dumps([tenant.identifier, tenant.name, dict(tenant.metadata)], default=str)
+        if any(value in seen for value in made_up):
+            doomed.append(tenant.identifier)
+    errors: list[Exception] = []
+    for identifier in doomed:
+        try:
+            await manager.delete_tenant(identifier, destroy_data=True)
+        except TenantNotFoundError:
+            continue  # never registered (its registration failed), or removed by the app
+        except Exception as exc:  # the others are still removed
+            errors.append(exc)
+            continue
+        report.removed_tenants.append(identifier)
+    return errors
+
+
+async def _probe(
+    operations: list[_Operation],
+    make_client: Callable[[Tenant], httpx.AsyncClient],
+    tenant_a: Tenant,
+    tenant_b: Tenant,
+    a_values: _Values,
+    b_values: _Values,
+    report: IsolationReport,
+    markers: Iterable[str],
+    identifiers: Iterable[Any],
+) -> None:
+    """Steps 1 to 4 of `assert_isolated`; raises `IsolationError` with what it found."""
     async with make_client(tenant_a) as a_client, make_client(tenant_b) as b_client:
         as_a, as_b = _Caller(a_client, report), _Caller(b_client, report)
         a_ids: list[Any] = []
@@ -382,4 +552,3 @@ async def assert_isolated(
         raise IsolationError(
             "tenant A reached tenant B's data:\n" + "\n".join(f"- {f}" for f in report.findings), report
         )
-    return report

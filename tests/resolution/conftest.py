@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, WebSocket
 
 from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyMiddleware
 from fastapi_tenancy.context import current_tenant_or_none
-from fastapi_tenancy.dependencies import CurrentTenant
+from fastapi_tenancy.dependencies import CurrentTenant, TokenClaims
 from fastapi_tenancy.resolution import Resolver
 from fastapi_tenancy.storage import InMemoryTenantStore
 
@@ -41,6 +41,14 @@ def build_app(manager: TenancyManager) -> FastAPI:
     @app.get("/admin")
     async def admin(tenant: CurrentTenant) -> str:
         return f"admin of {tenant.identifier}"
+
+    @app.get("/claims")
+    async def claims(claims: TokenClaims) -> dict[str, Any]:
+        return claims
+
+    @app.get("/health/claims")  # excluded: no tenant, so no token was verified either
+    async def health_claims(claims: TokenClaims) -> dict[str, Any]:
+        return claims
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:

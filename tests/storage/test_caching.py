@@ -200,3 +200,23 @@ async def test_over_http_a_redis_outage_serves_from_the_backend(own_redis: OwnRe
         await own_redis.start()
         after = await client.get("/orders", headers={"X-Tenant-ID": "acme-corp"})
         assert after.status_code == 200, after.text
+
+
+async def test_the_deployment_reaches_the_backend_through_the_cache(
+    postgres_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    from fastapi_tenancy import TenancyConfig, TenancyManager
+    from fastapi_tenancy.invalidation.postgres import PostgresInvalidation
+
+    backend = SQLAlchemyTenantStore(postgres_url)
+    store = CachingTenantStore(backend, redis_url, prefix=redis_prefix)
+    store.configure(pgbouncer=True)
+    assert backend.pgbouncer
+    # Without redis_url, the workers of a PostgreSQL registry hear of changes over
+    # LISTEN/NOTIFY on the registry's own engine, cache in front or not.
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url), store)
+    try:
+        assert isinstance(manager.invalidation, PostgresInvalidation)
+        assert store.notify_engine() is backend.engine
+    finally:
+        await manager.close()

@@ -18,6 +18,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
     raise MissingDependencyError("redis", "redis") from exc
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from .._utils import redis_client
 from ..tenant import Tenant, TenantStatus
 from ._records import decode, encode
@@ -98,6 +100,19 @@ class CachingTenantStore(TenantStore):
         await self.backend.close()
         if self._owns_client:
             await self.redis.aclose()
+
+    def configure(self, *, pgbouncer: bool) -> None:
+        self.backend.configure(pgbouncer=pgbouncer)
+
+    def notify_engine(self) -> AsyncEngine | None:
+        # The registry is the backend's: its workers listen where it lives.
+        return self.backend.notify_engine()
+
+    async def get_channel_record(self) -> str | None:
+        return await self.backend.get_channel_record()
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        return await self.backend.set_channel_record(record, replace=replace)
 
     # -- reads -----------------------------------------------------------------------
 

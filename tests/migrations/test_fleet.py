@@ -8,10 +8,12 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyManager
-from fastapi_tenancy.fleet import FleetBusyError, FleetMigrator, TenantResult
+from fastapi_tenancy.errors import FleetBusyError
 from fastapi_tenancy.migrations import read_versions
+from fastapi_tenancy.migrations.fleet import FleetMigrator
+from fastapi_tenancy.migrations.results import TenantResult
 
-from .conftest import make_project
+from .projects import make_project
 
 pytestmark = pytest.mark.postgres
 

@@ -9,12 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-from fastapi_tenancy.fleet import FleetMigrator
 from fastapi_tenancy.isolation.clone import schema_catalog
 from fastapi_tenancy.isolation.spares import FLEET_GATE_KEY, SPARE_PREFIX, SparePool
+from fastapi_tenancy.migrations.fleet import FleetMigrator
+from tests.migrations.projects import make_project
 
-from .conftest import make_project
-from .test_provisioning import rich_metadata
+from .test_clone import rich_metadata
 
 pytestmark = pytest.mark.postgres
 
@@ -42,7 +42,8 @@ async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
-async def _build_template(url: str, engine: AsyncEngine, revision: str = "abc123") -> None:
+async def _build_template(url: str, engine: AsyncEngine) -> None:
+    """The template schema from `rich_metadata()`, at Alembic revision abc123."""
     builder = TenancyManager(TenancyConfig(database_url=url, database_pool_size=1, schema_template=TEMPLATE))
     try:
         await builder.isolation.build_template(rich_metadata())  # type: ignore[attr-defined]
@@ -52,7 +53,7 @@ async def _build_template(url: str, engine: AsyncEngine, revision: str = "abc123
         await conn.execute(
             sa.text(f"CREATE TABLE {TEMPLATE}.alembic_version (version_num varchar(32) PRIMARY KEY)")
         )
-        await conn.execute(sa.text(f"INSERT INTO {TEMPLATE}.alembic_version VALUES (:v)"), {"v": revision})  # noqa: S608
+        await conn.execute(sa.text(f"INSERT INTO {TEMPLATE}.alembic_version VALUES ('abc123')"))  # noqa: S608
 
 
 async def _spare_names(engine: AsyncEngine) -> list[str]:
@@ -65,6 +66,22 @@ async def _spare_names(engine: AsyncEngine) -> list[str]:
 async def _schema_exists(engine: AsyncEngine, name: str) -> bool:
     async with engine.connect() as conn:
         return bool(await conn.scalar(sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": name}))
+
+
+@pytest.fixture
+async def one_spare(
+    postgres_url: str, engine: AsyncEngine
+) -> AsyncIterator[tuple[TenancyManager, SparePool]]:
+    """The template built (at revision abc123), and a manager keeping one spare of it, made."""
+    await _build_template(postgres_url, engine)
+    spared = _spared(postgres_url, spares=1)
+    await spared.initialize()  # starts filling the pool in the background
+    try:
+        pool = _pool(spared)
+        await pool.wait()
+        yield spared, pool
+    finally:
+        await spared.close()
 
 
 async def test_a_claimed_spare_equals_create_all_and_is_replaced(
@@ -152,100 +169,74 @@ async def test_concurrent_registrations_never_claim_the_same_spare(
         await first.close()
 
 
-async def test_an_empty_pool_falls_back_to_cloning(postgres_url: str, engine: AsyncEngine) -> None:
-    await _build_template(postgres_url, engine)
-    spared = _spared(postgres_url, spares=1)
-    await spared.initialize()
-    try:
-        pool = _pool(spared)
-        await pool.wait()
-        assert await pool.drain() == 1
-        assert await _spare_names(engine) == []
-        async with engine.connect() as conn, conn.begin():
-            assert await pool.claim(conn, "tenant_nobody") is False
-        await spared.register_tenant("acme", "Acme")
-        async with engine.connect() as conn:
-            assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
-        await pool.wait()
-        assert len(await _spare_names(engine)) == 1  # refilled after the registration
-    finally:
-        await spared.close()
+async def test_an_empty_pool_falls_back_to_cloning(
+    one_spare: tuple[TenancyManager, SparePool], engine: AsyncEngine
+) -> None:
+    spared, pool = one_spare
+    assert await pool.drain() == 1
+    assert await _spare_names(engine) == []
+    async with engine.connect() as conn, conn.begin():
+        assert await pool.claim(conn, "tenant_nobody") is False
+    await spared.register_tenant("acme", "Acme")
+    async with engine.connect() as conn:
+        assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
+    await pool.wait()
+    assert len(await _spare_names(engine)) == 1  # refilled after the registration
 
 
 async def test_without_the_spares_table_registration_clones_and_the_fill_restores_it(
-    postgres_url: str, engine: AsyncEngine
+    one_spare: tuple[TenancyManager, SparePool], engine: AsyncEngine
 ) -> None:
-    await _build_template(postgres_url, engine)
-    spared = _spared(postgres_url, spares=1)
-    await spared.initialize()
-    try:
-        pool = _pool(spared)
-        await pool.wait()
-        async with engine.begin() as conn:
-            await conn.execute(sa.text("DROP TABLE public.tenancy_spares"))
-        await spared.register_tenant("acme", "Acme")
-        async with engine.connect() as conn:
-            assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
-        await pool.wait()
-        assert len(await _spare_names(engine)) == 1
-    finally:
-        await spared.close()
+    spared, pool = one_spare
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("DROP TABLE public.tenancy_spares"))
+    await spared.register_tenant("acme", "Acme")
+    async with engine.connect() as conn:
+        assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
+    await pool.wait()
+    assert len(await _spare_names(engine)) == 1
 
 
 async def test_a_stale_spare_is_never_handed_out_and_is_replaced(
-    postgres_url: str, engine: AsyncEngine
+    one_spare: tuple[TenancyManager, SparePool], engine: AsyncEngine
 ) -> None:
-    await _build_template(postgres_url, engine, revision="old")
-    spared = _spared(postgres_url, spares=1)
-    await spared.initialize()
-    try:
-        pool = _pool(spared)
-        await pool.wait()
-        [stale] = await _spare_names(engine)
-        async with engine.begin() as conn:
-            # The template moves on (as a migration would); the spare does not.
-            await conn.execute(sa.text(f"ALTER TABLE {TEMPLATE}.customers ADD COLUMN phone text"))
-            await conn.execute(sa.text(f"UPDATE {TEMPLATE}.alembic_version SET version_num = 'new'"))  # noqa: S608
-        assert [s.current for s in await pool.list_spares()] == [False]
-        await spared.register_tenant("acme", "Acme")
-        async with engine.connect() as conn:
-            assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
-            assert await conn.scalar(sa.text("SELECT version_num FROM tenant_acme.alembic_version")) == "new"
-        await pool.wait()
-        # The fill dropped the stale spare and made a current one.
-        assert not await _schema_exists(engine, stale)
-        [fresh] = await pool.list_spares()
-        assert fresh.name != stale and fresh.current and fresh.versions == ("new",)
-    finally:
-        await spared.close()
+    spared, pool = one_spare
+    [stale] = await _spare_names(engine)
+    async with engine.begin() as conn:
+        # The template moves on (as a migration would); the spare does not.
+        await conn.execute(sa.text(f"ALTER TABLE {TEMPLATE}.customers ADD COLUMN phone text"))
+        await conn.execute(sa.text(f"UPDATE {TEMPLATE}.alembic_version SET version_num = 'new'"))  # noqa: S608
+    assert [s.current for s in await pool.list_spares()] == [False]
+    await spared.register_tenant("acme", "Acme")
+    async with engine.connect() as conn:
+        assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
+        assert await conn.scalar(sa.text("SELECT version_num FROM tenant_acme.alembic_version")) == "new"
+    await pool.wait()
+    # The fill dropped the stale spare and made a current one.
+    assert not await _schema_exists(engine, stale)
+    [fresh] = await pool.list_spares()
+    assert fresh.name != stale and fresh.current and fresh.versions == ("new",)
 
 
 async def test_no_spare_is_claimed_or_made_while_a_fleet_migration_runs(
-    postgres_url: str, engine: AsyncEngine
+    one_spare: tuple[TenancyManager, SparePool], engine: AsyncEngine
 ) -> None:
-    await _build_template(postgres_url, engine)
-    spared = _spared(postgres_url, spares=1)
-    await spared.initialize()
-    try:
-        pool = _pool(spared)
-        await pool.wait()
-        async with engine.connect() as fleet:
-            await fleet.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": FLEET_GATE_KEY})
-            await fleet.commit()
-            async with engine.connect() as conn, conn.begin():
-                assert await pool.claim(conn, "tenant_nobody") is False
-            assert await pool.drain() == 1
-            assert await pool.fill() == 0
-            await spared.register_tenant("acme", "Acme")  # cloned instead
-            await pool.wait()  # the refill after it made nothing
-            assert await _spare_names(engine) == []
-            await fleet.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": FLEET_GATE_KEY})
-            await fleet.commit()
-        assert await pool.fill() == 1
-        async with engine.connect() as conn:
-            assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
-    finally:
-        await spared.close()
+    spared, pool = one_spare
+    async with engine.connect() as fleet:
+        await fleet.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": FLEET_GATE_KEY})
+        await fleet.commit()
+        async with engine.connect() as conn, conn.begin():
+            assert await pool.claim(conn, "tenant_nobody") is False
+        assert await pool.drain() == 1
+        assert await pool.fill() == 0
+        await spared.register_tenant("acme", "Acme")  # cloned instead
+        await pool.wait()  # the refill after it made nothing
+        assert await _spare_names(engine) == []
+        await fleet.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": FLEET_GATE_KEY})
+        await fleet.commit()
+    assert await pool.fill() == 1
+    async with engine.connect() as conn:
+        assert await schema_catalog(conn, "tenant_acme") == await schema_catalog(conn, TEMPLATE)
 
 
 async def test_the_fleet_migrates_spares_with_the_template(tmp_path: Path, postgres_url: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from fastapi_tenancy import TenancyManager
 
-from .conftest import make_project
+from .projects import make_project
 
 pytestmark = pytest.mark.postgres
 

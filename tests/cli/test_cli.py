@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-
-from .conftest import make_project
+from tests.migrations.projects import make_project
+from tests.migrations.test_stamp import METADATA
 
 pytestmark = pytest.mark.postgres
 
@@ -49,11 +49,14 @@ def cli_json(
 
 
 async def test_tenant_lifecycle_commands(postgres_url: str) -> None:
-    code, created = cli_json(postgres_url, "tenants", "create", "acme-corp", "--name", "Acme")
+    # No migrations to run, no template to clone: the schema would have no tables.
+    code, text = cli(postgres_url, "tenants", "create", "acme-corp")
+    assert code == 2 and "would have no tables" in text and "--empty" in text
+    code, created = cli_json(postgres_url, "tenants", "create", "acme-corp", "--name", "Acme", "--empty")
     assert code == 0, created
     assert created[0]["status"] == "active"
-    assert cli(postgres_url, "tenants", "create", "acme-corp")[0] == 4  # conflict
-    assert cli(postgres_url, "tenants", "create", "Bad_Slug")[0] == 2  # invalid identifier
+    assert cli(postgres_url, "tenants", "create", "acme-corp", "--empty")[0] == 4  # conflict
+    assert cli(postgres_url, "tenants", "create", "Bad_Slug", "--empty")[0] == 2  # invalid identifier
     code, shown = cli_json(postgres_url, "tenants", "show", "acme-corp")
     assert code == 0 and shown["storage"] == "tenant_acme_corp" and shown["name"] == "Acme"
     assert cli(postgres_url, "tenants", "show", "nobody")[0] == 3
@@ -72,6 +75,29 @@ async def test_tenant_lifecycle_commands(postgres_url: str) -> None:
     code, _ = cli_json(postgres_url, "tenants", "delete", "acme-corp", "--destroy-data", "--yes")
     assert code == 0
     assert cli(postgres_url, "tenants", "show", "acme-corp")[0] == 3
+
+
+async def test_tenants_create_with_alembic_config_migrates_the_new_tenant_to_head(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import asyncpg
+
+    ini = make_project(tmp_path / "project")
+    env = {"TENANCY_ALEMBIC_CONFIG": str(ini)}
+    code, created = cli_json(postgres_url, "tenants", "create", "acme", env=env)
+    assert code == 0, created
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+    try:
+        assert await conn.fetchval("SELECT version_num FROM tenant_acme.alembic_version") == "b2"
+        assert await conn.fetchval("SELECT count(*) FROM tenant_acme.items") == 0
+    finally:
+        await conn.close()
+    # migrate finds the project through alembic_config, wherever it runs from.
+    code, status = cli_json(postgres_url, "migrate", "status", cwd=tmp_path, env=env)
+    assert code == 0 and [(s["tenant"], s["revision"]) for s in status] == [("acme", "b2")]
+    code, checks = cli_json(postgres_url, "doctor", env=env)
+    assert code == 0, checks
+    assert {c["name"]: c["status"] for c in checks}["migrations"] == "ok"
 
 
 async def test_migrate_commands(manager: TenancyManager, postgres_url: str, tmp_path: Path) -> None:
@@ -141,15 +167,17 @@ async def test_run_executes_once_per_tenant_with_the_tenant_in_its_environment(
 async def test_doctor_passes_and_fails_on_a_pooler(
     manager: TenancyManager, postgres_url: str, pgbouncer_url: str
 ) -> None:
-    await manager.register_tenant("acme", "Acme")
+    await manager.register_tenant("acme", "Acme", app_metadata=METADATA)
     code, checks = cli_json(postgres_url, "doctor")
     assert code == 0, checks
     assert {c["name"]: c["status"] for c in checks} == {
         "configuration": "ok",
         "connectivity": "ok",
         "registry": "ok",
+        "invalidation channel": "ok",
         "pooler safety": "ok",
         "tenant storage": "ok",
+        "migrations": "ok",
         "template": "ok",
         "spares": "ok",
     }
@@ -159,8 +187,12 @@ async def test_doctor_passes_and_fails_on_a_pooler(
     code, checks = cli_json(pgbouncer_url, "doctor")
     assert code == 1
     assert {c["name"]: c["status"] for c in checks}["pooler safety"] == "fail"
-    code, checks = cli(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
-    assert code == 0, checks
+    code, checks = cli_json(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
+    statuses = {c["name"]: c["status"] for c in checks}
+    assert statuses["pooler safety"] == "ok", checks
+    # Through PgBouncer this process cannot LISTEN, so it has no channel, while the
+    # manager above, connected directly, recorded LISTEN/NOTIFY for the registry.
+    assert code == 1 and [n for n, s in statuses.items() if s != "ok"] == ["invalidation channel"], checks
     assert cli("postgresql://postgres@127.0.0.1:1/nowhere", "doctor")[0] == 1
 
 
@@ -190,7 +222,7 @@ async def test_app_import_path(postgres_url: str, tmp_path: Path) -> None:
         "manager = TenancyManager(TenancyConfig(schema_prefix='t_'))\n"
     )
     code, created = cli_json(
-        postgres_url, "--app", "myapp:manager", "tenants", "create", "acme", cwd=tmp_path
+        postgres_url, "--app", "myapp:manager", "tenants", "create", "acme", "--empty", cwd=tmp_path
     )
     assert code == 0, created
     code, shown = cli_json(postgres_url, "--app", "myapp:manager", "tenants", "show", "acme", cwd=tmp_path)
@@ -231,3 +263,41 @@ async def test_spares_commands(postgres_url: str, tmp_path: Path) -> None:
     done = _call(postgres_url, "--json", "doctor", env=env)
     [spares] = [c for c in json.loads(done.stdout) if c["name"] == "spares"]
     assert spares["status"] == "warn" and spares["detail"].startswith("0 of 2 ready"), spares
+
+
+async def test_a_command_configured_for_another_channel_is_refused(
+    postgres_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    redis = {"TENANCY_REDIS_URL": redis_url, "TENANCY_REDIS_KEY_PREFIX": redis_prefix}
+    worker = TenancyManager(
+        TenancyConfig(database_url=postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix)
+    )
+    await worker.initialize()  # the first process: records Redis
+    try:
+        await worker.register_tenant("acme", "Acme")
+    finally:
+        await worker.close()
+    code, refused = cli_json(postgres_url, "tenants", "suspend", "acme")  # TENANCY_REDIS_URL forgotten
+    assert code == 2, refused
+    assert f"Fix: set redis_url (TENANCY_REDIS_URL) to {redis_url} and redis_key_prefix" in refused["error"]
+    code, shown = cli_json(postgres_url, "tenants", "show", "acme", env=redis)
+    assert code == 0 and shown["status"] == "active"  # the refused command changed nothing
+    code, suspended = cli_json(postgres_url, "tenants", "suspend", "acme", env=redis)
+    assert code == 0 and suspended[0]["status"] == "suspended"
+
+    # show: the registry's channel and this process's; exit 1 when they differ.
+    code, rows = cli_json(postgres_url, "invalidation", "show", env=redis)
+    assert code == 0 and [r["record"] for r in rows] == ["registry", "this process"]
+    assert rows[0]["channel"] == rows[1]["channel"] and rows[0]["channel"].startswith("Redis pub/sub")
+    code, text = cli(postgres_url, "invalidation", "show")
+    assert code == 1 and "LISTEN/NOTIFY" in text
+
+    # record: the deliberate move to this configuration's channel (here, LISTEN/NOTIFY).
+    code, text = cli(postgres_url, "invalidation", "record")
+    assert code == 2 and "--yes" in text  # not without asking
+    code, moved = cli_json(postgres_url, "invalidation", "record", "--yes")
+    assert code == 0 and moved["old"].startswith("Redis pub/sub") and moved["new"].startswith("LISTEN/NOTIFY")
+    code, _ = cli_json(postgres_url, "tenants", "activate", "acme")
+    assert code == 0
+    code, refused = cli_json(postgres_url, "tenants", "list", env=redis)
+    assert code == 2 and "Fix: unset redis_url (TENANCY_REDIS_URL)" in refused["error"]

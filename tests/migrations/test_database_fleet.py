@@ -9,11 +9,12 @@ from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from fastapi_tenancy.encryption import URLCipher
-from fastapi_tenancy.fleet import FleetMigrator, TenantResult
+from fastapi_tenancy.migrations.fleet import FleetMigrator
+from fastapi_tenancy.migrations.results import TenantResult
 from tests.isolation.databases import dropped_afterwards
 from tests.isolation.test_database import second_cluster  # noqa: F401 - a fixture: a private cluster
 
-from .conftest import make_project
+from .projects import make_project
 
 pytestmark = pytest.mark.postgres
 
@@ -146,8 +147,9 @@ async def test_database_tenants_are_migrated_in_their_own_databases_and_resume(
 async def test_alembic_migrates_one_tenant_database_named_on_the_command_line(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    from .test_cli import cli_json
-    from .test_migrations import alembic
+    from tests.cli.test_cli import cli_json
+
+    from .test_env import alembic
 
     ini = make_project(tmp_path)
     registry = make_url(postgres_url).database

@@ -16,6 +16,7 @@ from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
 from ..urls import normalise_database_url
 from ._engines import ConnectionBudget, EngineRegistry
+from ._incarnation import database_check, mark_incarnation
 from .base import (
     BEGIN_SETTING,
     Isolation,
@@ -41,10 +42,6 @@ _EXISTS = {
 
 # MySQL/MariaDB servers may default to latin1; tenants' text must not depend on that.
 _CHARSET = {"postgresql": "", "mysql": " CHARACTER SET utf8mb4"}
-
-
-# A tenant transaction with no setting of its own: only the connection reset around it.
-_RESET_ONLY = {BEGIN_SETTING: ""}
 
 
 def _use_database(quoted: str) -> Any:
@@ -126,6 +123,8 @@ class DatabaseIsolation(Isolation):
         self.budget = ConnectionBudget(connection_budget, timeout=pool_timeout)
         """Counts every connection this strategy opens, provisioning included."""
         self.engines = EngineRegistry(max_engines=max_engines, budget=self.budget)
+        # tenant id -> the execution options of its sessions (PostgreSQL); bounded.
+        self._options: dict[str, dict[str, Any]] = {}
 
     # -- where a tenant lives ------------------------------------------------------
 
@@ -213,7 +212,14 @@ class DatabaseIsolation(Isolation):
     async def session(self, tenant: Tenant) -> AsyncSession:
         engine = self.engines.get(tenant.id, lambda: self._tenant_engine(tenant))
         if engine.sync_engine.dialect.driver == "asyncpg":
-            return session_with_options(engine, _RESET_ONLY)
+            # The connection reset around each transaction, and a check that the database
+            # is this tenant's (a slug deleted and registered again names another's).
+            options = self._options.get(tenant.id)
+            if options is None:
+                if len(self._options) >= 10_000:
+                    self._options.pop(next(iter(self._options)))
+                options = self._options[tenant.id] = {BEGIN_SETTING: database_check(tenant.id)}
+            return session_with_options(engine, options)
         return AsyncSession(bind=engine, expire_on_commit=False)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -238,6 +244,11 @@ class DatabaseIsolation(Isolation):
                     # `created` stays False: the other one's database is not ours to drop.
                     await conn.exec_driver_sql(f"CREATE DATABASE {_quoted(backend, name)}{_CHARSET[backend]}")
                     created = True
+                    if backend == "postgresql":
+                        # Whose database this is: each tenant transaction checks it at BEGIN.
+                        await conn.exec_driver_sql(
+                            mark_incarnation("DATABASE", _quoted(backend, name), tenant.id)
+                        )
                 tables = self._engine(server.set(database=name), null_pool=True)
                 self.budget.attach(tables)
                 try:
@@ -269,6 +280,7 @@ class DatabaseIsolation(Isolation):
 
     async def destroy(self, tenant: Tenant) -> None:
         name = self.storage_name(tenant.identifier)
+        self._options.pop(tenant.id, None)
         await self.engines.discard(tenant.id)
         server = self._server_of(tenant)
         backend = _backend(server)

@@ -375,6 +375,9 @@ $fn$"""  # noqa: S608
         """Delete the tenant's rows from every tenant table (children first), as the owner."""
         self._settings.pop(tenant.id, None)
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
+            # After the tenant's open transactions: a slow write of one would otherwise
+            # land after the DELETE, a row of a tenant that no longer exists.
+            await self.hold(conn, tenant)
             await self.delete_rows(conn, tenant)
             await conn.execute(
                 sa.text(f"DELETE FROM {self.fence_table} WHERE tenant_id = :id"),  # noqa: S608 - quoted name

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
+from ._incarnation import mark_incarnation, schema_check, wait_for_transactions
 from .base import (
     BEGIN_SETTING,
     ON_STATEMENT_TYPES_CHANGE,
@@ -129,20 +130,22 @@ class SchemaIsolation(Isolation):
         self._types_changed = self._on_statement_types_change  # bound once, not per session
 
     async def session(self, tenant: Tenant) -> AsyncSession:
-        identifier = tenant.identifier
+        # Keyed by the tenant's id, never its slug: a slug deleted and registered again
+        # names a schema of another tenant, which the setting refuses (see _setting).
         options: dict[str, Any] = {
-            BEGIN_SETTING: self._settings.get(identifier) or self._setting(identifier),
+            BEGIN_SETTING: self._settings.get(tenant.id) or self._setting(tenant),
             ON_STATEMENT_TYPES_CHANGE: self._types_changed,
         }
         if not self.shared_statements:
-            options["schema_translate_map"] = {None: self.storage_name(identifier)}
+            options["schema_translate_map"] = {None: self.storage_name(tenant.identifier)}
         return session_with_options(self.engine, options)
 
-    def _setting(self, identifier: str) -> str:
-        setting = f'SET LOCAL search_path TO "{self.storage_name(identifier)}";'
+    def _setting(self, tenant: Tenant) -> str:
+        schema = self.storage_name(tenant.identifier)
+        setting = f'{schema_check(schema, tenant.id)} SET LOCAL search_path TO "{schema}";'
         if len(self._settings) >= self._max_settings:
             self._settings.pop(next(iter(self._settings)))
-        self._settings[identifier] = setting
+        self._settings[tenant.id] = setting
         return setting
 
     def _on_statement_types_change(self, error: BaseException) -> None:
@@ -228,14 +231,14 @@ class SchemaIsolation(Isolation):
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         try:
-            await self._provision(self.storage_name(tenant.identifier), metadata)
+            await self._provision(self.storage_name(tenant.identifier), tenant.id, metadata)
         finally:
             if self.spares is not None:
                 # After the claim committed (or not): a fill that ran alongside it would
                 # count the spare being claimed as still there.
                 self.spares.refill_soon()
 
-    async def _provision(self, schema: str, metadata: sa.MetaData | None) -> None:
+    async def _provision(self, schema: str, tenant_id: str, metadata: sa.MetaData | None) -> None:
         if self.shared_statements and metadata is not None and _defines_schema_types(metadata):
             self._write_statements_per_tenant("the tenant tables use types created in each schema")
         if self.ddl_engine is not self.engine and self._grantee is None:
@@ -262,6 +265,10 @@ class SchemaIsolation(Isolation):
                         await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
                         await conn.execution_options(schema_translate_map={None: schema})
                         await conn.run_sync(create_tables, tenant_tables(metadata))
+                    # Whose schema this is: each tenant transaction checks it at BEGIN.
+                    await conn.exec_driver_sql(
+                        mark_incarnation("SCHEMA", quote_identifier(schema), tenant_id)
+                    )
                     if self._grantee is not None:
                         role = quote_identifier(self._grantee)
                         for grant in _GRANTS:
@@ -289,6 +296,9 @@ class SchemaIsolation(Isolation):
 
     async def destroy(self, tenant: Tenant) -> None:
         schema = self.storage_name(tenant.identifier)
-        self._settings.pop(tenant.identifier, None)
+        self._settings.pop(tenant.id, None)
         async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
+            # DROP SCHEMA does not wait for a transaction that has not touched the
+            # schema's tables yet: wait for every open transaction of the tenant first.
+            await wait_for_transactions(conn, schema)
             await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))

@@ -17,6 +17,7 @@ from typing import Literal
 
 import sqlalchemy as sa
 
+from .isolation.base import marker_name
 from .manager import TenancyManager
 from .tenant import TenantStatus
 from .urls import mask_url
@@ -116,37 +117,55 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
 
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
-    """Every active tenant has its schema, or its database on the main server (one catalog query)."""
+    """Every active tenant has its schema, or its database on the main server, and each
+    schema holds its tenant's marker (one catalog query)."""
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
     isolation = manager.isolation
-    expected: dict[str, tuple[str, str]] = {}  # storage name -> (kind, identifier)
+    expected: dict[str, tuple[str, str, str]] = {}  # storage name -> (kind, identifier, tenant id)
     async for tenant in manager.store.iterate(status=TenantStatus.ACTIVE):
         storage = isolation.expected_storage(tenant)
         if storage is not None:
-            expected[storage[1]] = (storage[0], tenant.identifier)
+            expected[storage[1]] = (storage[0], tenant.identifier, tenant.id)
     async with manager.engine.connect() as conn:
-        found = set(
-            (
-                await conn.scalars(
-                    sa.text(
-                        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(:s) "
-                        "UNION ALL SELECT datname FROM pg_database WHERE datname = ANY(:s)"
-                    ),
-                    {"s": list(expected)},
-                )
-            ).all()
-        )
-    missing = sorted(f"{slug} ({kind})" for name, (kind, slug) in expected.items() if name not in found)
+        rows = (await conn.execute(_STORAGE, {"s": list(expected)})).all()
+    found = {name for name, _ in rows}
+    markers: dict[str, set[str]] = {}
+    for name, marker in rows:
+        if marker is not None:
+            markers.setdefault(name, set()).add(marker)
+    missing = sorted(f"{slug} ({kind})" for name, (kind, slug, _) in expected.items() if name not in found)
     if missing:
         return CheckResult(
             "tenant storage", "fail", f"active tenants without their storage: {', '.join(missing[:20])}"
+        )
+    # A database's marker lives inside it: each transaction checks it, not doctor.
+    unmarked = sorted(
+        slug
+        for name, (kind, slug, tenant_id) in expected.items()
+        if kind == "schema" and markers.get(name) != {marker_name(tenant_id)}
+    )
+    if unmarked:
+        return CheckResult(
+            "tenant storage",
+            "fail",
+            "schemas not marked as their tenant's (refused until `TenancyManager.adopt_storage`, "
+            f"or another tenant's): {', '.join(unmarked[:20])}",
         )
     return CheckResult(
         "tenant storage",
         "ok",
         f"all {len(expected)} active tenants with storage of their own on this server have it",
     )
+
+
+# Each expected schema or database found, with the markers a schema holds.
+_STORAGE = sa.text(
+    "SELECT n.nspname::text, c.relname::text FROM pg_namespace n LEFT JOIN pg_class c "
+    "ON c.relnamespace = n.oid AND c.relkind = 'v' AND c.relname LIKE 'fastapi\\_tenancy:%' "
+    "WHERE n.nspname = ANY(:s) "
+    "UNION ALL SELECT datname::text, NULL FROM pg_database WHERE datname = ANY(:s)"
+)
 
 
 @doctor_check

@@ -392,6 +392,23 @@ class TenancyManager:
         await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
+    async def adopt_storage(self, tenant: Tenant | str) -> None:
+        """Mark the storage found under a registered tenant's name as that tenant's.
+
+        Every tenant transaction checks that its schema, database or file holds its own
+        tenant's marker (a slug deleted and registered again names storage made for
+        someone else: see docs/isolation.md, "Incarnations"); what `register_tenant`
+        provisions always does. Storage made otherwise (databases created from a
+        template by a script, a schema restored from a dump of another installation,
+        storage of a development build without markers) is refused until adopted.
+        Refuses (`ProvisioningError`) storage that is missing or marked for another
+        tenant; a no-op for storage already marked as the tenant's, and for shared
+        tables (row-level security). Adopt only storage you know to be this tenant's.
+        """
+        current = await self.get_tenant(_slug(tenant))
+        await self.isolation.adopt(current)
+        logger.warning("tenant %s adopted the storage found under its name", current.identifier)
+
     async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
         # The store's compare-and-set loop; caches are invalidated whatever the outcome.
         try:

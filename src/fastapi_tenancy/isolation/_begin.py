@@ -48,8 +48,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import ConfigurationError, TenancyUnavailableError, TenantNotFoundError, TenantScopeError
-from ._incarnation import INCARNATION_SQLSTATE
+from ..errors import ConfigurationError, TenancyUnavailableError, TenantScopeError
+from ._incarnation import refusal
 from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
 
 __all__ = ["RESET_STATE", "BeginSettingsConnection", "BeginSettingsContext", "enable"]
@@ -122,15 +122,12 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
             # asyncpg keeps a transaction whose start failed as the connection's current
             # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
             self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot
-            sqlstate = getattr(exc, "sqlstate", None)
-            if sqlstate == UNAVAILABLE_SQLSTATE:
+            if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
                 raise TenancyUnavailableError(str(getattr(exc, "message", exc))) from exc
-            if sqlstate == INCARNATION_SQLSTATE:
-                # The storage is gone, or was made again for another tenant with this slug.
-                message = getattr(exc, "message", exc)
-                raise TenantNotFoundError(
-                    f"the tenant's storage is gone or is another tenant's: {message}"
-                ) from exc
+            # The tenant's storage is gone, or is another incarnation's (_incarnation.py).
+            translated = refusal(exc, setting)
+            if translated is not None:
+                raise translated from exc
             raise
         return result
 

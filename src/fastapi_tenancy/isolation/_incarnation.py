@@ -1,106 +1,200 @@
-"""Tenant incarnations on PostgreSQL: whose storage a transaction is bound to.
+"""Tenant incarnations: storage bound to the id of the tenant it was made for.
 
-Storage is named after the tenant's slug, and a slug deleted with its data can be
-registered again, by another customer, under a new tenant id. A request of the old
-tenant still in flight would then reach the new tenant's schema or database by its
-name. So storage carries the id of the tenant it was made for (a `COMMENT`, written
-when it is provisioned), and every tenant transaction checks it in its `BEGIN`
-message (`isolation/_begin.py`): no round trip of its own. A transaction of another
-incarnation fails there, before any statement of the route, with `INCARNATION_SQLSTATE`,
-which `_begin` turns into `TenantNotFoundError` (the tenant it belongs to is gone), or
-into `TenancyUnavailableError` when the storage is missing (moved to another tier,
-or being deleted: a retry is answered by the registry).
-Storage made before this check existed has no comment and is accepted.
+Storage is found by name (the schema `tenant_acme` of the slug `acme`), and a slug
+deleted with its data can be registered again, by another customer, under a new
+tenant id. A request of the old tenant still in flight, or a process whose cache still
+holds it, would then reach the new tenant's storage by that name. So the storage the
+library provisions holds a marker, an empty view named `fastapi_tenancy:<tenant id>`
+(`base.marker_name()`; a view, which Alembic's autogenerate and `MetaData.reflect()` leave
+alone), and a tenant's work runs only where its own marker is:
 
-A schema's check also takes a shared advisory lock for the transaction; `destroy`
-takes it exclusively before `DROP SCHEMA`, which would otherwise not wait for a
-transaction that has not touched the schema's tables yet. (`DROP DATABASE ... WITH
-(FORCE)` ends the other connections itself.)
+- PostgreSQL (a schema or a database per tenant): every tenant transaction locks its
+  marker in its `BEGIN` message (`lock_marker()`, sent by `_begin`: no round trip of
+  its own). PostgreSQL resolves the name when it takes the lock (again, if the catalog
+  changed meanwhile), under any isolation level, so the transaction proves at BEGIN
+  that the storage is its tenant's; and it holds the lock to its end: `DROP SCHEMA ...
+  CASCADE` drops the marker too, so it waits for every open transaction of the tenant,
+  also one that has not touched a table yet (`drop_schema()` waits `DESTROY_WAIT`
+  seconds, then ends them). `refusal()` turns a failed lock into
+  `TenancyUnavailableError` (no such storage, or being dropped: a retry is answered by
+  the registry) or `TenantNotFoundError` (the storage is another tenant's).
+- MySQL/MariaDB and SQLite, whose connections stay in one database: each new
+  connection checks that the marker is there (`database.py`, `sqlite.py`).
 """
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .base import quote_identifier
+from ..errors import ProvisioningError, TenancyError, TenancyUnavailableError, TenantNotFoundError
+from .base import marker_name, quote_identifier
 
 __all__ = [
-    "ANOTHER_TENANT",
-    "INCARNATION_SQLSTATE",
-    "database_check",
-    "mark_incarnation",
-    "schema_check",
-    "wait_for_transactions",
+    "DESTROY_WAIT",
+    "MARKERS_IN_SCHEMA",
+    "advisory_holders",
+    "create_marker",
+    "drop_schema",
+    "end_after_wait",
+    "lock_marker",
+    "needs_marker",
+    "refusal",
 ]
 
-INCARNATION_SQLSTATE = "3F000"  # invalid_schema_name: what the failing cast raises
-ANOTHER_TENANT = "fastapi-tenancy: this storage belongs to another tenant"
-_LOCK_NOT_AVAILABLE = "55P03"
-DESTROY_WAIT = "5s"
-"""How long `destroy` waits for the tenant's open transactions before ending them."""
+DESTROY_WAIT = 5.0
+"""Seconds destruction waits for the tenant's open transactions (each time it must wait
+for a lock) before it ends them."""
+
+_LOCK = "IN ACCESS SHARE MODE NOWAIT;"
+_NO_SCHEMA = "3F000"  # invalid_schema_name
+_NO_MARKER = "42P01"  # undefined_table
+_LOCK_NOT_AVAILABLE = "55P03"  # NOWAIT, or lock_timeout
+_INSUFFICIENT_PRIVILEGE = "42501"
+_ATTEMPTS = 3
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def create_marker(tenant_id: str, *, schema: str | None = None, quote: str = '"') -> str:
+    """`CREATE VIEW` of `tenant_id`'s marker, in `schema` or the connection's current database."""
+    name = quote_identifier(marker_name(tenant_id), quote=quote)
+    if schema is not None:
+        name = f"{quote_identifier(schema, quote=quote)}.{name}"
+    return f"CREATE VIEW {name} AS SELECT 1 AS tenant"
 
 
-def _lock_key(storage: str) -> str:
-    return f"pg_catalog.hashtextextended({_literal('fastapi_tenancy.storage:' + storage)}, 0)"
+def needs_marker(found: Sequence[str], tenant_id: str, where: str) -> bool:
+    """Whether storage holding the markers `found` still needs `tenant_id`'s (adoption).
 
-
-def _refuse_unless(marked: str, tenant_id: str) -> str:
-    # A cast of a name that is no schema fails (3F000) with the name in its message.
-    # Not constant-folded: the comment is read when the statement runs.
-    ident = _literal(tenant_id)
-    return (
-        f"CAST(CASE WHEN coalesce({marked}, {ident}) = {ident} THEN 'pg_catalog' "
-        f"ELSE {_literal(quote_identifier(ANOTHER_TENANT))} END AS pg_catalog.regnamespace)"
-    )
-
-
-def schema_check(schema: str, tenant_id: str) -> str:
-    """SQL for a `BEGIN` message: lock `schema` shared, refuse it unless it is `tenant_id`'s."""
-    name = _literal(quote_identifier(schema))
-    marked = f"pg_catalog.obj_description({name}::pg_catalog.regnamespace, 'pg_namespace')"
-    lock = f"pg_catalog.pg_advisory_xact_lock_shared({_lock_key(schema)})"
-    return f"SELECT {lock}, {_refuse_unless(marked, tenant_id)};"
-
-
-def database_check(tenant_id: str) -> str:
-    """SQL for a `BEGIN` message: refuse the current database unless it is `tenant_id`'s."""
-    marked = (
-        "pg_catalog.shobj_description((SELECT oid FROM pg_catalog.pg_database "
-        "WHERE datname = pg_catalog.current_database()), 'pg_database')"
-    )
-    return f"SELECT {_refuse_unless(marked, tenant_id)};"
-
-
-def mark_incarnation(kind: str, quoted_name: str, tenant_id: str) -> str:
-    """`COMMENT ON {kind}` naming the tenant the storage was made for."""
-    return f"COMMENT ON {kind} {quoted_name} IS {_literal(tenant_id)}"
-
-
-async def wait_for_transactions(conn: AsyncConnection, schema: str) -> None:
-    """Inside `conn`'s transaction: wait for the open transactions of `schema`'s tenant.
-
-    Waits up to `DESTROY_WAIT`, then ends the backends still holding them
-    (`pg_terminate_backend`: their requests get a 503), and takes the lock, held until
-    `conn` commits the drop.
+    False when it holds exactly the tenant's; raises `ProvisioningError` when it holds
+    another tenant's, which is never taken over.
     """
-    lock = f"SELECT pg_catalog.pg_advisory_xact_lock({_lock_key(schema)})"
-    try:
-        async with conn.begin_nested():
-            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{DESTROY_WAIT}'")
-            await conn.exec_driver_sql(lock)
-            await conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
+    if list(found) == [marker_name(tenant_id)]:
+        return False
+    if found:
+        others = ", ".join(found)
+        raise ProvisioningError(f"{where} is marked for another tenant ({others}); refusing to adopt it")
+    return True
+
+
+def lock_marker(schema: str, tenant_id: str) -> str:
+    """SQL for a `BEGIN` message: lock `tenant_id`'s marker in `schema`, or fail at once.
+
+    NOWAIT: only destruction takes a lock on a marker that conflicts, and a request
+    must not hold a pooled connection while it waits (it answers 503 at once).
+    """
+    return f"LOCK TABLE {quote_identifier(schema)}.{quote_identifier(marker_name(tenant_id))} {_LOCK}"
+
+
+def refusal(exc: BaseException, setting: str) -> TenancyError | None:
+    """What a failed `BEGIN` message with a marker lock means, or None for other failures."""
+    if _LOCK not in setting:
+        return None
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = str(getattr(exc, "message", exc))
+    if sqlstate == _NO_MARKER:
+        # The storage under the tenant's name was made for another tenant: the slug was
+        # deleted and registered again.
+        return TenantNotFoundError(f"the tenant's storage belongs to another tenant ({message})")
+    if sqlstate in (_NO_SCHEMA, _LOCK_NOT_AVAILABLE):
+        # Gone (deleted, or moved to another tier) or being dropped: the registry answers
+        # the retry.
+        return TenancyUnavailableError(f"the tenant's storage is gone or being dropped ({message})")
+    return None
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None)
+
+
+async def end_after_wait(
+    conn: AsyncConnection,
+    statement: str,
+    holders: str,
+    params: Mapping[str, Any] | None = None,
+) -> None:
+    """Run `statement`, which waits for locks, ending the backends in its way if it waits long.
+
+    Inside `conn`'s transaction. Each lock is waited for up to `DESTROY_WAIT` seconds;
+    then the backends `holders` selects (`SELECT pid ...`, same `params`) are ended
+    with `pg_terminate_backend` (their requests get a 503) and `statement` runs again.
+    Raises `TenancyUnavailableError` if it still cannot run, or the role may not end them.
+    """
+    for attempt in range(_ATTEMPTS):
+        try:
+            async with conn.begin_nested():
+                await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(DESTROY_WAIT * 1000)}ms'")
+                await conn.execute(sa.text(statement), dict(params or {}))
+                await conn.exec_driver_sql("SET LOCAL lock_timeout TO DEFAULT")
             return
-    except sa_exc.DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
-            raise
-    # A bigint advisory key is (classid, objid) = (high, low) 32 bits, objsubid 1.
-    await conn.exec_driver_sql(
-        f"SELECT pg_catalog.pg_terminate_backend(l.pid) FROM pg_catalog.pg_locks l, "  # noqa: S608 - a quoted name
-        f"(SELECT {_lock_key(schema)} AS k) key WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
+        except sa_exc.DBAPIError as exc:
+            if _sqlstate(exc) != _LOCK_NOT_AVAILABLE:
+                raise
+            if attempt == _ATTEMPTS - 1:
+                raise TenancyUnavailableError(
+                    f"could not lock what is being destroyed within {DESTROY_WAIT:g} s, {_ATTEMPTS} "
+                    "times: transactions that are no tenant's (a migration?) hold it; retry"
+                ) from exc
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    sa.text(f"SELECT pg_catalog.pg_terminate_backend(h.pid, 1000) FROM ({holders}) AS h"),  # noqa: S608
+                    dict(params or {}),
+                )
+        except sa_exc.DBAPIError as exc:
+            if _sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
+                raise
+            raise TenancyUnavailableError(
+                f"open transactions of the tenant outlasted {DESTROY_WAIT:g} s and this role may not "
+                "end them (grant it pg_signal_backend, or retry when they are done)"
+            ) from exc
+
+
+# The markers in schema :schema (a quoted name), and the backends holding a lock on one.
+MARKERS_IN_SCHEMA = (
+    "SELECT c.relname::text FROM pg_catalog.pg_class c "
+    "WHERE c.relnamespace = pg_catalog.to_regnamespace(:schema) AND c.relkind = 'v' "
+    "AND c.relname LIKE 'fastapi\\_tenancy:%'"
+)
+_MARKER_HOLDERS = (
+    "SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_class c ON c.oid = l.relation "
+    "WHERE l.database = (SELECT d.oid FROM pg_catalog.pg_database d "
+    "WHERE d.datname = pg_catalog.current_database()) "
+    "AND c.relnamespace = pg_catalog.to_regnamespace(:schema) AND c.relkind = 'v' "
+    "AND c.relname LIKE 'fastapi\\_tenancy:%' AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()"
+)
+
+
+async def drop_schema(conn: AsyncConnection, schema: str) -> None:
+    """`DROP SCHEMA IF EXISTS ... CASCADE` inside `conn`'s transaction, once no transaction
+    of its tenant is open.
+
+    The schema's marker is locked first, exclusively (see `end_after_wait`; the backends
+    it ends are those holding the marker: open transactions of the tenant, never other
+    work on its tables). `DROP` alone would lock the tables before the marker, and
+    deadlock with a transaction of the tenant that holds the marker and goes on to read.
+    """
+    params = {"schema": quote_identifier(schema)}
+    markers = (await conn.scalars(sa.text(MARKERS_IN_SCHEMA), params)).all()
+    if markers:
+        names = ", ".join(f"{quote_identifier(schema)}.{quote_identifier(name)}" for name in markers)
+        await end_after_wait(conn, f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE", _MARKER_HOLDERS, params)
+    await conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {quote_identifier(schema)} CASCADE"))
+
+
+def advisory_holders() -> str:
+    """`SELECT pid ...` of the backends holding the advisory lock `hashtextextended(:key, 0)`.
+
+    A bigint advisory key shows in `pg_locks` as (classid, objid) = its high and low 32
+    bits, with objsubid 1.
+    """
+    return (
+        "SELECT l.pid FROM pg_catalog.pg_locks l, "
+        "(SELECT pg_catalog.hashtextextended(:key, 0) AS k) AS key "
+        "WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
+        "AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d "
+        "WHERE d.datname = pg_catalog.current_database()) "
         "AND l.classid = ((key.k >> 32) & 4294967295)::oid AND l.objid = (key.k & 4294967295)::oid "
-        "AND l.pid <> pg_catalog.pg_backend_pid()"
+        "AND l.granted AND l.pid <> pg_catalog.pg_backend_pid()"
     )
-    await conn.exec_driver_sql(lock)

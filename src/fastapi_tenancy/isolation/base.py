@@ -1,5 +1,6 @@
 """`Isolation`: the contract of an isolation strategy, and tenant storage names."""
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -24,6 +25,7 @@ __all__ = [
     "Isolation",
     "TenantSession",
     "create_tables",
+    "marker_name",
     "quote_identifier",
     "require_asyncpg",
     "storage_name",
@@ -117,6 +119,18 @@ def storage_name(prefix: str, identifier: str) -> str:
     return name
 
 
+def marker_name(tenant_id: str) -> str:
+    """The name of the view that marks storage as `tenant_id`'s: `fastapi_tenancy:<id>`.
+
+    The id itself when the name fits in 63 bytes (a generated id, a UUID, always does),
+    else a SHA-256 of it. See docs/isolation.md, "Incarnations".
+    """
+    name = "fastapi_tenancy:" + tenant_id
+    if len(name.encode()) <= MAX_NAME_BYTES and "\x00" not in name:
+        return name
+    return "fastapi_tenancy:sha256:" + hashlib.sha256(tenant_id.encode()).hexdigest()[:40]
+
+
 def tenant_tables(metadata: sa.MetaData | None) -> list[sa.Table]:
     """The tables of `metadata` that belong in each tenant (those with no explicit schema)."""
     if metadata is None:
@@ -196,6 +210,14 @@ class Isolation(ABC):
     async def remove_old_copy(self, tenant: Tenant) -> None:
         """Delete what a move left behind (see `HybridIsolation`); refused by default."""
         raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
+
+    async def adopt(self, tenant: Tenant) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Mark the storage found under `tenant`'s name as `tenant`'s (see `TenancyManager.adopt_storage`).
+
+        Strategies whose storage carries a marker (schema, database, SQLite file) write
+        it; shared tables have none. Refuses (`ProvisioningError`) storage that is
+        missing or marked for another tenant.
+        """
 
     def storage_name(self, identifier: str) -> str:
         """The name of the tenant's schema or database; raises for unusable slugs."""

@@ -12,15 +12,16 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._utils import create_engine, unavailable_as_503
-from ..errors import ConfigurationError, ProvisioningError
+from ..errors import ConfigurationError, ProvisioningError, TenantNotFoundError
 from ..tenant import Tenant
 from ..urls import normalise_database_url
 from ._engines import ConnectionBudget, EngineRegistry
-from ._incarnation import database_check, mark_incarnation
+from ._incarnation import create_marker, lock_marker, needs_marker
 from .base import (
     BEGIN_SETTING,
     Isolation,
     create_tables,
+    marker_name,
     quote_identifier,
     session_with_options,
     tenant_tables,
@@ -42,26 +43,93 @@ _EXISTS = {
 
 # MySQL/MariaDB servers may default to latin1; tenants' text must not depend on that.
 _CHARSET = {"postgresql": "", "mysql": " CHARACTER SET utf8mb4"}
+# Where a PostgreSQL tenant database keeps its marker, and how to find the markers.
+_MARKER_SCHEMA = "public"
+_MARKERS = {
+    "postgresql": sa.text(
+        "SELECT c.relname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'v' "
+        "AND c.relname LIKE 'fastapi\\_tenancy:%'"
+    ),
+    "mysql": sa.text(
+        "SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE() "
+        "AND TABLE_NAME LIKE 'fastapi\\_tenancy:%'"
+    ),
+}
+_QUOTE = {"postgresql": '"', "mysql": "`"}
 
 
-def _use_database(quoted: str) -> Any:
-    """A pool `reset` listener pointing a returned MySQL connection at its own database.
+def _marker_ddl(backend: str, tenant_id: str) -> str:
+    """The marker of `tenant_id` in a tenant database (PostgreSQL: in `public`)."""
+    schema = _MARKER_SCHEMA if backend == "postgresql" else None
+    return create_marker(tenant_id, schema=schema, quote=_QUOTE[backend])
 
-    One round trip per checkin (COM_QUERY `USE`, about 0.13 ms on loopback): MySQL has
-    no BEGIN message to fold it into, and `COM_RESET_CONNECTION` keeps the current
-    database. Session variables a route sets stay on its own tenant's pool.
+
+# MySQL/MariaDB: a connection reached the tenant's database by its name. This statement
+# proves it is still there, and that the database holds the tenant's marker: it fails
+# (1146, no such table) in a database made for another tenant, and names the database.
+_MYSQL_NO_SUCH_TABLE = 1146
+_MYSQL_UNKNOWN_THREAD = 1094  # KILL of a connection that ended meanwhile
+
+
+def _mysql_check(database: str, tenant_id: str) -> Any:
+    """`check(dbapi_connection)`: True when the connection is in `database` and it is `tenant_id`'s."""
+    statement = f"SELECT DATABASE() FROM {quote_identifier(marker_name(tenant_id), quote='`')}"  # noqa: S608
+
+    def check(dbapi_connection: Any) -> bool:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+            row = cursor.fetchone()
+        except Exception as exc:
+            if getattr(exc, "args", ())[:1] == (_MYSQL_NO_SUCH_TABLE,):
+                return False
+            raise
+        finally:
+            cursor.close()
+        return row is not None and row[0] == database
+
+    return check
+
+
+def _mysql_listeners(engine: AsyncEngine, database: str, tenant_id: str) -> None:
+    """Keep a MySQL tenant engine's connections in `database`, while it is `tenant_id`'s.
+
+    On connect: a database of the same name made for another tenant (the slug deleted and
+    registered again) is refused. On checkin (one round trip, where `USE` used to be:
+    MySQL has no BEGIN message to fold it into, and `COM_RESET_CONNECTION` keeps the
+    current database): a connection a route moved elsewhere (`USE other_db`), or whose
+    database is no longer the tenant's, is recycled before its next use. Session
+    variables a route sets stay on its own tenant's pool.
     """
-    statement = f"USE {quoted}"
+    check = _mysql_check(database, tenant_id)
 
-    def reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
-        if state.asyncio_safe:  # else SQLAlchemy closes the connection without reuse
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute(statement)
-            finally:
-                cursor.close()
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        if not check(dbapi_connection):
+            raise TenantNotFoundError(
+                f"database {database!r} holds no marker of tenant {tenant_id!r}: it belongs to another tenant"
+            )
 
-    return reset
+    def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+        if state.asyncio_safe and record is not None and not check(dbapi_connection):
+            record.invalidate(soft=True)  # closed and opened again (and checked) at its next checkout
+
+    event.listen(engine.sync_engine, "connect", connected)
+    event.listen(engine.sync_engine, "reset", reset)
+
+
+async def _end_mysql_connections(conn: Any, name: str) -> None:
+    """End every other connection whose current database is `name` (KILL needs no wait)."""
+    ids = await conn.scalars(
+        sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = :name AND ID <> CONNECTION_ID()"),
+        {"name": name},
+    )
+    for thread in ids.all():
+        try:
+            await conn.exec_driver_sql(f"KILL CONNECTION {int(thread)}")
+        except sa_exc.DBAPIError as exc:
+            if getattr(exc.orig, "args", ())[:1] != (_MYSQL_UNKNOWN_THREAD,):
+                raise
 
 
 def _backend(url: URL) -> str:
@@ -196,15 +264,16 @@ class DatabaseIsolation(Isolation):
         engine = self._engine(url)
         # What route code sets on a connection must not outlive its request: the pool
         # is the tenant's, but `USE other_db` would point its next request elsewhere.
+        # And the database must be this tenant's: a slug deleted and registered again
+        # names a database made for another (_incarnation.py).
         if engine.sync_engine.dialect.driver == "asyncpg":
             from . import _begin as begin  # needs asyncpg
 
-            # Each transaction begins and ends reset, in its BEGIN and COMMIT messages.
+            # Each transaction begins and ends reset, in its BEGIN and COMMIT messages,
+            # and locks the tenant's marker in its BEGIN message (see session()).
             begin.enable(engine)
         elif _backend(url) == "mysql":
-            event.listen(
-                engine.sync_engine, "reset", _use_database(quote_identifier(url.database or "", quote="`"))
-            )
+            _mysql_listeners(engine, url.database or "", tenant.id)
         return engine
 
     # -- the request path ----------------------------------------------------------
@@ -212,13 +281,15 @@ class DatabaseIsolation(Isolation):
     async def session(self, tenant: Tenant) -> AsyncSession:
         engine = self.engines.get(tenant.id, lambda: self._tenant_engine(tenant))
         if engine.sync_engine.dialect.driver == "asyncpg":
-            # The connection reset around each transaction, and a check that the database
-            # is this tenant's (a slug deleted and registered again names another's).
+            # The connection reset around each transaction, and the lock of the tenant's
+            # marker: in the BEGIN message, so behind PgBouncer too, where a client
+            # connection's next transaction may run on a server connection opened later.
             options = self._options.get(tenant.id)
             if options is None:
                 if len(self._options) >= 10_000:
                     self._options.pop(next(iter(self._options)))
-                options = self._options[tenant.id] = {BEGIN_SETTING: database_check(tenant.id)}
+                setting = lock_marker(_MARKER_SCHEMA, tenant.id)
+                options = self._options[tenant.id] = {BEGIN_SETTING: setting}
             return session_with_options(engine, options)
         return AsyncSession(bind=engine, expire_on_commit=False)
 
@@ -244,16 +315,13 @@ class DatabaseIsolation(Isolation):
                     # `created` stays False: the other one's database is not ours to drop.
                     await conn.exec_driver_sql(f"CREATE DATABASE {_quoted(backend, name)}{_CHARSET[backend]}")
                     created = True
-                    if backend == "postgresql":
-                        # Whose database this is: each tenant transaction checks it at BEGIN.
-                        await conn.exec_driver_sql(
-                            mark_incarnation("DATABASE", _quoted(backend, name), tenant.id)
-                        )
                 tables = self._engine(server.set(database=name), null_pool=True)
                 self.budget.attach(tables)
                 try:
                     async with tables.begin() as conn:
                         await conn.run_sync(create_tables, tenant_tables(metadata))
+                        # Whose database this is: tenant connections check it (_incarnation.py).
+                        await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
                 finally:
                     await tables.dispose()
         except BaseException as exc:
@@ -267,6 +335,23 @@ class DatabaseIsolation(Isolation):
             raise
         finally:
             await admin.dispose()
+
+    async def adopt(self, tenant: Tenant) -> None:
+        name = self.storage_name(tenant.identifier)
+        server = self._server_of(tenant)
+        backend = _backend(server)
+        engine = self._engine(server.set(database=name), null_pool=True)
+        self.budget.attach(engine)
+        where = f"database {name!r}"
+        try:
+            async with unavailable_as_503("tenant database server"), engine.begin() as conn:
+                found = (await conn.scalars(_MARKERS[backend])).all()
+                if needs_marker(found, tenant.id, where):
+                    await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
+        except sa_exc.DBAPIError as exc:  # no such database, among others
+            raise ProvisioningError(f"could not adopt {where}: {exc.orig}") from exc
+        finally:
+            await engine.dispose()
 
     async def _drop(self, admin: AsyncEngine, backend: str, name: str) -> None:
         # WITH (FORCE) (PostgreSQL 13+) ends sessions still connected to it, ours in
@@ -288,7 +373,15 @@ class DatabaseIsolation(Isolation):
         force = " WITH (FORCE)" if backend == "postgresql" else ""
         try:
             async with unavailable_as_503("tenant database server"), admin.connect() as conn:
+                if backend == "mysql":
+                    # MySQL drops a database under connections that are in it, and they then
+                    # reach a database made again under the name: end them, before (so the
+                    # drop waits for no open transaction) and after (those that came in
+                    # between). PostgreSQL's FORCE ends them itself.
+                    await _end_mysql_connections(conn, name)
                 await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quoted(backend, name)}{force}")
+                if backend == "mysql":
+                    await _end_mysql_connections(conn, name)
         finally:
             await admin.dispose()
 

@@ -28,6 +28,10 @@ adapter begins lazily, right before the first statement), so a setting is never
 left over for another transaction: each statement overwrites it, a `BEGIN`
 consumes it.
 
+A setting that fails is the tenant's error where it means one: the RLS tenant function's
+`UNAVAILABLE_SQLSTATE` is a 503, and a tenant's storage marker that cannot be locked is a
+404 or a 503 (`_incarnation.refusal`).
+
 A tenant transaction also begins and ends with the connection reset (`RESET_STATE`,
 in the `BEGIN` message and in the `COMMIT`/`ROLLBACK` message, so again no round
 trip of its own): whatever route code set at session level (`SET search_path`,

@@ -155,7 +155,9 @@ class DatabaseIsolation(Isolation):
     `max_engines`, each with a pool of `pool_size` connections and no overflow,
     all of them under one `ConnectionBudget` of `connection_budget` connections.
     Sessions connect to the tenant's database only, so neither other tenants nor
-    the registry are reachable by unqualified names, raw SQL included.
+    the registry are reachable by unqualified names, raw SQL included; and only while
+    it holds the tenant's marker, not a database made again under the name for another
+    tenant (`_incarnation.py`).
 
         isolation = DatabaseIsolation("postgresql+asyncpg://app@db/app", connection_budget=40)
     """

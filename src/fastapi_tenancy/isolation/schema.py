@@ -85,6 +85,10 @@ class SchemaIsolation(Isolation):
     named in the SQL), found at `initialize()`, at `provision()` from the metadata,
     or, failing both, at the first such refusal (that request gets a 503).
 
+    Each transaction also locks the tenant's marker in its `BEGIN` message, proving the
+    schema is this tenant's (not one made again for another tenant under the slug) and
+    keeping it from being dropped until the transaction ends (`_incarnation.py`).
+
     The engine must be one that sends settings with `BEGIN`: the manager's, or any
     asyncpg engine on which no connection was opened before this isolation attached
     to it (connections opened before are refused, never used without the setting).

@@ -89,14 +89,15 @@ def _bind_to_file(engine: AsyncEngine, path: Path, tenant_id: str) -> None:
 class SQLiteFileIsolation(Isolation):
     """Each tenant in its own SQLite file beside the registry: `app.tenant_acme_corp.db`.
 
-    What both `isolation_strategy="schema"` and `"database"` mean on SQLite. A tenant session's engine
-    opens only that tenant's file and refuses `ATTACH`, so neither other tenants
-    nor the registry are reachable from it, even by raw SQL. Files are opened read-write without
-    create (`mode=rw`): a tenant whose file is missing fails, it never gets a fresh
-    empty database. At most `max_engines` files are kept open (an `EngineRegistry`:
-    least recently used closed first, never under a request). An in-memory registry
-    URL gives in-memory tenants, which are never closed (that would lose them). Safe
-    for concurrent use.
+    What both `isolation_strategy="schema"` and `"database"` mean on SQLite. A tenant
+    session's engine opens only that tenant's file and refuses `ATTACH`, so neither other
+    tenants nor the registry are reachable from it, even by raw SQL. Files are opened
+    read-write without create (`mode=rw`): a tenant whose file is missing gets a 503,
+    never a fresh empty database, and a file that holds no marker of the tenant is
+    refused (`_incarnation.py`). At most `max_engines` files are kept open (an
+    `EngineRegistry`: least recently used closed first, never under a request). An
+    in-memory registry URL gives in-memory tenants, which are never closed (that would
+    lose them). Safe for concurrent use.
     """
 
     def __init__(

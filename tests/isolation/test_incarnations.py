@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import (
     ProvisioningError,
+    TenancyConfig,
     TenancyManager,
     TenancyUnavailableError,
     Tenant,
@@ -38,8 +39,10 @@ from fastapi_tenancy.isolation import (
     _incarnation,
 )
 from fastapi_tenancy.isolation.base import marker_name
+from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
+from fastapi_tenancy.storage.redis import RedisTenantStore
 
-from ..apps import build_app
+from ..apps import Base, build_app
 from ..conftest import _postgres_admin, running_pgbouncer
 from .test_matrix import HYBRID_DATABASE, Env, _environment, _setup, two_tenants
 
@@ -398,6 +401,36 @@ async def test_redis_cache_and_rate_limit_keys_belong_to_one_incarnation(
         if keys:
             await redis.delete(*keys)
         await cache.close()
+
+
+async def test_the_redis_tenant_cache_never_returns_the_old_incarnation(
+    postgres_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    # RedisTenantStore in front of the SQL registry, shared by two workers: the second one
+    # read (and so cached) the old record just before the deletion.
+    def store() -> RedisTenantStore:
+        return RedisTenantStore(redis_url, prefix=redis_prefix, backend=SQLAlchemyTenantStore(postgres_url))
+
+    config = TenancyConfig(database_url=postgres_url, database_pool_size=2)
+    manager, other = TenancyManager(config, store()), TenancyManager(config, store())
+    await manager.initialize()
+    await other.initialize()
+    try:
+        old = await manager.register_tenant("reuse", "Old", app_metadata=Base.metadata)
+        await manager.delete_tenant(old)  # soft first: the record stays, deleted
+        deleted = await other.store.get_by_identifier("reuse")  # cached in Redis
+        assert deleted is not None and deleted.id == old.id
+        await manager.delete_tenant(old, destroy_data=True)  # then purged
+        new = await manager.register_tenant("reuse", "New", app_metadata=Base.metadata)
+        for worker in (manager, other):
+            assert (await worker.store.get_by_identifier("reuse")) == new
+            assert await worker.store.get_by_id(old.id) is None
+        with pytest.raises(TenantNotFoundError):
+            async with other.session(old):
+                pass
+    finally:
+        await other.close()
+        await manager.close()
 
 
 # -- markers ---------------------------------------------------------------------------

@@ -246,14 +246,17 @@ class Isolation(ABC):
         """Create the tenant's storage and the tables of `metadata` in it.
 
         Must refuse (`ProvisioningError`) when the storage already exists, so that
-        a re-registered slug never adopts an earlier tenant's data, and must leave
-        nothing behind when it fails.
+        a re-registered slug never adopts an earlier tenant's data, must leave
+        nothing behind when it fails, and should mark the storage with the tenant's
+        id, which its sessions check (`_incarnation.py`).
         """
 
     @abstractmethod
     async def destroy(self, tenant: Tenant) -> None:
-        """Delete the tenant's storage and every row in it. Irreversible."""
+        """Delete the tenant's storage and every row in it, once no transaction of the
+        tenant is open (waiting, or ending them). Irreversible."""
 
     @abstractmethod
     async def session(self, tenant: Tenant) -> AsyncSession:
-        """A new, not yet begun session that reaches only `tenant`'s data."""
+        """A new, not yet begun session that reaches only `tenant`'s data (not the data of
+        another tenant that took the slug since)."""

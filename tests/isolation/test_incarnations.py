@@ -442,8 +442,9 @@ async def test_the_redis_tenant_cache_never_returns_the_old_incarnation(
         ("6f1c2d1e-8a4b-4c8e-9d0f-1a2b3c4d5e6f", "fastapi_tenancy:6f1c2d1e-8a4b-4c8e-9d0f-1a2b3c4d5e6f"),
         ("t1", "fastapi_tenancy:t1"),
         ("x" * 48, "fastapi_tenancy:sha256:"),
+        ("a :b%'`\"", "fastapi_tenancy:sha256:"),
     ],
-    ids=["uuid", "short", "too-long"],
+    ids=["uuid", "short", "too-long", "needs-escaping"],
 )
 def test_a_marker_name_fits_every_backend(tenant_id: str, expected: str) -> None:
     name = marker_name(tenant_id)

@@ -1,6 +1,7 @@
 """`Isolation`: the contract of an isolation strategy, and tenant storage names."""
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -49,6 +50,7 @@ Finding = tuple[str, Literal["ok", "warn", "fail"], str]
 """One health check's verdict for `fastapi-tenancy doctor`: (name, status, detail)."""
 
 MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._-]+")
 _RESERVED_NAMES = frozenset({"public", "information_schema"})
 
 
@@ -122,11 +124,12 @@ def storage_name(prefix: str, identifier: str) -> str:
 def marker_name(tenant_id: str) -> str:
     """The name of the view that marks storage as `tenant_id`'s: `fastapi_tenancy:<id>`.
 
-    The id itself when the name fits in 63 bytes (a generated id, a UUID, always does),
-    else a SHA-256 of it. See docs/isolation.md, "Incarnations".
+    The id itself when it is letters, digits, `.`, `_` and `-` and the name fits in 63
+    bytes (a generated id, a UUID, always does), else a SHA-256 of it: a name that
+    needs no escaping in any backend or driver. See docs/isolation.md, "Incarnations".
     """
     name = "fastapi_tenancy:" + tenant_id
-    if len(name.encode()) <= MAX_NAME_BYTES and "\x00" not in name:
+    if len(name) <= MAX_NAME_BYTES and _PLAIN_ID.fullmatch(tenant_id):
         return name
     return "fastapi_tenancy:sha256:" + hashlib.sha256(tenant_id.encode()).hexdigest()[:40]
 

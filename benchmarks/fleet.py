@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-TEMPLATE = ROOT / "src" / "fastapi_tenancy" / "migration_template"
+TEMPLATE = ROOT / "src" / "fastapi_tenancy" / "migrations" / "template"
 SCRIPT = Path(sys.executable).parent / "fastapi-tenancy"
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 
@@ -159,7 +159,7 @@ async def main() -> None:
         out["noop_upgrade_s"] = noop
         print(f"no-op upgrade (whole CLI process): {noop} s", flush=True)
         # The same in process: what the run itself costs, without starting Python and importing.
-        from fastapi_tenancy.fleet import FleetMigrator
+        from fastapi_tenancy.migrations.fleet import FleetMigrator
 
         manager = TenancyManager(TenancyConfig(database_url=url, schema_template="tenancy_template"))
         await manager.initialize()

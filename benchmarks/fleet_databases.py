@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
-from fastapi_tenancy.fleet import FleetMigrator  # noqa: E402
 from fleet import ALTER_1, CREATE, TEMPLATE, add_revision  # noqa: E402
+
+from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
+from fastapi_tenancy.migrations.fleet import FleetMigrator  # noqa: E402
 
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 

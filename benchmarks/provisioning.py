@@ -5,8 +5,10 @@ Alternates the ways tenant by tenant (so machine load hits them alike), checks t
 `results/provisioning.json`. The spare way claims a spare schema made ahead of time
 (`schema_spares`); its background refill is awaited outside the timed part, as a
 pool sized for the sign-up rate would have one ready.
-The third way is what a migrations-only app does without a template: an empty schema,
-then `alembic upgrade head` through 30 revisions (one table each).
+The `alembic_upgrade` way is what a migrations-only app does without a template: an
+empty schema, then `alembic upgrade head` through 30 revisions (one table each). The
+`stamped` way is `create_all` with `alembic_config` set: the tenant is then stamped at
+head (its own timing: `stamp_p50_ms`), and its catalog must equal the migrated one's.
 
     .venv/bin/python benchmarks/provisioning.py --tenants 40
 """
@@ -23,6 +25,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import sqlalchemy as sa
@@ -35,6 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fastapi_tenancy import TenancyConfig, TenancyManager  # noqa: E402
 from fastapi_tenancy.isolation.clone import schema_catalog  # noqa: E402
+
+T = TypeVar("T")
 
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 
@@ -87,7 +92,7 @@ def downgrade() -> None:
 
 def alembic_project(root: Path, url: str) -> Config:
     """The package's project template with 30 revisions, one table each, as `thirty_tables()`."""
-    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migration_template", root)
+    shutil.copytree(ROOT / "src" / "fastapi_tenancy" / "migrations" / "template", root)
     versions = root / "migrations" / "tenant" / "versions"
     for i in range(30):
         parent = f'sa.Column("parent_id", sa.Integer, sa.ForeignKey("t{i - 1}.id")),' if i else ""
@@ -99,13 +104,14 @@ def alembic_project(root: Path, url: str) -> Config:
     return config
 
 
-def timed(provision: Callable[..., Awaitable[None]], into: list[float]) -> Callable[..., Awaitable[None]]:
-    """`provision`, appending how long each call took to `into`."""
+def timed(step: Callable[..., Awaitable[T]], into: list[float]) -> Callable[..., Awaitable[T]]:
+    """`step`, appending how long each call took to `into`."""
 
-    async def wrapper(*args: object) -> None:
+    async def wrapper(*args: object) -> T:
         started = time.perf_counter()
-        await provision(*args)
+        result = await step(*args)
         into.append(time.perf_counter() - started)
+        return result
 
     return wrapper
 
@@ -131,27 +137,46 @@ async def main() -> None:
     await admin.execute(f'CREATE DATABASE "{database}"')
     url = server.set(database=database).render_as_string(hide_password=False)
     metadata = thirty_tables()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-prov-"))
+    alembic = alembic_project(workdir / "project", url)
     plain = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2))
+    # Its own manager: its empty schemas must not count in create_all's storage step.
+    bare = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2))
+    stamped = TenancyManager(
+        TenancyConfig(
+            database_url=url, database_pool_size=2, alembic_config=str(workdir / "project" / "alembic.ini")
+        )
+    )
     templated = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl"))
     spared = TenancyManager(
         TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl", schema_spares=1)
     )
     try:
         await plain.initialize()
+        await bare.initialize()
+        await stamped.initialize()
         await templated.initialize()
         await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
         await spared.initialize()
         spares = spared.isolation.spares  # type: ignore[attr-defined]
         await spares.wait()
-        workdir = Path(tempfile.mkdtemp(prefix="bench-prov-"))
-        alembic = alembic_project(workdir / "project", url)
-        times: dict[str, list[float]] = {"create_all": [], "template": [], "spare": [], "alembic_upgrade": []}
-        provision: dict[str, list[float]] = {"create_all": [], "template": [], "spare": []}
-        ways = (("create_all", plain), ("template", templated), ("spare", spared))
+        times: dict[str, list[float]] = {
+            "create_all": [],
+            "stamped": [],
+            "template": [],
+            "spare": [],
+            "alembic_upgrade": [],
+        }
+        provision: dict[str, list[float]] = {"create_all": [], "stamped": [], "template": [], "spare": []}
+        stamps: list[float] = []
+        ways = (("create_all", plain), ("stamped", stamped), ("template", templated), ("spare", spared))
         for way, manager in ways:
             # The storage step alone (registration also writes the registry, audit log and
             # invalidation, the same for every way).
             manager.isolation.provision = timed(manager.isolation.provision, provision[way])  # type: ignore[method-assign,assignment]
+        stamper = stamped.admin.stamper
+        assert stamper is not None
+        stamper.after_provision = timed(stamper.after_provision, stamps)  # type: ignore[method-assign,assignment]
         for i in range(args.tenants):
             for way, manager in ways:
                 started = time.perf_counter()
@@ -159,15 +184,22 @@ async def main() -> None:
                 times[way].append(time.perf_counter() - started)
             await spares.wait()  # the refill, untimed
             started = time.perf_counter()
-            await plain.register_tenant(f"alembic-{i}", "x")  # an empty schema
+            await bare.register_tenant(f"alembic-{i}", "x")  # an empty schema
             alembic.attributes["tenancy_schema"] = f"tenant_alembic_{i}"
             await asyncio.to_thread(command.upgrade, alembic, "head")  # env.py runs its own event loop
             times["alembic_upgrade"].append(time.perf_counter() - started)
-        shutil.rmtree(workdir, ignore_errors=True)
         async with plain.engine.connect() as conn:
             expected = await schema_catalog(conn, "tenant_create_all_0")
             same = expected == await schema_catalog(conn, "tenant_template_0")
             same_spare = expected == await schema_catalog(conn, "tenant_spare_0")
+            # Stamped at head, the create_all tenant is the migrated one, version table included.
+            same_stamped = await schema_catalog(conn, "tenant_stamped_0") == await schema_catalog(
+                conn, "tenant_alembic_0"
+            )
+            versions = {}
+            for schema in ("tenant_stamped_0", "tenant_alembic_0"):
+                query = sa.text(f"SELECT version_num FROM {schema}.alembic_version")  # noqa: S608
+                versions[schema] = (await conn.execute(query)).scalar()
         out = {
             "tables": 30,
             "tenants_per_way": args.tenants,
@@ -175,6 +207,8 @@ async def main() -> None:
             "register_p95_ms": {way: p95(values) for way, values in times.items()},
             "provision_p50_ms": {way: p50(values) for way, values in provision.items()},
             "provision_p95_ms": {way: p95(values) for way, values in provision.items()},
+            "stamp_p50_ms": p50(stamps),
+            "stamp_p95_ms": p95(stamps),
             "register_mean_ms": {way: round(statistics.mean(v) * 1000, 1) for way, v in times.items()},
             "template_speedup_p50": {
                 way: round(statistics.median(times[way]) / statistics.median(times["template"]), 2)
@@ -186,12 +220,17 @@ async def main() -> None:
             },
             "identical_catalogs": same,
             "identical_catalogs_spare": same_spare,
+            "identical_catalogs_stamped_migrated": same_stamped,
+            "versions_stamped_migrated": versions,
             "load": os.getloadavg(),
         }
     finally:
         await spared.close()
         await templated.close()
+        await stamped.close()
+        await bare.close()
         await plain.close()
+        shutil.rmtree(workdir, ignore_errors=True)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
     results = ROOT / "benchmarks" / "results"

@@ -1,6 +1,8 @@
 """A small tenant-aware app used by the tests: the Quick Start's orders, plus routes that
 exercise commit-then-read, `session.begin()` and raw SQL."""
 
+from collections.abc import Sequence
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import sqlalchemy as sa
@@ -31,11 +33,16 @@ def _rows(orders: Any) -> list[dict[str, Any]]:
     return [{"id": o.id, "description": o.description} for o in orders]
 
 
-def build_app(manager: TenancyManager, model: "type[Order] | type[SharedOrder] | None" = None) -> FastAPI:
+def build_app(
+    manager: TenancyManager,
+    model: "type[Order] | type[SharedOrder] | None" = None,
+    *,
+    excluded_paths: Sequence[str] = ("/health",),
+) -> FastAPI:
     """The app; `model` is the orders class (`SharedOrder` for row-level security and hybrid)."""
     Row: Any = Order if model is None else model  # noqa: N806
     app = FastAPI()
-    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=["/health"])
+    app.add_middleware(TenancyMiddleware, manager=manager, excluded_paths=excluded_paths)
     get_db = make_tenant_db_dependency(manager)
     Session = Annotated[AsyncSession, Depends(get_db)]
     CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
@@ -119,3 +126,33 @@ class SharedOrder(SharedBase):
     tenant_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, server_default=sa.FetchedValue())
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     description: Mapped[str] = mapped_column(sa.String(200))
+
+
+async def descriptions(manager: TenancyManager) -> list[str]:
+    """The current tenant's order descriptions, read through `manager.session()`."""
+    async with manager.session() as session:
+        return list((await session.execute(sa.select(Order.description).order_by(Order.id))).scalars())
+
+
+QUICKSTART = FilePath(__file__).resolve().parents[1] / "examples" / "quickstart" / "main.py"
+QUICKSTART_URL = "postgresql+asyncpg://postgres:postgres@localhost/myapp"
+"""The database URL the Quick Start's main.py names: a server and database tests never reach."""
+
+
+def quickstart_as_written(*config_lines: str) -> str:
+    """The Quick Start's main.py as its page writes it: the database URL a literal in the code.
+
+    examples/quickstart/main.py reads the URL from the environment (its one change, for
+    tests/test_quickstart.py); this undoes that change. `config_lines` are more
+    `TenancyConfig` arguments, as a user would add them (`'schema_template="orders_template",'`).
+    """
+    source = QUICKSTART.read_text()
+    changed = (
+        '    database_url=os.environ["TENANCY_DATABASE_URL"],'
+        "  # the only change: the URL comes from the environment\n"
+    )
+    assert source.startswith("import os\n") and changed in source, "examples/quickstart/main.py changed"
+    extra = "".join(f"    {line}\n" for line in config_lines)
+    return source.removeprefix("import os\n").replace(
+        changed, f'    database_url="{QUICKSTART_URL}",\n' + extra
+    )

@@ -1,4 +1,5 @@
-"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file.
+"""Fixtures for real servers: a fresh PostgreSQL or MySQL database per test, or a SQLite file;
+and managers started on them.
 
 Server URLs come from TENANCY_TEST_POSTGRES_URL and TENANCY_TEST_MYSQL_URL (local
 defaults below). Without the server a test skips with the reason, unless
@@ -13,11 +14,19 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy.engine import make_url
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+from .apps import Base, Order
+
+if TYPE_CHECKING:
+    from .servers import OwnRedis
 
 POSTGRES_URL = os.environ.get(
     "TENANCY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -67,6 +76,10 @@ async def _require(name: str, connect: Callable[[], Awaitable[Any]]) -> None:
             _reachable[name] = None
         except Exception as exc:  # any failure to connect means "not reachable"
             _reachable[name] = f"{type(exc).__name__}: {exc}"
+    _skip_unless_reachable(name)
+
+
+def _skip_unless_reachable(name: str) -> None:
     reason = _reachable[name]
     if reason is None:
         return
@@ -216,22 +229,31 @@ async def _redis_admin(url: str) -> Any:
     return client
 
 
-class _Closed:
-    def close(self) -> None:
-        pass
+def require_redis() -> str:
+    """The URL of the shared Redis; skips (or, in CI, fails) the test when it is down."""
+    if "Redis" not in _reachable:
+        import redis
 
-
-async def _redis_ping(url: str) -> _Closed:
-    client = await _redis_admin(url)
-    await client.aclose()
-    return _Closed()
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+        try:
+            client.ping()
+            _reachable["Redis"] = None
+        except redis.RedisError as exc:
+            _reachable["Redis"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            client.close()
+    _skip_unless_reachable("Redis")
+    return REDIS_URL
 
 
 @pytest.fixture
-async def redis_url() -> AsyncIterator[str]:
-    """The URL of the shared Redis; use `redis_prefix` for keys (others use it at the same time)."""
-    await _require("Redis", lambda: _redis_ping(REDIS_URL))
-    yield REDIS_URL
+def redis_url() -> str:
+    """The URL of the shared Redis; use `redis_prefix` or `unique` for keys (others use it at
+    the same time).
+
+    Synchronous, so that async fixtures can ask for it with `getfixturevalue`.
+    """
+    return require_redis()
 
 
 @pytest.fixture
@@ -246,3 +268,62 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+# -- managers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
+    """A started manager with no tenant: the registry and each tenant in SQLite files."""
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    await manager.initialize()
+    yield manager
+    await manager.close()
+
+
+@dataclass
+class Tenants:
+    manager: TenancyManager
+    url: str
+
+
+# Two tenants with overlapping primary keys: id 1 exists in both.
+ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
+
+
+@pytest.fixture
+async def tenants(postgres_url: str) -> AsyncIterator[Tenants]:
+    """A manager on PostgreSQL (a pool of one connection), tenants alpha and beta seeded."""
+    config = TenancyConfig(database_url=postgres_url, database_pool_size=1, database_max_overflow=0)
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for identifier, rows in ROWS.items():
+            tenant = await manager.register_tenant(identifier, identifier.title(), app_metadata=Base.metadata)
+            async with manager.session(tenant) as session:
+                session.add_all(Order(id=i, description=d) for i, d in rows.items())
+                await session.commit()
+        yield Tenants(manager, postgres_url)
+    finally:
+        await manager.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name of this test's own (`ft-` and 12 hex digits), for cache prefixes and queues."""
+    return f"ft-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator["OwnRedis"]:
+    """A throwaway redis-server (never the shared one), which the test may kill and restart."""
+    from .servers import OwnRedis  # servers.py imports this module
+
+    redis = OwnRedis()
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        await redis.kill()
+        shutil.rmtree(redis.workdir, ignore_errors=True)

@@ -73,6 +73,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "database_tenant_pool_size": ("3", 3),
     "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
     "schema_template": ("tenancy_template", "tenancy_template"),
+    "alembic_config": ("deploy/alembic.ini", "deploy/alembic.ini"),
     # row-level security and hybrid tiers
     "database_owner_url": ("postgresql://owner@db/app", "postgresql+asyncpg://owner@db/app"),
     "rls_tenant_column": ("org_id", "org_id"),

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import tests.storage.test_contract as store_contract
+from tests.apps import quickstart_as_written
 from tests.conftest import POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,8 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set[str]:
-    return {_slug(heading) for heading in HEADING.findall(_without_code(page.read_text(encoding="utf-8")))}
+    # Inline code stays: a heading such as "## `RedisTenantStore`" has an anchor.
+    return {_slug(heading) for heading in HEADING.findall(FENCE.sub("", page.read_text(encoding="utf-8")))}
 
 
 def _load_generator() -> types.ModuleType:
@@ -188,6 +190,11 @@ def _quickstart_ran(tmp_path: Path, output: str) -> None:
 
 # The Quick Start's seed.py imports `main`: its blocks run as a module of that name.
 MODULE_NAMES = {"quickstart": "main"}
+# Files a page's code imports without showing them: the Testing page tests the Quick
+# Start's main.py as its page writes it (the database URL a literal it never reaches).
+EXTRA_FILES: dict[str, Callable[[], dict[str, str]]] = {
+    "testing": lambda: {"main.py": quickstart_as_written()}
+}
 REWRITES: dict[str, Callable[[str], str]] = {"quickstart": _quickstart_main}
 CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran}
 
@@ -213,6 +220,7 @@ DOCS_REDIS_URL = "redis://localhost:6379/0"
 def _run_redis_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """`_exec_page` against the test Redis; the keys under the page's prefixes are deleted after."""
     from redis import Redis
+
     from tests.conftest import REDIS_URL, REQUIRE_SERVICES
 
     client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
@@ -253,11 +261,14 @@ def _exec_page(
     module = types.ModuleType(MODULE_NAMES.get(page.stem, f"docs_{page.stem}"))
     monkeypatch.setitem(sys.modules, module.__name__, module)
     rewrite = REWRITES.get(page.stem, str)
-    files = _files(page)
+    extra = EXTRA_FILES.get(page.stem, dict)()
+    files = {**extra, **_files(page)}
     if files:
         monkeypatch.syspath_prepend(str(tmp_path))
         for name in files:  # the page's modules, imported from tmp_path only
             monkeypatch.delitem(sys.modules, name.removesuffix(".py"), raising=False)
+    for name, code in extra.items():
+        (tmp_path / name).write_text(code, encoding="utf-8")
     for line, code in _python_blocks(page):
         match = FILE.match(code)
         if match:
@@ -286,7 +297,7 @@ def test_python_blocks_run(
 @pytest.mark.parametrize("page", WITH_TESTS, ids=_ids(WITH_TESTS))
 def test_test_files_pass_under_pytest(page: Path, tmp_path: Path) -> None:
     files = _files(page)
-    for name, code in files.items():
+    for name, code in {**EXTRA_FILES.get(page.stem, dict)(), **files}.items():
         (tmp_path / name).write_text(code, encoding="utf-8")
     # The PostgreSQL examples run too: they get the server the suite uses.
     env = {**os.environ, "TENANCY_TEST_POSTGRES_URL": POSTGRES_URL}

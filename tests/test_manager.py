@@ -1,41 +1,27 @@
-"""TenancyManager: lifecycle, registration, soft and hard delete, cache invalidation."""
+"""TenancyManager: the parts' lifecycle, sessions outside requests, wiring; its tenant methods
+(tested in test_admin.py) call TenantAdmin."""
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator
+import inspect
 from pathlib import Path
 
 import pytest
 
 from fastapi_tenancy import (
     ConfigurationError,
-    InvalidIdentifierError,
-    InvalidTransitionError,
     TenancyConfig,
     TenancyManager,
-    Tenant,
-    TenantAlreadyExistsError,
-    TenantChangedError,
     TenantInactiveError,
     TenantNotFoundError,
     TenantResolutionError,
     TenantStatus,
     tenant_scope,
 )
-from fastapi_tenancy.isolation import SQLiteFileIsolation
+from fastapi_tenancy.admin import TenantAdmin
 from fastapi_tenancy.resolution import HeaderResolver
-from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
 from .apps import Base
-
-
-@pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[TenancyManager]:
-    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
-    await manager.initialize()
-    yield manager
-    await manager.close()
 
 
 async def test_initialize_and_close_are_idempotent_and_restartable(tmp_path: Path) -> None:
@@ -50,76 +36,10 @@ async def test_initialize_and_close_are_idempotent_and_restartable(tmp_path: Pat
     await manager.close()
 
 
-async def test_registration_ends_active_with_its_storage(manager: TenancyManager) -> None:
-    tenant = await manager.register_tenant(
-        "acme", "Acme", app_metadata=Base.metadata, metadata={"plan": "pro"}
-    )
-    assert (tenant.status, tenant.metadata["plan"]) == (TenantStatus.ACTIVE, "pro")
-    assert isinstance(manager.isolation, SQLiteFileIsolation)
-    assert manager.isolation.path(tenant).exists()
-    with pytest.raises(TenantAlreadyExistsError):
-        await manager.register_tenant("acme", "Acme again")
-
-
-@pytest.mark.parametrize("slug", ["Acme", "acme_corp", "a" * 57, "-x", ""])
-async def test_unusable_slugs_are_refused_before_anything_is_written(
-    manager: TenancyManager, slug: str
-) -> None:
-    with pytest.raises(InvalidIdentifierError):
-        await manager.register_tenant(slug, "x")
-    assert await manager.store.count() == 0
-
-
-async def test_lifecycle_changes_are_seen_at_once_through_the_cache(manager: TenancyManager) -> None:
-    await manager.register_tenant("acme", "Acme")
-    assert (await manager.lookup.get("acme")) is not None  # now cached
-    await manager.suspend_tenant("acme")
-    cached = await manager.lookup.get("acme")
-    assert cached is not None and cached.status is TenantStatus.SUSPENDED
-    await manager.activate_tenant("acme")
-    await manager.update_tenant("acme", name="Acme Corp", metadata={"plan": "pro"})
-    cached = await manager.lookup.get("acme")
-    assert cached is not None and (cached.status, cached.name, cached.metadata["plan"]) == (
-        TenantStatus.ACTIVE,
-        "Acme Corp",
-        "pro",
-    )
-    await manager.delete_tenant("acme")
-    cached = await manager.lookup.get("acme")
-    assert cached is not None and cached.status is TenantStatus.DELETED
-
-
-async def test_unknown_then_registered_is_served_at_once(manager: TenancyManager) -> None:
-    assert await manager.lookup.get("later") is None  # negatively cached
-    await manager.register_tenant("later", "Later")
-    assert await manager.lookup.get("later") is not None
-
-
-async def test_forbidden_transitions_raise(manager: TenancyManager) -> None:
-    await manager.register_tenant("acme", "Acme")
-    with pytest.raises(InvalidTransitionError):
-        await manager.activate_tenant("acme")
-    await manager.delete_tenant("acme")
-    with pytest.raises(InvalidTransitionError):
-        await manager.activate_tenant("acme")
-    with pytest.raises(TenantNotFoundError):
-        await manager.suspend_tenant("nobody")
-
-
-async def test_hard_delete_destroys_data_and_says_so(
-    manager: TenancyManager, caplog: pytest.LogCaptureFixture
-) -> None:
-    tenant = await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
-    assert isinstance(manager.isolation, SQLiteFileIsolation)
-    path = manager.isolation.path(tenant)
-    await manager.delete_tenant("acme")
-    assert path.exists(), "a soft delete keeps the data"
-    with caplog.at_level(logging.WARNING, logger="fastapi_tenancy"):
-        await manager.delete_tenant("acme", destroy_data=True)
-    assert not path.exists()
-    assert "destroyed tenant acme and all of its data" in caplog.text
-    with pytest.raises(TenantNotFoundError):
-        await manager.get_tenant("acme")
+@pytest.mark.parametrize("name", sorted(n for n in vars(TenantAdmin) if not n.startswith("_")))
+def test_the_tenant_methods_are_the_admins_with_the_same_signature(name: str) -> None:
+    assert inspect.signature(getattr(TenancyManager, name)) == inspect.signature(getattr(TenantAdmin, name))
+    assert getattr(TenancyManager, name).__doc__, name
 
 
 async def test_sessions_outside_requests_need_an_active_tenant_in_scope(manager: TenancyManager) -> None:
@@ -163,82 +83,6 @@ async def test_a_job_holding_an_old_record_is_refused_after_a_change(manager: Te
     with pytest.raises(TenantNotFoundError):
         async with manager.session(held):
             pass
-
-
-@pytest.mark.parametrize("lifecycle", ["suspend", "delete"])
-async def test_a_concurrent_rename_never_undoes_a_suspension_or_delete(
-    manager: TenancyManager, lifecycle: str
-) -> None:
-    await manager.register_tenant("acme", "Acme")
-    stop = manager.suspend_tenant("acme") if lifecycle == "suspend" else manager.delete_tenant("acme")
-    for _ in range(3):
-        await asyncio.gather(
-            stop if _ == 0 else asyncio.sleep(0), manager.update_tenant("acme", name=f"Acme {_}")
-        )
-    stored = await manager.get_tenant("acme")
-    assert stored.status is (TenantStatus.SUSPENDED if lifecycle == "suspend" else TenantStatus.DELETED)
-    assert stored.name == "Acme 2"
-
-
-class _YieldingStore(InMemoryTenantStore):
-    """The memory store, yielding to the event loop on each read as a real store does."""
-
-    async def get_by_identifier(self, identifier: str) -> Tenant | None:
-        tenant = await super().get_by_identifier(identifier)
-        await asyncio.sleep(0)  # the answer may be stale by the time the caller has it
-        return tenant
-
-
-def _count_conflicts(store: TenantStore) -> list[int]:
-    conflicts = [0]
-    update = store.update
-
-    async def counting(tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
-        try:
-            return await update(tenant, expected=expected)
-        except TenantChangedError:
-            conflicts[0] += 1
-            raise
-
-    store.update = counting  # type: ignore[method-assign]
-    return conflicts
-
-
-@pytest.fixture(params=["memory", "postgresql"])
-def racing_manager(request: pytest.FixtureRequest, tmp_path: Path) -> TenancyManager:
-    if request.param == "memory":
-        config = TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}")
-        return TenancyManager(config, _YieldingStore())
-    config = TenancyConfig(database_url=str(request.getfixturevalue("postgres_url")))
-    return TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
-
-
-async def test_concurrent_metadata_patches_all_survive(racing_manager: TenancyManager) -> None:
-    manager = racing_manager
-    await manager.initialize()
-    try:
-        await manager.register_tenant("acme", "Acme", metadata={"plan": "free", "old": 1})
-        conflicts = _count_conflicts(manager.store)
-        await asyncio.gather(*(manager.update_tenant("acme", metadata_patch={f"k{i}": i}) for i in range(10)))
-        stored = await manager.get_tenant("acme")
-        assert stored.metadata == {"plan": "free", "old": 1, **{f"k{i}": i for i in range(10)}}
-        assert conflicts[0] > 0  # the patches did race, and were re-applied on retry
-    finally:
-        await manager.close()
-
-
-async def test_a_metadata_patch_merges_one_level_and_none_removes(manager: TenancyManager) -> None:
-    await manager.register_tenant("acme", "Acme", metadata={"plan": "free", "limits": {"rpm": 10}, "x": 1})
-    patched = await manager.update_tenant(
-        "acme",
-        name="Acme Inc",
-        metadata_patch={"limits": {"burst": 5}, "x": None, "missing": None, "seats": 3},
-    )
-    assert patched.name == "Acme Inc"
-    assert patched.metadata == {"plan": "free", "limits": {"burst": 5}, "seats": 3}
-    assert (await manager.get_tenant("acme")).metadata == patched.metadata
-    with pytest.raises(ConfigurationError, match="not both"):
-        await manager.update_tenant("acme", metadata={"a": 1}, metadata_patch={"b": 2})
 
 
 def test_an_inactive_tenant_error_says_the_same_in_logs_and_to_clients() -> None:

@@ -20,6 +20,7 @@ from fastapi_tenancy.context import current_tenant_or_none
 from fastapi_tenancy.storage import InMemoryTenantStore
 
 from .apps import Base, build_app
+from .asgi import websocket
 
 
 @pytest.fixture
@@ -187,60 +188,26 @@ async def test_registry_outage_is_a_503_never_a_500(tmp_path: Path) -> None:
     await manager.close()
 
 
-async def _websocket(
-    app: FastAPI, headers: dict[str, str], extensions: dict[str, object] | None = None
-) -> list[dict[str, object]]:
-    """Drive one WebSocket connection through the ASGI app; return what the app sent."""
-    sent: list[dict[str, object]] = []
-    incoming: list[dict[str, object]] = [
-        {"type": "websocket.connect"},
-        {"type": "websocket.disconnect", "code": 1000},
-    ]
-
-    async def receive() -> dict[str, object]:
-        return incoming.pop(0)
-
-    async def send(message: dict[str, object]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "path": "/ws",
-        "raw_path": b"/ws",
-        "root_path": "",
-        "query_string": b"",
-        "scheme": "ws",
-        "server": ("t", 80),
-        "client": ("c", 1),
-        "subprotocols": [],
-        "extensions": extensions or {},
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-    }
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    return sent
-
-
 async def test_websockets_are_resolved_and_refused_like_http(manager: TenancyManager) -> None:
     app = FastAPI()
     app.add_middleware(TenancyMiddleware, manager=manager)
 
     @app.websocket("/ws")
-    async def ws(websocket: WebSocket) -> None:
-        await websocket.accept()
+    async def ws(socket: WebSocket) -> None:
+        await socket.accept()
         tenant = current_tenant_or_none()
-        await websocket.send_text(tenant.identifier if tenant else "none")
-        await websocket.close()
+        await socket.send_text(tenant.identifier if tenant else "none")
+        await socket.close()
 
-    accepted = await _websocket(app, {"X-Tenant-ID": "acme-corp"})
+    accepted = await websocket(app, [("X-Tenant-ID", "acme-corp")])
     assert [m["type"] for m in accepted] == ["websocket.accept", "websocket.send", "websocket.close"]
     assert accepted[1]["text"] == "acme-corp"
     for headers, reason in [
-        ({}, "Tenant identifier missing"),
-        ({"X-Tenant-ID": "nobody"}, "Tenant not found"),
-        ({"X-Tenant-ID": "sleepy"}, "Tenant is not active (status: suspended)"),
+        ([], "Tenant identifier missing"),
+        ([("X-Tenant-ID", "nobody")], "Tenant not found"),
+        ([("X-Tenant-ID", "sleepy")], "Tenant is not active (status: suspended)"),
     ]:
-        assert await _websocket(app, headers) == [{"type": "websocket.close", "code": 1008, "reason": reason}]
+        assert await websocket(app, headers) == [{"type": "websocket.close", "code": 1008, "reason": reason}]
 
 
 async def test_websocket_refusals_are_real_http_responses_where_the_server_allows(
@@ -248,7 +215,7 @@ async def test_websocket_refusals_are_real_http_responses_where_the_server_allow
 ) -> None:
     app = FastAPI()
     app.add_middleware(TenancyMiddleware, manager=manager)
-    sent = await _websocket(app, {"X-Tenant-ID": "nobody"}, {"websocket.http.response": {}})
+    sent = await websocket(app, [("X-Tenant-ID", "nobody")], extensions={"websocket.http.response": {}})
     assert [m["type"] for m in sent] == ["websocket.http.response.start", "websocket.http.response.body"]
     assert (sent[0]["status"], sent[1]["body"]) == (404, b'{"detail": "Tenant not found"}')
 

@@ -1,4 +1,5 @@
-"""The public surface: sorted, complete __all__ and no optional dependency on import."""
+"""The public surface: sorted, complete __all__ and no optional dependency on import (the
+background and observability modules keep theirs to themselves; a missing extra is named)."""
 
 import subprocess
 import sys
@@ -28,3 +29,43 @@ def test_importing_the_package_imports_no_optional_dependency() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+OPTIONAL = ("arq", "prometheus_client", "opentelemetry", "redis")
+
+
+def test_the_core_modules_import_no_optional_dependency() -> None:
+    code = (
+        "import sys, fastapi_tenancy, fastapi_tenancy.background, fastapi_tenancy.cache, "
+        "fastapi_tenancy.events, fastapi_tenancy.audit, fastapi_tenancy.logs, fastapi_tenancy.integrations;"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {OPTIONAL!r});"
+        "print(','.join(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_a_missing_extra_is_named() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "try:\n    import fastapi_tenancy.metrics\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'fastapi-tenancy[prometheus]'" in result.stdout
+
+
+def test_the_fleet_names_keep_their_first_import_path() -> None:
+    from fastapi_tenancy import errors, fleet
+    from fastapi_tenancy.migrations import env, results
+    from fastapi_tenancy.migrations import fleet as orchestrator
+
+    assert fleet.FleetMigrator is orchestrator.FleetMigrator
+    assert fleet.FleetBusyError is errors.FleetBusyError
+    assert fleet.FLEET_ATTRIBUTE == env.FLEET_ATTRIBUTE
+    for name in ("FleetReport", "TenantMigration", "TenantResult", "TEMPLATE_LABEL", "SPARE_LABEL"):
+        assert getattr(fleet, name) is getattr(results, name), name
+    assert sorted(fleet.__all__) == sorted(
+        ["FLEET_ATTRIBUTE", "SPARE_LABEL", "TEMPLATE_LABEL", "Direction", "FleetBusyError"]
+        + ["FleetMigrator", "FleetReport", "Outcome", "TenantMigration", "TenantResult"]
+    )

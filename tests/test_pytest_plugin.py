@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg  # noqa: F401 - see below
 import pytest
 
+from tests.apps import quickstart_as_written
 from tests.conftest import POSTGRES_URL, _postgres_admin, _require
 
 pytest_plugins = ["pytester"]
@@ -305,3 +306,111 @@ def test_a_users_quickstart_suite_is_fast_after_the_first_test(
             f"min {min(rest) * 1000:.0f} / max {max(rest) * 1000:.0f} ms; "
             + ", ".join(f"{name} {t * 1000:.0f} ms" for name, t in times)
         )
+
+
+# -- the Quick Start as written: its manager built at import, its database URL a literal -----
+
+APP_MANAGER_CONFTEST = """
+import pytest
+
+from main import Base, app, manager
+
+
+@pytest.fixture
+def tenancy_app():
+    return app
+
+
+@pytest.fixture
+def tenancy_metadata():
+    return Base.metadata
+
+
+@pytest.fixture
+def tenancy_app_manager():
+    return manager  # the plugin runs it on the test database for each test
+"""
+
+APP_MANAGER_TESTS = """
+import main
+from fastapi_tenancy.testing import assert_isolated
+
+QUICKSTART_URL = "postgresql+asyncpg://postgres:postgres@localhost/myapp"
+
+
+async def test_two_tenants_with_overlapping_ids(tenancy_manager, tenancy_tenant_factory, tenancy_client):
+    assert tenancy_manager is main.manager and tenancy_manager.config.database_url != QUICKSTART_URL
+    acme, globex = await tenancy_tenant_factory(), await tenancy_tenant_factory()
+    a, g = tenancy_client(acme), tenancy_client(globex)
+    assert (await a.post("/orders", params={"description": "acme's"})).json()["id"] == 1
+    assert (await g.post("/orders", params={"description": "globex's"})).json()["id"] == 1
+    listed = (await a.get("/orders")).json()
+    assert listed == {"tenant": acme.identifier, "orders": [{"id": 1, "description": "acme's"}]}
+    assert (await tenancy_client().get("/orders")).status_code == 400
+    with open("backend.txt", "w") as out:
+        out.write(tenancy_manager.config.backend)
+
+
+async def test_the_app_is_isolated(tenancy_manager):
+    report = await assert_isolated(main.app, tenancy_manager, app_metadata=main.Base.metadata)
+    assert report.skipped == ["GET /health"] and report.removed_tenants
+
+
+def test_the_manager_is_restored_between_tests():
+    assert main.manager.config.database_url == QUICKSTART_URL
+    assert not main.manager._initialized
+"""
+
+ON_POSTGRES = """
+
+@pytest.fixture
+def tenancy_database_url(tenancy_postgres_url):
+    return tenancy_postgres_url
+"""
+
+TEMPLATE_TESTS = """
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+
+async def test_tenants_are_cloned_from_the_template(tenancy_manager, tenancy_tenant_factory, tenancy_client):
+    assert tenancy_manager.config.schema_template == "orders_template"
+    acme = await tenancy_tenant_factory()
+    created = await tenancy_client(acme).post("/orders", params={"description": "acme's"})
+    assert created.json() == {"id": 1, "description": "acme's"}, created.text
+
+
+async def test_the_template_went_with_the_tenants_of_the_last_test(tenancy_postgres_url):
+    engine = create_async_engine(tenancy_postgres_url)
+    async with engine.connect() as conn:
+        names = set(await conn.scalars(sa.text("SELECT nspname FROM pg_namespace")))
+    await engine.dispose()
+    assert "orders_template" not in names and not [n for n in names if n.startswith("tenant_")]
+"""
+
+
+def test_an_app_that_builds_its_manager_at_import(pytester: pytest.Pytester) -> None:
+    (pytester.path / "main.py").write_text(quickstart_as_written())
+    pytester.makeini(INI.format(mode="auto") + "pythonpath = .\n")
+    pytester.makeconftest(APP_MANAGER_CONFTEST)
+    pytester.makepyfile(test_app_manager=APP_MANAGER_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    assert _outcomes(result) == {"passed": 3}, result.stdout.str()
+    assert (pytester.path / "backend.txt").read_text() == "sqlite"  # the plugin's default: in memory
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("template", [False, True], ids=["no-template", "schema_template"])
+async def test_an_app_that_builds_its_manager_at_import_on_postgres(
+    pytester: pytest.Pytester, template: bool
+) -> None:
+    await _require("PostgreSQL", lambda: _postgres_admin(POSTGRES_URL))
+    pytester._monkeypatch.setenv("TENANCY_TEST_POSTGRES_URL", POSTGRES_URL)
+    main = quickstart_as_written(*(['schema_template="orders_template",'] if template else []))
+    (pytester.path / "main.py").write_text(main)
+    pytester.makeini(INI.format(mode="auto") + "pythonpath = .\n")
+    pytester.makeconftest(APP_MANAGER_CONFTEST + ON_POSTGRES)
+    pytester.makepyfile(test_app_manager=APP_MANAGER_TESTS, test_template=TEMPLATE_TESTS if template else "")
+    result = await asyncio.to_thread(pytester.runpytest_subprocess, "-p", "no:randomly")
+    assert _outcomes(result) == {"passed": 5 if template else 3}, result.stdout.str()
+    assert (pytester.path / "backend.txt").read_text() == "postgresql"

@@ -1,10 +1,10 @@
-"""Private helpers shared by the store and the isolation strategies."""
+"""Private helpers shared by the store, the isolation strategies, the middleware and the OpenAPI schema."""
 
 import asyncio
 import errno
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -290,3 +290,22 @@ def redis_client(url: str, *, timeout: float = 1.0) -> Any:
         # open, the backend store, a 503), and a request must not sleep in a retry loop.
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+
+
+def path_prefixes(paths: Iterable[str]) -> tuple[str, ...]:
+    """Paths as `excluded_paths` takes them: each starts with `/`, a trailing `/` is dropped."""
+    normalised = set()
+    for path in paths:
+        if not path.startswith("/"):
+            raise ValueError(f"excluded path {path!r} must start with '/'")
+        normalised.add(path.rstrip("/") or "/")
+    return tuple(sorted(normalised))
+
+
+def path_covers(prefix: str, path: str) -> bool:
+    """Whether `prefix` covers `path` by whole segments, as `excluded_paths` do.
+
+    `/health` covers `/health` and `/health/live`, not `/healthz`; `/` covers nothing
+    but itself. `prefix` is normalised (`path_prefixes`: no trailing `/`).
+    """
+    return path == prefix or (prefix != "/" and path.startswith(prefix + "/"))

@@ -28,7 +28,7 @@ T = TypeVar("T")
 async def reverify_tenant(manager: TenancyManager, identifier: str, tenant_id: str | None = None) -> Tenant:
     """The tenant `identifier` as the registry holds it now, if it may still be served.
 
-    Reads the registry, not the lookup cache: background work often runs in another
+    Reads the registry, not the registry cache: background work often runs in another
     process, where no cache invalidation arrives. Fails closed:
     `TenantNotFoundError` if the tenant is gone or, when `tenant_id` is given, if the
     slug now belongs to another tenant (deleted, purged and registered again);

@@ -34,8 +34,9 @@ from .resolution.subdomain import SubdomainResolver
 from .storage.base import TenantStore
 from .storage.database import SQLAlchemyTenantStore
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Alembic (the migrations extra)
     from .encryption import URLCipher
+    from .migrations.stamp import Stamper
 
 __all__ = ["Parts", "build_parts"]
 
@@ -57,6 +58,7 @@ class Parts:
     redis: Any
     invalidation: InvalidationChannel | None
     rate_limiter: RateLimiter | None
+    stamper: "Stamper | None" = None
 
 
 def build_parts(
@@ -105,10 +107,7 @@ def build_parts(
     default_store_schema = "public" if empty_search_path or owner_engine else None
     if store is None:
         store = SQLAlchemyTenantStore(owner_engine or engine, schema=default_store_schema)
-    if config.database_pgbouncer and isinstance(store, SQLAlchemyTenantStore):
-        # A registry opened from a URL (as in the Quick Start) makes its own pool on first
-        # use: behind PgBouncer it must not cache prepared statements either.
-        store.pgbouncer = True
+    store.configure(pgbouncer=config.database_pgbouncer)
     cipher = _cipher(config)
     redis: Any = redis_client(config.redis_url, timeout=config.redis_timeout) if config.redis_url else None
     return Parts(
@@ -135,7 +134,19 @@ def build_parts(
         redis=redis,
         invalidation=_invalidation(config, redis, store, engine),
         rate_limiter=_rate_limiter(config, redis),
+        stamper=_stamper(config, owner_engine or engine),
     )
+
+
+def _stamper(config: TenancyConfig, engine: AsyncEngine) -> "Stamper | None":
+    if config.alembic_config is None:
+        return None
+    if config.backend != "postgresql":
+        raise ConfigurationError(f"alembic_config: tenant migrations need PostgreSQL, not {config.backend}")
+    # Imported only when migrations are configured: needs Alembic (the migrations extra).
+    from .migrations.stamp import Stamper
+
+    return Stamper(config.alembic_config, engine=engine, config=config)
 
 
 def _resolver(config: TenancyConfig, resolver: Resolver | ResolverFunc | None) -> Resolver:
@@ -150,14 +161,21 @@ def _resolver(config: TenancyConfig, resolver: Resolver | ResolverFunc | None) -
             "set resolution_strategy='custom' to use it"
         )
     if strategy == "chain":
+        # A member with nothing after it to ask (the last in `first` mode, any in `agree`
+        # mode) is where a request without a token ends: there the JWT strategy says 401.
+        chain = config.resolution_chain
+        agree = config.resolution_chain_mode == "agree"
         return ChainResolver(
-            [_resolution_strategy(config, name) for name in config.resolution_chain],
+            [
+                _resolution_strategy(config, name, last=agree or position == len(chain) - 1)
+                for position, name in enumerate(chain)
+            ],
             mode=config.resolution_chain_mode,
         )
-    return _resolution_strategy(config, strategy)
+    return _resolution_strategy(config, strategy, last=True)
 
 
-def _resolution_strategy(config: TenancyConfig, name: str) -> Resolver:
+def _resolution_strategy(config: TenancyConfig, name: str, *, last: bool) -> Resolver:
     if name == "subdomain":
         assert config.domain_suffix is not None  # TenancyConfig requires it
         return SubdomainResolver(
@@ -182,6 +200,7 @@ def _resolution_strategy(config: TenancyConfig, name: str) -> Resolver:
             leeway=config.jwt_leeway,
             tenant_claim=config.jwt_tenant_claim,
             require_exp=config.jwt_require_exp,
+            required=last,
         )
     return HeaderResolver(config.tenant_header_name)
 
@@ -275,8 +294,9 @@ def _invalidation(
         from .invalidation.redis import RedisInvalidation
 
         return RedisInvalidation(redis, prefix=config.redis_key_prefix)
-    if isinstance(store, SQLAlchemyTenantStore) and store.engine.url.get_backend_name() == "postgresql":
-        if config.database_pgbouncer and store.engine.url == engine.url:
+    listen = store.notify_engine()
+    if listen is not None:
+        if config.database_pgbouncer and listen.url == engine.url:
             # LISTEN holds a session, which PgBouncer in transaction mode cannot give.
             logger.warning(
                 "no cross-worker cache invalidation: LISTEN/NOTIFY does not work through PgBouncer "
@@ -285,7 +305,7 @@ def _invalidation(
             return None
         from .invalidation.postgres import PostgresInvalidation
 
-        return PostgresInvalidation(store.engine)
+        return PostgresInvalidation(listen)
     return None
 
 

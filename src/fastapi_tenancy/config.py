@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from .resolution.algorithms import check_jwt_settings
 from .resolution.path import validate_path_prefix
 from .resolution.subdomain import validate_domain_suffix
 from .urls import mask_url, normalise_database_url
@@ -19,56 +20,10 @@ _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _DATABASE_BACKENDS = ("postgresql", "sqlite", "mysql")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
-# HMAC algorithms and the shortest secret each accepts (RFC 7518 §3.2: at least the
-# hash size); every other algorithm is verified with a public key.
-_HS_ALGORITHMS = {"HS256": 32, "HS384": 48, "HS512": 64}
-_PUBLIC_KEY_ALGORITHMS = frozenset(
-    ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"]
-)
 _ResolverName = Literal["header", "subdomain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SHARED_STRATEGIES = ("rls", "hybrid")
-
-
-def check_jwt_settings(
-    algorithms: Iterable[str], secret: bytes | None, public_key: str | None, jwks_url: str | None
-) -> None:
-    """Refuse JWT settings that could be attacked; `ValueError` naming the `jwt_*` field.
-
-    The allow-list is all HMAC (verified with `secret`) or all public-key algorithms
-    (verified with exactly one of `public_key` or `jwks_url`), never both: a public
-    key that could also serve as an HMAC secret is the classic algorithm confusion.
-    `none` is not an algorithm here.
-    """
-    algorithms = tuple(algorithms)
-    if not algorithms:
-        raise ValueError("jwt_algorithms: list the algorithms your tokens are signed with, e.g. ['RS256']")
-    known = _PUBLIC_KEY_ALGORITHMS.union(_HS_ALGORITHMS)
-    unknown = [name for name in algorithms if name not in known]
-    if unknown:
-        raise ValueError(
-            f"jwt_algorithms: unsupported {unknown}; use HS256/384/512, RS*, PS*, ES* or EdDSA ('none' never)"
-        )
-    hmac = [name for name in algorithms if name in _HS_ALGORITHMS]
-    if hmac and len(hmac) != len(algorithms):
-        raise ValueError("jwt_algorithms: do not mix HS* with public-key algorithms (algorithm confusion)")
-    if hmac:
-        if public_key is not None or jwks_url is not None:
-            field = "jwt_public_key" if public_key is not None else "jwt_jwks_url"
-            raise ValueError(f"{field}: HS* tokens are verified with jwt_secret, not a public key")
-        if secret is None:
-            raise ValueError("jwt_secret: required for HS* algorithms")
-        needed = max(_HS_ALGORITHMS[name] for name in hmac)
-        if len(secret) < needed:
-            raise ValueError(f"jwt_secret: {'/'.join(hmac)} needs a secret of at least {needed} bytes")
-        return
-    if secret is not None:
-        raise ValueError("jwt_secret: public-key algorithms are verified with jwt_public_key or jwt_jwks_url")
-    if (public_key is None) == (jwks_url is None):
-        raise ValueError("jwt_public_key: give exactly one of jwt_public_key and jwt_jwks_url")
-    if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
-        raise ValueError("jwt_jwks_url: must be an https:// (or http://) URL")
 
 
 class TenancyConfig(BaseSettings):
@@ -144,23 +99,32 @@ class TenancyConfig(BaseSettings):
     start of every transaction (one statement each) instead of relying on connections
     that start with an empty one."""
 
+    # -- the registry cache: tenant records in memory (lookup.py), not the application
+    # cache (cache/, the user's data) ------------------------------------------------
+
     cache_ttl: float = Field(default=30.0, ge=0)
-    """Seconds a resolved tenant is served from the in-process cache (0: no cache).
-    Changes made through a manager invalidate it at once, in every process when there is
-    an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made any other
-    way are seen after at most this long. Entries in use are re-read in the background, in
-    batches, before they expire, so busy tenants never wait for the registry."""
+    """Registry cache: seconds a resolved tenant is served from the manager's in-process
+    cache of tenant records (0: no cache; the application cache, `TenantCache`, has its
+    own TTL). Changes made through a manager invalidate it at once, in every process when
+    there is an invalidation channel (`redis_url`, or a PostgreSQL registry); changes made
+    any other way are seen after at most this long. Entries in use are re-read in the
+    background, in batches, before they expire, so busy tenants never wait for the
+    registry."""
 
     cache_max_size: int = Field(default=10_000, ge=1)
-    """Most tenants held in the in-process cache (and, on PostgreSQL, their transaction
-    settings kept ready); the oldest entry goes first."""
+    """Registry cache: most tenants held (and, on PostgreSQL, their transaction settings
+    kept ready); the oldest entry goes first."""
 
     negative_cache_ttl: float = Field(default=5.0, ge=0)
-    """Seconds an unknown identifier is remembered as unknown, so probing with random
-    identifiers cannot hammer the registry (0: off). Registration clears it at once."""
+    """Registry cache: seconds an unknown identifier is remembered as unknown, so probing
+    with random identifiers cannot hammer the registry (0: off). Registration clears it
+    at once."""
 
     negative_cache_max_size: int = Field(default=10_000, ge=1)
-    """Most unknown identifiers remembered; bounded so probing cannot grow memory."""
+    """Registry cache: most unknown identifiers remembered; bounded so probing cannot grow
+    memory."""
+
+    # -- per-tenant engines -------------------------------------------------------------
 
     max_cached_engines: int = Field(default=100, ge=1)
     """Most per-tenant engines kept open at once (SQLite: one file per tenant; with
@@ -250,7 +214,8 @@ class TenancyConfig(BaseSettings):
 
     redis_url: str | None = None
     """Redis for deployments with many workers (`redis://host:6379/0`): changes made by any
-    process reach every worker's cache through pub/sub, and the rate limiter counts there.
+    process reach every worker's registry cache through pub/sub, and the rate limiter
+    counts there.
     Without it, a PostgreSQL registry carries the invalidations with LISTEN/NOTIFY and the
     rate limiter counts in process memory."""
 
@@ -303,6 +268,14 @@ class TenancyConfig(BaseSettings):
     migration or `create_all`. `fastapi-tenancy migrate upgrade` creates and upgrades it
     with the tenants. Must not start with `schema_prefix`. Unset: tables are created
     from `app_metadata`."""
+
+    alembic_config: str | None = None
+    """The `alembic.ini` of the project `fastapi-tenancy migrate init` made (its `tenant`
+    section): set, tenants' migrations are known to the library. A tenant registered from
+    `app_metadata` (or a template without a revision) is stamped at the head revision, one
+    registered with no tables at all is migrated to head, `fastapi-tenancy migrate` uses
+    this file, and `doctor` fails for a tenant that is not at head. PostgreSQL only.
+    Unset: registration makes tables without recording a revision."""
 
     schema_shared_statements: bool = True
     """PostgreSQL schema isolation: one SQL text for every tenant (names resolve through

@@ -1,17 +1,26 @@
-"""FastAPI dependencies: the current tenant and a session scoped to it."""
+"""FastAPI dependencies: the current tenant, a session scoped to it, the verified token's claims."""
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
 
 from .context import current_tenant_or_none
-from .errors import TenantResolutionError
+from .errors import TenantMismatchError, TenantResolutionError
 from .manager import TenancyManager
+from .middleware import release_when_response_is_ready
+from .resolution.claims import verified_token
 from .tenant import Tenant
 
-__all__ = ["CurrentTenant", "get_current_tenant", "make_tenant_db_dependency"]
+__all__ = [
+    "CurrentTenant",
+    "TokenClaims",
+    "get_current_tenant",
+    "get_token_claims",
+    "make_tenant_db_dependency",
+]
 
 
 async def get_current_tenant() -> Tenant:
@@ -31,9 +40,34 @@ CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 """`tenant: CurrentTenant` in a route's parameters is the request's tenant."""
 
 
+async def get_token_claims(connection: HTTPConnection) -> dict[str, Any]:
+    """The claims of the bearer token that named this request's tenant, as the JWT strategy verified them.
+
+    Read from the request, not decoded again. 401 `Not authenticated` (with
+    `WWW-Authenticate: Bearer`) when no token was verified: no token, an excluded
+    path, or a chain that resolved the tenant before reaching the token. 403
+    `Tenant mismatch` when the token names no tenant, or another one than the
+    request runs as (a chain in `first` mode whose header named it): such a
+    token was not issued for this tenant.
+    """
+    token = verified_token(connection.scope)
+    if token is None:
+        raise HTTPException(
+            status_code=401, detail="Not authenticated", headers={"WWW-Authenticate": "Bearer"}
+        )
+    tenant = current_tenant_or_none()
+    if tenant is None or token.tenant != tenant.identifier:
+        raise HTTPException(status_code=403, detail=TenantMismatchError.detail)
+    return token.claims
+
+
+TokenClaims = Annotated[dict[str, Any], Depends(get_token_claims)]
+"""`claims: TokenClaims` in a route's parameters: the verified claims of the request's token."""
+
+
 def make_tenant_db_dependency(
     manager: TenancyManager,
-) -> Callable[[], AsyncIterator[AsyncSession]]:
+) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]:
     """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
 
         get_db = make_tenant_db_dependency(manager)
@@ -43,15 +77,20 @@ def make_tenant_db_dependency(
 
     The session is not begun (so `async with session.begin()` works); commit
     explicitly, and anything uncommitted is rolled back when the request ends.
+
+    Its connection goes back to the pool as soon as the route's response is ready,
+    before the response is sent (see `TenancyMiddleware`); a streaming response keeps
+    it until its last chunk.
     """
 
-    async def get_tenant_db() -> AsyncIterator[AsyncSession]:
+    async def get_tenant_db(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
         # The tenant read here, not declared as a `CurrentTenant` sub-dependency (that
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
         # `manager.session()`: nothing but the session itself on the request path.
         session = await manager.isolation.session(await get_current_tenant())
         async with session:
+            release_when_response_is_ready(connection.scope, session)
             yield session
 
     return get_tenant_db

@@ -115,10 +115,28 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
     return CheckResult("pooler safety", "ok", "connections start with an empty search_path")
 
 
+# Each expected schema or database that exists; for a schema, whether it holds a table
+# (other than Alembic's version table: an empty one answers every request with an error),
+# and the incarnation markers it holds (a database's are inside it).
+_STORAGE = sa.text(
+    "SELECT n.nspname AS name, EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid "
+    "AND c.relkind IN ('r', 'p') AND c.relname <> 'alembic_version') AS has_tables, "
+    "ARRAY(SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind = 'v' "
+    "AND c.relname LIKE 'fastapi\\_tenancy:%') AS markers "
+    "FROM pg_namespace n WHERE n.nspname = ANY(:s) "
+    "UNION ALL SELECT datname, true, NULL FROM pg_database WHERE datname = ANY(:s)"
+)
+
+
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
-    """Every active tenant has its schema, or its database on the main server, and each
-    schema holds its tenant's marker (one catalog query)."""
+    """Every active tenant has its schema (holding tables and its marker), or its database
+    on the main server.
+
+    One catalog query. A tenant schema with no table at all (registered without
+    `app_metadata`, a template or migrations) fails: each of its requests would; so does
+    one without its tenant's incarnation marker (refused until `adopt_storage`).
+    """
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
     isolation = manager.isolation
@@ -128,22 +146,24 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
         if storage is not None:
             expected[storage[1]] = (storage[0], tenant.identifier, tenant.id)
     async with manager.engine.connect() as conn:
-        rows = (await conn.execute(_STORAGE, {"s": list(expected)})).all()
-    found = {name for name, _ in rows}
-    markers: dict[str, set[str]] = {}
-    for name, marker in rows:
-        if marker is not None:
-            markers.setdefault(name, set()).add(marker)
+        found = {row.name: row for row in await conn.execute(_STORAGE, {"s": list(expected)})}
     missing = sorted(f"{slug} ({kind})" for name, (kind, slug, _) in expected.items() if name not in found)
     if missing:
         return CheckResult(
             "tenant storage", "fail", f"active tenants without their storage: {', '.join(missing[:20])}"
         )
-    # A database's marker lives inside it: each transaction checks it, not doctor.
+    empty = sorted(slug for name, (_, slug, _) in expected.items() if not found[name].has_tables)
+    if empty:
+        return CheckResult(
+            "tenant storage",
+            "fail",
+            f"active tenants whose schema holds no table: {', '.join(empty[:20])} (their tables were "
+            "never created: run the migrations, `fastapi-tenancy migrate upgrade` with alembic_config)",
+        )
     unmarked = sorted(
         slug
         for name, (kind, slug, tenant_id) in expected.items()
-        if kind == "schema" and markers.get(name) != {marker_name(tenant_id)}
+        if kind == "schema" and list(found[name].markers or ()) != [marker_name(tenant_id)]
     )
     if unmarked:
         return CheckResult(
@@ -159,13 +179,33 @@ async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
     )
 
 
-# Each expected schema or database found, with the markers a schema holds.
-_STORAGE = sa.text(
-    "SELECT n.nspname::text, c.relname::text FROM pg_namespace n LEFT JOIN pg_class c "
-    "ON c.relnamespace = n.oid AND c.relkind = 'v' AND c.relname LIKE 'fastapi\\_tenancy:%' "
-    "WHERE n.nspname = ANY(:s) "
-    "UNION ALL SELECT datname::text, NULL FROM pg_database WHERE datname = ANY(:s)"
-)
+@doctor_check
+async def check_migrations(manager: TenancyManager) -> CheckResult:
+    """With `alembic_config`: every tenant (and the template, its spares, the rls tables) at head.
+
+    Reads the revisions as `fastapi-tenancy migrate status` does (one catalog query for
+    schemas; one connection per tenant database).
+    """
+    path = manager.config.alembic_config
+    if path is None:
+        return CheckResult("migrations", "ok", "not configured (alembic_config): revisions are not checked")
+    from .migrations.fleet import FleetMigrator  # needs Alembic, which alembic_config implies
+
+    migrator = FleetMigrator(manager, path)
+    try:
+        rows = await migrator.status("head")
+    finally:
+        await migrator.close()
+    unversioned = [m.tenant for m in rows if not m.at_target and not m.versions]
+    behind = [f"{m.tenant} ({','.join(m.versions or ())})" for m in rows if not m.at_target and m.versions]
+    if unversioned or behind:
+        problems = []
+        if unversioned:
+            problems.append(f"no revision (never migrated nor stamped): {', '.join(unversioned[:20])}")
+        if behind:
+            problems.append(f"not at head: {', '.join(behind[:20])}; run `fastapi-tenancy migrate upgrade`")
+        return CheckResult("migrations", "fail", "; ".join(problems))
+    return CheckResult("migrations", "ok", f"all {len(rows)} at head")
 
 
 @doctor_check

@@ -198,7 +198,7 @@ class IsolationError(TenancyError, AssertionError):
     """`assert_isolated` found tenant B's data read or changed by tenant A (or could not check).
 
     An `AssertionError` too, so that test runners report it as a failed assertion.
-    `report` is the `fastapi_tenancy.testing.IsolationReport` of the run.
+    `report` is the `fastapi_tenancy.probe.IsolationReport` of the run.
     """
 
     def __init__(self, message: str, report: Any) -> None:

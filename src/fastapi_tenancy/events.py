@@ -126,6 +126,11 @@ class LifecycleEvents:
         kinds = frozenset(LifecycleEvent(e) for e in events) or frozenset(LifecycleEvent)
         self._hooks.append((kinds, hook))
 
+    @property
+    def hooks(self) -> tuple[tuple[frozenset[LifecycleEvent], LifecycleHook], ...]:
+        """The registered hooks in order, each with the events it is called on."""
+        return tuple(self._hooks)
+
     def on(self, *events: LifecycleEvent | str) -> Callable[[LifecycleHook], LifecycleHook]:
         """Decorator form of `add`."""
 

@@ -1,4 +1,9 @@
-"""`TenantLookup`: identifier → tenant on the request path, from an in-process cache."""
+"""`TenantLookup`: the registry cache, identifier → tenant on the request path, in memory.
+
+Not the application cache (`fastapi_tenancy.cache`, the user's data): this one holds
+tenant records in front of the `TenantStore`; `cache_ttl`, `cache_max_size` and
+`negative_cache_*` configure it.
+"""
 
 import asyncio
 import contextlib

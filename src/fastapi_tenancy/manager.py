@@ -1,8 +1,7 @@
-"""`TenancyManager`: the tenant lifecycle and the request path, over parts built from the config."""
+"""`TenancyManager`: the parts' lifecycle and the request path; tenant changes go to `admin.py`."""
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -11,21 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.requests import HTTPConnection
 
 from ._utils import unavailable_as_503
+from .admin import TenantAdmin
 from .audit import AuditWriter
 from .builder import build_parts
 from .config import TenancyConfig
 from .context import current_tenant
-from .errors import (
-    ConfigurationError,
-    ProvisioningError,
-    TenancyError,
-    TenantAlreadyExistsError,
-    TenantChangedError,
-    TenantInactiveError,
-    TenantNotFoundError,
-    TenantResolutionError,
-)
-from .events import LifecycleEvent, LifecycleEvents
+from .errors import TenantInactiveError, TenantNotFoundError, TenantResolutionError
+from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
@@ -33,14 +24,11 @@ from .ratelimit.base import RateLimiter
 from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
-from .urls import normalise_database_url
 
 if TYPE_CHECKING:  # needs `cryptography`, an optional extra
     from .encryption import URLCipher
 
 __all__ = ["TenancyManager"]
-
-logger = logging.getLogger("fastapi_tenancy")
 
 
 class TenancyManager:
@@ -48,7 +36,9 @@ class TenancyManager:
 
     Builds the resolver, the isolation strategy, the lookup cache and the
     database engine from `config`, and owns their lifecycles. It is also the
-    only way to change tenants, so that every change invalidates the cache.
+    only way to change tenants, so that every change invalidates the cache:
+    its tenant methods (`register_tenant`, `update_tenant`, ...) call its
+    `admin`, a `TenantAdmin` over the same parts.
 
         manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
         await manager.initialize()
@@ -90,10 +80,24 @@ class TenancyManager:
         self.redis: Any = parts.redis
         self.invalidation: InvalidationChannel | None = parts.invalidation
         self.rate_limiter: RateLimiter | None = parts.rate_limiter
+        self.admin = TenantAdmin(
+            store=self.store,
+            isolation=self.isolation,
+            lookup=self.lookup,
+            events=self.events,
+            invalidation=self.invalidation,
+            cipher=self.cipher,
+            stamper=parts.stamper,
+        )
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
 
     # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether `initialize()` has run (and `close()` not since): its pools may be open."""
+        return self._initialized
 
     async def initialize(self) -> None:
         """Create the registry table and open the pool. Idempotent; call at startup."""
@@ -172,7 +176,7 @@ class TenancyManager:
         async with session:
             yield session
 
-    # -- lifecycle of tenants ------------------------------------------------------
+    # -- tenant administration: `TenantAdmin` (admin.py) has the full story -------------
 
     async def register_tenant(
         self,
@@ -184,121 +188,37 @@ class TenancyManager:
         database_url: str | None = None,
         tier: str | None = None,
     ) -> Tenant:
-        """Register a tenant, create its storage and the `app_metadata` tables in it.
+        """Register a tenant, create its storage and tables; active once they exist.
 
-        `database_url` (database isolation) puts the tenant's database on another
-        server: it is encrypted with `encryption_keys` before it is stored, and only
-        the ciphertext is kept on the returned `Tenant`. With hybrid isolation the
-        tenant goes to `tier`, or to the tier of its metadata's `plan`
-        (`hybrid_plan_tiers`), or to `hybrid_default_tier`; the choice is stored with it.
-
-        The tenant is `provisioning` until its storage is ready, then `active`. If
-        provisioning fails, the registration is undone and `ProvisioningError`
-        raised: no half-made tenant is left. Raises `InvalidIdentifierError` for a
-        slug that cannot be stored and `TenantAlreadyExistsError` for a taken one
-        (a soft-deleted tenant keeps its slug until purged).
+        See `TenantAdmin.register_tenant`: a failed provisioning is undone and
+        raises `ProvisioningError`; a taken slug raises `TenantAlreadyExistsError`.
         """
-        self.isolation.storage_name(identifier)  # validates before anything is written
-        tier = self.isolation.choose_tier(tier, metadata or {})
-        new = Tenant(
-            identifier=identifier,
-            name=name,
-            metadata=metadata or {},
-            status=TenantStatus.PROVISIONING,
-            encrypted_database_url=None if database_url is None else self._encrypt(database_url),
+        return await self.admin.register_tenant(
+            identifier,
+            name,
+            app_metadata=app_metadata,
+            metadata=metadata,
+            database_url=database_url,
             tier=tier,
         )
-        self.isolation.check(new)
-        try:
-            tenant = await self.store.create(new)
-        except TenantAlreadyExistsError as exc:
-            holder = await self.store.get_by_identifier(identifier)
-            if holder is not None and holder.status is TenantStatus.DELETED:
-                raise TenantAlreadyExistsError(
-                    f"{identifier!r} belongs to a deleted tenant whose data is kept; purge it first "
-                    "with delete_tenant(..., destroy_data=True)"
-                ) from exc
-            raise
-        await self._changed(identifier)
-        await self.events.emit(LifecycleEvent.REGISTERED, tenant)
-        try:
-            await self.isolation.provision(tenant, app_metadata)
-        except BaseException as exc:
-            await self._undo_registration(tenant)
-            if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
-                raise
-            raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
-        # A delete that landed during provisioning wins: deleted -> active is refused.
-        active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
-        logger.info("registered tenant %s", identifier)
-        return active
-
-    def _encrypt(self, database_url: str) -> str:
-        if self.cipher is None:
-            raise ConfigurationError(
-                "a tenant's database_url is encrypted at rest: set encryption_keys "
-                "(TENANCY_ENCRYPTION_KEYS) to register one"
-            )
-        try:
-            normalised = normalise_database_url(database_url)
-        except ValueError as exc:  # the message names the problem, never the URL
-            raise ConfigurationError(f"database_url: {exc}") from None
-        return self.cipher.encrypt(normalised)
 
     async def rotate_encryption_keys(self) -> int:
-        """Re-encrypt every tenant's `database_url` under the first of `encryption_keys`.
-
-        Run it after putting a new key first; once it returns, the old keys can be
-        removed. Returns how many tenants were re-encrypted (those already under
-        the first key are left alone, so running it again is cheap).
-        """
-        cipher = self.cipher
-        if cipher is None:
-            raise ConfigurationError("rotate_encryption_keys() needs encryption_keys")
-
-        def rotate(tenant: Tenant) -> Tenant:
-            token = tenant.encrypted_database_url
-            if token is None or cipher.is_current(token):
-                return tenant
-            return tenant.with_encrypted_database_url(cipher.rotate(token))
-
-        rotated = 0
-        async for tenant in self.store.iterate():
-            token = tenant.encrypted_database_url
-            if token is not None and not cipher.is_current(token):
-                await self._change(tenant.identifier, rotate)
-                rotated += 1
-        logger.info("re-encrypted the database_url of %d tenants", rotated)
-        return rotated
-
-    async def _undo_registration(self, tenant: Tenant) -> None:
-        try:
-            await self.store.delete(tenant.id)
-            await self.events.emit(LifecycleEvent.PURGED, tenant, reason="provisioning failed")
-        except Exception:  # the original error matters more; say what is left behind
-            logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
-        finally:
-            await self._changed(tenant.identifier)
+        """Re-encrypt every tenant's `database_url` under the first key; how many changed."""
+        return await self.admin.rotate_encryption_keys()
 
     async def get_tenant(self, identifier: str) -> Tenant:
         """The tenant with this identifier, read from the registry (not the cache)."""
-        tenant = await self.store.get_by_identifier(identifier)
-        if tenant is None:
-            raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
-        return tenant
+        return await self.admin.get_tenant(identifier)
 
     async def get_tenant_by_id(self, tenant_id: str) -> Tenant:
         """The tenant with this id, read from the registry."""
-        tenant = await self.store.get_by_id(tenant_id)
-        if tenant is None:
-            raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
-        return tenant
+        return await self.admin.get_tenant_by_id(tenant_id)
 
     async def list_tenants(
         self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
     ) -> list[Tenant]:
         """Tenants ordered by identifier; page with `after=<last identifier seen>`."""
-        return await self.store.list(status=status, after=after, limit=limit)
+        return await self.admin.list_tenants(status=status, after=after, limit=limit)
 
     async def update_tenant(
         self,
@@ -308,123 +228,38 @@ class TenancyManager:
         metadata: Mapping[str, Any] | None = None,
         metadata_patch: Mapping[str, Any] | None = None,
     ) -> Tenant:
-        """Change a tenant's name and/or metadata.
+        """Change a tenant's name and/or metadata (`metadata` replaces, `metadata_patch` merges).
 
-        `metadata` replaces the metadata whole. Building it from a tenant read
-        earlier (`metadata={**tenant.metadata, "seats": 25}`) is unsafe under
-        concurrency: two such updates each start from the old value, and the
-        second silently drops the key the first one added.
-
-        `metadata_patch` merges instead, one level deep, into the metadata as
-        stored at the moment of writing (re-read and re-applied on every
-        compare-and-set retry), so concurrent patches of different keys all
-        survive. A key patched to `None` is removed, as in a JSON merge patch
-        (RFC 7396) at the top level; nested values are replaced, not merged.
-        Giving both `metadata` and `metadata_patch` raises `ConfigurationError`.
+        Prefer `metadata_patch` under concurrency; see `TenantAdmin.update_tenant`.
         """
-        if metadata is not None and metadata_patch is not None:
-            raise ConfigurationError("update_tenant takes metadata= or metadata_patch=, not both")
-        if metadata_patch is None:
-            return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
-        patch = dict(metadata_patch)
-        return await self._change(_slug(tenant), lambda t: t.with_metadata_patch(patch, name=name))
+        return await self.admin.update_tenant(
+            tenant, name=name, metadata=metadata, metadata_patch=metadata_patch
+        )
 
     async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
         """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.SUSPENDED))
+        return await self.admin.suspend_tenant(tenant)
 
     async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.ACTIVE))
+        return await self.admin.activate_tenant(tenant)
 
     async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
-        """Delete a tenant: soft by default, or for good with `destroy_data=True`.
-
-        Soft: the tenant is marked `deleted` (403 from then on), its data kept and
-        its slug reserved, so nobody else can register it and see that data.
-        `destroy_data=True` drops the tenant's schema (or file) with every row in
-        it and removes it from the registry, then frees the slug. Irreversible,
-        and logged as such at WARNING.
-        """
-        current = await self._change(
-            _slug(tenant),
-            lambda t: t if t.status is TenantStatus.DELETED else t.with_status(TenantStatus.DELETED),
-        )
-        if not destroy_data:
-            logger.info("soft-deleted tenant %s (data kept)", current.identifier)
-            return
-        await self.isolation.destroy(current)
-        await self.store.delete(current.id)
-        await self._changed(current.identifier)
-        await self.events.emit(LifecycleEvent.PURGED, current)
-        logger.warning("destroyed tenant %s and all of its data", current.identifier)
+        """Delete a tenant: soft (data and slug kept) or, with `destroy_data=True`, for good."""
+        await self.admin.delete_tenant(tenant, destroy_data=destroy_data)
 
     async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
-        """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
-
-        Copies the rows of `app_metadata`'s tables into the new tier while holding
-        the tenant's writes (see `HybridIsolation.move`), then switches the stored
-        tier with a compare-and-set; this process routes the tenant to the new tier
-        at once, others when their cache expires (`cache_ttl`), answering 503 or
-        failing in between, never serving the old copy. The old copy is kept until
-        `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
-        deleted meanwhile.
-        """
-        isolation = self.isolation
-        current = await self.get_tenant(_slug(tenant))
-        if current.status is not TenantStatus.ACTIVE:
-            raise TenantInactiveError(current.status.value)
-
-        def switch(stored: Tenant) -> Tenant:
-            if stored.id != current.id or stored.tier != current.tier:
-                raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
-            return stored.with_tier(tier)
-
-        with isolation.moving(current):
-            await isolation.move(current, tier, app_metadata)
-            moved = await self._change(current.identifier, switch)
-        logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
-        return moved
+        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`."""
+        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata)
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        current = await self.get_tenant(_slug(tenant))
-        await self.isolation.remove_old_copy(current)
-        logger.warning("removed the old copy of tenant %s", current.identifier)
+        await self.admin.remove_old_copy(tenant)
 
     async def adopt_storage(self, tenant: Tenant | str) -> None:
-        """Mark the storage found under a registered tenant's name as that tenant's.
+        """Mark the storage found under a registered tenant's name as its own.
 
-        Every tenant transaction checks that its schema, database or file holds its own
-        tenant's marker (a slug deleted and registered again names storage made for
-        someone else: see docs/isolation.md, "Incarnations"); what `register_tenant`
-        provisions always does. Storage made otherwise (databases created from a
-        template by a script, a schema restored from a dump of another installation,
-        storage of a development build without markers) is refused until adopted.
-        Refuses (`ProvisioningError`) storage that is missing or marked for another
-        tenant; a no-op for storage already marked as the tenant's, and for shared
-        tables (row-level security). Adopt only storage you know to be this tenant's.
+        For storage made outside the library, which tenant sessions refuse until then;
+        see `TenantAdmin.adopt_storage`.
         """
-        current = await self.get_tenant(_slug(tenant))
-        await self.isolation.adopt(current)
-        logger.warning("tenant %s adopted the storage found under its name", current.identifier)
-
-    async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
-        # The store's compare-and-set loop; caches are invalidated whatever the outcome.
-        try:
-            before, after = await self.store.change(identifier, change)
-        finally:
-            await self._changed(identifier)
-        if after is not before:
-            await self.events.changed(before, after)
-        return after
-
-    async def _changed(self, identifier: str) -> None:
-        # This process's cache at once; every other worker's through the channel.
-        self.lookup.invalidate(identifier)
-        if self.invalidation is not None:
-            await self.invalidation.publish(identifier)
-
-
-def _slug(tenant: Tenant | str) -> str:
-    return tenant.identifier if isinstance(tenant, Tenant) else tenant
+        await self.admin.adopt_storage(tenant)

@@ -1,17 +1,27 @@
 """`TenancyMiddleware`: resolves the tenant of every HTTP and WebSocket request."""
 
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._utils import is_outage, is_query_timeout, is_result_type_change
+from ._utils import is_outage, is_query_timeout, is_result_type_change, path_covers, path_prefixes
 from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
+from .openapi import tenant_openapi
 
-__all__ = ["TenancyMiddleware"]
+__all__ = ["TenancyMiddleware", "path_covers", "release_when_response_is_ready"]
+
+logger = logging.getLogger("fastapi_tenancy")
+
+# Where a request's tenant sessions wait for its response (the ASGI scope's "state").
+_SESSIONS = "fastapi_tenancy.sessions"
+# The messages that end an HTTP response when they carry no `more_body`.
+_LAST_MESSAGES = frozenset({"http.response.body", "http.response.pathsend", "http.response.zerocopysend"})
 
 # WebSocket close codes for refused connections (RFC 6455): policy violation, or
 # "try again later" when the backend is down.
@@ -28,6 +38,9 @@ class TenancyMiddleware:
     - `excluded_paths` skip resolution, matched by whole path segments
       (`/health` covers `/health` and `/health/live`, not `/healthz`).
     - FastAPI's docs and OpenAPI URLs are excluded too unless `exclude_docs=False`.
+    - The app's `/openapi.json` shows how to name the tenant on every tenant route
+      (`fastapi_tenancy.openapi.tenant_openapi`), so `/docs` can call them; `openapi=False`
+      serves the app's schema as it is.
     - Refusals are JSON: 400 `{"detail": "Tenant identifier missing"}`,
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
       (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
@@ -36,7 +49,10 @@ class TenancyMiddleware:
       database or a fail-closed limiter is unreachable (`{"detail": "Database query timed
       out"}` when `statement_timeout` cancels a query).
       Tenancy errors and database outages raised by the app before its response
-      starts get the same treatment, on excluded paths too. A refused WebSocket
+      starts get the same treatment, on excluded paths too.
+    - The sessions of `make_tenant_db_dependency` are closed, and their connections
+      given back to the pool, when the response is ready: before its last (for most
+      responses, its only) body message is sent, not after the client has read it. A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
       "websocket.http.response" extension, else a close with code 1008 (1013 for 503).
 
@@ -50,18 +66,32 @@ class TenancyMiddleware:
         excluded_paths: Iterable[str] = (),
         *,
         exclude_docs: bool = True,
+        openapi: bool = True,
     ) -> None:
         self.app = app
         self.manager = manager
-        self.excluded_paths = tuple(sorted({_normalise(p) for p in excluded_paths}))
+        self.excluded_paths = path_prefixes(excluded_paths)
         self.exclude_docs = exclude_docs
+        self.openapi = openapi
         self._docs_paths: frozenset[str] | None = None
+        self._openapi_url: str | None = None
+        # The app's last schema body and what it became: shared by all requests, and
+        # replaced whole (one assignment), so a request reads one pair or the other.
+        self._documented: tuple[bytes, bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if self._excluded(scope):
+        path = _route_path(scope)
+        docs = self._docs(scope)
+        if self.openapi and path == self._openapi_url and scope["type"] == "http":
+            send = _with_body(send, self._document)
+            # A compressing middleware inside this one would hide the JSON from us; one
+            # outside it still compresses what we send.
+            headers = [header for header in scope["headers"] if header[0] != b"accept-encoding"]
+            scope = {**scope, "headers": headers}
+        if (self.exclude_docs and path in docs) or any(path_covers(p, path) for p in self.excluded_paths):
             # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
             # starts a pipelined request's task inside the previous request's context, while
             # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
@@ -91,22 +121,12 @@ class TenancyMiddleware:
         finally:
             reset_current_tenant(token)
 
-    def _excluded(self, scope: Scope) -> bool:
-        path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :] or "/"
-        if self.exclude_docs and path in self._docs(scope):
-            return True
-        for excluded in self.excluded_paths:
-            if path == excluded or (excluded != "/" and path.startswith(excluded + "/")):
-                return True
-        return False
-
     def _docs(self, scope: Scope) -> frozenset[str]:
         if self._docs_paths is None:
             # The FastAPI app puts itself in the scope; read its real docs URLs once.
             app = scope.get("app")
+            openapi_url = getattr(app, "openapi_url", None)
+            self._openapi_url = openapi_url if isinstance(openapi_url, str) and openapi_url else None
             urls = [
                 getattr(app, attr, default)
                 for attr, default in (
@@ -118,6 +138,23 @@ class TenancyMiddleware:
             ]
             self._docs_paths = frozenset(url for url in urls if isinstance(url, str) and url)
         return self._docs_paths
+
+    def _document(self, body: bytes) -> bytes:
+        """The app's OpenAPI JSON with the tenant on every tenant route (the same body: once)."""
+        documented = self._documented
+        if documented is not None and documented[0] == body:
+            return documented[1]
+        try:
+            schema = json.loads(body)
+        except ValueError:
+            return body  # not the JSON FastAPI serves: not ours to change
+        if not isinstance(schema, dict):
+            return body
+        schema = tenant_openapi(schema, self.manager.resolver, excluded_paths=self.excluded_paths)
+        # FastAPI's own JSONResponse encoding.
+        result = json.dumps(schema, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        self._documented = (body, result)
+        return result
 
 
 def _with_headers(send: Send, extra: dict[str, str]) -> Send:
@@ -132,10 +169,66 @@ def _with_headers(send: Send, extra: dict[str, str]) -> Send:
     return send_with_headers
 
 
-def _normalise(path: str) -> str:
-    if not path.startswith("/"):
-        raise ValueError(f"excluded path {path!r} must start with '/'")
-    return path.rstrip("/") or "/"
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: the request's path without the app's `root_path`."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :] or "/"
+    return path
+
+
+def _with_body(send: Send, rewrite: Callable[[bytes], bytes]) -> Send:
+    """`send` that passes a successful, uncompressed JSON response's body through `rewrite`.
+
+    The response start is held back until the whole body is there, so that its
+    `content-length` can be set to the new length. Anything else passes unchanged.
+    """
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def send_rewritten(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", ()))
+            json_body = headers.get(b"content-type", b"").startswith(b"application/json")
+            if message["status"] == 200 and json_body and b"content-encoding" not in headers:
+                start = message
+                return
+        elif message["type"] == "http.response.body" and start is not None:
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = rewrite(b"".join(chunks))
+            kept = [(name, value) for name, value in start.get("headers", ()) if name != b"content-length"]
+            await send({**start, "headers": [*kept, (b"content-length", str(len(body)).encode())]})
+            message = {"type": "http.response.body", "body": body}
+        await send(message)
+
+    return send_rewritten
+
+
+def release_when_response_is_ready(scope: Scope, session: AsyncSession) -> None:
+    """Close `session` once the response of the HTTP request `scope` is ready to send.
+
+    The connection goes back to the pool before the response travels to the client:
+    a `yield` dependency would otherwise hold it until the client has read the whole
+    response, so that once clients outnumber the pool, requests also wait on each
+    other's network writes. A streaming response releases it before its last chunk.
+    Without `TenancyMiddleware` nothing happens early (the dependency's exit closes it).
+    """
+    if scope["type"] == "http":
+        scope.setdefault("state", {}).setdefault(_SESSIONS, []).append(session)
+
+
+async def _release(scope: Scope) -> None:
+    sessions = scope.get("state", {}).pop(_SESSIONS, None)
+    for session in sessions or ():
+        try:
+            # Rolls back what the route left uncommitted, as the dependency's exit would.
+            await session.close()
+        except Exception:  # the response is ready: send it; the pool drops a broken connection
+            logger.warning("closing a tenant session before its response failed", exc_info=True)
 
 
 async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +238,8 @@ async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Non
     async def send_tracking(message: Message) -> None:
         nonlocal started
         started = True
+        if message["type"] in _LAST_MESSAGES and not message.get("more_body", False):
+            await _release(scope)
         await send(message)
 
     try:

@@ -5,30 +5,34 @@
 - `tenant_client()`: an `httpx.AsyncClient` calling the app in process as one tenant.
 - `override_tenant()`: make routes see a given tenant, without the middleware.
 - `run_lifespan()`: run the app's startup and shutdown (`ASGITransport` does not).
-- `assert_isolated()`: prove that tenant A's requests neither read nor change tenant B's data.
+- `retarget()`: run the manager an app built at import on test services instead of its own.
+- `template_schema()`: the `schema_template` schema, made from your models, on a test database.
+- `assert_isolated()`: prove that tenant A's requests neither read nor change tenant B's data
+  (from `fastapi_tenancy.probe`, exported here too).
 
 Needs httpx: `pip install 'fastapi-tenancy[testing]'`.
 """
 
-import json
-import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from .config import TenancyConfig
 from .context import reset_current_tenant, set_current_tenant
 from .dependencies import get_current_tenant
-from .errors import IsolationError, MissingDependencyError
+from .errors import ConfigurationError, IsolationError, MissingDependencyError
+from .isolation.base import create_tables, tenant_tables
 from .manager import TenancyManager
+from .probe import IsolationReport, ProbeWarning, assert_isolated
+from .storage.base import TenantStore
 from .storage.memory import InMemoryTenantStore
 from .tenant import Tenant
+from .urls import normalise_database_url
 
 try:
     import httpx
@@ -38,16 +42,30 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = [
     "IsolationError",
     "IsolationReport",
+    "ProbeWarning",
     "assert_isolated",
     "create_tenant",
     "memory_manager",
     "override_tenant",
+    "retarget",
+    "retargeted_config",
     "run_lifespan",
+    "template_schema",
     "tenant_client",
     "unique_identifier",
 ]
 
 _BASE_URL = "http://testserver"
+
+# Settings that reach the app's own servers, or describe its deployment: a test config
+# never inherits them (a test must not touch the app's database, Redis or PgBouncer).
+_DEPLOYMENT: dict[str, Any] = {
+    "database_url": "sqlite://",
+    "database_owner_url": None,
+    "database_pgbouncer": False,
+    "redis_url": None,
+}
+_POSTGRES_PROVISIONING = ("schema_template", "schema_spares")
 
 
 def memory_manager(config: TenancyConfig | None = None, **settings: Any) -> TenancyManager:
@@ -162,355 +180,105 @@ def override_tenant(app: FastAPI, tenant: Tenant) -> Iterator[Tenant]:
             overrides[get_current_tenant] = previous  # type: ignore[assignment]
 
 
-# -- the isolation assertion ---------------------------------------------------------------
+def retargeted_config(config: TenancyConfig, **settings: Any) -> TenancyConfig:
+    """The app's `config` for tests: its settings, the test's servers.
 
-_METHODS = ("get", "post", "put", "patch", "delete")
-_PATH_PARAM = re.compile(r"{([^}/]+)}")
-_PER_ROUTE = 4  # requests per route with identifiers in its path, one per identifier of B
+        config = retargeted_config(main.manager.config, database_url=test_url)
 
-
-@dataclass
-class IsolationReport:
-    """What `assert_isolated` did: the routes it called, what of B it looked for, what it found."""
-
-    routes: list[str] = field(default_factory=list)
-    """`METHOD /path` of every route exercised as tenant A."""
-    requests: int = 0
-    """HTTP requests made, for both tenants."""
-    statuses: dict[int, int] = field(default_factory=dict)
-    """How many of tenant A's responses had each status."""
-    b_markers: list[str] = field(default_factory=list)
-    """Values of B's data, seen in B's own responses, that A must never see."""
-    b_identifiers: list[Any] = field(default_factory=list)
-    """B's identifiers (ids and keys) that A's requests used."""
-    findings: list[str] = field(default_factory=list)
-    """Each read or change of B's data by A; empty when isolated."""
-
-
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    params: dict[str, Any]
-    headers: dict[str, str]
-    json_body: Any = None
-    form: dict[str, Any] | None = None
-
-    def describe(self) -> str:
-        query = f"?{'&'.join(f'{k}={v}' for k, v in self.params.items())}" if self.params else ""
-        return f"{self.method.upper()} {self.path}{query}"
-
-
-@dataclass
-class _Operation:
-    method: str
-    path: str
-    spec: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.method.upper()} {self.path}"
-
-    @property
-    def path_params(self) -> list[str]:
-        return _PATH_PARAM.findall(self.path)
-
-
-class _Values:
-    """Request values from the OpenAPI schemas: markers for data, chosen identifiers for ids."""
-
-    def __init__(self, tenant: str, components: Mapping[str, Any], id_names: set[str]) -> None:
-        self.tenant = tenant
-        self.components = components
-        self.id_names = id_names
-        self.markers: set[str] = set()
-        self.sent_ids: list[Any] = []
-        self._next_int = 0
-
-    def is_identifier(self, name: str | None) -> bool:
-        return name is not None and (
-            name in self.id_names or name == "id" or name.endswith(("_id", "Id", "_key", "_slug"))
-        )
-
-    def marker(self) -> str:
-        # Unique and unmistakable: found in a response, it can only come from this data.
-        value = f"ft{self.tenant}{uuid.uuid4().hex[:10]}"
-        self.markers.add(value)
-        return value
-
-    def number(self) -> int:
-        # Per tenant from 1, so both tenants' ids overlap, as in a real database.
-        self._next_int += 1
-        return self._next_int
-
-    def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
-        seen = 0
-        while "$ref" in schema and seen < 20:
-            name = schema["$ref"].rsplit("/", 1)[-1]
-            schema = self.components.get("schemas", {}).get(name, {})
-            seen += 1
-        return schema
-
-    def value(self, schema: Mapping[str, Any], name: str | None, ids: list[Any] | None) -> Any:
-        """A value for `schema`; identifier-like names take the next of `ids` when given."""
-        schema = self.resolve(schema)
-        for combinator in ("anyOf", "oneOf", "allOf"):
-            if combinator in schema:
-                options = [self.resolve(s) for s in schema[combinator]]
-                typed = [s for s in options if s.get("type") != "null"] or options
-                return self.value(typed[0], name, ids)
-        if "const" in schema:
-            return schema["const"]
-        if schema.get("enum"):
-            return schema["enum"][0]
-        kind = schema.get("type")
-        if ids is not None and self.is_identifier(name) and kind in (None, "integer", "string"):
-            fitting = [v for v in ids if kind is None or isinstance(v, int if kind == "integer" else str)]
-            if fitting:
-                return fitting[self.number() % len(fitting)]
-        if kind == "integer":
-            value = max(self.number(), int(schema.get("minimum", 0)))
-            if self.is_identifier(name):
-                self.sent_ids.append(value)
-            return value
-        if kind == "number":
-            return float(max(1.5, schema.get("minimum", 0)))
-        if kind == "boolean":
-            return True
-        if kind == "array":
-            return [self.value(schema.get("items", {}), name, ids)]
-        if kind == "object" or "properties" in schema:
-            return {key: self.value(sub, key, ids) for key, sub in schema.get("properties", {}).items()}
-        return self._string(schema, name)
-
-    def _string(self, schema: Mapping[str, Any], name: str | None) -> str:
-        fmt = schema.get("format")
-        if fmt == "uuid" or (fmt is None and self.is_identifier(name)):
-            value = str(uuid.uuid4())
-            if self.is_identifier(name):
-                self.sent_ids.append(value)
-                return value
-            self.markers.add(value)
-            return value
-        if fmt == "date-time":
-            return "2024-01-02T03:04:05Z"
-        if fmt == "date":
-            return "2024-01-02"
-        marker = self.marker()
-        if fmt == "email":
-            return f"{marker}@example.com"
-        if fmt in ("uri", "url"):
-            return f"https://example.com/{marker}"
-        max_length = schema.get("maxLength")
-        if isinstance(max_length, int) and max_length < len(marker):
-            self.markers.discard(marker)
-            marker = marker[:max_length]
-            if max_length >= 8:
-                self.markers.add(marker)
-        return marker
-
-
-def _operations(app: FastAPI, skip: Iterable[str]) -> tuple[list[_Operation], dict[str, Any]]:
-    schema = app.openapi()
-    skipped = {s.strip() for s in skip}
-    operations = []
-    for path, item in schema.get("paths", {}).items():
-        for method in _METHODS:
-            spec = item.get(method)
-            if spec is None or path in skipped or f"{method.upper()} {path}" in skipped:
-                continue
-            merged = dict(spec)
-            merged["parameters"] = [*item.get("parameters", []), *spec.get("parameters", [])]
-            operations.append(_Operation(method, path, merged))
-    return operations, schema.get("components", {})
-
-
-def _build(
-    operation: _Operation, values: _Values, ids: list[Any] | None, path_ids: dict[str, Any]
-) -> _Request:
-    """The request for `operation`: path identifiers from `path_ids`, the rest from `values`."""
-    path = operation.path
-    for name in operation.path_params:
-        path = path.replace("{" + name + "}", quote(str(path_ids[name]), safe=""))
-    params: dict[str, Any] = {}
-    headers: dict[str, str] = {}
-    for parameter in operation.spec["parameters"]:
-        where, name = parameter.get("in"), parameter.get("name")
-        if where == "path" or not parameter.get("required", False):
-            continue
-        value = values.value(parameter.get("schema", {}), name, ids)
-        if where == "query":
-            params[name] = value
-        elif where == "header":
-            headers[name] = str(value)
-    json_body: Any = None
-    form: dict[str, Any] | None = None
-    content = operation.spec.get("requestBody", {}).get("content", {})
-    if "application/json" in content:
-        json_body = values.value(content["application/json"].get("schema", {}), None, ids)
-    elif "application/x-www-form-urlencoded" in content or "multipart/form-data" in content:
-        media = content.get("application/x-www-form-urlencoded") or content["multipart/form-data"]
-        built = values.value(media.get("schema", {}), None, ids)
-        form = built if isinstance(built, dict) else None
-    return _Request(operation.method, path, params, headers, json_body, form)
-
-
-def _identifiers_in(data: Any, names: Callable[[str], bool], into: list[Any]) -> None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, int | str) and not isinstance(value, bool) and names(key):
-                if value not in into:
-                    into.append(value)
-            else:
-                _identifiers_in(value, names, into)
-    elif isinstance(data, list):
-        for item in data:
-            _identifiers_in(item, names, into)
-
-
-class _Caller:
-    def __init__(self, client: httpx.AsyncClient, report: IsolationReport) -> None:
-        self.client = client
-        self.report = report
-
-    async def __call__(self, request: _Request) -> httpx.Response:
-        self.report.requests += 1
-        return await self.client.request(
-            request.method,
-            request.path,
-            params=request.params,
-            headers=request.headers,
-            json=request.json_body,
-            data=request.form,
-        )
-
-
-def _path_choices(operation: _Operation, ids: list[Any]) -> list[dict[str, Any]]:
-    names = operation.path_params
-    if not names:
-        return [{}]
-    return [dict.fromkeys(names, value) for value in ids[:_PER_ROUTE]]
-
-
-async def _seed(operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]) -> None:
-    """Create data as one tenant through its own POST routes, collecting its identifiers."""
-    for operation in sorted((o for o in operations if o.method == "post"), key=lambda o: o.path.count("/")):
-        for path_ids in _path_choices(operation, identifiers):
-            request = _build(operation, values, None, path_ids)
-            response = await call(request)
-            if response.is_success:
-                for sent in values.sent_ids:
-                    if sent not in identifiers:
-                        identifiers.append(sent)
-                _identifiers_in(_json(response), values.is_identifier, identifiers)
-            values.sent_ids.clear()
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-async def _snapshot(
-    operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]
-) -> list[tuple[_Request, int, str]]:
-    """B's view of its own data: every GET route, each identifier of B in item routes."""
-    snapshot = []
-    for operation in (o for o in operations if o.method == "get"):
-        for path_ids in _path_choices(operation, identifiers):
-            request = _build(operation, values, identifiers, path_ids)
-            response = await call(request)
-            _identifiers_in(_json(response), values.is_identifier, identifiers)
-            snapshot.append((request, response.status_code, response.text))
-    return snapshot
-
-
-async def assert_isolated(
-    app: FastAPI,
-    manager: TenancyManager,
-    tenant_a: Tenant,
-    tenant_b: Tenant,
-    *,
-    skip: Iterable[str] = (),
-    markers: Iterable[str] = (),
-    identifiers: Iterable[Any] = (),
-    client: Callable[[Tenant], httpx.AsyncClient] | None = None,
-) -> IsolationReport:
-    """Fail (`IsolationError`) if tenant A's requests read or change anything of tenant B.
-
-        report = await assert_isolated(app, manager, acme, globex)
-
-    Works from the app's OpenAPI schema, with the manager already initialized and
-    two fresh tenants (the seeded integer ids start at 1 in each):
-
-    1. Both tenants create data through their POST routes, with unique marker
-       strings in every text field and overlapping integer ids (A first, then B).
-    2. B's own GET requests record what B sees (the snapshot); B's markers that
-       appear there, and B's identifiers in it, are what A must not reach.
-    3. As A: every GET route, then POST, PUT, PATCH and DELETE, with B's
-       identifiers in paths and id fields and fresh values elsewhere. Any of B's
-       markers in A's responses is a read of B's data.
-    4. B's GET requests are replayed: any difference is a change made by A.
-
-    `skip` takes `"/path"` or `"METHOD /path"` entries to leave out; `markers` and
-    `identifiers` add values of B's data you seeded yourself; `client(tenant)`
-    replaces the default `tenant_client(app, tenant, manager=manager)` (e.g. for a
-    custom resolver). Fails as well when no data of B is visible to B itself,
-    since then nothing would be checked. Returns the report when isolated.
+    Keeps every field the app set (strategies, header name, `schema_template`, ...),
+    leaves out those that reach its own servers (`database_url`, `database_owner_url`,
+    `redis_url`, `database_pgbouncer`), then applies `settings`. `database_url`
+    defaults to `"sqlite://"` (every tenant in memory), where `schema_template` and
+    `schema_spares` are left out too: SQLite tenants get their tables from the metadata.
+    `TENANCY_*` variables fill only the fields neither the app nor `settings` set.
     """
-    report = IsolationReport()
-    operations, components = _operations(app, skip)
-    id_names = {name for o in operations for name in o.path_params}
-    a_values = _Values("a", components, id_names)
-    b_values = _Values("b", components, id_names)
-    make_client = client or (
-        lambda tenant: tenant_client(app, tenant, manager=manager, raise_app_exceptions=False)
-    )
-    async with make_client(tenant_a) as a_client, make_client(tenant_b) as b_client:
-        as_a, as_b = _Caller(a_client, report), _Caller(b_client, report)
-        a_ids: list[Any] = []
-        b_ids: list[Any] = list(identifiers)
-        await _seed(operations, as_a, a_values, a_ids)
-        await _seed(operations, as_b, b_values, b_ids)
-        before = await _snapshot(operations, as_b, b_values, b_ids)
-        seen = "\n".join(text for _, _, text in before)
-        b_markers = sorted({m for m in b_values.markers if m in seen and m not in b_ids} | set(markers))
-        report.b_markers, report.b_identifiers = b_markers, b_ids
-        if not b_markers:
-            raise IsolationError(
-                "nothing to check: none of tenant B's data is visible through B's own GET routes "
-                "(seed B yourself and pass markers=...)",
-                report,
-            )
-        order = {method: rank for rank, method in enumerate(_METHODS)}
-        for operation in sorted(operations, key=lambda o: order[o.method]):
-            choices = _path_choices(operation, b_ids)
-            if choices:  # a route whose path needs an identifier B has not got is not called
-                report.routes.append(operation.key)
-            for path_ids in choices:
-                request = _build(operation, a_values, b_ids, path_ids)
-                response = await as_a(request)
-                report.statuses[response.status_code] = report.statuses.get(response.status_code, 0) + 1
-                sent = json.dumps(
-                    [request.params, request.json_body, request.form, request.path], default=str
-                )
-                leaked = [m for m in b_markers if m in response.text and m not in sent]
-                if leaked:
-                    report.findings.append(
-                        f"{request.describe()} as tenant A returned tenant B's data {leaked[:3]} "
-                        f"(status {response.status_code})"
-                    )
-        for request, status, text in before:
-            response = await as_b(request)
-            if (response.status_code, response.text) != (status, text):
-                report.findings.append(
-                    f"tenant B's {request.describe()} changed after tenant A's requests: "
-                    f"{status} {text[:200]!r} became {response.status_code} {response.text[:200]!r}"
-                )
-    if report.findings:
-        raise IsolationError(
-            "tenant A reached tenant B's data:\n" + "\n".join(f"- {f}" for f in report.findings), report
+    kept = {name: getattr(config, name) for name in config.model_fields_set if name not in _DEPLOYMENT}
+    merged = {**kept, **_DEPLOYMENT, **settings}
+    if make_url(normalise_database_url(merged["database_url"])).get_backend_name() == "sqlite":
+        # How PostgreSQL schemas are provisioned fast; SQLite tenants are made from the metadata.
+        for name in _POSTGRES_PROVISIONING:
+            if name not in settings:
+                merged.pop(name, None)
+    return type(config)(**merged)
+
+
+@asynccontextmanager
+async def retarget(
+    manager: TenancyManager,
+    config: TenancyConfig | None = None,
+    *,
+    store: TenantStore | None = None,
+    **settings: Any,
+) -> AsyncIterator[TenancyManager]:
+    """Within the block, the manager an app built at import runs on test servers.
+
+        async with retarget(main.manager, database_url=test_url):
+            ...  # main.app, its lifespan and main's own code all use test_url
+
+    For apps that build their manager at import, as the Quick Start does: the
+    middleware, the session dependency and the app's code all hold that object, so
+    it is rebuilt in place from `config` (default `retargeted_config(manager.config,
+    **settings)`) and `store` (default a new in-memory registry). Its lifecycle hooks
+    and a custom resolver are kept; other parts you passed to it are built from the
+    config. Refused once the manager is initialized (its pools would already be open
+    on the app's servers). On exit it is closed and restored as it was, not started.
+    """
+    if config is not None and settings:
+        raise TypeError("retarget takes a config or settings, not both")
+    if manager.initialized:
+        raise ConfigurationError(
+            "retarget() needs a manager that is not initialized yet: its pools are open on the "
+            "app's own servers (retarget it before the app's lifespan runs)"
         )
-    return report
+    config = config if config is not None else retargeted_config(manager.config, **settings)
+    resolver = manager.resolver if config.resolution_strategy == "custom" else None
+    rebuilt = TenancyManager(config, store if store is not None else InMemoryTenantStore(), resolver=resolver)
+    for kinds, hook in manager.events.hooks:  # the hooks the app registered at import
+        rebuilt.events.add(hook, *kinds)
+    saved = dict(vars(manager))
+    vars(manager).update(vars(rebuilt))
+    try:
+        yield manager
+    finally:
+        try:
+            await manager.close()
+        finally:
+            vars(manager).clear()
+            vars(manager).update(saved)
+
+
+@asynccontextmanager
+async def template_schema(manager: TenancyManager, metadata: sa.MetaData | None) -> AsyncIterator[bool]:
+    """The `schema_template` schema, for the block: made from `metadata` if missing, dropped after.
+
+    With `schema_template` set, registrations clone that schema, which
+    `fastapi-tenancy migrate upgrade` makes in a real deployment; a fresh test
+    database has none, and every registration fails. Yields whether it made the
+    template (one that exists is used and left as it is); without
+    `schema_template`, does nothing. Starts the manager if needed.
+    """
+    template = manager.config.schema_template
+    if template is None:
+        yield False
+        return
+    await manager.initialize()
+    # The role that owns the tenants' schemas (and so clones them) owns their template.
+    engine = manager.owner_engine or manager.engine
+    async with engine.begin() as conn:
+        exists = await conn.scalar(
+            sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": template}
+        )
+        if not exists:
+            await conn.execute(sa.text(f'CREATE SCHEMA "{template}"'))
+            # As a tenant's tables are made: every name the DDL uses resolves in the template.
+            await conn.execute(
+                sa.text("SELECT set_config('search_path', :path, true)"), {"path": f'"{template}"'}
+            )
+            ddl = await conn.execution_options(schema_translate_map={None: template})
+            await ddl.run_sync(create_tables, tenant_tables(metadata))
+    try:
+        yield not exists
+    finally:
+        if not exists:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{template}" CASCADE'))

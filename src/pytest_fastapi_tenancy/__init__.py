@@ -15,7 +15,9 @@ Fixtures to override (plain pytest overriding, in your conftest.py or test modul
 - `tenancy_database_url`: where tenants live (default `"sqlite://"`, all in memory);
   return `tenancy_postgres_url` to use PostgreSQL.
 - `tenancy_config`: the whole `TenancyConfig`, built from `tenancy_database_url`.
-- `tenancy_manager`: the manager; override it to yield your app's own manager.
+- `tenancy_app_manager`: the manager your app built at import (default none); the
+  plugin then runs that manager, rebuilt on `tenancy_config`, for each test.
+- `tenancy_manager`: the manager; override it to yield a manager of your own.
 
 Fixtures to use: `tenancy_manager`, `tenancy_tenant_factory`, `tenancy_client`,
 `tenancy_postgres_url`. The async ones need pytest-asyncio
@@ -29,6 +31,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "tenancy_app",
+    "tenancy_app_manager",
     "tenancy_client",
     "tenancy_config",
     "tenancy_database_url",
@@ -87,19 +91,50 @@ def tenancy_database_url() -> str:
 
 
 @pytest.fixture
-def tenancy_config(tenancy_database_url: str) -> TenancyConfig:
-    """The `TenancyConfig` of `tenancy_manager` (other fields from their defaults and `TENANCY_*`)."""
-    from fastapi_tenancy.config import TenancyConfig
+def tenancy_app_manager() -> TenancyManager | None:
+    """The manager your app builds at import (`from main import manager`): override to return it.
 
+    Default None: `tenancy_manager` is a manager of the plugin's own. Given one, the
+    plugin runs that very manager (the app's middleware and dependencies hold it) on
+    `tenancy_config` for each test, and restores it afterwards, unstarted.
+    """
+    return None
+
+
+@pytest.fixture
+def tenancy_config(tenancy_database_url: str, tenancy_app_manager: TenancyManager | None) -> TenancyConfig:
+    """The `TenancyConfig` of `tenancy_manager`, on `tenancy_database_url`.
+
+    With `tenancy_app_manager`, the app's own settings (strategies, header,
+    `schema_template`, ...) without its servers (`retargeted_config`); otherwise the
+    defaults. `TENANCY_*` variables fill the fields left unset.
+    """
+    from fastapi_tenancy.config import TenancyConfig
+    from fastapi_tenancy.testing import retargeted_config
+
+    if tenancy_app_manager is not None:
+        return retargeted_config(tenancy_app_manager.config, database_url=tenancy_database_url)
     return TenancyConfig(database_url=tenancy_database_url)
 
 
 @async_fixture
-async def tenancy_manager(tenancy_config: TenancyConfig) -> AsyncIterator[TenancyManager]:
-    """An initialized `TenancyManager` with the in-memory registry, closed after the test."""
+async def tenancy_manager(
+    tenancy_config: TenancyConfig, tenancy_app_manager: TenancyManager | None
+) -> AsyncIterator[TenancyManager]:
+    """An initialized `TenancyManager` with the in-memory registry, closed after the test.
+
+    The app's own manager when `tenancy_app_manager` names it, rebuilt on
+    `tenancy_config` for the test (`fastapi_tenancy.testing.retarget`).
+    """
     from fastapi_tenancy.manager import TenancyManager
     from fastapi_tenancy.storage.memory import InMemoryTenantStore
+    from fastapi_tenancy.testing import retarget
 
+    if tenancy_app_manager is not None:
+        async with retarget(tenancy_app_manager, tenancy_config) as manager:
+            await manager.initialize()
+            yield manager
+        return
     manager = TenancyManager(tenancy_config, InMemoryTenantStore())
     await manager.initialize()
     try:
@@ -116,29 +151,38 @@ async def tenancy_tenant_factory(
 
     The identifier defaults to a unique one; `name=` and `metadata=` are passed on.
     Every tenant made is destroyed with its data after the test (a schema dropped,
-    an in-memory database closed).
+    an in-memory database closed). With `schema_template` set, a template missing
+    from the database is made from `tenancy_metadata` first, and dropped after the
+    test (`fastapi_tenancy.testing.template_schema`).
     """
     from fastapi_tenancy.errors import TenantNotFoundError
+    from fastapi_tenancy.testing import template_schema
 
     made: list[Tenant] = []
+    async with AsyncExitStack() as template:
+        template_ready: list[bool] = []  # entered at the first tenant, once the manager is started
 
-    async def make(
-        identifier: str | None = None, *, name: str | None = None, metadata: dict[str, Any] | None = None
-    ) -> Tenant:
-        await tenancy_manager.initialize()  # idempotent; an app's own manager may not be started
-        identifier = identifier if identifier is not None else f"t-{uuid.uuid4().hex[:12]}"
-        tenant = await tenancy_manager.register_tenant(
-            identifier, name or identifier, app_metadata=tenancy_metadata, metadata=metadata
-        )
-        made.append(tenant)
-        return tenant
+        async def make(
+            identifier: str | None = None, *, name: str | None = None, metadata: dict[str, Any] | None = None
+        ) -> Tenant:
+            await tenancy_manager.initialize()  # idempotent; an app's own manager may not be started
+            if not template_ready:
+                template_ready.append(
+                    await template.enter_async_context(template_schema(tenancy_manager, tenancy_metadata))
+                )
+            identifier = identifier if identifier is not None else f"t-{uuid.uuid4().hex[:12]}"
+            tenant = await tenancy_manager.register_tenant(
+                identifier, name or identifier, app_metadata=tenancy_metadata, metadata=metadata
+            )
+            made.append(tenant)
+            return tenant
 
-    yield make
-    for tenant in reversed(made):
-        try:
-            await tenancy_manager.delete_tenant(tenant.identifier, destroy_data=True)
-        except TenantNotFoundError:
-            pass  # the test purged it itself
+        yield make
+        for tenant in reversed(made):
+            try:
+                await tenancy_manager.delete_tenant(tenant.identifier, destroy_data=True)
+            except TenantNotFoundError:
+                pass  # the test purged it itself
 
 
 @async_fixture

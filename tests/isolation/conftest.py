@@ -54,7 +54,10 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
             [owner, app],
         )
         await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
-        await admin.execute(f'DROP OWNED BY "{owner}", "{app}"')
+        # One role at a time: PostgreSQL fails ("could not find tuple for default ACL") to
+        # drop, in one statement, the default privileges one of the roles gave the other.
+        await admin.execute(f'DROP OWNED BY "{app}"')
+        await admin.execute(f'DROP OWNED BY "{owner}"')
         await admin.execute(f'DROP ROLE "{owner}"')
         await admin.execute(f'DROP ROLE "{app}"')
     finally:

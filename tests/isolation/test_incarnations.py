@@ -39,8 +39,8 @@ from fastapi_tenancy.isolation import (
     _incarnation,
 )
 from fastapi_tenancy.isolation.base import marker_name
+from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
-from fastapi_tenancy.storage.redis import RedisTenantStore
 
 from ..apps import Base, build_app
 from ..conftest import _postgres_admin, running_pgbouncer
@@ -406,10 +406,10 @@ async def test_redis_cache_and_rate_limit_keys_belong_to_one_incarnation(
 async def test_the_redis_tenant_cache_never_returns_the_old_incarnation(
     postgres_url: str, redis_url: str, redis_prefix: str
 ) -> None:
-    # RedisTenantStore in front of the SQL registry, shared by two workers: the second one
-    # read (and so cached) the old record just before the deletion.
-    def store() -> RedisTenantStore:
-        return RedisTenantStore(redis_url, prefix=redis_prefix, backend=SQLAlchemyTenantStore(postgres_url))
+    # The Redis cache in front of the SQL registry, shared by two workers: the second one
+    # read (and so cached) the old record just before it was purged.
+    def store() -> CachingTenantStore:
+        return CachingTenantStore(SQLAlchemyTenantStore(postgres_url), redis_url, prefix=redis_prefix)
 
     config = TenancyConfig(database_url=postgres_url, database_pool_size=2)
     manager, other = TenancyManager(config, store()), TenancyManager(config, store())

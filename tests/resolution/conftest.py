@@ -1,5 +1,5 @@
 """A real ASGI app per strategy, four tenants (two active, one suspended, one deleted),
-and a driver for WebSocket handshakes."""
+and what a WebSocket the app accepted ran as (`tests/asgi.py` drives the handshake)."""
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, WebSocket
 
 from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyMiddleware
 from fastapi_tenancy.context import current_tenant_or_none
-from fastapi_tenancy.dependencies import CurrentTenant
+from fastapi_tenancy.dependencies import CurrentTenant, TokenClaims
 from fastapi_tenancy.resolution import Resolver
 from fastapi_tenancy.storage import InMemoryTenantStore
 
@@ -41,6 +41,14 @@ def build_app(manager: TenancyManager) -> FastAPI:
     @app.get("/admin")
     async def admin(tenant: CurrentTenant) -> str:
         return f"admin of {tenant.identifier}"
+
+    @app.get("/claims")
+    async def claims(claims: TokenClaims) -> dict[str, Any]:
+        return claims
+
+    @app.get("/health/claims")  # excluded: no tenant, so no token was verified either
+    async def health_claims(claims: TokenClaims) -> dict[str, Any]:
+        return claims
 
     @app.websocket("/ws")
     async def ws(websocket: WebSocket) -> None:
@@ -85,80 +93,9 @@ def build() -> Build:
     return _build
 
 
-async def websocket(
-    app: FastAPI,
-    headers: list[tuple[str, str]],
-    *,
-    path: str = "/ws",
-    raw_path: bytes | None = None,
-    client: tuple[str, int] = ("203.0.113.7", 50000),
-    extensions: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Drive one WebSocket handshake through the ASGI app; what the app sent."""
-    sent: list[dict[str, Any]] = []
-    incoming: list[dict[str, Any]] = [
-        {"type": "websocket.connect"},
-        {"type": "websocket.disconnect", "code": 1000},
-    ]
-
-    async def receive() -> dict[str, Any]:
-        return incoming.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "websocket",
-        "asgi": {"version": "3.0"},
-        "path": path,
-        "raw_path": raw_path if raw_path is not None else path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "scheme": "ws",
-        "server": ("app.test", 80),
-        "client": client,
-        "subprotocols": [],
-        "extensions": extensions or {},
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-    }
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    return sent
-
-
 def accepted_as(sent: list[dict[str, Any]]) -> str | None:
     """The tenant a WebSocket ran as, or None if it was refused."""
     if sent and sent[0]["type"] == "websocket.accept":
         return str(sent[1]["text"])
     assert sent and sent[0]["type"] == "websocket.close", sent
     return None
-
-
-async def http_raw(
-    app: FastAPI, path: str, raw_path: bytes | None = None, *, root_path: str = ""
-) -> tuple[int, bytes]:
-    """One HTTP GET with exactly this scope `path` and `raw_path` (clients normalise
-    `..` away before sending; a hostile one does not, and servers pass it on)."""
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": raw_path if raw_path is not None else path.encode(),
-        "root_path": root_path,
-        "query_string": b"",
-        "server": ("app.test", 80),
-        "client": ("203.0.113.7", 1),
-        "headers": [(b"host", b"app.test")],
-    }
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])

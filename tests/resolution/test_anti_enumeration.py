@@ -6,7 +6,8 @@ import pytest
 from fastapi_tenancy import TenancyConfig, Tenant
 from fastapi_tenancy.storage import InMemoryTenantStore
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 NOT_FOUND = b'{"detail": "Tenant not found"}'
 

@@ -10,7 +10,8 @@ from starlette.requests import HTTPConnection
 from fastapi_tenancy import TenancyConfig
 from fastapi_tenancy.resolution import ChainResolver, HeaderResolver, SubdomainResolver
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 SECRET = "chain-secret-" * 4
 JWT_SETTINGS: dict[str, Any] = {
@@ -20,6 +21,7 @@ JWT_SETTINGS: dict[str, Any] = {
 }
 MISSING = (400, {"detail": "Tenant identifier missing"})
 MISMATCH = (403, {"detail": "Tenant mismatch"})
+NOT_AUTHENTICATED = (401, {"detail": "Not authenticated"})
 
 
 def bearer(tenant: str) -> dict[str, str]:
@@ -63,7 +65,7 @@ async def test_first_answer_wins(build: Build, host: str, headers: dict[str, str
         ("acme.example.com", bearer("globex"), MISMATCH),
         ("globex.example.com", bearer("acme"), MISMATCH),
         ("victim.acme.example.com", bearer("acme"), MISSING),
-        ("acme.example.com", {}, MISSING),
+        ("acme.example.com", {}, NOT_AUTHENTICATED),  # every member must answer: the token too
         ("example.com", bearer("acme"), MISSING),
         # A mismatch is refused before any lookup: it says nothing about which tenants exist.
         ("unknown-a.example.com", bearer("unknown-b"), MISMATCH),
@@ -90,6 +92,27 @@ async def test_agree_mode_refuses_a_token_for_another_subdomain(
         assert actual == expected
         ws = await websocket(app, [("host", host), *headers.items()])
         assert accepted_as(ws) == (expected if isinstance(expected, str) else None)
+
+
+@pytest.mark.parametrize(
+    ("chain", "expected"),
+    [
+        (["jwt", "subdomain"], MISSING),  # the subdomain had the last word
+        (["subdomain", "jwt"], NOT_AUTHENTICATED),  # the token had it: nothing to fall through to
+    ],
+)
+async def test_a_request_without_a_token_is_a_401_only_where_the_chain_ends_at_the_token(
+    build: Build, chain: list[str], expected: tuple[int, object]
+) -> None:
+    async with build(resolution_strategy="chain", resolution_chain=chain, **JWT_SETTINGS) as (client, _, _):
+        response = await client.get("/whoami", headers={"host": "example.com"})
+        assert (response.status_code, response.json()) == expected
+        assert response.headers.get("www-authenticate") == ("Bearer" if expected[0] == 401 else None)
+        # A token still wins wherever the chain reaches it.
+        signed = _signed(bearer("globex"))
+        assert (await client.get("/whoami", headers={"host": "example.com", **signed})).json()[
+            "tenant"
+        ] == "globex"
 
 
 async def test_a_path_member_still_strips_its_segment(build: Build) -> None:

@@ -20,7 +20,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from fastapi_tenancy import ConfigurationError, InvalidTokenError, TenancyConfig, TenancyUnavailableError
 from fastapi_tenancy.resolution.jwt import JWKSKeys, JWTResolver
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -70,6 +71,7 @@ RS_SETTINGS: dict[str, Any] = {
     "jwt_public_key": pem(RSA_KEY),
 }
 INVALID = {"detail": "Invalid token"}
+NOT_AUTHENTICATED = {"detail": "Not authenticated"}
 BEARER_ERROR = 'Bearer error="invalid_token"'
 
 
@@ -128,8 +130,9 @@ async def test_expired_tokens_say_so(build: Build) -> None:
         ("Bearer {token}", (200, "acme")),
         ("bearer {token}", (200, "acme")),
         ("BEARER   {token}  ", (200, "acme")),
-        (None, (400, {"detail": "Tenant identifier missing"})),
-        ("Basic dXNlcjpwYXNz", (400, {"detail": "Tenant identifier missing"})),
+        # No bearer token at all: the challenge of RFC 6750 §3.1, without an error code.
+        (None, (401, NOT_AUTHENTICATED)),
+        ("Basic dXNlcjpwYXNz", (401, NOT_AUTHENTICATED)),
         ("Bearer", (401, INVALID)),
         ("Bearer ", (401, INVALID)),
     ],
@@ -140,6 +143,10 @@ async def test_bearer_scheme(build: Build, authorization: str | None, expected: 
         response = await client.get("/whoami", headers=headers)
     body = response.json()
     assert (response.status_code, body["tenant"] if response.status_code == 200 else body) == expected
+    if response.status_code == 401:
+        assert response.headers["www-authenticate"] == (
+            "Bearer" if body == NOT_AUTHENTICATED else BEARER_ERROR
+        )
 
 
 async def test_two_different_authorization_headers_are_refused(build: Build) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from fastapi_tenancy.resolution import PathResolver
 
-from .conftest import Build, accepted_as, http_raw, websocket
+from ..asgi import http_raw, websocket
+from .conftest import Build, accepted_as
 
 MISSING = (400, {"detail": "Tenant identifier missing"})
 INVALID = (400, {"detail": "Tenant path invalid"})

@@ -4,7 +4,8 @@ import pytest
 
 from fastapi_tenancy.resolution import SubdomainResolver
 
-from .conftest import Build, accepted_as, websocket
+from ..asgi import websocket
+from .conftest import Build, accepted_as
 
 MISSING = (400, {"detail": "Tenant identifier missing"})
 NOT_FOUND = (404, {"detail": "Tenant not found"})

@@ -20,7 +20,7 @@ from fastapi_tenancy.cache import TenantCache
 from fastapi_tenancy.cache.redis import RedisCacheBackend
 from fastapi_tenancy.ratelimit.redis import RedisRateLimiter
 
-from ..conftest import REDIS_URL, _redis_ping, _require
+from ..conftest import REDIS_URL, require_redis
 from .sync import new_runner
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,7 +43,7 @@ def redis_keyspace() -> Iterator[tuple[asyncio.Runner, TenantCache, RedisRateLim
     """A cache and a limiter (one request per minute) on the shared Redis, under a prefix of our own."""
     name = f"ft-keys-{uuid.uuid4().hex[:12]}"
     with new_runner() as runner:
-        runner.run(_require("Redis", lambda: _redis_ping(REDIS_URL)))
+        require_redis()
         cache = TenantCache(RedisCacheBackend(REDIS_URL), prefix=name, ttl=60)
         assert isinstance(cache.backend, RedisCacheBackend)
         limiter = RedisRateLimiter(cache.backend.redis, prefix=f"{name}:", requests=1, window=60)

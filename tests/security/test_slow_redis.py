@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-from fastapi_tenancy.storage import TenantStore
+from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 from fastapi_tenancy.storage.redis import RedisTenantStore
 
@@ -75,11 +75,13 @@ class LatencyProxy:
 @asynccontextmanager
 async def app_behind(
     proxy: LatencyProxy, mode: str, tmp_path: Path, prefix: str
-) -> AsyncIterator[tuple[httpx.AsyncClient, RedisTenantStore]]:
-    backend: TenantStore | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, RedisTenantStore | CachingTenantStore]]:
+    store: RedisTenantStore | CachingTenantStore
     if mode == "cache":
         backend = SQLAlchemyTenantStore(f"sqlite:///{tmp_path / 'registry.db'}")
-    store = RedisTenantStore(proxy.url, prefix=prefix, backend=backend, timeout=TIMEOUT)
+        store = CachingTenantStore(backend, proxy.url, prefix=prefix, timeout=TIMEOUT)
+    else:
+        store = RedisTenantStore(proxy.url, prefix=prefix, timeout=TIMEOUT)
     # No in-process cache: every request asks the store, so each one meets the slow Redis.
     config = TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}", cache_ttl=0, negative_cache_ttl=0)
     manager = TenancyManager(config, store)

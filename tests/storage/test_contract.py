@@ -1,10 +1,9 @@
-"""The contract every TenantStore passes, run against each backend (memory, SQLite, PostgreSQL, MySQL,
-Redis as the registry, and Redis as a cache in front of SQLite)."""
+"""The contract every TenantStore passes, run against each backend: memory, SQLite, PostgreSQL,
+MySQL, the Redis registry, and the Redis cache in front of PostgreSQL."""
 
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -16,44 +15,35 @@ from fastapi_tenancy import (
     TenantStatus,
 )
 from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
+from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
+from fastapi_tenancy.storage.redis import RedisTenantStore
 
-BACKENDS = ["memory", "sqlite", "postgres", "mysql", "redis", "redis_cache"]
+BACKENDS = ["memory", "sqlite", "postgres", "mysql", "redis", "caching"]
 
 
 @pytest.fixture(params=BACKENDS)
-def store_url(request: pytest.FixtureRequest) -> str | None:
-    if request.param == "memory":
-        return None
-    if request.param.startswith("redis"):
-        # "redis+<prefix>" for the registry; "redis_cache+<prefix>" caches a SQLite registry.
-        kind = request.param
-        return f"{kind}+{request.getfixturevalue('redis_prefix')}+{request.getfixturevalue('redis_url')}"
-    return str(request.getfixturevalue(f"{request.param}_url"))
-
-
-def _build(store_url: str, tmp_path: Path) -> TenantStore:
-    if not store_url.startswith("redis"):
-        return SQLAlchemyTenantStore(store_url)
-    from fastapi_tenancy.storage.redis import RedisTenantStore
-
-    kind, prefix, url = store_url.split("+", 2)
-    if kind == "redis":
-        return RedisTenantStore(url, prefix=prefix)
-    return RedisTenantStore(url, prefix=prefix, backend=SQLAlchemyTenantStore(f"sqlite:///{tmp_path}/reg.db"))
+def unopened(request: pytest.FixtureRequest) -> TenantStore:
+    """The store of this run's backend, not initialized yet (on a fresh database or key prefix)."""
+    kind = request.param
+    if kind == "memory":
+        return InMemoryTenantStore()
+    if kind in ("redis", "caching"):
+        redis_url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+        if kind == "redis":
+            return RedisTenantStore(redis_url, prefix=prefix)
+        registry = SQLAlchemyTenantStore(str(request.getfixturevalue("postgres_url")))
+        return CachingTenantStore(registry, redis_url, prefix=prefix)
+    return SQLAlchemyTenantStore(str(request.getfixturevalue(f"{kind}_url")))
 
 
 @pytest.fixture
-async def store(store_url: str | None, tmp_path: Path) -> AsyncIterator[TenantStore]:
-    if store_url is None:
-        yield InMemoryTenantStore()
-        return
-    built = _build(store_url, tmp_path)
-    await built.initialize()
-    await built.initialize()  # idempotent
-    yield built
-    await built.close()
-    await built.close()  # idempotent
+async def store(unopened: TenantStore) -> AsyncIterator[TenantStore]:
+    await unopened.initialize()
+    await unopened.initialize()  # idempotent
+    yield unopened
+    await unopened.close()
+    await unopened.close()  # idempotent
 
 
 def _tenant(identifier: str, **kwargs: object) -> Tenant:
@@ -202,3 +192,12 @@ async def test_get_many_returns_the_known_ones_by_identifier(store: TenantStore)
     found = await store.get_many(["globex", "nobody", "acme"])
     assert found == {"acme": acme, "globex": globex}
     assert await store.get_many([]) == {}
+
+
+@pytest.mark.parametrize("page", [1, 2, 500], ids=["page-1", "page-2", "page-500"])
+async def test_iterate_yields_every_tenant_in_identifier_order(store: TenantStore, page: int) -> None:
+    for i, slug in enumerate(["d", "b", "a", "e", "c"]):
+        await store.create(_tenant(slug, status=TenantStatus.SUSPENDED if i % 2 else TenantStatus.ACTIVE))
+    assert [t.identifier async for t in store.iterate(page=page)] == ["a", "b", "c", "d", "e"]
+    suspended = [t.identifier async for t in store.iterate(status=TenantStatus.SUSPENDED, page=page)]
+    assert suspended == ["b", "e"]

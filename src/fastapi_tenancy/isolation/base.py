@@ -160,6 +160,11 @@ class Isolation(ABC):
     stay scoped after `commit()` and leave nothing on pooled connections.
     """
 
+    shared_column: str | None = None
+    """The column that tells tenants' rows apart when tenants share tables (row-level
+    security), else None. Shared tables are migrated once for every tenant, in the
+    schema `storage_name()` names (see `fastapi_tenancy.migrations.targets`)."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
@@ -237,6 +242,12 @@ class Isolation(ABC):
                 f"tenant {tenant.identifier!r} has its own database_url, but {type(self).__name__} "
                 "keeps tenants on one server; use isolation_strategy='database'"
             )
+
+    async def migrated(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Called after the library ran migrations on tenants' tables (the fleet, a registration).
+
+        Row-level security guards the tables a migration added; others do nothing.
+        """
 
     async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Prepare shared resources (pools). Idempotent."""

@@ -119,6 +119,7 @@ class RLSIsolation(Isolation):
         self.engine = engine
         self.owner_engine = owner_engine
         self.column = column
+        self.shared_column = column
         self.schema = schema
         self.setting = f"{namespace}.tenant_id"
         self.policy = f"{namespace}_tenant"
@@ -286,6 +287,19 @@ $fn$"""  # noqa: S608
             state = {row.name: row for row in rows}
             for table in tables:
                 await self._guard(conn, state[table.name])
+
+    async def migrated(self) -> None:
+        """Guard the tenant tables migrations added: those of the shared schema with the tenant column.
+
+        As `apply()` does for the tables it creates (policies, defaults, grants), from the
+        catalog instead of a MetaData. Idempotent.
+        """
+        if self.app_role is None:
+            raise ConfigurationError("call initialize() before migrated()")
+        async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
+            await self._lock_setup(conn)
+            for row in (await conn.execute(sa.text(_TABLE_STATE), self._catalog_params())).all():
+                await self._guard(conn, row)
 
     async def _guard(self, conn: AsyncConnection, row: Any) -> None:
         target = f"{_quote(self.schema)}.{_quote(row.name)}"

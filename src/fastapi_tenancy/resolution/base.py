@@ -1,14 +1,35 @@
 """`Resolver`: the contract of a resolution strategy, and the wrapper for plain callables."""
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-__all__ = ["CallableResolver", "Resolver", "ResolverFunc", "as_resolver"]
+__all__ = ["CallableResolver", "OpenAPITenant", "Resolver", "ResolverFunc", "as_resolver"]
 
 ResolverFunc = Callable[[HTTPConnection], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class OpenAPITenant:
+    """How a request names its tenant, as the app's OpenAPI schema shows it (`Resolver.openapi`).
+
+    Every field is added to each tenant operation (never to excluded paths):
+    `parameters` are OpenAPI parameter objects (a header); `path_prefix` moves the
+    operation under `<prefix>/{tenant}`; `security_schemes` are declared in
+    `components` and required by the operation (`security_optional`: one way among
+    others); `servers` are where the operation may be sent, after the schema's own.
+    """
+
+    parameters: tuple[Mapping[str, Any], ...] = ()
+    path_prefix: str | None = None
+    security_schemes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    security_optional: bool = False
+    servers: tuple[Mapping[str, Any], ...] = ()
 
 
 class Resolver(ABC):
@@ -34,6 +55,15 @@ class Resolver(ABC):
         mutate `scope`.
         """
         return scope
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant | None:
+        """How a client names the tenant, for the app's `/openapi.json` (and so `/docs`).
+
+        None (the default, and what a plain function gets) adds nothing. `required`
+        is False when the resolver is one way among others (a chain in `first`
+        mode): a header it documents is then optional.
+        """
+        return None
 
 
 class CallableResolver(Resolver):

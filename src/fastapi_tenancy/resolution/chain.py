@@ -7,7 +7,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ..errors import TenantMismatchError
-from .base import Resolver, ResolverFunc, as_resolver
+from .base import OpenAPITenant, Resolver, ResolverFunc, as_resolver
 
 __all__ = ["ChainResolver"]
 
@@ -24,7 +24,8 @@ class ChainResolver(Resolver):
     An error from a resolver (a bad token's 401) ends the chain in both modes: a
     request with a broken token is refused, not resolved by the next strategy.
     `app_scope` applies every member's rewrite, so a `PathResolver` in the chain
-    still strips its segment when another member answered first.
+    still strips its segment when another member answered first. `openapi`
+    documents every member's way, each optional in `first` mode.
     """
 
     def __init__(
@@ -60,3 +61,17 @@ class ChainResolver(Resolver):
         for resolver in self.resolvers:
             scope = resolver.app_scope(scope)
         return scope
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant | None:
+        # In `first` mode each member is one way among several; in `agree` mode all are needed.
+        each_required = required and (self.mode == "agree" or len(self.resolvers) == 1)
+        parts = [part for r in self.resolvers if (part := r.openapi(required=each_required)) is not None]
+        if not parts:
+            return None
+        return OpenAPITenant(
+            parameters=tuple(parameter for part in parts for parameter in part.parameters),
+            path_prefix=next((part.path_prefix for part in parts if part.path_prefix is not None), None),
+            security_schemes={name: s for part in parts for name, s in part.security_schemes.items()},
+            security_optional=any(part.security_optional for part in parts if part.security_schemes),
+            servers=tuple(server for part in parts for server in part.servers),
+        )

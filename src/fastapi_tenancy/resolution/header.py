@@ -3,7 +3,7 @@
 from starlette.requests import HTTPConnection
 
 from ..errors import TenantResolutionError
-from .base import Resolver
+from .base import OpenAPITenant, Resolver
 
 __all__ = ["HeaderResolver"]
 
@@ -19,6 +19,7 @@ class HeaderResolver(Resolver):
     def __init__(self, header_name: str = "X-Tenant-ID") -> None:
         self.header_name = header_name.lower()
         self._raw_name = self.header_name.encode("latin-1")
+        self._spelling = header_name  # as configured, for the OpenAPI schema
 
     async def resolve(self, connection: HTTPConnection) -> str | None:
         # The raw ASGI header list (names are lower-cased bytes): one pass, no copy.
@@ -31,3 +32,13 @@ class HeaderResolver(Resolver):
         # would also drop NBSP, NEL and other control characters, so "alpha\xa0" would
         # reach tenant alpha while a proxy's rule comparing raw values saw another tenant.
         return values[0].decode("latin-1").strip(" \t") or None
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant:
+        parameter = {
+            "name": self._spelling,
+            "in": "header",
+            "required": required,
+            "schema": {"type": "string"},
+            "description": "The tenant's identifier, e.g. `acme`.",
+        }
+        return OpenAPITenant(parameters=(parameter,))

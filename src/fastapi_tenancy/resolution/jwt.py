@@ -13,9 +13,10 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from ..config import check_jwt_settings
 from ..errors import ConfigurationError, InvalidTokenError, MissingDependencyError, TenancyUnavailableError
-from .base import Resolver
+from .algorithms import check_jwt_settings
+from .base import OpenAPITenant, Resolver
+from .claims import remember_token
 
 try:
     import httpx
@@ -141,8 +142,14 @@ class JWTResolver(Resolver):
     be a dotted path (`org.slug`) into nested claims.
 
     No `Authorization` header, another scheme, or a valid token without the claim
-    name no tenant (None). Anything wrong with the token raises `InvalidTokenError`
-    (401 with `WWW-Authenticate: Bearer error="invalid_token"`).
+    name no tenant (None), so that a chain can ask its next strategy. With
+    `required=True` (the strategy alone, or where a chain cannot fall through) a
+    request without a bearer token is refused instead: 401 `Not authenticated`
+    with `WWW-Authenticate: Bearer`. Anything wrong with the token raises
+    `InvalidTokenError` (401 with `WWW-Authenticate: Bearer error="invalid_token"`).
+
+    The verified claims stay with the request (`get_token_claims`), never on the
+    resolver.
     """
 
     def __init__(
@@ -159,6 +166,7 @@ class JWTResolver(Resolver):
         leeway: float = 0.0,
         tenant_claim: str = "tenant",
         require_exp: bool = True,
+        required: bool = False,
     ) -> None:
         self.algorithms = tuple(algorithms)
         secret_bytes = secret.encode() if isinstance(secret, str) else secret
@@ -189,13 +197,31 @@ class JWTResolver(Resolver):
         require += ["aud"] if audience is not None else []
         require += ["iss"] if issuer is not None else []
         self._options: Any = {"require": require, "enforce_minimum_key_length": True}
+        self.required = required
 
     async def resolve(self, connection: HTTPConnection) -> str | None:
         token = _bearer_token(connection.scope["headers"])
         if token is None:
+            if self.required:
+                # RFC 6750 §3.1: a request without credentials gets the challenge, no error code.
+                raise InvalidTokenError(
+                    "no bearer token", detail="Not authenticated", headers={"www-authenticate": "Bearer"}
+                )
             return None
         claims = await self.verify(token)
-        return self._tenant(claims)
+        tenant = self._tenant(claims)
+        # Per request, in the scope: the routes read these claims instead of decoding again.
+        remember_token(connection.scope, tenant, claims)
+        return tenant
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant:
+        scheme = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": f"A JWT whose `{self.tenant_claim}` claim names the tenant.",
+        }
+        return OpenAPITenant(security_schemes={"TenantToken": scheme}, security_optional=not required)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The claims of `token` if it passes every check; `InvalidTokenError` otherwise."""

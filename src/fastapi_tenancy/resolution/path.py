@@ -6,7 +6,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ..errors import TenantResolutionError
-from .base import Resolver
+from .base import OpenAPITenant, Resolver
 
 __all__ = ["PathResolver", "validate_path_prefix"]
 
@@ -43,6 +43,9 @@ class PathResolver(Resolver):
     async def resolve(self, connection: HTTPConnection) -> str | None:
         found = self._split(connection.scope)
         return found[0] if found is not None else None
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant:
+        return OpenAPITenant(path_prefix=self.prefix)
 
     def app_scope(self, scope: Scope) -> Scope:
         found = self._split(scope)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
 
-from .base import Resolver
+from .base import OpenAPITenant, Resolver
 
 __all__ = ["SubdomainResolver", "parse_networks", "validate_domain_suffix"]
 
@@ -64,6 +64,19 @@ class SubdomainResolver(Resolver):
     async def resolve(self, connection: HTTPConnection) -> str | None:
         host = self._host(connection)
         return self.label(host) if host is not None else None
+
+    def openapi(self, *, required: bool = True) -> OpenAPITenant:
+        # Requests from /docs go to the host the docs were opened on: on a tenant's
+        # host they name that tenant. The template names any tenant's host instead.
+        server = {
+            "url": "{scheme}://{tenant}." + self.domain_suffix,
+            "description": f"a tenant's own host, <tenant>.{self.domain_suffix}",
+            "variables": {
+                "scheme": {"enum": ["https", "http"], "default": "https"},
+                "tenant": {"default": "tenant", "description": "The tenant's identifier, e.g. `acme`."},
+            },
+        }
+        return OpenAPITenant(servers=(server,))
 
     def label(self, host: str) -> str | None:
         """The tenant label of a Host value (`ACME.example.com:8443` -> `acme`), or None."""

@@ -3,6 +3,8 @@
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from ..errors import TenantChangedError, TenantNotFoundError
 from ..tenant import Tenant, TenantStatus
 
@@ -29,8 +31,9 @@ class TenantStore(ABC):
     - an unreachable backend raises `TenancyUnavailableError` (a clear 503),
       never a driver exception.
 
-    The manager invalidates its cache on every change it makes, so a store needs
-    no cache of its own.
+    The manager's registry cache (in memory, per process) is invalidated on every
+    change it makes, so a store needs no in-process cache of its own;
+    `CachingTenantStore` adds one in Redis that every worker shares.
     """
 
     async def initialize(self) -> None:  # noqa: B027 - optional hook, a no-op by default
@@ -38,6 +41,19 @@ class TenantStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Idempotent."""
+
+    def configure(self, *, pgbouncer: bool) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Settings of the deployment, given by the manager once, before `initialize()`.
+
+        `pgbouncer`: PostgreSQL is reached through PgBouncer in transaction mode, so a
+        pool the store opens itself must cache no prepared statements.
+        """
+
+    def notify_engine(self) -> AsyncEngine | None:
+        """A PostgreSQL engine on which LISTEN/NOTIFY reaches every worker sharing this
+        registry, or None. The manager announces tenant changes over it when no
+        `redis_url` is configured."""
+        return None
 
     @abstractmethod
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
@@ -50,7 +66,7 @@ class TenantStore(ABC):
     async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
         """The tenants with these slugs, by slug (unknown ones are left out).
 
-        Used by the lookup cache to refresh many entries at once. The default reads them
+        Used by the registry cache (`TenantLookup`) to refresh many entries at once. The default reads them
         one by one; a store that can read them in one query should override it.
         """
         found: dict[str, Tenant] = {}

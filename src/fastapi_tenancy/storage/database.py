@@ -104,6 +104,14 @@ class SQLAlchemyTenantStore(TenantStore):
         self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
+    def configure(self, *, pgbouncer: bool) -> None:
+        # A registry opened from a URL (as in the Quick Start) makes its own pool on
+        # first use: behind PgBouncer it must not cache prepared statements either.
+        self.pgbouncer = self.pgbouncer or pgbouncer
+
+    def notify_engine(self) -> AsyncEngine | None:
+        return self.engine if self.engine.url.get_backend_name() == "postgresql" else None
+
     @property
     def engine(self) -> AsyncEngine:
         """The engine the registry uses (created on first use)."""

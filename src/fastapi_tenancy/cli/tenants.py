@@ -1,0 +1,199 @@
+"""`fastapi-tenancy tenants`: list, show, create, suspend, activate and delete tenants; spare schemas."""
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import ConfigurationError
+from ..manager import TenancyManager
+from ..tenant import Tenant, TenantStatus, thaw
+from .base import EXIT_USAGE, fail, out, print_rows, run_with_manager, state, tenant_dict
+
+if TYPE_CHECKING:
+    from ..isolation.spares import SparePool
+
+__all__ = ["spares_app", "tenants_app"]
+
+tenants_app = typer.Typer(
+    help="List, show, create, suspend, activate and delete tenants.", no_args_is_help=True
+)
+spares_app = typer.Typer(
+    help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True
+)
+tenants_app.add_typer(spares_app, name="spares")
+
+
+@tenants_app.command("list")
+def tenants_list(
+    status: Annotated[TenantStatus | None, typer.Option(help="Only tenants with this status.")] = None,
+    after: Annotated[str | None, typer.Option(help="Start after this identifier (paging).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+) -> None:
+    """Tenants ordered by identifier."""
+    found = run_with_manager(lambda m: m.list_tenants(status=status, after=after, limit=limit))
+    print_rows("Tenants", [tenant_dict(t) for t in found], ["identifier", "name", "status", "created_at"])
+
+
+@tenants_app.command("show")
+def tenants_show(identifier: str) -> None:
+    """One tenant, with its storage name."""
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        tenant = await manager.get_tenant(identifier)
+        return {
+            **tenant_dict(tenant),
+            "storage": manager.isolation.storage_name(identifier),
+            "metadata": thaw(tenant.metadata),
+        }
+
+    row = run_with_manager(work)
+    if state.json:
+        out.print_json(json.dumps(row, default=str))
+        return
+    table = Table(title=f"Tenant {identifier}", show_header=False)
+    for key, value in row.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    identifier: str,
+    name: Annotated[str | None, typer.Option(help="Display name (default: the identifier).")] = None,
+    empty: Annotated[
+        bool,
+        typer.Option(
+            "--empty", help="Without alembic_config or schema_template: create the storage with no tables."
+        ),
+    ] = False,
+) -> None:
+    """Register a tenant: its storage migrated to head (alembic_config) or cloned from the template."""
+
+    async def work(manager: TenancyManager) -> Tenant:
+        if not empty:
+            _refuse_empty_storage(manager)
+        return await manager.register_tenant(identifier, name or identifier)
+
+    tenant = run_with_manager(work)
+    print_rows("Created", [tenant_dict(tenant)], ["identifier", "name", "status"])
+
+
+def _refuse_empty_storage(manager: TenancyManager) -> None:
+    # The command has no models to create tables from: without migrations to run or a
+    # template to clone, the tenant's schema or database would have no tables, and every
+    # request of the tenant would fail. Shared tables (rls) are there already, or not.
+    config = manager.config
+    tier = manager.isolation.choose_tier(None, {}) or config.isolation_strategy
+    if config.alembic_config is not None or tier == "rls":
+        return
+    if tier == "schema" and config.schema_template is not None and config.backend == "postgresql":
+        return
+    raise ConfigurationError(
+        "the new tenant's storage would have no tables: set alembic_config (TENANCY_ALEMBIC_CONFIG) "
+        "so that it is migrated to head, or schema_template to clone it, or pass --empty"
+    )
+
+
+def _change(action: str, change: Callable[[TenancyManager], Awaitable[Tenant]]) -> None:
+    tenant = run_with_manager(change)
+    print_rows(action, [tenant_dict(tenant)], ["identifier", "name", "status"])
+
+
+@tenants_app.command("suspend")
+def tenants_suspend(identifier: str) -> None:
+    """Stop serving a tenant (403); its data is kept."""
+    _change("Suspended", lambda m: m.suspend_tenant(identifier))
+
+
+@tenants_app.command("activate")
+def tenants_activate(identifier: str) -> None:
+    """Serve a suspended tenant again."""
+    _change("Activated", lambda m: m.activate_tenant(identifier))
+
+
+@tenants_app.command("delete")
+def tenants_delete(
+    identifier: str,
+    destroy_data: Annotated[
+        bool, typer.Option("--destroy-data", help="Drop the tenant's schema and every row in it.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before destroying data.")] = False,
+) -> None:
+    """Soft-delete a tenant (data kept), or purge it with --destroy-data."""
+    if destroy_data and not yes:
+        if not sys.stdin.isatty():
+            fail("--destroy-data needs --yes when not run interactively", EXIT_USAGE)
+        typer.confirm(f"Destroy every row of tenant {identifier!r}? This cannot be undone.", abort=True)
+
+    async def work(manager: TenancyManager) -> None:
+        await manager.delete_tenant(identifier, destroy_data=destroy_data)
+
+    run_with_manager(work)
+    result = {"identifier": identifier, "deleted": True, "data_destroyed": destroy_data}
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"{'Destroyed' if destroy_data else 'Deleted (data kept)'}: {identifier}")
+
+
+# -- tenants spares ---------------------------------------------------------------------
+
+
+def _spares(manager: TenancyManager) -> "SparePool":
+    pool: SparePool | None = getattr(manager.isolation, "spares", None)
+    if pool is None:
+        raise ConfigurationError("no spare schemas configured: set schema_template and schema_spares")
+    return pool
+
+
+@spares_app.command("fill")
+def spares_fill(
+    count: Annotated[
+        int | None, typer.Option(min=0, max=1000, help="Keep this many ready (default: schema_spares).")
+    ] = None,
+) -> None:
+    """Drop stale spares and clone the template until COUNT spares are ready."""
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        pool = _spares(manager)
+        await pool.initialize()
+        made = await pool.fill(count)
+        return {"made": made, "ready": sum(1 for s in await pool.list_spares() if s.current)}
+
+    result = run_with_manager(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"made {result['made']} spare schema(s); {result['ready']} ready", highlight=False)
+
+
+@spares_app.command("list")
+def spares_list() -> None:
+    """Each spare and whether it is at the template's revision."""
+
+    async def work(manager: TenancyManager) -> list[dict[str, Any]]:
+        pool = _spares(manager)
+        await pool.initialize()
+        return [s.as_dict() for s in await pool.list_spares()]
+
+    print_rows("Spare schemas", run_with_manager(work, initialize=False), ["name", "revision", "current"])
+
+
+@spares_app.command("drain")
+def spares_drain() -> None:
+    """Drop every spare (e.g. after rebuilding the template by hand)."""
+
+    async def work(manager: TenancyManager) -> int:
+        pool = _spares(manager)
+        await pool.initialize()
+        return int(await pool.drain())
+
+    dropped = run_with_manager(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps({"dropped": dropped}))
+    else:
+        out.print(f"dropped {dropped} spare schema(s)", highlight=False)

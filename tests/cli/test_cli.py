@@ -1,0 +1,260 @@
+"""Every CLI command, through the real console script, against real PostgreSQL."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastapi_tenancy import TenancyConfig, TenancyManager
+from tests.migrations.projects import make_project
+from tests.migrations.test_stamp import METADATA
+
+pytestmark = pytest.mark.postgres
+
+SCRIPT = Path(sys.executable).parent / "fastapi-tenancy"
+
+
+def _call(
+    url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TENANCY_")}
+    environment.update({"TENANCY_DATABASE_URL": url, "TENANCY_DATABASE_POOL_SIZE": "2", **(env or {})})
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+
+
+def cli(url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run the console script; (exit code, stdout and stderr)."""
+    done = _call(url, *args, cwd=cwd, env=env)
+    return done.returncode, done.stdout + done.stderr
+
+
+def cli_json(
+    url: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """Run the console script with --json; (exit code, parsed stdout)."""
+    done = _call(url, "--json", *args, cwd=cwd, env=env)
+    return done.returncode, json.loads(done.stdout)
+
+
+async def test_tenant_lifecycle_commands(postgres_url: str) -> None:
+    # No migrations to run, no template to clone: the schema would have no tables.
+    code, text = cli(postgres_url, "tenants", "create", "acme-corp")
+    assert code == 2 and "would have no tables" in text and "--empty" in text
+    code, created = cli_json(postgres_url, "tenants", "create", "acme-corp", "--name", "Acme", "--empty")
+    assert code == 0, created
+    assert created[0]["status"] == "active"
+    assert cli(postgres_url, "tenants", "create", "acme-corp", "--empty")[0] == 4  # conflict
+    assert cli(postgres_url, "tenants", "create", "Bad_Slug", "--empty")[0] == 2  # invalid identifier
+    code, shown = cli_json(postgres_url, "tenants", "show", "acme-corp")
+    assert code == 0 and shown["storage"] == "tenant_acme_corp" and shown["name"] == "Acme"
+    assert cli(postgres_url, "tenants", "show", "nobody")[0] == 3
+    code, suspended = cli_json(postgres_url, "tenants", "suspend", "acme-corp")
+    assert code == 0 and suspended[0]["status"] == "suspended"
+    code, listed = cli_json(postgres_url, "tenants", "list", "--status", "suspended")
+    assert code == 0 and [t["identifier"] for t in listed] == ["acme-corp"]
+    code, active = cli_json(postgres_url, "tenants", "activate", "acme-corp")
+    assert code == 0 and active[0]["status"] == "active"
+    code, text = cli(postgres_url, "tenants", "list")
+    assert code == 0 and "acme-corp" in text
+    assert cli(postgres_url, "tenants", "delete", "acme-corp", "--destroy-data")[0] == 2  # needs --yes
+    code, deleted = cli_json(postgres_url, "tenants", "delete", "acme-corp")
+    assert code == 0 and deleted == {"identifier": "acme-corp", "deleted": True, "data_destroyed": False}
+    assert cli(postgres_url, "tenants", "activate", "acme-corp")[0] == 4  # deleted -> active refused
+    code, _ = cli_json(postgres_url, "tenants", "delete", "acme-corp", "--destroy-data", "--yes")
+    assert code == 0
+    assert cli(postgres_url, "tenants", "show", "acme-corp")[0] == 3
+
+
+async def test_tenants_create_with_alembic_config_migrates_the_new_tenant_to_head(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    import asyncpg
+
+    ini = make_project(tmp_path / "project")
+    env = {"TENANCY_ALEMBIC_CONFIG": str(ini)}
+    code, created = cli_json(postgres_url, "tenants", "create", "acme", env=env)
+    assert code == 0, created
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+    try:
+        assert await conn.fetchval("SELECT version_num FROM tenant_acme.alembic_version") == "b2"
+        assert await conn.fetchval("SELECT count(*) FROM tenant_acme.items") == 0
+    finally:
+        await conn.close()
+    # migrate finds the project through alembic_config, wherever it runs from.
+    code, status = cli_json(postgres_url, "migrate", "status", cwd=tmp_path, env=env)
+    assert code == 0 and [(s["tenant"], s["revision"]) for s in status] == [("acme", "b2")]
+    code, checks = cli_json(postgres_url, "doctor", env=env)
+    assert code == 0, checks
+    assert {c["name"]: c["status"] for c in checks}["migrations"] == "ok"
+
+
+async def test_migrate_commands(manager: TenancyManager, postgres_url: str, tmp_path: Path) -> None:
+    make_project(tmp_path)
+    for slug in ("acme", "globex"):
+        await manager.register_tenant(slug, slug)
+    code, status = cli_json(postgres_url, "migrate", "status", cwd=tmp_path)
+    assert code == 1 and [s["revision"] for s in status] == [None, None]  # not at head: exit 1
+    code, planned = cli_json(postgres_url, "migrate", "upgrade", "--dry-run", cwd=tmp_path)
+    assert code == 0 and planned["counts"]["planned"] == 2
+    code, report = cli_json(postgres_url, "migrate", "upgrade", "--concurrency", "2", cwd=tmp_path)
+    assert code == 0, report
+    assert report["counts"]["ok"] == 2
+    assert {r["to_revision"] for r in report["results"]} == {"b2"}
+    code, report = cli_json(postgres_url, "migrate", "upgrade", cwd=tmp_path)
+    assert code == 0 and report["counts"] == {"ok": 0, "failed": 0, "skipped": 2, "planned": 0}
+    code, report = cli_json(postgres_url, "migrate", "downgrade", "a1", "--tenant", "acme", cwd=tmp_path)
+    assert code == 0 and [r["to_revision"] for r in report["results"]] == ["a1"]
+    # On a terminal (rich honours TTY_COMPATIBLE=1) a progress bar counts the tenants that run.
+    code, text = cli(
+        postgres_url, "migrate", "upgrade", cwd=tmp_path, env={"TTY_COMPATIBLE": "1", "NO_COLOR": "1"}
+    )
+    assert code == 0 and "1 ok" in text and "1 skipped" in text
+    assert "upgrade head" in text and "1/1" in text
+
+
+async def test_migrate_reports_failures_with_exit_code_1(
+    manager: TenancyManager, postgres_url: str, tmp_path: Path
+) -> None:
+    import asyncpg
+
+    make_project(tmp_path)
+    await manager.register_tenant("acme", "Acme")
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
+    await conn.execute("CREATE TABLE tenant_acme.fail_here (x int)")
+    await conn.close()
+    code, report = cli_json(postgres_url, "migrate", "upgrade", cwd=tmp_path)
+    assert code == 1 and report["counts"]["failed"] == 1
+    assert "boom" in report["results"][0]["error"]
+
+
+def test_migrate_init_creates_a_project(tmp_path: Path) -> None:
+    code, _ = cli("sqlite:///x.db", "migrate", "init", str(tmp_path / "proj"))
+    assert code == 0
+    assert (tmp_path / "proj" / "alembic.ini").is_file()
+    assert (tmp_path / "proj" / "migrations" / "tenant" / "env.py").is_file()
+    assert (tmp_path / "proj" / "migrations" / "shared" / "env.py").is_file()
+    assert cli("sqlite:///x.db", "migrate", "init", str(tmp_path / "proj"))[0] == 4
+
+
+async def test_run_executes_once_per_tenant_with_the_tenant_in_its_environment(
+    manager: TenancyManager, postgres_url: str, tmp_path: Path
+) -> None:
+    for slug in ("acme", "globex"):
+        await manager.register_tenant(slug, slug)
+    log = tmp_path / "log.txt"
+    script = f'echo "$TENANCY_TENANT $TENANCY_TENANT_SCHEMA" >> {log}'
+    code, results = cli_json(postgres_url, "run", "--", "sh", "-c", script)
+    assert code == 0
+    assert results == [{"tenant": "acme", "exit_code": 0}, {"tenant": "globex", "exit_code": 0}]
+    assert log.read_text().splitlines() == ["acme tenant_acme", "globex tenant_globex"]
+    code, results = cli_json(postgres_url, "run", "--", "sh", "-c", '[ "$TENANCY_TENANT" = acme ]')
+    assert code == 1 and [r["exit_code"] for r in results] == [0, 1]
+    assert cli(postgres_url, "run")[0] == 2
+
+
+async def test_doctor_passes_and_fails_on_a_pooler(
+    manager: TenancyManager, postgres_url: str, pgbouncer_url: str
+) -> None:
+    await manager.register_tenant("acme", "Acme", app_metadata=METADATA)
+    code, checks = cli_json(postgres_url, "doctor")
+    assert code == 0, checks
+    assert {c["name"]: c["status"] for c in checks} == {
+        "configuration": "ok",
+        "connectivity": "ok",
+        "registry": "ok",
+        "pooler safety": "ok",
+        "tenant storage": "ok",
+        "migrations": "ok",
+        "template": "ok",
+        "spares": "ok",
+    }
+    code, text = cli(postgres_url, "doctor", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"})
+    assert code == 1 and "does not exist" in text
+    # Behind PgBouncer without pgbouncer mode the empty search_path never reaches the server.
+    code, checks = cli_json(pgbouncer_url, "doctor")
+    assert code == 1
+    assert {c["name"]: c["status"] for c in checks}["pooler safety"] == "fail"
+    code, checks = cli(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
+    assert code == 0, checks
+    assert cli("postgresql://postgres@127.0.0.1:1/nowhere", "doctor")[0] == 1
+
+
+async def test_show_prints_nested_metadata_as_json(postgres_url: str) -> None:
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url))
+    await manager.initialize()
+    try:
+        metadata = {"plan": "pro", "limits": {"rpm": 10, "paths": ["/a"]}, "tags": ["x"]}
+        await manager.register_tenant("acme", "Acme", metadata=metadata)
+    finally:
+        await manager.close()
+    code, shown = cli_json(postgres_url, "tenants", "show", "acme")
+    assert code == 0 and shown["metadata"] == metadata
+
+
+async def test_demo_shows_each_tenant_its_own_rows(postgres_url: str) -> None:
+    code, rows = cli_json(postgres_url, "demo")
+    assert code == 0
+    assert [(r["tenant"], r["order_id"]) for r in rows] == [("demo-acme", 1), ("demo-globex", 1)]
+    assert rows[0]["description"] != rows[1]["description"]
+    assert cli_json(postgres_url, "demo") == (0, rows)  # idempotent
+
+
+async def test_app_import_path(postgres_url: str, tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(
+        "from fastapi_tenancy import TenancyConfig, TenancyManager\n"
+        "manager = TenancyManager(TenancyConfig(schema_prefix='t_'))\n"
+    )
+    code, created = cli_json(
+        postgres_url, "--app", "myapp:manager", "tenants", "create", "acme", "--empty", cwd=tmp_path
+    )
+    assert code == 0, created
+    code, shown = cli_json(postgres_url, "--app", "myapp:manager", "tenants", "show", "acme", cwd=tmp_path)
+    assert code == 0 and shown["storage"] == "t_acme"
+    assert cli(postgres_url, "--app", "myapp:nothing", "tenants", "list", cwd=tmp_path)[0] == 2
+
+
+async def test_create_from_a_missing_template_fails_with_a_message(postgres_url: str) -> None:
+    done = _call(
+        postgres_url, "tenants", "create", "acme", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"}
+    )
+    assert done.returncode == 1
+    assert "template schema 'tenancy_template' does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert cli(postgres_url, "tenants", "show", "acme")[0] == 3  # the registration was undone
+
+
+async def test_spares_commands(postgres_url: str, tmp_path: Path) -> None:
+    env = {"TENANCY_SCHEMA_TEMPLATE": "tenancy_template", "TENANCY_SCHEMA_SPARES": "2"}
+    assert cli(postgres_url, "tenants", "spares", "list")[0] == 2  # not configured
+    ini = make_project(tmp_path / "p")
+    code, text = cli(postgres_url, "migrate", "upgrade", "--config", str(ini), env=env)  # makes the template
+    assert code == 0, text
+    done = _call(postgres_url, "--json", "tenants", "spares", "fill", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"made": 2, "ready": 2}
+    done = _call(postgres_url, "--json", "tenants", "spares", "list", env=env)
+    listed = json.loads(done.stdout)
+    assert [(s["revision"], s["current"]) for s in listed] == [("b2", True)] * 2
+    code, text = cli(postgres_url, "tenants", "create", "acme", env=env)
+    assert code == 0, text
+    done = _call(postgres_url, "--json", "tenants", "spares", "list", env=env)
+    left = [s["name"] for s in json.loads(done.stdout)]
+    # One of the two was renamed to the tenant's schema (a background refill may have added one).
+    assert len(set(left) & {s["name"] for s in listed}) == 1
+    done = _call(postgres_url, "--json", "tenants", "spares", "drain", env=env)
+    assert done.returncode == 0 and json.loads(done.stdout)["dropped"] == len(left)
+    done = _call(postgres_url, "--json", "doctor", env=env)
+    [spares] = [c for c in json.loads(done.stdout) if c["name"] == "spares"]
+    assert spares["status"] == "warn" and spares["detail"].startswith("0 of 2 ready"), spares

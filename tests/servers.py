@@ -36,17 +36,19 @@ def fresh_client(base_url: str) -> httpx.AsyncClient:
 
 
 @asynccontextmanager
-async def serve_workers(env: dict[str, str]) -> AsyncIterator[str]:
+async def serve_workers(env: dict[str, str], app: str = "tests.workers.app:app") -> AsyncIterator[str]:
     """`async with serve_workers(env) as base_url`: tests/workers/app.py on two uvicorn workers.
 
-    Returns once both workers have answered. `env` holds the `TENANCY_*` settings.
+    Returns once both workers have answered `/health` (with an `X-Worker-Pid` header).
+    `env` holds the `TENANCY_*` settings and any other variable the app needs; `app`,
+    another app to serve.
     """
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "uvicorn",
-        "tests.workers.app:app",
+        app,
         "--workers",
         "2",
         "--host",

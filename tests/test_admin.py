@@ -172,3 +172,52 @@ async def test_a_metadata_patch_merges_one_level_and_none_removes(manager: Tenan
     assert (await manager.get_tenant("acme")).metadata == patched.metadata
     with pytest.raises(ConfigurationError, match="not both"):
         await manager.update_tenant("acme", metadata={"a": 1}, metadata_patch={"b": 2})
+
+
+async def test_changes_by_id_are_spelled_tenant_id(manager: TenancyManager) -> None:
+    acme = await manager.register_tenant("acme", "Acme")
+    suspended = await manager.suspend_tenant(tenant_id=acme.id)
+    assert (suspended.identifier, suspended.status) == ("acme", TenantStatus.SUSPENDED)
+    assert (await manager.activate_tenant(tenant_id=acme.id)).status is TenantStatus.ACTIVE
+    renamed = await manager.update_tenant(tenant_id=acme.id, metadata_patch={"plan": "pro"})
+    assert renamed.metadata == {"plan": "pro"}
+    await manager.delete_tenant(tenant_id=acme.id)
+    assert (await manager.get_tenant("acme")).status is TenantStatus.DELETED
+    with pytest.raises(TenantNotFoundError, match="no tenant with id"):
+        await manager.suspend_tenant(tenant_id="no-such-id")
+    with pytest.raises(TypeError, match="only one"):
+        await manager.suspend_tenant("acme", tenant_id=acme.id)
+    with pytest.raises(TypeError, match="only one"):
+        await manager.suspend_tenant()
+
+
+async def test_an_id_given_as_an_identifier_is_never_guessed_but_named(manager: TenancyManager) -> None:
+    # fastapi-tenancy 0.5.0 took ids here. An id is never taken for one (a UUID is a valid
+    # slug, so guessing could act on another tenant); the error says how to call it.
+    acme = await manager.register_tenant("acme", "Acme")
+    for method in ("suspend_tenant", "activate_tenant", "delete_tenant", "update_tenant"):
+        with pytest.raises(TenantNotFoundError) as caught:
+            await getattr(manager, method)(acme.id)
+        assert "is the id of tenant 'acme'" in str(caught.value), method
+        assert f"{method}(tenant_id=...)" in str(caught.value)
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE  # nothing changed
+    # A tenant whose identifier is another tenant's id: the identifier wins, always.
+    twin = await manager.register_tenant(acme.id, "Named like an id")
+    assert (await manager.suspend_tenant(acme.id)).id == twin.id
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE
+
+
+async def test_a_change_by_id_never_reaches_the_next_holder_of_the_slug(manager: TenancyManager) -> None:
+    old = await manager.register_tenant("acme", "Old customer")
+    real_get = manager.admin.get_tenant_by_id
+
+    async def purged_meanwhile(tenant_id: str) -> Tenant:
+        found = await real_get(tenant_id)  # read by id, then the slug changes hands
+        await manager.delete_tenant("acme", destroy_data=True)
+        await manager.register_tenant("acme", "New customer")
+        return found
+
+    manager.admin.get_tenant_by_id = purged_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(TenantNotFoundError, match="no tenant with id"):
+        await manager.suspend_tenant(tenant_id=old.id)
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 from fastapi_tenancy import (
     ConfigurationError,
@@ -15,6 +16,8 @@ from fastapi_tenancy import (
     TenantNotFoundError,
     TenantResolutionError,
     TenantStatus,
+    current_tenant,
+    current_tenant_or_none,
     tenant_scope,
 )
 from fastapi_tenancy.admin import TenantAdmin
@@ -110,3 +113,49 @@ async def test_a_manager_restarts_in_a_new_event_loop_each_time(postgres_url: st
             asyncio.run(cycle(index))
 
     await asyncio.to_thread(run_cycles)
+
+
+async def test_a_session_takes_an_identifier_like_the_other_methods(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+    async with manager.session("acme") as session:
+        assert (await session.execute(Base.metadata.tables["orders"].select())).all() == []
+    with pytest.raises(TenantNotFoundError, match="no tenant 'nobody'"):
+        async with manager.session("nobody"):
+            pass
+    with pytest.raises(TenantNotFoundError):
+        async with manager.session("Not A Slug"):
+            pass
+    await manager.suspend_tenant("acme")
+    with pytest.raises(TenantInactiveError):
+        async with manager.session("acme"):
+            pass
+
+
+async def test_create_lifespan_initializes_and_closes(tmp_path: Path) -> None:
+    manager = TenancyManager(TenancyConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}"))
+    app = FastAPI(lifespan=manager.create_lifespan())
+    async with app.router.lifespan_context(app):
+        assert manager.initialized
+        await manager.register_tenant("acme", "Acme")
+    assert not manager.initialized
+    with pytest.raises(RuntimeError, match="boom"):
+        async with app.router.lifespan_context(app):
+            raise RuntimeError("boom")
+    assert not manager.initialized  # closed on the way out of a failure too
+
+
+async def test_tenant_scope_also_works_with_async_with(manager: TenancyManager) -> None:
+    tenant = await manager.register_tenant("acme", "Acme", app_metadata=Base.metadata)
+    async with tenant_scope(tenant) as scoped:
+        assert scoped is tenant and current_tenant() is tenant
+        async with manager.session() as session:
+            assert (await session.execute(Base.metadata.tables["orders"].select())).all() == []
+    assert current_tenant_or_none() is None
+    with pytest.raises(ValueError, match="inside"):
+        async with tenant_scope(tenant):
+            raise ValueError("inside")
+    assert current_tenant_or_none() is None
+    scope = tenant_scope(tenant)
+    with scope, pytest.raises(RuntimeError, match="already entered"):
+        with scope:
+            pass

@@ -13,7 +13,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fastapi_tenancy import TenancyConfig, TenancyManager, TenancyMiddleware, Tenant, tenant_scope
+from fastapi_tenancy import (
+    ConfigurationError,
+    TenancyConfig,
+    TenancyManager,
+    TenancyMiddleware,
+    Tenant,
+    tenant_scope,
+)
 from fastapi_tenancy.logs import TenantLogFilter
 from fastapi_tenancy.metrics import TenantMetrics, TenantMetricsMiddleware
 from fastapi_tenancy.tracing import TenantSpanMiddleware
@@ -191,3 +198,11 @@ async def test_tenants_named_like_the_aggregate_labels_keep_their_own_series(man
 def test_metric_arguments_are_checked() -> None:
     with pytest.raises(ValueError):
         TenantMetrics(registry=CollectorRegistry(), max_tenants=-1)
+
+
+def test_multiprocess_mode_is_refused_where_prometheus_client_is_not_in_it() -> None:
+    # This test process imported prometheus-client without PROMETHEUS_MULTIPROC_DIR:
+    # values live in the process, and no other worker's could be read.
+    with pytest.raises(ConfigurationError, match="set PROMETHEUS_MULTIPROC_DIR"):
+        TenantMetrics(registry=CollectorRegistry(), multiprocess=True)
+    assert TenantMetrics(registry=CollectorRegistry()).multiprocess is False

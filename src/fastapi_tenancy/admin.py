@@ -225,8 +225,9 @@ class TenantAdmin:
 
     async def update_tenant(
         self,
-        tenant: Tenant | str,
+        tenant: Tenant | str | None = None,
         *,
+        tenant_id: str | None = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         metadata_patch: Mapping[str, Any] | None = None,
@@ -244,23 +245,43 @@ class TenantAdmin:
         survive. A key patched to `None` is removed, as in a JSON merge patch
         (RFC 7396) at the top level; nested values are replaced, not merged.
         Giving both `metadata` and `metadata_patch` raises `ConfigurationError`.
+
+        Like the other changes, it takes a `Tenant`, an identifier, or an id as
+        `tenant_id=` (never guessed from the string: a UUID is a valid identifier too).
         """
         if metadata is not None and metadata_patch is not None:
             raise ConfigurationError("update_tenant takes metadata= or metadata_patch=, not both")
         if metadata_patch is None:
-            return await self._change(_slug(tenant), lambda t: t.with_changes(name=name, metadata=metadata))
+            return await self._change_of(
+                "update_tenant", tenant, tenant_id, lambda t: t.with_changes(name=name, metadata=metadata)
+            )
         patch = dict(metadata_patch)
-        return await self._change(_slug(tenant), lambda t: t.with_metadata_patch(patch, name=name))
+        return await self._change_of(
+            "update_tenant", tenant, tenant_id, lambda t: t.with_metadata_patch(patch, name=name)
+        )
 
-    async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
-        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.SUSPENDED))
+    async def suspend_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`.
 
-    async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
+        The tenant is a `Tenant`, an identifier, or an id given as `tenant_id=`.
+        """
+        return await self._change_of(
+            "suspend_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.SUSPENDED)
+        )
+
+    async def activate_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self._change(_slug(tenant), lambda t: t.with_status(TenantStatus.ACTIVE))
+        return await self._change_of(
+            "activate_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.ACTIVE)
+        )
 
-    async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
+    async def delete_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
+    ) -> None:
         """Delete a tenant: soft by default, or for good with `destroy_data=True`.
 
         Soft: the tenant is marked `deleted` (403 from then on), its data kept and
@@ -269,8 +290,10 @@ class TenantAdmin:
         it and removes it from the registry, then frees the slug. Irreversible,
         and logged as such at WARNING.
         """
-        current = await self._change(
-            _slug(tenant),
+        current = await self._change_of(
+            "delete_tenant",
+            tenant,
+            tenant_id,
             lambda t: t if t.status is TenantStatus.DELETED else t.with_status(TenantStatus.DELETED),
         )
         if not destroy_data:
@@ -281,6 +304,44 @@ class TenantAdmin:
         await self._changed(current.identifier)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
+
+    async def _change_of(
+        self,
+        method: str,
+        tenant: Tenant | str | None,
+        tenant_id: str | None,
+        change: Callable[[Tenant], Tenant],
+    ) -> Tenant:
+        """`_change` on the tenant named as the public methods take it: object, identifier or id."""
+        if (tenant is None) == (tenant_id is None):
+            raise TypeError(
+                f"{method}() takes a tenant or an identifier, or tenant_id=, and only one of them"
+            )
+        if tenant_id is None:
+            assert tenant is not None  # checked above
+            try:
+                return await self._change(_slug(tenant), change)
+            except TenantNotFoundError as exc:
+                raise await self._not_an_identifier(method, tenant) from exc
+        target = await self.get_tenant_by_id(tenant_id)
+
+        def same_tenant(stored: Tenant) -> Tenant:
+            # The slug found by id could have been purged and registered again since.
+            if stored.id != tenant_id:
+                raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
+            return change(stored)
+
+        return await self._change(target.identifier, same_tenant)
+
+    async def _not_an_identifier(self, method: str, tenant: Tenant | str) -> TenantNotFoundError:
+        # Only on this failure path: 0.5.0 took ids where we take identifiers; say so.
+        owner = await self.store.get_by_id(tenant) if isinstance(tenant, str) else None
+        if owner is None:
+            return TenantNotFoundError(f"no tenant {_slug(tenant)!r:.80}")
+        return TenantNotFoundError(
+            f"{tenant!r:.80} is the id of tenant {owner.identifier!r}, not an identifier: "
+            f"call {method}({owner.identifier!r}) or {method}(tenant_id=...)"
+        )
 
     # -- moving between tiers (hybrid isolation) ---------------------------------------
 

@@ -1,14 +1,17 @@
 """`TenancyConfig`: every setting of the library, read from arguments or `TENANCY_*` variables."""
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from .compat import LEGACY_SETTINGS, translate_legacy_settings
 from .resolution.algorithms import check_jwt_settings
 from .resolution.path import validate_path_prefix
 from .resolution.subdomain import validate_domain_suffix
@@ -24,6 +27,26 @@ _ResolverName = Literal["header", "subdomain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SHARED_STRATEGIES = ("rls", "hybrid")
+# fastapi-tenancy 0.5.0's settings we do not share (compat.py): the two cache switches
+# are handled there too, apart from the table.
+_LEGACY_NAMES = (*LEGACY_SETTINGS, "cache_enabled", "l1_cache_enabled")
+
+
+class _LegacyEnvironment(PydanticBaseSettingsSource):
+    """The `TENANCY_*` variables that name 0.5.0 settings, by setting name.
+
+    The environment source reads only our fields' variables, so without this one a
+    0.5.0 variable (`TENANCY_ENABLE_RATE_LIMITING`) would be ignored without a word;
+    `compat.translate_legacy_settings` then translates or refuses each.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # not a source of our fields
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix", "")).upper()
+        wanted = {f"{prefix}{name.upper()}": name for name in _LEGACY_NAMES}
+        return {wanted[key.upper()]: value for key, value in os.environ.items() if key.upper() in wanted}
 
 
 class TenancyConfig(BaseSettings):
@@ -152,8 +175,9 @@ class TenancyConfig(BaseSettings):
     # -- resolution strategies: subdomain, path, JWT, chains, anti-enumeration ---------
 
     domain_suffix: str | None = None
-    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`,
-    `acme.example.com` is tenant `acme`; deeper hosts and the bare domain name none."""
+    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`
+    (or `.example.com`), `acme.example.com` is tenant `acme`; deeper hosts and the bare
+    domain name none."""
 
     reserved_subdomains: tuple[str, ...] = ("www",)
     """Subdomain resolution: labels that never name a tenant (JSON list in the environment)."""
@@ -244,6 +268,27 @@ class TenancyConfig(BaseSettings):
     rate_limit_fail_open: bool = True
     """When the rate limiter's Redis is down: let requests through (true) or refuse them
     with 503 (false). Either way each failure is logged and counted."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        legacy = _LegacyEnvironment(settings_cls)
+        return init_settings, env_settings, legacy, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _translate_legacy(cls, data: Any) -> Any:
+        # fastapi-tenancy 0.5.0 names, given as arguments or variables: translated with a
+        # DeprecationWarning where the meaning is exactly ours, refused otherwise.
+        if isinstance(data, dict) and any(name in data for name in _LEGACY_NAMES):
+            return translate_legacy_settings(data)
+        return data
 
     @field_validator("redis_url")
     @classmethod
@@ -356,7 +401,8 @@ class TenancyConfig(BaseSettings):
     def _check_domain_suffix(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        return validate_domain_suffix(value)
+        # ".example.com" (0.5.0's form) names the same domain.
+        return validate_domain_suffix(value.strip().removeprefix("."))
 
     @field_validator("reserved_subdomains")
     @classmethod

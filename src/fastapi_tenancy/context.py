@@ -39,23 +39,43 @@ def current_tenant() -> Tenant:
     return tenant
 
 
-@contextmanager
-def tenant_scope(tenant: Tenant) -> Iterator[Tenant]:
+class tenant_scope:  # lower case: it is used like the function it was, `with tenant_scope(t):`
     """Run a block as `tenant`, outside a request: scripts, jobs, tests.
 
         with tenant_scope(tenant):
             async with manager.session() as session:
                 ...
 
-    The previous tenant (or none) is restored on exit, also on error.
+    `async with tenant_scope(tenant):` works the same (the form fastapi-tenancy 0.5.0
+    documented). The previous tenant (or none) is restored on exit, also on error.
+    Each `tenant_scope(...)` is entered once; nest two for two blocks.
     """
-    if not isinstance(tenant, Tenant):
-        raise TypeError(f"tenant_scope() needs a Tenant, not {type(tenant).__name__}")
-    token = _current.set(tenant)
-    try:
-        yield tenant
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_token", "tenant")
+
+    def __init__(self, tenant: Tenant) -> None:
+        if not isinstance(tenant, Tenant):
+            raise TypeError(f"tenant_scope() needs a Tenant, not {type(tenant).__name__}")
+        self.tenant = tenant
+        self._token: Token[Tenant | None] | None = None
+
+    def __enter__(self) -> Tenant:
+        if self._token is not None:
+            raise RuntimeError("this tenant_scope is already entered; make a new one")
+        self._token = _current.set(self.tenant)
+        return self.tenant
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
+
+    async def __aenter__(self) -> Tenant:
+        # Awaited in the caller's task, so the ContextVar is set in the caller's context.
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
 
 
 @contextmanager

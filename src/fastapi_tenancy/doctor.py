@@ -17,6 +17,8 @@ from typing import Literal
 
 import sqlalchemy as sa
 
+from .errors import TenancyUnavailableError
+from .invalidation.record import mismatch, own_record, read_channel
 from .isolation.base import marker_name
 from .manager import TenancyManager
 from .tenant import TenantStatus
@@ -88,6 +90,40 @@ async def check_registry(manager: TenancyManager) -> CheckResult:
     tenants = await manager.list_tenants(limit=1000)
     more = "+" if len(tenants) == 1000 else ""
     return CheckResult("registry", "ok", f"{len(tenants)}{more} tenants")
+
+
+@doctor_check
+async def check_invalidation_channel(manager: TenancyManager) -> CheckResult:
+    """This process uses the invalidation channel the registry records for its processes.
+
+    Reads the record and writes nothing; `manager.initialize()` refuses to start a
+    process that fails this check.
+    """
+    own = own_record(manager.invalidation)
+    try:
+        recorded = await read_channel(manager.store)
+    except TenancyUnavailableError:
+        raise
+    except Exception as exc:  # e.g. the table, made by this version's first start, is not there yet
+        return CheckResult(
+            "invalidation channel",
+            "warn",
+            f"no record read ({type(exc).__name__}); this process uses {own.describe()}",
+        )
+    if recorded is None:
+        return CheckResult(
+            "invalidation channel",
+            "ok",
+            f"none recorded yet: the first process to start records its own; this one uses {own.describe()}",
+        )
+    problem = mismatch(recorded, own)
+    if problem is not None:
+        return CheckResult("invalidation channel", "fail", problem)
+    return CheckResult(
+        "invalidation channel",
+        "ok",
+        f"{recorded.describe()}, recorded {recorded.recorded_at} by {recorded.recorded_by}",
+    )
 
 
 @doctor_check

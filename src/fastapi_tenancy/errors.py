@@ -70,6 +70,24 @@ class TenancyError(Exception):
         if headers is not None:
             self.headers = headers
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by state, not by calling __init__ again with the message (pickle's
+        # default): subclasses take other arguments, and TenantInactiveError would wrap
+        # its own message a second time. ARQ pickles a failed job's exception this way.
+        state = {k: dict(v) if isinstance(v, MappingProxyType) else v for k, v in vars(self).items()}
+        return (_restore, (type(self), self.args, state))
+
+
+def _restore(cls: type[TenancyError], args: tuple[Any, ...], state: dict[str, Any]) -> TenancyError:
+    """An unpickled `TenancyError`: its class, message and attributes, without `__init__`."""
+    error = cls.__new__(cls)
+    error.args = args
+    for name, value in state.items():
+        setattr(
+            error, name, MappingProxyType(value) if isinstance(value, dict) and name == "headers" else value
+        )
+    return error
+
 
 class ConfigurationError(TenancyError, ValueError):
     """The configuration or the way the parts are wired together is invalid."""

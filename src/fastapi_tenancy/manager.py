@@ -1,8 +1,8 @@
 """`TenancyManager`: the parts' lifecycle and the request path; tenant changes go to `admin.py`."""
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -18,6 +18,7 @@ from .context import current_tenant
 from .errors import TenantInactiveError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
+from .invalidation.record import check_channel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
 from .ratelimit.base import RateLimiter
@@ -105,6 +106,9 @@ class TenancyManager:
             if self._initialized:
                 return
             await self.store.initialize()
+            # Before anything else starts: a process on another channel than the registry's
+            # other processes would miss their changes, and they its (invalidation/record.py).
+            await check_channel(self.store, self.invalidation)
             await self.isolation.initialize()
             await self.events.initialize()
             async with unavailable_as_503("database"), self.engine.connect() as conn:
@@ -134,6 +138,24 @@ class TenancyManager:
             self.lookup.clear()
             self._initialized = False
 
+    def create_lifespan(self) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """A FastAPI `lifespan`: `initialize()` at startup, `close()` at shutdown.
+
+            app = FastAPI(lifespan=manager.create_lifespan())
+
+        Write your own lifespan instead when the app has more to start and stop.
+        """
+
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[None]:
+            await self.initialize()
+            try:
+                yield
+            finally:
+                await self.close()
+
+        return lifespan
+
     # -- the request path ----------------------------------------------------------
 
     async def resolve(self, connection: HTTPConnection) -> Tenant:
@@ -155,9 +177,10 @@ class TenancyManager:
         return tenant
 
     @asynccontextmanager
-    async def session(self, tenant: Tenant | None = None) -> AsyncIterator[AsyncSession]:
+    async def session(self, tenant: Tenant | str | None = None) -> AsyncIterator[AsyncSession]:
         """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
 
+        `tenant` is a `Tenant` or an identifier (`manager.session("acme-corp")`).
         Not begun: use it directly (it begins on first use) or with
         `async with session.begin()`. Uncommitted work is rolled back on exit.
         The tenant's status is checked against the registry (through the lookup
@@ -167,9 +190,10 @@ class TenancyManager:
         """
         if tenant is None:
             tenant = current_tenant()
-        current = await self.lookup.get(tenant.identifier)
-        if current is None or current.id != tenant.id:
-            raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
+        identifier = tenant if isinstance(tenant, str) else tenant.identifier
+        current = await self.lookup.get(identifier)
+        if current is None or (isinstance(tenant, Tenant) and current.id != tenant.id):
+            raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
         session = await self.isolation.session(current)
@@ -222,8 +246,9 @@ class TenancyManager:
 
     async def update_tenant(
         self,
-        tenant: Tenant | str,
+        tenant: Tenant | str | None = None,
         *,
+        tenant_id: str | None = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         metadata_patch: Mapping[str, Any] | None = None,
@@ -233,20 +258,29 @@ class TenancyManager:
         Prefer `metadata_patch` under concurrency; see `TenantAdmin.update_tenant`.
         """
         return await self.admin.update_tenant(
-            tenant, name=name, metadata=metadata, metadata_patch=metadata_patch
+            tenant, tenant_id=tenant_id, name=name, metadata=metadata, metadata_patch=metadata_patch
         )
 
-    async def suspend_tenant(self, tenant: Tenant | str) -> Tenant:
-        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`."""
-        return await self.admin.suspend_tenant(tenant)
+    async def suspend_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`.
 
-    async def activate_tenant(self, tenant: Tenant | str) -> Tenant:
+        The tenant is a `Tenant`, an identifier, or an id given as `tenant_id=`.
+        """
+        return await self.admin.suspend_tenant(tenant, tenant_id=tenant_id)
+
+    async def activate_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self.admin.activate_tenant(tenant)
+        return await self.admin.activate_tenant(tenant, tenant_id=tenant_id)
 
-    async def delete_tenant(self, tenant: Tenant | str, *, destroy_data: bool = False) -> None:
+    async def delete_tenant(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
+    ) -> None:
         """Delete a tenant: soft (data and slug kept) or, with `destroy_data=True`, for good."""
-        await self.admin.delete_tenant(tenant, destroy_data=destroy_data)
+        await self.admin.delete_tenant(tenant, tenant_id=tenant_id, destroy_data=destroy_data)
 
     async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
         """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`."""

@@ -2,7 +2,8 @@
 
 Needs `pip install 'fastapi-tenancy[prometheus]'`. Nothing here runs unless the
 application adds `TenantMetricsMiddleware`: without it the request path does not
-change at all.
+change at all. With several worker processes, prometheus-client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`) makes `/metrics` serve the sum of every worker's counts.
 """
 
 import time
@@ -13,12 +14,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import MissingDependencyError
+from .errors import ConfigurationError, MissingDependencyError
 from .tenant import Tenant
 
 try:
     import prometheus_client
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+    from prometheus_client import multiprocess as prometheus_multiprocess
+    from prometheus_client import values as prometheus_values
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("prometheus-client", "prometheus") from exc
 
@@ -45,6 +48,12 @@ class TenantMetrics:
     requests without a tenant under `_none` (no identifier starts with "_"). Labels come only from resolved
     tenants, never from what a client sent, so unknown identifiers add no series.
     `registry` defaults to prometheus-client's global one.
+
+    `multiprocess`: serve every worker process's counts, summed, from the files of
+    prometheus-client's multiprocess mode, which is on when `PROMETHEUS_MULTIPROC_DIR` was
+    set before prometheus-client was imported (in the server's environment). The default,
+    None, follows that mode; True without it raises `ConfigurationError`, since each worker
+    would then serve its own counts alone. The `max_tenants` cap is per process.
     """
 
     def __init__(
@@ -54,10 +63,31 @@ class TenantMetrics:
         namespace: str = "tenancy",
         max_tenants: int = 100,
         buckets: Iterable[float] = Histogram.DEFAULT_BUCKETS,
+        multiprocess: bool | None = None,
     ) -> None:
         if max_tenants < 0:
             raise ValueError("max_tenants must be 0 or more")
+        # prometheus-client chooses, once, at import, where values live: in the process, or
+        # in a file per process under PROMETHEUS_MULTIPROC_DIR that any worker can read.
+        files = bool(getattr(prometheus_values.ValueClass, "_multiprocess", False))
+        if multiprocess and not files:
+            raise ConfigurationError(
+                "TenantMetrics(multiprocess=True) needs prometheus-client's multiprocess mode: set "
+                "PROMETHEUS_MULTIPROC_DIR to an empty directory in the server's environment, before "
+                "prometheus_client is first imported"
+            )
+        self.multiprocess = files if multiprocess is None else multiprocess
+        """Whether `/metrics` serves the sum of every worker process's counts."""
         self.registry = REGISTRY if registry is None else registry
+        self._served = self.registry
+        if self.multiprocess:
+            # A registry of its own, read from every process's files at each scrape: the
+            # metrics' registry would give this process's values only.
+            self._served = CollectorRegistry()
+            try:
+                prometheus_multiprocess.MultiProcessCollector(self._served)  # type: ignore[no-untyped-call]
+            except ValueError as exc:
+                raise ConfigurationError(f"prometheus multiprocess mode: {exc}") from exc
         self.max_tenants = max_tenants
         self._series: dict[str, tuple[Any, Any, str]] = {}  # at most max_tenants
         self._aggregate: dict[str, tuple[Any, Any, str]] = {}
@@ -113,8 +143,12 @@ class TenantMetrics:
         return series
 
     def exposition(self) -> bytes:
-        """The registry in the Prometheus text format (what `/metrics` serves)."""
-        return prometheus_client.generate_latest(self.registry)
+        """The registry in the Prometheus text format (what `/metrics` serves).
+
+        In multiprocess mode: every metric of every worker process of the server (the
+        application's own metrics too), counters and histograms summed.
+        """
+        return prometheus_client.generate_latest(self._served)
 
     async def endpoint(self, request: Request) -> Response:
         """A Starlette endpoint serving the registry: `app.add_route("/metrics", metrics.endpoint)`."""

@@ -174,6 +174,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "configuration": "ok",
         "connectivity": "ok",
         "registry": "ok",
+        "invalidation channel": "ok",
         "pooler safety": "ok",
         "tenant storage": "ok",
         "migrations": "ok",
@@ -186,8 +187,12 @@ async def test_doctor_passes_and_fails_on_a_pooler(
     code, checks = cli_json(pgbouncer_url, "doctor")
     assert code == 1
     assert {c["name"]: c["status"] for c in checks}["pooler safety"] == "fail"
-    code, checks = cli(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
-    assert code == 0, checks
+    code, checks = cli_json(pgbouncer_url, "doctor", env={"TENANCY_DATABASE_PGBOUNCER": "true"})
+    statuses = {c["name"]: c["status"] for c in checks}
+    assert statuses["pooler safety"] == "ok", checks
+    # Through PgBouncer this process cannot LISTEN, so it has no channel, while the
+    # manager above, connected directly, recorded LISTEN/NOTIFY for the registry.
+    assert code == 1 and [n for n, s in statuses.items() if s != "ok"] == ["invalidation channel"], checks
     assert cli("postgresql://postgres@127.0.0.1:1/nowhere", "doctor")[0] == 1
 
 
@@ -258,3 +263,41 @@ async def test_spares_commands(postgres_url: str, tmp_path: Path) -> None:
     done = _call(postgres_url, "--json", "doctor", env=env)
     [spares] = [c for c in json.loads(done.stdout) if c["name"] == "spares"]
     assert spares["status"] == "warn" and spares["detail"].startswith("0 of 2 ready"), spares
+
+
+async def test_a_command_configured_for_another_channel_is_refused(
+    postgres_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    redis = {"TENANCY_REDIS_URL": redis_url, "TENANCY_REDIS_KEY_PREFIX": redis_prefix}
+    worker = TenancyManager(
+        TenancyConfig(database_url=postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix)
+    )
+    await worker.initialize()  # the first process: records Redis
+    try:
+        await worker.register_tenant("acme", "Acme")
+    finally:
+        await worker.close()
+    code, refused = cli_json(postgres_url, "tenants", "suspend", "acme")  # TENANCY_REDIS_URL forgotten
+    assert code == 2, refused
+    assert f"Fix: set redis_url (TENANCY_REDIS_URL) to {redis_url} and redis_key_prefix" in refused["error"]
+    code, shown = cli_json(postgres_url, "tenants", "show", "acme", env=redis)
+    assert code == 0 and shown["status"] == "active"  # the refused command changed nothing
+    code, suspended = cli_json(postgres_url, "tenants", "suspend", "acme", env=redis)
+    assert code == 0 and suspended[0]["status"] == "suspended"
+
+    # show: the registry's channel and this process's; exit 1 when they differ.
+    code, rows = cli_json(postgres_url, "invalidation", "show", env=redis)
+    assert code == 0 and [r["record"] for r in rows] == ["registry", "this process"]
+    assert rows[0]["channel"] == rows[1]["channel"] and rows[0]["channel"].startswith("Redis pub/sub")
+    code, text = cli(postgres_url, "invalidation", "show")
+    assert code == 1 and "LISTEN/NOTIFY" in text
+
+    # record: the deliberate move to this configuration's channel (here, LISTEN/NOTIFY).
+    code, text = cli(postgres_url, "invalidation", "record")
+    assert code == 2 and "--yes" in text  # not without asking
+    code, moved = cli_json(postgres_url, "invalidation", "record", "--yes")
+    assert code == 0 and moved["old"].startswith("Redis pub/sub") and moved["new"].startswith("LISTEN/NOTIFY")
+    code, _ = cli_json(postgres_url, "tenants", "activate", "acme")
+    assert code == 0
+    code, refused = cli_json(postgres_url, "tenants", "list", env=redis)
+    assert code == 2 and "Fix: unset redis_url (TENANCY_REDIS_URL)" in refused["error"]

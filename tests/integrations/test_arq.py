@@ -129,6 +129,9 @@ async def test_jobs_run_in_a_worker_process_as_their_requests_tenant(
     assert isinstance(results["forged"], TenantNotFoundError), results["forged"]
     # The retry after the suspension was refused before the function ran again.
     assert isinstance(results["gamma"], TenantInactiveError), results["gamma"]
+    # As the worker raised it: the message once, not wrapped in itself by unpickling.
+    assert str(results["gamma"]) == "Tenant is not active (status: suspended)"
+    assert results["gamma"].status == "suspended"
     info = await Job(jobs["gamma"], pool, _queue_name=unique).result_info()
     assert info is not None and info.job_try == 2 and not info.success
     assert (await manager.get_tenant("alpha")).id == alpha.id  # untouched by the forged job

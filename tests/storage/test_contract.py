@@ -194,6 +194,17 @@ async def test_get_many_returns_the_known_ones_by_identifier(store: TenantStore)
     assert await store.get_many([]) == {}
 
 
+async def test_get_by_ids_and_exists_read_by_id(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    globex = await store.create(_tenant("globex", status=TenantStatus.DELETED))
+    found = await store.get_by_ids([globex.id, "nobody", acme.id, globex.id])
+    assert found == [globex, acme]  # the order asked for, each once, unknown ids left out
+    assert await store.get_by_ids([]) == []
+    assert await store.exists(acme.id) and await store.exists(globex.id)
+    assert not await store.exists("acme")  # an identifier is not an id
+    assert not await store.exists("nobody")
+
+
 @pytest.mark.parametrize("page", [1, 2, 500], ids=["page-1", "page-2", "page-500"])
 async def test_iterate_yields_every_tenant_in_identifier_order(store: TenantStore, page: int) -> None:
     for i, slug in enumerate(["d", "b", "a", "e", "c"]):
@@ -201,3 +212,15 @@ async def test_iterate_yields_every_tenant_in_identifier_order(store: TenantStor
     assert [t.identifier async for t in store.iterate(page=page)] == ["a", "b", "c", "d", "e"]
     suspended = [t.identifier async for t in store.iterate(status=TenantStatus.SUSPENDED, page=page)]
     assert suspended == ["b", "e"]
+
+
+async def test_the_channel_record_is_kept_first_come_unless_replaced(store: TenantStore) -> None:
+    assert await store.get_channel_record() is None
+    # Of processes recording at once, one record wins and every one of them gets it back.
+    results = await asyncio.gather(*(store.set_channel_record(f"record-{i}") for i in range(5)))
+    assert len(set(results)) == 1 and results[0].startswith("record-")
+    assert await store.get_channel_record() == results[0]
+    assert await store.set_channel_record("later") == results[0]
+    assert await store.set_channel_record('{"kind": "redis"}', replace=True) == '{"kind": "redis"}'
+    assert await store.get_channel_record() == '{"kind": "redis"}'
+    assert await store.count() == 0  # the record is no tenant

@@ -1,20 +1,30 @@
-"""Two uvicorn workers against real Redis and PostgreSQL: invalidation, exact limits, Redis outages.
+"""Two uvicorn workers against real Redis and PostgreSQL: invalidation, exact limits, Redis outages,
+metrics summed over the workers.
 
 Each test starts tests/workers/app.py with `uvicorn --workers 2` and changes tenants from
 this process (a third one), as an admin job or another host would.
 """
 
 import asyncio
+import json
+import os
+import re
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 
 from ..servers import OwnRedis, fresh_client, serve_workers
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _env(postgres_url: str, **settings: object) -> dict[str, str]:
@@ -44,7 +54,11 @@ async def admin_factory() -> AsyncIterator[list[TenancyManager]]:
 
 
 async def _admin(managers: list[TenancyManager], env: dict[str, str]) -> TenancyManager:
-    settings = {key.removeprefix("TENANCY_").lower(): value for key, value in env.items()}
+    settings = {
+        key.removeprefix("TENANCY_").lower(): value
+        for key, value in env.items()
+        if key.startswith("TENANCY_")
+    }
     manager = TenancyManager(TenancyConfig(**settings))  # type: ignore[arg-type]
     managers.append(manager)
     await manager.initialize()
@@ -229,3 +243,114 @@ async def test_killing_redis_under_load_gives_no_500_and_recovers(
             f"during the outage {dict(during)}, slowest {max(t for t, _ in outage) * 1000:.0f} ms"
         )
     assert during and set(during) == expected, during
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, Any]:
+    """`fastapi-tenancy --json <args>` in a process of its own, configured by `env` alone."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TENANCY_")}
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "fastapi-tenancy"),
+        "--json",
+        *args,
+        env={**environment, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, json.loads(stdout) if stdout.strip() else stderr.decode()
+
+
+async def test_a_cli_without_the_workers_channel_is_refused_and_one_with_it_is_heard_at_once(
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    admin_factory: list[TenancyManager],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = _env(postgres_url, redis_url=redis_url, redis_key_prefix=redis_prefix)
+    admin = await _admin(admin_factory, env)
+    await admin.register_tenant("acme", "Acme")
+    async with serve_workers(env) as base_url, fresh_client(base_url) as client:
+        await _both_workers_serve(client, "acme")
+        # The operator's shell without TENANCY_REDIS_URL: its change would reach neither
+        # worker (they would serve acme until cache_ttl); it is refused instead.
+        forgot = {k: v for k, v in env.items() if not k.startswith("TENANCY_REDIS")}
+        code, refused = await _cli(forgot, "tenants", "suspend", "acme")
+        assert code == 2, refused
+        assert "Fix: set redis_url (TENANCY_REDIS_URL)" in refused["error"]
+        await _both_workers_serve(client, "acme")  # nothing was changed
+        code, suspended = await _cli(env, "tenants", "suspend", "acme")
+        assert code == 0 and suspended[0]["status"] == "suspended", suspended
+        started = time.monotonic()  # the command has exited: the change is in the registry
+        first_403 = await _until_both_refuse(client, "acme", started)
+    with capsys.disabled():
+        print(
+            "\n[cli] first 403 per worker after the command exited: "
+            + ", ".join(f"{t * 1000:.0f} ms" for t in sorted(first_403.values()))
+        )
+    assert max(first_403.values()) <= 1.0, first_403
+
+
+def _documented_file(page: str, name: str) -> str:
+    """The `# file: <name>` block of a docs page."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(# file: ([\w.]+)\n.*?)^```", text, re.M | re.S)
+    [code] = [code for code, file in blocks if file == name]
+    return str(code)
+
+
+def _samples(scrape: str, name: str, tenant: str) -> float:
+    for family in text_string_to_metric_families(scrape):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("tenant") == tenant:
+                return float(sample.value)
+    return 0.0
+
+
+@pytest.mark.parametrize("multiprocess", [True, False], ids=["multiprocess", "per-process"])
+async def test_metrics_count_the_requests_of_both_workers(
+    multiprocess: bool,
+    postgres_url: str,
+    admin_factory: list[TenancyManager],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The app of docs/background.md ("Several worker processes"), as written.
+    (tmp_path / "metrics_app.py").write_text(_documented_file("background.md", "metrics_app.py"))
+    env = {**_env(postgres_url), "PYTHONPATH": str(tmp_path), "DOCUMENTED_APP": "metrics_app"}
+    if multiprocess:
+        (tmp_path / "prometheus").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prometheus")
+    admin = await _admin(admin_factory, env)
+    await admin.register_tenant("acme", "Acme")
+    served: Counter[str] = Counter()
+    async with (
+        serve_workers(env, app="tests.workers.documented:app") as base_url,
+        fresh_client(base_url) as client,
+    ):
+        while min(served.values(), default=0) < 5 or len(served) < 2:
+            response = await client.get("/ping", headers={"X-Tenant-ID": "acme"})
+            assert response.status_code == 200, response.text
+            served[response.headers["x-worker-pid"]] += 1
+            assert served.total() < 500, f"the requests did not reach both workers: {served}"
+        scrapes: dict[str, list[tuple[float, float]]] = {}
+        while len(scrapes) < 2:
+            response = await client.get("/metrics")
+            assert response.status_code == 200, response.text
+            counted = (
+                _samples(response.text, "tenancy_requests_total", "acme"),
+                _samples(response.text, "tenancy_request_duration_seconds_count", "acme"),
+            )
+            scrapes.setdefault(response.headers["x-worker-pid"], []).append(counted)
+    total = served.total()
+    with capsys.disabled():
+        print(
+            f"\n[metrics, {'multiprocess' if multiprocess else 'per process'}] served {dict(served)}; "
+            f"scrapes {scrapes}"
+        )
+    for pid, counts in scrapes.items():
+        # Multiprocess: every scrape, whichever worker answers it, counts both workers'
+        # requests. Without it, each worker shows its own share only.
+        expected = float(total if multiprocess else served[pid])
+        assert set(counts) == {(expected, expected)}, (pid, counts, served)

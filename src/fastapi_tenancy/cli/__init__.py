@@ -12,8 +12,8 @@ people, `--json` for scripts. Exit codes:
     5  the database is unavailable
 
 One module per command group: `base.py` (the root command, its options, the manager and
-output every command shares), `tenants.py`, `migrate.py`, and one module for each of
-`run`, `doctor` and `demo`. This module puts them together. Needs the `cli` extra
+output every command shares), `tenants.py`, `migrate.py`, `registry.py`, `invalidation.py`,
+and one module for each of `run`, `doctor` and `demo`. This module puts them together. Needs the `cli` extra
 (typer, rich); `migrate` also the `migrations` extra.
 """
 
@@ -27,7 +27,9 @@ from .base import (
     app,
     load_manager,
 )
+from .invalidation import invalidation_app
 from .migrate import migrate_app
+from .registry import registry_app
 from .tenants import tenants_app
 
 __all__ = [
@@ -49,6 +51,8 @@ app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(registry_app, name="registry")
+app.add_typer(invalidation_app, name="invalidation")
 
 
 def main() -> None:

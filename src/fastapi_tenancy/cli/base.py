@@ -38,6 +38,7 @@ from ..errors import (
 )
 from ..manager import TenancyManager
 from ..tenant import Tenant
+from ..urls import mask_url
 
 __all__ = [
     "EXIT_CONFLICT",
@@ -102,9 +103,27 @@ def _options(
 
 
 def load_manager(app_path: str | None) -> TenancyManager:
-    """The manager named by `module:attribute` (a manager, or a function returning one), or a new one."""
+    """The manager named by `module:attribute` (a manager, or a function returning one), or a new one.
+
+    Without `--app`, the configuration comes from the `TENANCY_*` variables alone, and
+    a line on stderr says so, with the database it points to: a forgotten
+    `TENANCY_DATABASE_URL` would otherwise act on a new `./tenancy.db` without a word.
+    (Not with `--json`, whose output a script may read with stderr mixed in.)
+    """
     if not app_path:
-        return TenancyManager(TenancyConfig())
+        config = TenancyConfig()
+        if state.json:
+            return TenancyManager(config)
+        origin = "TENANCY_DATABASE_URL"
+        if "database_url" not in config.model_fields_set:
+            origin = "the default: set TENANCY_DATABASE_URL, or name the app's manager with --app module:attr"
+        database = mask_url(config.database_url)
+        err.print(
+            f"configuration: TENANCY_* variables (no --app); database {database} ({origin})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return TenancyManager(config)
     module_name, _, attribute = app_path.partition(":")
     if not module_name or not attribute:
         raise ConfigurationError(f"--app must look like module:attribute, not {app_path!r}")

@@ -1,16 +1,80 @@
-"""`InvalidationChannel`: the contract of a cross-process invalidation channel."""
+"""`InvalidationChannel`: the contract of a cross-process invalidation channel, and `ChannelRecord`."""
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Literal, cast
 
-__all__ = ["InvalidationChannel"]
+__all__ = ["NO_CHANNEL", "ChannelRecord", "InvalidationChannel"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
 _PUBLISH_ATTEMPTS = 3
+
+ChannelKind = Literal["redis", "postgres", "none"]
+BindMode = Literal["new", "join", "replace"]
+
+
+@dataclass(frozen=True)
+class ChannelRecord:
+    """Where a process announces and hears tenant changes, as recorded in the registry.
+
+    `kind` is the medium, `channel` the name messages travel under, `where` the server
+    (for people: never a password), and `token` what tells one Redis from another
+    whatever host name reaches it. `recorded_at` and `recorded_by` say which process
+    recorded it. Two processes hear each other when `kind` and `channel` agree (and,
+    on Redis, the server holds the token); see `fastapi_tenancy.invalidation.record`.
+    """
+
+    kind: ChannelKind
+    channel: str = ""
+    where: str = ""
+    token: str = ""
+    recorded_at: str = ""
+    recorded_by: str = ""
+
+    def same_channel(self, other: "ChannelRecord") -> bool:
+        """Whether a message sent on one reaches listeners of the other (the server aside)."""
+        return (self.kind, self.channel) == (other.kind, other.channel)
+
+    def describe(self) -> str:
+        """The channel in words, naming the settings that choose it."""
+        if self.kind == "redis":
+            prefix = self.channel.removesuffix("invalidate")
+            return f"Redis pub/sub (redis_url={self.where}, redis_key_prefix={prefix!r})"
+        if self.kind == "postgres":
+            return f"LISTEN/NOTIFY on the registry's PostgreSQL ({self.where}, channel {self.channel!r})"
+        return "no invalidation channel"
+
+    def stamped(self) -> "ChannelRecord":
+        """This record, saying that this process recorded it now."""
+        by = f"{socket.gethostname()} pid {os.getpid()}"
+        return replace(self, recorded_at=datetime.now(UTC).isoformat(timespec="seconds"), recorded_by=by)
+
+    def dumps(self) -> str:
+        """The record as the registry keeps it (JSON)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str) -> "ChannelRecord":
+        """A record read back from the registry; unknown keys (from newer versions) are ignored."""
+        data = json.loads(text)
+        fields = {key: str(data[key]) for key in cls.__dataclass_fields__ if key in data}
+        # A kind this version does not know (a newer one recorded it) is kept as it was
+        # written: it then agrees with no channel this process can have.
+        kind = cast(ChannelKind, fields.pop("kind", "none"))
+        return cls(kind, **fields)
+
+
+NO_CHANNEL = ChannelRecord("none")
+"""The record of a process without a channel: other workers hear of its changes after `cache_ttl`."""
 
 
 class InvalidationChannel(ABC):
@@ -23,7 +87,8 @@ class InvalidationChannel(ABC):
     `retry_interval` seconds until it is listening again. A worker is then never
     more than `retry_interval` behind, even while the channel is down.
 
-    To add a channel, implement `_send`, `_listen_once` and `_is_outage`.
+    To add a channel, implement `_send`, `_listen_once`, `_is_outage` and `record`
+    (and `bind`, when the channel's name alone does not say which server carries it).
     """
 
     def __init__(self, *, retry_interval: float = 0.5) -> None:
@@ -71,6 +136,21 @@ class InvalidationChannel(ABC):
             await asyncio.sleep(0.05 * attempt)
         assert error is not None
         self._outage("publish", error)
+
+    @abstractmethod
+    def record(self) -> ChannelRecord:
+        """What the registry records about this channel when this process is the first to start."""
+
+    async def bind(self, record: ChannelRecord, *, mode: BindMode = "join") -> None:  # noqa: B027 - optional hook
+        """Check that this process reaches the server `record` names; `ConfigurationError` if not.
+
+        Called at `initialize()` with a record whose `kind` and `channel` agree with this
+        channel's. `mode`: `"new"`, `record` is about to be recorded (the server must be
+        no other registry's); `"join"`, it is the registry's record (the server must be
+        the one it names, and is marked so again if the mark was lost); `"replace"`, it
+        replaces the registry's record (mark the server as this registry's). The default
+        checks nothing: the channel's name says it all.
+        """
 
     @abstractmethod
     async def _send(self, identifier: str) -> None:

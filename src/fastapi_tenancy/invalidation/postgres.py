@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import is_outage
-from .base import InvalidationChannel
+from .base import ChannelRecord, InvalidationChannel
 
 __all__ = ["PostgresInvalidation"]
 
@@ -32,6 +32,12 @@ class PostgresInvalidation(InvalidationChannel):
         super().__init__(retry_interval=retry_interval)
         self.engine = engine
         self.channel = channel
+
+    def record(self) -> ChannelRecord:
+        # No token: the engine is the registry's own, so a process that reads this record
+        # reaches the database whose NOTIFY it is.
+        where = self.engine.url.render_as_string(hide_password=True)
+        return ChannelRecord("postgres", self.channel, where=where)
 
     async def _send(self, identifier: str) -> None:
         async with self.engine.begin() as conn:

@@ -1,7 +1,7 @@
 """`TenantStore`: the contract every tenant registry fulfils."""
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -55,6 +55,29 @@ class TenantStore(ABC):
         `redis_url` is configured."""
         return None
 
+    # The default keeps the record in this object, which is right for a store that only
+    # one process uses; a store that several processes share keeps it with its tenants.
+    _channel_record: str | None = None
+
+    async def get_channel_record(self) -> str | None:
+        """The invalidation channel this registry's processes use (an opaque string), or None.
+
+        `TenancyManager.initialize()` reads it to refuse a process configured for another
+        channel (`fastapi_tenancy.invalidation.record`). The default keeps it in this
+        object: override it, and `set_channel_record`, in a store that several processes
+        share, to keep it with the tenants.
+        """
+        return self._channel_record
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        """Record `record` unless one exists (with `replace`, anyway); return the record in force.
+
+        Atomic: of two processes recording at once, one record wins and both get it back.
+        """
+        if self._channel_record is None or replace:
+            self._channel_record = record
+        return self._channel_record
+
     @abstractmethod
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
         """The tenant with this id, or None."""
@@ -75,6 +98,23 @@ class TenantStore(ABC):
             if tenant is not None:
                 found[identifier] = tenant
         return found
+
+    async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
+        """The tenants with these ids, in the order given (unknown ids are left out).
+
+        The default reads them one by one; a store that can read them in one query
+        should override it.
+        """
+        found: list[Tenant] = []
+        for tenant_id in dict.fromkeys(tenant_ids):
+            tenant = await self.get_by_id(tenant_id)
+            if tenant is not None:
+                found.append(tenant)
+        return found
+
+    async def exists(self, tenant_id: str) -> bool:
+        """Whether a tenant with this id is registered, whatever its status."""
+        return await self.get_by_id(tenant_id) is not None
 
     @abstractmethod
     async def create(self, tenant: Tenant) -> Tenant:

@@ -108,6 +108,12 @@ class CachingTenantStore(TenantStore):
         # The registry is the backend's: its workers listen where it lives.
         return self.backend.notify_engine()
 
+    async def get_channel_record(self) -> str | None:
+        return await self.backend.get_channel_record()
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        return await self.backend.set_channel_record(record, replace=replace)
+
     # -- reads -----------------------------------------------------------------------
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:

@@ -1,6 +1,6 @@
 """`SQLAlchemyTenantStore`: the tenant registry in PostgreSQL, SQLite or MySQL/MariaDB."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,10 +11,11 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, unavailable_as_503
-from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
+from ..errors import ConfigurationError, TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
 from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
 from .base import TenantStore
+from .legacy import registry_problem
 
 __all__ = ["SQLAlchemyTenantStore"]
 
@@ -64,12 +65,28 @@ def _tenants_table(name: str, schema: str | None) -> sa.Table:
     )
 
 
+def _settings_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    # Values every process sharing the registry agrees on (the invalidation channel), by name.
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+        schema=schema,
+    )
+
+
+_CHANNEL_SETTING = "invalidation_channel"
+
+
 class SQLAlchemyTenantStore(TenantStore):
     """The tenant registry as one SQL table. Safe for concurrent use.
 
     `database_url` is a URL (the store opens and owns a small pool of its own) or
     an `AsyncEngine` you manage. `initialize()` creates the table (`tenants` by
-    default) if it is missing. `pgbouncer=True` opens the store's own pool for
+    default) if it is missing, and beside it `<table>_settings`, where the registry
+    records its invalidation channel. `pgbouncer=True` opens the store's own pool for
     PgBouncer in transaction mode (no cached prepared statements); a manager whose
     config sets `database_pgbouncer` turns it on for a store opened from a URL.
 
@@ -101,6 +118,7 @@ class SQLAlchemyTenantStore(TenantStore):
         self._max_overflow = max_overflow
         self.pgbouncer = pgbouncer
         self.table = _tenants_table(table_name, schema)
+        self.settings = _settings_table(self.table.metadata, f"{table_name}_settings", schema)
         self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
@@ -143,8 +161,19 @@ class SQLAlchemyTenantStore(TenantStore):
         if self._initialized:
             return
         async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
-            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+            await conn.run_sync(self._create_or_check)
         self._initialized = True
+
+    def _create_or_check(self, conn: sa.Connection) -> None:
+        # A table of the same name made by something else (fastapi-tenancy 0.5.0 used
+        # `tenants` too) is refused here, at startup, not by a 500 on the first request.
+        self.table.metadata.create_all(conn, checkfirst=True)
+        columns = {
+            column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
+        }
+        problem = registry_problem(self.table, columns)
+        if problem is not None:
+            raise ConfigurationError(problem)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:
@@ -152,6 +181,38 @@ class SQLAlchemyTenantStore(TenantStore):
             # invalidation channel, keeps working after a close and a new initialize.
             await self._engine.dispose()
         self._initialized = False
+
+    async def get_channel_record(self) -> str | None:
+        query = sa.select(self.settings.c.value).where(self.settings.c.name == _CHANNEL_SETTING)
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return (await conn.execute(query)).scalar_one_or_none()
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        settings, now = self.settings, datetime.now(UTC)
+        for _ in range(3):
+            if replace:
+                async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+                    updated = await conn.execute(
+                        settings.update()
+                        .where(settings.c.name == _CHANNEL_SETTING)
+                        .values(value=record, updated_at=now)
+                    )
+                if updated.rowcount:
+                    return record
+            else:
+                in_force = await self.get_channel_record()
+                if in_force is not None:
+                    return in_force
+            try:
+                # The primary key makes this atomic: of two first processes, one inserts.
+                async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+                    await conn.execute(
+                        settings.insert().values(name=_CHANNEL_SETTING, value=record, updated_at=now)
+                    )
+                return record
+            except sa_exc.IntegrityError:
+                continue  # another process recorded it meanwhile: read (or replace) theirs
+        raise TenantChangedError("the registry's channel record kept changing")
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
         return await self._one(self.table.c.id == tenant_id)
@@ -168,9 +229,23 @@ class SQLAlchemyTenantStore(TenantStore):
         tenants = (self._tenant(row._mapping) for row in rows)
         return {tenant.identifier: tenant for tenant in tenants}
 
+    async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
+        wanted = list(dict.fromkeys(tenant_ids))
+        if not wanted:
+            return []
+        query = self.table.select().where(self.table.c.id.in_(wanted))
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        by_id = {row.id: self._tenant(row._mapping) for row in rows}
+        return [by_id[tenant_id] for tenant_id in wanted if tenant_id in by_id]
+
+    async def exists(self, tenant_id: str) -> bool:
+        query = sa.select(sa.literal(1)).select_from(self.table).where(self.table.c.id == tenant_id)
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
     async def create(self, tenant: Tenant) -> Tenant:
-        row = self._row(tenant)
-        row.update(id=tenant.id, identifier=tenant.identifier, created_at=tenant.created_at)
+        row = self.new_row(tenant)
         try:
             async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
                 await conn.execute(self.table.insert().values(**row))
@@ -224,6 +299,13 @@ class SQLAlchemyTenantStore(TenantStore):
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             row = (await conn.execute(self.table.select().where(condition))).first()
         return None if row is None else self._tenant(row._mapping)
+
+    @classmethod
+    def new_row(cls, tenant: Tenant) -> dict[str, Any]:
+        """The column values that register `tenant`: what `create` inserts."""
+        row = cls._row(tenant)
+        row.update(id=tenant.id, identifier=tenant.identifier, created_at=tenant.created_at)
+        return row
 
     @staticmethod
     def _row(tenant: Tenant) -> dict[str, Any]:

@@ -75,6 +75,9 @@ return redis.call('HGETALL', ARGV[1] .. id)
 """
 
 
+_CHANNEL_FIELD = "invalidation_channel"
+
+
 def is_redis_outage(exc: BaseException) -> bool:
     """True when `exc` means Redis cannot be reached right now (not a command's own error)."""
     return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
@@ -162,6 +165,10 @@ class RedisTenantStore(TenantStore):
     def _index_key(self) -> str:
         return f"{self.prefix}index"
 
+    @property
+    def _settings_key(self) -> str:
+        return f"{self.prefix}settings"
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def initialize(self) -> None:
@@ -171,6 +178,22 @@ class RedisTenantStore(TenantStore):
     async def close(self) -> None:
         if self._owns_client:
             await self.redis.aclose()
+
+    # -- the invalidation channel's record: a field of the registry's settings hash ------
+
+    async def get_channel_record(self) -> str | None:
+        async with self._registry():
+            record: str | None = await self.redis.hget(self._settings_key, _CHANNEL_FIELD)
+        return record
+
+    async def set_channel_record(self, record: str, *, replace: bool = False) -> str:
+        async with self._registry():
+            if replace:
+                await self.redis.hset(self._settings_key, _CHANNEL_FIELD, record)
+                return record
+            await self.redis.hsetnx(self._settings_key, _CHANNEL_FIELD, record)  # atomic: one wins
+            in_force: str = await self.redis.hget(self._settings_key, _CHANNEL_FIELD)
+        return in_force
 
     # -- reads -----------------------------------------------------------------------
 

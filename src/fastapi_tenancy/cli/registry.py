@@ -1,0 +1,60 @@
+"""`fastapi-tenancy registry`: the registry table itself; converting one fastapi-tenancy 0.5.0 made."""
+
+from typing import Annotated
+
+import typer
+
+from ..errors import ConfigurationError
+from ..manager import TenancyManager
+from ..storage.base import TenantStore
+from ..storage.database import SQLAlchemyTenantStore
+from ..storage.legacy import LegacyConversion, convert_legacy_registry
+from .base import err, print_rows, run_with_manager, state
+
+__all__ = ["registry_app"]
+
+registry_app = typer.Typer(help="The tenant registry table.", no_args_is_help=True)
+
+
+def _sql_registry(store: TenantStore) -> SQLAlchemyTenantStore:
+    # A caching store holds the SQL registry as its backend.
+    backend = getattr(store, "backend", store)
+    if not isinstance(backend, SQLAlchemyTenantStore):
+        raise ConfigurationError(f"the registry is a {type(backend).__name__}, not a SQL table")
+    return backend
+
+
+@registry_app.command("convert-from-0.5")
+def convert_from_05(
+    backup_table: Annotated[
+        str | None,
+        typer.Option(help="Where to keep a copy of the 0.5.0 table (default: its name + _0_5)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check every row; change nothing.")] = False,
+) -> None:
+    """Convert a fastapi-tenancy 0.5.0 `tenants` table to this version's registry, in place.
+
+    Checks every row first and changes nothing if one cannot be converted exactly; keeps
+    a copy of the old table. Tenants keep their ids, identifiers, statuses and metadata.
+    """
+
+    async def work(manager: TenancyManager) -> LegacyConversion:
+        return await convert_legacy_registry(
+            _sql_registry(manager.store),
+            backup_table=backup_table,
+            schema_prefix=manager.config.schema_prefix,
+            cipher=manager.cipher,
+            dry_run=dry_run,
+        )
+
+    # Not initialized: initialize() refuses the 0.5.0 table this command is for.
+    result = run_with_manager(work, initialize=False)
+    rows = [{"identifier": t.identifier, "id": t.id, "status": t.status.value} for t in result.tenants]
+    verb = "Would convert" if result.dry_run else "Converted"
+    print_rows(f"{verb} {len(rows)} tenants in {result.table}", rows, ["identifier", "id", "status"])
+    if not state.json and not result.dry_run:
+        err.print(
+            f"The 0.5.0 table is kept as {result.backup_table}. Next: `fastapi-tenancy doctor` checks "
+            "that every tenant's storage is where this version looks for it (docs/coming-from-0.5.md).",
+            highlight=False,
+        )

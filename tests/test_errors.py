@@ -1,0 +1,56 @@
+"""The exceptions: each survives pickling as itself (ARQ pickles a failed job's exception to
+send it to whoever awaits the job), with its message, public detail and headers."""
+
+import pickle
+from types import MappingProxyType
+
+import pytest
+
+from fastapi_tenancy import errors
+
+INSTANCES: list[errors.TenancyError] = [
+    errors.TenancyError("plain"),
+    errors.ConfigurationError("bad setting"),
+    errors.MissingDependencyError("redis", "redis"),
+    errors.InvalidIdentifierError("bad slug"),
+    errors.InvalidTransitionError("deleted -> active"),
+    errors.TenantAlreadyExistsError("taken"),
+    errors.TenantChangedError("raced"),
+    errors.ProvisioningError("no storage"),
+    errors.FleetBusyError("locked"),
+    errors.TenantScopeError("COMMIT"),
+    errors.TenantResolutionError(),
+    errors.InvalidTokenError("expired", detail="Token expired"),
+    errors.TenantMismatchError(),
+    errors.TenantNotFoundError("no tenant 'acme'"),
+    errors.TenantInactiveError("suspended"),
+    errors.RateLimitExceededError("acme", {"retry-after": "3"}),
+    errors.TenancyUnavailableError("registry down"),
+    errors.IsolationError("leak", report=None),
+]
+
+
+def test_every_error_class_is_exercised() -> None:
+    classes = {getattr(errors, name) for name in errors.__all__}
+    assert classes == {type(error) for error in INSTANCES}
+
+
+@pytest.mark.parametrize("error", INSTANCES, ids=lambda e: type(e).__name__)
+def test_an_error_survives_pickling_unchanged(error: errors.TenancyError) -> None:
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert (str(copy), copy.args, copy.detail, copy.status_code) == (
+        str(error),
+        error.args,
+        error.detail,
+        error.status_code,
+    )
+    assert dict(copy.headers) == dict(error.headers)
+    assert isinstance(copy.headers, MappingProxyType)  # still read-only
+    assert vars(copy).keys() == vars(error).keys()
+
+
+def test_an_inactive_tenant_unpickles_with_its_message_once() -> None:
+    copy = pickle.loads(pickle.dumps(errors.TenantInactiveError("suspended")))
+    assert str(copy) == copy.detail == "Tenant is not active (status: suspended)"
+    assert copy.status == "suspended"

@@ -385,7 +385,7 @@ class TenantAdmin:
         await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
-    async def adopt_storage(self, tenant: Tenant | str) -> None:
+    async def adopt_storage(self, tenant: Tenant | str) -> bool:
         """Mark the storage found under a registered tenant's name as that tenant's.
 
         Every tenant transaction checks that its schema, database or file holds its own
@@ -395,12 +395,15 @@ class TenantAdmin:
         template by a script, a schema restored from a dump of another installation,
         storage of a development build without markers) is refused until adopted.
         Refuses (`ProvisioningError`) storage that is missing or marked for another
-        tenant; a no-op for storage already marked as the tenant's, and for shared
-        tables (row-level security). Adopt only storage you know to be this tenant's.
+        tenant. True when it marked the storage; False for storage already marked as
+        the tenant's, and for shared tables (row-level security), which need no
+        marker. Adopt only storage you know to be this tenant's.
         """
         current = await self.get_tenant(_slug(tenant))
-        await self.isolation.adopt(current)
-        logger.warning("tenant %s adopted the storage found under its name", current.identifier)
+        marked = await self.isolation.adopt(current)
+        if marked:
+            logger.warning("tenant %s adopted the storage found under its name", current.identifier)
+        return marked
 
     # -- announcing changes --------------------------------------------------------------
 

@@ -219,13 +219,16 @@ class Isolation(ABC):
         """Delete what a move left behind (see `HybridIsolation`); refused by default."""
         raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
 
-    async def adopt(self, tenant: Tenant) -> None:  # noqa: B027 - optional hook, a no-op by default
+    async def adopt(self, tenant: Tenant) -> bool:
         """Mark the storage found under `tenant`'s name as `tenant`'s (see `TenancyManager.adopt_storage`).
 
-        Strategies whose storage carries a marker (schema, database, SQLite file) write
-        it; shared tables have none. Refuses (`ProvisioningError`) storage that is
+        True when it wrote the marker; False when there was nothing to write (the
+        storage was already marked as the tenant's, or, as here by default, the strategy
+        keeps no storage of the tenant's own). Strategies whose storage carries a marker
+        (schema, database, SQLite file) refuse (`ProvisioningError`) storage that is
         missing or marked for another tenant.
         """
+        return False
 
     def storage_name(self, identifier: str) -> str:
         """The name of the tenant's schema or database; raises for unusable slugs."""

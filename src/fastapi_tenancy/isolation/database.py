@@ -341,7 +341,7 @@ class DatabaseIsolation(Isolation):
         finally:
             await admin.dispose()
 
-    async def adopt(self, tenant: Tenant) -> None:
+    async def adopt(self, tenant: Tenant) -> bool:
         name = self.storage_name(tenant.identifier)
         server = self._server_of(tenant)
         backend = _backend(server)
@@ -351,12 +351,14 @@ class DatabaseIsolation(Isolation):
         try:
             async with unavailable_as_503("tenant database server"), engine.begin() as conn:
                 found = (await conn.scalars(_MARKERS[backend])).all()
-                if needs_marker(found, tenant.id, where):
-                    await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
+                if not needs_marker(found, tenant.id, where):
+                    return False
+                await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
         except sa_exc.DBAPIError as exc:  # no such database, among others
             raise ProvisioningError(f"could not adopt {where}: {exc.orig}") from exc
         finally:
             await engine.dispose()
+        return True
 
     async def _drop(self, admin: AsyncEngine, backend: str, name: str) -> None:
         # WITH (FORCE) (PostgreSQL 13+) ends sessions still connected to it, ours in

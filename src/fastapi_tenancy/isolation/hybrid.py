@@ -121,8 +121,8 @@ class HybridIsolation(Isolation):
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         await self.tier(tenant).provision(tenant, metadata)
 
-    async def adopt(self, tenant: Tenant) -> None:
-        await self.tier(tenant).adopt(tenant)
+    async def adopt(self, tenant: Tenant) -> bool:
+        return await self.tier(tenant).adopt(tenant)
 
     async def destroy(self, tenant: Tenant) -> None:
         """Delete the tenant's data in its tier, and any old copy a move left in another."""

@@ -291,7 +291,7 @@ class SchemaIsolation(Isolation):
             for grant in _GRANTS:
                 await conn.execute(sa.text(grant.format(schema=schema, role=role)))
 
-    async def adopt(self, tenant: Tenant) -> None:
+    async def adopt(self, tenant: Tenant) -> bool:
         schema = self.storage_name(tenant.identifier)
         await self._find_grantee()
         async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
@@ -299,9 +299,11 @@ class SchemaIsolation(Isolation):
                 raise ProvisioningError(f"schema {schema!r} does not exist: nothing to adopt")
             quoted = {"schema": quote_identifier(schema)}
             found = (await conn.scalars(sa.text(MARKERS_IN_SCHEMA), quoted)).all()
-            if needs_marker(found, tenant.id, f"schema {schema!r}"):
-                await conn.exec_driver_sql(create_marker(tenant.id, schema=schema))
-                await self._grant(conn, schema)
+            if not needs_marker(found, tenant.id, f"schema {schema!r}"):
+                return False
+            await conn.exec_driver_sql(create_marker(tenant.id, schema=schema))
+            await self._grant(conn, schema)
+        return True
 
     async def build_template(self, metadata: sa.MetaData | None, *, replace: bool = False) -> None:
         """Create the template schema from `metadata` (for apps that do not use Alembic).

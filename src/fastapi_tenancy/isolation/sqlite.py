@@ -175,9 +175,9 @@ class SQLiteFileIsolation(Isolation):
             raise
         await engine.dispose()
 
-    async def adopt(self, tenant: Tenant) -> None:
+    async def adopt(self, tenant: Tenant) -> bool:
         if self._memory:
-            return  # the engine is the database: nothing made outside the library to adopt
+            return False  # the engine is the database: nothing made outside the library
         path = self.path(tenant)
         if not path.exists():
             raise ProvisioningError(f"database file {path.name!r} does not exist: nothing to adopt")
@@ -185,10 +185,12 @@ class SQLiteFileIsolation(Isolation):
         try:
             async with unavailable_as_503("tenant database"), engine.begin() as conn:
                 found = (await conn.scalars(sa.text(_MARKERS))).all()
-                if needs_marker(found, tenant.id, f"database file {path.name!r}"):
-                    await conn.exec_driver_sql(create_marker(tenant.id))
+                if not needs_marker(found, tenant.id, f"database file {path.name!r}"):
+                    return False
+                await conn.exec_driver_sql(create_marker(tenant.id))
         finally:
             await engine.dispose()
+        return True
 
     async def destroy(self, tenant: Tenant) -> None:
         await self.engines.discard(tenant.id)

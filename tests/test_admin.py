@@ -3,6 +3,7 @@ cache invalidation."""
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,33 @@ async def test_a_change_by_id_never_reaches_the_next_holder_of_the_slug(manager:
     with pytest.raises(TenantNotFoundError, match="no tenant with id"):
         await manager.suspend_tenant(tenant_id=old.id)
     assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE
+
+
+async def test_a_record_of_a_purged_incarnation_never_changes_the_new_holder(manager: TenancyManager) -> None:
+    old = await manager.register_tenant("reuse", "Old customer", app_metadata=Base.metadata)
+    await manager.delete_tenant(old, destroy_data=True)
+    new = await manager.register_tenant("reuse", "New customer", app_metadata=Base.metadata)
+    # A job still holding the old record acts on it: never on the new customer.
+    changes: list[Callable[[], Awaitable[object]]] = [
+        lambda: manager.suspend_tenant(old),
+        lambda: manager.activate_tenant(old),
+        lambda: manager.update_tenant(old, name="renamed by a stale job"),
+        lambda: manager.update_tenant(old, metadata_patch={"plan": "free"}),
+        lambda: manager.delete_tenant(old),
+        lambda: manager.delete_tenant(old, destroy_data=True),
+        lambda: manager.remove_old_copy(old),
+    ]
+    for change in changes:
+        with pytest.raises(TenantNotFoundError):
+            await change()
+    current = await manager.get_tenant("reuse")
+    assert (current.id, current.name, current.status, dict(current.metadata)) == (
+        new.id,
+        "New customer",
+        TenantStatus.ACTIVE,
+        {},
+    )
+    assert manager.isolation.path(new).exists()  # type: ignore[attr-defined]
+    # The identifier, and the new record, still work.
+    assert (await manager.suspend_tenant("reuse")).status is TenantStatus.SUSPENDED
+    assert (await manager.activate_tenant(new)).status is TenantStatus.ACTIVE

@@ -317,21 +317,19 @@ class TenantAdmin:
             raise TypeError(
                 f"{method}() takes a tenant or an identifier, or tenant_id=, and only one of them"
             )
+        if isinstance(tenant, Tenant):
+            # A record read earlier names one incarnation: if its slug was purged and
+            # registered again since, the change must not reach the new holder.
+            return await self._change(tenant.identifier, _only(tenant.id, change))
         if tenant_id is None:
             assert tenant is not None  # checked above
             try:
-                return await self._change(_slug(tenant), change)
+                return await self._change(tenant, change)
             except TenantNotFoundError as exc:
                 raise await self._not_an_identifier(method, tenant) from exc
+        # The slug found by id could have been purged and registered again since.
         target = await self.get_tenant_by_id(tenant_id)
-
-        def same_tenant(stored: Tenant) -> Tenant:
-            # The slug found by id could have been purged and registered again since.
-            if stored.id != tenant_id:
-                raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
-            return change(stored)
-
-        return await self._change(target.identifier, same_tenant)
+        return await self._change(target.identifier, _only(tenant_id, change))
 
     async def _not_an_identifier(self, method: str, tenant: Tenant | str) -> TenantNotFoundError:
         # Only on this failure path: 0.5.0 took ids where we take identifiers; say so.
@@ -357,7 +355,7 @@ class TenantAdmin:
         deleted meanwhile.
         """
         isolation = self.isolation
-        current = await self.get_tenant(_slug(tenant))
+        current = await self._current(tenant)
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
 
@@ -381,7 +379,7 @@ class TenantAdmin:
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        current = await self.get_tenant(_slug(tenant))
+        current = await self._current(tenant)
         await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
@@ -399,11 +397,18 @@ class TenantAdmin:
         the tenant's, and for shared tables (row-level security), which need no
         marker. Adopt only storage you know to be this tenant's.
         """
-        current = await self.get_tenant(_slug(tenant))
+        current = await self._current(tenant)
         marked = await self.isolation.adopt(current)
         if marked:
             logger.warning("tenant %s adopted the storage found under its name", current.identifier)
         return marked
+
+    async def _current(self, tenant: Tenant | str) -> Tenant:
+        # As stored now; a `Tenant` of an incarnation since purged is not found.
+        current = await self.get_tenant(_slug(tenant))
+        if isinstance(tenant, Tenant) and current.id != tenant.id:
+            raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
+        return current
 
     # -- announcing changes --------------------------------------------------------------
 
@@ -425,6 +430,17 @@ class TenantAdmin:
 
 
 _OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
+
+
+def _only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:
+    """`change`, applied only while the slug still belongs to `tenant_id`."""
+
+    def guarded(stored: Tenant) -> Tenant:
+        if stored.id != tenant_id:
+            raise TenantNotFoundError(f"no tenant with id {tenant_id!r:.80}")
+        return change(stored)
+
+    return guarded
 
 
 def _slug(tenant: Tenant | str) -> str:

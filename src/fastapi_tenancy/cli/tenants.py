@@ -179,7 +179,7 @@ def tenants_adopt(
 
 
 def _spares(manager: TenancyManager) -> "SparePool":
-    pool: SparePool | None = getattr(manager.isolation, "spares", None)
+    pool = manager.isolation.spares
     if pool is None:
         raise ConfigurationError("no spare schemas configured: set schema_template and schema_spares")
     return pool

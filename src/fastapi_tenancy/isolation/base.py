@@ -5,7 +5,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
+
+if TYPE_CHECKING:  # spares.py imports this module
+    from .spares import SparePool
 
 __all__ = [
     "BEGIN_SETTING",
@@ -164,6 +167,10 @@ class Isolation(ABC):
     """The column that tells tenants' rows apart when tenants share tables (row-level
     security), else None. Shared tables are migrated once for every tenant, in the
     schema `storage_name()` names (see `fastapi_tenancy.migrations.targets`)."""
+
+    spares: "SparePool | None" = None
+    """Storage made ahead of time for new tenants (schema isolation with a template and
+    `schema_spares`), which `fastapi-tenancy tenants spares` fills; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

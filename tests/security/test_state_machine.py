@@ -673,7 +673,7 @@ MACHINES = {"postgres": PostgresMachine, "mysql": MySQLMachine, "sqlite": SQLite
 @pytest.mark.parametrize("backend", list(MACHINES))
 def test_random_lifecycles_and_transactions_never_cross_tenants(backend: str) -> None:
     # Examples begin with live tenants, so each step does real work: the three together
-    # take about half a minute on a loaded 2-core machine.
+    # take 30-45 s on a loaded 2-core machine (load average 5-7).
     run_state_machine_as_test(
         MACHINES[backend],
         settings=settings(

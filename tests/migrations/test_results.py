@@ -49,3 +49,24 @@ async def test_runs_and_results_read_back_newest_first_with_counts_and_paging(
     assert failed[0].error is not None and "boom" in failed[0].error
     assert [r.tenant for r in page1 + page2] == ["acme", "bad", "globex", "initech"]
     assert all(r.duration > 0 for r in page1 + page2 if r.status == "ok")
+
+
+async def test_in_progress_sees_a_run_held_by_another_process_of_this_database_only(
+    manager: TenancyManager, project: Path, postgres_url: str
+) -> None:
+    migrator = FleetMigrator(manager, project)
+    holder = await _raw(postgres_url)
+    other = await _raw(postgres_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        assert not await migrator.in_progress()
+        # The same key held in another database is another deployment's run.
+        await other.execute("SELECT pg_advisory_lock($1)", 0x7E4A_F1EE)
+        assert not await migrator.in_progress()
+        await holder.execute("SELECT pg_advisory_lock($1)", 0x7E4A_F1EE)
+        assert await migrator.in_progress()
+        await holder.execute("SELECT pg_advisory_unlock_all()")
+        assert not await migrator.in_progress()
+    finally:
+        await holder.close()
+        await other.close()
+        await migrator.close()

@@ -319,7 +319,7 @@ class ResultsTables:
         rows = await conn.execute(
             sa.text(
                 "SELECT tenant, status, from_revision, to_revision, duration_ms, error, finished_at "  # noqa: S608
-                f'FROM {self.results} WHERE {" AND ".join(where)} ORDER BY tenant LIMIT :n'
+                f"FROM {self.results} WHERE {' AND '.join(where)} ORDER BY tenant LIMIT :n"
             ),
             params,
         )

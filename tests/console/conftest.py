@@ -35,6 +35,8 @@ class Site:
     console: Console
     app: FastAPI
     client: httpx.AsyncClient
+    token_page: str = "/tenants/hostile"
+    """A page with a form, to read the token from (no test deletes this tenant)."""
 
     async def page(self, path: str, operator: str = "alice") -> httpx.Response:
         return await self.client.get(f"/_tenancy{path}", headers={"X-Operator": operator})
@@ -57,9 +59,9 @@ class Site:
             headers={"X-Operator": operator, **(headers or {})},
         )
 
-    async def token(self, operator: str = "alice", page: str = "/tenants/hostile") -> str:
+    async def token(self, operator: str = "alice") -> str:
         """The form token a console page gives `operator` (and, the first time, the cookie)."""
-        response = await self.page(page, operator)
+        response = await self.page(self.token_page, operator)
         match = re.search(r'name="csrf" value="([0-9a-f]{64})"', response.text)
         assert match is not None, response.text
         return match.group(1)

@@ -1,6 +1,8 @@
 """The operator console over HTTP: auth on everything, CSRF, escaping, the actions and what they audit."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +299,36 @@ async def test_the_doctor_page_shows_every_check(site: Site) -> None:
     for check in ("configuration", "connectivity", "registry", "invalidation channel"):
         assert f"<td>{check}</td>" in page.text
     assert "3 tenants" in page.text
+
+
+def test_the_console_needs_no_metrics_extra(tmp_path: Path) -> None:
+    # prometheus-client is an extra of its own: without it, the traffic page says what to add.
+    code = f"""
+import asyncio, sys
+sys.modules["prometheus_client"] = None
+import httpx
+from fastapi import FastAPI
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+async def main():
+    manager = TenancyManager(TenancyConfig(database_url="sqlite:///{tmp_path / "app.db"}"))
+    await manager.initialize()
+    await manager.register_tenant("acme", "Acme")
+    app = FastAPI()
+    app.mount("/_tenancy", manager.console(auth=lambda: "alice"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for path in ("/tenants", "/tenants/acme", "/traffic", "/fleet", "/doctor"):
+            response = await client.get("/_tenancy" + path)
+            print(path, response.status_code, "No metrics" in response.text)
+    await manager.close()
+
+asyncio.run(main())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:5] == [
+        "/tenants 200 False",
+        "/tenants/acme 200 False",
+        "/traffic 200 True",
+        "/fleet 200 False",
+        "/doctor 200 False",
+    ], result.stdout + result.stderr

@@ -35,7 +35,8 @@ def test_rates_and_lines_come_from_the_differences_between_samples() -> None:
     # 512 x 140 from x=48: the first point halfway, at the top; the last at the right, at 0.
     assert (requests.top, requests.span, requests.lines[0].last) == (1.0, 20, 0.0)
     assert requests.lines[0].points == "304.0,0.0 560.0,140.0"
-    assert latency.top == 200.0 and latency.lines[0].points == "304.0,0.0 560.0,140.0"  # 2 s / 10 requests
+    assert (requests.lines[0].peak, latency.top) == (1.0, 200.0)  # 2 s over 10 requests
+    assert latency.lines[0].points == "304.0,0.0 304.0,0.0"  # no requests, no latency: one point, a dot
     assert [_nice(v) for v in (0, 0.3, 1, 1.5, 7, 12, 99)] == [1, 0.5, 1, 2, 10, 20, 100]
 
 

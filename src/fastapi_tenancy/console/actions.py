@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["action_routes", "read_form"]
 
 _MAX_FORM = 16 * 1024
-# An Alembic revision as a form may name it: head, an id, a branch@id, relative steps.
-_REVISION = re.compile(r"[A-Za-z0-9_@:+.-]{1,64}")
+# An Alembic revision to upgrade to, as a form may name it: head, an id, branch@id, +2.
+_REVISION = re.compile(r"[A-Za-z0-9+][A-Za-z0-9_@:+.-]{0,63}")
 # What a refused change says: the reason is the operator's to read (and is escaped).
 _CONFLICTS = (InvalidTransitionError, TenantChangedError, TenantInactiveError, ConfigurationError)
 

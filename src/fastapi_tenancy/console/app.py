@@ -21,7 +21,6 @@ from ..manager import TenancyManager
 from ..tenant import Tenant
 from .csrf import CSRFGuard
 from .fleet import FleetConsole
-from .traffic import TrafficSampler
 
 try:
     import jinja2
@@ -30,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 if TYPE_CHECKING:  # prometheus-client, an extra of its own
     from ..metrics import TenantMetrics
+    from .traffic import TrafficSampler
 
 __all__ = ["Console", "OperatorAuth"]
 
@@ -112,11 +112,11 @@ class Console:
         self.scan_limit = scan_limit
         self.csrf = CSRFGuard(csrf_secret)
         self.fleet = FleetConsole(manager, alembic_config)
-        self.traffic = (
-            None
-            if metrics is None
-            else TrafficSampler(metrics, interval=traffic_interval, history=traffic_history)
-        )
+        self.traffic: TrafficSampler | None = None
+        if metrics is not None:
+            from .traffic import TrafficSampler as Sampler  # noqa: PLC0415 - prometheus-client, there with metrics
+
+            self.traffic = Sampler(metrics, interval=traffic_interval, history=traffic_history)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             # Every value is escaped unless a template says otherwise (none does):

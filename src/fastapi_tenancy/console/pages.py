@@ -7,7 +7,7 @@ tenant's session, so none can show a tenant's own data.
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -18,7 +18,6 @@ from ..doctor import run_checks
 from ..errors import TenantNotFoundError
 from ..tenant import Tenant, TenantStatus, thaw, validate_identifier
 from .search import TenantFilter, search_tenants
-from .traffic import HEIGHT, MEASURES, PAD_BOTTOM, PAD_LEFT, WIDTH
 
 if TYPE_CHECKING:
     from .app import Console
@@ -57,7 +56,12 @@ def page_routes(console: "Console") -> APIRouter:
 
     @router.get("/static/console.css")
     async def stylesheet(who: Operator) -> Response:
-        return Response(_STYLESHEET, media_type="text/css")
+        return Response(_STATIC["console.css"], media_type="text/css")
+
+    @router.get("/static/icon.svg")
+    async def icon(who: Operator) -> Response:
+        # Named by every page, so that the browser does not ask the app for /favicon.ico.
+        return Response(_STATIC["icon.svg"], media_type="image/svg+xml")
 
     @router.get("/tenants")
     async def tenants(request: Request, who: Operator) -> Response:
@@ -99,6 +103,7 @@ def page_routes(console: "Console") -> APIRouter:
             tiers=tiers(console),
             plans=plans,
             filtered=bool(kept),
+            show_tier=bool(tiers(console)) or any(tenant.tier for tenant in page.tenants),
             next_query=urlencode({**kept, "after": page.after}) if page.after else None,
             first_query=urlencode(kept),
         )
@@ -190,7 +195,9 @@ def page_routes(console: "Console") -> APIRouter:
         if sampler is not None:
             sampler.sample()
             rows = sampler.rows()
-            busiest = [row.label for row in rows if row.totals.requests][:5]
+            # Tenants only: requests of no tenant (refusals, excluded paths such as this
+            # console) stay in the table.
+            busiest = [row.label for row in rows if row.totals.requests and not row.anonymous][:5]
             charts = sampler.charts(busiest) if len(sampler.samples) > 1 else []
         limiter = manager.rate_limiter
         return console.render(
@@ -205,8 +212,7 @@ def page_routes(console: "Console") -> APIRouter:
             samples=0 if sampler is None else len(sampler.samples),
             rows=rows,
             charts=charts,
-            measures=MEASURES,
-            geometry=_GEOMETRY,
+            geometry=None if sampler is None else sampler.geometry,
             refresh=None if sampler is None else max(int(sampler.interval), 5),
         )
 
@@ -277,7 +283,7 @@ async def tenant_page(
         usage=usage,
         history=history,
         charts=charts,
-        geometry=_GEOMETRY,
+        geometry=None if sampler is None else sampler.geometry,
         tiers=[tier for tier in tiers(console) if tier != tenant.tier]
         if console.app_metadata is not None
         else [],
@@ -327,11 +333,6 @@ def _status(value: str | None) -> TenantStatus | None:
         ) from None
 
 
-_GEOMETRY: dict[str, Any] = {
-    "width": WIDTH,
-    "height": HEIGHT,
-    "left": PAD_LEFT,
-    "bottom": HEIGHT - PAD_BOTTOM,
+_STATIC = {
+    name: (Path(__file__).parent / "static" / name).read_bytes() for name in ("console.css", "icon.svg")
 }
-
-_STYLESHEET = (Path(__file__).parent / "static" / "console.css").read_bytes()

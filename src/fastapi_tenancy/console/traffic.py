@@ -1,7 +1,8 @@
 """The console's traffic plots: the library's own metrics, sampled over time, drawn as SVG.
 
 `TenantMetrics` counts since each process started; rates are the differences between
-two samples. The sampler reads `TenantMetrics.snapshot()` every `interval` seconds in a
+two samples. Imported only when the console has metrics (prometheus-client, an extra of
+its own). The sampler reads `TenantMetrics.snapshot()` every `interval` seconds in a
 task of its own (never on a tenant's request) and keeps `history` samples; the charts
 are lines computed here and drawn by the templates as inline SVG, so the console needs
 no script to show them.
@@ -44,6 +45,7 @@ class Line:
     """The SVG polyline's points."""
     colour: int
     last: float
+    peak: float
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,17 @@ class TrafficRow:
     totals: TrafficTotals
     rates: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def anonymous(self) -> bool:
+        """Requests of no tenant: refusals, and excluded paths such as the console itself."""
+        return self.label == NO_TENANT
+
 
 class TrafficSampler:
     """Samples `metrics` every `interval` seconds; keeps `history` samples. One per console."""
+
+    geometry = {"width": WIDTH, "height": HEIGHT, "left": PAD_LEFT, "bottom": HEIGHT - PAD_BOTTOM}
+    """The plots' size and axes, for the templates."""
 
     def __init__(self, metrics: TenantMetrics, *, interval: float = 10.0, history: int = 360) -> None:
         self.metrics = metrics
@@ -132,7 +142,13 @@ class TrafficSampler:
             series = {label: _series(samples, label, key) for label in labels}
             top = _nice(max((v for values in series.values() for _, v in values), default=0.0))
             lines = [
-                Line(describe(label), _points(values, samples[0][0], span, top), index % 6, values[-1][1])
+                Line(
+                    describe(label),
+                    _points(values, samples[0][0], span, top),
+                    index % 6,
+                    values[-1][1],
+                    max(value for _, value in values),
+                )
                 for index, (label, values) in enumerate(series.items())
                 if values
             ]
@@ -159,12 +175,19 @@ def _rates(
 def _series(
     samples: list[tuple[float, dict[str, TrafficTotals]]], label: str, key: str
 ) -> list[tuple[float, float]]:
-    """(time, value) of `key` for `label` over each interval between two samples."""
+    """(time, value) of `key` for `label` over each interval between two samples.
+
+    Latency has no value over an interval without requests: the line skips it rather
+    than drop to zero.
+    """
     values = []
     for before, after in zip(samples, samples[1:], strict=False):
         totals = after[1].get(label)
-        if totals is not None:
-            values.append((after[0], _rates(before, (after[0], totals), label)[key]))
+        if totals is None:
+            continue
+        rates = _rates(before, (after[0], totals), label)
+        if key != "latency" or rates["requests"]:
+            values.append((after[0], rates[key]))
     return values
 
 
@@ -175,6 +198,8 @@ def _points(values: list[tuple[float, float]], start: float, span: float, top: f
         x = PAD_LEFT + (width * (at - start) / span if span else width)
         y = height - (height * value / top if top else 0.0)
         points.append(f"{x:.1f},{y:.1f}")
+    if len(points) == 1:  # a zero-length line, drawn as a dot by its round caps
+        points.append(points[0])
     return " ".join(points)
 
 

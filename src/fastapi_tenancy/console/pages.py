@@ -198,7 +198,7 @@ def page_routes(console: "Console") -> APIRouter:
             # Tenants only: requests of no tenant (refusals, excluded paths such as this
             # console) stay in the table.
             busiest = [row.label for row in rows if row.totals.requests and not row.anonymous][:5]
-            charts = sampler.charts(busiest) if len(sampler.samples) > 1 else []
+            charts = sampler.charts(busiest) if busiest and len(sampler.samples) > 1 else []
         limiter = manager.rate_limiter
         return console.render(
             request,

@@ -87,11 +87,14 @@ class TrafficSampler:
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
-        """Take a sample now (also when a page is drawn, if the last one is old)."""
+        """Take a sample now (the task, and every page that shows traffic, so it is current)."""
         now = time.monotonic()
-        if self.samples and now - self.samples[-1][0] < min(1.0, self.interval / 2):
-            return  # twice in a row adds only noise
-        self.samples.append((now, self.metrics.snapshot()))
+        sample = (now, self.metrics.snapshot())
+        if len(self.samples) > 1 and now - self.samples[-1][0] < min(1.0, self.interval / 2):
+            # Samples closer than that would make noisy rates: bring the last one up to date.
+            self.samples[-1] = sample
+        else:
+            self.samples.append(sample)
 
     def start(self) -> None:
         """Start sampling in the background, once (the console calls it on its first request)."""

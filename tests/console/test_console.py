@@ -188,6 +188,11 @@ async def test_delete_needs_the_identifier_typed_and_destroys_data_only_when_ask
     soft = await site.post("/tenants/acme/delete", {"confirm": "acme"})
     assert soft.status_code == 303 and soft.headers["location"].endswith("/tenants/acme?done=deleted")
     assert (await site.manager.get_tenant("acme")).status is TenantStatus.DELETED
+    deleted = await site.page("/tenants/acme?done=deleted")
+    assert "Destroy its data" in deleted.text and "Suspend" not in deleted.text
+    assert (await site.post("/tenants/acme/delete", {"confirm": "acme", "destroy": "yes"})).status_code == 303
+    with pytest.raises(TenantNotFoundError):  # purged: the identifier is free again
+        await site.manager.get_tenant("acme")
     purged = await site.post("/tenants/globex/delete", {"confirm": "globex", "destroy": "yes"})
     assert purged.status_code == 303 and purged.headers["location"] == "/_tenancy/tenants?done=purged"
     with pytest.raises(TenantNotFoundError):

@@ -1,4 +1,5 @@
-"""The console's actions (POST): suspend, activate, delete, move a tenant; start a fleet upgrade.
+"""The console's actions (POST): suspend, activate, delete, move a tenant (and remove the copy a
+move left behind); start a fleet upgrade.
 
 Each one goes through the manager's public methods, as code would, inside
 `acting_as("console:<operator>")`, so the audit log names who did it; each is refused
@@ -17,6 +18,7 @@ from ..errors import (
     ConfigurationError,
     FleetBusyError,
     InvalidTransitionError,
+    ProvisioningError,
     TenantChangedError,
     TenantInactiveError,
 )
@@ -33,7 +35,13 @@ _MAX_FORM = 16 * 1024
 # An Alembic revision to upgrade to, as a form may name it: head, an id, branch@id, +2.
 _REVISION = re.compile(r"[A-Za-z0-9+][A-Za-z0-9_@:+.-]{0,63}")
 # What a refused change says: the reason is the operator's to read (and is escaped).
-_CONFLICTS = (InvalidTransitionError, TenantChangedError, TenantInactiveError, ConfigurationError)
+_CONFLICTS = (
+    InvalidTransitionError,
+    TenantChangedError,
+    TenantInactiveError,
+    ConfigurationError,
+    ProvisioningError,
+)
 
 
 async def read_form(request: Request) -> dict[str, str]:
@@ -130,6 +138,22 @@ def action_routes(console: "Console") -> APIRouter:
         except _CONFLICTS as exc:
             return await refused(request, who, identifier, exc)
         return to_tenant(request, identifier, "moved")
+
+    @router.post("/tenants/{identifier}/remove-old-copy")
+    async def remove_old_copy(request: Request, identifier: str, who: Operator) -> Response:
+        form = await checked(request, who)
+        validate_identifier(identifier)
+        if not tiers(console):
+            raise HTTPException(400, "only hybrid isolation keeps an old copy after a move")
+        if form.get("confirm") != "yes":
+            error = ValueError("Not removed: tick the box to confirm.")
+            return await refused(request, who, identifier, error)
+        try:
+            with acting_as(f"console:{who}"):
+                await manager.remove_old_copy(identifier)
+        except _CONFLICTS as exc:
+            return await refused(request, who, identifier, exc)
+        return to_tenant(request, identifier, "old-copy-removed")
 
     @router.post("/fleet/upgrade")
     async def upgrade(request: Request, who: Operator) -> Response:

@@ -32,6 +32,7 @@ DONE = {
     "deleted": "Deleted. Its data is kept and its identifier reserved until it is purged.",
     "purged": "Deleted with all of its data.",
     "moved": "Moved to its new tier. The old copy is kept until it is removed.",
+    "old-copy-removed": "The copy a move left in another tier is removed.",
     "started": "Fleet upgrade started.",
 }
 
@@ -287,6 +288,7 @@ async def tenant_page(
         tiers=[tier for tier in tiers(console) if tier != tenant.tier]
         if console.app_metadata is not None
         else [],
+        hybrid=bool(tiers(console)),
         confirm=confirm,
         statuses=TenantStatus,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from fastapi_tenancy import TenancyConfig, TenancyManager, TenantStatus
 from fastapi_tenancy.console.search import TenantFilter, search_tenants
@@ -132,3 +133,46 @@ async def test_keyset_paging_over_100000_tenants(
             "\n[console, 100,000 tenants] " + "; ".join(f"{k}: {v * 1000:.0f} ms" for k, v in timings.items())
         )
     assert max(timings["first page"], timings["next page"], timings["last page"]) < 2.0, timings
+
+
+@pytest.mark.postgres
+async def test_tenants_are_filtered_by_the_database_server_that_holds_them(postgres_url: str) -> None:
+    from fastapi_tenancy.encryption import URLCipher
+
+    from ..isolation.databases import dropped_afterwards
+
+    # Two names of one server stand for two servers: what the filter compares is where a
+    # tenant's data lives as its URL says, host and port.
+    other = make_url(postgres_url).set(host="localhost", database="postgres")
+    async with dropped_afterwards(postgres_url) as prefix:
+        config = TenancyConfig(
+            database_url=postgres_url,
+            isolation_strategy="database",
+            schema_prefix=prefix,
+            encryption_keys=[URLCipher.generate_key()],
+        )
+        manager = TenancyManager(config)
+        await manager.initialize()
+        try:
+            await manager.register_tenant("near", "Near")
+            await manager.register_tenant(
+                "far", "Far", database_url=other.render_as_string(hide_password=False)
+            )
+            app, console = mount(manager)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://t", headers={"X-Operator": "alice"}
+            ) as client:
+                main = f"{make_url(postgres_url).host}:{make_url(postgres_url).port}"
+                everyone = (await client.get("/_tenancy/tenants")).text
+                assert 'id="server"' in everyone and _identifiers(everyone) == ["far", "near"]
+                remote = (await client.get(f"/_tenancy/tenants?server=localhost:{other.port}")).text
+                assert _identifiers(remote) == ["far"]
+                assert _identifiers((await client.get(f"/_tenancy/tenants?server={main}")).text) == ["near"]
+                detail = (await client.get("/_tenancy/tenants/far")).text
+                assert f"<dd>localhost:{other.port}, database {prefix}far</dd>" in detail
+                assert "postgres@" not in detail  # the host, never the URL and its user
+            await console.close()
+            await manager.delete_tenant("far", destroy_data=True)
+        finally:
+            await manager.close()

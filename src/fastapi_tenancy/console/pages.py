@@ -17,7 +17,7 @@ from ..audit import SQLAuditWriter
 from ..doctor import run_checks
 from ..errors import TenantNotFoundError
 from ..tenant import Tenant, TenantStatus, thaw, validate_identifier
-from .search import TenantFilter, search_tenants
+from .search import TenantFilter, search_tenants, server_of
 
 if TYPE_CHECKING:
     from .app import Console
@@ -72,6 +72,7 @@ def page_routes(console: "Console") -> APIRouter:
             status=_status(params.get("status")),
             tier=params.get("tier", "")[:32],
             plan=params.get("plan", "")[:100],
+            server=params.get("server", "")[:200],
         )
         after = params.get("after") or None
         if after is not None and len(after) > 200:
@@ -85,6 +86,7 @@ def page_routes(console: "Console") -> APIRouter:
             "status": "" if where.status is None else where.status.value,
             "tier": where.tier,
             "plan": where.plan,
+            "server": where.server,
         }
         kept = {key: value for key, value in filters.items() if value}
         plans = sorted({*manager.config.rate_limit_plans, *manager.config.hybrid_plan_tiers})
@@ -103,6 +105,8 @@ def page_routes(console: "Console") -> APIRouter:
             statuses=[status.value for status in TenantStatus],
             tiers=tiers(console),
             plans=plans,
+            # Tenants live on several servers only with a database each (or a hybrid tier of them).
+            servers=manager.config.isolation_strategy in ("database", "hybrid"),
             filtered=bool(kept),
             show_tier=bool(tiers(console)) or any(tenant.tier for tenant in page.tenants),
             next_query=urlencode({**kept, "after": page.after}) if page.after else None,
@@ -304,7 +308,7 @@ def _facts(console: "Console", tenant: Tenant) -> list[tuple[str, str]]:
             facts.append(("Storage", f"{storage[0]} {storage[1]}"))
         url = isolation.migration_url(tenant)
         if url is not None:
-            facts.append(("Server", f"{url.host or 'local'}:{url.port or ''}/{url.database or ''}"))
+            facts.append(("Server", f"{server_of(console.manager, tenant)}, database {url.database or ''}"))
     except Exception as exc:  # a tenant with no known tier, an undecryptable URL: say so
         facts.append(("Storage", f"unknown ({type(exc).__name__}: {exc})"))
     return facts

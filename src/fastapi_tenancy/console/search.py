@@ -2,7 +2,7 @@
 
 The registry answers one question quickly: the tenants (of one status) after an
 identifier, in order (`TenantStore.list`, keyset paging). Everything else the list
-filters on (a text in the name, the tier, the plan) is applied here, to tenants read
+filters on (a text in the name, the tier, the plan, the database server) is applied here, to tenants read
 a batch at a time. A page stops when it is full, or when `scan_limit` tenants have been
 read without filling it: then it says how far it got, and the next page goes on from
 there. Each page costs at most `scan_limit` rows, whatever the size of the registry,
@@ -11,10 +11,12 @@ with any store.
 
 from dataclasses import dataclass
 
+from sqlalchemy.engine import make_url
+
 from ..manager import TenancyManager
 from ..tenant import Tenant, TenantStatus
 
-__all__ = ["TenantFilter", "TenantPage", "search_tenants"]
+__all__ = ["TenantFilter", "TenantPage", "search_tenants", "server_of"]
 
 _BATCH = 1000
 
@@ -29,14 +31,18 @@ class TenantFilter:
     tier: str = ""
     plan: str = ""
     """The tenant's `metadata["plan"]`, exactly."""
+    server: str = ""
+    """The database server that holds the tenant's data (`host:port`, see `server_of`), exactly."""
 
     @property
     def scans(self) -> bool:
         """Whether tenants must be read and tested here (the registry filters by status only)."""
-        return bool(self.text or self.tier or self.plan)
+        return bool(self.text or self.tier or self.plan or self.server)
 
-    def matches(self, tenant: Tenant) -> bool:
+    def matches(self, tenant: Tenant, manager: TenancyManager | None = None) -> bool:
         if self.status is not None and tenant.status is not self.status:
+            return False
+        if self.server and (manager is None or server_of(manager, tenant) != self.server):
             return False
         if self.tier and tenant.tier != self.tier:
             return False
@@ -84,7 +90,7 @@ async def search_tenants(
         for tenant in batch:
             scanned += 1
             cursor = tenant.identifier
-            if where.matches(tenant):
+            if where.matches(tenant, manager):
                 found.append(tenant)
                 if len(found) == page_size:
                     return TenantPage(found, cursor, scanned, False)
@@ -92,3 +98,15 @@ async def search_tenants(
             return TenantPage(found, None, scanned, False)
         if scanned >= scan_limit:
             return TenantPage(found, cursor, scanned, True)
+
+
+def server_of(manager: TenancyManager, tenant: Tenant) -> str:
+    """`host:port` of the database server holding `tenant`'s data: its own (database isolation
+    with a `database_url` of its own), else the application's."""
+    try:
+        url = manager.isolation.migration_url(tenant)
+    except Exception:  # no known tier, an undecryptable URL: the detail page says which
+        return "unknown"
+    if url is None:
+        url = make_url(manager.config.database_url)
+    return f"{url.host or 'local'}:{url.port or ''}".rstrip(":")

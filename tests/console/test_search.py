@@ -137,6 +137,8 @@ async def test_keyset_paging_over_100000_tenants(
 
 @pytest.mark.postgres
 async def test_tenants_are_filtered_by_the_database_server_that_holds_them(postgres_url: str) -> None:
+    from pydantic import SecretStr
+
     from fastapi_tenancy.encryption import URLCipher
 
     from ..isolation.databases import dropped_afterwards
@@ -149,7 +151,7 @@ async def test_tenants_are_filtered_by_the_database_server_that_holds_them(postg
             database_url=postgres_url,
             isolation_strategy="database",
             schema_prefix=prefix,
-            encryption_keys=[URLCipher.generate_key()],
+            encryption_keys=[SecretStr(URLCipher.generate_key())],
         )
         manager = TenancyManager(config)
         await manager.initialize()

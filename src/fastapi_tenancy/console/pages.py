@@ -267,10 +267,8 @@ async def tenant_page(
     )
     charts = []
     sampler = console.traffic
-    if sampler is not None and len(sampler.samples) > 1:
-        labels = {row.label for row in sampler.rows()}
-        if identifier in labels:
-            charts = sampler.charts([identifier])
+    if sampler is not None and len(sampler.samples) > 1 and identifier in sampler.samples[-1][1]:
+        charts = sampler.charts([identifier])
     return console.render(
         request,
         operator,
@@ -294,7 +292,6 @@ async def tenant_page(
         else [],
         hybrid=bool(tiers(console)),
         confirm=confirm,
-        statuses=TenantStatus,
     )
 
 

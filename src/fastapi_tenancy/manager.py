@@ -26,8 +26,10 @@ from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Jinja2 (console); prometheus-client
+    from .console import Console, OperatorAuth
     from .encryption import URLCipher
+    from .metrics import TenantMetrics
 
 __all__ = ["TenancyManager"]
 
@@ -297,3 +299,25 @@ class TenancyManager:
         True when it wrote the marker; see `TenantAdmin.adopt_storage`.
         """
         return await self.admin.adopt_storage(tenant)
+
+    # -- the operator console ------------------------------------------------------------
+
+    def console(
+        self,
+        *,
+        auth: "OperatorAuth | None" = None,
+        metrics: "TenantMetrics | None" = None,
+        app_metadata: sa.MetaData | None = None,
+        **options: Any,
+    ) -> "Console":
+        """The operator console over this manager, an ASGI app to mount (needs the `console` extra).
+
+            app.mount("/_tenancy", manager.console(auth=require_operator, metrics=metrics))
+
+        `auth` is required: a FastAPI dependency returning the operator's name (every
+        change is audited under it) and refusing everyone else. Other options: see
+        `fastapi_tenancy.console.Console`. Exclude its path from `TenancyMiddleware`.
+        """
+        from .console import Console  # noqa: PLC0415 - Jinja2, the console extra
+
+        return Console(self, auth=auth, metrics=metrics, app_metadata=app_metadata, **options)

@@ -218,6 +218,23 @@ class FleetMigrator:
                 return []
             return list((await conn.scalars(sa.text(f"SELECT name FROM {SPARES_TABLE} ORDER BY name"))).all())  # noqa: S608
 
+    async def in_progress(self) -> bool:
+        """Whether a fleet run holds this database now (from any process), read without waiting.
+
+        A run recorded as `running` that no process holds was interrupted: the next run
+        with the same direction and target resumes it.
+        """
+        async with self.engine.connect() as conn:
+            held = await conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND classid = 0 AND objid = :k AND objsubid = 1)"
+                ),
+                {"k": _LOCK_KEY},
+            )
+        return bool(held)
+
     async def status(
         self, target: str = "head", *, tenants: Sequence[str] | None = None, direction: Direction = "upgrade"
     ) -> list[TenantMigration]:

@@ -12,6 +12,7 @@ and "migrated" cannot disagree.
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -24,6 +25,8 @@ __all__ = [
     "Direction",
     "FleetReport",
     "Outcome",
+    "RecordedResult",
+    "RecordedRun",
     "ResultsTables",
     "TenantMigration",
     "TenantResult",
@@ -89,6 +92,34 @@ class FleetReport:
     def succeeded(self) -> bool:
         """No tenant failed and nothing was left out."""
         return not self.stopped and self.count("failed") == 0
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A run as the runs table holds it, with how many tenants it recorded per outcome."""
+
+    run_id: str
+    direction: str
+    target: str
+    status: str
+    """`running` (or interrupted: the next run with the same direction and target resumes
+    it), `finished`, `failed` or `stopped`."""
+    started_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RecordedResult:
+    """One tenant's row of the results table."""
+
+    tenant: str
+    status: str
+    from_revision: str | None
+    to_revision: str | None
+    duration: float
+    error: str | None
+    finished_at: datetime
 
 
 def join_versions(versions: tuple[str, ...] | None) -> str | None:
@@ -209,3 +240,98 @@ class ResultsTables:
             sa.text(f"UPDATE {self.runs} SET status = :s, finished_at = now() WHERE run_id = :r"),  # noqa: S608
             {"s": status, "r": run_id},
         )
+
+    async def exist(self, conn: AsyncConnection) -> bool:
+        """Whether the tables are there (a first fleet run creates them)."""
+        found = await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": self.results})
+        return found is not None
+
+    async def list_runs(self, conn: AsyncConnection, *, limit: int = 10) -> list[RecordedRun]:
+        """The latest `limit` runs, newest first, each with its count of tenants per outcome."""
+        rows = (
+            await conn.execute(
+                sa.text(
+                    "SELECT r.run_id, r.direction, r.target, r.status, r.started_at, r.finished_at, "  # noqa: S608
+                    "s.status AS outcome, count(s.tenant) AS n FROM (SELECT * FROM "
+                    f"{self.runs} ORDER BY started_at DESC LIMIT :n) r LEFT JOIN {self.results} s "
+                    "ON s.run_id = r.run_id GROUP BY r.run_id, r.direction, r.target, r.status, "
+                    "r.started_at, r.finished_at, s.status ORDER BY r.started_at DESC"
+                ),
+                {"n": limit},
+            )
+        ).all()
+        runs: dict[str, RecordedRun] = {}
+        for row in rows:
+            run = runs.get(row.run_id)
+            if run is None:
+                run = runs[row.run_id] = RecordedRun(
+                    row.run_id, row.direction, row.target, row.status, row.started_at, row.finished_at, {}
+                )
+            if row.outcome is not None:
+                run.counts[row.outcome] = int(row.n)
+        return list(runs.values())
+
+    async def get_run(self, conn: AsyncConnection, run_id: str) -> RecordedRun | None:
+        """One run, with its counts; None if there is no such run."""
+        row = (
+            await conn.execute(
+                sa.text(
+                    "SELECT run_id, direction, target, status, started_at, finished_at "  # noqa: S608
+                    f"FROM {self.runs} WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            )
+        ).first()
+        if row is None:
+            return None
+        counts = await conn.execute(
+            sa.text(f"SELECT status, count(*) AS n FROM {self.results} WHERE run_id = :r GROUP BY status"),  # noqa: S608
+            {"r": run_id},
+        )
+        return RecordedRun(
+            row.run_id,
+            row.direction,
+            row.target,
+            row.status,
+            row.started_at,
+            row.finished_at,
+            {c.status: int(c.n) for c in counts},
+        )
+
+    async def list_results(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        *,
+        status: str | None = None,
+        after: str | None = None,
+        limit: int = 200,
+    ) -> list[RecordedResult]:
+        """A run's results by tenant label, `limit` at a time after the label `after` (keyset paging)."""
+        where = ["run_id = :r"]
+        params: dict[str, Any] = {"r": run_id, "n": limit}
+        if status is not None:
+            where.append("status = :s")
+            params["s"] = status
+        if after is not None:
+            where.append("tenant > :a")
+            params["a"] = after
+        rows = await conn.execute(
+            sa.text(
+                "SELECT tenant, status, from_revision, to_revision, duration_ms, error, finished_at "  # noqa: S608
+                f"FROM {self.results} WHERE {' AND '.join(where)} ORDER BY tenant LIMIT :n"
+            ),
+            params,
+        )
+        return [
+            RecordedResult(
+                r.tenant,
+                r.status,
+                r.from_revision,
+                r.to_revision,
+                r.duration_ms / 1000,
+                r.error,
+                r.finished_at,
+            )
+            for r in rows
+        ]

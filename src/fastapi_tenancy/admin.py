@@ -8,7 +8,8 @@ reach it through the `TenancyManager` methods of the same names.
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -279,6 +280,68 @@ class TenantAdmin:
             "activate_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.ACTIVE)
         )
 
+    # -- maintenance ---------------------------------------------------------------------
+
+    async def start_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Hold off an active tenant's requests (503, `Retry-After`) while operators work on it.
+
+        The tenant's status becomes `maintenance`; every worker refuses its requests once
+        the change reaches it (at once here, over the invalidation channel elsewhere).
+        Its jobs wait too (ARQ and Celery retry them later). A tenant already in
+        maintenance stays so; a suspended, deleted or provisioning one raises
+        `InvalidTransitionError`. End it with `end_maintenance`.
+        """
+        return await self._change_of("start_maintenance", tenant, tenant_id, _into_maintenance)
+
+    async def end_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Serve a tenant in maintenance again; a tenant in any other status is left as it is.
+
+        A suspension or deletion made during the maintenance stands.
+        """
+        return await self._change_of("end_maintenance", tenant, tenant_id, _out_of_maintenance)
+
+    @asynccontextmanager
+    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
+        """Hold `tenant` in maintenance for the block (a fleet migration, a tier move).
+
+        Only an active tenant is put into maintenance, and only that one is made active
+        again afterwards, whatever the block raised. One already in maintenance (an
+        operator's) stays in it after the block; a suspended or deleted one is left as
+        it is (it is not served anyway). A suspension or deletion made during the block
+        stands. Yields the tenant as the block starts.
+        """
+        entered = False
+
+        def enter(stored: Tenant) -> Tenant:
+            nonlocal entered  # re-run on every compare-and-set retry: the last run counts
+            entered = stored.status is TenantStatus.ACTIVE
+            return stored.with_status(TenantStatus.MAINTENANCE) if entered else stored
+
+        current = await self._change_of("maintenance", tenant, None, enter)
+        try:
+            yield current
+        finally:
+            if entered:
+                # Shielded: a cancelled run must not leave the tenant refusing its requests.
+                await asyncio.shield(self._leave_maintenance(current))
+
+    async def _leave_maintenance(self, tenant: Tenant) -> None:
+        try:
+            await self._change(tenant.identifier, _only(tenant.id, _out_of_maintenance))
+        except TenantNotFoundError:
+            pass  # purged meanwhile: nothing left to serve
+        except Exception:  # the block's own outcome matters more; say what is left behind
+            logger.exception(
+                "tenant %s is still in maintenance: end it with `fastapi-tenancy tenants maintenance "
+                "off %s` (or manager.end_maintenance)",
+                tenant.identifier,
+                tenant.identifier,
+            )
+
     async def delete_tenant(
         self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
     ) -> None:
@@ -343,7 +406,9 @@ class TenantAdmin:
 
     # -- moving between tiers (hybrid isolation) ---------------------------------------
 
-    async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
+    async def move_tenant(
+        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
+    ) -> Tenant:
         """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
 
         Copies the rows of `app_metadata`'s tables into the new tier while holding
@@ -353,10 +418,18 @@ class TenantAdmin:
         failing in between, never serving the old copy. The old copy is kept until
         `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
         deleted meanwhile.
+
+        `maintenance=True` holds the tenant in maintenance for the whole move: every
+        worker answers its requests 503 with `Retry-After` (not only this process's
+        writers wait), and it is active again when the move ends, moved or not. A
+        tenant an operator put in maintenance beforehand can be moved too.
         """
+        if maintenance:
+            async with self.maintenance(tenant) as held:
+                return await self.move_tenant(held, tier, app_metadata=app_metadata)
         isolation = self.isolation
         current = await self._current(tenant)
-        if current.status is not TenantStatus.ACTIVE:
+        if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE):
             raise TenantInactiveError(current.status.value)
 
         def switch(stored: Tenant) -> Tenant:
@@ -410,6 +483,18 @@ class TenantAdmin:
 
 
 _OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
+
+
+def _into_maintenance(stored: Tenant) -> Tenant:
+    if stored.status is TenantStatus.MAINTENANCE:
+        return stored
+    return stored.with_status(TenantStatus.MAINTENANCE)
+
+
+def _out_of_maintenance(stored: Tenant) -> Tenant:
+    if stored.status is TenantStatus.MAINTENANCE:
+        return stored.with_status(TenantStatus.ACTIVE)
+    return stored
 
 
 def _only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:

@@ -46,7 +46,8 @@ class LifecycleEvent(StrEnum):
     PROVISIONED = "provisioned"  # storage ready, now active
     UPDATED = "updated"  # name or metadata changed
     SUSPENDED = "suspended"
-    ACTIVATED = "activated"  # active again after a suspension
+    MAINTENANCE = "maintenance"  # requests held off (503) while operators work on it
+    ACTIVATED = "activated"  # active again after a suspension or maintenance
     DELETED = "deleted"  # soft delete: data kept, slug reserved
     PURGED = "purged"  # data destroyed and registry row removed
     MIGRATED = "migrated"  # schema migrations applied to the tenant's storage
@@ -92,6 +93,9 @@ _TRANSITION_EVENTS: dict[tuple[TenantStatus, TenantStatus], LifecycleEvent] = {
     (TenantStatus.PROVISIONING, TenantStatus.ACTIVE): LifecycleEvent.PROVISIONED,
     (TenantStatus.SUSPENDED, TenantStatus.ACTIVE): LifecycleEvent.ACTIVATED,
     (TenantStatus.ACTIVE, TenantStatus.SUSPENDED): LifecycleEvent.SUSPENDED,
+    (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE): LifecycleEvent.MAINTENANCE,
+    (TenantStatus.MAINTENANCE, TenantStatus.ACTIVE): LifecycleEvent.ACTIVATED,
+    (TenantStatus.MAINTENANCE, TenantStatus.SUSPENDED): LifecycleEvent.SUSPENDED,
 }
 
 

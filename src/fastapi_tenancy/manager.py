@@ -15,7 +15,7 @@ from .audit import AuditWriter
 from .builder import build_parts
 from .config import TenancyConfig
 from .context import current_tenant
-from .errors import TenantInactiveError, TenantNotFoundError, TenantResolutionError
+from .errors import TenantInactiveError, TenantMaintenanceError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .invalidation.record import check_channel
@@ -171,13 +171,30 @@ class TenancyManager:
         if tenant is None:
             raise TenantNotFoundError()
         if tenant.status is not TenantStatus.ACTIVE:
-            if self.config.anti_enumeration:
+            # Maintenance is a 503 even under anti_enumeration: the tenant's own users are to
+            # come back (Retry-After), not be told it does not exist.
+            if self.config.anti_enumeration and tenant.status is not TenantStatus.MAINTENANCE:
                 raise TenantNotFoundError(f"tenant {identifier!r} is {tenant.status.value}")
-            raise TenantInactiveError(tenant.status.value)
+            self.ensure_active(tenant)
         return tenant
 
+    def ensure_active(self, tenant: Tenant) -> None:
+        """Raise unless `tenant` (as read from the registry or its cache) may be served now.
+
+        `TenantMaintenanceError` (503, `Retry-After: maintenance_retry_after`, the detail
+        `maintenance_message`) for a tenant in maintenance; `TenantInactiveError` (403)
+        for any other status but `active`. A status check on the record: no I/O.
+        """
+        if tenant.status is TenantStatus.ACTIVE:
+            return
+        if tenant.status is TenantStatus.MAINTENANCE:
+            raise TenantMaintenanceError(self.config.maintenance_message, self.config.maintenance_retry_after)
+        raise TenantInactiveError(tenant.status.value)
+
     @asynccontextmanager
-    async def session(self, tenant: Tenant | str | None = None) -> AsyncIterator[AsyncSession]:
+    async def session(
+        self, tenant: Tenant | str | None = None, *, during_maintenance: bool = False
+    ) -> AsyncIterator[AsyncSession]:
         """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
 
         `tenant` is a `Tenant` or an identifier (`manager.session("acme-corp")`).
@@ -186,7 +203,9 @@ class TenancyManager:
         The tenant's status is checked against the registry (through the lookup
         cache), not the `Tenant` object passed in: a job holding a record from
         before a suspension is refused, and so is one whose tenant was purged and
-        its slug registered again by someone else.
+        its slug registered again by someone else. A tenant in maintenance is refused
+        with `TenantMaintenanceError` (503), unless `during_maintenance=True`: for the
+        operator's own work on it (a data fix while its requests are held off).
         """
         if tenant is None:
             tenant = current_tenant()
@@ -194,8 +213,8 @@ class TenancyManager:
         current = await self.lookup.get(identifier)
         if current is None or (isinstance(tenant, Tenant) and current.id != tenant.id):
             raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
-        if current.status is not TenantStatus.ACTIVE:
-            raise TenantInactiveError(current.status.value)
+        if not (during_maintenance and current.status is TenantStatus.MAINTENANCE):
+            self.ensure_active(current)
         session = await self.isolation.session(current)
         async with session:
             yield session
@@ -282,9 +301,39 @@ class TenancyManager:
         """Delete a tenant: soft (data and slug kept) or, with `destroy_data=True`, for good."""
         await self.admin.delete_tenant(tenant, tenant_id=tenant_id, destroy_data=destroy_data)
 
-    async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
-        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`."""
-        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata)
+    async def start_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Put an active tenant in maintenance: its requests get 503 with `Retry-After`.
+
+        See `TenantAdmin.start_maintenance`; `end_maintenance` serves it again.
+        """
+        return await self.admin.start_maintenance(tenant, tenant_id=tenant_id)
+
+    async def end_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Serve a tenant in maintenance again (any other status is left as it is)."""
+        return await self.admin.end_maintenance(tenant, tenant_id=tenant_id)
+
+    @asynccontextmanager
+    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
+        """Hold an active tenant in maintenance for an `async with` block; see `TenantAdmin.maintenance`.
+
+        Its requests get 503 meanwhile, in every worker:
+        `async with manager.maintenance("acme-corp"): ...`
+        """
+        async with self.admin.maintenance(tenant) as held:
+            yield held
+
+    async def move_tenant(
+        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
+    ) -> Tenant:
+        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`.
+
+        `maintenance=True` answers its requests 503 in every worker for the move's duration.
+        """
+        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata, maintenance=maintenance)
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""

@@ -1,4 +1,4 @@
-"""`fastapi-tenancy tenants`: list, show, create, suspend, activate and delete tenants; spare schemas."""
+"""`fastapi-tenancy tenants`: list, show, create, suspend, activate, delete; maintenance; spares."""
 
 import json
 import sys
@@ -16,7 +16,7 @@ from .base import EXIT_USAGE, fail, out, print_rows, run_with_manager, state, te
 if TYPE_CHECKING:
     from ..isolation.spares import SparePool
 
-__all__ = ["spares_app", "tenants_app"]
+__all__ = ["maintenance_app", "spares_app", "tenants_app"]
 
 tenants_app = typer.Typer(
     help="List, show, create, suspend, activate and delete tenants.", no_args_is_help=True
@@ -24,7 +24,12 @@ tenants_app = typer.Typer(
 spares_app = typer.Typer(
     help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True
 )
+maintenance_app = typer.Typer(
+    help="Maintenance mode: a tenant's requests get 503 with Retry-After while you work on it.",
+    no_args_is_help=True,
+)
 tenants_app.add_typer(spares_app, name="spares")
+tenants_app.add_typer(maintenance_app, name="maintenance")
 
 
 @tenants_app.command("list")
@@ -113,6 +118,18 @@ def tenants_suspend(identifier: str) -> None:
 def tenants_activate(identifier: str) -> None:
     """Serve a suspended tenant again."""
     _change("Activated", lambda m: m.activate_tenant(identifier))
+
+
+@maintenance_app.command("on")
+def maintenance_on(identifier: str) -> None:
+    """Put an active tenant in maintenance: every worker answers its requests 503."""
+    _change("In maintenance", lambda m: m.start_maintenance(identifier))
+
+
+@maintenance_app.command("off")
+def maintenance_off(identifier: str) -> None:
+    """Serve a tenant in maintenance again (a suspended or deleted one stays so)."""
+    _change("Maintenance ended", lambda m: m.end_maintenance(identifier))
 
 
 @tenants_app.command("delete")

@@ -51,6 +51,7 @@ class LifecycleEvent(StrEnum):
     DELETED = "deleted"  # soft delete: data kept, slug reserved
     PURGED = "purged"  # data destroyed and registry row removed
     MIGRATED = "migrated"  # schema migrations applied to the tenant's storage
+    SEEDED = "seeded"  # provisioning steps run again for an existing tenant (`tenants seed`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """`TenancyManager`: the parts' lifecycle and the request path; tenant changes go to `admin.py`."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +90,8 @@ class TenancyManager:
             cipher=self.cipher,
             stamper=parts.stamper,
         )
+        # Your steps after a new tenant's storage exists (`@manager.provisioning.step`).
+        self.provisioning = self.admin.provisioning
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
 
@@ -123,6 +125,8 @@ class TenancyManager:
     async def close(self) -> None:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
         async with self._lifecycle_lock:
+            # Background registrations first: each is undone while the parts still work.
+            await self.provisioning.close()
             if self.invalidation is not None:
                 await self.invalidation.close()
             if self.rate_limiter is not None:
@@ -230,11 +234,14 @@ class TenancyManager:
         metadata: Mapping[str, Any] | None = None,
         database_url: str | None = None,
         tier: str | None = None,
+        background: bool = False,
     ) -> Tenant:
-        """Register a tenant, create its storage and tables; active once they exist.
+        """Register a tenant, create its storage and tables, run the provisioning steps; then active.
 
         See `TenantAdmin.register_tenant`: a failed provisioning is undone and
         raises `ProvisioningError`; a taken slug raises `TenantAlreadyExistsError`.
+        `background=True` returns the tenant still `provisioning` and finishes in a job
+        of this process (`manager.provisioning.job(identifier)`).
         """
         return await self.admin.register_tenant(
             identifier,
@@ -243,7 +250,15 @@ class TenancyManager:
             metadata=metadata,
             database_url=database_url,
             tier=tier,
+            background=background,
         )
+
+    async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
+        """Run the provisioning steps (all, or `steps` by name) for an existing tenant; their names.
+
+        See `TenantAdmin.seed_tenant` (and `fastapi-tenancy tenants seed`).
+        """
+        return await self.admin.seed_tenant(tenant, steps=steps)
 
     async def rotate_encryption_keys(self) -> int:
         """Re-encrypt every tenant's `database_url` under the first key; how many changed."""

@@ -120,6 +120,26 @@ def tenants_activate(identifier: str) -> None:
     _change("Activated", lambda m: m.activate_tenant(identifier))
 
 
+@tenants_app.command("seed")
+def tenants_seed(
+    identifier: str,
+    step: Annotated[
+        list[str] | None, typer.Option("--step", "-s", help="Only this provisioning step (repeatable).")
+    ] = None,
+) -> None:
+    """Run the provisioning steps of the app's manager (--app) for an existing tenant."""
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        ran = await manager.seed_tenant(identifier, steps=step)
+        return {"identifier": identifier, "steps": ran}
+
+    result = run_with_manager(work)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"Seeded {identifier}: {', '.join(result['steps'])}", highlight=False)
+
+
 @maintenance_app.command("on")
 def maintenance_on(identifier: str) -> None:
     """Put an active tenant in maintenance: every worker answers its requests 503."""

@@ -229,6 +229,14 @@ class TenancyCelery:
         worker_process_shutdown.connect(self._shutdown, weak=False)
         worker_shutdown.connect(self._shutdown, weak=False)
 
+    def close(self) -> None:
+        """Close the manager and the event loop this process's tasks ran on, if any.
+
+        Worker processes do it at shutdown; call it where tasks ran in the calling
+        process (`task_always_eager`, a test).
+        """
+        self.loop.close()
+
     def _shutdown(self, *args: Any, **kwargs: Any) -> None:
         try:
             self.loop.close()

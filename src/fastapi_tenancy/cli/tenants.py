@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["maintenance_app", "spares_app", "tenants_app"]
 
 tenants_app = typer.Typer(
-    help="List, show, create, suspend, activate and delete tenants.", no_args_is_help=True
+    help="List, show, create, seed, suspend, activate and delete tenants; maintenance.", no_args_is_help=True
 )
 spares_app = typer.Typer(
     help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True

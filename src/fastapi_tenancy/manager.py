@@ -353,3 +353,11 @@ class TenancyManager:
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
         await self.admin.remove_old_copy(tenant)
+
+    async def adopt_storage(self, tenant: Tenant | str) -> bool:
+        """Mark the storage found under a registered tenant's name as its own.
+
+        For storage made outside the library, which tenant sessions refuse until then.
+        True when it wrote the marker; see `TenantAdmin.adopt_storage`.
+        """
+        return await self.admin.adopt_storage(tenant)

@@ -31,7 +31,7 @@ def test_importing_the_package_imports_no_optional_dependency() -> None:
     assert result.stdout.strip() == ""
 
 
-OPTIONAL = ("arq", "prometheus_client", "opentelemetry", "redis", "jinja2")
+OPTIONAL = ("arq", "celery", "kombu", "prometheus_client", "opentelemetry", "redis", "jinja2")
 
 
 def test_the_core_modules_import_no_optional_dependency() -> None:

@@ -138,15 +138,27 @@ class ResultsTables:
     """The runs and results tables in one schema; every statement a fleet run writes to them.
 
     The schema name is quoted here, and only ever comes from the runner's own
-    `results_schema` argument, never from a tenant.
+    `results_schema` argument, never from a tenant. On MySQL/MariaDB (`mysql=True`) a
+    schema is a database: `schema=None` puts the tables in the connection's own (the
+    registry's) database.
     """
 
-    def __init__(self, schema: str) -> None:
-        self.runs = f'"{schema}".tenancy_migration_runs'
-        self.results = f'"{schema}".tenancy_migration_results'
+    def __init__(self, schema: str | None, *, mysql: bool = False) -> None:
+        self.mysql = mysql
+        if mysql:
+            where = "" if schema is None else f"`{schema}`."
+        else:
+            where = f'"{schema or "public"}".'
+        self.runs = f"{where}tenancy_migration_runs"
+        self.results = f"{where}tenancy_migration_results"
+        # The one spelling that differs between the two: the time now, in the column's precision.
+        self._now = "CURRENT_TIMESTAMP(6)" if mysql else "now()"
 
     async def create(self, conn: AsyncConnection) -> None:
         """Create both tables if they are missing."""
+        if self.mysql:
+            await self._create_mysql(conn)
+            return
         await conn.execute(
             sa.text(
                 f"CREATE TABLE IF NOT EXISTS {self.runs} (run_id text PRIMARY KEY, direction text NOT NULL, "
@@ -161,6 +173,29 @@ class ResultsTables:
                 "tenant text NOT NULL, status text NOT NULL, from_revision text, to_revision text, "
                 "duration_ms double precision NOT NULL, error text, "
                 "finished_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (run_id, tenant))"
+            )
+        )
+
+    async def _create_mysql(self, conn: AsyncConnection) -> None:
+        # Keys are bounded strings (a TEXT column cannot be a key); identifiers are at most
+        # 63 characters, labels such as "(spare ...)" fit as well.
+        await conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {self.runs} (run_id VARCHAR(32) PRIMARY KEY, "
+                "direction VARCHAR(16) NOT NULL, target VARCHAR(255) NOT NULL, status VARCHAR(16) NOT NULL, "
+                "started_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), finished_at DATETIME(6) NULL"
+                ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                f"CREATE TABLE IF NOT EXISTS {self.results} (run_id VARCHAR(32) NOT NULL, "
+                "tenant VARCHAR(255) NOT NULL, status VARCHAR(16) NOT NULL, from_revision TEXT NULL, "
+                "to_revision TEXT NULL, duration_ms DOUBLE NOT NULL, error TEXT NULL, "
+                "finished_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), "
+                "PRIMARY KEY (run_id, tenant), "
+                f"FOREIGN KEY (run_id) REFERENCES {self.runs} (run_id) ON DELETE CASCADE"
+                ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
             )
         )
 
@@ -203,25 +238,40 @@ class ResultsTables:
         rows = [{"r": run_id, "tenant": m.tenant, "v": join_versions(m.versions)} for m in skipped]
         if not rows:
             return
+        keep = (
+            "ON DUPLICATE KEY UPDATE tenant = tenant"
+            if self.mysql
+            else "ON CONFLICT (run_id, tenant) DO NOTHING"
+        )
         await conn.execute(
             sa.text(
                 f"INSERT INTO {self.results} "  # noqa: S608 - a quoted schema name
                 "(run_id, tenant, status, from_revision, to_revision, duration_ms) "
-                "VALUES (:r, :tenant, 'skipped', :v, :v, 0) ON CONFLICT (run_id, tenant) DO NOTHING"
+                f"VALUES (:r, :tenant, 'skipped', :v, :v, 0) {keep}"
             ),
             rows,
         )
 
     async def record(self, conn: AsyncConnection, run_id: str, tenant: str, result: dict[str, Any]) -> None:
         """Write (or overwrite) one tenant's result: a worker's result dictionary."""
+        if self.mysql:
+            overwrite = (
+                "ON DUPLICATE KEY UPDATE status = VALUES(status), from_revision = VALUES(from_revision), "
+                "to_revision = VALUES(to_revision), duration_ms = VALUES(duration_ms), "
+                "error = VALUES(error), finished_at = CURRENT_TIMESTAMP(6)"
+            )
+        else:
+            overwrite = (
+                "ON CONFLICT (run_id, tenant) DO UPDATE SET status = EXCLUDED.status, "
+                "from_revision = EXCLUDED.from_revision, to_revision = EXCLUDED.to_revision, "
+                "duration_ms = EXCLUDED.duration_ms, error = EXCLUDED.error, finished_at = now()"
+            )
         await conn.execute(
             sa.text(
                 f"INSERT INTO {self.results} "  # noqa: S608 - a quoted schema name
                 "(run_id, tenant, status, from_revision, to_revision, duration_ms, error) "
                 "VALUES (:run_id, :tenant, :status, :from_revision, :to_revision, :duration_ms, :error) "
-                "ON CONFLICT (run_id, tenant) DO UPDATE SET status = EXCLUDED.status, "
-                "from_revision = EXCLUDED.from_revision, to_revision = EXCLUDED.to_revision, "
-                "duration_ms = EXCLUDED.duration_ms, error = EXCLUDED.error, finished_at = now()"
+                + overwrite
             ),
             {
                 "run_id": run_id,
@@ -237,7 +287,7 @@ class ResultsTables:
     async def finish(self, conn: AsyncConnection, run_id: str, status: str) -> None:
         """Close a run as `finished`, `failed` or `stopped`."""
         await conn.execute(
-            sa.text(f"UPDATE {self.runs} SET status = :s, finished_at = now() WHERE run_id = :r"),  # noqa: S608
+            sa.text(f"UPDATE {self.runs} SET status = :s, finished_at = {self._now} WHERE run_id = :r"),  # noqa: S608
             {"s": status, "r": run_id},
         )
 

@@ -74,6 +74,8 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "encryption_keys": ('["key-one", "key-two"]', [SecretStr("key-one"), SecretStr("key-two")]),
     "schema_template": ("tenancy_template", "tenancy_template"),
     "alembic_config": ("deploy/alembic.ini", "deploy/alembic.ini"),
+    "maintenance_message": ("Back soon", "Back soon"),
+    "maintenance_retry_after": ("300", 300),
     # row-level security and hybrid tiers
     "database_owner_url": ("postgresql://owner@db/app", "postgresql+asyncpg://owner@db/app"),
     "rls_tenant_column": ("org_id", "org_id"),

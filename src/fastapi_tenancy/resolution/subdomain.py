@@ -4,14 +4,12 @@ from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
 
-from ..domain import validate_domain_suffix
+from ..domain import DomainPolicy, validate_domain_suffix
 from .base import OpenAPITenant, Resolver
 from .host import HostReader, normalise_host, parse_networks
 
 # validate_domain_suffix and parse_networks lived here first: still importable from here.
 __all__ = ["SubdomainResolver", "parse_networks", "validate_domain_suffix"]
-
-_IDN_PREFIX = "xn--"
 
 
 class SubdomainResolver(Resolver):
@@ -38,6 +36,7 @@ class SubdomainResolver(Resolver):
         self.domain_suffix = suffix
         self._dotted_suffix = "." + suffix
         self.reserved = frozenset(label.lower() for label in reserved)
+        self.policy = DomainPolicy(domain_suffix=suffix, reserved=self.reserved)
         self.hosts = HostReader(trusted_proxies)
         self.trusted_proxies = self.hosts.trusted_proxies
 
@@ -63,17 +62,12 @@ class SubdomainResolver(Resolver):
         # Printable ASCII only, no whitespace, no IP literal (normalise_host): control
         # bytes and Unicode never name a tenant.
         name = normalise_host(host)
-        if name is None or not name.endswith(self._dotted_suffix):
+        if name is None:
             return None
-        label = name[: -len(self._dotted_suffix)]
-        # Only the label directly in front of the suffix: `victim.acme.example.com`
-        # must not resolve to `victim` (nor to `acme`: the client chose a deeper host).
-        if not label or "." in label or label in self.reserved:
-            return None
-        # Punycode is a Unicode name in disguise; slugs are plain ASCII, and serving
-        # `xn--` labels would let a look-alike name reach a tenant.
-        if label.startswith(_IDN_PREFIX):
-            return None
-        # No IP address reaches this point: the suffix's last label is not numeric
-        # (validate_domain_suffix), and an IPv6 address has colons, refused above.
-        return label
+        # Only the label directly in front of the suffix: `victim.acme.example.com` must
+        # not resolve to `victim` (nor to `acme`: the client chose a deeper host). Reserved
+        # labels name no tenant, nor do punycode ones: a Unicode name in disguise, which
+        # would let a look-alike of a slug reach a tenant. (DomainPolicy.classify, shared
+        # with the domain strategy, has the rules.)
+        kind, label = self.policy.classify(name)
+        return label if kind == "subdomain" else None

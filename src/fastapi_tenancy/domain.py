@@ -31,6 +31,12 @@ DOMAIN_MAX_LENGTH = 253
 # A DNS label as host names spell it: letters, digits, inner hyphens; at most 63.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _IDN_PREFIX = "xn--"
+# A domain a tenant may have, in one match (it runs on the request path): two or more such
+# labels, none of them punycode, the last not all digits. Labels hold no dot, so each
+# match of a label ends at the next dot: no backtracking across labels.
+_TENANT_DOMAIN = re.compile(
+    r"(?:(?!xn--)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+(?!xn--)(?![0-9]+\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
 
 
 def is_domain(name: str) -> bool:
@@ -40,12 +46,7 @@ def is_domain(name: str) -> bool:
     last label is not all digits); no punycode (`xn--`) label: an internationalised name
     can be made to look like another (`аcme.com` with a Cyrillic `а`), so none is served.
     """
-    if not name or len(name) > DOMAIN_MAX_LENGTH or not name.isascii():
-        return False
-    labels = name.split(".")
-    if len(labels) < 2 or labels[-1].isdigit():
-        return False
-    return all(_LABEL.fullmatch(label) and not label.startswith(_IDN_PREFIX) for label in labels)
+    return len(name) <= DOMAIN_MAX_LENGTH and _TENANT_DOMAIN.fullmatch(name) is not None
 
 
 def validate_domain(name: str) -> str:

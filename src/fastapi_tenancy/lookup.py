@@ -76,6 +76,7 @@ class TenantLookup:
         self._used: dict[str, float] = {}  # identifier -> when its entry was last served
         self._refreshing: set[str] = set()  # identifiers whose batch read is in flight
         self._sweeper: asyncio.Task[None] | None = None
+        self._invalidations = 0  # counts invalidate() and clear() calls: see _read_domain
         # Custom domains: a name -> (identifier, tenant id), and a tenant's domains by identifier.
         # Invalidated by name: the manager announces a domain change under the domain's name
         # and the tenant's identifier (identifiers have no dots, names do: they never meet).
@@ -171,8 +172,21 @@ class TenantLookup:
         return await self._domains_of.get(identifier) or ()
 
     async def _read_domain(self, name: str) -> tuple[str, str] | None:
+        started, invalidations = monotonic(), self._invalidations
         tenant = await self.store.get_by_domain(name)
-        return None if tenant is None else (tenant.identifier, tenant.id)
+        if tenant is None:
+            return None
+        identifier = tenant.identifier
+        # The read brought the whole tenant: keep it, so that a cold request costs one registry
+        # query, not two. Only if nothing at all was invalidated meanwhile (it may have been
+        # this tenant) and no read of the identifier is in flight (it may be newer).
+        if (
+            self._invalidations == invalidations
+            and identifier not in self._inflight
+            and self._expires.get(identifier, 0.0) <= started
+        ):
+            self._remember(identifier, tenant, started)
+        return identifier, tenant.id
 
     async def _read_domains_of(self, identifier: str) -> tuple[Domain, ...] | None:
         tenant = await self.get(identifier)
@@ -244,6 +258,7 @@ class TenantLookup:
 
     def invalidate(self, identifier: str) -> None:
         """Forget what is known about `identifier` (or a domain of that name); discard reads in flight."""
+        self._invalidations += 1
         self._forget(identifier)
         self._misses.pop(identifier, None)
         self._inflight.pop(identifier, None)
@@ -253,6 +268,7 @@ class TenantLookup:
 
     def clear(self) -> None:
         """Forget everything (and stop refreshing until a tenant is cached again)."""
+        self._invalidations += 1
         self._hits.clear()
         self._expires.clear()
         self._misses.clear()

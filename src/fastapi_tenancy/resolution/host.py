@@ -6,6 +6,7 @@ normalised, and what is refused.
 """
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
@@ -20,11 +21,17 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # is a little longer. Anything beyond is not a host we serve, and is refused before
 # any other work is spent on it (a 1 MB header costs one len()).
 MAX_HOST = 253 + 1 + 6
+# Addresses already judged trusted or not, at most this many (then forgotten all at once):
+# parsing one with ipaddress costs several microseconds, a dictionary lookup nothing.
+_MEMO_SIZE = 4096
 # A Forwarded header is a list of hops: a few hundred bytes each at most. Longer ones are
 # refused unparsed.
 _MAX_FORWARDED = 8192
-# RFC 9110 token characters (a Forwarded parameter name, or an unquoted value).
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# A Forwarded pair: token "=" (token / quoted-string). Tokens are RFC 9110's; a quoted string
+# holds tab, space and visible ASCII, quoted-pairs included, and no control byte.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_PAIR = re.compile(rf'({_TOKEN})=(?:({_TOKEN})|"((?:[\t \x21\x23-\x5b\x5d-\x7e]|\\[\t\x20-\x7e])*)")')
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def parse_networks(addresses: Iterable[str]) -> tuple[Network, ...]:
@@ -72,56 +79,24 @@ def parse_forwarded(value: str) -> list[dict[str, str]] | None:
     i, end = 0, len(value)
     while i < end:
         char = value[i]
-        if char in " \t":
+        if char in " \t;":
             i += 1
             continue
         if char == ",":
             elements.append({})
             i += 1
             continue
-        if char == ";":
-            i += 1
-            continue
-        # A pair: token "=" (token / quoted-string).
-        start = i
-        while i < end and value[i] in _TCHAR:
-            i += 1
-        name = value[start:i].lower()
-        if not name or i >= end or value[i] != "=":
-            return None
-        i += 1
-        if i < end and value[i] == '"':
-            i += 1
-            chars: list[str] = []
-            while True:
-                if i >= end:
-                    return None  # unterminated
-                char = value[i]
-                if char == '"':
-                    i += 1
-                    break
-                if char == "\\":
-                    i += 1
-                    if i >= end:
-                        return None
-                    char = value[i]
-                if not (char == "\t" or " " <= char <= "~"):
-                    return None  # a control byte, quoted or not
-                chars.append(char)
-                i += 1
-            parameter = "".join(chars)
-        else:
-            start = i
-            while i < end and value[i] in _TCHAR:
-                i += 1
-            parameter = value[start:i]
-            if not parameter:
-                return None
+        pair = _PAIR.match(value, i)
+        if pair is None:
+            return None  # not a pair where one must be: a control byte, an unterminated quote, ...
+        name, token, quoted = pair.groups()
+        name = name.lower()
         element = elements[-1]
         if name in element:
             return None  # "each parameter MUST NOT occur more than once per forwarded-element"
-        element[name] = parameter
+        element[name] = token if token is not None else _QUOTED_PAIR.sub(r"\1", quoted)
         # What follows a pair: optional whitespace, then ";" or "," or the end.
+        i = pair.end()
         while i < end and value[i] in " \t":
             i += 1
         if i < end and value[i] not in ";,":
@@ -130,7 +105,8 @@ def parse_forwarded(value: str) -> list[dict[str, str]] | None:
 
 
 class HostReader:
-    """Finds the host a request was sent to. Shared by all requests: keeps no state.
+    """Finds the host a request was sent to. Shared by all requests; its only state is a
+    bounded memo of which client addresses are trusted proxies.
 
     The `Host` header (HTTP/2's `:authority` arrives as `Host` in ASGI), or, when the
     connection comes from an address in `trusted_proxies`, what the proxy says it
@@ -149,6 +125,7 @@ class HostReader:
 
     def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
         self.trusted_proxies = parse_networks(trusted_proxies)
+        self._judged: dict[str, bool] = {}
 
     def host(self, connection: HTTPConnection) -> str | None:
         """The normalised host (`normalise_host`) the request was sent to, or None."""
@@ -217,6 +194,14 @@ class HostReader:
     def _trusted(self, address: str | None) -> bool:
         if not address:
             return False
+        judged = self._judged.get(address)
+        if judged is None:
+            if len(self._judged) >= _MEMO_SIZE:
+                self._judged.clear()
+            judged = self._judged[address] = self._judge(address)
+        return judged
+
+    def _judge(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:  # a Unix socket path, an obfuscated node, a test client's made-up name

@@ -96,7 +96,9 @@ def _domains_table(tenants: sa.Table, name: str) -> sa.Table:
         name,
         tenants.metadata,
         sa.Column("name", name_type, primary_key=True),
-        sa.Column("tenant_id", sa.String(36), sa.ForeignKey(tenants.c.id), nullable=False, index=True),
+        # No foreign key: SQLite would not enforce it anyway, so the store keeps the rows in
+        # step itself (a domain change locks the tenant's row; delete() removes its domains).
+        sa.Column("tenant_id", sa.String(36), nullable=False, index=True),
         sa.Column("is_primary", sa.Boolean(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         schema=tenants.schema,
@@ -194,14 +196,16 @@ class SQLAlchemyTenantStore(TenantStore):
 
     def _create_or_check(self, conn: sa.Connection) -> None:
         # A table of the same name made by something else (fastapi-tenancy 0.5.0 used
-        # `tenants` too) is refused here, at startup, not by a 500 on the first request.
-        self.table.metadata.create_all(conn, checkfirst=True)
+        # `tenants` too) is refused here, at startup, not by a 500 on the first request,
+        # and before the tables beside it are made.
+        self.table.create(conn, checkfirst=True)
         columns = {
             column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
         }
         problem = registry_problem(self.table, columns)
         if problem is not None:
             raise ConfigurationError(problem)
+        self.table.metadata.create_all(conn, checkfirst=True)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:

@@ -138,7 +138,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _pgbouncer_setup(postgres_url: str, port: int) -> tuple[str, Path]:
+def _pgbouncer_setup(postgres_url: str, port: int, pool_size: int = 1) -> tuple[str, Path]:
     """The pgbouncer binary and a work directory holding its config, auth file and log."""
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not Path(binary).exists():
@@ -160,7 +160,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {workdir / "users.txt"}
 pool_mode = transaction
-default_pool_size = 1
+default_pool_size = {pool_size}
 min_pool_size = 0
 reserve_pool_size = 0
 max_client_conn = 200
@@ -187,10 +187,15 @@ async def pgbouncer_url(postgres_url: str) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def running_pgbouncer(postgres_url: str, users: tuple[str, ...] = ()) -> AsyncIterator[str]:
-    """Start a PgBouncer in front of `postgres_url` that also admits the roles `users`."""
+async def running_pgbouncer(
+    postgres_url: str, users: tuple[str, ...] = (), *, pool_size: int = 1
+) -> AsyncIterator[str]:
+    """Start a PgBouncer in front of `postgres_url` that also admits the roles `users`.
+
+    `pool_size` server connections per database and user (one by default).
+    """
     port = _free_port()
-    binary, workdir = _pgbouncer_setup(postgres_url, port)
+    binary, workdir = _pgbouncer_setup(postgres_url, port, pool_size)
     with (workdir / "users.txt").open("a") as auth_file:
         auth_file.writelines(f'"{user}" ""\n' for user in users)
     user = ["-u", "postgres"] if os.geteuid() == 0 else []

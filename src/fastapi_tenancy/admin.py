@@ -391,6 +391,26 @@ class TenantAdmin:
         await self.isolation.remove_old_copy(current)
         logger.warning("removed the old copy of tenant %s", current.identifier)
 
+    async def adopt_storage(self, tenant: Tenant | str) -> bool:
+        """Mark the storage found under a registered tenant's name as that tenant's.
+
+        Every tenant transaction checks that its schema, database or file holds its own
+        tenant's marker (a slug deleted and registered again names storage made for
+        someone else: see docs/isolation.md, "Incarnations"); what `register_tenant`
+        provisions always does. Storage made otherwise (databases created from a
+        template by a script, a schema restored from a dump of another installation,
+        storage of a development build without markers) is refused until adopted.
+        Refuses (`ProvisioningError`) storage that is missing or marked for another
+        tenant. True when it marked the storage; False for storage already marked as
+        the tenant's, and for shared tables (row-level security), which need no
+        marker. Adopt only storage you know to be this tenant's.
+        """
+        current = await self._current(tenant)
+        marked = await self.isolation.adopt(current)
+        if marked:
+            logger.warning("tenant %s adopted the storage found under its name", current.identifier)
+        return marked
+
     async def _current(self, tenant: Tenant | str) -> Tenant:
         # As stored now; a `Tenant` of an incarnation since purged is not found.
         current = await self.get_tenant(_slug(tenant))

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from .errors import TenancyUnavailableError
 from .invalidation.record import mismatch, own_record, read_channel
+from .isolation.base import marker_name
 from .manager import TenancyManager
 from .tenant import TenantStatus
 from .urls import mask_url
@@ -151,44 +152,61 @@ async def check_pooler_safety(manager: TenancyManager) -> CheckResult:
 
 
 # Each expected schema or database that exists; for a schema, whether it holds a table
-# (other than Alembic's version table): an empty one answers every request with an error.
+# (other than Alembic's version table: an empty one answers every request with an error),
+# and the incarnation markers it holds (a database's are inside it).
 _STORAGE = sa.text(
     "SELECT n.nspname AS name, EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid "
-    "AND c.relkind IN ('r', 'p') AND c.relname <> 'alembic_version') AS has_tables "
+    "AND c.relkind IN ('r', 'p') AND c.relname <> 'alembic_version') AS has_tables, "
+    "ARRAY(SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind = 'v' "
+    "AND c.relname LIKE 'fastapi\\_tenancy:%') AS markers "
     "FROM pg_namespace n WHERE n.nspname = ANY(:s) "
-    "UNION ALL SELECT datname, true FROM pg_database WHERE datname = ANY(:s)"
+    "UNION ALL SELECT datname, true, NULL FROM pg_database WHERE datname = ANY(:s)"
 )
 
 
 @doctor_check
 async def check_tenant_storage(manager: TenancyManager) -> CheckResult:
-    """Every active tenant has its schema (holding tables), or its database on the main server.
+    """Every active tenant has its schema (holding tables and its marker), or its database
+    on the main server.
 
     One catalog query. A tenant schema with no table at all (registered without
-    `app_metadata`, a template or migrations) fails: each of its requests would.
+    `app_metadata`, a template or migrations) fails: each of its requests would; so does
+    one without its tenant's incarnation marker (refused until `adopt_storage`).
     """
     if manager.config.backend != "postgresql":
         return CheckResult("tenant storage", "ok", f"not checked on {manager.config.backend}")
     isolation = manager.isolation
-    expected: dict[str, tuple[str, str]] = {}  # storage name -> (kind, identifier)
+    expected: dict[str, tuple[str, str, str]] = {}  # storage name -> (kind, identifier, tenant id)
     async for tenant in manager.store.iterate(status=TenantStatus.ACTIVE):
         storage = isolation.expected_storage(tenant)
         if storage is not None:
-            expected[storage[1]] = (storage[0], tenant.identifier)
+            expected[storage[1]] = (storage[0], tenant.identifier, tenant.id)
     async with manager.engine.connect() as conn:
-        found = {row.name: row.has_tables for row in await conn.execute(_STORAGE, {"s": list(expected)})}
-    missing = sorted(f"{slug} ({kind})" for name, (kind, slug) in expected.items() if name not in found)
+        found = {row.name: row for row in await conn.execute(_STORAGE, {"s": list(expected)})}
+    missing = sorted(f"{slug} ({kind})" for name, (kind, slug, _) in expected.items() if name not in found)
     if missing:
         return CheckResult(
             "tenant storage", "fail", f"active tenants without their storage: {', '.join(missing[:20])}"
         )
-    empty = sorted(slug for name, (_, slug) in expected.items() if not found[name])
+    empty = sorted(slug for name, (_, slug, _) in expected.items() if not found[name].has_tables)
     if empty:
         return CheckResult(
             "tenant storage",
             "fail",
             f"active tenants whose schema holds no table: {', '.join(empty[:20])} (their tables were "
             "never created: run the migrations, `fastapi-tenancy migrate upgrade` with alembic_config)",
+        )
+    unmarked = sorted(
+        slug
+        for name, (kind, slug, tenant_id) in expected.items()
+        if kind == "schema" and list(found[name].markers or ()) != [marker_name(tenant_id)]
+    )
+    if unmarked:
+        return CheckResult(
+            "tenant storage",
+            "fail",
+            "schemas not marked as their tenant's (refused until `TenancyManager.adopt_storage`, "
+            f"or another tenant's): {', '.join(unmarked[:20])}",
         )
     return CheckResult(
         "tenant storage",

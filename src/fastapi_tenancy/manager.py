@@ -292,6 +292,14 @@ class TenancyManager:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
         await self.admin.remove_old_copy(tenant)
 
+    async def adopt_storage(self, tenant: Tenant | str) -> bool:
+        """Mark the storage found under a registered tenant's name as its own.
+
+        For storage made outside the library, which tenant sessions refuse until then.
+        True when it wrote the marker; see `TenantAdmin.adopt_storage`.
+        """
+        return await self.admin.adopt_storage(tenant)
+
     # -- custom domains: `TenantAdmin` (admin.py) has the rules --------------------------
 
     async def add_domain(self, tenant: Tenant | str, domain: str, *, primary: bool = False) -> Domain:

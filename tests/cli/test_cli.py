@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from tests.migrations.projects import make_project
@@ -302,6 +304,34 @@ async def test_a_command_configured_for_another_channel_is_refused(
     assert code == 0
     code, refused = cli_json(postgres_url, "tenants", "list", env=redis)
     assert code == 2 and "Fix: unset redis_url (TENANCY_REDIS_URL)" in refused["error"]
+
+
+async def test_tenants_adopt_marks_storage_made_outside_the_library(postgres_url: str) -> None:
+    ids = {}
+    for slug in ("acme-corp", "globex"):
+        code, created = cli_json(postgres_url, "tenants", "create", slug, "--empty")
+        assert code == 0, created
+        ids[slug] = created[0]["id"]
+    # acme-corp's schema as another tool (or fastapi-tenancy 0.5.0) leaves it: no marker;
+    # globex's marked for someone else.
+    engine = create_async_engine(postgres_url, poolclass=sa.pool.NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP VIEW tenant_acme_corp."fastapi_tenancy:{ids["acme-corp"]}"'))
+            await conn.execute(sa.text(f'DROP VIEW tenant_globex."fastapi_tenancy:{ids["globex"]}"'))
+            other = 'tenant_globex."fastapi_tenancy:someone-else"'
+            await conn.execute(sa.text(f"CREATE VIEW {other} AS SELECT 1"))
+    finally:
+        await engine.dispose()
+    assert cli(postgres_url, "tenants", "adopt")[0] == 2  # neither tenants nor --all
+    code, rows = cli_json(postgres_url, "tenants", "adopt", "acme-corp")
+    assert code == 0 and rows == [{"identifier": "acme-corp", "storage": "marked"}]
+    code, rows = cli_json(postgres_url, "tenants", "adopt", "--all")
+    assert code == 1, rows  # globex's storage is another tenant's: never taken over
+    assert rows[0] == {"identifier": "acme-corp", "storage": "nothing to mark"}
+    assert rows[1]["identifier"] == "globex" and "marked for another tenant" in rows[1]["storage"]
+    code, rows = cli_json(postgres_url, "tenants", "adopt", "nobody")
+    assert code == 1 and rows[0]["storage"].startswith("not adopted")
 
 
 async def test_domain_commands_reach_a_running_worker_at_once(postgres_url: str) -> None:

@@ -171,6 +171,17 @@ async def test_converted_050_tenants_are_served_with_their_data(postgres_url: st
     code, output = cli(postgres_url, *COMMAND)
     assert code == 0, output
     assert "Converted 3 tenants" in output and "tenants_0_5" in output
+    # 0.5.0's schemas carry no tenant's marker (docs/isolation.md, "Incarnations"): the
+    # conversion marks those it finds; initech's is gone.
+    async with engine.connect() as conn:
+        marked = await conn.scalars(
+            sa.text(
+                "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind = 'v' AND c.relname LIKE 'fastapi\\_tenancy:%' ORDER BY 1"
+            )
+        )
+        assert marked.all() == ["tenant_acme_corp", "tenant_globex"]
+    assert "not adopted" in output and "tenants adopt" in output
     backup = await _columns(engine, "tenants_0_5")
     assert backup is not None and "tenant_metadata" in backup
     async with engine.connect() as conn:

@@ -22,7 +22,7 @@ TEMPLATE = "tenancy_template"
 
 
 def _pool(manager: TenancyManager) -> SparePool:
-    pool = manager.isolation.spares  # type: ignore[attr-defined]
+    pool = manager.isolation.spares
     assert isinstance(pool, SparePool)
     return pool
 

@@ -145,11 +145,11 @@ async def test_every_schema_provisioning_path_ends_at_head_with_the_same_catalog
         await plain.register_tenant("from-migrations", "x")
         # A template the fleet migrated carries its revision; its clones and spares keep it.
         assert (await _upgrade(migrated, ini))[TEMPLATE_LABEL] == "ok"
-        assert migrated.isolation.spares is not None  # type: ignore[attr-defined]
-        await migrated.isolation.spares.fill()  # type: ignore[attr-defined]
+        assert migrated.isolation.spares is not None
+        await migrated.isolation.spares.fill()
         await migrated.register_tenant("from-spare", "x")
-        await migrated.isolation.spares.wait()  # type: ignore[attr-defined]
-        assert await migrated.isolation.spares.drain() == 1  # type: ignore[attr-defined]
+        await migrated.isolation.spares.wait()
+        assert await migrated.isolation.spares.drain() == 1
         await migrated.register_tenant("from-clone", "x")  # the pool is empty: a clone
         # A template built from the models has no revision: its clones are stamped.
         await built.isolation.build_template(METADATA)  # type: ignore[attr-defined]

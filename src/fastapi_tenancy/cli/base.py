@@ -48,6 +48,7 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "TenantOption",
+    "adopt_each",
     "app",
     "err",
     "fail",
@@ -182,6 +183,22 @@ def run_with_manager(work: Callable[[TenancyManager], Awaitable[T]], *, initiali
             raise
         fail(str(exc) or type(exc).__name__, code)
         raise AssertionError("unreachable") from None
+
+
+async def adopt_each(manager: TenancyManager, identifiers: list[str]) -> list[dict[str, Any]]:
+    """Adopt each tenant's storage (`TenancyManager.adopt_storage`); one row per tenant.
+
+    `storage` is `marked`, `nothing to mark` (already the tenant's, or shared tables), or
+    `not adopted: <why>` (missing, marked for another tenant, no tier...).
+    """
+    rows = []
+    for identifier in identifiers:
+        try:
+            outcome = "marked" if await manager.adopt_storage(identifier) else "nothing to mark"
+        except TenancyError as exc:
+            outcome = f"not adopted: {exc}"
+        rows.append({"identifier": identifier, "storage": outcome})
+    return rows
 
 
 def fail(message: str, code: int) -> None:

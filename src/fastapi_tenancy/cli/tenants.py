@@ -11,7 +11,17 @@ from rich.table import Table
 from ..errors import ConfigurationError
 from ..manager import TenancyManager
 from ..tenant import Tenant, TenantStatus, thaw
-from .base import EXIT_USAGE, fail, out, print_rows, run_with_manager, state, tenant_dict
+from .base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    adopt_each,
+    fail,
+    out,
+    print_rows,
+    run_with_manager,
+    state,
+    tenant_dict,
+)
 
 if TYPE_CHECKING:
     from ..isolation.spares import SparePool
@@ -19,7 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["spares_app", "tenants_app"]
 
 tenants_app = typer.Typer(
-    help="List, show, create, suspend, activate and delete tenants.", no_args_is_help=True
+    help="List, show, create, suspend, activate, delete tenants, and adopt their storage.",
+    no_args_is_help=True,
 )
 spares_app = typer.Typer(
     help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True
@@ -140,11 +151,35 @@ def tenants_delete(
         out.print(f"{'Destroyed' if destroy_data else 'Deleted (data kept)'}: {identifier}")
 
 
+@tenants_app.command("adopt")
+def tenants_adopt(
+    identifiers: Annotated[list[str] | None, typer.Argument(help="Tenants whose storage to adopt.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every tenant of the registry.")] = False,
+) -> None:
+    """Mark storage made outside the library (0.5.0's, a script's) as its tenant's.
+
+    Tenant sessions refuse a schema, database or file without its tenant's marker
+    (docs/isolation.md, "Incarnations"); storage marked for another tenant is never
+    taken over. Exit 1 if any tenant's storage could not be adopted.
+    """
+    if not identifiers and not every:
+        fail("name the tenants whose storage to adopt, or --all", EXIT_USAGE)
+
+    async def work(manager: TenancyManager) -> list[dict[str, Any]]:
+        slugs = [t.identifier async for t in manager.store.iterate()] if every else list(identifiers or [])
+        return await adopt_each(manager, slugs)
+
+    rows = run_with_manager(work)
+    print_rows("Storage adopted", rows, ["identifier", "storage"])
+    if any(row["storage"].startswith("not adopted") for row in rows):
+        raise typer.Exit(EXIT_FAILED)
+
+
 # -- tenants spares ---------------------------------------------------------------------
 
 
 def _spares(manager: TenancyManager) -> "SparePool":
-    pool: SparePool | None = getattr(manager.isolation, "spares", None)
+    pool = manager.isolation.spares
     if pool is None:
         raise ConfigurationError("no spare schemas configured: set schema_template and schema_spares")
     return pool

@@ -7,11 +7,12 @@ both strategies mean on SQLite); `RLSIsolation` keeps tenants in shared tables u
 row-level security; `HybridIsolation` places each tenant in a tier. `EngineRegistry`
 and `ConnectionBudget` hold the per-tenant engines of the database and file strategies.
 Helpers of the schema strategy: `clone` (a tenant schema cloned from the template) and
-`spares` (clones made ahead of time); `_begin` sends tenant settings with `BEGIN`.
+`spares` (clones made ahead of time); `_begin` sends tenant settings with `BEGIN`;
+`_incarnation` binds storage to the id of the tenant it was made for (`marker_name`).
 """
 
 from ._engines import ConnectionBudget, EngineRegistry
-from .base import Isolation, storage_name
+from .base import Isolation, marker_name, storage_name
 from .database import DatabaseIsolation
 from .hybrid import HybridIsolation
 from .rls import RLSIsolation
@@ -27,5 +28,6 @@ __all__ = [
     "RLSIsolation",
     "SQLiteFileIsolation",
     "SchemaIsolation",
+    "marker_name",
     "storage_name",
 ]

@@ -28,6 +28,10 @@ adapter begins lazily, right before the first statement), so a setting is never
 left over for another transaction: each statement overwrites it, a `BEGIN`
 consumes it.
 
+A setting that fails is the tenant's error where it means one: the RLS tenant function's
+`UNAVAILABLE_SQLSTATE` is a 503, and a tenant's storage marker that cannot be locked is a
+404 or a 503 (`_incarnation.refusal`).
+
 A tenant transaction also begins and ends with the connection reset (`RESET_STATE`,
 in the `BEGIN` message and in the `COMMIT`/`ROLLBACK` message, so again no round
 trip of its own): whatever route code set at session level (`SET search_path`,
@@ -49,6 +53,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGExecutionContext_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import ConfigurationError, TenancyUnavailableError, TenantScopeError
+from ._incarnation import refusal
 from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
 
 __all__ = ["RESET_STATE", "BeginSettingsConnection", "BeginSettingsContext", "enable"]
@@ -123,6 +128,10 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
             self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot
             if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
                 raise TenancyUnavailableError(str(getattr(exc, "message", exc))) from exc
+            # The tenant's storage is gone, or is another incarnation's (_incarnation.py).
+            translated = refusal(exc, setting)
+            if translated is not None:
+                raise translated from exc
             raise
         return result
 

@@ -227,8 +227,17 @@ class EngineRegistry:
         if self.budget is not None:
             self.budget.attach(engine)
 
-        def returned(_dbapi_connection: Any, _record: Any) -> None:
+        def returned(_dbapi_connection: Any, record: Any) -> None:
             if entry.retired:
+                # The engine was retired (evicted, or its tenant destroyed) while this
+                # connection was out: close it now. Its pool may be one the engine no
+                # longer holds (dispose() swaps pools), where it would sit idle until
+                # the garbage collector found it, unclosed.
+                if record is not None and record.dbapi_connection is not None:
+                    try:
+                        record.close()
+                    except Exception:  # outside the event loop (garbage collection)
+                        record.invalidate()
                 self._spawn(self._drain(entry))
 
         def connected(_dbapi_connection: Any, _record: Any) -> None:

@@ -1,9 +1,11 @@
 """`Isolation`: the contract of an isolation strategy, and tenant storage names."""
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -13,6 +15,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
+
+if TYPE_CHECKING:  # spares.py imports this module
+    from .spares import SparePool
 
 __all__ = [
     "BEGIN_SETTING",
@@ -24,6 +29,7 @@ __all__ = [
     "Isolation",
     "TenantSession",
     "create_tables",
+    "marker_name",
     "quote_identifier",
     "require_asyncpg",
     "storage_name",
@@ -47,6 +53,7 @@ Finding = tuple[str, Literal["ok", "warn", "fail"], str]
 """One health check's verdict for `fastapi-tenancy doctor`: (name, status, detail)."""
 
 MAX_NAME_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._-]+")
 _RESERVED_NAMES = frozenset({"public", "information_schema"})
 
 
@@ -117,6 +124,19 @@ def storage_name(prefix: str, identifier: str) -> str:
     return name
 
 
+def marker_name(tenant_id: str) -> str:
+    """The name of the view that marks storage as `tenant_id`'s: `fastapi_tenancy:<id>`.
+
+    The id itself when it is letters, digits, `.`, `_` and `-` and the name fits in 63
+    bytes (a generated id, a UUID, always does), else a SHA-256 of it: a name that
+    needs no escaping in any backend or driver. See docs/isolation.md, "Incarnations".
+    """
+    name = "fastapi_tenancy:" + tenant_id
+    if len(name) <= MAX_NAME_BYTES and _PLAIN_ID.fullmatch(tenant_id):
+        return name
+    return "fastapi_tenancy:sha256:" + hashlib.sha256(tenant_id.encode()).hexdigest()[:40]
+
+
 def tenant_tables(metadata: sa.MetaData | None) -> list[sa.Table]:
     """The tables of `metadata` that belong in each tenant (those with no explicit schema)."""
     if metadata is None:
@@ -147,6 +167,10 @@ class Isolation(ABC):
     """The column that tells tenants' rows apart when tenants share tables (row-level
     security), else None. Shared tables are migrated once for every tenant, in the
     schema `storage_name()` names (see `fastapi_tenancy.migrations.targets`)."""
+
+    spares: "SparePool | None" = None
+    """Storage made ahead of time for new tenants (schema isolation with a template and
+    `schema_spares`), which `fastapi-tenancy tenants spares` fills; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -202,6 +226,17 @@ class Isolation(ABC):
         """Delete what a move left behind (see `HybridIsolation`); refused by default."""
         raise ConfigurationError("remove_old_copy needs isolation_strategy='hybrid'")
 
+    async def adopt(self, tenant: Tenant) -> bool:
+        """Mark the storage found under `tenant`'s name as `tenant`'s (see `TenancyManager.adopt_storage`).
+
+        True when it wrote the marker; False when there was nothing to write (the
+        storage was already marked as the tenant's, or, as here by default, the strategy
+        keeps no storage of the tenant's own). Strategies whose storage carries a marker
+        (schema, database, SQLite file) refuse (`ProvisioningError`) storage that is
+        missing or marked for another tenant.
+        """
+        return False
+
     def storage_name(self, identifier: str) -> str:
         """The name of the tenant's schema or database; raises for unusable slugs."""
         return storage_name(self.prefix, identifier)
@@ -235,14 +270,17 @@ class Isolation(ABC):
         """Create the tenant's storage and the tables of `metadata` in it.
 
         Must refuse (`ProvisioningError`) when the storage already exists, so that
-        a re-registered slug never adopts an earlier tenant's data, and must leave
-        nothing behind when it fails.
+        a re-registered slug never adopts an earlier tenant's data, must leave
+        nothing behind when it fails, and should mark the storage with the tenant's
+        id, which its sessions check (`_incarnation.py`).
         """
 
     @abstractmethod
     async def destroy(self, tenant: Tenant) -> None:
-        """Delete the tenant's storage and every row in it. Irreversible."""
+        """Delete the tenant's storage and every row in it, once no transaction of the
+        tenant is open (waiting, or ending them). Irreversible."""
 
     @abstractmethod
     async def session(self, tenant: Tenant) -> AsyncSession:
-        """A new, not yet begun session that reaches only `tenant`'s data."""
+        """A new, not yet begun session that reaches only `tenant`'s data (not the data of
+        another tenant that took the slug since)."""

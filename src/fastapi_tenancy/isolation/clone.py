@@ -187,9 +187,11 @@ _CATALOG: dict[str, str] = {
         SELECT y.typname, array_to_string(ARRAY(SELECT e.enumlabel FROM pg_enum e
                WHERE e.enumtypid = y.oid ORDER BY e.enumsortorder), ',')
           FROM pg_type y WHERE y.typnamespace = to_regnamespace(CAST(:s AS text)) AND y.typtype = 'e'""",
+    # Not the tenant's marker (_incarnation.py): whose schema it is, not how it is built.
     "relations": """
         SELECT c.relname, c.relkind, coalesce(obj_description(c.oid, 'pg_class'), '')
-          FROM pg_class c WHERE c.relnamespace = to_regnamespace(CAST(:s AS text))""",
+          FROM pg_class c WHERE c.relnamespace = to_regnamespace(CAST(:s AS text))
+           AND c.relname NOT LIKE 'fastapi\\_tenancy:%'""",
     "columns": """
         SELECT c.relname, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                a.attidentity, a.attgenerated, coalesce(pg_get_expr(d.adbin, d.adrelid), ''),

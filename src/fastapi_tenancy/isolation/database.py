@@ -12,14 +12,16 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._utils import create_engine, unavailable_as_503
-from ..errors import ConfigurationError, ProvisioningError
+from ..errors import ConfigurationError, ProvisioningError, TenantNotFoundError
 from ..tenant import Tenant
 from ..urls import normalise_database_url
 from ._engines import ConnectionBudget, EngineRegistry
+from ._incarnation import create_marker, lock_marker, needs_marker
 from .base import (
     BEGIN_SETTING,
     Isolation,
     create_tables,
+    marker_name,
     quote_identifier,
     session_with_options,
     tenant_tables,
@@ -41,30 +43,96 @@ _EXISTS = {
 
 # MySQL/MariaDB servers may default to latin1; tenants' text must not depend on that.
 _CHARSET = {"postgresql": "", "mysql": " CHARACTER SET utf8mb4"}
+# Where a PostgreSQL tenant database keeps its marker, and how to find the markers.
+_MARKER_SCHEMA = "public"
+_MARKERS = {
+    "postgresql": sa.text(
+        "SELECT c.relname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'v' "
+        "AND c.relname LIKE 'fastapi\\_tenancy:%'"
+    ),
+    "mysql": sa.text(
+        "SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE() "
+        "AND TABLE_NAME LIKE 'fastapi\\_tenancy:%'"
+    ),
+}
+_QUOTE = {"postgresql": '"', "mysql": "`"}
 
 
-# A tenant transaction with no setting of its own: only the connection reset around it.
-_RESET_ONLY = {BEGIN_SETTING: ""}
+def _marker_ddl(backend: str, tenant_id: str) -> str:
+    """The marker of `tenant_id` in a tenant database (PostgreSQL: in `public`)."""
+    schema = _MARKER_SCHEMA if backend == "postgresql" else None
+    return create_marker(tenant_id, schema=schema, quote=_QUOTE[backend])
 
 
-def _use_database(quoted: str) -> Any:
-    """A pool `reset` listener pointing a returned MySQL connection at its own database.
+# MySQL/MariaDB: a connection reaches the tenant's database by its name. This statement
+# fails (1146, no such table) unless the connection's current database holds the
+# tenant's marker: not in a database a route moved it to, nor in one made for another
+# tenant under the same name. `DO`: no result set to send and parse.
+_MYSQL_NO_SUCH_TABLE = 1146
+_MYSQL_NO_DATABASE = 1046  # the current database was dropped
+_MYSQL_UNKNOWN_THREAD = 1094  # KILL of a connection that ended meanwhile
 
-    One round trip per checkin (COM_QUERY `USE`, about 0.13 ms on loopback): MySQL has
-    no BEGIN message to fold it into, and `COM_RESET_CONNECTION` keeps the current
-    database. Session variables a route sets stay on its own tenant's pool.
+
+def _mysql_check(tenant_id: str) -> Any:
+    """`check(dbapi_connection)`: True when the connection's database is `tenant_id`'s."""
+    statement = f"DO (SELECT tenant FROM {quote_identifier(marker_name(tenant_id), quote='`')})"  # noqa: S608
+
+    def check(dbapi_connection: Any) -> bool:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+        except Exception as exc:
+            if getattr(exc, "args", ())[:1] in ((_MYSQL_NO_SUCH_TABLE,), (_MYSQL_NO_DATABASE,)):
+                return False
+            raise
+        finally:
+            cursor.close()
+        return True
+
+    return check
+
+
+def _mysql_listeners(engine: AsyncEngine, database: str, tenant_id: str) -> None:
+    """Keep a MySQL tenant engine's connections in `database`, while it is `tenant_id`'s.
+
+    On connect: a database of the same name made for another tenant (the slug deleted and
+    registered again) is refused. On checkin, one round trip where `USE` used to be
+    (MySQL has no BEGIN message to fold it into, and `COM_RESET_CONNECTION` keeps the
+    current database; about 50 µs more than `USE` on loopback, which would point the
+    connection at whatever database has the name now): a connection a route moved
+    elsewhere (`USE other_db`), or whose database is no longer the tenant's, is
+    recycled before its next use. Session variables a route sets stay on its own
+    tenant's pool.
     """
-    statement = f"USE {quoted}"
+    check = _mysql_check(tenant_id)
 
-    def reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
-        if state.asyncio_safe:  # else SQLAlchemy closes the connection without reuse
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute(statement)
-            finally:
-                cursor.close()
+    def connected(dbapi_connection: Any, _record: Any) -> None:
+        if not check(dbapi_connection):
+            raise TenantNotFoundError(
+                f"database {database!r} holds no marker of tenant {tenant_id!r}: it belongs to another tenant"
+            )
 
-    return reset
+    def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+        if state.asyncio_safe and record is not None and not check(dbapi_connection):
+            record.invalidate(soft=True)  # closed and opened again (and checked) at its next checkout
+
+    event.listen(engine.sync_engine, "connect", connected)
+    event.listen(engine.sync_engine, "reset", reset)
+
+
+async def _end_mysql_connections(conn: Any, name: str) -> None:
+    """End every other connection whose current database is `name` (KILL needs no wait)."""
+    ids = await conn.scalars(
+        sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = :name AND ID <> CONNECTION_ID()"),
+        {"name": name},
+    )
+    for thread in ids.all():
+        try:
+            await conn.exec_driver_sql(f"KILL CONNECTION {int(thread)}")
+        except sa_exc.DBAPIError as exc:
+            if getattr(exc.orig, "args", ())[:1] != (_MYSQL_UNKNOWN_THREAD,):
+                raise
 
 
 def _backend(url: URL) -> str:
@@ -87,7 +155,9 @@ class DatabaseIsolation(Isolation):
     `max_engines`, each with a pool of `pool_size` connections and no overflow,
     all of them under one `ConnectionBudget` of `connection_budget` connections.
     Sessions connect to the tenant's database only, so neither other tenants nor
-    the registry are reachable by unqualified names, raw SQL included.
+    the registry are reachable by unqualified names, raw SQL included; and only while
+    it holds the tenant's marker, not a database made again under the name for another
+    tenant (`_incarnation.py`).
 
         isolation = DatabaseIsolation("postgresql+asyncpg://app@db/app", connection_budget=40)
     """
@@ -126,6 +196,8 @@ class DatabaseIsolation(Isolation):
         self.budget = ConnectionBudget(connection_budget, timeout=pool_timeout)
         """Counts every connection this strategy opens, provisioning included."""
         self.engines = EngineRegistry(max_engines=max_engines, budget=self.budget)
+        # tenant id -> the execution options of its sessions (PostgreSQL); bounded.
+        self._options: dict[str, dict[str, Any]] = {}
 
     # -- where a tenant lives ------------------------------------------------------
 
@@ -197,15 +269,16 @@ class DatabaseIsolation(Isolation):
         engine = self._engine(url)
         # What route code sets on a connection must not outlive its request: the pool
         # is the tenant's, but `USE other_db` would point its next request elsewhere.
+        # And the database must be this tenant's: a slug deleted and registered again
+        # names a database made for another (_incarnation.py).
         if engine.sync_engine.dialect.driver == "asyncpg":
             from . import _begin as begin  # needs asyncpg
 
-            # Each transaction begins and ends reset, in its BEGIN and COMMIT messages.
+            # Each transaction begins and ends reset, in its BEGIN and COMMIT messages,
+            # and locks the tenant's marker in its BEGIN message (see session()).
             begin.enable(engine)
         elif _backend(url) == "mysql":
-            event.listen(
-                engine.sync_engine, "reset", _use_database(quote_identifier(url.database or "", quote="`"))
-            )
+            _mysql_listeners(engine, url.database or "", tenant.id)
         return engine
 
     # -- the request path ----------------------------------------------------------
@@ -213,7 +286,16 @@ class DatabaseIsolation(Isolation):
     async def session(self, tenant: Tenant) -> AsyncSession:
         engine = self.engines.get(tenant.id, lambda: self._tenant_engine(tenant))
         if engine.sync_engine.dialect.driver == "asyncpg":
-            return session_with_options(engine, _RESET_ONLY)
+            # The connection reset around each transaction, and the lock of the tenant's
+            # marker: in the BEGIN message, so behind PgBouncer too, where a client
+            # connection's next transaction may run on a server connection opened later.
+            options = self._options.get(tenant.id)
+            if options is None:
+                if len(self._options) >= 10_000:
+                    self._options.pop(next(iter(self._options)))
+                setting = lock_marker(_MARKER_SCHEMA, tenant.id)
+                options = self._options[tenant.id] = {BEGIN_SETTING: setting}
+            return session_with_options(engine, options)
         return AsyncSession(bind=engine, expire_on_commit=False)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -243,6 +325,8 @@ class DatabaseIsolation(Isolation):
                 try:
                     async with tables.begin() as conn:
                         await conn.run_sync(create_tables, tenant_tables(metadata))
+                        # Whose database this is: tenant connections check it (_incarnation.py).
+                        await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
                 finally:
                     await tables.dispose()
         except BaseException as exc:
@@ -257,6 +341,25 @@ class DatabaseIsolation(Isolation):
         finally:
             await admin.dispose()
 
+    async def adopt(self, tenant: Tenant) -> bool:
+        name = self.storage_name(tenant.identifier)
+        server = self._server_of(tenant)
+        backend = _backend(server)
+        engine = self._engine(server.set(database=name), null_pool=True)
+        self.budget.attach(engine)
+        where = f"database {name!r}"
+        try:
+            async with unavailable_as_503("tenant database server"), engine.begin() as conn:
+                found = (await conn.scalars(_MARKERS[backend])).all()
+                if not needs_marker(found, tenant.id, where):
+                    return False
+                await conn.exec_driver_sql(_marker_ddl(backend, tenant.id))
+        except sa_exc.DBAPIError as exc:  # no such database, among others
+            raise ProvisioningError(f"could not adopt {where}: {exc.orig}") from exc
+        finally:
+            await engine.dispose()
+        return True
+
     async def _drop(self, admin: AsyncEngine, backend: str, name: str) -> None:
         # WITH (FORCE) (PostgreSQL 13+) ends sessions still connected to it, ours in
         # other processes included; MySQL drops under open connections anyway.
@@ -269,6 +372,7 @@ class DatabaseIsolation(Isolation):
 
     async def destroy(self, tenant: Tenant) -> None:
         name = self.storage_name(tenant.identifier)
+        self._options.pop(tenant.id, None)
         await self.engines.discard(tenant.id)
         server = self._server_of(tenant)
         backend = _backend(server)
@@ -276,7 +380,15 @@ class DatabaseIsolation(Isolation):
         force = " WITH (FORCE)" if backend == "postgresql" else ""
         try:
             async with unavailable_as_503("tenant database server"), admin.connect() as conn:
+                if backend == "mysql":
+                    # MySQL drops a database under connections that are in it, and they then
+                    # reach a database made again under the name: end them, before (so the
+                    # drop waits for no open transaction) and after (those that came in
+                    # between). PostgreSQL's FORCE ends them itself.
+                    await _end_mysql_connections(conn, name)
                 await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quoted(backend, name)}{force}")
+                if backend == "mysql":
+                    await _end_mysql_connections(conn, name)
         finally:
             await admin.dispose()
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
+from ._incarnation import drop_schema
 from .base import CONNECTION_OPTIONS, MAX_NAME_BYTES, Isolation, quote_identifier
 from .rls import RLSIsolation, tenant_session
 from .schema import SchemaIsolation
@@ -120,6 +121,9 @@ class HybridIsolation(Isolation):
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         await self.tier(tenant).provision(tenant, metadata)
 
+    async def adopt(self, tenant: Tenant) -> bool:
+        return await self.tier(tenant).adopt(tenant)
+
     async def destroy(self, tenant: Tenant) -> None:
         """Delete the tenant's data in its tier, and any old copy a move left in another."""
         await self.tier(tenant).destroy(tenant)
@@ -223,8 +227,9 @@ class HybridIsolation(Isolation):
                     )
                 )
             await _advance_sequences(conn, rls.schema, tables)
-            # Sessions still routed to the schema now find no tables: they fail, and
-            # none of their writes can land in the old copy after it was read.
+            # Sessions still routed to the schema now find no schema: new transactions answer
+            # 503 at BEGIN, open ones fail, and none of their writes can land in the old
+            # copy after it was read.
             await conn.execute(sa.text(f"ALTER SCHEMA {_quote(name)} RENAME TO {_quote(old)}"))
 
     async def remove_old_copy(self, tenant: Tenant) -> None:
@@ -236,7 +241,8 @@ class HybridIsolation(Isolation):
             if isinstance(isolation, SchemaIsolation):
                 old = _old_copy_name(isolation.storage_name(tenant.identifier))
                 async with unavailable_as_503("tenant database"), isolation.ddl_engine.begin() as conn:
-                    await conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {_quote(old)} CASCADE"))
+                    # After the transactions that still hold the copy's marker (_incarnation.py).
+                    await drop_schema(conn, old)
             elif isinstance(isolation, RLSIsolation):
                 async with unavailable_as_503("tenant database"), isolation.owner_engine.begin() as conn:
                     await isolation.delete_rows(conn, tenant)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapper, Session, UOWTransaction
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant, validate_identifier
+from ._incarnation import advisory_holders, end_after_wait
 from .base import (
     BEGIN_SETTING,
     CONNECTION_OPTIONS,
@@ -24,6 +25,9 @@ from .base import (
 
 __all__ = ["RLSIsolation", "tenant_session"]
 
+# The tenant's lock, exclusive: every transaction of the tenant holds it shared from BEGIN
+# (the tenant function), so this waits for them, and new ones answer 503 meanwhile.
+_HOLD = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0))"
 _TENANT_ID = "fastapi_tenancy.tenant_id"  # Session.info: the id the tenant column is filled with
 _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
 
@@ -119,7 +123,7 @@ class RLSIsolation(Isolation):
         self.schema = schema
         self.setting = f"{namespace}.tenant_id"
         self.policy = f"{namespace}_tenant"
-        # Tenants moved out to another tier (hybrid): their sessions here answer 503.
+        # Tenants moved out to another tier (hybrid), or deleted: their sessions here answer 503.
         self.fence_table = f"{_quote(schema)}.{_quote(self.policy + '_fence')}"
         self.enter_function = f"{_quote(schema)}.{_quote(self.policy + '_enter')}"
         if len(namespace) > 40:
@@ -228,11 +232,11 @@ CREATE OR REPLACE FUNCTION {self.enter_function}(tenant text) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF NOT pg_try_advisory_xact_lock_shared(hashtextextended('{self.policy}:' || tenant, 0)) THEN
-        RAISE EXCEPTION 'tenant is not served by row-level security right now (moving)'
+        RAISE EXCEPTION 'tenant is not served by row-level security right now (moving or being deleted)'
             USING ERRCODE = '{UNAVAILABLE_SQLSTATE}';
     END IF;
     IF EXISTS (SELECT 1 FROM {self.fence_table} WHERE tenant_id = tenant) THEN
-        RAISE EXCEPTION 'tenant is not served by row-level security right now (moved)'
+        RAISE EXCEPTION 'tenant is not served by row-level security right now (moved or deleted)'
             USING ERRCODE = '{UNAVAILABLE_SQLSTATE}';
     END IF;
     PERFORM set_config('{self.setting}', tenant, true);
@@ -386,14 +390,19 @@ $fn$"""  # noqa: S608
                 )
 
     async def destroy(self, tenant: Tenant) -> None:
-        """Delete the tenant's rows from every tenant table (children first), as the owner."""
+        """Delete the tenant's rows from every tenant table (children first), as the owner.
+
+        After the tenant's open transactions (each holds its lock from BEGIN; those that
+        outstay `DESTROY_WAIT` are ended): a slow write of one would otherwise land after
+        the DELETE. The tenant stays fenced off, so a request of it still in flight in
+        another process (its cache not yet told) writes no row afterwards: a 503.
+        """
         self._settings.pop(tenant.id, None)
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
+            key = {"key": f"{self.policy}:{tenant.id}"}
+            await end_after_wait(conn, _HOLD, advisory_holders(), key)
             await self.delete_rows(conn, tenant)
-            await conn.execute(
-                sa.text(f"DELETE FROM {self.fence_table} WHERE tenant_id = :id"),  # noqa: S608 - quoted name
-                {"id": tenant.id},
-            )
+            await self.fence(conn, tenant, moved=True)
 
     async def delete_rows(self, conn: AsyncConnection, tenant: Tenant) -> None:
         """Delete `tenant`'s rows from every tenant table, on an owner connection in a transaction."""
@@ -428,10 +437,7 @@ $fn$"""  # noqa: S608
 
     async def hold(self, conn: AsyncConnection, tenant: Tenant) -> None:
         """Wait until no transaction of `tenant` runs here, and keep new ones out (503) until commit."""
-        await conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-            {"key": f"{self.policy}:{tenant.id}"},
-        )
+        await conn.execute(sa.text(_HOLD), {"key": f"{self.policy}:{tenant.id}"})
 
     async def fence(self, conn: AsyncConnection, tenant: Tenant, *, moved: bool) -> None:
         """Mark `tenant` as served elsewhere (`moved=True`, sessions here answer 503) or here again."""

@@ -7,11 +7,12 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.named_types import NamedType
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
+from ._incarnation import MARKERS_IN_SCHEMA, create_marker, drop_schema, lock_marker, needs_marker
 from .base import (
     BEGIN_SETTING,
     ON_STATEMENT_TYPES_CHANGE,
@@ -87,6 +88,10 @@ class SchemaIsolation(Isolation):
     named in the SQL), found at `initialize()`, at `provision()` from the metadata,
     or, failing both, at the first such refusal (that request gets a 503).
 
+    Each transaction also locks the tenant's marker in its `BEGIN` message, proving the
+    schema is this tenant's (not one made again for another tenant under the slug) and
+    keeping it from being dropped until the transaction ends (`_incarnation.py`).
+
     The engine must be one that sends settings with `BEGIN`: the manager's, or any
     asyncpg engine on which no connection was opened before this isolation attached
     to it (connections opened before are refused, never used without the setting).
@@ -132,20 +137,24 @@ class SchemaIsolation(Isolation):
         self._types_changed = self._on_statement_types_change  # bound once, not per session
 
     async def session(self, tenant: Tenant) -> AsyncSession:
-        identifier = tenant.identifier
+        # Keyed by the tenant's id, never its slug: a slug deleted and registered again
+        # names the schema of another tenant, which the setting refuses (see _setting).
         options: dict[str, Any] = {
-            BEGIN_SETTING: self._settings.get(identifier) or self._setting(identifier),
+            BEGIN_SETTING: self._settings.get(tenant.id) or self._setting(tenant),
             ON_STATEMENT_TYPES_CHANGE: self._types_changed,
         }
         if not self.shared_statements:
-            options["schema_translate_map"] = {None: self.storage_name(identifier)}
+            options["schema_translate_map"] = {None: self.storage_name(tenant.identifier)}
         return session_with_options(self.engine, options)
 
-    def _setting(self, identifier: str) -> str:
-        setting = f'SET LOCAL search_path TO "{self.storage_name(identifier)}";'
+    def _setting(self, tenant: Tenant) -> str:
+        # The lock proves the schema is this tenant's (it holds the tenant's marker) and
+        # keeps it from being dropped until the transaction ends (_incarnation.py).
+        schema = self.storage_name(tenant.identifier)
+        setting = f'{lock_marker(schema, tenant.id)} SET LOCAL search_path TO "{schema}";'
         if len(self._settings) >= self._max_settings:
             self._settings.pop(next(iter(self._settings)))
-        self._settings[identifier] = setting
+        self._settings[tenant.id] = setting
         return setting
 
     def _on_statement_types_change(self, error: BaseException) -> None:
@@ -231,19 +240,17 @@ class SchemaIsolation(Isolation):
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         try:
-            await self._provision(self.storage_name(tenant.identifier), metadata)
+            await self._provision(self.storage_name(tenant.identifier), tenant.id, metadata)
         finally:
             if self.spares is not None:
                 # After the claim committed (or not): a fill that ran alongside it would
                 # count the spare being claimed as still there.
                 self.spares.refill_soon()
 
-    async def _provision(self, schema: str, metadata: sa.MetaData | None) -> None:
+    async def _provision(self, schema: str, tenant_id: str, metadata: sa.MetaData | None) -> None:
         if self.shared_statements and metadata is not None and _defines_schema_types(metadata):
             self._write_statements_per_tenant("the tenant tables use types created in each schema")
-        if self.ddl_engine is not self.engine and self._grantee is None:
-            async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
-                self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))
+        await self._find_grantee()
         async with unavailable_as_503("tenant database"), self.ddl_engine.connect() as conn:
             try:
                 async with conn.begin():
@@ -265,12 +272,38 @@ class SchemaIsolation(Isolation):
                         await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
                         await conn.execution_options(schema_translate_map={None: schema})
                         await conn.run_sync(create_tables, tenant_tables(metadata))
-                    if self._grantee is not None:
-                        role = quote_identifier(self._grantee)
-                        for grant in _GRANTS:
-                            await conn.execute(sa.text(grant.format(schema=schema, role=role)))
+                    # Whose schema this is: each tenant transaction locks it at BEGIN. Before
+                    # the grants, which cover it.
+                    await conn.exec_driver_sql(create_marker(tenant_id, schema=schema))
+                    await self._grant(conn, schema)
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
+
+    async def _find_grantee(self) -> None:
+        # With a separate owner, the sessions' role is granted use of each schema.
+        if self.ddl_engine is not self.engine and self._grantee is None:
+            async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
+                self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))
+
+    async def _grant(self, conn: AsyncConnection, schema: str) -> None:
+        if self._grantee is not None:
+            role = quote_identifier(self._grantee)
+            for grant in _GRANTS:
+                await conn.execute(sa.text(grant.format(schema=schema, role=role)))
+
+    async def adopt(self, tenant: Tenant) -> bool:
+        schema = self.storage_name(tenant.identifier)
+        await self._find_grantee()
+        async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
+            if not await conn.scalar(_SCHEMA_EXISTS, {"name": schema}):
+                raise ProvisioningError(f"schema {schema!r} does not exist: nothing to adopt")
+            quoted = {"schema": quote_identifier(schema)}
+            found = (await conn.scalars(sa.text(MARKERS_IN_SCHEMA), quoted)).all()
+            if not needs_marker(found, tenant.id, f"schema {schema!r}"):
+                return False
+            await conn.exec_driver_sql(create_marker(tenant.id, schema=schema))
+            await self._grant(conn, schema)
+        return True
 
     async def build_template(self, metadata: sa.MetaData | None, *, replace: bool = False) -> None:
         """Create the template schema from `metadata` (for apps that do not use Alembic).
@@ -292,6 +325,8 @@ class SchemaIsolation(Isolation):
 
     async def destroy(self, tenant: Tenant) -> None:
         schema = self.storage_name(tenant.identifier)
-        self._settings.pop(tenant.identifier, None)
+        self._settings.pop(tenant.id, None)
         async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            # Drops the marker too, so it waits for every open transaction of the tenant
+            # (each locked it at BEGIN), then ends those that outstay DESTROY_WAIT.
+            await drop_schema(conn, schema)

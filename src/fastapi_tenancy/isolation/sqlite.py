@@ -12,10 +12,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from .._utils import create_engine, is_memory_sqlite, unavailable_as_503
-from ..errors import ProvisioningError
+from ..errors import ProvisioningError, TenancyUnavailableError, TenantNotFoundError
 from ..tenant import Tenant
 from ._engines import EngineRegistry
-from .base import Isolation, create_tables, tenant_tables
+from ._incarnation import create_marker, needs_marker
+from .base import Isolation, create_tables, marker_name, tenant_tables
 
 __all__ = ["SQLiteFileIsolation"]
 
@@ -32,17 +33,71 @@ def _confine(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.run_async(lambda driver: driver.set_authorizer(_authorize))
 
 
+_MARKERS = (
+    "SELECT name FROM sqlite_master WHERE type = 'view' AND name LIKE 'fastapi\\_tenancy:%' ESCAPE '\\'"
+)
+_FILE = "fastapi_tenancy.file"  # record.info: the identity of the file a connection opened
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _bind_to_file(engine: AsyncEngine, path: Path, tenant_id: str) -> None:
+    """Keep a tenant engine's connections on `tenant_id`'s own file at `path` (_incarnation.py).
+
+    On connect, a missing file is a 503 (deleted, or being moved), not a 500, and a file
+    that holds no marker of the tenant (made for another tenant under the same slug) is
+    refused: one query per new connection. On checkout, a pooled connection whose file
+    was deleted or replaced since it opened it (by another process: `destroy()` closes
+    this process's own) is replaced: one `stat`, no query.
+    """
+    expected = [marker_name(tenant_id)]
+
+    def do_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except sqlite3.OperationalError as exc:
+            if path.exists():
+                raise
+            raise TenancyUnavailableError(f"database file {path.name!r} is gone") from exc
+
+    def connect(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(_MARKERS)
+            found = [row[0] for row in cursor.fetchall()]
+        finally:
+            cursor.close()
+        if found != expected:
+            raise TenantNotFoundError(f"{path.name!r} holds no marker of tenant {tenant_id!r}")
+        record.info[_FILE] = _identity(path)
+
+    def checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get(_FILE) != _identity(path):
+            raise sa_exc.DisconnectionError(f"{path.name!r} was deleted or replaced")
+
+    event.listen(engine.sync_engine, "do_connect", do_connect)
+    event.listen(engine.sync_engine, "connect", connect)
+    event.listen(engine.sync_engine, "checkout", checkout)
+
+
 class SQLiteFileIsolation(Isolation):
     """Each tenant in its own SQLite file beside the registry: `app.tenant_acme_corp.db`.
 
-    What both `isolation_strategy="schema"` and `"database"` mean on SQLite. A tenant session's engine
-    opens only that tenant's file and refuses `ATTACH`, so neither other tenants
-    nor the registry are reachable from it, even by raw SQL. Files are opened read-write without
-    create (`mode=rw`): a tenant whose file is missing fails, it never gets a fresh
-    empty database. At most `max_engines` files are kept open (an `EngineRegistry`:
-    least recently used closed first, never under a request). An in-memory registry
-    URL gives in-memory tenants, which are never closed (that would lose them). Safe
-    for concurrent use.
+    What both `isolation_strategy="schema"` and `"database"` mean on SQLite. A tenant
+    session's engine opens only that tenant's file and refuses `ATTACH`, so neither other
+    tenants nor the registry are reachable from it, even by raw SQL. Files are opened
+    read-write without create (`mode=rw`): a tenant whose file is missing gets a 503,
+    never a fresh empty database, and a file that holds no marker of the tenant is
+    refused (`_incarnation.py`). At most `max_engines` files are kept open (an
+    `EngineRegistry`: least recently used closed first, never under a request). An
+    in-memory registry URL gives in-memory tenants, which are never closed (that would
+    lose them). Safe for concurrent use.
     """
 
     def __init__(
@@ -62,7 +117,7 @@ class SQLiteFileIsolation(Isolation):
         """The database file of `tenant`."""
         return self.directory / f"{self._stem}.{self.storage_name(tenant.identifier)}.db"
 
-    def _open(self, path: Path, mode: str) -> AsyncEngine:
+    def _open(self, path: Path, mode: str, tenant_id: str | None = None) -> AsyncEngine:
         if self._memory:
             engine = create_engine(f"{self._driver}://", echo=self._echo)
         else:
@@ -71,18 +126,27 @@ class SQLiteFileIsolation(Isolation):
             url = f"{self._driver}:///file:{path}?mode={mode}&uri=true"
             engine = create_engine(url, pool_size=2, max_overflow=8, echo=self._echo)
         event.listen(engine.sync_engine, "connect", _confine)
+        if tenant_id is not None:
+            _bind_to_file(engine, path, tenant_id)
         return engine
 
     async def session(self, tenant: Tenant) -> AsyncSession:
+        if self._memory and tenant.id not in self.engines:
+            # In memory, the engine is the tenant's database: none, no tenant here.
+            raise TenantNotFoundError(f"no in-memory database of tenant {tenant.identifier!r}")
         return AsyncSession(bind=self._engine(tenant), expire_on_commit=False)
 
     def _engine(self, tenant: Tenant) -> AsyncEngine:
-        return self.engines.get(tenant.identifier, lambda: self._open(self.path(tenant), "rw"))
+        # Keyed by the tenant's id, never its slug: a slug deleted and registered again
+        # is another tenant, with an engine (and, in memory, a database) of its own.
+        if self._memory:
+            return self.engines.get(tenant.id, lambda: self._open(Path(), "rw"))
+        return self.engines.get(tenant.id, lambda: self._open(self.path(tenant), "rw", tenant.id))
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         tables = tenant_tables(metadata)
         if self._memory:
-            if tenant.identifier in self.engines:
+            if tenant.id in self.engines:
                 raise ProvisioningError(f"in-memory database of {tenant.identifier!r} already exists")
             async with self._engine(tenant).begin() as conn:
                 await conn.run_sync(create_tables, tables)
@@ -99,6 +163,8 @@ class SQLiteFileIsolation(Isolation):
             async with unavailable_as_503("tenant database"), engine.begin() as conn:
                 await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                 await conn.run_sync(create_tables, tables)
+                # Whose file this is: the tenant's connections check it (_incarnation.py).
+                await conn.exec_driver_sql(create_marker(tenant.id))
         except BaseException as exc:
             # Whatever went wrong (even a cancellation), no file is left behind to
             # block a later registration of the slug.
@@ -109,8 +175,25 @@ class SQLiteFileIsolation(Isolation):
             raise
         await engine.dispose()
 
+    async def adopt(self, tenant: Tenant) -> bool:
+        if self._memory:
+            return False  # the engine is the database: nothing made outside the library
+        path = self.path(tenant)
+        if not path.exists():
+            raise ProvisioningError(f"database file {path.name!r} does not exist: nothing to adopt")
+        engine = self._open(path, "rw")
+        try:
+            async with unavailable_as_503("tenant database"), engine.begin() as conn:
+                found = (await conn.scalars(sa.text(_MARKERS))).all()
+                if not needs_marker(found, tenant.id, f"database file {path.name!r}"):
+                    return False
+                await conn.exec_driver_sql(create_marker(tenant.id))
+        finally:
+            await engine.dispose()
+        return True
+
     async def destroy(self, tenant: Tenant) -> None:
-        await self.engines.discard(tenant.identifier)
+        await self.engines.discard(tenant.id)
         if not self._memory:
             _unlink(self.path(tenant))
 

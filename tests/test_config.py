@@ -43,6 +43,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     # resolution strategies (set together here, so only the field types are checked:
     # the strategy is "custom", and the combinations are tested in tests/resolution/)
     "domain_suffix": ("Example.COM.", "example.com"),
+    "central_domains": ('["Example.COM.", "admin.example.com"]', ("example.com", "admin.example.com")),
     "reserved_subdomains": ('["www", "API"]', ("www", "api")),
     "trusted_proxies": ('["10.0.0.0/8", "::1"]', ("10.0.0.0/8", "::1")),
     "path_prefix": ("/tenants", "/tenants"),

@@ -252,6 +252,16 @@ def is_query_timeout(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc) == _QUERY_CANCELED
 
 
+def is_deadlock(exc: BaseException) -> bool:
+    """True when the server broke a deadlock by failing this transaction: retrying it succeeds.
+
+    PostgreSQL's SQLSTATE 40P01, MySQL/MariaDB's 1213 (and its lock wait timeout, 1205).
+    """
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    return _sqlstate(exc) == "40P01" or _mysql_code(exc) in (1205, 1213)
+
+
 @asynccontextmanager
 async def unavailable_as_503(what: str) -> AsyncIterator[None]:
     """Translate connection-level driver errors into `TenancyUnavailableError`."""

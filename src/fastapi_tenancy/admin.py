@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from .domain import Domain, DomainPolicy, validate_domain
 from .errors import (
     ConfigurationError,
     ProvisioningError,
@@ -61,6 +62,7 @@ class TenantAdmin:
         cipher: "URLCipher | None" = None,
         stamper: "Stamper | None" = None,
         provisioning: ProvisioningPipeline | None = None,
+        domains: DomainPolicy | None = None,
     ) -> None:
         self.store = store
         self.isolation = isolation
@@ -72,6 +74,8 @@ class TenantAdmin:
         self.stamper = stamper
         # The application's steps after the storage exists, and the background registrations.
         self.provisioning = provisioning if provisioning is not None else ProvisioningPipeline()
+        # Which hosts are whose (central domains, domain_suffix): checked before add_domain.
+        self.domains = domains if domains is not None else DomainPolicy()
 
     # -- registration --------------------------------------------------------------
 
@@ -420,8 +424,12 @@ class TenantAdmin:
             logger.info("soft-deleted tenant %s (data kept)", current.identifier)
             return
         await self.isolation.destroy(current)
+        # The store removes the tenant's domains with it; every worker must forget them too.
+        domains = await self.store.get_domains(current.id) if self.store.keeps_domains else ()
         await self.store.delete(current.id)
         await self._changed(current.identifier)
+        for domain in domains:
+            await self._changed(domain.name)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
 
@@ -539,6 +547,50 @@ class TenantAdmin:
         if isinstance(tenant, Tenant) and current.id != tenant.id:
             raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
         return current
+
+    # -- custom domains ----------------------------------------------------------------
+
+    async def add_domain(self, tenant: Tenant | str, domain: str, *, primary: bool = False) -> Domain:
+        """Give the host name `domain` to a tenant; with `primary=True`, make it its primary domain.
+
+        The name is normalised (`ACME.com.` is `acme.com`) and checked before anything
+        is written: `InvalidDomainError` for a name no tenant can have (malformed, an IP
+        address, punycode, a central domain, under another tenant's subdomain of
+        `domain_suffix`), `DomainTakenError` when another tenant holds it (the store
+        decides atomically). Adding a name the tenant has is allowed (to make it primary).
+        Every worker's registry cache forgets the name at once.
+        """
+        name = validate_domain(domain)
+        current = await self._current(tenant)
+        self.domains.check(name, current.identifier)
+        try:
+            added = await self.store.add_domain(Domain(name, current.id, primary=primary))
+        finally:
+            await self._domain_changed(current, name)
+        logger.info(
+            "tenant %s: domain %s added%s", current.identifier, name, " (primary)" if added.primary else ""
+        )
+        return added
+
+    async def remove_domain(self, tenant: Tenant | str, domain: str) -> None:
+        """Take the host name `domain` from a tenant; `DomainNotFoundError` if it is not the tenant's."""
+        name = validate_domain(domain)
+        current = await self._current(tenant)
+        try:
+            await self.store.remove_domain(name, tenant_id=current.id)
+        finally:
+            await self._domain_changed(current, name)
+        logger.info("tenant %s: domain %s removed", current.identifier, name)
+
+    async def list_domains(self, tenant: Tenant | str) -> tuple[Domain, ...]:
+        """The tenant's domains, the primary first, read from the registry (not the cache)."""
+        current = await self._current(tenant)
+        return await self.store.get_domains(current.id)
+
+    async def _domain_changed(self, tenant: Tenant, name: str) -> None:
+        # The name's entry (which tenant holds it) and the tenant's list of domains.
+        await self._changed(name)
+        await self._changed(tenant.identifier)
 
     # -- announcing changes --------------------------------------------------------------
 

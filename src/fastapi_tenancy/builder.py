@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ._utils import create_engine, redis_client
 from .audit import AuditWriter, SQLAuditWriter
 from .config import TenancyConfig
+from .domain import DomainPolicy
 from .errors import ConfigurationError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
@@ -28,6 +29,7 @@ from .ratelimit.base import RateLimiter
 from .ratelimit.memory import MemoryRateLimiter
 from .resolution.base import Resolver, ResolverFunc, as_resolver
 from .resolution.chain import ChainResolver
+from .resolution.domain import DomainResolver
 from .resolution.header import HeaderResolver
 from .resolution.path import PathResolver
 from .resolution.subdomain import SubdomainResolver
@@ -58,6 +60,7 @@ class Parts:
     redis: Any
     invalidation: InvalidationChannel | None
     rate_limiter: RateLimiter | None
+    domains: DomainPolicy
     stamper: "Stamper | None" = None
 
 
@@ -110,20 +113,23 @@ def build_parts(
     store.configure(pgbouncer=config.database_pgbouncer)
     cipher = _cipher(config)
     redis: Any = redis_client(config.redis_url, timeout=config.redis_timeout) if config.redis_url else None
+    lookup = TenantLookup(
+        store,
+        ttl=config.cache_ttl,
+        max_size=config.cache_max_size,
+        negative_ttl=config.negative_cache_ttl,
+        negative_max_size=config.negative_cache_max_size,
+    )
+    built = _resolver(config, resolver)
+    built.bind(lookup)  # a strategy that looks the tenant up (domains) reads through the cache
     return Parts(
         engine=engine,
         owner_engine=owner_engine,
         store=store,
-        resolver=_resolver(config, resolver),
+        resolver=built,
         cipher=cipher,
         isolation=isolation if isolation is not None else _isolation(config, engine, owner_engine, cipher),
-        lookup=TenantLookup(
-            store,
-            ttl=config.cache_ttl,
-            max_size=config.cache_max_size,
-            negative_ttl=config.negative_cache_ttl,
-            negative_max_size=config.negative_cache_max_size,
-        ),
+        lookup=lookup,
         # Lifecycle hooks and the audit log (docs/background.md); the audit table
         # lives in the registry database unless another writer is passed.
         events=LifecycleEvents(
@@ -134,6 +140,12 @@ def build_parts(
         redis=redis,
         invalidation=_invalidation(config, redis, store, engine),
         rate_limiter=_rate_limiter(config, redis),
+        # Which hosts are whose: checked before a domain is given to a tenant, whatever the strategy.
+        domains=DomainPolicy(
+            domain_suffix=config.domain_suffix,
+            central=config.central_domains,
+            reserved=config.reserved_subdomains,
+        ),
         stamper=_stamper(config, owner_engine or engine),
     )
 
@@ -180,6 +192,13 @@ def _resolution_strategy(config: TenancyConfig, name: str, *, last: bool) -> Res
         assert config.domain_suffix is not None  # TenancyConfig requires it
         return SubdomainResolver(
             config.domain_suffix,
+            reserved=config.reserved_subdomains,
+            trusted_proxies=config.trusted_proxies,
+        )
+    if name == "domain":
+        return DomainResolver(
+            domain_suffix=config.domain_suffix,
+            central_domains=config.central_domains,
             reserved=config.reserved_subdomains,
             trusted_proxies=config.trusted_proxies,
         )

@@ -12,9 +12,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sqlalchemy.engine import make_url
 
 from .compat import LEGACY_SETTINGS, translate_legacy_settings
+from .domain import validate_domain, validate_domain_suffix
 from .resolution.algorithms import check_jwt_settings
 from .resolution.path import validate_path_prefix
-from .resolution.subdomain import validate_domain_suffix
 from .urls import mask_url, normalise_database_url
 
 __all__ = ["TenancyConfig", "check_jwt_settings"]
@@ -23,7 +23,7 @@ _SCHEMA_BACKENDS = ("postgresql", "sqlite")
 _DATABASE_BACKENDS = ("postgresql", "sqlite", "mysql")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SCHEMA_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,29}")
-_ResolverName = Literal["header", "subdomain", "path", "jwt"]
+_ResolverName = Literal["header", "subdomain", "domain", "path", "jwt"]
 _SCHEMA_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _SHARED_STRATEGIES = ("rls", "hybrid")
@@ -74,11 +74,13 @@ class TenancyConfig(BaseSettings):
     SQLite default. `postgresql://`, `sqlite://` and `mysql://` are upgraded to the async
     driver. With SQLite, each tenant gets a database file beside this one."""
 
-    resolution_strategy: Literal["header", "subdomain", "path", "jwt", "chain", "custom"] = "header"
+    resolution_strategy: Literal["header", "subdomain", "domain", "path", "jwt", "chain", "custom"] = "header"
     """How a request names its tenant: `header` reads `tenant_header_name`; `subdomain`
-    the label before `domain_suffix`; `path` the segment after `path_prefix`; `jwt` a
-    claim of the verified bearer token; `chain` the strategies in `resolution_chain`;
-    `custom` uses the resolver passed to `TenancyManager(resolver=...)`."""
+    the label before `domain_suffix`; `domain` the host: one of the tenants' custom domains
+    (`add_domain`), or the label before `domain_suffix` when it is set; `path` the segment
+    after `path_prefix`; `jwt` a claim of the verified bearer token; `chain` the
+    strategies in `resolution_chain`; `custom` uses the resolver passed to
+    `TenancyManager(resolver=...)`."""
 
     isolation_strategy: Literal["schema", "database", "rls", "hybrid"] = "schema"
     """How tenants' data is kept apart: `schema` gives each tenant its own PostgreSQL
@@ -172,19 +174,30 @@ class TenancyConfig(BaseSettings):
     new key first to rotate, run `manager.rotate_encryption_keys()`, then drop the old one.
     Needed only to register tenants with a `database_url`."""
 
-    # -- resolution strategies: subdomain, path, JWT, chains, anti-enumeration ---------
+    # -- resolution strategies: subdomain, domain, path, JWT, chains, anti-enumeration ---
 
     domain_suffix: str | None = None
-    """Subdomain resolution: the domain tenants are subdomains of. With `example.com`
-    (or `.example.com`), `acme.example.com` is tenant `acme`; deeper hosts and the bare
-    domain name none."""
+    """Subdomain and domain resolution: the domain tenants are subdomains of. With
+    `example.com` (or `.example.com`), `acme.example.com` is tenant `acme`; the bare domain
+    names none, and deeper hosts none either (with domain resolution, a deeper host is
+    looked up among the custom domains, and only tenant `acme` may have one under
+    `acme.example.com`). Required for subdomain resolution; optional for domain
+    resolution. `tenant_url()` builds a tenant's URLs on its subdomain when it has no
+    primary domain."""
+
+    central_domains: tuple[str, ...] = ()
+    """Domain resolution: hosts that belong to no tenant, such as your marketing site and
+    your admin (JSON list, e.g. `["example.com", "admin.example.com"]`). They never
+    resolve to a tenant (400), and no tenant can add them as a domain."""
 
     reserved_subdomains: tuple[str, ...] = ("www",)
-    """Subdomain resolution: labels that never name a tenant (JSON list in the environment)."""
+    """Subdomain and domain resolution: labels before `domain_suffix` that never name a
+    tenant (JSON list in the environment)."""
 
     trusted_proxies: tuple[str, ...] = ()
-    """Subdomain resolution: addresses or CIDR blocks of proxies whose `X-Forwarded-Host`
-    is believed (JSON list, e.g. `["10.0.0.0/8"]`). Empty: the header is always ignored."""
+    """Subdomain and domain resolution: addresses or CIDR blocks of proxies whose
+    `Forwarded: host=` (RFC 7239) and `X-Forwarded-Host` are believed (JSON list, e.g.
+    `["10.0.0.0/8"]`). Empty: those headers are always ignored."""
 
     path_prefix: str = "/t"
     """Path resolution: the segments before the tenant's (`/t/acme/orders`). The app's
@@ -411,6 +424,11 @@ class TenancyConfig(BaseSettings):
             return None
         # ".example.com" (0.5.0's form) names the same domain.
         return validate_domain_suffix(value.strip().removeprefix("."))
+
+    @field_validator("central_domains")
+    @classmethod
+    def _check_central_domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(validate_domain(name) for name in value)
 
     @field_validator("reserved_subdomains")
     @classmethod

@@ -8,8 +8,10 @@ logs and may say more (it never holds secrets either).
     ├── ConfigurationError (ValueError)           a config or wiring mistake
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
     ├── InvalidIdentifierError (ValueError)       a slug that can never name a tenant
+    ├── InvalidDomainError (ValueError)           a host name no tenant can have
     ├── InvalidTransitionError (ValueError)       a lifecycle change the state machine forbids
     ├── TenantAlreadyExistsError (ValueError)     the slug is taken (also by a deleted tenant)
+    │   └── DomainTakenError                      the domain belongs to another tenant
     ├── TenantChangedError                        a concurrent change won; re-read and retry
     ├── ProvisioningError                         storage for a new tenant could not be made
     ├── FleetBusyError                            another fleet migration holds the database
@@ -19,6 +21,7 @@ logs and may say more (it never holds secrets either).
     ├── InvalidTokenError                         401: the bearer token is not acceptable
     ├── TenantMismatchError                       403: two sources name different tenants
     ├── TenantNotFoundError (LookupError)         404: no such tenant
+    │   └── DomainNotFoundError                   the tenant has no such domain
     ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
     │   └── TenantMaintenanceError (also a TenancyUnavailableError)
     │                                             503: the tenant is in maintenance; Retry-After
@@ -36,7 +39,10 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ConfigurationError",
+    "DomainNotFoundError",
+    "DomainTakenError",
     "FleetBusyError",
+    "InvalidDomainError",
     "InvalidIdentifierError",
     "InvalidTokenError",
     "InvalidTransitionError",
@@ -114,6 +120,14 @@ class InvalidIdentifierError(TenancyError, ValueError):
     detail = "Tenant not found"
 
 
+class InvalidDomainError(TenancyError, ValueError):
+    """A host name that no tenant can have: malformed, an IP address, punycode, central, or
+    under another tenant's subdomain."""
+
+    status_code = 422
+    detail = "Invalid domain"
+
+
 class InvalidTransitionError(TenancyError, ValueError):
     """A tenant status change that the lifecycle does not allow."""
 
@@ -126,6 +140,12 @@ class TenantAlreadyExistsError(TenancyError, ValueError):
 
     status_code = 409
     detail = "Tenant already exists"
+
+
+class DomainTakenError(TenantAlreadyExistsError):
+    """The domain already belongs to another tenant: a domain names one tenant at most."""
+
+    detail = "Domain already taken"
 
 
 class TenantChangedError(TenancyError):
@@ -170,6 +190,12 @@ class TenantNotFoundError(TenancyError, LookupError):
 
     status_code = 404
     detail = "Tenant not found"
+
+
+class DomainNotFoundError(TenantNotFoundError):
+    """The tenant has no such domain."""
+
+    detail = "Domain not found"
 
 
 class TenantInactiveError(TenancyError):

@@ -1,4 +1,4 @@
-"""`TenantLookup`: the registry cache, identifier → tenant on the request path, in memory.
+"""`TenantLookup`: the registry cache, identifier (or domain) → tenant on the request path, in memory.
 
 Not the application cache (`fastapi_tenancy.cache`, the user's data): this one holds
 tenant records in front of the `TenantStore`; `cache_ttl`, `cache_max_size` and
@@ -8,9 +8,11 @@ tenant records in front of the `TenantStore`; `cache_ttl`, `cache_max_size` and
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import TypeVar
+from typing import Generic, TypeVar
 
+from .domain import Domain
 from .storage.base import TenantStore
 from .tenant import Tenant, validate_identifier
 
@@ -74,6 +76,24 @@ class TenantLookup:
         self._used: dict[str, float] = {}  # identifier -> when its entry was last served
         self._refreshing: set[str] = set()  # identifiers whose batch read is in flight
         self._sweeper: asyncio.Task[None] | None = None
+        self._invalidations = 0  # counts invalidate() and clear() calls: see _read_domain
+        # Custom domains: a name -> (identifier, tenant id), and a tenant's domains by identifier.
+        # Invalidated by name: the manager announces a domain change under the domain's name
+        # and the tenant's identifier (identifiers have no dots, names do: they never meet).
+        self._by_domain: _Entries[tuple[str, str]] = _Entries(
+            self._read_domain,
+            ttl=ttl,
+            max_size=max_size,
+            negative_ttl=negative_ttl,
+            negative_max_size=negative_max_size,
+        )
+        self._domains_of: _Entries[tuple[Domain, ...]] = _Entries(
+            self._read_domains_of,
+            ttl=ttl,
+            max_size=max_size,
+            negative_ttl=negative_ttl,
+            negative_max_size=negative_max_size,
+        )
 
     async def get(self, identifier: str) -> Tenant | None:
         """The tenant with this identifier, or None if there is none (or it is malformed)."""
@@ -125,6 +145,52 @@ class TenantLookup:
                 self._start_sweeper()
         elif self.negative_ttl > 0:
             _bounded_put(self._misses, identifier, started + self.negative_ttl, self.negative_max_size)
+
+    # -- custom domains -----------------------------------------------------------
+
+    async def get_by_domain(self, name: str) -> Tenant | None:
+        """The tenant that holds the domain `name` (normalised: `validate_domain`), or None.
+
+        Two dictionary lookups when cached: the domain's entry names the identifier, whose
+        entry is the tenant's. The entry also keeps the tenant's id: a name that leads to
+        another incarnation of the identifier (purged and registered again since it was
+        read) is read again, and never serves the new tenant by the old one's domain.
+        """
+        for _ in range(2):
+            held = await self._by_domain.get(name)
+            if held is None:
+                return None
+            identifier, tenant_id = held
+            tenant = await self.get(identifier)
+            if tenant is not None and tenant.id == tenant_id:
+                return tenant
+            self._by_domain.invalidate(name)
+        return None
+
+    async def domains_of(self, identifier: str) -> tuple[Domain, ...]:
+        """The custom domains of the tenant `identifier`, the primary first (empty for none)."""
+        return await self._domains_of.get(identifier) or ()
+
+    async def _read_domain(self, name: str) -> tuple[str, str] | None:
+        started, invalidations = monotonic(), self._invalidations
+        tenant = await self.store.get_by_domain(name)
+        if tenant is None:
+            return None
+        identifier = tenant.identifier
+        # The read brought the whole tenant: keep it, so that a cold request costs one registry
+        # query, not two. Only if nothing at all was invalidated meanwhile (it may have been
+        # this tenant) and no read of the identifier is in flight (it may be newer).
+        if (
+            self._invalidations == invalidations
+            and identifier not in self._inflight
+            and self._expires.get(identifier, 0.0) <= started
+        ):
+            self._remember(identifier, tenant, started)
+        return identifier, tenant.id
+
+    async def _read_domains_of(self, identifier: str) -> tuple[Domain, ...] | None:
+        tenant = await self.get(identifier)
+        return None if tenant is None else await self.store.get_domains(tenant.id)
 
     # -- refresh-ahead ------------------------------------------------------------
 
@@ -191,26 +257,127 @@ class TenantLookup:
         self._used.pop(identifier, None)
 
     def invalidate(self, identifier: str) -> None:
-        """Forget what is known about `identifier`, and discard reads in flight."""
+        """Forget what is known about `identifier` (or a domain of that name); discard reads in flight."""
+        self._invalidations += 1
         self._forget(identifier)
         self._misses.pop(identifier, None)
         self._inflight.pop(identifier, None)
         self._refreshing.discard(identifier)
+        self._by_domain.invalidate(identifier)
+        self._domains_of.invalidate(identifier)
 
     def clear(self) -> None:
         """Forget everything (and stop refreshing until a tenant is cached again)."""
+        self._invalidations += 1
         self._hits.clear()
         self._expires.clear()
         self._misses.clear()
         self._inflight.clear()
         self._used.clear()
         self._refreshing.clear()
+        self._by_domain.clear()
+        self._domains_of.clear()
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and not sweeper.done():
             # It may belong to an event loop that is already closed (a manager restarted
             # in a new loop): then there is nothing left to stop.
             with contextlib.suppress(RuntimeError):
                 sweeper.cancel()
+
+    def __len__(self) -> int:
+        return len(self._hits) + len(self._misses) + len(self._by_domain) + len(self._domains_of)
+
+
+class _Entries(Generic[_V]):
+    """A small cache for the lookups beside the main one (domains): key -> value, or "none".
+
+    Values live `ttl` seconds, None (unknown) `negative_ttl`; each map is bounded, the
+    oldest insertion going first. Concurrent misses of a key share one read; `invalidate`
+    discards a read in flight, so it never writes back a value from before the change.
+    An entry served in the second half of its life is read again in the background
+    (one read per key at a time), so a busy key never waits for the registry; an entry
+    served is never older than `ttl`, counted from the start of the read behind it.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], Awaitable[_V | None]],
+        *,
+        ttl: float,
+        max_size: int,
+        negative_ttl: float,
+        negative_max_size: int,
+    ) -> None:
+        self._load = load
+        self.ttl = ttl
+        self.max_size = max_size
+        self.negative_ttl = negative_ttl
+        self.negative_max_size = negative_max_size
+        self._hits: dict[str, _V] = {}
+        self._expires: dict[str, float] = {}
+        self._misses: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[_V | None]] = {}
+
+    async def get(self, key: str) -> _V | None:
+        now = monotonic()
+        expires = self._expires.get(key)
+        if expires is not None and expires > now:
+            if expires - now < self.ttl / 2 and self.ttl >= _MIN_REFRESH_TTL and key not in self._inflight:
+                self._start(key)  # refresh ahead; this request is served from the cache
+            return self._hits[key]
+        missed = self._misses.get(key)
+        if missed is not None and missed > now:
+            return None
+        task = self._inflight.get(key) or self._start(key)
+        # shield: one waiter being cancelled must not cancel the read the others await.
+        return await asyncio.shield(task)
+
+    def _start(self, key: str) -> "asyncio.Task[_V | None]":
+        task = asyncio.ensure_future(self._read(key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._done(key, t))
+        return task
+
+    async def _read(self, key: str) -> _V | None:
+        started = monotonic()
+        task = asyncio.current_task()
+        value = await self._load(key)
+        if self._inflight.get(key) is task:  # neither invalidated nor cleared since
+            self._remember(key, value, started)
+        return value
+
+    def _done(self, key: str, task: "asyncio.Task[_V | None]") -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved even when nobody awaited it (a refresh): the entry expires as it would have.
+            logger.debug("registry cache read of %r failed: %r", key, task.exception())
+
+    def _remember(self, key: str, value: _V | None, started: float) -> None:
+        self._hits.pop(key, None)
+        self._expires.pop(key, None)
+        self._misses.pop(key, None)
+        if value is not None:
+            if self.ttl > 0:
+                while len(self._hits) >= self.max_size:
+                    oldest = next(iter(self._hits))  # oldest insertion first
+                    del self._hits[oldest], self._expires[oldest]
+                self._hits[key] = value
+                self._expires[key] = started + self.ttl
+        elif self.negative_ttl > 0:
+            _bounded_put(self._misses, key, started + self.negative_ttl, self.negative_max_size)
+
+    def invalidate(self, key: str) -> None:
+        self._hits.pop(key, None)
+        self._expires.pop(key, None)
+        self._misses.pop(key, None)
+        self._inflight.pop(key, None)
+
+    def clear(self) -> None:
+        self._hits.clear()
+        self._expires.clear()
+        self._misses.clear()
+        self._inflight.clear()
 
     def __len__(self) -> int:
         return len(self._hits) + len(self._misses)

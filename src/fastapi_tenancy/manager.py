@@ -15,6 +15,7 @@ from .audit import AuditWriter
 from .builder import build_parts
 from .config import TenancyConfig
 from .context import current_tenant
+from .domain import Domain
 from .errors import TenantInactiveError, TenantMaintenanceError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
@@ -91,6 +92,7 @@ class TenancyManager:
             invalidation=self.invalidation,
             cipher=self.cipher,
             stamper=parts.stamper,
+            domains=parts.domains,
         )
         # Your steps after a new tenant's storage exists (`@manager.provisioning.step`).
         self.provisioning = self.admin.provisioning
@@ -385,3 +387,40 @@ class TenancyManager:
         from .console import Console  # noqa: PLC0415 - Jinja2, the console extra
 
         return Console(self, auth=auth, metrics=metrics, app_metadata=app_metadata, **options)
+
+    # -- custom domains: `TenantAdmin` (admin.py) has the rules --------------------------
+
+    async def add_domain(self, tenant: Tenant | str, domain: str, *, primary: bool = False) -> Domain:
+        """Give the host name `domain` to a tenant (`primary=True`: its primary domain).
+
+        Raises `InvalidDomainError` for a name no tenant can have (central, under another
+        tenant's subdomain, malformed), `DomainTakenError` if another tenant holds it.
+        """
+        return await self.admin.add_domain(tenant, domain, primary=primary)
+
+    async def remove_domain(self, tenant: Tenant | str, domain: str) -> None:
+        """Take the host name `domain` from a tenant; `DomainNotFoundError` if it is not its."""
+        await self.admin.remove_domain(tenant, domain)
+
+    async def list_domains(self, tenant: Tenant | str) -> tuple[Domain, ...]:
+        """The tenant's domains, the primary first, read from the registry."""
+        return await self.admin.list_domains(tenant)
+
+    async def tenant_url(self, tenant: Tenant | str, path: str = "/", *, scheme: str = "https") -> str:
+        """The URL of `path` on the tenant's primary domain, else on its subdomain of `domain_suffix`.
+
+            return RedirectResponse(await manager.tenant_url(tenant, request.url.path))
+
+        Read through the registry cache (no registry query once cached), so it is cheap
+        enough for redirects on the request path. Raises `TenantNotFoundError` for an
+        unknown tenant, `ConfigurationError` when it has no primary domain and there is
+        no `domain_suffix`.
+        """
+        identifier = tenant.identifier if isinstance(tenant, Tenant) else tenant
+        current = await self.lookup.get(identifier)
+        if current is None or (isinstance(tenant, Tenant) and current.id != tenant.id):
+            raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
+        domains = await self.lookup.domains_of(identifier)
+        # Only this incarnation's: a list read before a purge and re-registration is no one's.
+        mine = [domain for domain in domains if domain.tenant_id == current.id]
+        return self.admin.domains.url(identifier, mine, path, scheme=scheme)

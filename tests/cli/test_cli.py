@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from fastapi_tenancy import TenancyConfig, TenancyManager
 from tests.migrations.projects import make_project
 from tests.migrations.test_stamp import METADATA
+from tests.servers import poll
 
 pytestmark = pytest.mark.postgres
 
@@ -394,3 +395,47 @@ async def test_tenants_adopt_marks_storage_made_outside_the_library(postgres_url
     assert rows[1]["identifier"] == "globex" and "marked for another tenant" in rows[1]["storage"]
     code, rows = cli_json(postgres_url, "tenants", "adopt", "nobody")
     assert code == 1 and rows[0]["storage"].startswith("not adopted")
+
+
+async def test_domain_commands_reach_a_running_worker_at_once(postgres_url: str) -> None:
+    # A worker with a long cache TTL: only the invalidation channel (LISTEN/NOTIFY here) can
+    # tell it about the CLI's changes in time.
+    worker = TenancyManager(
+        TenancyConfig(
+            database_url=postgres_url, resolution_strategy="domain", cache_ttl=300, database_pool_size=2
+        )
+    )
+    await worker.initialize()
+    try:
+        assert cli(postgres_url, "tenants", "create", "acme", "--empty")[0] == 0
+        assert cli(postgres_url, "tenants", "create", "globex", "--empty")[0] == 0
+        assert await worker.lookup.get_by_domain("acme.com") is None  # remembered as unknown
+        code, added = cli_json(postgres_url, "tenants", "domains", "add", "acme", "ACME.com.", "--primary")
+        assert code == 0 and added == [{"domain": "acme.com", "tenant": "acme", "primary": True}]
+        assert await poll(lambda: _holder(worker, "acme.com", "acme"), within=1.0)
+        assert cli(postgres_url, "tenants", "domains", "add", "acme", "www.acme.com")[0] == 0
+        code, listed = cli_json(postgres_url, "tenants", "domains", "list", "acme")
+        assert code == 0 and [(d["domain"], d["primary"]) for d in listed] == [
+            ("acme.com", True),
+            ("www.acme.com", False),
+        ]
+        code, text = cli(postgres_url, "tenants", "domains", "list", "acme")
+        assert code == 0 and "www.acme.com" in text
+        assert cli(postgres_url, "tenants", "domains", "add", "globex", "acme.com")[0] == 4  # taken
+        code, text = cli(postgres_url, "tenants", "domains", "add", "globex", "10.0.0.1")
+        assert code == 2 and "not a domain" in text
+        assert cli(postgres_url, "tenants", "domains", "add", "nobody", "nobody.com")[0] == 3
+        assert cli(postgres_url, "tenants", "domains", "remove", "globex", "acme.com")[0] == 3  # not its
+        code, removed = cli_json(postgres_url, "tenants", "domains", "remove", "acme", "acme.com")
+        assert code == 0 and removed == {"domain": "acme.com", "tenant": "acme", "removed": True}
+        assert await poll(lambda: _holder(worker, "acme.com", None), within=1.0)
+        # Moved to another tenant: the worker follows.
+        assert cli(postgres_url, "tenants", "domains", "add", "globex", "acme.com")[0] == 0
+        assert await poll(lambda: _holder(worker, "acme.com", "globex"), within=1.0)
+    finally:
+        await worker.close()
+
+
+async def _holder(manager: TenancyManager, name: str, identifier: str | None) -> bool:
+    tenant = await manager.lookup.get_by_domain(name)
+    return (None if tenant is None else tenant.identifier) == identifier

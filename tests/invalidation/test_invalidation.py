@@ -64,6 +64,45 @@ async def test_every_change_reaches_the_other_process(
     assert await poll(lambda: _has_status(worker, "acme", None), within=1.0)
 
 
+@pytest.mark.parametrize("channel", ["redis", "postgres"])
+async def test_every_domain_change_reaches_the_other_process(
+    channel: str, postgres_url: str, redis_url: str, redis_prefix: str, managers: list[TenancyManager]
+) -> None:
+    settings: dict[str, object] = {"database_url": postgres_url, "resolution_strategy": "domain"}
+    if channel == "redis":
+        settings.update(redis_url=redis_url, redis_key_prefix=redis_prefix)
+    admin, worker = await _pair(managers, **settings)
+    await admin.register_tenant("acme", "Acme")
+    await admin.register_tenant("globex", "Globex")
+    assert await _holder(worker, "acme.com") is None  # now in the worker's negative cache
+    assert await worker.lookup.domains_of("acme") == ()
+    await admin.add_domain("acme", "acme.com", primary=True)
+    assert await poll(lambda: _holds(worker, "acme.com", "acme"), within=1.0)
+    assert await poll(lambda: _primary(worker, "acme", "acme.com"), within=1.0)
+    await admin.remove_domain("acme", "acme.com")
+    assert await poll(lambda: _holds(worker, "acme.com", None), within=1.0)
+    assert await poll(lambda: _primary(worker, "acme", None), within=1.0)
+    await admin.add_domain("globex", "acme.com")
+    assert await poll(lambda: _holds(worker, "acme.com", "globex"), within=1.0)
+    # A purge takes the tenant's domains along, in every worker.
+    await admin.delete_tenant("globex", destroy_data=True)
+    assert await poll(lambda: _holds(worker, "acme.com", None), within=1.0)
+
+
+async def _holder(manager: TenancyManager, name: str) -> str | None:
+    tenant = await manager.lookup.get_by_domain(name)
+    return None if tenant is None else tenant.identifier
+
+
+async def _holds(manager: TenancyManager, name: str, identifier: str | None) -> bool:
+    return await _holder(manager, name) == identifier
+
+
+async def _primary(manager: TenancyManager, slug: str, name: str | None) -> bool:
+    domains = await manager.lookup.domains_of(slug)
+    return next((d.name for d in domains if d.primary), None) == name
+
+
 async def _has_status(manager: TenancyManager, slug: str, status: TenantStatus | None) -> bool:
     return await _status(manager, slug) == status
 

@@ -29,7 +29,7 @@ from fastapi_tenancy import (
     TenantAlreadyExistsError,
 )
 from fastapi_tenancy.isolation import SQLiteFileIsolation
-from fastapi_tenancy.resolution.base import ResolverFunc
+from fastapi_tenancy.resolution.base import Resolver, ResolverFunc
 
 from ..apps import Base, Order, SharedBase, SharedOrder, build_app
 from .conftest import Roles
@@ -157,7 +157,7 @@ async def two_tenants(
     *,
     build: Callable[[TenancyManager], FastAPI] = build_app,
     raise_app_exceptions: bool = True,
-    resolver: ResolverFunc | None = None,
+    resolver: Resolver | ResolverFunc | None = None,
     tiers: tuple[str, ...] = ("schema", "rls"),
     **settings: Any,
 ) -> AsyncIterator[Env]:

@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
-from fastapi_tenancy.resolution import ChainResolver, PathResolver, SubdomainResolver
+from fastapi_tenancy.resolution import ChainResolver, DomainResolver, PathResolver, SubdomainResolver
 from fastapi_tenancy.storage import InMemoryTenantStore
 
 SECRET = "x" * 32
@@ -26,6 +26,11 @@ PUBLIC_KEY = (  # an Ed25519 public key
         ({"domain_suffix": "not a domain"}, "domain_suffix"),
         ({"domain_suffix": "example.123"}, "domain_suffix"),
         ({"domain_suffix": "-bad.example.com"}, "domain_suffix"),
+        ({"domain_suffix": "\u212aexample.com"}, "domain_suffix"),  # the Kelvin sign, lowered to "k"
+        ({"central_domains": ["localhost"]}, "central_domains"),
+        ({"central_domains": ["10.0.0.1"]}, "central_domains"),
+        ({"central_domains": ["xn--bcher-kva.example"]}, "central_domains"),
+        ({"central_domains": ["b\u00fccher.example"]}, "central_domains"),
         ({"trusted_proxies": ["10.0.0.0/33"]}, "trusted_proxies"),
         ({"trusted_proxies": ["proxy.internal"]}, "trusted_proxies"),
         ({"path_prefix": "t"}, "path_prefix"),
@@ -83,6 +88,8 @@ def test_anti_enumeration_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     [
         ({"resolution_strategy": "subdomain", "domain_suffix": "example.com"}, SubdomainResolver),
         ({"resolution_strategy": "path", "path_prefix": "/orgs"}, PathResolver),
+        ({"resolution_strategy": "domain"}, DomainResolver),
+        ({"resolution_strategy": "domain", "domain_suffix": "example.com"}, DomainResolver),
         (
             {
                 "resolution_strategy": "chain",

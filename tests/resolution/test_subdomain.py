@@ -34,6 +34,7 @@ NOT_FOUND = (404, {"detail": "Tenant not found"})
         ("[::1]:8443", MISSING),
         ("::1", MISSING),
         ("acme.example.com:notaport", MISSING),
+        ("acme .example.com", MISSING),  # whitespace inside: no host (it was looked up as "acme ")
         ("xn--bcher-kva.example.com", MISSING),
         ("xn--80ak6aa92e.example.com", MISSING),
         ("bücher.example.com", MISSING),

@@ -19,7 +19,8 @@ from starlette.types import Message
 
 from fastapi_tenancy import InvalidIdentifierError
 from fastapi_tenancy.isolation import storage_name
-from fastapi_tenancy.resolution.base import ResolverFunc
+from fastapi_tenancy.resolution import DomainResolver
+from fastapi_tenancy.resolution.base import Resolver, ResolverFunc
 from fastapi_tenancy.tenant import validate_identifier
 
 from ..apps import Base
@@ -98,7 +99,9 @@ def test_identifiers_built_to_collide_after_normalisation_are_refused(slug: str)
 
 
 @contextmanager
-def hostile_env(backend: str, resolver: ResolverFunc | None = None) -> Iterator[tuple[asyncio.Runner, Env]]:
+def hostile_env(
+    backend: str, resolver: Resolver | ResolverFunc | None = None
+) -> Iterator[tuple[asyncio.Runner, Env]]:
     """Tenants alpha and beta (overlapping ids) behind the test app, on a loop of our own."""
     settings: dict[str, Any] = {"resolution_strategy": "custom"} if resolver is not None else {}
     with new_runner() as runner, fresh_database(runner, backend) as url:
@@ -190,6 +193,78 @@ def test_fuzzed_hosts_through_a_custom_resolver_never_pick_a_wrong_tenant(backen
             raw = host.encode("utf-8")
             response = runner.run(env.client.get("/orders", headers=[(b"host", raw)]))
             _check(response, label if label in ROWS else None)
+
+        probe()
+
+
+# Custom domains: alpha has alpha.com and shop.alpha.com, beta beta.org and kalpha.com (what
+# str.lower() makes of "\u212aalpha.com", with a Kelvin sign); both have their subdomains.
+DOMAINS = {"alpha.com": "alpha", "shop.alpha.com": "alpha", "beta.org": "beta", "kalpha.com": "beta"}
+
+
+def _mutations(name: str) -> st.SearchStrategy[str]:
+    """`name` as a hostile client or proxy might spell it: case, look-alikes, odd characters."""
+    lookalike = st.sampled_from(
+        [
+            name[:i] + other + name[i + 1 :]
+            for i, char in enumerate(name)
+            for other in LOOKALIKES.get(char, "")
+        ]
+        or [name]
+    )
+    inserted = st.tuples(
+        st.integers(min_value=0, max_value=len(name)),
+        st.sampled_from(
+            ["\x00", "\t", " ", "\xa0", "\u200b", "\u00ad", "\u3002", "\u0301", ".", "-", "_", "\u212a"]
+        ),
+    ).map(lambda pair: name[: pair[0]] + pair[1] + name[pair[0] :])
+    suffix = st.sampled_from(["", ".", ":443", ".:8080", ":", ":x", "..", " ", "\t", "\r"]).map(
+        lambda s: name + s
+    )
+    return st.one_of(st.just(name), st.just(name.upper()), lookalike, inserted, suffix)
+
+
+DOMAIN_HOSTS = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from([*DOMAINS, "alpha.example.com", "beta.example.com", "www.example.com"]).flatmap(
+        _mutations
+    ),
+    st.sampled_from(
+        ["\u212aalpha.com", "xn--lpha-2ve.com", "ａｌｐｈａ.com", "[::1]", "10.0.0.1", "example.com"]
+    ),
+)
+
+
+def _domain_oracle(raw: bytes) -> str | None:
+    """The tenant the host names, by the rules of docs/resolution.md (Custom domains), or None."""
+    host = raw.decode("latin-1").strip(" \t")  # HTTP's optional whitespace only
+    if not host.isascii() or not host.isprintable() or " " in host or host.startswith("["):
+        return None
+    name, colon, port = host.rpartition(":")
+    if colon:
+        if not port.isdigit() or ":" in name:
+            return None
+        host = name
+    host = host.lower()
+    host = host[:-1] if host.endswith(".") else host
+    label = host.removesuffix(".example.com")
+    if label != host and "." not in label:
+        return label if label in ROWS else None  # a subdomain: that tenant, or a 404
+    return DOMAINS.get(host)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzzed_hosts_through_domain_resolution_never_pick_a_wrong_tenant(backend: str) -> None:
+    with hostile_env(backend, resolver=DomainResolver(domain_suffix="example.com")) as (runner, env):
+        for name, tenant in DOMAINS.items():
+            runner.run(env.manager.add_domain(tenant, name))
+
+        @given(host=DOMAIN_HOSTS)
+        @FUZZ
+        def probe(host: str) -> None:
+            raw = host.encode("utf-8")
+            response = runner.run(env.client.get("/orders", headers=[(b"host", raw)]))
+            _check(response, _domain_oracle(raw))
 
         probe()
 

@@ -14,6 +14,8 @@ from fastapi_tenancy import (
     TenantNotFoundError,
     TenantStatus,
 )
+from fastapi_tenancy.domain import Domain
+from fastapi_tenancy.errors import DomainNotFoundError, DomainTakenError
 from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
 from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
@@ -224,3 +226,124 @@ async def test_the_channel_record_is_kept_first_come_unless_replaced(store: Tena
     assert await store.set_channel_record('{"kind": "redis"}', replace=True) == '{"kind": "redis"}'
     assert await store.get_channel_record() == '{"kind": "redis"}'
     assert await store.count() == 0  # the record is no tenant
+
+
+# -- custom domains ----------------------------------------------------------------------
+
+
+async def test_domains_are_added_read_and_removed(store: TenantStore) -> None:
+    assert store.keeps_domains
+    acme = await store.create(_tenant("acme"))
+    other = await store.create(_tenant("other"))
+    assert await store.add_domain(Domain("www.acme.com", acme.id)) == Domain("www.acme.com", acme.id)
+    assert await store.add_domain(Domain("acme.com", acme.id, primary=True)) == Domain(
+        "acme.com", acme.id, primary=True
+    )
+    assert await store.add_domain(Domain("app.acme.com", acme.id)) == Domain("app.acme.com", acme.id)
+    # The primary first, then by name; another tenant's list is its own.
+    assert await store.get_domains(acme.id) == (
+        Domain("acme.com", acme.id, primary=True),
+        Domain("app.acme.com", acme.id),
+        Domain("www.acme.com", acme.id),
+    )
+    assert await store.get_domains(other.id) == ()
+    assert await store.get_domains("nobody") == ()
+    assert await store.get_domain("app.acme.com") == Domain("app.acme.com", acme.id)
+    assert await store.get_domain("acme.com") == Domain("acme.com", acme.id, primary=True)
+    assert await store.get_by_domain("app.acme.com") == acme
+    assert await store.get_domain("acme.org") is None
+    assert await store.get_by_domain("acme.org") is None
+    await store.remove_domain("acme.com", tenant_id=acme.id)
+    assert await store.get_domain("acme.com") is None
+    assert await store.get_by_domain("acme.com") is None
+    # The primary was removed: none is primary now.
+    assert await store.get_domains(acme.id) == (
+        Domain("app.acme.com", acme.id),
+        Domain("www.acme.com", acme.id),
+    )
+    assert await store.count() == 2  # domains are no tenants
+
+
+async def test_a_domain_belongs_to_one_tenant_at_most(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    other = await store.create(_tenant("other"))
+    await store.add_domain(Domain("acme.com", acme.id))
+    with pytest.raises(DomainTakenError):
+        await store.add_domain(Domain("acme.com", other.id))
+    with pytest.raises(DomainTakenError):
+        await store.add_domain(Domain("acme.com", other.id, primary=True))
+    assert await store.get_by_domain("acme.com") == acme
+    assert await store.get_domains(other.id) == ()
+    # Adding it again to its tenant changes nothing; with primary=True it becomes primary.
+    assert await store.add_domain(Domain("acme.com", acme.id)) == Domain("acme.com", acme.id)
+    assert await store.add_domain(Domain("acme.com", acme.id, primary=True)) == Domain(
+        "acme.com", acme.id, primary=True
+    )
+    assert await store.add_domain(Domain("acme.com", acme.id)) == Domain("acme.com", acme.id, primary=True)
+    # Only its tenant can remove it.
+    with pytest.raises(DomainNotFoundError):
+        await store.remove_domain("acme.com", tenant_id=other.id)
+    with pytest.raises(DomainNotFoundError):
+        await store.remove_domain("acme.org", tenant_id=acme.id)
+    assert await store.get_by_domain("acme.com") == acme
+    with pytest.raises(TenantNotFoundError):
+        await store.add_domain(Domain("ghost.com", "no-such-id"))
+    assert await store.get_domain("ghost.com") is None
+
+
+async def test_concurrent_claims_of_one_domain_have_one_winner(store: TenantStore) -> None:
+    tenants = [await store.create(_tenant(f"t{i}")) for i in range(4)]
+    for round_ in range(3):
+        name = f"race{round_}.example.org"
+        claims = [
+            store.add_domain(Domain(name, tenant.id, primary=bool(round_ % 2))) for tenant in tenants * 2
+        ]
+        results = await asyncio.gather(*claims, return_exceptions=True)
+        winners = {r.tenant_id for r in results if isinstance(r, Domain)}
+        assert len(winners) == 1, results
+        assert all(isinstance(r, Domain | DomainTakenError) for r in results), [
+            repr(r)[:300] for r in results
+        ]
+        holder = await store.get_by_domain(name)
+        assert holder is not None and {holder.id} == winners
+        for tenant in tenants:
+            names = [domain.name for domain in await store.get_domains(tenant.id)]
+            assert (name in names) == (tenant.id in winners)
+
+
+async def test_a_tenant_has_one_primary_domain_at_most(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    other = await store.create(_tenant("other"))
+    await store.add_domain(Domain("other.org", other.id, primary=True))
+    await store.add_domain(Domain("acme.com", acme.id, primary=True))
+    await store.add_domain(Domain("acme.net", acme.id, primary=True))
+    assert await store.get_domains(acme.id) == (
+        Domain("acme.net", acme.id, primary=True),
+        Domain("acme.com", acme.id),
+    )
+    # Made primary at once: one of them is, the others are plain domains.
+    names = [f"d{i}.acme.com" for i in range(6)]
+    await asyncio.gather(*(store.add_domain(Domain(name, acme.id, primary=True)) for name in names))
+    domains = await store.get_domains(acme.id)
+    assert len(domains) == 8
+    assert [domain.primary for domain in domains] == [True] + [False] * 7
+    assert domains[0].name in names
+    # Another tenant's primary is its own.
+    assert await store.get_domains(other.id) == (Domain("other.org", other.id, primary=True),)
+
+
+async def test_delete_takes_the_tenants_domains_with_it(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme"))
+    other = await store.create(_tenant("other"))
+    await store.add_domain(Domain("acme.com", acme.id, primary=True))
+    await store.add_domain(Domain("app.acme.com", acme.id))
+    await store.add_domain(Domain("other.org", other.id))
+    await store.delete(acme.id)
+    assert await store.get_domain("acme.com") is None
+    assert await store.get_by_domain("app.acme.com") is None
+    assert await store.get_domains(acme.id) == ()
+    # The name is free: a new tenant with the old slug does not inherit it, another can take it.
+    again = await store.create(_tenant("acme"))
+    assert await store.get_domains(again.id) == ()
+    assert await store.add_domain(Domain("acme.com", other.id)) == Domain("acme.com", other.id)
+    assert await store.get_by_domain("other.org") == other

@@ -12,7 +12,8 @@ people, `--json` for scripts. Exit codes:
     5  the database is unavailable
 
 One module per command group: `base.py` (the root command, its options, the manager and
-output every command shares), `tenants.py`, `migrate.py`, `registry.py`, `invalidation.py`,
+output every command shares), `tenants.py` (and `domains.py`, `tenants domains`), `migrate.py`,
+`registry.py`, `invalidation.py`,
 and one module for each of `run`, `doctor` and `demo`. This module puts them together. Needs the `cli` extra
 (typer, rich); `migrate` also the `migrations` extra.
 """
@@ -27,6 +28,7 @@ from .base import (
     app,
     load_manager,
 )
+from .domains import domains_app
 from .invalidation import invalidation_app
 from .migrate import migrate_app
 from .registry import registry_app
@@ -49,6 +51,7 @@ app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_o
 )
 app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
+tenants_app.add_typer(domains_app, name="domains")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(registry_app, name="registry")

@@ -28,6 +28,7 @@ from ..config import TenancyConfig
 from ..errors import (
     ConfigurationError,
     FleetBusyError,
+    InvalidDomainError,
     InvalidIdentifierError,
     InvalidTransitionError,
     TenancyError,
@@ -149,7 +150,9 @@ def _exit_code(exc: BaseException) -> int | None:
         exc, TenantAlreadyExistsError | InvalidTransitionError | TenantChangedError | FleetBusyError
     ):
         return EXIT_CONFLICT
-    if isinstance(exc, ConfigurationError | InvalidIdentifierError | ValidationError | ImportError):
+    if isinstance(
+        exc, ConfigurationError | InvalidIdentifierError | InvalidDomainError | ValidationError | ImportError
+    ):
         return EXIT_USAGE
     if isinstance(exc, TenancyUnavailableError | OSError):
         return EXIT_UNAVAILABLE

@@ -2,13 +2,14 @@
 
 `Resolver` is the contract; any async callable `(HTTPConnection) -> str | None`
 can serve as a custom resolver. `HeaderResolver`, `SubdomainResolver`,
-`PathResolver` and `ChainResolver` are here; `JWTResolver` needs the `jwt` extra
+`DomainResolver`, `PathResolver` and `ChainResolver` are here; `JWTResolver` needs the `jwt` extra
 and is imported from `fastapi_tenancy.resolution.jwt`. `OpenAPITenant` is what a
 resolver's `openapi()` returns: how `/docs` shows a client to name the tenant.
 """
 
 from .base import CallableResolver, OpenAPITenant, Resolver, as_resolver
 from .chain import ChainResolver
+from .domain import DomainResolver
 from .header import HeaderResolver
 from .path import PathResolver
 from .subdomain import SubdomainResolver
@@ -16,6 +17,7 @@ from .subdomain import SubdomainResolver
 __all__ = [
     "CallableResolver",
     "ChainResolver",
+    "DomainResolver",
     "HeaderResolver",
     "OpenAPITenant",
     "PathResolver",

@@ -4,10 +4,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
+
+if TYPE_CHECKING:
+    from ..lookup import TenantLookup
 
 __all__ = ["CallableResolver", "OpenAPITenant", "Resolver", "ResolverFunc", "as_resolver"]
 
@@ -55,6 +58,15 @@ class Resolver(ABC):
         mutate `scope`.
         """
         return scope
+
+    def bind(self, lookup: "TenantLookup") -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Given the manager's registry cache once, when the manager is built.
+
+        The default ignores it. A strategy that looks something up to find the
+        identifier (`DomainResolver`: the tenant that holds the host) keeps it and
+        reads through it, so that its answers are cached and invalidated with the
+        manager's. `ChainResolver` passes it on to its members.
+        """
 
     def openapi(self, *, required: bool = True) -> OpenAPITenant | None:
         """How a client names the tenant, for the app's `/openapi.json` (and so `/docs`).

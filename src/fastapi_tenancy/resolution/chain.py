@@ -1,13 +1,16 @@
 """`ChainResolver`: several strategies in order, first answer wins, or all must agree."""
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ..errors import TenantMismatchError
 from .base import OpenAPITenant, Resolver, ResolverFunc, as_resolver
+
+if TYPE_CHECKING:
+    from ..lookup import TenantLookup
 
 __all__ = ["ChainResolver"]
 
@@ -56,6 +59,10 @@ class ChainResolver(Resolver):
                 raise TenantMismatchError(f"resolvers disagree: {agreed!r:.80} != {identifier!r:.80}")
             agreed = identifier
         return agreed
+
+    def bind(self, lookup: "TenantLookup") -> None:
+        for resolver in self.resolvers:
+            resolver.bind(lookup)
 
     def app_scope(self, scope: Scope) -> Scope:
         for resolver in self.resolvers:

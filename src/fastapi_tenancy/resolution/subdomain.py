@@ -1,38 +1,15 @@
 """`SubdomainResolver`: the tenant from the label in front of a domain suffix (`acme.example.com`)."""
 
-import ipaddress
-import re
 from collections.abc import Iterable
 
 from starlette.requests import HTTPConnection
 
+from ..domain import DomainPolicy, validate_domain_suffix
 from .base import OpenAPITenant, Resolver
+from .host import HostReader, normalise_host, parse_networks
 
+# validate_domain_suffix and parse_networks lived here first: still importable from here.
 __all__ = ["SubdomainResolver", "parse_networks", "validate_domain_suffix"]
-
-# A DNS name has at most 253 characters; with a port and a trailing dot a Host value
-# is a little longer. Anything beyond is not a host we serve, and is refused before
-# any other work is spent on it (a 1 MB header costs one len()).
-_MAX_HOST = 253 + 1 + 6
-_IDN_PREFIX = "xn--"
-_DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def validate_domain_suffix(suffix: str) -> str:
-    """Normalise a domain suffix (`Example.COM.` -> `example.com`); `ValueError` if it is not one.
-
-    Its last label may not be all digits, so no IP address can ever end with it.
-    """
-    value = suffix.strip().rstrip(".").lower()
-    labels = value.split(".")
-    if not value or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        raise ValueError("not a domain name such as 'example.com'")
-    return value
-
-
-def parse_networks(addresses: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Parse IP addresses and CIDR blocks (`10.0.0.0/8`, `::1`); `ValueError` for a bad one."""
-    return tuple(ipaddress.ip_network(address.strip(), strict=False) for address in addresses)
 
 
 class SubdomainResolver(Resolver):
@@ -43,9 +20,9 @@ class SubdomainResolver(Resolver):
     `reserved` labels (`www`), punycode (`xn--`) labels and non-ASCII hosts name no
     tenant. The port is ignored, case folded and one trailing dot dropped.
 
-    `X-Forwarded-Host` is read only from a client whose address is in
-    `trusted_proxies` (addresses or CIDR blocks); from anyone else it is ignored,
-    since any client can send it.
+    `Forwarded: host=` (RFC 7239) and `X-Forwarded-Host` are read only from a client
+    whose address is in `trusted_proxies` (addresses or CIDR blocks); from anyone else
+    they are ignored, since any client can send them (`HostReader` has the rules).
     """
 
     def __init__(
@@ -59,10 +36,12 @@ class SubdomainResolver(Resolver):
         self.domain_suffix = suffix
         self._dotted_suffix = "." + suffix
         self.reserved = frozenset(label.lower() for label in reserved)
-        self.trusted_proxies = parse_networks(trusted_proxies)
+        self.policy = DomainPolicy(domain_suffix=suffix, reserved=self.reserved)
+        self.hosts = HostReader(trusted_proxies)
+        self.trusted_proxies = self.hosts.trusted_proxies
 
     async def resolve(self, connection: HTTPConnection) -> str | None:
-        host = self._host(connection)
+        host = self.hosts.raw(connection)
         return self.label(host) if host is not None else None
 
     def openapi(self, *, required: bool = True) -> OpenAPITenant:
@@ -80,61 +59,15 @@ class SubdomainResolver(Resolver):
 
     def label(self, host: str) -> str | None:
         """The tenant label of a Host value (`ACME.example.com:8443` -> `acme`), or None."""
-        # Printable ASCII only (label() is public: check again): control bytes and
-        # Unicode never name a tenant.
-        if len(host) > _MAX_HOST or not host.isascii() or not host.isprintable():
+        # Printable ASCII only, no whitespace, no IP literal (normalise_host): control
+        # bytes and Unicode never name a tenant.
+        name = normalise_host(host)
+        if name is None:
             return None
-        if host.startswith("["):  # an IPv6 literal, with or without a port
-            return None
-        name, colon, port = host.rpartition(":")
-        if colon:
-            if not port.isdigit() or ":" in name:  # a bare IPv6 address, or junk
-                return None
-            host = name
-        host = host.lower()
-        if host.endswith("."):
-            host = host[:-1]
-        if not host.endswith(self._dotted_suffix):
-            return None
-        label = host[: -len(self._dotted_suffix)]
-        # Only the label directly in front of the suffix: `victim.acme.example.com`
-        # must not resolve to `victim` (nor to `acme`: the client chose a deeper host).
-        if not label or "." in label or label in self.reserved:
-            return None
-        # Punycode is a Unicode name in disguise; slugs are plain ASCII, and serving
-        # `xn--` labels would let a look-alike name reach a tenant.
-        if label.startswith(_IDN_PREFIX):
-            return None
-        # No IP address reaches this point: the suffix's last label is not numeric
-        # (validate_domain_suffix), and an IPv6 address has colons, refused above.
-        return label
-
-    def _host(self, connection: HTTPConnection) -> str | None:
-        host: bytes | None = None
-        forwarded: bytes | None = None
-        for name, value in connection.scope["headers"]:
-            if name == b"host":
-                if host is not None and value != host:
-                    return None  # two different Host headers: no way to know which one counts
-                host = value
-            elif name == b"x-forwarded-host":
-                forwarded = value  # the last header, if sent more than once
-        if forwarded is not None and self.trusted_proxies and self._from_trusted_proxy(connection):
-            host = forwarded.rpartition(b",")[2]  # the nearest proxy appends its own view last
-        if host is None or len(host) > _MAX_HOST:
-            return None
-        # Only HTTP's optional whitespace (space, tab) may be trimmed: str.strip() would
-        # also drop \x85, \xa0, \x0c or \x1f, and a host carrying them would resolve.
-        return host.decode("latin-1").strip(" \t")
-
-    def _from_trusted_proxy(self, connection: HTTPConnection) -> bool:
-        client = connection.scope.get("client")
-        if not client:
-            return False
-        try:
-            address = ipaddress.ip_address(client[0])
-        except ValueError:  # a Unix socket path, or a test client's made-up name
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 on a dual-stack socket
-        return any(address in network for network in self.trusted_proxies)
+        # Only the label directly in front of the suffix: `victim.acme.example.com` must
+        # not resolve to `victim` (nor to `acme`: the client chose a deeper host). Reserved
+        # labels name no tenant, nor do punycode ones: a Unicode name in disguise, which
+        # would let a look-alike of a slug reach a tenant. (DomainPolicy.classify, shared
+        # with the domain strategy, has the rules.)
+        kind, label = self.policy.classify(name)
+        return label if kind == "subdomain" else None

@@ -5,7 +5,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import TenantChangedError, TenantNotFoundError
+from ..domain import Domain
+from ..errors import ConfigurationError, TenantChangedError, TenantNotFoundError
 from ..tenant import Tenant, TenantStatus
 
 __all__ = ["TenantStore"]
@@ -29,7 +30,10 @@ class TenantStore(ABC):
       still equal `expected`'s, and raises `TenantChangedError` otherwise, so a
       change made from a stale read can never undo a concurrent one;
     - an unreachable backend raises `TenancyUnavailableError` (a clear 503),
-      never a driver exception.
+      never a driver exception;
+    - custom domains (optional: `keeps_domains`): a domain name belongs to one tenant
+      at most, atomically (of two tenants adding one name at once, one wins); a tenant
+      has at most one primary domain; `delete` removes the tenant's domains with it.
 
     The manager's registry cache (in memory, per process) is invalidated on every
     change it makes, so a store needs no in-process cache of its own;
@@ -172,3 +176,51 @@ class TenantStore(ABC):
     @abstractmethod
     async def count(self, *, status: TenantStatus | None = None) -> int:
         """How many tenants there are (with `status`, if given)."""
+
+    # -- custom domains: optional; a store that keeps them overrides all of these ---------
+
+    keeps_domains: bool = False
+    """Whether this store keeps custom domains (`add_domain` and the methods beside it).
+
+    False by default, and then those methods raise `ConfigurationError`: a store written
+    before domains existed keeps working for everything else, and the domain strategy
+    refuses to start on it. A store that implements them sets it to True.
+    """
+
+    async def get_domain(self, name: str) -> Domain | None:
+        """The domain `name` (normalised: `validate_domain`) with its tenant's id, or None."""
+        raise self._no_domains()
+
+    async def get_by_domain(self, name: str) -> Tenant | None:
+        """The tenant that holds the domain `name`, or None; the registry cache reads through it.
+
+        The default reads the domain, then its tenant; a store that can join them in one
+        query should override it.
+        """
+        domain = await self.get_domain(name)
+        return None if domain is None else await self.get_by_id(domain.tenant_id)
+
+    async def get_domains(self, tenant_id: str) -> tuple[Domain, ...]:
+        """The tenant's domains: the primary one first, then by name (empty for an unknown id)."""
+        raise self._no_domains()
+
+    async def add_domain(self, domain: Domain) -> Domain:
+        """Give `domain.name` to the tenant `domain.tenant_id`; return the domain as stored.
+
+        Atomic: raises `DomainTakenError` when another tenant holds the name (of two
+        tenants adding it at once, one wins), `TenantNotFoundError` for an unknown
+        tenant. Adding a name the tenant holds already changes nothing, except that
+        `primary=True` makes it the primary domain: the tenant's previous primary domain,
+        if any, stays as a plain one, in the same atomic step.
+        """
+        raise self._no_domains()
+
+    async def remove_domain(self, name: str, *, tenant_id: str) -> None:
+        """Take the domain `name` from the tenant `tenant_id`; `DomainNotFoundError` if it is not its."""
+        raise self._no_domains()
+
+    def _no_domains(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{type(self).__name__} keeps no custom domains: implement get_domain, get_domains, "
+            "add_domain and remove_domain, and say keeps_domains = True (see the storage docs)"
+        )

@@ -21,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import redis_client
+from ..domain import Domain
 from ..tenant import Tenant, TenantStatus
 from ._records import decode, encode
 from .base import TenantStore
@@ -51,6 +52,8 @@ class CachingTenantStore(TenantStore):
     is unreachable the cache steps aside: lookups go to `backend` directly (logged
     once per outage, counted in `failures`), so a Redis outage never costs a request;
     drops that could not reach Redis are retried before the cache is used again.
+    Custom domains are the backend's: their reads and writes go to it uncached (the
+    manager's registry cache keeps them in memory).
 
         store = CachingTenantStore(SQLAlchemyTenantStore(url), "redis://localhost:6379/0")
 
@@ -77,6 +80,7 @@ class CachingTenantStore(TenantStore):
             self.redis = redis
             self._owns_client = False
         self.backend = backend
+        self.keeps_domains = backend.keeps_domains
         self.prefix = prefix
         self.ttl = ttl
         self.failures = 0
@@ -161,6 +165,23 @@ class CachingTenantStore(TenantStore):
 
     async def count(self, *, status: TenantStatus | None = None) -> int:
         return await self.backend.count(status=status)
+
+    # -- custom domains: the backend's, read and written directly -----------------------
+
+    async def get_domain(self, name: str) -> Domain | None:
+        return await self.backend.get_domain(name)
+
+    async def get_by_domain(self, name: str) -> Tenant | None:
+        return await self.backend.get_by_domain(name)
+
+    async def get_domains(self, tenant_id: str) -> tuple[Domain, ...]:
+        return await self.backend.get_domains(tenant_id)
+
+    async def add_domain(self, domain: Domain) -> Domain:
+        return await self.backend.add_domain(domain)
+
+    async def remove_domain(self, name: str, *, tenant_id: str) -> None:
+        await self.backend.remove_domain(name, tenant_id=tenant_id)
 
     # -- writes: the backend decides, then the cache forgets ---------------------------
 

@@ -10,8 +10,16 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._utils import create_engine, unavailable_as_503
-from ..errors import ConfigurationError, TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
+from .._utils import create_engine, is_deadlock, unavailable_as_503
+from ..domain import DOMAIN_MAX_LENGTH, Domain
+from ..errors import (
+    ConfigurationError,
+    DomainNotFoundError,
+    DomainTakenError,
+    TenantAlreadyExistsError,
+    TenantChangedError,
+    TenantNotFoundError,
+)
 from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
 from .base import TenantStore
@@ -77,6 +85,26 @@ def _settings_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.
     )
 
 
+def _domains_table(tenants: sa.Table, name: str) -> sa.Table:
+    # The primary key makes a name one tenant's at most, atomically on every backend. On
+    # MySQL the name is compared byte for byte (ascii_bin), not by a case- and
+    # accent-insensitive default collation; names are normalised ASCII anyway.
+    name_type = sa.String(DOMAIN_MAX_LENGTH).with_variant(
+        mysql.VARCHAR(DOMAIN_MAX_LENGTH, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
+    )
+    return sa.Table(
+        name,
+        tenants.metadata,
+        sa.Column("name", name_type, primary_key=True),
+        # No foreign key: SQLite would not enforce it anyway, so the store keeps the rows in
+        # step itself (a domain change locks the tenant's row; delete() removes its domains).
+        sa.Column("tenant_id", sa.String(36), nullable=False, index=True),
+        sa.Column("is_primary", sa.Boolean(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        schema=tenants.schema,
+    )
+
+
 _CHANNEL_SETTING = "invalidation_channel"
 
 
@@ -86,7 +114,8 @@ class SQLAlchemyTenantStore(TenantStore):
     `database_url` is a URL (the store opens and owns a small pool of its own) or
     an `AsyncEngine` you manage. `initialize()` creates the table (`tenants` by
     default) if it is missing, and beside it `<table>_settings`, where the registry
-    records its invalidation channel. `pgbouncer=True` opens the store's own pool for
+    records its invalidation channel, and `<table>_domains`, the tenants' custom domains.
+    `pgbouncer=True` opens the store's own pool for
     PgBouncer in transaction mode (no cached prepared statements); a manager whose
     config sets `database_pgbouncer` turns it on for a store opened from a URL.
 
@@ -119,6 +148,7 @@ class SQLAlchemyTenantStore(TenantStore):
         self.pgbouncer = pgbouncer
         self.table = _tenants_table(table_name, schema)
         self.settings = _settings_table(self.table.metadata, f"{table_name}_settings", schema)
+        self.domains = _domains_table(self.table, f"{table_name}_domains")
         self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
@@ -166,14 +196,16 @@ class SQLAlchemyTenantStore(TenantStore):
 
     def _create_or_check(self, conn: sa.Connection) -> None:
         # A table of the same name made by something else (fastapi-tenancy 0.5.0 used
-        # `tenants` too) is refused here, at startup, not by a 500 on the first request.
-        self.table.metadata.create_all(conn, checkfirst=True)
+        # `tenants` too) is refused here, at startup, not by a 500 on the first request,
+        # and before the tables beside it are made.
+        self.table.create(conn, checkfirst=True)
         columns = {
             column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
         }
         problem = registry_problem(self.table, columns)
         if problem is not None:
             raise ConfigurationError(problem)
+        self.table.metadata.create_all(conn, checkfirst=True)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:
@@ -272,6 +304,12 @@ class SQLAlchemyTenantStore(TenantStore):
 
     async def delete(self, tenant_id: str) -> None:
         async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            # The tenant's domains go in the same transaction: none may lead to a later tenant.
+            # Its row is locked first, as add_domain locks it: no domain is added in between.
+            await conn.execute(
+                sa.select(self.table.c.id).where(self.table.c.id == tenant_id).with_for_update()
+            )
+            await conn.execute(self.domains.delete().where(self.domains.c.tenant_id == tenant_id))
             result = await conn.execute(self.table.delete().where(self.table.c.id == tenant_id))
         if result.rowcount == 0:
             raise TenantNotFoundError(f"no tenant with id {tenant_id!r}")
@@ -294,6 +332,105 @@ class SQLAlchemyTenantStore(TenantStore):
             query = query.where(self.table.c.status == status.value)
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             return int((await conn.execute(query)).scalar_one())
+
+    # -- custom domains ------------------------------------------------------------------
+
+    keeps_domains = True
+
+    async def get_domain(self, name: str) -> Domain | None:
+        query = self.domains.select().where(self.domains.c.name == name)
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else Domain(row.name, row.tenant_id, primary=bool(row.is_primary))
+
+    async def get_by_domain(self, name: str) -> Tenant | None:
+        # One query: the request path's cold lookups cost one round trip, as by identifier.
+        query = (
+            self.table.select()
+            .join(self.domains, self.domains.c.tenant_id == self.table.c.id)
+            .where(self.domains.c.name == name)
+        )
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else self._tenant(row._mapping)
+
+    async def get_domains(self, tenant_id: str) -> tuple[Domain, ...]:
+        domains = self.domains
+        query = (
+            domains.select()
+            .where(domains.c.tenant_id == tenant_id)
+            .order_by(domains.c.is_primary.desc(), domains.c.name)
+        )
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return tuple(Domain(row.name, row.tenant_id, primary=bool(row.is_primary)) for row in rows)
+
+    async def add_domain(self, domain: Domain) -> Domain:
+        for _ in range(5):
+            try:
+                return await self._add_domain(domain)
+            except sa_exc.DBAPIError as exc:
+                # A concurrent insert of the name (the primary key refused ours): read again
+                # who holds it. A deadlock the server broke (MySQL's insert locks): try again.
+                if not isinstance(exc, sa_exc.IntegrityError) and not is_deadlock(exc):
+                    raise
+        raise TenantChangedError(f"{domain.name}: kept colliding with concurrent changes; try again")
+
+    async def _add_domain(self, domain: Domain) -> Domain:
+        domains, tenant_id = self.domains, domain.tenant_id
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            # The tenant's row, locked by a write that changes nothing: its domain changes (and
+            # its deletion) queue up behind each other, so two primaries are never set at once.
+            # A write rather than SELECT ... FOR UPDATE, which SQLite ignores (its driver does
+            # not even begin the transaction before a write).
+            table = self.table
+            lock = table.update().where(table.c.id == tenant_id).values(id=table.c.id)
+            if (await conn.execute(lock)).rowcount == 0:
+                raise TenantNotFoundError(f"no tenant with id {tenant_id!r}")
+            held = (
+                await conn.execute(
+                    sa.select(domains.c.tenant_id, domains.c.is_primary).where(domains.c.name == domain.name)
+                )
+            ).first()
+            holder = None if held is None else held.tenant_id
+            if holder is not None and holder != tenant_id:
+                raise DomainTakenError(f"{domain.name} belongs to another tenant")
+            primary = held is not None and bool(held.is_primary)
+            if domain.primary and not primary:
+                # Rows changed by primary key only: a range of the tenant_id index locked here
+                # would make MySQL's inserts of other tenants' domains deadlock with it.
+                others = sa.select(domains.c.name).where(
+                    domains.c.tenant_id == tenant_id, domains.c.is_primary.is_(True)
+                )
+                former = list((await conn.execute(others)).scalars())
+                if former:
+                    await conn.execute(
+                        domains.update().where(domains.c.name.in_(former)).values(is_primary=False)
+                    )
+                primary = True
+                if holder is not None:
+                    await conn.execute(
+                        domains.update().where(domains.c.name == domain.name).values(is_primary=True)
+                    )
+            if holder is None:
+                await conn.execute(
+                    domains.insert().values(
+                        name=domain.name,
+                        tenant_id=tenant_id,
+                        is_primary=primary,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+        return Domain(domain.name, tenant_id, primary=primary)
+
+    async def remove_domain(self, name: str, *, tenant_id: str) -> None:
+        domains = self.domains
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            result = await conn.execute(
+                domains.delete().where(domains.c.name == name, domains.c.tenant_id == tenant_id)
+            )
+        if result.rowcount == 0:
+            raise DomainNotFoundError(f"{name} is not a domain of tenant id {tenant_id!r}")
 
     async def _one(self, condition: sa.ColumnElement[bool]) -> Tenant | None:
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:

@@ -3,7 +3,14 @@
 import asyncio
 import bisect
 
-from ..errors import TenantAlreadyExistsError, TenantChangedError, TenantNotFoundError
+from ..domain import Domain
+from ..errors import (
+    DomainNotFoundError,
+    DomainTakenError,
+    TenantAlreadyExistsError,
+    TenantChangedError,
+    TenantNotFoundError,
+)
 from ..tenant import Tenant, TenantStatus
 from .base import TenantStore
 
@@ -20,6 +27,8 @@ class InMemoryTenantStore(TenantStore):
     def __init__(self) -> None:
         self._by_id: dict[str, Tenant] = {}
         self._id_by_identifier: dict[str, str] = {}
+        self._domains: dict[str, str] = {}  # domain name -> tenant id
+        self._primary: dict[str, str] = {}  # tenant id -> its primary domain
         self._lock = asyncio.Lock()
 
     async def get_by_id(self, tenant_id: str) -> Tenant | None:
@@ -69,6 +78,10 @@ class InMemoryTenantStore(TenantStore):
             if tenant is None:
                 raise TenantNotFoundError(f"no tenant with id {tenant_id!r}")
             del self._id_by_identifier[tenant.identifier]
+            # The tenant's domains go with it: none may lead to a later tenant.
+            for name in [name for name, owner in self._domains.items() if owner == tenant_id]:
+                del self._domains[name]
+            self._primary.pop(tenant_id, None)
 
     async def list(
         self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
@@ -88,3 +101,39 @@ class InMemoryTenantStore(TenantStore):
         if status is None:
             return len(self._by_id)
         return sum(1 for t in self._by_id.values() if t.status is status)
+
+    # -- custom domains ------------------------------------------------------------------
+
+    keeps_domains = True
+
+    async def get_domain(self, name: str) -> Domain | None:
+        tenant_id = self._domains.get(name)
+        if tenant_id is None:
+            return None
+        return Domain(name, tenant_id, primary=self._primary.get(tenant_id) == name)
+
+    async def get_domains(self, tenant_id: str) -> tuple[Domain, ...]:
+        primary = self._primary.get(tenant_id)
+        names = sorted(name for name, owner in self._domains.items() if owner == tenant_id)
+        domains = (Domain(name, tenant_id, primary=name == primary) for name in names)
+        return tuple(sorted(domains, key=lambda domain: not domain.primary))
+
+    async def add_domain(self, domain: Domain) -> Domain:
+        async with self._lock:
+            if domain.tenant_id not in self._by_id:
+                raise TenantNotFoundError(f"no tenant with id {domain.tenant_id!r}")
+            holder = self._domains.get(domain.name)
+            if holder is not None and holder != domain.tenant_id:
+                raise DomainTakenError(f"{domain.name} belongs to another tenant")
+            self._domains[domain.name] = domain.tenant_id
+            if domain.primary:
+                self._primary[domain.tenant_id] = domain.name
+            return Domain(domain.name, domain.tenant_id, self._primary.get(domain.tenant_id) == domain.name)
+
+    async def remove_domain(self, name: str, *, tenant_id: str) -> None:
+        async with self._lock:
+            if self._domains.get(name) != tenant_id:
+                raise DomainNotFoundError(f"{name} is not a domain of tenant id {tenant_id!r}")
+            del self._domains[name]
+            if self._primary.get(tenant_id) == name:
+                del self._primary[tenant_id]

@@ -3,7 +3,7 @@
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # needs `cryptography`, an optional extra
     from .encryption import URLCipher
 
 __all__ = ["TenancyManager"]
+
+_Session = TypeVar("_Session", bound=AsyncSession)
 
 
 class TenancyManager:
@@ -176,11 +178,21 @@ class TenancyManager:
             raise TenantInactiveError(tenant.status.value)
         return tenant
 
+    @overload
+    def session(self, tenant: Tenant | str | None = None) -> AbstractAsyncContextManager[AsyncSession]: ...
+    @overload
+    def session(
+        self, tenant: Tenant | str | None = None, *, session_class: type[_Session]
+    ) -> AbstractAsyncContextManager[_Session]: ...
     @asynccontextmanager
-    async def session(self, tenant: Tenant | str | None = None) -> AsyncIterator[AsyncSession]:
+    async def session(
+        self, tenant: Tenant | str | None = None, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncIterator[Any]:  # Any: an instance of `session_class` (see the overloads)
         """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
 
         `tenant` is a `Tenant` or an identifier (`manager.session("acme-corp")`).
+        `session_class` is an `AsyncSession` subclass to use instead (SQLModel's, for
+        `session.exec()`), scoped the same way.
         Not begun: use it directly (it begins on first use) or with
         `async with session.begin()`. Uncommitted work is rolled back on exit.
         The tenant's status is checked against the registry (through the lookup
@@ -196,7 +208,7 @@ class TenancyManager:
             raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
         if current.status is not TenantStatus.ACTIVE:
             raise TenantInactiveError(current.status.value)
-        session = await self.isolation.session(current)
+        session = await self.isolation.session(current, session_class=session_class)
         async with session:
             yield session
 

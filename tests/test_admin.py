@@ -252,3 +252,66 @@ async def test_a_record_of_a_purged_incarnation_never_changes_the_new_holder(man
     # The identifier, and the new record, still work.
     assert (await manager.suspend_tenant("reuse")).status is TenantStatus.SUSPENDED
     assert (await manager.activate_tenant(new)).status is TenantStatus.ACTIVE
+
+
+# -- maintenance -----------------------------------------------------------------------------
+
+
+async def test_maintenance_starts_and_ends_and_is_audited(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme")
+    seen: list[tuple[str, str, str]] = []
+    manager.events.add(lambda e: seen.append((e.event.value, e.details["from"], e.details["to"])))
+    assert (await manager.start_maintenance("acme")).status is TenantStatus.MAINTENANCE
+    assert (await manager.start_maintenance("acme")).status is TenantStatus.MAINTENANCE  # idempotent
+    cached = await manager.lookup.get("acme")
+    assert cached is not None and cached.status is TenantStatus.MAINTENANCE
+    assert (await manager.end_maintenance("acme")).status is TenantStatus.ACTIVE
+    assert (await manager.end_maintenance("acme")).status is TenantStatus.ACTIVE  # nothing to end
+    assert seen == [("maintenance", "active", "maintenance"), ("activated", "maintenance", "active")]
+    await manager.suspend_tenant("acme")
+    with pytest.raises(InvalidTransitionError):
+        await manager.start_maintenance("acme")  # not served anyway: nothing to hold off
+    assert (await manager.end_maintenance("acme")).status is TenantStatus.SUSPENDED
+
+
+async def test_a_maintenance_block_restores_only_what_it_changed(manager: TenancyManager) -> None:
+    for slug in ("acme", "busy", "sleepy", "failing"):
+        await manager.register_tenant(slug, slug)
+    async with manager.maintenance("acme") as held:
+        assert held.status is TenantStatus.MAINTENANCE
+        assert (await manager.get_tenant("acme")).status is TenantStatus.MAINTENANCE
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE
+
+    # An operator's maintenance outlives the block; a suspended tenant is left alone.
+    await manager.start_maintenance("busy")
+    await manager.suspend_tenant("sleepy")
+    async with manager.maintenance("busy"), manager.maintenance("sleepy") as sleepy:
+        assert sleepy.status is TenantStatus.SUSPENDED
+    assert (await manager.get_tenant("busy")).status is TenantStatus.MAINTENANCE
+    assert (await manager.get_tenant("sleepy")).status is TenantStatus.SUSPENDED
+
+    # A suspension during the block stands; the block's error goes through, the tenant is active.
+    async with manager.maintenance("acme"):
+        await manager.suspend_tenant("acme")
+    assert (await manager.get_tenant("acme")).status is TenantStatus.SUSPENDED
+    with pytest.raises(RuntimeError, match="migration failed"):
+        async with manager.maintenance("failing"):
+            raise RuntimeError("migration failed")
+    assert (await manager.get_tenant("failing")).status is TenantStatus.ACTIVE
+
+
+async def test_a_cancelled_maintenance_block_still_ends_it(manager: TenancyManager) -> None:
+    await manager.register_tenant("acme", "Acme")
+    entered = asyncio.Event()
+
+    async def work() -> None:
+        async with manager.maintenance("acme"):
+            entered.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(work())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE

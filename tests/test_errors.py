@@ -24,6 +24,7 @@ INSTANCES: list[errors.TenancyError] = [
     errors.TenantMismatchError(),
     errors.TenantNotFoundError("no tenant 'acme'"),
     errors.TenantInactiveError("suspended"),
+    errors.TenantMaintenanceError("Back at 14:00", 600),
     errors.RateLimitExceededError("acme", {"retry-after": "3"}),
     errors.TenancyUnavailableError("registry down"),
     errors.IsolationError("leak", report=None),
@@ -54,3 +55,41 @@ def test_an_inactive_tenant_unpickles_with_its_message_once() -> None:
     copy = pickle.loads(pickle.dumps(errors.TenantInactiveError("suspended")))
     assert str(copy) == copy.detail == "Tenant is not active (status: suspended)"
     assert copy.status == "suspended"
+
+
+# The errors a job is refused with (integrations/), as a job result backend stores them.
+REFUSALS = [
+    e
+    for e in INSTANCES
+    if type(e)
+    in (
+        errors.TenantResolutionError,
+        errors.TenantNotFoundError,
+        errors.TenantInactiveError,
+        errors.TenantMaintenanceError,
+        errors.TenancyUnavailableError,
+        errors.ConfigurationError,
+    )
+]
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=lambda e: type(e).__name__)
+def test_a_job_refusal_rebuilt_from_its_args_is_the_same(error: errors.TenancyError) -> None:
+    # What serializers that do not pickle do (Celery's JSON results: `cls(*exc.args)`).
+    copy = type(error)(*error.args)
+    assert (str(copy), copy.args, copy.detail, copy.status_code) == (
+        str(error),
+        error.args,
+        error.detail,
+        error.status_code,
+    )
+    assert dict(copy.headers) == dict(error.headers)
+    assert vars(copy) == vars(error)
+
+
+def test_maintenance_is_an_inactive_tenant_and_a_retryable_503() -> None:
+    error = errors.TenantMaintenanceError("Back at 14:00", 600)
+    assert isinstance(error, errors.TenantInactiveError) and isinstance(error, errors.TenancyUnavailableError)
+    assert (error.status_code, error.status, error.retry_after) == (503, "maintenance", 600)
+    assert dict(error.headers) == {"retry-after": "600"}
+    assert str(error) == error.detail == "Back at 14:00"

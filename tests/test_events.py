@@ -174,7 +174,7 @@ async def test_failed_provisioning_is_audited_as_registered_then_purged(manager:
     entries: list[Any] = await _audit(manager).entries()
     assert [(e.event, e.tenant_identifier, e.details) for e in reversed(entries)] == [
         ("registered", "acme", {}),
-        ("purged", "acme", {"reason": "provisioning failed"}),
+        ("purged", "acme", {"reason": "provisioning failed", "error": "NoReferencedTableError"}),
     ]
 
 

@@ -232,3 +232,78 @@ async def test_tenancy_errors_on_excluded_paths_keep_their_status(manager: Tenan
         assert (await client.get("/admin/tenants/acme-corp")).json() == "acme-corp"
         missing = await client.get("/admin/tenants/nobody")
     assert (missing.status_code, missing.content) == (404, b'{"detail": "Tenant not found"}')
+
+
+# -- maintenance -----------------------------------------------------------------------------
+
+
+async def test_a_tenant_in_maintenance_gets_a_503_with_retry_after(
+    manager: TenancyManager, client: httpx.AsyncClient
+) -> None:
+    headers = {"X-Tenant-ID": "acme-corp"}
+    await manager.start_maintenance("acme-corp")
+    response = await client.get("/orders", headers=headers)
+    assert (response.status_code, response.content) == (503, b'{"detail": "Tenant is under maintenance"}')
+    assert response.headers.get_list("retry-after") == ["120"]  # the setting's, once
+    # Excluded paths still answer; other tenants are untouched.
+    assert (await client.get("/health")).status_code == 200
+    await manager.end_maintenance("acme-corp")
+    assert (await client.get("/orders", headers=headers)).status_code == 200, response.text
+
+
+async def test_the_maintenance_answer_is_configured_and_beats_anti_enumeration(tmp_path: Path) -> None:
+    config = TenancyConfig(
+        database_url=f"sqlite:///{tmp_path / 'app.db'}",
+        anti_enumeration=True,
+        maintenance_message="Moving to a new home; back by 14:00 UTC",
+        maintenance_retry_after=900,
+    )
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for slug in ("moving", "sleepy"):
+            await manager.register_tenant(slug, slug, app_metadata=Base.metadata)
+        await manager.start_maintenance("moving")
+        await manager.suspend_tenant("sleepy")
+        transport = httpx.ASGITransport(app=build_app(manager))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            moving = await client.get("/orders", headers={"X-Tenant-ID": "moving"})
+            sleepy = await client.get("/orders", headers={"X-Tenant-ID": "sleepy"})
+        assert (moving.status_code, moving.json()) == (
+            503,
+            {"detail": "Moving to a new home; back by 14:00 UTC"},
+        )
+        assert moving.headers["retry-after"] == "900"
+        assert (sleepy.status_code, sleepy.json()) == (404, {"detail": "Tenant not found"})
+    finally:
+        await manager.close()
+
+
+async def test_a_request_that_began_before_the_maintenance_gets_no_session(manager: TenancyManager) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+
+    @app.get("/slow")
+    async def slow() -> int:
+        # The maintenance starts after the request was admitted, before it opens a session.
+        await manager.start_maintenance("acme-corp")
+        async with manager.session() as session:
+            return len((await session.execute(sa.text("SELECT 1"))).all())
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get("/slow", headers={"X-Tenant-ID": "acme-corp"})
+    assert (response.status_code, response.json()) == (503, {"detail": "Tenant is under maintenance"})
+    assert response.headers["retry-after"] == "120"
+    # The operator's own work still reaches the tenant's data.
+    async with manager.session("acme-corp", during_maintenance=True) as session:
+        assert (await session.execute(sa.text("SELECT count(*) FROM orders"))).scalar_one() == 0
+
+
+async def test_a_websocket_of_a_tenant_in_maintenance_is_told_to_try_again_later(
+    manager: TenancyManager,
+) -> None:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+    await manager.start_maintenance("acme-corp")
+    closed = await websocket(app, [("X-Tenant-ID", "acme-corp")])
+    assert closed == [{"type": "websocket.close", "code": 1013, "reason": "Tenant is under maintenance"}]

@@ -1,7 +1,10 @@
 """The tenant on log records and OpenTelemetry spans, and per-tenant Prometheus metrics."""
 
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +25,8 @@ from fastapi_tenancy import (
     tenant_scope,
 )
 from fastapi_tenancy.logs import TenantLogFilter
-from fastapi_tenancy.metrics import TenantMetrics, TenantMetricsMiddleware
+from fastapi_tenancy.metrics import TenantMetrics, TenantMetricsMiddleware, TrafficTotals
+from fastapi_tenancy.ratelimit import MemoryRateLimiter
 from fastapi_tenancy.tracing import TenantSpanMiddleware
 
 
@@ -206,3 +210,72 @@ def test_multiprocess_mode_is_refused_where_prometheus_client_is_not_in_it() -> 
     with pytest.raises(ConfigurationError, match="set PROMETHEUS_MULTIPROC_DIR"):
         TenantMetrics(registry=CollectorRegistry(), multiprocess=True)
     assert TenantMetrics(registry=CollectorRegistry()).multiprocess is False
+
+
+async def test_a_snapshot_holds_each_label_s_totals_and_refusals(tmp_path: Path) -> None:
+    config = TenancyConfig(
+        database_url=f"sqlite:///{tmp_path / 'app.db'}", rate_limit_enabled=True, rate_limit_requests=2
+    )
+    manager = TenancyManager(config)
+    await manager.initialize()
+    try:
+        for identifier in ("alpha", "beta"):
+            await manager.register_tenant(identifier, identifier.title())
+        metrics = TenantMetrics(registry=CollectorRegistry(), namespace="shop", buckets=(0.5, 10.0))
+        assert isinstance(manager.rate_limiter, MemoryRateLimiter)
+        metrics.count_refusals(manager.rate_limiter)
+        metrics.count_refusals(manager.rate_limiter)  # once is enough: not counted twice
+        metrics.count_refusals(None)  # no limiter: nothing to count
+        app = _metrics_app(manager, metrics)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            statuses = [
+                (await client.get("/work", headers={"X-Tenant-ID": "alpha"})).status_code for _ in range(5)
+            ]
+            await client.get("/work?fail=true", headers={"X-Tenant-ID": "beta"})
+            scrape = (await client.get("/metrics")).text
+    finally:
+        await manager.close()
+    assert statuses == [200, 200, 429, 429, 429]
+    snapshot = metrics.snapshot()
+    assert set(snapshot) == {"alpha", "beta", "_none"}
+    alpha, beta = snapshot["alpha"], snapshot["beta"]
+    # The limiter refuses before the tenant is in the scope: the middleware counts those
+    # answers under _none, the refusal hook under the tenant.
+    assert (alpha.requests, alpha.errors, alpha.rate_limited) == (2, 0, 3)
+    assert snapshot["_none"].requests == 3 + 1  # and the scrape
+    assert (beta.requests, beta.errors, beta.rate_limited) == (1, 1, 0)
+    assert [bound for bound, _ in alpha.buckets] == [0.5, 10.0, float("inf")]
+    assert alpha.buckets[-1][1] == 2 and 0 < alpha.seconds < 1
+    assert 'shop_rate_limited_total{tenant="alpha"} 3.0' in scrape
+    assert TrafficTotals().requests == 0
+
+
+def test_a_snapshot_in_multiprocess_mode_sums_every_process(tmp_path: Path) -> None:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    count = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from fastapi_tenancy import Tenant, TenantStatus\n"
+        "from fastapi_tenancy.metrics import TenantMetrics\n"
+        "metrics = TenantMetrics(registry=CollectorRegistry())\n"
+        "acme = Tenant(identifier='acme', name='Acme', status=TenantStatus.ACTIVE)\n"
+        "for _ in range(COUNT):\n"
+        "    metrics.observe(acme, error=False, seconds=0.01)\n"
+        "metrics.observe(None, error=True, seconds=0.01)\n"
+        "snapshot = metrics.snapshot()\n"
+        "print(metrics.multiprocess, snapshot['acme'].requests, snapshot['_none'].errors)\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory), "PATH": "/usr/bin:/bin"}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", count.replace("COUNT", str(n))],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        for n in (3, 4)
+    ]
+    # Each worker process reads every process's counts: the second sees the first's too.
+    assert outputs == [["True", "3.0", "1.0"], ["True", "7.0", "2.0"]]

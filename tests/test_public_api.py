@@ -31,7 +31,7 @@ def test_importing_the_package_imports_no_optional_dependency() -> None:
     assert result.stdout.strip() == ""
 
 
-OPTIONAL = ("arq", "prometheus_client", "opentelemetry", "redis")
+OPTIONAL = ("arq", "celery", "kombu", "prometheus_client", "opentelemetry", "redis", "jinja2")
 
 
 def test_the_core_modules_import_no_optional_dependency() -> None:
@@ -53,6 +53,20 @@ def test_a_missing_extra_is_named() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fastapi-tenancy[prometheus]'" in result.stdout
+
+
+def test_the_console_names_its_extra_when_jinja2_is_missing() -> None:
+    code = (
+        "import sys; sys.modules['jinja2'] = None\n"
+        "import fastapi_tenancy\n"
+        "manager = fastapi_tenancy.TenancyManager(fastapi_tenancy.TenancyConfig(database_url='sqlite://'))\n"
+        "try:\n    manager.console(auth=lambda: 'alice')\n"
+        "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == (
+        "MissingDependencyError jinja2 is not installed: pip install 'fastapi-tenancy[console]'"
+    )
 
 
 def test_the_fleet_names_keep_their_first_import_path() -> None:

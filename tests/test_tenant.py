@@ -58,6 +58,10 @@ ALLOWED = {
     ("provisioning", "deleted"),
     ("active", "suspended"),
     ("active", "deleted"),
+    ("active", "maintenance"),
+    ("maintenance", "active"),
+    ("maintenance", "suspended"),
+    ("maintenance", "deleted"),
     ("suspended", "active"),
     ("suspended", "deleted"),
 }

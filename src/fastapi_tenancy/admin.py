@@ -8,7 +8,8 @@ reach it through the `TenancyManager` methods of the same names.
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -26,6 +27,7 @@ from .events import LifecycleEvent, LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
+from .provisioning import ProvisioningJob, ProvisioningPipeline
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
 from .urls import normalise_database_url
@@ -58,6 +60,7 @@ class TenantAdmin:
         invalidation: InvalidationChannel | None = None,
         cipher: "URLCipher | None" = None,
         stamper: "Stamper | None" = None,
+        provisioning: ProvisioningPipeline | None = None,
     ) -> None:
         self.store = store
         self.isolation = isolation
@@ -67,6 +70,8 @@ class TenantAdmin:
         self.cipher = cipher
         # Set when migrations are configured (alembic_config): new tenants start at head.
         self.stamper = stamper
+        # The application's steps after the storage exists, and the background registrations.
+        self.provisioning = provisioning if provisioning is not None else ProvisioningPipeline()
 
     # -- registration --------------------------------------------------------------
 
@@ -79,6 +84,7 @@ class TenantAdmin:
         metadata: Mapping[str, Any] | None = None,
         database_url: str | None = None,
         tier: str | None = None,
+        background: bool = False,
     ) -> Tenant:
         """Register a tenant, create its storage and the `app_metadata` tables in it.
 
@@ -88,11 +94,17 @@ class TenantAdmin:
         tenant goes to `tier`, or to the tier of its metadata's `plan`
         (`hybrid_plan_tiers`), or to `hybrid_default_tier`; the choice is stored with it.
 
-        The tenant is `provisioning` until its storage is ready, then `active`. If
-        provisioning fails, the registration is undone and `ProvisioningError`
-        raised: no half-made tenant is left. Raises `InvalidIdentifierError` for a
-        slug that cannot be stored and `TenantAlreadyExistsError` for a taken one
-        (a soft-deleted tenant keeps its slug until purged).
+        The tenant is `provisioning` until its storage is ready and the steps of
+        `provisioning` (the `ProvisioningPipeline`: seed data, a first user, ...) have
+        run, then `active`. If any of that fails, the registration is undone and
+        `ProvisioningError` raised: no half-made tenant is left. Raises
+        `InvalidIdentifierError` for a slug that cannot be stored and
+        `TenantAlreadyExistsError` for a taken one (a soft-deleted tenant keeps its slug
+        until purged).
+
+        `background=True` returns as soon as the tenant is registered, still
+        `provisioning`, and queues the rest in this process (`provisioning.job(identifier)`
+        follows it); a failure then undoes the registration as well, and is logged.
 
         With `alembic_config` set, provisioning ends at the head revision: storage made
         from `app_metadata` is stamped at head, storage with no tables is migrated to
@@ -122,10 +134,20 @@ class TenantAdmin:
             raise
         await self._changed(identifier)
         await self.events.emit(LifecycleEvent.REGISTERED, tenant)
+        if background:
+            self.provisioning.start(identifier, lambda job: self._complete(tenant, app_metadata, job))
+            return tenant
+        return await self._complete(tenant, app_metadata)
+
+    async def _complete(
+        self, tenant: Tenant, app_metadata: sa.MetaData | None, job: ProvisioningJob | None = None
+    ) -> Tenant:
+        """The rest of a registration: storage, version stamp, steps, then `active`; undone on failure."""
+        identifier = tenant.identifier
         try:
-            await self._provision(tenant, app_metadata)
+            await self._provision(tenant, app_metadata, job)
         except BaseException as exc:
-            await self._undo_registration(tenant)
+            await self._undo_registration(tenant, exc, job)
             if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
                 raise
             raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
@@ -134,17 +156,43 @@ class TenantAdmin:
         logger.info("registered tenant %s", identifier)
         return active
 
-    async def _provision(self, tenant: Tenant, app_metadata: sa.MetaData | None) -> None:
+    async def _provision(
+        self, tenant: Tenant, app_metadata: sa.MetaData | None, job: ProvisioningJob | None = None
+    ) -> None:
         await self.isolation.provision(tenant, app_metadata)
-        if self.stamper is None:
-            return
         try:
-            outcome = await self.stamper.after_provision(self.isolation, tenant)
+            if self.stamper is not None:
+                outcome = await self.stamper.after_provision(self.isolation, tenant)
+                logger.info("tenant %s: version table %s", tenant.identifier, _OUTCOMES[outcome])
+            if self.provisioning.steps:
+                await self.provisioning.run(tenant, self.isolation, job=job)
         except BaseException:
             # The storage made above goes too, so that the slug can be registered again.
             await asyncio.shield(self._destroy_quietly(tenant))
             raise
-        logger.info("tenant %s: version table %s", tenant.identifier, _OUTCOMES[outcome])
+
+    async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
+        """Run the provisioning steps (all, or those named in `steps`) for an existing tenant.
+
+        For a tenant registered before a step was added, or to seed one again (write
+        steps so that a second run does no harm). Runs in the tenant's scope, as at
+        registration, for a tenant that is active, in maintenance or suspended; a failing
+        step raises `ProvisioningError` after the `undo` of the steps before it, and the
+        tenant stays as it is. Returns the names of the steps that ran; audited as `seeded`.
+        """
+        chosen = self.provisioning.select(steps)
+        if not chosen:
+            raise ConfigurationError(
+                "no provisioning steps to run: add them to manager.provisioning (with the CLI, name "
+                "the application's manager with --app module:attribute)"
+            )
+        current = await self._current(tenant)
+        if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE, TenantStatus.SUSPENDED):
+            raise TenantInactiveError(current.status.value)
+        ran = await self.provisioning.run(current, self.isolation, steps=chosen)
+        await self.events.emit(LifecycleEvent.SEEDED, current, steps=ran)
+        logger.info("seeded tenant %s: %s", current.identifier, ", ".join(ran))
+        return ran
 
     async def _destroy_quietly(self, tenant: Tenant) -> None:
         try:
@@ -164,10 +212,20 @@ class TenantAdmin:
             raise ConfigurationError(f"database_url: {exc}") from None
         return self.cipher.encrypt(normalised)
 
-    async def _undo_registration(self, tenant: Tenant) -> None:
+    async def _undo_registration(
+        self, tenant: Tenant, error: BaseException, job: ProvisioningJob | None = None
+    ) -> None:
+        details = {"reason": "provisioning failed", "error": type(error).__name__}
+        if job is not None and job.step is not None:
+            details["step"] = job.step
+        if job is not None:
+            # Nobody awaits a background registration: its failure is told here.
+            logger.error(
+                "background registration of tenant %s failed and was undone: %s", tenant.identifier, error
+            )
         try:
             await self.store.delete(tenant.id)
-            await self.events.emit(LifecycleEvent.PURGED, tenant, reason="provisioning failed")
+            await self.events.emit(LifecycleEvent.PURGED, tenant, **details)
         except Exception:  # the original error matters more; say what is left behind
             logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
         finally:
@@ -279,6 +337,68 @@ class TenantAdmin:
             "activate_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.ACTIVE)
         )
 
+    # -- maintenance ---------------------------------------------------------------------
+
+    async def start_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Hold off an active tenant's requests (503, `Retry-After`) while operators work on it.
+
+        The tenant's status becomes `maintenance`; every worker refuses its requests once
+        the change reaches it (at once here, over the invalidation channel elsewhere).
+        Its jobs wait too (ARQ and Celery retry them later). A tenant already in
+        maintenance stays so; a suspended, deleted or provisioning one raises
+        `InvalidTransitionError`. End it with `end_maintenance`.
+        """
+        return await self._change_of("start_maintenance", tenant, tenant_id, _into_maintenance)
+
+    async def end_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Serve a tenant in maintenance again; a tenant in any other status is left as it is.
+
+        A suspension or deletion made during the maintenance stands.
+        """
+        return await self._change_of("end_maintenance", tenant, tenant_id, _out_of_maintenance)
+
+    @asynccontextmanager
+    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
+        """Hold `tenant` in maintenance for the block (a fleet migration, a tier move).
+
+        Only an active tenant is put into maintenance, and only that one is made active
+        again afterwards, whatever the block raised. One already in maintenance (an
+        operator's) stays in it after the block; a suspended or deleted one is left as
+        it is (it is not served anyway). A suspension or deletion made during the block
+        stands. Yields the tenant as the block starts.
+        """
+        entered = False
+
+        def enter(stored: Tenant) -> Tenant:
+            nonlocal entered  # re-run on every compare-and-set retry: the last run counts
+            entered = stored.status is TenantStatus.ACTIVE
+            return stored.with_status(TenantStatus.MAINTENANCE) if entered else stored
+
+        current = await self._change_of("maintenance", tenant, None, enter)
+        try:
+            yield current
+        finally:
+            if entered:
+                # Shielded: a cancelled run must not leave the tenant refusing its requests.
+                await asyncio.shield(self._leave_maintenance(current))
+
+    async def _leave_maintenance(self, tenant: Tenant) -> None:
+        try:
+            await self._change(tenant.identifier, _only(tenant.id, _out_of_maintenance))
+        except TenantNotFoundError:
+            pass  # purged meanwhile: nothing left to serve
+        except Exception:  # the block's own outcome matters more; say what is left behind
+            logger.exception(
+                "tenant %s is still in maintenance: end it with `fastapi-tenancy tenants maintenance "
+                "off %s` (or manager.end_maintenance)",
+                tenant.identifier,
+                tenant.identifier,
+            )
+
     async def delete_tenant(
         self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
     ) -> None:
@@ -343,7 +463,9 @@ class TenantAdmin:
 
     # -- moving between tiers (hybrid isolation) ---------------------------------------
 
-    async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
+    async def move_tenant(
+        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
+    ) -> Tenant:
         """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
 
         Copies the rows of `app_metadata`'s tables into the new tier while holding
@@ -353,10 +475,18 @@ class TenantAdmin:
         failing in between, never serving the old copy. The old copy is kept until
         `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
         deleted meanwhile.
+
+        `maintenance=True` holds the tenant in maintenance for the whole move: every
+        worker answers its requests 503 with `Retry-After` (not only this process's
+        writers wait), and it is active again when the move ends, moved or not. A
+        tenant an operator put in maintenance beforehand can be moved too.
         """
+        if maintenance:
+            async with self.maintenance(tenant) as held:
+                return await self.move_tenant(held, tier, app_metadata=app_metadata)
         isolation = self.isolation
         current = await self._current(tenant)
-        if current.status is not TenantStatus.ACTIVE:
+        if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE):
             raise TenantInactiveError(current.status.value)
 
         def switch(stored: Tenant) -> Tenant:
@@ -430,6 +560,18 @@ class TenantAdmin:
 
 
 _OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
+
+
+def _into_maintenance(stored: Tenant) -> Tenant:
+    if stored.status is TenantStatus.MAINTENANCE:
+        return stored
+    return stored.with_status(TenantStatus.MAINTENANCE)
+
+
+def _out_of_maintenance(stored: Tenant) -> Tenant:
+    if stored.status is TenantStatus.MAINTENANCE:
+        return stored.with_status(TenantStatus.ACTIVE)
+    return stored
 
 
 def _only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:

@@ -15,9 +15,9 @@ from typing import Any, ParamSpec, TypeVar, overload
 from starlette.concurrency import run_in_threadpool
 
 from .context import current_tenant, tenant_scope
-from .errors import TenantInactiveError, TenantNotFoundError
+from .errors import TenantNotFoundError
 from .manager import TenancyManager
-from .tenant import Tenant, TenantStatus
+from .tenant import Tenant
 
 __all__ = ["reverify_tenant", "run_as_tenant", "tenant_task"]
 
@@ -32,13 +32,14 @@ async def reverify_tenant(manager: TenancyManager, identifier: str, tenant_id: s
     process, where no cache invalidation arrives. Fails closed:
     `TenantNotFoundError` if the tenant is gone or, when `tenant_id` is given, if the
     slug now belongs to another tenant (deleted, purged and registered again);
-    `TenantInactiveError` if it is suspended, deleted or still provisioning.
+    `TenantInactiveError` if it is suspended, deleted or still provisioning, and its
+    subclass `TenantMaintenanceError` (retry after its `retry_after` seconds) if it is in
+    maintenance.
     """
     tenant = await manager.store.get_by_identifier(identifier)
     if tenant is None or (tenant_id is not None and tenant.id != tenant_id):
         raise TenantNotFoundError(f"tenant {identifier!r:.80} no longer exists")
-    if tenant.status is not TenantStatus.ACTIVE:
-        raise TenantInactiveError(tenant.status.value)
+    manager.ensure_active(tenant)
     return tenant
 
 

@@ -234,6 +234,14 @@ class TenancyConfig(BaseSettings):
     anti_enumeration: bool = False
     """Answer unknown, suspended and deleted tenants with the same 404 `Tenant not found`,
     so responses do not reveal which identifiers exist."""
+
+    maintenance_message: str = Field(default="Tenant is under maintenance", min_length=1, max_length=500)
+    """The `detail` of the 503 answered for a tenant in maintenance (status `maintenance`,
+    set by `manager.start_maintenance`, `migrate upgrade --maintenance` or a tier move)."""
+
+    maintenance_retry_after: int = Field(default=120, ge=1, le=86_400)
+    """Seconds in the `Retry-After` header of a tenant in maintenance's 503; jobs of such a
+    tenant (ARQ, Celery) are retried after this long."""
     # -- Redis, cross-worker invalidation and rate limiting ------------------------------
 
     redis_url: str | None = None

@@ -20,8 +20,14 @@ logs and may say more (it never holds secrets either).
     ├── TenantMismatchError                       403: two sources name different tenants
     ├── TenantNotFoundError (LookupError)         404: no such tenant
     ├── TenantInactiveError                       403: the tenant is suspended, deleted, ...
+    │   └── TenantMaintenanceError (also a TenancyUnavailableError)
+    │                                             503: the tenant is in maintenance; Retry-After
     ├── RateLimitExceededError                    429: the tenant used up its request quota
     └── TenancyUnavailableError                   503: the registry cannot be reached
+
+Errors rebuilt from their arguments by serializers that do not pickle (Celery's JSON
+results rebuild `cls(*exc.args)`) come back the same: each class's `args` are the
+arguments of its constructor.
 """
 
 from collections.abc import Mapping
@@ -43,6 +49,7 @@ __all__ = [
     "TenantAlreadyExistsError",
     "TenantChangedError",
     "TenantInactiveError",
+    "TenantMaintenanceError",
     "TenantMismatchError",
     "TenantNotFoundError",
     "TenantResolutionError",
@@ -174,6 +181,12 @@ class TenantInactiveError(TenancyError):
         self.status = status
         detail = f"Tenant is not active (status: {status})"
         super().__init__(detail, detail=detail)
+        # The constructor's argument, so that `TenantInactiveError(*exc.args)` is the same
+        # error (Celery rebuilds JSON-stored exceptions so); `str()` stays the message.
+        self.args = (status,)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class RateLimitExceededError(TenancyError):
@@ -192,6 +205,25 @@ class TenancyUnavailableError(TenancyError):
 
     status_code = 503
     detail = "Tenancy backend unavailable"
+
+
+class TenantMaintenanceError(TenantInactiveError, TenancyUnavailableError):
+    """The tenant is in maintenance: answered 503 with `Retry-After`, and worth retrying later.
+
+    A `TenantInactiveError` (it is not served) and a `TenancyUnavailableError` (come back
+    later): code catching either keeps working. `detail` is the configured
+    `maintenance_message`; `retry_after` the seconds sent in `Retry-After`.
+    """
+
+    status_code = 503
+
+    def __init__(self, detail: str = "Tenant is under maintenance", retry_after: int = 120) -> None:
+        self.status = "maintenance"
+        self.retry_after = retry_after
+        TenancyError.__init__(
+            self, detail, detail=detail, headers=MappingProxyType({"retry-after": str(retry_after)})
+        )
+        self.args = (detail, retry_after)
 
 
 class FleetBusyError(TenancyError):

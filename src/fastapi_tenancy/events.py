@@ -46,10 +46,12 @@ class LifecycleEvent(StrEnum):
     PROVISIONED = "provisioned"  # storage ready, now active
     UPDATED = "updated"  # name or metadata changed
     SUSPENDED = "suspended"
-    ACTIVATED = "activated"  # active again after a suspension
+    MAINTENANCE = "maintenance"  # requests held off (503) while operators work on it
+    ACTIVATED = "activated"  # active again after a suspension or maintenance
     DELETED = "deleted"  # soft delete: data kept, slug reserved
     PURGED = "purged"  # data destroyed and registry row removed
     MIGRATED = "migrated"  # schema migrations applied to the tenant's storage
+    SEEDED = "seeded"  # provisioning steps run again for an existing tenant (`tenants seed`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,9 @@ _TRANSITION_EVENTS: dict[tuple[TenantStatus, TenantStatus], LifecycleEvent] = {
     (TenantStatus.PROVISIONING, TenantStatus.ACTIVE): LifecycleEvent.PROVISIONED,
     (TenantStatus.SUSPENDED, TenantStatus.ACTIVE): LifecycleEvent.ACTIVATED,
     (TenantStatus.ACTIVE, TenantStatus.SUSPENDED): LifecycleEvent.SUSPENDED,
+    (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE): LifecycleEvent.MAINTENANCE,
+    (TenantStatus.MAINTENANCE, TenantStatus.ACTIVE): LifecycleEvent.ACTIVATED,
+    (TenantStatus.MAINTENANCE, TenantStatus.SUSPENDED): LifecycleEvent.SUSPENDED,
 }
 
 

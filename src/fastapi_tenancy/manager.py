@@ -1,7 +1,7 @@
 """`TenancyManager`: the parts' lifecycle and the request path; tenant changes go to `admin.py`."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -15,7 +15,7 @@ from .audit import AuditWriter
 from .builder import build_parts
 from .config import TenancyConfig
 from .context import current_tenant
-from .errors import TenantInactiveError, TenantNotFoundError, TenantResolutionError
+from .errors import TenantInactiveError, TenantMaintenanceError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .invalidation.record import check_channel
@@ -26,8 +26,10 @@ from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
 
-if TYPE_CHECKING:  # needs `cryptography`, an optional extra
+if TYPE_CHECKING:  # optional extras: `cryptography`; Jinja2 (console); prometheus-client
+    from .console import Console, OperatorAuth
     from .encryption import URLCipher
+    from .metrics import TenantMetrics
 
 __all__ = ["TenancyManager"]
 
@@ -92,6 +94,8 @@ class TenancyManager:
             cipher=self.cipher,
             stamper=parts.stamper,
         )
+        # Your steps after a new tenant's storage exists (`@manager.provisioning.step`).
+        self.provisioning = self.admin.provisioning
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
 
@@ -125,6 +129,8 @@ class TenancyManager:
     async def close(self) -> None:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
         async with self._lifecycle_lock:
+            # Background registrations first: each is undone while the parts still work.
+            await self.provisioning.close()
             if self.invalidation is not None:
                 await self.invalidation.close()
             if self.rate_limiter is not None:
@@ -173,20 +179,45 @@ class TenancyManager:
         if tenant is None:
             raise TenantNotFoundError()
         if tenant.status is not TenantStatus.ACTIVE:
-            if self.config.anti_enumeration:
+            # Maintenance is a 503 even under anti_enumeration: the tenant's own users are to
+            # come back (Retry-After), not be told it does not exist.
+            if self.config.anti_enumeration and tenant.status is not TenantStatus.MAINTENANCE:
                 raise TenantNotFoundError(f"tenant {identifier!r} is {tenant.status.value}")
-            raise TenantInactiveError(tenant.status.value)
+            self.ensure_active(tenant)
         return tenant
 
-    @overload
-    def session(self, tenant: Tenant | str | None = None) -> AbstractAsyncContextManager[AsyncSession]: ...
+    def ensure_active(self, tenant: Tenant) -> None:
+        """Raise unless `tenant` (as read from the registry or its cache) may be served now.
+
+        `TenantMaintenanceError` (503, `Retry-After: maintenance_retry_after`, the detail
+        `maintenance_message`) for a tenant in maintenance; `TenantInactiveError` (403)
+        for any other status but `active`. A status check on the record: no I/O.
+        """
+        if tenant.status is TenantStatus.ACTIVE:
+            return
+        if tenant.status is TenantStatus.MAINTENANCE:
+            raise TenantMaintenanceError(self.config.maintenance_message, self.config.maintenance_retry_after)
+        raise TenantInactiveError(tenant.status.value)
+
     @overload
     def session(
-        self, tenant: Tenant | str | None = None, *, session_class: type[_Session]
+        self, tenant: Tenant | str | None = None, *, during_maintenance: bool = False
+    ) -> AbstractAsyncContextManager[AsyncSession]: ...
+    @overload
+    def session(
+        self,
+        tenant: Tenant | str | None = None,
+        *,
+        during_maintenance: bool = False,
+        session_class: type[_Session],
     ) -> AbstractAsyncContextManager[_Session]: ...
     @asynccontextmanager
     async def session(
-        self, tenant: Tenant | str | None = None, *, session_class: type[AsyncSession] = AsyncSession
+        self,
+        tenant: Tenant | str | None = None,
+        *,
+        during_maintenance: bool = False,
+        session_class: type[AsyncSession] = AsyncSession,
     ) -> AsyncIterator[Any]:  # Any: an instance of `session_class` (see the overloads)
         """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
 
@@ -198,7 +229,9 @@ class TenancyManager:
         The tenant's status is checked against the registry (through the lookup
         cache), not the `Tenant` object passed in: a job holding a record from
         before a suspension is refused, and so is one whose tenant was purged and
-        its slug registered again by someone else.
+        its slug registered again by someone else. A tenant in maintenance is refused
+        with `TenantMaintenanceError` (503), unless `during_maintenance=True`: for the
+        operator's own work on it (a data fix while its requests are held off).
         """
         if tenant is None:
             tenant = current_tenant()
@@ -206,8 +239,8 @@ class TenancyManager:
         current = await self.lookup.get(identifier)
         if current is None or (isinstance(tenant, Tenant) and current.id != tenant.id):
             raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
-        if current.status is not TenantStatus.ACTIVE:
-            raise TenantInactiveError(current.status.value)
+        if not (during_maintenance and current.status is TenantStatus.MAINTENANCE):
+            self.ensure_active(current)
         session = await self.isolation.session(current, session_class=session_class)
         async with session:
             yield session
@@ -223,11 +256,14 @@ class TenancyManager:
         metadata: Mapping[str, Any] | None = None,
         database_url: str | None = None,
         tier: str | None = None,
+        background: bool = False,
     ) -> Tenant:
-        """Register a tenant, create its storage and tables; active once they exist.
+        """Register a tenant, create its storage and tables, run the provisioning steps; then active.
 
         See `TenantAdmin.register_tenant`: a failed provisioning is undone and
         raises `ProvisioningError`; a taken slug raises `TenantAlreadyExistsError`.
+        `background=True` returns the tenant still `provisioning` and finishes in a job
+        of this process (`manager.provisioning.job(identifier)`).
         """
         return await self.admin.register_tenant(
             identifier,
@@ -236,7 +272,15 @@ class TenancyManager:
             metadata=metadata,
             database_url=database_url,
             tier=tier,
+            background=background,
         )
+
+    async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
+        """Run the provisioning steps (all, or `steps` by name) for an existing tenant; their names.
+
+        See `TenantAdmin.seed_tenant` (and `fastapi-tenancy tenants seed`).
+        """
+        return await self.admin.seed_tenant(tenant, steps=steps)
 
     async def rotate_encryption_keys(self) -> int:
         """Re-encrypt every tenant's `database_url` under the first key; how many changed."""
@@ -294,9 +338,39 @@ class TenancyManager:
         """Delete a tenant: soft (data and slug kept) or, with `destroy_data=True`, for good."""
         await self.admin.delete_tenant(tenant, tenant_id=tenant_id, destroy_data=destroy_data)
 
-    async def move_tenant(self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData) -> Tenant:
-        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`."""
-        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata)
+    async def start_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Put an active tenant in maintenance: its requests get 503 with `Retry-After`.
+
+        See `TenantAdmin.start_maintenance`; `end_maintenance` serves it again.
+        """
+        return await self.admin.start_maintenance(tenant, tenant_id=tenant_id)
+
+    async def end_maintenance(
+        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
+    ) -> Tenant:
+        """Serve a tenant in maintenance again (any other status is left as it is)."""
+        return await self.admin.end_maintenance(tenant, tenant_id=tenant_id)
+
+    @asynccontextmanager
+    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
+        """Hold an active tenant in maintenance for an `async with` block; see `TenantAdmin.maintenance`.
+
+        Its requests get 503 meanwhile, in every worker:
+        `async with manager.maintenance("acme-corp"): ...`
+        """
+        async with self.admin.maintenance(tenant) as held:
+            yield held
+
+    async def move_tenant(
+        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
+    ) -> Tenant:
+        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`.
+
+        `maintenance=True` answers its requests 503 in every worker for the move's duration.
+        """
+        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata, maintenance=maintenance)
 
     async def remove_old_copy(self, tenant: Tenant | str) -> None:
         """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
@@ -309,3 +383,25 @@ class TenancyManager:
         True when it wrote the marker; see `TenantAdmin.adopt_storage`.
         """
         return await self.admin.adopt_storage(tenant)
+
+    # -- the operator console ------------------------------------------------------------
+
+    def console(
+        self,
+        *,
+        auth: "OperatorAuth | None" = None,
+        metrics: "TenantMetrics | None" = None,
+        app_metadata: sa.MetaData | None = None,
+        **options: Any,
+    ) -> "Console":
+        """The operator console over this manager, an ASGI app to mount (needs the `console` extra).
+
+            app.mount("/_tenancy", manager.console(auth=require_operator, metrics=metrics))
+
+        `auth` is required: a FastAPI dependency returning the operator's name (every
+        change is audited under it) and refusing everyone else. Other options: see
+        `fastapi_tenancy.console.Console`. Exclude its path from `TenancyMiddleware`.
+        """
+        from .console import Console  # noqa: PLC0415 - Jinja2, the console extra
+
+        return Console(self, auth=auth, metrics=metrics, app_metadata=app_metadata, **options)

@@ -6,9 +6,11 @@ change at all. With several worker processes, prometheus-client's multiprocess m
 (`PROMETHEUS_MULTIPROC_DIR`) makes `/metrics` serve the sum of every worker's counts.
 """
 
+import itertools
 import time
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,6 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ConfigurationError, MissingDependencyError
 from .tenant import Tenant
+
+if TYPE_CHECKING:
+    from .ratelimit.base import RateLimitDecision, RateLimiter
 
 try:
     import prometheus_client
@@ -25,7 +30,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("prometheus-client", "prometheus") from exc
 
-__all__ = ["NO_TENANT", "OTHER_TENANTS", "TenantMetrics", "TenantMetricsMiddleware"]
+__all__ = ["NO_TENANT", "OTHER_TENANTS", "TenantMetrics", "TenantMetricsMiddleware", "TrafficTotals"]
 
 # Both start with "_", which no tenant identifier can: a tenant named "other" or
 # "none" keeps a series of its own.
@@ -36,12 +41,27 @@ OTHER_TENANTS = "_other"
 """The label shared by tenants past the `max_tenants` cap."""
 
 
+@dataclass(frozen=True, slots=True)
+class TrafficTotals:
+    """One label's counts since its processes started (`TenantMetrics.snapshot`)."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    rate_limited: float = 0.0
+    seconds: float = 0.0
+    """The sum of the latencies of `requests`."""
+    buckets: tuple[tuple[float, float], ...] = ()
+    """The latency histogram: (upper bound in seconds, requests at most that slow), cumulative."""
+
+
 class TenantMetrics:
     """Request counters and a latency histogram labelled by tenant. Shared by all requests.
 
     - `<namespace>_requests_total{tenant}`: finished requests;
     - `<namespace>_request_errors_total{tenant}`: those answered 5xx or raising;
-    - `<namespace>_request_duration_seconds{tenant}`: latency histogram.
+    - `<namespace>_request_duration_seconds{tenant}`: latency histogram;
+    - `<namespace>_rate_limited_total{tenant}`: requests the rate limiter refused (429),
+      once `count_refusals(manager.rate_limiter)` is called.
 
     Cardinality is bounded: the first `max_tenants` tenants seen get a label of
     their own (their identifier), every later one is counted under `_other`, and
@@ -78,6 +98,7 @@ class TenantMetrics:
             )
         self.multiprocess = files if multiprocess is None else multiprocess
         """Whether `/metrics` serves the sum of every worker process's counts."""
+        self.namespace = namespace
         self.registry = REGISTRY if registry is None else registry
         self._served = self.registry
         if self.multiprocess:
@@ -110,6 +131,13 @@ class TenantMetrics:
             registry=registry,
             buckets=tuple(buckets),
         )
+        self.rate_limited = Counter(
+            "rate_limited",
+            "Requests the rate limiter refused (429), by tenant.",
+            labels,
+            namespace=namespace,
+            registry=registry,
+        )
 
     def label(self, tenant: Tenant | None) -> str:
         """The label `tenant` is counted under."""
@@ -141,6 +169,62 @@ class TenantMetrics:
         else:  # "none" and "other": stored apart, so they never use up the cap
             self._aggregate[label] = series
         return series
+
+    def count_refusals(self, limiter: "RateLimiter | None") -> None:
+        """Count the requests `limiter` refuses in `<namespace>_rate_limited_total{tenant}`.
+
+            metrics.count_refusals(manager.rate_limiter)  # None (no limiter): nothing to count
+
+        The limiter refuses before the request has a tenant in its scope, so the
+        middleware counts those answers under `_none`; this counts them per tenant.
+        """
+        if limiter is not None and self._refused not in limiter.on_refused:
+            limiter.on_refused.append(self._refused)
+
+    def _refused(self, tenant: Tenant, decision: "RateLimitDecision") -> None:
+        self.rate_limited.labels(self.label(tenant)).inc()
+
+    def snapshot(self) -> dict[str, TrafficTotals]:
+        """Each label's counts so far, read from the registry (every worker's, in multiprocess mode).
+
+        What the operator console samples to plot request rates, errors, 429s and
+        latency; counts only grow, so rates are differences between two snapshots.
+        """
+        if self.multiprocess:
+            families = self._served.collect()
+        else:
+            metrics = (self.requests, self.errors, self.rate_limited, self.latency)
+            families = itertools.chain.from_iterable(metric.collect() for metric in metrics)
+        prefix = f"{self.namespace}_" if self.namespace else ""
+        fields = {
+            f"{prefix}requests_total": "requests",
+            f"{prefix}request_errors_total": "errors",
+            f"{prefix}rate_limited_total": "rate_limited",
+            f"{prefix}request_duration_seconds_sum": "seconds",
+        }
+        bucket = f"{prefix}request_duration_seconds_bucket"
+        values: dict[str, dict[str, float]] = {}
+        buckets: dict[str, dict[float, float]] = {}
+        for family in families:
+            for sample in family.samples:
+                label = sample.labels.get("tenant")
+                if label is None:
+                    continue
+                if sample.name == bucket:
+                    le = float(sample.labels["le"])
+                    per_label = buckets.setdefault(label, {})
+                    per_label[le] = per_label.get(le, 0.0) + sample.value
+                elif sample.name in fields:
+                    per_field = values.setdefault(label, {})
+                    name = fields[sample.name]
+                    per_field[name] = per_field.get(name, 0.0) + sample.value
+        return {
+            label: TrafficTotals(
+                **values.get(label, {}),
+                buckets=tuple(sorted(buckets.get(label, {}).items())),
+            )
+            for label in values.keys() | buckets.keys()
+        }
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what `/metrics` serves).

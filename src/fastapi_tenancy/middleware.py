@@ -45,7 +45,8 @@ class TenancyMiddleware:
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
       (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
       with `Retry-After` when the manager's rate limiter says so (admitted
-      responses carry the `RateLimit-*` headers), 503 when the registry, the
+      responses carry the `RateLimit-*` headers), 503 with `Retry-After` and the
+      configured `maintenance_message` for a tenant in maintenance, 503 when the registry, the
       database or a fail-closed limiter is unreachable (`{"detail": "Database query timed
       out"}` when `statement_timeout` cancels a query).
       Tenancy errors and database outages raised by the app before its response
@@ -269,7 +270,7 @@ async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:
     # e.g. {"detail": "Tenant not found"}.
     body = json.dumps({"detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.status_code == 503:
+    if exc.status_code == 503 and "retry-after" not in exc.headers:
         headers.append((b"retry-after", b"1"))
     headers.extend(
         (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()

@@ -46,10 +46,15 @@ def validate_identifier(identifier: str) -> str:
 
 
 class TenantStatus(StrEnum):
-    """Where a tenant is in its lifecycle. Only `active` tenants are served."""
+    """Where a tenant is in its lifecycle. Only `active` tenants are served.
+
+    `maintenance` is a pause an operator (or the fleet runner, or a tier move) puts an
+    active tenant in: its requests get a 503 with `Retry-After` until it is active again.
+    """
 
     PROVISIONING = "provisioning"
     ACTIVE = "active"
+    MAINTENANCE = "maintenance"
     SUSPENDED = "suspended"
     DELETED = "deleted"
 
@@ -58,7 +63,9 @@ class TenantStatus(StrEnum):
 # until its data is destroyed, so a new customer can never inherit old rows.
 _TRANSITIONS: dict[TenantStatus, frozenset[TenantStatus]] = {
     TenantStatus.PROVISIONING: frozenset({TenantStatus.ACTIVE, TenantStatus.DELETED}),
-    TenantStatus.ACTIVE: frozenset({TenantStatus.SUSPENDED, TenantStatus.DELETED}),
+    TenantStatus.ACTIVE: frozenset({TenantStatus.MAINTENANCE, TenantStatus.SUSPENDED, TenantStatus.DELETED}),
+    # Maintenance ends in `active`; a suspension or deletion meanwhile wins over it.
+    TenantStatus.MAINTENANCE: frozenset({TenantStatus.ACTIVE, TenantStatus.SUSPENDED, TenantStatus.DELETED}),
     TenantStatus.SUSPENDED: frozenset({TenantStatus.ACTIVE, TenantStatus.DELETED}),
     TenantStatus.DELETED: frozenset(),
 }

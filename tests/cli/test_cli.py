@@ -305,6 +305,69 @@ async def test_a_command_configured_for_another_channel_is_refused(
     assert code == 2 and "Fix: unset redis_url (TENANCY_REDIS_URL)" in refused["error"]
 
 
+SEEDED_APP = """
+import sqlalchemy as sa
+from fastapi_tenancy import TenancyConfig, TenancyManager
+
+manager = TenancyManager(TenancyConfig())
+notes = sa.Table("notes", sa.MetaData(), sa.Column("text", sa.Text))
+
+
+@manager.provisioning.step
+async def welcome(tenant, session):
+    await session.execute(sa.text("CREATE TABLE IF NOT EXISTS notes (text text)"))
+    await session.execute(notes.insert().values(text=f"welcome {tenant.identifier}"))
+
+
+@manager.provisioning.step
+async def broken(tenant, session):
+    if tenant.metadata.get("break"):
+        raise RuntimeError("the CRM is down")
+"""
+
+
+async def test_seed_runs_the_apps_provisioning_steps(postgres_url: str, tmp_path: Path) -> None:
+    (tmp_path / "seeded.py").write_text(SEEDED_APP)
+    app = ("--app", "seeded:manager")
+    code, created = cli_json(postgres_url, *app, "tenants", "create", "acme", "--empty", cwd=tmp_path)
+    assert code == 0 and created[0]["status"] == "active", created  # the steps ran at registration
+    code, seeded = cli_json(postgres_url, *app, "tenants", "seed", "acme", "--step", "welcome", cwd=tmp_path)
+    assert (code, seeded) == (0, {"identifier": "acme", "steps": ["welcome"]})
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url))
+    await manager.initialize()
+    try:
+        async with manager.session("acme") as session:
+            rows = (await session.execute(sa.text("SELECT text FROM notes"))).scalars().all()
+        assert rows == ["welcome acme", "welcome acme"]
+        await manager.update_tenant("acme", metadata={"break": True})
+    finally:
+        await manager.close()
+    code, text = cli(postgres_url, *app, "tenants", "seed", "acme", cwd=tmp_path)
+    text = " ".join(text.split())  # as the terminal wrapped it
+    assert code == 1 and "step 'broken' failed for tenant 'acme'" in text and "the CRM is down" in text
+    assert "Traceback" not in text
+    code, text = cli(postgres_url, *app, "tenants", "seed", "acme", "--step", "nope", cwd=tmp_path)
+    text = " ".join(text.split())
+    assert code == 2 and "no provisioning step named nope (steps: welcome, broken)" in text
+    # Without the app's manager there are no steps to run, and the message says where they come from.
+    code, text = cli(postgres_url, "tenants", "seed", "acme")
+    assert code == 2 and "--app" in text
+    assert cli(postgres_url, *app, "tenants", "seed", "nobody", cwd=tmp_path)[0] == 3
+
+
+async def test_maintenance_on_and_off(postgres_url: str) -> None:
+    assert cli(postgres_url, "tenants", "create", "acme", "--empty")[0] == 0
+    code, held = cli_json(postgres_url, "tenants", "maintenance", "on", "acme")
+    assert code == 0 and held[0]["status"] == "maintenance"
+    code, listed = cli_json(postgres_url, "tenants", "list", "--status", "maintenance")
+    assert code == 0 and [t["identifier"] for t in listed] == ["acme"]
+    code, ended = cli_json(postgres_url, "tenants", "maintenance", "off", "acme")
+    assert code == 0 and ended[0]["status"] == "active"
+    assert cli(postgres_url, "tenants", "suspend", "acme")[0] == 0
+    code, text = cli(postgres_url, "tenants", "maintenance", "on", "acme")
+    assert code == 4 and "suspended" in text  # not served anyway: refused, with the reason
+
+
 async def test_tenants_adopt_marks_storage_made_outside_the_library(postgres_url: str) -> None:
     ids = {}
     for slug in ("acme-corp", "globex"):

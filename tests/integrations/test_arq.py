@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import retry_key_prefix
 from arq.jobs import Job, JobStatus
 from fastapi import FastAPI
 
@@ -54,7 +55,12 @@ def _web_app(tenants: Tenants, pool: ArqRedis) -> FastAPI:
 
 async def _run_worker(tenants: Tenants, queue: str) -> None:
     """Run the worker in burst mode in a process of its own, until the queue is empty."""
-    env = {**os.environ, "TENANCY_DATABASE_URL": tenants.url, "FT_TEST_QUEUE": queue}
+    env = {
+        **os.environ,
+        "TENANCY_DATABASE_URL": tenants.url,
+        "TENANCY_MAINTENANCE_RETRY_AFTER": "1",
+        "FT_TEST_QUEUE": queue,
+    }
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -141,3 +147,29 @@ async def test_enqueueing_without_a_tenant_is_refused_at_the_source(pool: ArqRed
     with pytest.raises(TenantResolutionError):
         await enqueue_tenant_job(pool, "read_orders")
     assert await pool.zcard(unique) == 0  # nothing was queued
+
+
+async def test_a_job_of_a_tenant_in_maintenance_waits_for_it_to_end(
+    tenants: Tenants, pool: ArqRedis, unique: str
+) -> None:
+    manager = tenants.manager
+    await manager.start_maintenance("alpha")
+    job = await enqueue_tenant_job(pool, "read_orders", tenant=await manager.get_tenant("alpha"))
+    assert job is not None
+    worker = asyncio.create_task(_run_worker(tenants, unique))
+    try:
+        # The first try found the maintenance and was deferred (not failed): end it then.
+        for _ in range(600):
+            tried = await pool.get(retry_key_prefix + job.job_id)
+            if tried and await job.status() == JobStatus.deferred:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the job was never deferred")
+        await manager.end_maintenance("alpha")
+    finally:
+        await worker
+    result = await _outcome(pool, unique, job.job_id)
+    assert result["tenant"] == "alpha" and result["orders"] == ["alpha-1", "alpha-2"], result
+    info = await job.result_info()
+    assert info is not None and info.success and info.job_try >= 2

@@ -14,7 +14,9 @@ from fastapi_tenancy import (
     TenancyConfig,
     TenancyManager,
     TenancyUnavailableError,
+    TenantStatus,
 )
+from fastapi_tenancy.events import LifecycleEvent, TenantEvent
 from fastapi_tenancy.isolation.hybrid import HybridIsolation
 
 from ..apps import SharedBase
@@ -233,3 +235,23 @@ async def test_another_process_with_a_stale_cache_is_fenced_off_after_a_move(env
         assert _orders(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
     finally:
         await other.close()
+
+
+async def test_a_move_in_maintenance_is_answered_503_until_it_ends(env: Env, roles: Roles) -> None:
+    seen: list[tuple[str, str | None, int, str | None]] = []
+
+    async def probe(event: TenantEvent) -> None:
+        # At the maintenance's start and at the tier switch: the tenant's requests wait.
+        response = await env.get("beta", "/orders")
+        seen.append(
+            (event.event.value, event.tenant.tier, response.status_code, response.headers.get("retry-after"))
+        )
+
+    env.manager.events.add(probe, LifecycleEvent.MAINTENANCE, LifecycleEvent.UPDATED)
+    moved = await env.manager.move_tenant(
+        "beta", "schema", app_metadata=SharedBase.metadata, maintenance=True
+    )
+    assert seen == [("maintenance", "rls", 503, "120"), ("updated", "schema", 503, "120")]
+    assert (moved.tier, (await env.manager.get_tenant("beta")).status) == ("schema", TenantStatus.ACTIVE)
+    assert _orders(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]
+    assert _orders(await env.get("alpha", "/orders")) == ["alpha-1", "alpha-2"]  # never held off

@@ -114,3 +114,56 @@ def make_models_project(root: Path, source: str) -> Path:
     ini = root / "alembic.ini"
     ini.write_text(ini.read_text().replace("%(here)s", str(root)))
     return ini
+
+
+# The same two revisions for MySQL/MariaDB, in SQL both servers speak. The second fails in a
+# database holding a table named `fail_here`, before any of its DDL (which MySQL would commit).
+MYSQL_REVISION_A = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "a1"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("items", sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.String(100)))
+    op.create_table("marks", sa.Column("db", sa.String(64)))
+    op.execute("INSERT INTO marks SELECT DATABASE()")
+
+
+def downgrade() -> None:
+    op.drop_table("marks")
+    op.drop_table("items")
+"""
+
+MYSQL_REVISION_B = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "b2"
+down_revision = "a1"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("fail_here"):
+        raise RuntimeError("boom")
+    op.add_column("items", sa.Column("price", sa.Integer, server_default="0"))
+
+
+def downgrade() -> None:
+    op.drop_column("items", "price")
+"""
+
+
+def make_mysql_project(root: Path) -> Path:
+    """`make_project`, with revisions a1 and b2 written for MySQL/MariaDB; its alembic.ini."""
+    ini = make_project(root)
+    versions = root / "migrations" / "tenant" / "versions"
+    (versions / "a1.py").write_text(MYSQL_REVISION_A)
+    (versions / "b2.py").write_text(MYSQL_REVISION_B)
+    return ini

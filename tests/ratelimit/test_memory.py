@@ -61,6 +61,47 @@ async def test_memory_limiter_refuses_past_the_limit_per_tenant() -> None:
     assert await limiter.check(globex) is not None  # its own quota
 
 
+async def test_usage_reads_the_quota_without_counting() -> None:
+    limiter = MemoryRateLimiter(requests=3, window=60)
+    acme = _tenant("acme")
+    usage = await limiter.usage(acme)
+    assert usage is not None
+    assert (usage.limit, usage.window, usage.used, usage.reset_after) == (3, 60.0, 0, 0.0)
+    await limiter.check(acme)
+    await limiter.check(acme)
+    for _ in range(3):  # reading is not a request: the answer does not move
+        usage = await limiter.usage(acme)
+        assert usage is not None and usage.used == 2
+        assert 39 < usage.reset_after <= 40  # two slots of 20 s
+    await limiter.check(acme)
+    usage = await limiter.usage(acme)
+    assert usage is not None and usage.used == 3
+    with pytest.raises(RateLimitExceededError):
+        await limiter.check(acme)
+    other = await limiter.usage(_tenant("globex"))
+    assert other is not None and other.used == 0
+
+
+async def test_refusals_reach_the_hooks_and_a_failing_hook_changes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = MemoryRateLimiter(requests=1, window=60)
+    seen: list[tuple[str, bool]] = []
+
+    def broken(tenant: Tenant, decision: RateLimitDecision) -> None:
+        raise RuntimeError("hook down")
+
+    limiter.on_refused.append(broken)
+    limiter.on_refused.append(lambda tenant, decision: seen.append((tenant.identifier, decision.allowed)))
+    acme = _tenant("acme")
+    await limiter.check(acme)
+    assert seen == []  # admitted requests are not refusals
+    with caplog.at_level(logging.ERROR, logger="fastapi_tenancy"), pytest.raises(RateLimitExceededError):
+        await limiter.check(acme)
+    assert seen == [("acme", False)]
+    assert "refusal hook" in caplog.text
+
+
 async def test_memory_limiter_stays_bounded() -> None:
     limiter = MemoryRateLimiter(requests=5, window=60, max_keys=3)
     for i in range(10):

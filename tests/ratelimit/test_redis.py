@@ -84,6 +84,28 @@ async def test_unreachable_redis_fails_open_or_closed_logged_and_counted(
     assert caplog.text.count("rate limiter unavailable") == 1  # once per outage, not per request
 
 
+async def test_usage_reads_the_quota_without_counting(limiter: RedisRateLimiter) -> None:
+    tenant = _tenant()
+    usage = await limiter.usage(tenant)
+    assert usage is not None and (usage.limit, usage.used, usage.reset_after) == (10, 0, 0.0)
+    for _ in range(4):
+        await limiter.check(tenant)
+    for _ in range(3):  # reading counts nothing
+        usage = await limiter.usage(tenant)
+        assert usage is not None and usage.used == 4
+        assert 23 < usage.reset_after <= 24  # four slots of 6 s
+    decision = await limiter.check(tenant)
+    assert decision is not None and decision.remaining == 5
+
+
+async def test_usage_of_an_unreachable_redis_is_unknown() -> None:
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    try:
+        assert await limiter.usage(_tenant()) is None
+    finally:
+        await limiter.close()
+
+
 async def test_limiter_recovers_when_redis_comes_back(own_redis: OwnRedis) -> None:
     limiter = RedisRateLimiter(own_redis.url, requests=100, window=60, timeout=0.5)
     try:

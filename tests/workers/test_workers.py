@@ -136,6 +136,47 @@ async def test_a_suspension_reaches_both_workers_within_one_second(
     assert slowest <= 1.0, first_403
 
 
+@pytest.mark.parametrize("channel", ["redis", "postgres"])
+async def test_maintenance_reaches_both_workers_and_so_does_its_end(
+    channel: str,
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    admin_factory: list[TenancyManager],
+) -> None:
+    settings = {"redis_url": redis_url, "redis_key_prefix": redis_prefix} if channel == "redis" else {}
+    env = _env(postgres_url, maintenance_retry_after=30, **settings)
+    admin = await _admin(admin_factory, env)
+    await admin.register_tenant("acme", "Acme")
+    async with serve_workers(env) as base_url, fresh_client(base_url) as client:
+        await _both_workers_serve(client, "acme")  # both now hold "acme: active" in their cache
+        started = time.monotonic()
+        await admin.start_maintenance("acme")
+        first_503: dict[str, float] = {}
+        while len(first_503) < 2 and time.monotonic() - started < 5:
+            for response in await _burst(client, "acme", 4):
+                pid = response.headers["x-worker-pid"]
+                if response.status_code == 503:
+                    assert response.json() == {"detail": "Tenant is under maintenance"}
+                    assert response.headers["retry-after"] == "30"
+                    first_503.setdefault(pid, time.monotonic() - started)
+                else:
+                    assert response.status_code == 200, response.text
+                    assert pid not in first_503, "a worker served the tenant again during the maintenance"
+        assert len(first_503) == 2 and max(first_503.values()) <= 1.0, first_503
+        # The workers' own health checks never stopped answering.
+        assert (await client.get("/health")).status_code == 200
+        ended = time.monotonic()
+        await admin.end_maintenance("acme")
+        served: set[str] = set()
+        while len(served) < 2 and time.monotonic() - ended < 5:
+            for response in await _burst(client, "acme", 4):
+                assert response.status_code in (200, 503), response.text
+                if response.status_code == 200:
+                    served.add(response.headers["x-worker-pid"])
+        assert len(served) == 2, "not every worker served the tenant again within 5 s"
+
+
 async def test_two_workers_together_admit_exactly_the_limit(
     postgres_url: str, redis_url: str, redis_prefix: str, admin_factory: list[TenancyManager]
 ) -> None:

@@ -65,6 +65,7 @@ def _migrate(
     dry_run: bool,
     lock_timeout: str,
     statement_timeout: str,
+    maintenance: bool = False,
 ) -> None:
     from ..migrations.fleet import FleetMigrator  # noqa: PLC0415 - the migrations extra
     from ..migrations.results import FleetReport, TenantResult  # noqa: PLC0415
@@ -79,6 +80,7 @@ def _migrate(
             concurrency=concurrency,
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
+            maintenance=maintenance,
         )
         progress = Progress(
             TextColumn("{task.description}"),
@@ -161,6 +163,13 @@ def _fleet_command(direction: str, default_target: str | None) -> Callable[..., 
         ] = False,
         lock_timeout: Annotated[str, typer.Option(help="Per-tenant lock_timeout.")] = "5s",
         statement_timeout: Annotated[str, typer.Option(help="Per-tenant statement_timeout (0: none).")] = "0",
+        maintenance: Annotated[
+            bool,
+            typer.Option(
+                "--maintenance",
+                help="Hold each tenant in maintenance (503 to its requests) while it migrates.",
+            ),
+        ] = False,
     ) -> None:
         _migrate(
             direction,
@@ -174,6 +183,7 @@ def _fleet_command(direction: str, default_target: str | None) -> Callable[..., 
             dry_run,
             lock_timeout,
             statement_timeout,
+            maintenance,
         )
 
     return command

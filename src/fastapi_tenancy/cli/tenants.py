@@ -1,4 +1,4 @@
-"""`fastapi-tenancy tenants`: list, show, create, suspend, activate and delete tenants; spare schemas."""
+"""`fastapi-tenancy tenants`: list, show, create, suspend, activate, delete; maintenance; spares."""
 
 import json
 import sys
@@ -26,16 +26,21 @@ from .base import (
 if TYPE_CHECKING:
     from ..isolation.spares import SparePool
 
-__all__ = ["spares_app", "tenants_app"]
+__all__ = ["maintenance_app", "spares_app", "tenants_app"]
 
 tenants_app = typer.Typer(
-    help="List, show, create, suspend, activate, delete tenants, and adopt their storage.",
+    help="List, show, create, seed, suspend, activate, delete tenants, adopt their storage; maintenance.",
     no_args_is_help=True,
 )
 spares_app = typer.Typer(
     help="Spare schemas: clones of the template made ahead of time (schema_spares).", no_args_is_help=True
 )
+maintenance_app = typer.Typer(
+    help="Maintenance mode: a tenant's requests get 503 with Retry-After while you work on it.",
+    no_args_is_help=True,
+)
 tenants_app.add_typer(spares_app, name="spares")
+tenants_app.add_typer(maintenance_app, name="maintenance")
 
 
 @tenants_app.command("list")
@@ -124,6 +129,38 @@ def tenants_suspend(identifier: str) -> None:
 def tenants_activate(identifier: str) -> None:
     """Serve a suspended tenant again."""
     _change("Activated", lambda m: m.activate_tenant(identifier))
+
+
+@tenants_app.command("seed")
+def tenants_seed(
+    identifier: str,
+    step: Annotated[
+        list[str] | None, typer.Option("--step", "-s", help="Only this provisioning step (repeatable).")
+    ] = None,
+) -> None:
+    """Run the provisioning steps of the app's manager (--app) for an existing tenant."""
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        ran = await manager.seed_tenant(identifier, steps=step)
+        return {"identifier": identifier, "steps": ran}
+
+    result = run_with_manager(work)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"Seeded {identifier}: {', '.join(result['steps'])}", highlight=False)
+
+
+@maintenance_app.command("on")
+def maintenance_on(identifier: str) -> None:
+    """Put an active tenant in maintenance: every worker answers its requests 503."""
+    _change("In maintenance", lambda m: m.start_maintenance(identifier))
+
+
+@maintenance_app.command("off")
+def maintenance_off(identifier: str) -> None:
+    """Serve a tenant in maintenance again (a suspended or deleted one stays so)."""
+    _change("Maintenance ended", lambda m: m.end_maintenance(identifier))
 
 
 @tenants_app.command("delete")

@@ -27,11 +27,12 @@ from typing import Any
 
 from ..background import reverify_tenant
 from ..context import current_tenant, tenant_scope
-from ..errors import ConfigurationError, MissingDependencyError, TenantResolutionError
+from ..errors import ConfigurationError, MissingDependencyError, TenantMaintenanceError, TenantResolutionError
 from ..manager import TenancyManager
 from ..tenant import Tenant
 
 try:
+    from arq import Retry
     from arq.connections import ArqRedis
     from arq.jobs import Job
     from arq.typing import WorkerCoroutine
@@ -96,7 +97,9 @@ def tenant_job(func: WorkerCoroutine) -> WorkerCoroutine:
     Before every try: no tenant in the job raises `TenantResolutionError`; a tenant
     that was deleted, re-registered under the same slug, suspended or is otherwise
     not active raises `TenantNotFoundError`/`TenantInactiveError`. The job then
-    fails without running (ARQ does not retry these). Inside the function,
+    fails without running (ARQ does not retry these). A tenant in maintenance is not
+    a refusal: the job is tried again `maintenance_retry_after` seconds later (ARQ's
+    `Retry`, counted against `max_tries`). Inside the function,
     `current_tenant()` and `manager.session()` act for the job's tenant.
     """
 
@@ -106,7 +109,12 @@ def tenant_job(func: WorkerCoroutine) -> WorkerCoroutine:
         manager = ctx.get(MANAGER_KEY)
         if not isinstance(manager, TenancyManager):
             raise ConfigurationError("no TenancyManager in the worker: on_startup=tenancy_startup(manager)")
-        tenant = await reverify_tenant(manager, identifier, tenant_id)
+        try:
+            tenant = await reverify_tenant(manager, identifier, tenant_id)
+        except TenantMaintenanceError as exc:
+            # Not refused for good: tried again once the maintenance should be over (each
+            # try counts towards the worker's max_tries).
+            raise Retry(defer=exc.retry_after) from exc
         with tenant_scope(tenant):
             return await func(ctx, *args, **kwargs)
 

@@ -12,14 +12,18 @@ transaction; a failure is rolled back and recorded as `failed` with its error.
 """
 
 import asyncio
+import math
+import re
 import time
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._utils import create_engine
+from ..errors import ConfigurationError
 from .env import (
     CONNECTION_ATTRIBUTE,
     DATABASE_ATTRIBUTE,
@@ -31,9 +35,12 @@ from .env import (
 )
 from .results import Direction, ResultsTables, error_text, join_versions
 
-__all__ = ["Worker", "init_worker", "migrate_in_worker"]
+__all__ = ["Worker", "init_worker", "migrate_in_worker", "mysql_timeouts", "seconds"]
 
 _current: "Worker | None" = None
+
+# Transaction-local: the timeouts end with the tenant's migration.
+_PG_TIMEOUTS = "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)"
 
 
 class Worker:
@@ -50,7 +57,7 @@ class Worker:
         self.engine = create_engine(settings["url"], pool_size=1, max_overflow=0)
         self.alembic = Config(settings["ini"], ini_section=settings["section"])
         self.alembic.attributes[FLEET_ATTRIBUTE] = True
-        self.tables = ResultsTables(settings["results_schema"])
+        self.tables = ResultsTables(settings["results_schema"], mysql=settings.get("mysql", False))
 
     def migrate(
         self,
@@ -83,15 +90,18 @@ class Worker:
         started = time.perf_counter()
         before: tuple[str, ...] | None = None
         engine = create_engine(url, null_pool=True)
+        where = {DATABASE_ATTRIBUTE: database}
         try:
-            async with engine.connect() as conn, conn.begin():
-                await conn.exec_driver_sql(
-                    "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
-                    (settings["lock_timeout"], settings["statement_timeout"]),
-                )
-                before = await read_database_version(conn)
-                await conn.run_sync(self._alembic, {DATABASE_ATTRIBUTE: database}, direction, target)
-                after = await read_database_version(conn)
+            if engine.dialect.name in ("mysql", "mariadb"):
+                before, after = await self._migrate_mysql(engine, where, direction, target)
+            else:
+                async with engine.connect() as conn, conn.begin():
+                    await conn.exec_driver_sql(
+                        _PG_TIMEOUTS, (settings["lock_timeout"], settings["statement_timeout"])
+                    )
+                    before = await read_database_version(conn)
+                    await conn.run_sync(self._alembic, where, direction, target)
+                    after = await read_database_version(conn)
         except Exception as exc:
             result = _failed(before, started, exc)
         else:
@@ -105,6 +115,29 @@ class Worker:
             note = f"recording the result failed: {error_text(record_exc)}"
             result["error"] = f"{result['error']} ({note})" if result["error"] else note
         return result
+
+    async def _migrate_mysql(
+        self, engine: AsyncEngine, where: dict[str, str], direction: Direction, target: str
+    ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+        """A MySQL/MariaDB tenant database: its revisions before and after, migrated by Alembic.
+
+        MySQL commits every DDL statement on the spot, so one transaction around the whole
+        migration would be a fiction: Alembic commits each revision with its version
+        stamp instead (it does so when the connection is not in a transaction), and a
+        failure leaves the tenant at the last revision that completed, recorded as such.
+        The timeouts are session settings of a connection used for this tenant alone.
+        """
+        async with engine.connect() as conn:
+            for statement in mysql_timeouts(
+                self.settings["lock_timeout"], self.settings["statement_timeout"], mariadb=_is_mariadb(conn)
+            ):
+                await conn.exec_driver_sql(statement)
+            before = await read_database_version(conn)
+            await conn.commit()  # out of the autobegun transaction: Alembic's commits are real
+            await conn.run_sync(self._alembic, where, direction, target)
+            after = await read_database_version(conn)
+            await conn.commit()
+        return before, after
 
     async def _migrate(
         self, run_id: str, tenant: str, schema: str, direction: Direction, target: str, version_table: str
@@ -150,6 +183,47 @@ class Worker:
         finally:
             for key in attributes:
                 self.alembic.attributes.pop(key, None)
+
+
+def _is_mariadb(conn: AsyncConnection) -> bool:
+    return bool(getattr(conn.dialect, "is_mariadb", False))
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def seconds(timeout: str) -> float | None:
+    """A PostgreSQL-style timeout (`5s`, `500ms`, `2min`; a bare number is milliseconds) in
+    seconds; None for `0` (no timeout). Raises `ConfigurationError` for anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?\s*", timeout)
+    if match is None:
+        raise ConfigurationError(f"not a timeout: {timeout!r:.40} (use e.g. 5s, 500ms, 2min or 0)")
+    value = float(match.group(1)) * _UNITS[match.group(2) or "ms"]
+    return value or None
+
+
+def mysql_timeouts(lock_timeout: str, statement_timeout: str, *, mariadb: bool) -> list[str]:
+    """The session settings that give a MySQL/MariaDB connection the fleet's two timeouts.
+
+    `lock_timeout` bounds the wait for metadata locks (DDL behind a long transaction) and
+    row locks, in whole seconds (at least one); `statement_timeout` is MariaDB's
+    `max_statement_time`, and MySQL's `max_execution_time`, which bounds SELECTs only.
+    """
+    statements = []
+    lock = seconds(lock_timeout)
+    if lock is not None:
+        whole = max(1, math.ceil(lock))
+        statements += [
+            f"SET SESSION lock_wait_timeout = {whole}",
+            f"SET SESSION innodb_lock_wait_timeout = {whole}",
+        ]
+    statement = seconds(statement_timeout)
+    if statement is not None:
+        if mariadb:
+            statements.append(f"SET SESSION max_statement_time = {statement:.3f}")
+        else:
+            statements.append(f"SET SESSION max_execution_time = {max(1, round(statement * 1000))}")
+    return statements
 
 
 def init_worker(settings: dict[str, Any]) -> None:

@@ -90,6 +90,11 @@ _VERSIONS = sa.text(
 )
 
 
+_MYSQL_VERSION_TABLE = sa.text(
+    "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = :t"
+)
+
+
 def _tenant_slug(context: Any) -> str:
     slug = context.get_x_argument(as_dictionary=True).get("tenant") or os.environ.get("TENANCY_TENANT")
     if not slug:
@@ -302,7 +307,13 @@ async def read_versions(
 async def read_database_version(conn: Any) -> tuple[str, ...] | None:
     """The Alembic revision(s) in `conn`'s database (its default schema); `None` without a version table.
 
-    For database isolation, where each tenant's version table is in its own database.
+    For database isolation, where each tenant's version table is in its own database:
+    PostgreSQL, or MySQL/MariaDB (where a database has no schemas).
     """
+    if conn.dialect.name in ("mysql", "mariadb"):
+        found = await conn.scalar(_MYSQL_VERSION_TABLE, {"t": VERSION_TABLE})
+        if not found:
+            return None
+        return tuple((await conn.scalars(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))).all())  # noqa: S608
     schema = await conn.scalar(sa.text("SELECT current_schema()"))
     return (await read_versions(conn, [schema])).get(schema)

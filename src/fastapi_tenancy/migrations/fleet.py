@@ -26,21 +26,28 @@ With database isolation each tenant is migrated in its own database (the URL com
 from the isolation, which decrypts a tenant's own `database_url`), its version is read
 there, one database at a time per reader, and its result is recorded in the registry
 database after the migration commits (a crash in between: the next run finds the
-tenant at the target and skips it). Tenants under row-level security share their
-tables: those are migrated once, as `(rls tables)`, with their own version table
-(`targets.py` says where each tenant is migrated). Under rls and hybrid isolation the
+tenant at the target and skips it). The registry and the tenants' databases may be
+MySQL/MariaDB: there DDL commits as it runs, so each revision commits with its version
+stamp, and a failure leaves the tenant at the last revision that completed.
+Tenants under row-level security share their tables: those are migrated once, as
+`(rls tables)`, with their own version table (`targets.py` says where each tenant is
+migrated). Under rls and hybrid isolation the
 runner connects as the owner role (`database_owner_url`), which owns the tables.
 
 Waves: `canary=N` migrates N tenants first and stops the run if any of them fails.
-Only one fleet run per database at a time (a PostgreSQL advisory lock).
+Only one fleet run per database at a time (a PostgreSQL advisory lock; on MySQL/MariaDB,
+a named lock, `GET_LOCK`). With `maintenance=True` each tenant is in maintenance (its
+requests answered 503 with `Retry-After` by every worker) while Alembic runs for it.
 """
 
 import asyncio
+import hashlib
 import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic.config import Config
@@ -48,10 +55,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine
-from ..errors import ConfigurationError, FleetBusyError
+from ..errors import ConfigurationError, FleetBusyError, TenantNotFoundError
 from ..isolation.spares import FLEET_GATE_KEY, SPARES_TABLE
 from ..tenant import Tenant, TenantStatus
-from ._worker import init_worker, migrate_in_worker
+from ._worker import init_worker, migrate_in_worker, seconds
 from .env import read_database_version, read_versions
 from .results import (
     RLS_LABEL,
@@ -83,7 +90,9 @@ class FleetMigrator:
 
     `alembic_ini` and `section` name the tenant environment (see the project
     template: `fastapi-tenancy migrate init`). Results go to
-    `<results_schema>.tenancy_migration_runs` and `tenancy_migration_results`.
+    `<results_schema>.tenancy_migration_runs` and `tenancy_migration_results` (on
+    MySQL/MariaDB, the registry's database). `maintenance=True` holds each tenant in
+    maintenance (its requests answered 503 in every worker) while Alembic runs for it.
     """
 
     def __init__(
@@ -96,26 +105,45 @@ class FleetMigrator:
         lock_timeout: str = "5s",
         statement_timeout: str = "0",
         results_schema: str = "public",
-        statuses: Iterable[TenantStatus] = (TenantStatus.ACTIVE, TenantStatus.SUSPENDED),
+        statuses: Iterable[TenantStatus] = (
+            TenantStatus.ACTIVE,
+            TenantStatus.MAINTENANCE,
+            TenantStatus.SUSPENDED,
+        ),
+        maintenance: bool = False,
     ) -> None:
-        if manager.config.backend != "postgresql":
-            raise ConfigurationError("fleet migrations need PostgreSQL (schema or database isolation)")
+        config = manager.config
+        # MySQL/MariaDB has no schemas apart from databases: its tenants are databases.
+        self._mysql = config.backend == "mysql"
+        if not (config.backend == "postgresql" or (self._mysql and config.isolation_strategy == "database")):
+            raise ConfigurationError(
+                "fleet migrations need PostgreSQL (schema, database, rls or hybrid isolation) "
+                f"or MySQL/MariaDB with database isolation; this is {config.backend} with "
+                f"{config.isolation_strategy} isolation"
+            )
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
+        seconds(lock_timeout), seconds(statement_timeout)  # refuse a malformed timeout now, not per tenant
         self.manager = manager
         self.alembic_ini = str(alembic_ini)
         self.section = section
         self.concurrency = concurrency
         self.lock_timeout = lock_timeout
         self.statement_timeout = statement_timeout
-        self.results_schema = results_schema
+        # On MySQL/MariaDB the results live in the registry's own database unless named.
+        self.results_schema: str | None = (
+            None if self._mysql and results_schema == "public" else results_schema
+        )
         self.statuses = tuple(statuses)
+        self.maintenance = maintenance
         self._engine: AsyncEngine | None = None
         # Database isolation: each tenant is migrated in its own database (its URL from
         # the isolation's migration_url); results stay here, and there is no template.
         self._per_database = manager.config.isolation_strategy == "database"
         # Each label of the plan (a tenant, the template, a spare, the rls tables) -> where.
         self._targets: dict[str, MigrationTarget] = {}
+        # The labels that are one tenant's own migration, and that tenant (for maintenance).
+        self._tenant_labels: dict[str, Tenant] = {}
         # The owner role, where there is one (rls, hybrid): it owns what migrations change.
         self._url = manager.config.database_owner_url or manager.config.database_url
 
@@ -153,6 +181,7 @@ class FleetMigrator:
     async def _tenants(self, only: Sequence[str] | None) -> list[tuple[str, str]]:
         """The plan's entries, as (label, schema or database); `_targets` says where each is."""
         self._targets = {}
+        self._tenant_labels = {}
         wanted = list(only or ())
         template = None if self._per_database else self.manager.config.schema_template
         if template is not None and (not wanted or TEMPLATE_LABEL in wanted):
@@ -173,8 +202,13 @@ class FleetMigrator:
 
     def _add(self, tenant: Tenant) -> None:
         target = migration_target(self.manager.isolation, tenant)
-        # Tenants sharing tables (row-level security) share one migration: one entry.
-        self._targets[RLS_LABEL if target.shared else tenant.identifier] = target
+        # Tenants sharing tables (row-level security) share one migration: one entry,
+        # which no single tenant's maintenance covers.
+        if target.shared:
+            self._targets[RLS_LABEL] = target
+        else:
+            self._targets[tenant.identifier] = target
+            self._tenant_labels[tenant.identifier] = tenant
 
     async def _database_versions(self, labels: list[str]) -> dict[str, tuple[str, ...] | None]:
         """Database isolation: each tenant database's revision, a few databases at a time.
@@ -217,6 +251,23 @@ class FleetMigrator:
             if await conn.scalar(sa.text("SELECT to_regclass(:t)"), {"t": SPARES_TABLE}) is None:
                 return []
             return list((await conn.scalars(sa.text(f"SELECT name FROM {SPARES_TABLE} ORDER BY name"))).all())  # noqa: S608
+
+    async def in_progress(self) -> bool:
+        """Whether a fleet run holds this database now (from any process), read without waiting.
+
+        A run recorded as `running` that no process holds was interrupted: the next run
+        with the same direction and target resumes it.
+        """
+        async with self.engine.connect() as conn:
+            held = await conn.scalar(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND classid = 0 AND objid = :k AND objsubid = 1)"
+                ),
+                {"k": _LOCK_KEY},
+            )
+        return bool(held)
 
     async def status(
         self, target: str = "head", *, tenants: Sequence[str] | None = None, direction: Direction = "upgrade"
@@ -271,6 +322,8 @@ class FleetMigrator:
             report.run_id = "dry-run"
             report.results = [_result(m, "skipped") for m in skipped] + [_result(m, "planned") for m in todo]
             return report
+        if self._mysql:
+            return await self._run_mysql(report, skipped, todo, canary, fail_fast, on_result, on_plan)
         async with self.engine.connect() as lock_conn:
             # Session-level and held for the whole run on this connection; released by
             # PostgreSQL if this process dies, so a killed run never blocks the next.
@@ -292,6 +345,32 @@ class FleetMigrator:
                 await lock_conn.execute(sa.text("SELECT pg_advisory_unlock_all()"))
                 await lock_conn.commit()
 
+    async def _run_mysql(
+        self,
+        report: FleetReport,
+        skipped: list[TenantMigration],
+        todo: list[TenantMigration],
+        canary: int,
+        fail_fast: bool,
+        on_result: Callable[[TenantResult], None] | None,
+        on_plan: Callable[[int], None] | None,
+    ) -> FleetReport:
+        """`run` on MySQL/MariaDB: the same run, under a named lock of the registry's database."""
+        async with self.engine.connect() as lock_conn:
+            # GET_LOCK is held by this session until released, and by nobody once the
+            # session ends: a killed run never blocks the next. Names are server-wide, so
+            # the name carries the registry database's.
+            database = await lock_conn.scalar(sa.text("SELECT DATABASE()"))
+            name = "fastapi_tenancy.fleet." + hashlib.sha256(str(database).encode()).hexdigest()[:32]
+            if not await lock_conn.scalar(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}):
+                raise FleetBusyError("another fleet migration is running against this database")
+            await lock_conn.commit()
+            try:
+                return await self._run_locked(report, skipped, todo, canary, fail_fast, on_result, on_plan)
+            finally:
+                await lock_conn.scalar(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+                await lock_conn.commit()
+
     async def _run_locked(
         self,
         report: FleetReport,
@@ -302,7 +381,7 @@ class FleetMigrator:
         on_result: Callable[[TenantResult], None] | None,
         on_plan: Callable[[int], None] | None,
     ) -> FleetReport:
-        tables = ResultsTables(self.results_schema)
+        tables = ResultsTables(self.results_schema, mysql=self._mysql)
         async with self.engine.begin() as conn:
             await tables.create(conn)
             previous = await tables.unfinished(conn, report.direction, report.target)
@@ -343,6 +422,7 @@ class FleetMigrator:
             "results_schema": self.results_schema,
             "lock_timeout": self.lock_timeout,
             "statement_timeout": self.statement_timeout,
+            "mysql": self._mysql,
         }
         # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
         pool = ProcessPoolExecutor(
@@ -355,22 +435,33 @@ class FleetMigrator:
         gate = asyncio.Semaphore(self.concurrency)
         stop = asyncio.Event()
 
+        async def migrate(m: TenantMigration) -> dict[str, Any]:
+            return await loop.run_in_executor(
+                pool,
+                migrate_in_worker,
+                report.run_id,
+                m.tenant,
+                m.schema,
+                report.direction,
+                report.target,
+                self._targets[m.tenant].url,
+                self._targets[m.tenant].version_table,
+            )
+
         async def one(m: TenantMigration, stop_on_failure: bool) -> None:
             async with gate:
                 if stop.is_set():
                     report.not_run.append(m.tenant)
                     return
-                raw = await loop.run_in_executor(
-                    pool,
-                    migrate_in_worker,
-                    report.run_id,
-                    m.tenant,
-                    m.schema,
-                    report.direction,
-                    report.target,
-                    self._targets[m.tenant].url,
-                    self._targets[m.tenant].version_table,
-                )
+                async with AsyncExitStack() as held:
+                    if self.maintenance and m.tenant in self._tenant_labels:
+                        # Only while Alembic runs for it: skipped and waiting tenants are
+                        # served. A tenant purged since the plan is migrated (and fails) as is.
+                        with suppress(TenantNotFoundError):
+                            await held.enter_async_context(
+                                self.manager.admin.maintenance(self._tenant_labels[m.tenant])
+                            )
+                    raw = await migrate(m)
             result = TenantResult(m.tenant, m.schema, **raw)
             report.results.append(result)
             if on_result is not None:

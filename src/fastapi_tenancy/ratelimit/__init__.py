@@ -6,7 +6,7 @@ counts in process memory (one process: the embedded default); `RedisRateLimiter`
 (in `fastapi_tenancy.ratelimit.redis`) counts in Redis, shared by every worker.
 """
 
-from .base import RateLimitDecision, RateLimiter
+from .base import RateLimitDecision, RateLimiter, RateLimitUsage
 from .memory import MemoryRateLimiter
 
-__all__ = ["MemoryRateLimiter", "RateLimitDecision", "RateLimiter"]
+__all__ = ["MemoryRateLimiter", "RateLimitDecision", "RateLimitUsage", "RateLimiter"]

@@ -13,13 +13,13 @@ O(1) time per check (a sliding log stores every request), and an exact answer to
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import RateLimitExceededError, TenancyUnavailableError
 from ..tenant import Tenant
 
-__all__ = ["RateLimitDecision", "RateLimiter", "gcra"]
+__all__ = ["RateLimitDecision", "RateLimitUsage", "RateLimiter", "RefusalHook", "gcra"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -53,6 +53,22 @@ class RateLimitDecision:
         return headers
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimitUsage:
+    """A tenant's quota as it stands, read without counting a request (`RateLimiter.usage`)."""
+
+    limit: int
+    window: float
+    used: int
+    """Requests the quota holds now: `limit` means the next one is refused."""
+    reset_after: float
+    """Seconds until the full quota is available again (0: it is)."""
+
+
+RefusalHook = Callable[[Tenant, RateLimitDecision], None]
+"""Called with the tenant and the decision each time `RateLimiter.check` refuses a request."""
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -79,7 +95,11 @@ class RateLimiter(ABC):
     (503); either way the failure is counted in `failures` and logged once per outage.
 
     To add a backend, implement `hit` (atomically: concurrent calls must never admit
-    more than the limit) and, if it can fail, `is_outage`.
+    more than the limit) and, if it can fail, `is_outage`; `peek` lets `usage` read a
+    tenant's quota without counting (the operator console shows it).
+
+    `on_refused` holds hooks called with each refused request's tenant and decision
+    (`TenantMetrics.count_refusals` adds one); a hook that raises is logged, never raised.
     """
 
     def __init__(
@@ -96,6 +116,7 @@ class RateLimiter(ABC):
         self.fail_open = fail_open
         self.failures = 0
         """Checks the backend could not answer (outages)."""
+        self.on_refused: list[RefusalHook] = []
         self._failing = False
         self._policies: dict[tuple[str, object], tuple[int, float]] = {}
 
@@ -112,6 +133,36 @@ class RateLimiter(ABC):
     def is_outage(self, exc: BaseException) -> bool:
         """True when `exc` from `hit` means the backend is unreachable."""
         return False
+
+    async def peek(self, key: str) -> float | None:
+        """Seconds the theoretical arrival time of `key` is ahead of now (0: a full quota),
+        without counting a request; None when the backend cannot tell (the default)."""
+        return None
+
+    async def usage(self, tenant: Tenant) -> RateLimitUsage | None:
+        """How much of its quota `tenant` holds now, without counting a request.
+
+        None when the backend cannot read a quota without counting, or is unreachable.
+        """
+        limit, window = self.limits(tenant)
+        try:
+            ahead = await self.peek(self._key(tenant, limit, window))
+        except Exception as exc:
+            if not self.is_outage(exc):
+                raise
+            return None
+        if ahead is None:
+            return None
+        ahead = min(max(ahead, 0.0), window)
+        interval = window / limit
+        used = limit - math.floor((window - ahead) / interval + 1e-9)
+        return RateLimitUsage(limit, window, min(max(used, 0), limit), ahead)
+
+    @staticmethod
+    def _key(tenant: Tenant, limit: int, window: float) -> str:
+        # The policy is part of the key: a TAT means nothing under another interval, so a
+        # changed limit starts with a full quota (the old key simply expires).
+        return f"{tenant.id}:{limit}:{_number(window)}"
 
     def limits(self, tenant: Tenant) -> tuple[int, float]:
         """(requests, window) for `tenant`: its metadata override, else its plan, else the default."""
@@ -147,11 +198,8 @@ class RateLimiter(ABC):
         is down and the limiter fails open.
         """
         limit, window = self.limits(tenant)
-        # The policy is part of the key: a TAT means nothing under another interval, so a
-        # changed limit starts with a full quota (the old key simply expires).
-        key = f"{tenant.id}:{limit}:{_number(window)}"
         try:
-            decision = await self.hit(key, limit, window)
+            decision = await self.hit(self._key(tenant, limit, window), limit, window)
         except Exception as exc:
             if not self.is_outage(exc):
                 raise
@@ -173,8 +221,16 @@ class RateLimiter(ABC):
             self._failing = False
             logger.info("rate limiter reachable again")
         if not decision.allowed:
+            self._refused(tenant, decision)
             raise RateLimitExceededError(tenant.identifier, decision.headers())
         return decision
+
+    def _refused(self, tenant: Tenant, decision: RateLimitDecision) -> None:
+        for hook in self.on_refused:
+            try:
+                hook(tenant, decision)
+            except Exception:  # a counter must never turn a 429 into a 500
+                logger.exception("rate limiter refusal hook %r failed", hook)
 
 
 def _positive(value: object, *, integer: bool) -> bool:

@@ -39,6 +39,10 @@ class MemoryRateLimiter(RateLimiter):
             self._tats[key] = new_tat
         return decision
 
+    async def peek(self, key: str) -> float:
+        tat = self._tats.get(key)
+        return 0.0 if tat is None else max(tat - monotonic(), 0.0)
+
     def _evict(self, now: float) -> None:
         # A TAT in the past means a full quota: forgetting it changes nothing.
         for key in [key for key, tat in self._tats.items() if tat <= now]:

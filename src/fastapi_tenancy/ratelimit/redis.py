@@ -88,3 +88,13 @@ class RedisRateLimiter(RateLimiter):
 
     def is_outage(self, exc: BaseException) -> bool:
         return is_redis_outage(exc)
+
+    async def peek(self, key: str) -> float:
+        # The TAT and Redis's own clock in one round trip, the clock the script uses.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"{self.prefix}ratelimit:{key}")
+            pipe.time()
+            tat, (seconds, micros) = await pipe.execute()
+        if tat is None:
+            return 0.0
+        return max(int(tat) - (int(seconds) * 1_000_000 + int(micros)), 0) / 1_000_000

@@ -330,5 +330,6 @@ class Isolation(ABC):
         another tenant that took the slug since).
 
         Of class `session_class` (an `AsyncSession` subclass such as SQLModel's), scoped
-        exactly as the default: its sync side is made with `sync_session_class()`.
+        exactly as the default: build it with `new_session()` when a sync session class
+        carries the scope.
         """

@@ -23,13 +23,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples/fullstack
+	$(BIN)/ruff format --check src tests benchmarks scripts examples/fullstack
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks scripts
-	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts examples/fullstack
+	$(BIN)/ruff check --fix src tests benchmarks scripts examples/fullstack
 
 # The documentation site in site/, strict (any warning fails); needs no network. The
 # variable silences mkdocs-material's banner about its successor, which is not a warning

@@ -198,3 +198,63 @@ async def test_websocket_routes_take_the_session_as_before(
         assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
         assert json.loads(sent[1]["text"]) == list(rows.values())
     assert checkouts.out == 0
+
+
+# -- `def` routes and sync ORM code -------------------------------------------------------
+
+
+def _sync_app(manager: TenancyManager) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, manager=manager)
+    Session = Annotated[AsyncSession, Depends(make_tenant_db_dependency(manager))]
+
+    @app.get("/sync/orders")
+    def sync_orders(session: Session) -> str:  # what a user might write: the session is async
+        return str(session.execute(sa.select(Order.description)))
+
+    async def repository(session: Session) -> AsyncSession:
+        return session
+
+    @app.get("/sync/nested")
+    def sync_nested(session: Annotated[AsyncSession, Depends(repository)]) -> str:
+        return str(session.execute(sa.select(Order.description)))
+
+    @app.get("/orders")
+    async def orders(session: Session) -> list[str]:
+        return list((await session.execute(sa.select(Order.description).order_by(Order.id))).scalars())
+
+    @app.get("/run-sync/orders")
+    async def run_sync_orders(session: Session) -> list[str]:
+        def read(sync: sa.orm.Session) -> list[str]:  # sync ORM code, the tenant's session
+            return [o.description for o in sync.scalars(sa.select(Order).order_by(Order.id))]
+
+        return await session.run_sync(read)
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/sync/orders", "/sync/nested"], ids=["direct", "through-a-dependency"])
+async def test_a_def_route_taking_the_session_fails_loudly_on_every_request(
+    manager: TenancyManager, checkouts: Checkouts, path: str
+) -> None:
+    transport = httpx.ASGITransport(app=_sync_app(manager))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(2):  # not only the first
+            with pytest.raises(TypeError, match=r"the route /sync/\w+ \(.*sync_\w+\) is a `def` function"):
+                await client.get(path, headers={"X-Tenant-ID": "alpha"})
+        assert checkouts.out == 0  # refused before any session was made
+        # The async routes of the same dependency still work.
+        response = await client.get("/orders", headers={"X-Tenant-ID": "beta"})
+        assert response.json() == ["beta-1", "beta-3"]
+
+
+async def test_sync_orm_code_runs_in_run_sync_on_the_tenants_session(
+    manager: TenancyManager, checkouts: Checkouts
+) -> None:
+    transport = httpx.ASGITransport(app=_sync_app(manager))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(3):
+            for tenant, rows in TENANTS.items():
+                response = await client.get("/run-sync/orders", headers={"X-Tenant-ID": tenant})
+                assert response.json() == list(rows.values()), response.text
+    assert checkouts.out == 0

@@ -1,11 +1,14 @@
 """FastAPI dependencies: the current tenant, a session scoped to it, the verified token's claims."""
 
+import functools
+import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, overload
 
 from fastapi import Depends, HTTPException
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from .context import current_tenant_or_none
 from .errors import TenantMismatchError, TenantResolutionError
@@ -64,10 +67,20 @@ async def get_token_claims(connection: HTTPConnection) -> dict[str, Any]:
 TokenClaims = Annotated[dict[str, Any], Depends(get_token_claims)]
 """`claims: TokenClaims` in a route's parameters: the verified claims of the request's token."""
 
+_Session = TypeVar("_Session", bound=AsyncSession)
 
+
+@overload
 def make_tenant_db_dependency(
     manager: TenancyManager,
-) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]:
+) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]: ...
+@overload
+def make_tenant_db_dependency(
+    manager: TenancyManager, *, session_class: type[_Session]
+) -> Callable[[HTTPConnection], AsyncIterator[_Session]]: ...
+def make_tenant_db_dependency(
+    manager: TenancyManager, *, session_class: type[AsyncSession] = AsyncSession
+) -> Callable[[HTTPConnection], AsyncIterator[Any]]:
     """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
 
         get_db = make_tenant_db_dependency(manager)
@@ -77,20 +90,61 @@ def make_tenant_db_dependency(
 
     The session is not begun (so `async with session.begin()` works); commit
     explicitly, and anything uncommitted is rolled back when the request ends.
+    `session_class`: an `AsyncSession` subclass to yield instead, scoped the same way
+    (SQLModel's `sqlmodel.ext.asyncio.session.AsyncSession`, for `session.exec()`).
 
     Its connection goes back to the pool as soon as the route's response is ready,
     before the response is sent (see `TenancyMiddleware`); a streaming response keeps
     it until its last chunk.
+
+    Routes that use it are `async def`: a `def` route runs in a thread, where the
+    session's methods return coroutines nobody awaits, so its request fails with a
+    `TypeError` that says so instead (sync ORM code runs in `await session.run_sync(fn)`).
     """
+    # id -> endpoint, for the endpoints already found to be `async def`: one dictionary
+    # lookup per request after the first (by id: an endpoint may be unhashable; kept, so
+    # that its id is not reused).
+    checked: dict[int, object] = {}
 
     async def get_tenant_db(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
+        endpoint = connection.scope.get("endpoint")
+        if checked.get(id(endpoint)) is not endpoint:
+            _refuse_sync_endpoint(connection.scope)
+            checked[id(endpoint)] = endpoint
         # The tenant read here, not declared as a `CurrentTenant` sub-dependency (that
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
         # `manager.session()`: nothing but the session itself on the request path.
-        session = await manager.isolation.session(await get_current_tenant())
+        tenant = await get_current_tenant()
+        session = await manager.isolation.session(tenant, session_class=session_class)
         async with session:
             release_when_response_is_ready(connection.scope, session)
             yield session
 
     return get_tenant_db
+
+
+def _refuse_sync_endpoint(scope: Scope) -> None:
+    """Raise `TypeError` when the route of `scope` is a plain `def` function.
+
+    FastAPI runs such a route in a worker thread: each `await`-able method of the async
+    session returns a coroutine there, never run, and the route answers 200 with
+    `"<coroutine object ...>"` in its body, or an empty list where rows were. Refused
+    loudly instead, on every request of the route, before any session is made.
+    """
+    endpoint = scope.get("endpoint")
+    call = endpoint
+    while isinstance(call, functools.partial):
+        call = call.func
+    if not inspect.isfunction(call) and not inspect.ismethod(call):
+        return  # a class or a callable object: FastAPI decides how to run it; not ours to guess
+    if inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(inspect.unwrap(call)):
+        return
+    route = scope.get("route")
+    where = f"{getattr(route, 'path', '?')} ({getattr(call, '__qualname__', call)})"
+    raise TypeError(
+        f"the route {where} is a `def` function, but it depends on the async tenant session of "
+        "make_tenant_db_dependency(): FastAPI runs it in a thread, where the session's methods "
+        "return coroutines that never run. Declare it `async def` and await the session's methods; "
+        "sync ORM code runs with `await session.run_sync(fn)`."
+    )

@@ -3,7 +3,7 @@
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # optional extras: `cryptography`; Jinja2 (console); promethe
     from .metrics import TenantMetrics
 
 __all__ = ["TenancyManager"]
+
+_Session = TypeVar("_Session", bound=AsyncSession)
 
 
 class TenancyManager:
@@ -199,13 +201,31 @@ class TenancyManager:
             raise TenantMaintenanceError(self.config.maintenance_message, self.config.maintenance_retry_after)
         raise TenantInactiveError(tenant.status.value)
 
+    @overload
+    def session(
+        self, tenant: Tenant | str | None = None, *, during_maintenance: bool = False
+    ) -> AbstractAsyncContextManager[AsyncSession]: ...
+    @overload
+    def session(
+        self,
+        tenant: Tenant | str | None = None,
+        *,
+        during_maintenance: bool = False,
+        session_class: type[_Session],
+    ) -> AbstractAsyncContextManager[_Session]: ...
     @asynccontextmanager
     async def session(
-        self, tenant: Tenant | str | None = None, *, during_maintenance: bool = False
-    ) -> AsyncIterator[AsyncSession]:
+        self,
+        tenant: Tenant | str | None = None,
+        *,
+        during_maintenance: bool = False,
+        session_class: type[AsyncSession] = AsyncSession,
+    ) -> AsyncIterator[Any]:  # Any: an instance of `session_class` (see the overloads)
         """An `AsyncSession` that reaches only `tenant`'s data (default: the current tenant).
 
         `tenant` is a `Tenant` or an identifier (`manager.session("acme-corp")`).
+        `session_class` is an `AsyncSession` subclass to use instead (SQLModel's, for
+        `session.exec()`), scoped the same way.
         Not begun: use it directly (it begins on first use) or with
         `async with session.begin()`. Uncommitted work is rolled back on exit.
         The tenant's status is checked against the registry (through the lookup
@@ -223,7 +243,7 @@ class TenancyManager:
             raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
         if not (during_maintenance and current.status is TenantStatus.MAINTENANCE):
             self.ensure_active(current)
-        session = await self.isolation.session(current)
+        session = await self.isolation.session(current, session_class=session_class)
         async with session:
             yield session
 

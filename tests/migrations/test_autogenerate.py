@@ -211,3 +211,51 @@ async def test_hybrid_autogenerate_follows_each_tenants_tier(roles: Roles, tmp_p
     upgrade(url, root, *alpha, env=env)
     upgrade(url, root, *beta, env=env)
     assert autogenerate(url, root, *alpha, env=env) == []
+
+
+SQLMODEL_MODELS = """
+from sqlmodel import Field, Relationship, SQLModel
+
+
+class User(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=255, unique=True)
+    items: list["Item"] = Relationship(back_populates="owner")
+
+
+class Item(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    title: str = Field(max_length=255)
+    DESCRIPTION
+    owner_id: int = Field(foreign_key="user.id")
+    owner: User = Relationship(back_populates="items")
+
+
+metadata = SQLModel.metadata
+"""
+
+
+async def test_sqlmodel_revisions_import_sqlmodel_and_apply(
+    manager: TenancyManager, postgres_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "project"
+    make_models_project(root, SQLMODEL_MODELS.replace("DESCRIPTION", ""))
+    await manager.register_tenant("acme", "Acme")
+    tenant = ("--name", "tenant", "-x", "tenant=acme")
+
+    # `str` fields are SQLModel's AutoString: written by module path, so the module is imported.
+    assert autogenerate(postgres_url, root, *tenant) == [("create_table", "user"), ("create_table", "item")]
+    (first,) = root.rglob("tenant/versions/*.py")
+    assert "\nimport sqlmodel.sql.sqltypes\n" in first.read_text()
+    assert "sqlmodel.sql.sqltypes.AutoString(length=255)" in first.read_text()
+    upgrade(postgres_url, root, *tenant)
+    assert autogenerate(postgres_url, root, *tenant) == []
+
+    description = "description: str | None = Field(default=None, max_length=1000)"
+    (root / "models.py").write_text(SQLMODEL_MODELS.replace("DESCRIPTION", description))
+    assert autogenerate(postgres_url, root, *tenant) == [("add_column", "item")]
+    upgrade(postgres_url, root, *tenant)
+    assert autogenerate(postgres_url, root, *tenant) == []
+    assert await _tables(postgres_url, "tenant_acme") == ["alembic_version", "item", "user"]
+    # The shared environment has nothing of the tenants' to compare (nor the library's tables).
+    assert autogenerate(postgres_url, root, "--name", "shared") == []

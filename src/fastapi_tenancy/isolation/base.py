@@ -30,6 +30,7 @@ __all__ = [
     "TenantSession",
     "create_tables",
     "marker_name",
+    "new_session",
     "quote_identifier",
     "require_asyncpg",
     "storage_name",
@@ -80,14 +81,55 @@ def _set_connection_options(
 event.listen(TenantSession, "after_begin", _set_connection_options)
 
 
+# (ours, theirs) -> the class with both; one per pair of classes, made once.
+_SYNC_CLASSES: dict[tuple[type[Session], type[Session]], type[Session]] = {}
+
+
+def _sync_class(ours: type[Session], session_class: type[AsyncSession]) -> type[Session]:
+    theirs = session_class.sync_session_class
+    if issubclass(ours, theirs):
+        return ours
+    if issubclass(theirs, ours):
+        return theirs
+    combined = _SYNC_CLASSES.get((ours, theirs))
+    if combined is None:
+        namespace = {"__module__": __name__, "__doc__": ours.__doc__}
+        combined = _SYNC_CLASSES[ours, theirs] = type(theirs.__name__, (ours, theirs), namespace)
+    return combined
+
+
+def new_session(session_class: type[AsyncSession], ours: type[Session], **kwargs: Any) -> AsyncSession:
+    """A `session_class` session whose sync side is both `ours` and the class's own.
+
+    `ours` carries the listeners that scope the session to its tenant; the class's own
+    sync side carries its methods (SQLModel's `AsyncSession` runs `exec()` on a
+    `sqlmodel.Session`). The class having both is made once per pair, and every
+    listener of `ours` applies to it, as to any subclass. `kwargs` go to the session.
+    """
+    session = session_class(sync_session_class=_sync_class(ours, session_class), **kwargs)
+    # Fail closed: a class that builds its sync side itself (SQLModel's did before 0.0.12)
+    # would drop the listeners, and with them the tenant's scope.
+    if not isinstance(session.sync_session, ours):
+        raise ConfigurationError(
+            f"{session_class.__qualname__} ignores sync_session_class, so its sessions cannot be "
+            "scoped to a tenant (SQLModel: install sqlmodel>=0.0.14)"
+        )
+    return session
+
+
 def session_with_options(
-    engine: AsyncEngine, options: dict[str, Any], *, info: dict[str, Any] | None = None
+    engine: AsyncEngine,
+    options: dict[str, Any],
+    *,
+    info: dict[str, Any] | None = None,
+    session_class: type[AsyncSession] = AsyncSession,
 ) -> AsyncSession:
-    """A new, not yet begun session on `engine` whose connections get `options`."""
-    return AsyncSession(
+    """A new, not yet begun `session_class` session on `engine` whose connections get `options`."""
+    return new_session(
+        session_class,
+        TenantSession,
         bind=engine,
         expire_on_commit=False,
-        sync_session_class=TenantSession,
         info={**(info or {}), CONNECTION_OPTIONS: options},
     )
 
@@ -281,6 +323,13 @@ class Isolation(ABC):
         tenant is open (waiting, or ending them). Irreversible."""
 
     @abstractmethod
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         """A new, not yet begun session that reaches only `tenant`'s data (not the data of
-        another tenant that took the slug since)."""
+        another tenant that took the slug since).
+
+        Of class `session_class` (an `AsyncSession` subclass such as SQLModel's), scoped
+        exactly as the default: build it with `new_session()` when a sync session class
+        carries the scope.
+        """

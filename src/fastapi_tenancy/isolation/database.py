@@ -283,7 +283,9 @@ class DatabaseIsolation(Isolation):
 
     # -- the request path ----------------------------------------------------------
 
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         engine = self.engines.get(tenant.id, lambda: self._tenant_engine(tenant))
         if engine.sync_engine.dialect.driver == "asyncpg":
             # The connection reset around each transaction, and the lock of the tenant's
@@ -295,8 +297,8 @@ class DatabaseIsolation(Isolation):
                     self._options.pop(next(iter(self._options)))
                 setting = lock_marker(_MARKER_SCHEMA, tenant.id)
                 options = self._options[tenant.id] = {BEGIN_SETTING: setting}
-            return session_with_options(engine, options)
-        return AsyncSession(bind=engine, expire_on_commit=False)
+            return session_with_options(engine, options, session_class=session_class)
+        return session_class(bind=engine, expire_on_commit=False)
 
     # -- lifecycle -----------------------------------------------------------------
 

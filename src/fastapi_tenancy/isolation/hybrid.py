@@ -105,18 +105,21 @@ class HybridIsolation(Isolation):
         for isolation in self._unique():
             await isolation.close()
 
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         if tenant.id in self._moving:
             raise TenancyUnavailableError(f"tenant {tenant.identifier!r} is being moved to another tier")
         isolation = self.tier(tenant)
-        session = await isolation.session(tenant)
+        session = await isolation.session(tenant, session_class=session_class)
         if isinstance(isolation, RLSIsolation):
             return session
         # The same bind and connection options, in a session that fills the tenant
         # column of new ORM objects.
         bind = session.bind
         assert isinstance(bind, AsyncEngine)  # every strategy binds its sessions to an engine
-        return tenant_session(bind, self.column, tenant.id, session.info.get(CONNECTION_OPTIONS))
+        options = session.info.get(CONNECTION_OPTIONS)
+        return tenant_session(bind, self.column, tenant.id, options, session_class=session_class)
 
     async def provision(self, tenant: Tenant, metadata: sa.MetaData | None) -> None:
         await self.tier(tenant).provision(tenant, metadata)

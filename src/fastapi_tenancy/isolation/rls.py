@@ -19,6 +19,7 @@ from .base import (
     Finding,
     Isolation,
     TenantSession,
+    new_session,
     quote_identifier,
     require_asyncpg,
 )
@@ -66,18 +67,25 @@ event.listen(_TenantRowSession, "before_flush", _fill_tenant_column)
 
 
 def tenant_session(
-    bind: AsyncEngine, column: str, tenant_id: str, options: dict[str, Any] | None = None
+    bind: AsyncEngine,
+    column: str,
+    tenant_id: str,
+    options: dict[str, Any] | None = None,
+    *,
+    session_class: type[AsyncSession] = AsyncSession,
 ) -> AsyncSession:
     """A new session on `bind` that fills `column` with `tenant_id` in every new ORM object.
 
     What RLS sessions are; hybrid isolation makes its other tiers' sessions the same
     way, so one model (with the tenant column) serves every tier. `options`: the
-    execution options of each connection it begins on (see `TenantSession`).
+    execution options of each connection it begins on (see `TenantSession`); `session_class`:
+    the class of the session (see `Isolation.session()`).
     """
-    return AsyncSession(
+    return new_session(
+        session_class,
+        _TenantRowSession,
         bind=bind,
         expire_on_commit=False,
-        sync_session_class=_TenantRowSession,
         info={_TENANT_ID: (column, tenant_id), CONNECTION_OPTIONS: options},
     )
 
@@ -148,12 +156,14 @@ class RLSIsolation(Isolation):
 
     # -- sessions --------------------------------------------------------------------
 
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         # Keyed by the tenant's id, never its slug: a slug purged and registered again
         # belongs to a new tenant with a new id.
         setting = self._settings.get(tenant.id) or self._setting(tenant.id)
         options = {"schema_translate_map": self._translate, BEGIN_SETTING: setting}
-        return tenant_session(self.engine, self.column, tenant.id, options)
+        return tenant_session(self.engine, self.column, tenant.id, options, session_class=session_class)
 
     def _setting(self, tenant_id: str) -> str:
         # The search_path too: the manager's connections start with an empty one (so

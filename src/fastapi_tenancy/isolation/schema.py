@@ -136,7 +136,9 @@ class SchemaIsolation(Isolation):
         """Whether one SQL text serves every tenant (see the class docstring)."""
         self._types_changed = self._on_statement_types_change  # bound once, not per session
 
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         # Keyed by the tenant's id, never its slug: a slug deleted and registered again
         # names the schema of another tenant, which the setting refuses (see _setting).
         options: dict[str, Any] = {
@@ -145,7 +147,7 @@ class SchemaIsolation(Isolation):
         }
         if not self.shared_statements:
             options["schema_translate_map"] = {None: self.storage_name(tenant.identifier)}
-        return session_with_options(self.engine, options)
+        return session_with_options(self.engine, options, session_class=session_class)
 
     def _setting(self, tenant: Tenant) -> str:
         # The lock proves the schema is this tenant's (it holds the tenant's marker) and

@@ -130,11 +130,13 @@ class SQLiteFileIsolation(Isolation):
             _bind_to_file(engine, path, tenant_id)
         return engine
 
-    async def session(self, tenant: Tenant) -> AsyncSession:
+    async def session(
+        self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
+    ) -> AsyncSession:
         if self._memory and tenant.id not in self.engines:
             # In memory, the engine is the tenant's database: none, no tenant here.
             raise TenantNotFoundError(f"no in-memory database of tenant {tenant.identifier!r}")
-        return AsyncSession(bind=self._engine(tenant), expire_on_commit=False)
+        return session_class(bind=self._engine(tenant), expire_on_commit=False)
 
     def _engine(self, tenant: Tenant) -> AsyncEngine:
         # Keyed by the tenant's id, never its slug: a slug deleted and registered again

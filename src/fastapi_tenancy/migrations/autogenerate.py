@@ -11,17 +11,22 @@ itself inside a tenant's scope it proposed more than the model diff:
   live there): dropping the registry, the audit log and the other tables of the library,
   and the tables of the other environment.
 
+And a revision it wrote could fail to load: a column type from outside SQLAlchemy
+(SQLModel's `AutoString`, for every `str` field) is written by its module path, and
+nothing imported that module.
+
 `tenant_filters()` and `shared_filters()` return the `include_name`/`include_object`
-hooks (and options) that keep each environment to its own tables; `env.py` passes them
-to `context.configure()`, combined with any hooks of the caller's (both must agree).
+hooks (and options) that keep each environment to its own tables, and `render_item()`,
+which imports the module of such a type; `env.py` passes them to `context.configure()`,
+combined with any hooks of the caller's (both must agree).
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
-__all__ = ["combine", "shared_filters", "tenant_filters"]
+__all__ = ["combine", "render_item", "shared_filters", "tenant_filters"]
 
 
 Metadata = sa.MetaData | Sequence[sa.MetaData] | None
@@ -59,7 +64,22 @@ def tenant_filters(
             return bool(obj.schema is None)
         return shared_column is None or name in mine or shared_column in obj.c
 
-    return {"include_name": include_name, "include_object": include_object}
+    return {"include_name": include_name, "include_object": include_object, "render_item": render_item}
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> Literal[False]:
+    """Alembic's `render_item` hook: the revision imports the module of each type from outside SQLAlchemy.
+
+    Alembic writes such a type by its module path and leaves it to the revision's imports
+    (`sqlmodel.sql.sqltypes.AutoString(length=255)`, then `import sqlmodel.sql.sqltypes`
+    in its `${imports}`). Renders nothing itself (False: Alembic's own rendering), and adds
+    nothing when `user_module_prefix` says how to write such types instead.
+    """
+    if type_ == "type" and autogen_context.opts.get("user_module_prefix") is None:
+        module = type(obj).__module__
+        if module.partition(".")[0] not in ("sqlalchemy", "builtins", "__main__"):
+            autogen_context.imports.add(f"import {module}")
+    return False
 
 
 def shared_filters(
@@ -94,19 +114,27 @@ def shared_filters(
             return bool(obj.schema == schema)
         return shared_column is None or name in mine or shared_column not in obj.c
 
-    return {"include_schemas": True, "include_name": include_name, "include_object": include_object}
+    return {
+        "include_schemas": True,
+        "include_name": include_name,
+        "include_object": include_object,
+        "render_item": render_item,
+    }
 
 
 def combine(configure: dict[str, Any], filters: dict[str, Any]) -> None:
     """Put `filters` into `configure` (the keyword arguments of `context.configure()`).
 
-    A hook the caller passed too is kept: an object is compared only if both agree.
+    A hook the caller passed too is kept: an object is compared only if both agree; an
+    item is rendered by the caller's `render_item` first, by ours if it renders nothing.
     An explicit `include_schemas` of the caller's wins.
     """
     for key, ours in filters.items():
         theirs = configure.get(key)
         if key.startswith("include_") and callable(ours) and callable(theirs):
             configure[key] = _both(ours, theirs)
+        elif key == "render_item" and callable(theirs):
+            configure[key] = _first_rendered(theirs, ours)
         elif theirs is None:
             configure[key] = ours
 
@@ -116,3 +144,11 @@ def _both(first: Callable[..., bool], second: Callable[..., bool]) -> Callable[.
         return first(*args) and second(*args)
 
     return both
+
+
+def _first_rendered(first: Callable[..., Any], second: Callable[..., Any]) -> Callable[..., Any]:
+    def render(*args: Any) -> Any:
+        rendered = first(*args)
+        return second(*args) if rendered is False else rendered
+
+    return render

@@ -1,0 +1,1 @@
+"""A multi-tenant take on the FastAPI full-stack template's backend: users, items, login."""

@@ -1,0 +1,22 @@
+"""${message}
+
+Revision: ${up_revision} (after ${down_revision | comma,n}), ${create_date}.
+Runs once per tenant, inside that tenant's schema: write no schema= here.
+"""
+
+import sqlalchemy as sa
+from alembic import op
+${imports if imports else ""}
+
+revision = ${repr(up_revision)}
+down_revision = ${repr(down_revision)}
+branch_labels = ${repr(branch_labels)}
+depends_on = ${repr(depends_on)}
+
+
+def upgrade() -> None:
+    ${upgrades if upgrades else "pass"}
+
+
+def downgrade() -> None:
+    ${downgrades if downgrades else "pass"}

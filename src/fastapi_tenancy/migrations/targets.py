@@ -68,14 +68,15 @@ def migration_target(isolation: Isolation, tenant: Tenant) -> MigrationTarget:
 def library_tables(config: TenancyConfig) -> frozenset[str]:
     """The tables the library keeps in `public` beside shared tables (autogenerate leaves them alone).
 
-    The registry under its default name (and its settings: the invalidation channel it
-    records), the audit log, the spares list, the fleet's results, the row-level security
-    fence, and both version tables.
+    The registry under its default name (with its settings, the invalidation channel it
+    records, and its custom domains), the audit log, the spares list, the fleet's results,
+    the row-level security fence, and both version tables.
     """
     return frozenset(
         {
             "tenants",
             "tenants_settings",
+            "tenants_domains",
             "tenancy_audit_log",
             "tenancy_spares",
             "tenancy_migration_runs",

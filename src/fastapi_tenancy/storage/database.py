@@ -98,7 +98,9 @@ def _domains_table(tenants: sa.Table, name: str) -> sa.Table:
         sa.Column("name", name_type, primary_key=True),
         # No foreign key: SQLite would not enforce it anyway, so the store keeps the rows in
         # step itself (a domain change locks the tenant's row; delete() removes its domains).
-        sa.Column("tenant_id", sa.String(36), nullable=False, index=True),
+        # Not named tenant_id in the database (like the audit log's column): row-level
+        # security takes every table of the shared schema with that column for a tenant table.
+        sa.Column("owner_tenant_id", sa.String(36), key="tenant_id", nullable=False, index=True),
         sa.Column("is_primary", sa.Boolean(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         schema=tenants.schema,

@@ -17,6 +17,7 @@ from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
 if TYPE_CHECKING:  # spares.py imports this module
+    from .citus import CitusCluster
     from .spares import SparePool
 
 __all__ = [
@@ -213,6 +214,11 @@ class Isolation(ABC):
     spares: "SparePool | None" = None
     """Storage made ahead of time for new tenants (schema isolation with a template and
     `schema_spares`), which `fastapi-tenancy tenants spares` fills; else None."""
+
+    cluster: "CitusCluster | None" = None
+    """The Citus cluster this strategy's tenant schemas are distributed over (schema
+    isolation; active once `initialize()` found Citus), which `fastapi-tenancy tenants
+    move` and `fastapi-tenancy cluster` operate; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

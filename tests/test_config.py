@@ -85,6 +85,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "hybrid_plan_tiers": ('{"enterprise": "schema", "free": "rls"}', {"enterprise": "schema", "free": "rls"}),
     "schema_spares": ("5", 5),
     "schema_shared_statements": ("false", False),
+    "database_cluster": ("none", "none"),
 }
 
 
@@ -152,6 +153,8 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"hybrid_plan_tiers": {"pro": "dedicated"}}, "hybrid_plan_tiers"),
         ({"schema_spares": 3}, "schema_spares"),
         ({"schema_spares": -1}, "schema_spares"),
+        ({"database_cluster": "citus"}, "database_cluster"),  # the default SQLite URL
+        ({"database_cluster": "mesh"}, "database_cluster"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fleet.py --tenants 100
 	$(BIN)/python benchmarks/fleet.py --tenants 1000
 	$(BIN)/python benchmarks/roundtrips.py
+	$(BIN)/python benchmarks/citus.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -168,3 +168,44 @@ async def test_database_cluster_citus_refuses_a_server_without_citus(postgres_ur
         assert {c.name: c.status for c in await run_checks(auto)}["citus"] == "ok"
     finally:
         await auto.close()
+
+
+async def test_clones_of_the_template_and_spares_are_distributed_too(citus_url: str) -> None:
+    config = TenancyConfig(database_url=citus_url, schema_template="tenancy_template", schema_spares=1)
+    builder = TenancyManager(config.model_copy(update={"schema_spares": 0}))
+    try:
+        # The template stays a plain schema on the coordinator: clones copy its catalog there.
+        await builder.isolation.build_template(Base.metadata)  # type: ignore[attr-defined]
+    finally:
+        await builder.close()
+    spared = TenancyManager(config)
+    await spared.initialize()
+    try:
+        assert spared.isolation.spares is not None
+        await spared.isolation.spares.fill()
+        await spared.register_tenant("alpha", "Alpha")  # a spare, renamed
+    finally:
+        await spared.close()
+    manager = TenancyManager(config.model_copy(update={"schema_spares": 0}))
+    await manager.initialize()
+    try:
+        await manager.register_tenant("beta", "Beta")  # a clone of the template
+        for identifier in ("alpha", "beta"):
+            async with manager.session(identifier) as session:
+                session.add(Order(id=1, description=identifier))
+                await session.commit()
+            async with manager.session(identifier) as session:
+                assert (await session.execute(sa.select(Order.description))).scalars().all() == [identifier]
+        conn = await _coordinator(citus_url)
+        try:
+            distributed = {
+                r["nspname"]
+                for r in await conn.fetch(
+                    "SELECT n.nspname FROM pg_dist_schema s JOIN pg_namespace n ON n.oid = s.schemaid"
+                )
+            }
+            assert distributed == {"tenant_alpha", "tenant_beta"}
+        finally:
+            await conn.close()
+    finally:
+        await manager.close()

@@ -162,3 +162,55 @@ async def drop_database(cluster: Cluster, name: str) -> None:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+class ExtraNode:
+    """One more PostgreSQL with Citus (as cluster.sh makes its nodes), to add to the cluster,
+    stop and start again; `remove()` stops it and deletes its files."""
+
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self) -> None:
+        self.port = _free_ports(1)
+        self.workdir = Path(tempfile.mkdtemp(prefix="ft-citus-node-"))
+        os.chmod(self.workdir, 0o777)
+        self.data = self.workdir / "data"
+        self._as_postgres(f"{self.BIN}/initdb -D {self.data} -A trust -U postgres")
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.workdir}'\n"
+                "shared_preload_libraries = 'citus'\nwal_level = logical\nmax_connections = 200\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+            )
+
+    @staticmethod
+    def _as_postgres(command: str) -> None:
+        done = subprocess.run(["su", "postgres", "-c", command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start(self) -> None:
+        self._as_postgres(f"{self.BIN}/pg_ctl -D {self.data} -l {self.workdir}/log -w start")
+
+    def stop(self) -> None:
+        self._as_postgres(f"{self.BIN}/pg_ctl -D {self.data} -m immediate -w stop")
+
+    async def create_database(self, name: str) -> None:
+        conn = await _admin(self.port)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        conn = await _admin(self.port, name)
+        try:
+            await conn.execute("CREATE EXTENSION citus")
+        finally:
+            await conn.close()
+
+    def remove(self) -> None:
+        subprocess.run(
+            ["su", "postgres", "-c", f"{self.BIN}/pg_ctl -D {self.data} -m immediate -w stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -140,7 +140,8 @@ async def move_timings(url: str, sizes: list[int]) -> list[dict[str, Any]]:
                 )
                 megabytes = await conn.scalar(
                     sa.text(
-                        "SELECT schema_size FROM public.citus_schemas WHERE schema_name = CAST(:s AS regnamespace)"
+                        "SELECT schema_size FROM public.citus_schemas "
+                        "WHERE schema_name = CAST(:s AS regnamespace)"
                     ),
                     {"s": schema},
                 )

@@ -49,8 +49,9 @@ such a table fail during the move), `block_writes` (writes wait for the whole co
 
 _EXTENSION = sa.text("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'citus'")
 _IS_COORDINATOR = sa.text("SELECT pg_catalog.citus_is_coordinator()")
-# Each distributed schema's node: the placement of any shard of its colocation group (a
-# schema's tables are all on one node). Empty for a schema with no table yet.
+# Each distributed schema's node (of :schemas, or every one for NULL): the placement of any
+# shard of its colocation group (a schema's tables are all on one node). None for a schema
+# with no table yet.
 _PLACEMENTS = sa.text(
     """
     SELECT DISTINCT ON (n.nspname) n.nspname AS schema, d.nodename, d.nodeport
@@ -60,12 +61,9 @@ _PLACEMENTS = sa.text(
       JOIN pg_dist_shard sh ON sh.logicalrelid = p.logicalrelid
       JOIN pg_dist_placement pl ON pl.shardid = sh.shardid
       JOIN pg_dist_node d ON d.groupid = pl.groupid
-     WHERE n.nspname = ANY(:schemas)
+     WHERE CAST(:schemas AS text[]) IS NULL OR n.nspname = ANY(CAST(:schemas AS text[]))
      ORDER BY n.nspname, sh.shardid
     """
-)
-_IS_DISTRIBUTED = sa.text(
-    "SELECT 1 FROM pg_dist_schema s JOIN pg_catalog.pg_namespace n ON n.oid = s.schemaid WHERE n.nspname = :s"
 )
 _NODES = sa.text(
     """
@@ -111,6 +109,13 @@ _UNSUPPORTED = sa.text(
     LIMIT 20
     """
 )
+
+
+def _names(schemas: list[str], shown: int = 10) -> str:
+    if not schemas:
+        return ""
+    more = f" and {len(schemas) - shown} more" if len(schemas) > shown else ""
+    return f" ({', '.join(sorted(schemas)[:shown])}{more})"
 
 
 @dataclass(frozen=True)
@@ -310,10 +315,6 @@ class CitusCluster:
             await conn.execute(sa.text("SELECT citus_add_node(:host, :port)"), {"host": host, "port": port})
         return next(node for node in await self.nodes() if node.address == f"{host}:{port}")
 
-    async def is_distributed(self, conn: AsyncConnection, schema: str) -> bool:
-        """Whether `schema` is a distributed schema (False off a cluster)."""
-        return self.active and bool(await conn.scalar(_IS_DISTRIBUTED, {"s": schema}))
-
     def _require(self) -> None:
         if not self.active:
             raise ConfigurationError(
@@ -345,7 +346,13 @@ class CitusCluster:
         nodes = await self.nodes()
         workers = [n for n in nodes if n.holds_shards]
         down = [n.address for n in nodes if not n.active]
-        listing = ", ".join(f"{n.address} ({n.schemas} schemas)" for n in workers)
+        async with self.engine.connect() as conn:
+            placed = (await conn.execute(_PLACEMENTS, {"schemas": None})).all()
+        listing = "; ".join(
+            f"{n.address}: {n.schemas} tenant schemas"
+            + _names([r.schema for r in placed if r.nodeport == n.port and r.nodename == n.host])
+            for n in workers
+        )
         rows: list[tuple[str, Literal["ok", "warn", "fail"], str]] = []
         if not workers:
             rows.append(

@@ -155,6 +155,14 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"schema_spares": -1}, "schema_spares"),
         ({"database_cluster": "citus"}, "database_cluster"),  # the default SQLite URL
         ({"database_cluster": "mesh"}, "database_cluster"),
+        (
+            {
+                "database_cluster": "citus",
+                "database_url": "postgresql://a@h/db",
+                "isolation_strategy": "database",
+            },
+            "database_cluster",
+        ),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

@@ -386,7 +386,8 @@ class TenancyConfig(BaseSettings):
     # -- scaling out: a Citus cluster -------------------------------------------------------
 
     database_cluster: Literal["auto", "citus", "none"] = "auto"
-    """PostgreSQL schema isolation on a Citus cluster (docs/scaling-out.md): `auto` looks for
+    """PostgreSQL schema isolation (and hybrid's schema tier) on a Citus cluster
+    (docs/scaling-out.md): `auto` looks for
     the `citus` extension in `database_url`'s database at `initialize()` and, when it is
     there, creates each tenant's schema as a distributed schema, placed whole on one worker
     node; `citus` requires the extension (`initialize()` refuses to start without it, and
@@ -519,6 +520,11 @@ class TenancyConfig(BaseSettings):
         if self.database_cluster == "citus" and backend != "postgresql":
             raise ValueError(
                 f"database_cluster: Citus is a PostgreSQL extension, but database_url is {backend}"
+            )
+        if self.database_cluster == "citus" and self.isolation_strategy not in ("schema", "hybrid"):
+            raise ValueError(
+                "database_cluster: the library distributes tenant schemas (isolation_strategy 'schema' "
+                f"or 'hybrid'), not {self.isolation_strategy!r} storage"
             )
         return self
 

@@ -387,11 +387,11 @@ class TenancyConfig(BaseSettings):
 
     database_cluster: Literal["auto", "citus", "none"] = "auto"
     """PostgreSQL schema isolation (and hybrid's schema tier) on a Citus cluster
-    (docs/scaling-out.md): `auto` looks for
-    the `citus` extension in `database_url`'s database at `initialize()` and, when it is
-    there, creates each tenant's schema as a distributed schema, placed whole on one worker
-    node; `citus` requires the extension (`initialize()` refuses to start without it, and
-    `doctor` fails); `none` never distributes tenant schemas."""
+    (docs/scaling-out.md): `auto` looks for the `citus` extension in `database_url`'s
+    database at `initialize()` and, when it is there, creates each tenant's schema as a
+    distributed schema, placed whole on one worker node; `citus` requires the extension
+    (`initialize()` refuses to start without it, and `doctor` fails); `none` never
+    distributes tenant schemas."""
 
     @field_validator("database_url")
     @classmethod

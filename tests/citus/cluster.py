@@ -12,6 +12,7 @@ here) the tests skip with the reason, unless TENANCY_TEST_REQUIRE_SERVICES=1 (CI
 they fail. TENANCY_TEST_CITUS_DIR names another directory holding the two scripts.
 """
 
+import asyncio
 import os
 import shutil
 import socket
@@ -132,19 +133,22 @@ async def _admin(port: int, database: str = "postgres") -> asyncpg.Connection:
     return await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database=database, timeout=10)
 
 
+async def _with_citus(port: int, name: str) -> None:
+    conn = await _admin(port)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    conn = await _admin(port, name)
+    try:
+        await conn.execute("CREATE EXTENSION citus")
+    finally:
+        await conn.close()
+
+
 async def create_database(cluster: Cluster, name: str) -> str:
     """Database `name` on every node, with Citus, its workers added; the coordinator's URL."""
-    for port in cluster.ports:
-        conn = await _admin(port)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        conn = await _admin(port, name)
-        try:
-            await conn.execute("CREATE EXTENSION citus")
-        finally:
-            await conn.close()
+    await asyncio.gather(*(_with_citus(port, name) for port in cluster.ports))
     conn = await _admin(cluster.port, name)
     try:
         await conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', $1)", cluster.port)
@@ -155,13 +159,16 @@ async def create_database(cluster: Cluster, name: str) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:{cluster.port}/{name}"
 
 
+async def _drop(port: int, name: str) -> None:
+    conn = await _admin(port)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 async def drop_database(cluster: Cluster, name: str) -> None:
-    for port in cluster.ports:
-        conn = await _admin(port)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    await asyncio.gather(*(_drop(port, name) for port in cluster.ports))
 
 
 class ExtraNode:
@@ -196,16 +203,7 @@ class ExtraNode:
         self._as_postgres(f"{self.BIN}/pg_ctl -D {self.data} -m immediate -w stop")
 
     async def create_database(self, name: str) -> None:
-        conn = await _admin(self.port)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        conn = await _admin(self.port, name)
-        try:
-            await conn.execute("CREATE EXTENSION citus")
-        finally:
-            await conn.close()
+        await _with_citus(self.port, name)
 
     def remove(self) -> None:
         subprocess.run(

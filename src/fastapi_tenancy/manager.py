@@ -13,6 +13,7 @@ from ._utils import unavailable_as_503
 from .admin import TenantAdmin
 from .audit import AuditWriter
 from .builder import build_parts
+from .cloning import clone_tenant
 from .config import TenancyConfig
 from .context import current_tenant
 from .domain import Domain
@@ -283,6 +284,20 @@ class TenancyManager:
         See `TenantAdmin.seed_tenant` (and `fastapi-tenancy tenants seed`).
         """
         return await self.admin.seed_tenant(tenant, steps=steps)
+
+    async def clone_tenant(
+        self,
+        source: Tenant | str,
+        identifier: str,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        app_metadata: sa.MetaData | None = None,
+    ) -> Tenant:
+        """Register `identifier` with a consistent copy of `source`'s data; see `cloning.clone_tenant`."""
+        return await clone_tenant(
+            self.admin, source, identifier, name=name, metadata=metadata, app_metadata=app_metadata
+        )
 
     async def rotate_encryption_keys(self) -> int:
         """Re-encrypt every tenant's `database_url` under the first key; how many changed."""

@@ -130,21 +130,18 @@ async def _copy_schema(schema: SchemaIsolation, source: Tenant, target: Tenant, 
             total = 0
             for name, columns in layout:
                 listed = ", ".join(_q(c) for c in columns)
+                # The tenant column (hybrid) names the new tenant; text converts to the
+                # column's type on assignment (varchar, uuid, ...).
+                selected = ", ".join("CAST(:id AS text)" if c == column else _q(c) for c in columns)
                 # OVERRIDING SYSTEM VALUE: identity columns keep the source's ids.
                 result = await conn.execute(
                     sa.text(
                         f"INSERT INTO {_q(new)}.{_q(name)} ({listed}) OVERRIDING SYSTEM VALUE "  # noqa: S608
-                        f"SELECT {listed} FROM {_q(old)}.{_q(name)}"
-                    )
+                        f"SELECT {selected} FROM {_q(old)}.{_q(name)}"
+                    ),
+                    {"id": target.id},
                 )
                 total += result.rowcount
-                if column is not None and column in columns:
-                    # The tenant column (hybrid) names the new tenant; a bound parameter
-                    # takes the column's own type.
-                    await conn.execute(
-                        sa.text(f"UPDATE {_q(new)}.{_q(name)} SET {_q(column)} = :id"),  # noqa: S608
-                        {"id": target.id},
-                    )
             await _continue_sequences(conn, conn, old, new)
             return total
 

@@ -3,7 +3,10 @@ that never share a write, a source that keeps serving, and a failed clone that l
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,6 +74,7 @@ class SharedInvoice(SharedBase):
 
 # (strategy, tier of the tenants in hybrid isolation)
 SETUPS = {
+    "sqlite": ("schema", None),  # a file per tenant
     "schema": ("schema", None),
     "postgres-database": ("database", None),
     "mysql-database": ("database", None),
@@ -121,6 +125,9 @@ class Clones:
     async def storage_left(self, identifier: str, tenant_id: str) -> list[str]:
         """What is left anywhere of a tenant that should not exist."""
         name = self.prefix + identifier
+        url = make_url(self.admin_url)
+        if url.get_backend_name() == "sqlite":
+            return [path.name for path in Path(url.database or "").parent.glob(f"*{name}*")]
         left = [str(found) for found in await databases(self.admin_url, name)]
         if make_url(self.admin_url).get_backend_name() != "postgresql":
             return left
@@ -151,6 +158,11 @@ def setup(request: pytest.FixtureRequest) -> tuple[str, str, str, dict[str, Any]
     return request.param, roles.app_url, roles.admin_url, settings
 
 
+@asynccontextmanager
+async def _no_databases() -> AsyncIterator[str]:
+    yield "t" + uuid.uuid4().hex[:8] + "_"
+
+
 @pytest.fixture
 async def clones(setup: tuple[str, str, str, dict[str, Any]]) -> AsyncIterator[Clones]:
     name, url, admin_url, settings = setup
@@ -158,7 +170,8 @@ async def clones(setup: tuple[str, str, str, dict[str, Any]]) -> AsyncIterator[C
     if tier == "database":  # the owner role creates the database tier's databases
         owner = make_url(settings["database_owner_url"]).username
         await server_sql(admin_url, f'ALTER ROLE "{owner}" CREATEDB')
-    async with dropped_afterwards(admin_url) as prefix:
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    async with dropped_afterwards(admin_url) if not sqlite else _no_databases() as prefix:
         manager = TenancyManager(TenancyConfig(database_url=url, schema_prefix=prefix, **settings))
         await manager.initialize()
         try:

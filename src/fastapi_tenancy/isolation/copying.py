@@ -10,6 +10,7 @@ incarnation marker), written in one transaction too; the caller destroys it on f
   (foreign keys), then each sequence set to the source's value;
 * database: rows streamed from the source database to the new one in batches, then
   sequences (PostgreSQL) or `AUTO_INCREMENT` (MySQL/MariaDB) set to the source's value;
+* SQLite files: as databases; the `AUTOINCREMENT` counters (`sqlite_sequence`) too;
 * row-level security: the source's rows read into temporary tables while the owner
   transaction is bound to the source, then inserted while it is bound to the new tenant,
   so the policies confine each side and the tenant column is filled with the new id.
@@ -34,6 +35,7 @@ from .base import Isolation, marker_name, quote_identifier
 from .database import _MARKER_SCHEMA, _MARKERS, DatabaseIsolation, _backend
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
+from .sqlite import SQLiteFileIsolation
 
 __all__ = ["BATCH_ROWS", "Layout", "copy_rows", "copy_tenant_data", "table_layout"]
 
@@ -68,6 +70,8 @@ async def copy_tenant_data(
         return await _copy_rls(strategy, source, target)
     if isinstance(strategy, DatabaseIsolation):
         return await _copy_database(strategy, source, target, column)
+    if isinstance(strategy, SQLiteFileIsolation):
+        return await _copy_sqlite(strategy, source, target)
     raise ConfigurationError(f"cloning tenants of {type(strategy).__name__} is not supported")
 
 
@@ -286,3 +290,33 @@ async def _auto_increments(conn: AsyncConnection) -> list[tuple[str, int]]:
         )
     )
     return [(str(name), int(value)) for name, value in rows.all()]
+
+
+# -- SQLite files: two files, rows streamed between them --------------------------------
+
+
+async def _copy_sqlite(files: SQLiteFileIsolation, source: Tenant, target: Tenant) -> int:
+    # The tenants' own engines: a connection checks the file's marker as it opens it.
+    async with (
+        unavailable_as_503("tenant database"),
+        files._engine(source).connect() as reader,
+        files._engine(target).connect() as writer,
+    ):
+        # The driver begins only before a write: BEGIN by hand, so that every read comes
+        # from one snapshot (the files are in WAL mode: the source's writers go on).
+        await reader.exec_driver_sql("BEGIN")
+        layout = await reader.run_sync(table_layout, None)
+        async with writer.begin():
+            total = await copy_rows(reader, writer, layout)
+            if await reader.scalar(sa.text(_SQLITE_SEQUENCE_EXISTS)):
+                counters = (await reader.execute(sa.text("SELECT name, seq FROM sqlite_sequence"))).all()
+                for name, value in counters:
+                    await writer.execute(sa.text("DELETE FROM sqlite_sequence WHERE name = :n"), {"n": name})
+                    await writer.execute(
+                        sa.text("INSERT INTO sqlite_sequence (name, seq) VALUES (:n, :v)"),
+                        {"n": name, "v": value},
+                    )
+        return total
+
+
+_SQLITE_SEQUENCE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'"

@@ -37,7 +37,7 @@ from .rls import RLSIsolation
 from .schema import SchemaIsolation
 from .sqlite import SQLiteFileIsolation
 
-__all__ = ["BATCH_ROWS", "Layout", "copy_rows", "copy_tenant_data", "table_layout"]
+__all__ = ["BATCH_ROWS", "Layout", "copy_rows", "copy_tenant_data", "prove_postgres_source", "table_layout"]
 
 BATCH_ROWS = 1000
 """Rows per insert when rows are streamed from one database to another."""
@@ -129,7 +129,7 @@ async def _copy_schema(schema: SchemaIsolation, source: Tenant, target: Tenant, 
     async with unavailable_as_503("tenant database"), schema.ddl_engine.connect() as conn:
         conn = await conn.execution_options(**_REPEATABLE)
         async with conn.begin():
-            await _prove_postgres_source(conn, old, source)
+            await prove_postgres_source(conn, old, source)
             layout = await conn.run_sync(table_layout, old)
             total = 0
             for name, columns in layout:
@@ -150,7 +150,8 @@ async def _copy_schema(schema: SchemaIsolation, source: Tenant, target: Tenant, 
             return total
 
 
-async def _prove_postgres_source(conn: AsyncConnection, schema: str, source: Tenant) -> None:
+async def prove_postgres_source(conn: AsyncConnection, schema: str, source: Tenant) -> None:
+    """Lock `source`'s marker in `schema` as its transactions do, or raise `ProvisioningError`."""
     # The marker lock a transaction of the source takes (ACCESS SHARE, which its own
     # writers do not conflict with): the storage is the source's, and is not being dropped.
     try:
@@ -275,7 +276,7 @@ async def _copy_database(db: DatabaseIsolation, source: Tenant, target: Tenant, 
 
 async def _prove_database_source(conn: AsyncConnection, backend: str, source: Tenant) -> None:
     if backend == "postgresql":
-        await _prove_postgres_source(conn, _MARKER_SCHEMA, source)
+        await prove_postgres_source(conn, _MARKER_SCHEMA, source)
         return
     found: Sequence[Any] = (await conn.scalars(_MARKERS[backend])).all()
     if list(found) != [marker_name(source.id)]:

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 
-from fastapi_tenancy import ProvisioningError, TenancyManager, TenancyUnavailableError
+from fastapi_tenancy import ProvisioningError, TenancyManager, TenancyUnavailableError, TenantStatus
+from fastapi_tenancy.events import LifecycleEvent, TenantEvent
 from fastapi_tenancy.isolation.database import DatabaseIsolation
 from fastapi_tenancy.isolation.moves import MOVED_PUBLIC
 
@@ -112,3 +113,18 @@ async def test_a_process_still_routing_to_the_old_database_is_answered_503(env: 
         assert await server_sql(url, count) == [2]
     finally:
         await other.close()
+
+
+async def test_a_move_into_the_database_tier_in_maintenance_is_answered_503_until_it_ends(env: Env) -> None:
+    seen: list[tuple[str, str | None, int]] = []
+
+    async def probe(event: TenantEvent) -> None:
+        seen.append((event.event.value, event.tenant.tier, (await env.get("beta", "/orders")).status_code))
+
+    env.manager.events.add(probe, LifecycleEvent.MAINTENANCE, LifecycleEvent.UPDATED)
+    moved = await env.manager.move_tenant(
+        "beta", "database", app_metadata=SharedBase.metadata, maintenance=True
+    )
+    assert seen == [("maintenance", "rls", 503), ("updated", "database", 503)]
+    assert (moved.tier, (await env.manager.get_tenant("beta")).status) == ("database", TenantStatus.ACTIVE)
+    assert _orders(await env.get("beta", "/orders")) == ["beta-1", "beta-3"]

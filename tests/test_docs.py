@@ -196,6 +196,8 @@ EXTRA_FILES: dict[str, Callable[[], dict[str, str]]] = {
     "testing": lambda: {"main.py": quickstart_as_written()}
 }
 REWRITES: dict[str, Callable[[str], str]] = {"quickstart": _quickstart_main}
+
+
 def _clone_ran(_tmp_path: Path, output: str) -> None:
     # The clone has the source's rows, its own writes, and no provisioning step ran for it.
     assert output.splitlines()[-5:] == [

@@ -208,6 +208,17 @@ class SQLAlchemyTenantStore(TenantStore):
             raise ConfigurationError(problem)
         self.table.metadata.create_all(conn, checkfirst=True)
 
+    async def problem(self) -> str | None:
+        def read(conn: sa.Connection) -> str | None:
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(self.table.name, self.table.schema):
+                return None  # `initialize()` creates it
+            columns = {column["name"] for column in inspector.get_columns(self.table.name, self.table.schema)}
+            return registry_problem(self.table, columns)
+
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return await conn.run_sync(read)
+
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:
             # The engine stays (a new pool opens on next use): whoever holds it, such as the

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._utils import create_engine, is_deadlock, unavailable_as_503
+from .._utils import create_engine, create_tables, is_deadlock, unavailable_as_503
 from ..domain import Domain
 from ..errors import (
     ConfigurationError,
@@ -21,8 +21,7 @@ from ..errors import (
 from ..tenant import Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
 from .base import TenantStore
-from .legacy import registry_problem
-from .tables import domains_table, settings_table, tenants_table
+from .tables import domains_table, settings_table, table_problem, tenants_table
 
 __all__ = ["SQLAlchemyTenantStore"]
 
@@ -112,8 +111,7 @@ class SQLAlchemyTenantStore(TenantStore):
     async def initialize(self) -> None:
         if self._initialized:
             return
-        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
-            await conn.run_sync(self._create_or_check)
+        await create_tables(self.engine, self._create_or_check, "tenant registry")
         self._initialized = True
 
     def _create_or_check(self, conn: sa.Connection) -> None:
@@ -121,13 +119,14 @@ class SQLAlchemyTenantStore(TenantStore):
         # `tenants` too) is refused here, at startup, not by a 500 on the first request,
         # and before the tables beside it are made.
         self.table.create(conn, checkfirst=True)
-        columns = {
-            column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
-        }
-        problem = registry_problem(self.table, columns)
+        problem = table_problem(conn, self.table)
         if problem is not None:
             raise ConfigurationError(problem)
         self.table.metadata.create_all(conn, checkfirst=True)
+
+    async def problem(self) -> str | None:
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return await conn.run_sync(table_problem, self.table)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:

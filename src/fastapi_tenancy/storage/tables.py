@@ -1,8 +1,8 @@
 """The registry's tables as `SQLAlchemyTenantStore` keeps them, and `UTCDateTime`, their timestamps.
 
 Tenants, the settings every process of a registry shares, and custom domains; each made
-for the table names and schema of one store. `audit.py` stores its timestamps with
-`UTCDateTime` too.
+for the table names and schema of one store; `table_problem()` says whether a table found
+under the name is one. `audit.py` stores its timestamps with `UTCDateTime` too.
 """
 
 from datetime import UTC, datetime
@@ -14,8 +14,9 @@ from sqlalchemy.engine import Dialect
 
 from ..domain import DOMAIN_MAX_LENGTH
 from ..tenant import IDENTIFIER_MAX_LENGTH
+from .legacy import registry_problem
 
-__all__ = ["UTCDateTime", "domains_table", "settings_table", "tenants_table"]
+__all__ = ["UTCDateTime", "domains_table", "settings_table", "table_problem", "tenants_table"]
 
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
@@ -97,3 +98,15 @@ def domains_table(tenants: sa.Table, name: str) -> sa.Table:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         schema=tenants.schema,
     )
+
+
+def table_problem(conn: sa.Connection, table: sa.Table) -> str | None:
+    """Why the `table` found in the database is not a registry of ours (0.5.0's, another program's).
+
+    None when it is ours, or missing (`initialize()` creates it). Read-only.
+    """
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table.name, table.schema):
+        return None
+    columns = {column["name"] for column in inspector.get_columns(table.name, table.schema)}
+    return registry_problem(table, columns)

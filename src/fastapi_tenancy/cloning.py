@@ -21,8 +21,8 @@ from .isolation.copying import copy_tenant_data
 from .isolation.hybrid import HybridIsolation
 from .tenant import Tenant, TenantStatus
 
-if TYPE_CHECKING:  # admin.py delegates here
-    from .admin import TenantAdmin
+if TYPE_CHECKING:  # registration.py delegates here
+    from .registration import Registration
 
 __all__ = ["clone_tenant"]
 
@@ -33,7 +33,7 @@ _CLONABLE = (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE, TenantStatus.SUSPEND
 
 
 async def clone_tenant(
-    admin: "TenantAdmin",
+    registration: "Registration",
     source: Tenant | str,
     identifier: str,
     *,
@@ -51,7 +51,8 @@ async def clone_tenant(
     `TenantInactiveError` for one provisioning or deleted, `TenantAlreadyExistsError` for
     a taken identifier, and `ProvisioningError` (after undoing everything) when the copy fails.
     """
-    original = await admin._current(source)
+    admin = registration.admin
+    original = await admin.current(source)
     if original.status not in _CLONABLE:
         raise TenantInactiveError(original.status.value)
     isolation = admin.isolation
@@ -66,7 +67,7 @@ async def clone_tenant(
     )
     isolation.check(new)
     tenant = await admin.store.create(new)  # a taken slug raises here, before any storage
-    await admin._changed(identifier)
+    await admin.announce(identifier)
     await admin.events.emit(LifecycleEvent.REGISTERED, tenant, cloned_from=original.identifier)
     # Hybrid isolation fills its tenant column in every tier: the copies name the clone.
     column = isolation.column if isinstance(isolation, HybridIsolation) else None
@@ -74,19 +75,19 @@ async def clone_tenant(
     try:
         await isolation.provision(tenant, app_metadata)
         try:
-            if admin.stamper is not None:
-                await admin.stamper.after_provision(isolation, tenant)
+            if registration.stamper is not None:
+                await registration.stamper.after_provision(isolation, tenant)
             rows = await copy_tenant_data(isolation, original, tenant, column=column)
         except BaseException:
-            await asyncio.shield(admin._destroy_quietly(tenant))
+            await asyncio.shield(registration.destroy_quietly(tenant))
             raise
     except BaseException as exc:
-        await admin._undo_registration(tenant, exc)
+        await registration.undo(tenant, exc)
         if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
             raise
         raise ProvisioningError(f"could not clone tenant {original.identifier!r}: {exc}") from exc
     seconds = time.perf_counter() - started
-    active = await admin._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
+    active = await admin.change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
     await admin.events.emit(
         LifecycleEvent.CLONED, active, source=original.identifier, rows=rows, seconds=round(seconds, 3)
     )

@@ -12,11 +12,12 @@ from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
 from ._incarnation import drop_schema
+from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
 from .database import DatabaseIsolation
 from .moves import move_database_tier
 from .moves import old_schema_name as _old_copy_name
-from .rls import RLSIsolation, tenant_session
+from .rls import RLSIsolation
 from .schema import SchemaIsolation
 
 __all__ = ["HybridIsolation"]

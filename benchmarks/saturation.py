@@ -32,7 +32,8 @@ the per-round ratios tenancy/route and dependency/route (median, min-max).
     .venv/bin/python benchmarks/saturation.py --backends sqlite --sizes 10 --duration 5
 
 Needs `wrk` and PostgreSQL (`TENANCY_BENCH_POSTGRES_URL`); creates and drops the database
-`bench_saturation`, and SQLite files in a temporary directory. Writes
+`bench_saturation` (`--keep-database` keeps it, and a later run with it reuses its
+tenants), and SQLite files in a temporary directory. Writes
 `results/saturation.json` and `saturation.md`.
 """
 
@@ -48,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +296,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--orders", type=int, default=10)
     parser.add_argument("--seed-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--keep-database",
+        action="store_true",
+        help=f"PostgreSQL: keep {DB_NAME} afterwards, and reuse the tenants of a kept one",
+    )
     parser.add_argument("--output-dir", type=Path, default=overhead.BENCH_DIR / "results")
     # The same server/loop/database options as overhead.py.
     base = overhead.parse_args([])
@@ -313,14 +320,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def kept_tenants(base: str, maintenance_db: str) -> int | None:
+    """How many tenants a kept `bench_saturation` holds (None: there is no such database)."""
+    exists = "SELECT 1 FROM pg_database WHERE datname = 'bench_saturation'"  # DB_NAME
+    if not (await overhead.pg_admin(base, maintenance_db, exists))[0]:
+        return None
+    try:
+        rows = await overhead.pg_admin(base, DB_NAME, "SELECT count(*) FROM tenants")
+    except Exception:  # created, but no registry yet
+        return 0
+    return int(rows[0][0][0])
+
+
 def run_backend(
     name: str, args: argparse.Namespace, logs: Path, cleanups: list[Callable[[], object]]
 ) -> list[Any]:
+    registered = 0
     if name == "postgres":
         base = args.pg_base.rstrip("/")
         drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
-        cleanups.append(lambda: asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop)))
-        asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
+        if args.keep_database:
+            registered = asyncio.run(kept_tenants(base, args.maintenance_db))
+        else:
+            cleanups.append(lambda: asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop)))
+        if registered is None or not args.keep_database:
+            asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
+            registered = 0
+        elif registered > args.sizes[0]:
+            raise RuntimeError(f"{DB_NAME} holds {registered} tenants: cannot measure {args.sizes[0]}")
         backend = postgres_backend(args)
         concurrency = args.seed_concurrency
     else:
@@ -329,13 +356,15 @@ def run_backend(
         backend = sqlite_backend(directory)
         concurrency = 1  # SQLite serialises the registry's writers anyway
     results = []
-    registered = 0
     for size in args.sizes:
-        seconds = asyncio.run(
-            scale.add_tenants(backend.database_url, registered + 1, size + 1, args.orders, concurrency)
-        )
-        print(f"[{name}, {size} tenants] registered {size - registered} more in {seconds:.1f} s", flush=True)
-        registered = size
+        if size > registered:
+            seconds = asyncio.run(
+                scale.add_tenants(backend.database_url, registered + 1, size + 1, args.orders, concurrency)
+            )
+            print(
+                f"[{name}, {size} tenants] registered {size - registered} more in {seconds:.1f} s", flush=True
+            )
+            registered = size
         results.append(measure(backend, size, args, logs))
     return results
 
@@ -357,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             results += run_backend(name, args, logs, cleanups)
         except Exception as exc:  # report and go on with the next backend
             failed = True
-            print(f"[{name}] FAILED: {exc}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            print(f"[{name}] FAILED: {exc!r}", file=sys.stderr, flush=True)
         finally:
             overhead._stop_all()
             for cleanup in cleanups:

@@ -96,6 +96,15 @@ def sqlite_backend(directory: Path) -> Backend:
     )
 
 
+def connections_opened(backend: Backend, args: argparse.Namespace) -> int | None:
+    """Sessions PostgreSQL has started in the run's database so far (None on SQLite)."""
+    if backend.name != "postgres":
+        return None
+    sql = "SELECT sessions FROM pg_stat_database WHERE datname = 'bench_saturation'"  # DB_NAME
+    rows = asyncio.run(overhead.pg_admin(args.pg_base.rstrip("/"), args.maintenance_db, sql))
+    return int(rows[0][0][0])
+
+
 def check_answers(servers: dict[str, overhead.Server], size: int, orders: int) -> None:
     """Refuse to measure apps that answer differently for the same tenant."""
     for tenant in sorted({scale.slug(1), scale.slug(size)}):
@@ -129,7 +138,8 @@ def measure(backend: Backend, size: int, args: argparse.Namespace, logs: Path) -
     tag = f"[{backend.name}, {size} tenants]"
 
     def run(side: str, seconds: float) -> dict[str, Any]:
-        return overhead.run_wrk(
+        before = connections_opened(backend, args)
+        result = overhead.run_wrk(
             servers[side],
             seconds,
             args,
@@ -137,6 +147,12 @@ def measure(backend: Backend, size: int, args: argparse.Namespace, logs: Path) -
             script_args=(str(size), scale.PREFIX),
             header=None,
         )
+        after = connections_opened(backend, args)
+        if before is not None and after is not None:
+            # More connections checked out at once than the pool keeps means overflow
+            # connections, each opened and closed again: the cost of holding them longer.
+            result["connections_opened_per_1000"] = (after - before) / result["requests"] * 1000
+        return result
 
     try:
         for srv in servers.values():
@@ -178,6 +194,11 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(statistics.median(known)) if known else None
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per app: req/s and p99 over rounds; per pair: the per-round ratios (a round's apps
     ran back to back, under the same conditions), then their median."""
@@ -187,6 +208,10 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "rps": _spread([r[side]["rps"] for r in rounds]),
             "p50_ms": _spread([r[side]["p50_ms"] for r in rounds]),
             "p99_ms": _spread([r[side]["p99_ms"] for r in rounds]),
+            "cpu_us_per_request": _median([r[side]["cpu_us_per_request"] for r in rounds]),
+            "connections_opened_per_1000": _median(
+                [r[side].get("connections_opened_per_1000") for r in rounds]
+            ),
         }
     for side in ("tenancy", "dependency"):
         out[f"{side}/route"] = {
@@ -207,10 +232,15 @@ def _range(x: dict[str, float], fmt: str) -> str:
     return f"{x['min']:{fmt}}-{x['max']:{fmt}}"
 
 
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else f"{value:{fmt}}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| backend | tenants | app | req/s (min-max) | p99 ms (min-max) | req/s ÷ route | p99 ÷ route |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| backend | tenants | app | req/s (min-max) | p99 ms (min-max) | req/s ÷ route | p99 ÷ route "
+        "| CPU µs/req | connections opened per 1,000 req |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = {
         "tenancy": "Quick Start with fastapi-tenancy",
@@ -230,7 +260,9 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {res['backend']} | {res['tenants']:,} | {names[side]} "
                 f"| {x['rps']['median']:.0f} ({_range(x['rps'], '.0f')}) "
-                f"| {x['p99_ms']['median']:.1f} ({_range(x['p99_ms'], '.1f')}) | {rps_ratio} | {p99_ratio} |"
+                f"| {x['p99_ms']['median']:.1f} ({_range(x['p99_ms'], '.1f')}) | {rps_ratio} | {p99_ratio} "
+                f"| {_opt(x.get('cpu_us_per_request'), '.0f')} "
+                f"| {_opt(x.get('connections_opened_per_1000'), '.1f')} |"
             )
     return "\n".join(lines)
 

@@ -54,8 +54,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import ConfigurationError, TenancyUnavailableError, TenantScopeError
 from ._incarnation import refusal
-from .roles import ROLE_SWITCH
 from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
+from .roles import ROLE_SWITCH
 
 __all__ = ["RESET_STATE", "BeginSettingsConnection", "BeginSettingsContext", "enable"]
 

@@ -53,7 +53,7 @@ _NO_SCHEMA = "3F000"  # invalid_schema_name
 _NO_MARKER = "42P01"  # undefined_table
 _LOCK_NOT_AVAILABLE = "55P03"  # NOWAIT, or lock_timeout
 _INSUFFICIENT_PRIVILEGE = "42501"
-_NO_ROLE = "42704"  # undefined_object: SET ROLE to a role that is gone
+_NO_ROLE = "22023"  # invalid_parameter_value: SET ROLE to a role that is gone
 _ATTEMPTS = 3
 
 

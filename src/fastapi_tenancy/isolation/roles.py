@@ -222,12 +222,9 @@ class TenantRoles:
         schemas = await self.schemas()
         problems = await self._problems(login, schemas)
         if problems:
-            shown = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-            return (
-                "tenant roles",
-                "fail",
-                f"{shown} (repair with `fastapi-tenancy tenants grants`)",
-            )
+            more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+            shown = "; ".join(problems[:20]) + more
+            return "tenant roles", "fail", f"{shown} (repair with `fastapi-tenancy tenants grants`)"
         return "tenant roles", "ok", f"{len(schemas)} tenant schemas, each used by its own role only"
 
     async def _problems(self, login: _Login, schemas: Sequence[str]) -> list[str]:
@@ -238,7 +235,7 @@ class TenantRoles:
         problems = []
         for row in rows:
             if row.login_reads:
-                problems.append(f"{row.schema}: the login role {login.name!r} can use it without a tenant role")
+                problems.append(f"{row.schema}: the login role {login.name!r} uses it without a tenant role")
             if not row.role_exists:
                 problems.append(f"{row.schema}: role {row.role!r} is missing")
                 continue
@@ -279,4 +276,3 @@ async def _create_role(conn: AsyncConnection, role: str) -> None:
         # Made meanwhile by another process (roles are cluster-wide).
         if getattr(exc.orig, "sqlstate", None) not in _DUPLICATE:
             raise
-

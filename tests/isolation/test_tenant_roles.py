@@ -279,15 +279,15 @@ async def test_tenant_roles_need_an_owner_of_their_own(roles: Roles) -> None:
 
 
 async def test_hybrid_schema_tier_tenants_run_as_their_roles(tenant_roles: Roles) -> None:
-    async with two_tenants(
-        tenant_roles.app_url, **_settings(tenant_roles, isolation_strategy="hybrid"), tiers=("schema", "schema")
-    ) as env:
+    settings = _settings(tenant_roles, isolation_strategy="hybrid")
+    async with two_tenants(tenant_roles.app_url, **settings, tiers=("schema", "schema")) as env:
         await _both_intact(env)
         with pytest.raises(sa_exc.ProgrammingError, match="permission denied for schema tenant_alpha"):
             await _sql(env, "beta", "SELECT description FROM tenant_alpha.orders")
         assert await _sql(env, "beta", "SELECT current_user") == [[[_role(env, "beta")]]]
+        query = f"SELECT 1 FROM pg_roles WHERE rolname = '{_role(env, 'beta')}'"  # noqa: S608
         await env.manager.delete_tenant("beta", destroy_data=True)
-        assert await _admin(tenant_roles, f"SELECT 1 FROM pg_roles WHERE rolname = '{_role(env, 'beta')}'") == []
+        assert await _admin(tenant_roles, query) == []
 
 
 async def test_a_template_and_spares_are_granted_on_registration(tenant_roles: Roles) -> None:

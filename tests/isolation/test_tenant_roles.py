@@ -83,7 +83,7 @@ async def _both_intact(env: Env) -> None:
         "INSERT INTO tenant_beta.orders VALUES (9, 'from alpha')",
         "UPDATE tenant_beta.orders SET description = 'from alpha'",
         "DELETE FROM tenant_beta.orders",
-        "SELECT count(*) FROM tenant_beta.\"fastapi_tenancy:x\"",
+        'SELECT count(*) FROM tenant_beta."fastapi_tenancy:x"',
     ],
     ids=["read", "read-quoted", "insert", "update", "delete", "marker"],
 )

@@ -3,6 +3,7 @@ role, so SQL naming another tenant's schema is refused by PostgreSQL's privilege
 only missed by `search_path`. Two tenants with overlapping primary keys, a pool of ONE
 connection; directly and through PgBouncer in transaction mode."""
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,6 +91,20 @@ async def _both_intact(env: Env) -> None:
 async def test_sql_naming_the_other_tenants_schema_is_refused(env: Env, statement: str) -> None:
     with pytest.raises(sa_exc.ProgrammingError, match="permission denied for schema tenant_beta"):
         await _sql(env, "alpha", statement)
+    await _both_intact(env)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["SET search_path TO tenant_beta", "SELECT set_config('search_path', 'tenant_beta', true)"],
+    ids=["set", "set_config"],
+)
+async def test_a_route_pointing_search_path_at_the_other_tenant_reads_nothing(
+    env: Env, statement: str
+) -> None:
+    # Schemas the role may not use are left out of name lookup: nothing named resolves.
+    with pytest.raises(sa_exc.ProgrammingError, match='relation "orders" does not exist'):
+        await _sql(env, "alpha", statement, "SELECT description FROM orders")
     await _both_intact(env)
 
 
@@ -318,3 +333,21 @@ async def test_behind_pgbouncer_in_transaction_mode(tenant_roles: Roles) -> None
                 await _refused(env, "alpha", "RESET ROLE")
             async with env.manager.engine.connect() as conn:
                 assert await conn.scalar(sa.text("SELECT current_user")) == tenant_roles.app
+
+
+async def test_tenants_grants_repairs_from_the_shell(env: Env, tenant_roles: Roles) -> None:
+    from ..cli.test_cli import _call
+
+    shell = {"TENANCY_DATABASE_OWNER_URL": tenant_roles.owner_url, "TENANCY_SCHEMA_TENANT_ROLES": "true"}
+    await _admin(tenant_roles, f'REVOKE USAGE ON SCHEMA tenant_beta FROM "{_role(env, "beta")}"')
+    done = _call(tenant_roles.app_url, "--json", "tenants", "grants", env=shell)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["repaired"] == ["tenant_beta"]
+    await _both_intact(env)
+    # What it does not take away: the login role granted a tenant schema by hand.
+    await _admin(tenant_roles, f'GRANT USAGE ON SCHEMA tenant_beta TO "{tenant_roles.app}"')
+    done = _call(tenant_roles.app_url, "--json", "tenants", "grants", env=shell)
+    assert done.returncode == 1, done.stderr
+    assert "uses it without a tenant role" in json.loads(done.stdout)["detail"]
+    # Not configured: a usage error.
+    assert _call(tenant_roles.admin_url, "tenants", "grants").returncode == 2

@@ -147,6 +147,19 @@ async def test_own_rows_and_granted_shared_tables_still_work(env: Env, tenant_ro
     assert await _orders(env, "alpha") == ["alpha-1", "alpha-2", "alpha-3"]
 
 
+async def test_tables_the_owner_adds_later_are_granted(env: Env) -> None:
+    # What a migration (run as the owner) adds: default privileges cover it.
+    await env.shared_sql_as_owner("CREATE TABLE tenant_alpha.notes (id serial PRIMARY KEY, body text)")
+    assert await _sql(
+        env, "alpha", "INSERT INTO notes (body) VALUES ('n') RETURNING id", "SELECT body FROM notes"
+    ) == [
+        [[1]],
+        [["n"]],
+    ]
+    with pytest.raises(sa_exc.ProgrammingError, match="permission denied for schema tenant_alpha"):
+        await _sql(env, "beta", "SELECT body FROM tenant_alpha.notes")
+
+
 @pytest.mark.parametrize(
     "statement",
     [

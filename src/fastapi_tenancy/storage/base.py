@@ -46,6 +46,15 @@ class TenantStore(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Idempotent."""
 
+    async def problem(self) -> str | None:
+        """Why the store, as it stands, cannot serve as the registry; None if it can.
+
+        Read-only (`doctor` asks before anything is created): a store that keeps its
+        tenants in something it may find made by another program says what is wrong
+        with it, in words an operator can act on.
+        """
+        return None
+
     def configure(self, *, pgbouncer: bool) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Settings of the deployment, given by the manager once, before `initialize()`.
 

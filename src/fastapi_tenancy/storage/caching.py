@@ -91,6 +91,9 @@ class CachingTenantStore(TenantStore):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def problem(self) -> str | None:
+        return await self.backend.problem()
+
     async def initialize(self) -> None:
         await self.backend.initialize()
         try:

@@ -364,3 +364,25 @@ async def test_tenants_grants_repairs_from_the_shell(env: Env, tenant_roles: Rol
     assert "uses it without a tenant role" in json.loads(done.stdout)["detail"]
     # Not configured: a usage error.
     assert _call(tenant_roles.admin_url, "tenants", "grants").returncode == 2
+
+
+async def test_hybrid_moves_keep_the_role_with_the_schema(tenant_roles: Roles) -> None:
+    from ..apps import SharedBase
+
+    async with two_tenants(
+        tenant_roles.app_url, **_settings(tenant_roles, isolation_strategy="hybrid")
+    ) as env:
+        alpha = _role(env, "alpha")  # alpha in a schema, beta in the shared tables
+        query = f"SELECT 1 FROM pg_roles WHERE rolname = '{alpha}'"  # noqa: S608
+        await env.manager.move_tenant("alpha", "rls", app_metadata=SharedBase.metadata)
+        await _both_intact(env)
+        assert await _admin(tenant_roles, query) == [(1,)]  # the old copy is still its role's
+        await env.manager.remove_old_copy("alpha")
+        assert await _admin(tenant_roles, query) == []
+        await env.manager.move_tenant("alpha", "schema", app_metadata=SharedBase.metadata)
+        assert await _admin(tenant_roles, query) == [(1,)]
+        await _both_intact(env)
+        assert await _sql(env, "alpha", "SELECT current_user") == [[[alpha]]]
+        with pytest.raises(sa_exc.ProgrammingError, match="permission denied for schema tenant_alpha"):
+            async with env.manager.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT * FROM tenant_alpha.orders"))

@@ -68,6 +68,14 @@ class TenantStore(ABC):
         `redis_url` is configured."""
         return None
 
+    def registry_store(self) -> "TenantStore":
+        """The store that keeps the registry itself: this one, or the one a wrapper holds.
+
+        A store in front of another (`CachingTenantStore`) answers with that one's, so
+        that code needing the registry's own table (converting a 0.5.0 registry) finds it.
+        """
+        return self
+
     # The default keeps the record in this object, which is right for a store that only
     # one process uses; a store that several processes share keeps it with its tenants.
     _channel_record: str | None = None

@@ -115,6 +115,9 @@ class CachingTenantStore(TenantStore):
         # The registry is the backend's: its workers listen where it lives.
         return self.backend.notify_engine()
 
+    def registry_store(self) -> TenantStore:
+        return self.backend.registry_store()
+
     async def get_channel_record(self) -> str | None:
         return await self.backend.get_channel_record()
 

@@ -37,12 +37,13 @@ format: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-# The whole benchmark suite (about 50 minutes), then the summary in docs/performance.md.
+# The whole benchmark suite (about an hour), then the summary in docs/performance.md.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench: install wrk"; exit 2; }
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/saturation.py
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite
 	$(BIN)/python benchmarks/provisioning.py

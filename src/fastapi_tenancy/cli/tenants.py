@@ -1,4 +1,4 @@
-"""`fastapi-tenancy tenants`: list, show, create, clone, suspend, activate, delete; maintenance; spares."""
+"""`fastapi-tenancy tenants`: the registry (list, show, create, clone, suspend, delete), spares, grants."""
 
 import json
 import sys
@@ -240,6 +240,34 @@ def tenants_adopt(
     rows = run_with_manager(work)
     print_rows("Storage adopted", rows, ["identifier", "storage"])
     if any(row["storage"].startswith("not adopted") for row in rows):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@tenants_app.command("grants")
+def tenants_grants() -> None:
+    """Repair tenant roles (schema_tenant_roles): grant each tenant schema's role what it lacks.
+
+    Creates a missing role, grants it its schema, tables and sequences, and grants it to
+    the login role; what `doctor` reports under "tenant roles". Exit 1 if a login role
+    still reaches a tenant schema by itself (it owns it, or was granted it by hand).
+    """
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        every = [p.roles for p in manager.isolation.parts() if p.roles is not None]
+        if not every:
+            raise ConfigurationError("no tenant roles configured: set schema_tenant_roles")
+        roles = every[0]  # one schema strategy at most (schema isolation, or hybrid's tier)
+        repaired = await roles.repair()
+        _, status, detail = await roles.diagnose()
+        return {"repaired": repaired, "status": status, "detail": detail}
+
+    result = run_with_manager(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"repaired {len(result['repaired'])} schema(s): {', '.join(result['repaired']) or '-'}")
+        out.print(f"tenant roles: {result['status']}: {result['detail']}", highlight=False)
+    if result["status"] == "fail":
         raise typer.Exit(EXIT_FAILED)
 
 

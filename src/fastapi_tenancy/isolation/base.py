@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
-if TYPE_CHECKING:  # spares.py imports this module
+if TYPE_CHECKING:  # spares.py and roles.py import this module
     from .citus import CitusCluster
+    from .roles import TenantRoles
     from .spares import SparePool
 
 __all__ = [
@@ -214,6 +215,10 @@ class Isolation(ABC):
     spares: "SparePool | None" = None
     """Storage made ahead of time for new tenants (schema isolation with a template and
     `schema_spares`), which `fastapi-tenancy tenants spares` fills; else None."""
+
+    roles: "TenantRoles | None" = None
+    """A role per tenant schema (schema isolation with `schema_tenant_roles`), which
+    `doctor` checks and `fastapi-tenancy tenants grants` repairs; else None."""
 
     cluster: "CitusCluster | None" = None
     """The Citus cluster this strategy's tenant schemas are distributed over (schema

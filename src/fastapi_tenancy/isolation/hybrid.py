@@ -252,6 +252,9 @@ class HybridIsolation(Isolation):
                 async with unavailable_as_503("tenant database"), isolation.ddl_engine.begin() as conn:
                     # After the transactions that still hold the copy's marker (_incarnation.py).
                     await drop_schema(conn, old)
+                    if isolation.roles is not None:
+                        # The tenant's role served the copy (a renamed schema keeps its grants).
+                        await isolation.roles.drop(conn, isolation.storage_name(tenant.identifier))
             elif isinstance(isolation, RLSIsolation):
                 async with unavailable_as_503("tenant database"), isolation.owner_engine.begin() as conn:
                     await isolation.delete_rows(conn, tenant)

@@ -142,6 +142,10 @@ async def _with_citus(port: int, name: str) -> None:
     conn = await _admin(port, name)
     try:
         await conn.execute("CREATE EXTENSION citus")
+        # cluster.sh turns synchronous_commit off for speed. Citus waits for a moving shard's
+        # copy to catch up to pg_current_wal_lsn(), the WAL *written*, which an asynchronous
+        # commit may not have reached yet: writes committed in that window would be lost.
+        await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit TO on')
     finally:
         await conn.close()
 

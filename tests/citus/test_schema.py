@@ -108,6 +108,18 @@ async def test_moves_and_rebalancing_keep_every_row_and_the_routing(citus_url: s
         checks = {c.name: c for c in await run_checks(manager)}
         assert checks["citus"].status == "ok" and "2 nodes" in checks["citus"].detail, checks["citus"]
         assert checks["tenant storage"].status == "ok"
+        assert checks["citus moves"].status == "ok", checks["citus moves"]
+        # Workers acknowledging commits before writing them would lose writes at a switch-over
+        # (ALTER DATABASE on the coordinator reaches every node).
+        conn = await _coordinator(citus_url)
+        try:
+            await conn.execute(
+                f'ALTER DATABASE "{make_url(citus_url).database}" SET synchronous_commit TO off'
+            )
+        finally:
+            await conn.close()
+        settings = next(c for c in await run_checks(manager) if c.name == "citus moves")
+        assert settings.status == "warn" and f"{target}: synchronous_commit=off" in settings.detail, settings
     finally:
         await manager.close()
 

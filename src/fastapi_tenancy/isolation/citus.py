@@ -118,6 +118,16 @@ def _names(schemas: list[str], shown: int = 10) -> str:
     return f" ({', '.join(sorted(schemas)[:shown])}{more})"
 
 
+# What online moves need on every worker: logical decoding, and commits written to the WAL
+# before they are acknowledged. Citus waits for a moving copy to catch up to
+# pg_current_wal_lsn(), the WAL written so far: with synchronous_commit=off a commit
+# acknowledged a moment before the switch-over may not be written yet, and is left behind.
+_MOVE_SETTINGS = sa.text(
+    "SELECT nodename, nodeport, success, result FROM pg_catalog.run_command_on_workers("
+    "$$SELECT current_setting('wal_level') || ' ' || current_setting('synchronous_commit')$$)"
+)
+
+
 @dataclass(frozen=True)
 class Node:
     """A node of the cluster: where tenant schemas are placed (the coordinator holds none by default)."""
@@ -315,6 +325,31 @@ class CitusCluster:
             await conn.execute(sa.text("SELECT citus_add_node(:host, :port)"), {"host": host, "port": port})
         return next(node for node in await self.nodes() if node.address == f"{host}:{port}")
 
+    async def _check_move_settings(self) -> tuple[str, Literal["ok", "warn", "fail"], str]:
+        async with self.engine.connect() as conn:
+            found = (await conn.execute(_MOVE_SETTINGS)).all()
+        problems = []
+        for row in found:
+            where = f"{row.nodename}:{row.nodeport}"
+            if not row.success:
+                problems.append(f"{where}: not reachable ({row.result})")
+                continue
+            wal_level, synchronous_commit = str(row.result).split(" ", 1)
+            if wal_level != "logical":
+                problems.append(f"{where}: wal_level={wal_level} (moves then block writes; set logical)")
+            if synchronous_commit == "off":
+                problems.append(
+                    f"{where}: synchronous_commit=off (a write acknowledged just before a move "
+                    "switches over can be lost; set it on for the database)"
+                )
+        if problems:
+            return "citus moves", "warn", "; ".join(problems)
+        return (
+            "citus moves",
+            "ok",
+            "every worker: wal_level=logical, commits written before they are acknowledged",
+        )
+
     def _require(self) -> None:
         if not self.active:
             raise ConfigurationError(
@@ -366,6 +401,7 @@ class CitusCluster:
             rows.append(
                 ("citus", "ok", f"citus {self.version}, coordinator and {len(workers)} nodes: {listing}")
             )
+        rows.append(await self._check_move_settings())
         async with self.engine.connect() as conn:
             unsupported = (await conn.scalars(_UNSUPPORTED)).all()
         if unsupported:

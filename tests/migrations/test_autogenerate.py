@@ -87,7 +87,12 @@ async def test_schema_tenant_autogenerate_is_the_model_diff_and_applies(
     assert autogenerate(postgres_url, root, *tenant) == []
     rows = await _fetch(postgres_url, "SELECT version_num FROM tenant_acme.alembic_version")
     assert len(rows) == 1
-    assert await _tables(postgres_url, "public") == ["tenancy_audit_log", "tenants", "tenants_domains", "tenants_settings"]
+    assert await _tables(postgres_url, "public") == [
+        "tenancy_audit_log",
+        "tenants",
+        "tenants_domains",
+        "tenants_settings",
+    ]
 
 
 async def test_shared_autogenerate_is_the_shared_tables_only(

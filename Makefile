@@ -42,13 +42,17 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || { echo "bench: install wrk"; exit 2; }
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/overhead.py
-	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/pg_costs.py --keep-database
+	$(BIN)/python benchmarks/scale.py --keep-database
+	$(BIN)/python benchmarks/scale.py --strategy rls --sizes 100000
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite
 	$(BIN)/python benchmarks/provisioning.py
 	$(BIN)/python benchmarks/ratelimit.py
 	$(BIN)/python benchmarks/fleet.py --tenants 100
 	$(BIN)/python benchmarks/fleet.py --tenants 1000
+	$(BIN)/python benchmarks/fleet.py --tenants 10000 --noop-only
+	$(BIN)/python benchmarks/noisy.py
 	$(BIN)/python benchmarks/roundtrips.py
 	$(BIN)/python benchmarks/report.py
 

@@ -3,10 +3,13 @@
 Runs the real `fastapi-tenancy` console script against its own `bench_fleet_*`
 database (`--database-prefix`) on local PostgreSQL (TENANCY_BENCH_POSTGRES_URL) and
 writes `results/fleet-<tenants>.json` with the machine's load average at the start
-(`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants.
-Not a test: numbers depend on the machine.
+(`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants,
+and `--noop-only` at 10,000 (registration, then only the no-op upgrade: the other
+steps at 10,000 would take most of an hour). Tenants are registered
+`--register-concurrency` at a time (untimed). Not a test: numbers depend on the machine.
 
     .venv/bin/python benchmarks/fleet.py --tenants 100 --concurrency 4
+    .venv/bin/python benchmarks/fleet.py --tenants 10000 --noop-only
 """
 
 import argparse
@@ -114,6 +117,8 @@ async def main() -> None:
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--database-prefix", default="bench_fleet_", help="of the throwaway database")
+    parser.add_argument("--register-concurrency", type=int, default=8)
+    parser.add_argument("--noop-only", action="store_true", help="measure only the no-op upgrade")
     args = parser.parse_args()
 
     database = f"{args.database_prefix}{uuid.uuid4().hex[:8]}"
@@ -144,8 +149,13 @@ async def main() -> None:
         manager = TenancyManager(TenancyConfig(database_url=url, schema_template="tenancy_template"))
         await manager.initialize()
         started = time.perf_counter()
-        for i in range(args.tenants):
-            await manager.register_tenant(f"t{i:05d}", f"Tenant {i}")
+        numbers = iter(range(args.tenants))
+
+        async def register() -> None:
+            for i in numbers:
+                await manager.register_tenant(f"t{i:05d}", f"Tenant {i}")
+
+        await asyncio.gather(*(register() for _ in range(args.register_concurrency)))
         out["register_all_s"] = round(time.perf_counter() - started, 2)
         await manager.close()
         print(f"registered {args.tenants} tenants in {out['register_all_s']} s", flush=True)
@@ -174,6 +184,10 @@ async def main() -> None:
         await manager.close()
         out["noop_upgrade_in_process_s"] = in_process
         print(f"no-op upgrade (in process): {in_process} s", flush=True)
+        if args.noop_only:
+            out["noop_only"] = True
+            write(out)
+            return
 
         # 2. One ALTER TABLE across all of them, concurrently, with per-tenant results.
         add_revision(project, "r2", "r1", ALTER_1)
@@ -224,8 +238,12 @@ async def main() -> None:
         admin = await connect(SERVER)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+    write(out)
+
+
+def write(out: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"fleet-{args.tenants}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"fleet-{out['tenants']}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

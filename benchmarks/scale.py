@@ -399,11 +399,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-database", action="store_true", help=f"keep {DB_NAME} afterwards; reuse a kept one"
     )
-    parser.add_argument(
-        "--reuse-database",
-        action="store_true",
-        help=f"reuse a kept {DB_NAME} (from pg_costs.py), then drop it",
-    )
     parser.add_argument("--strategy", choices=("schema", "rls"), default="schema")
     parser.add_argument(
         "--cache-max-size",
@@ -453,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 cleanup()
         return finish(args, facts, seeding, results, logs)
     drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
-    reuse = args.keep_database or args.reuse_database
-    registered = asyncio.run(registered_tenants(base, args.maintenance_db)) if reuse else None
+    registered = asyncio.run(registered_tenants(base, args.maintenance_db)) if args.keep_database else None
     if registered is None:
         asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop, f"CREATE DATABASE {DB_NAME}"))
         registered = 0

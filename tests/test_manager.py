@@ -3,6 +3,7 @@
 
 import asyncio
 import inspect
+import uuid
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,27 @@ async def test_tenant_scope_also_works_with_async_with(manager: TenancyManager) 
     with scope, pytest.raises(RuntimeError, match="already entered"):
         with scope:
             pass
+
+
+@pytest.fixture(params=["postgres", "mysql"])
+def fresh_url(request: pytest.FixtureRequest) -> str:
+    """An empty PostgreSQL or MariaDB database."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+async def test_workers_starting_together_on_a_fresh_database_all_initialize(fresh_url: str) -> None:
+    # `uvicorn --workers 4` on an empty database: every process creates the registry, its
+    # side tables and the audit log at once. Each must come up, none with a duplicate-table error.
+    postgres = fresh_url.startswith("postgresql")
+    config = TenancyConfig(database_url=fresh_url, isolation_strategy="schema" if postgres else "database")
+    managers = [TenancyManager(config) for _ in range(4)]
+    try:
+        await asyncio.gather(*(manager.initialize() for manager in managers))
+        # A unique name: tenant databases of MariaDB live beside every other test's.
+        identifier = f"t{uuid.uuid4().hex[:12]}"
+        await managers[0].register_tenant(identifier, "Acme")
+        assert [t.identifier for t in await managers[-1].list_tenants()] == [identifier]
+        await managers[0].delete_tenant(identifier, destroy_data=True)
+    finally:
+        for manager in managers:
+            await manager.close()

@@ -4,13 +4,13 @@ import asyncio
 import errno
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 
@@ -271,6 +271,29 @@ async def unavailable_as_503(what: str) -> AsyncIterator[None]:
         if not is_outage(exc):
             raise
         raise TenancyUnavailableError(f"{what} unavailable: {type(exc).__name__}") from exc
+
+
+async def create_tables(engine: AsyncEngine, create: Callable[[Connection], None], what: str) -> None:
+    """Run `create` (DDL that checks first) in a transaction, again if another process raced it.
+
+    Processes started together on an empty database (`uvicorn --workers 4`) all find a
+    table missing and all create it; every one but the first then fails with a duplicate
+    (PostgreSQL: a unique violation in the catalog; MySQL: "table already exists"). Run
+    again, the check finds the tables the others made. A failure that is not such a race
+    repeats, and is raised after the last attempt; an outage is a 503 at once.
+    """
+    for attempt in range(_DDL_ATTEMPTS):
+        try:
+            async with unavailable_as_503(what), engine.begin() as conn:
+                await conn.run_sync(create)
+            return
+        except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError):
+            if attempt == _DDL_ATTEMPTS - 1:
+                raise
+
+
+# One per table a process can lose the race for (registry, settings, domains, audit log).
+_DDL_ATTEMPTS = 5
 
 
 def redis_client(url: str, *, timeout: float = 1.0) -> Any:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._utils import unavailable_as_503
+from ._utils import create_tables, unavailable_as_503
 from .events import TenantEvent
 from .storage.database import UTCDateTime
 from .tenant import IDENTIFIER_MAX_LENGTH, thaw
@@ -81,8 +81,7 @@ class SQLAuditWriter(AuditWriter):
         )
 
     async def initialize(self) -> None:
-        async with unavailable_as_503("audit log"), self.engine.begin() as conn:
-            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+        await create_tables(self.engine, lambda conn: self.table.metadata.create_all(conn), "audit log")
 
     async def write(self, event: TenantEvent) -> None:
         row = {

@@ -10,7 +10,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._utils import create_engine, is_deadlock, unavailable_as_503
+from .._utils import create_engine, create_tables, is_deadlock, unavailable_as_503
 from ..domain import DOMAIN_MAX_LENGTH, Domain
 from ..errors import (
     ConfigurationError,
@@ -192,8 +192,7 @@ class SQLAlchemyTenantStore(TenantStore):
     async def initialize(self) -> None:
         if self._initialized:
             return
-        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
-            await conn.run_sync(self._create_or_check)
+        await create_tables(self.engine, self._create_or_check, "tenant registry")
         self._initialized = True
 
     def _create_or_check(self, conn: sa.Connection) -> None:

@@ -6,7 +6,8 @@ writes `results/fleet-<tenants>.json` with the machine's load average at the sta
 (`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants,
 and `--noop-only` at 10,000 (registration, then only the no-op upgrade: the other
 steps at 10,000 would take most of an hour). Tenants are registered
-`--register-concurrency` at a time (untimed). Not a test: numbers depend on the machine.
+`--register-concurrency` at a time (untimed); a `--noop-only` run writes
+`results/fleet-noop-<tenants>.json`. Not a test: numbers depend on the machine.
 
     .venv/bin/python benchmarks/fleet.py --tenants 100 --concurrency 4
     .venv/bin/python benchmarks/fleet.py --tenants 10000 --noop-only
@@ -243,7 +244,8 @@ async def main() -> None:
 
 def write(out: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"fleet-{out['tenants']}.json").write_text(json.dumps(out, indent=2) + "\n")
+    name = f"fleet-noop-{out['tenants']}" if out.get("noop_only") else f"fleet-{out['tenants']}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

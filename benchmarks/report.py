@@ -101,7 +101,11 @@ def small_sections() -> list[str]:
         lines.append("")
     # fleet-<tenants>.json from fleet.py (schemas); fleet-databases.json is reported below.
     fleets = sorted(
-        (p for p in RESULTS.glob("fleet-*.json") if p.stem.removeprefix("fleet-").isdigit()),
+        (
+            p
+            for p in RESULTS.glob("fleet-*.json")
+            if p.stem.removeprefix("fleet-").removeprefix("noop-").isdigit()
+        ),
         key=lambda p: json.loads(p.read_text())["tenants"],
     )
     if fleets:

@@ -105,7 +105,8 @@ _CLONE_SCRIPT = sa.text(
           UNION ALL
           SELECT k.conrelid, 2, k.conname::text,
                  format('ADD CONSTRAINT %I %s', k.conname, pg_get_constraintdef(k.oid))
-            FROM pg_constraint k WHERE k.connamespace = (SELECT nsp FROM t) AND k.contype IN ('p', 'u', 'x', 'c')
+            FROM pg_constraint k
+           WHERE k.connamespace = (SELECT nsp FROM t) AND k.contype IN ('p', 'u', 'x', 'c')
         ) AS part JOIN pg_class c ON c.oid = part.rel, t
        WHERE c.relnamespace = t.nsp AND c.relkind = 'r'
        GROUP BY c.relname

@@ -18,7 +18,7 @@ from fastapi_tenancy.errors import TenantBusyError
 
 from .apps import Base, Order, build_app
 
-SLOW = 0.4  # seconds of pg_sleep per slow request
+SLOW = 1.0  # seconds of pg_sleep per slow request (wide margins on a loaded machine)
 
 
 async def _app(postgres_url: str, cap: int, wait: float) -> tuple[TenancyManager, FastAPI]:

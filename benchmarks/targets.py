@@ -125,9 +125,9 @@ def fleet_rows() -> list[Row]:
         rows.append(_missing(target, "≤ 5 s", "no `fleet-noop-10000.json`"))
     else:
         best = min(noop["noop_upgrade_s"])
-        rows.append(
-            (target, "≤ 5 s", f"{best:.2f} s", f"{noop['machine']['load'][0]:.1f}", _status(best <= 5))
-        )
+        cpu = noop.get("noop_upgrade_cpu_s")
+        measured = f"{best:.2f} s" + (f" (CPU {min(cpu):.2f} s)" if cpu else "")
+        rows.append((target, "≤ 5 s", measured, f"{noop['machine']['load'][0]:.1f}", _status(best <= 5)))
     target = "one ALTER across 1,000 schema tenants"
     if alter is None or "alter_all" not in alter:
         rows.append(_missing(target, "≤ 10 s", "no `fleet-1000.json`"))

@@ -22,6 +22,11 @@ from fastapi_tenancy import (
     tenant_scope,
 )
 from fastapi_tenancy.admin import TenantAdmin
+from fastapi_tenancy.custom_domains import CustomDomains
+from fastapi_tenancy.maintenance import Maintenance
+from fastapi_tenancy.moves import TierMoves
+from fastapi_tenancy.operations import TenantOperations
+from fastapi_tenancy.registration import Registration
 from fastapi_tenancy.resolution import HeaderResolver
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
@@ -40,10 +45,27 @@ async def test_initialize_and_close_are_idempotent_and_restartable(tmp_path: Pat
     await manager.close()
 
 
-@pytest.mark.parametrize("name", sorted(n for n in vars(TenantAdmin) if not n.startswith("_")))
-def test_the_tenant_methods_are_the_admins_with_the_same_signature(name: str) -> None:
-    assert inspect.signature(getattr(TenancyManager, name)) == inspect.signature(getattr(TenantAdmin, name))
+# What the manager's tenant methods hand their work to; TenantAdmin's change path is for them.
+SERVICES = (TenantAdmin, Registration, Maintenance, TierMoves, CustomDomains)
+CHANGE_PATH = {"change", "change_of", "current", "announce"}
+SERVICE_METHODS = {
+    name: service
+    for service in SERVICES
+    for name, value in vars(service).items()
+    if callable(value) and not name.startswith("_") and name not in CHANGE_PATH
+}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_METHODS))
+def test_the_tenant_methods_are_the_services_with_the_same_signature(name: str) -> None:
+    service = SERVICE_METHODS[name]
+    assert inspect.signature(getattr(TenancyManager, name)) == inspect.signature(getattr(service, name))
     assert getattr(TenancyManager, name).__doc__, name
+
+
+def test_every_tenant_method_of_the_manager_has_a_service() -> None:
+    public = {name for name in vars(TenantOperations) if not name.startswith("_") and name != "admin"}
+    assert public == set(SERVICE_METHODS)
 
 
 async def test_sessions_outside_requests_need_an_active_tenant_in_scope(manager: TenancyManager) -> None:

@@ -121,7 +121,7 @@ async def test_a_failing_step_undoes_the_whole_registration(manager: TenancyMana
 async def test_a_background_registration_is_queued_visible_and_served_only_when_done(
     manager: TenancyManager, postgres_url: str
 ) -> None:
-    manager.provisioning = manager.admin.provisioning = ProvisioningPipeline(concurrency=1)
+    manager.provisioning = manager._registration.provisioning = ProvisioningPipeline(concurrency=1)
     release, first_started = asyncio.Event(), asyncio.Event()
     started: list[str] = []
 

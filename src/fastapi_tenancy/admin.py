@@ -1,43 +1,29 @@
-"""`TenantAdmin`: registering, reading, changing and removing tenants.
+"""`TenantAdmin`: reading, changing and removing tenants, and the change every other service makes.
 
 Every change goes through the store's compare-and-set loop (`TenantStore.change()`),
 then invalidates the registry cache of this process and, over the invalidation
-channel, of every other worker, and is passed to the lifecycle hooks. Applications
-reach it through the `TenancyManager` methods of the same names.
+channel, of every other worker, and is passed to the lifecycle hooks: `change()`,
+`change_of()` and `announce()` here are that path, for this module and for the services
+built on it (`registration.py`, `maintenance.py`, `moves.py`, `custom_domains.py`).
+Applications reach them all through the `TenancyManager` methods of the same names.
 """
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
-from .domain import Domain, DomainPolicy, validate_domain
-from .errors import (
-    ConfigurationError,
-    ProvisioningError,
-    TenancyError,
-    TenantAlreadyExistsError,
-    TenantChangedError,
-    TenantInactiveError,
-    TenantNotFoundError,
-)
+from .errors import ConfigurationError, TenantNotFoundError
 from .events import LifecycleEvent, LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
-from .provisioning import ProvisioningJob, ProvisioningPipeline
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
-from .urls import normalise_database_url
 
-if TYPE_CHECKING:  # optional extras: `cryptography`; Alembic (the migrations extra)
+if TYPE_CHECKING:  # optional extra: `cryptography`
     from .encryption import URLCipher
-    from .migrations.stamp import Stamper
 
-__all__ = ["TenantAdmin"]
+__all__ = ["TenantAdmin", "only"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -47,8 +33,8 @@ class TenantAdmin:
 
     Holds no state of its own: concurrent changes are serialised by the store's
     compare-and-set, so two workers' admins may change the same tenant at once.
-    The manager builds one (`manager.admin`) and its tenant methods call it, so
-    that every change invalidates the cache its requests read through.
+    The manager builds one (`manager.admin`) and its tenant methods call it, or a
+    service over it, so that every change invalidates the cache its requests read through.
     """
 
     def __init__(
@@ -60,9 +46,6 @@ class TenantAdmin:
         events: LifecycleEvents,
         invalidation: InvalidationChannel | None = None,
         cipher: "URLCipher | None" = None,
-        stamper: "Stamper | None" = None,
-        provisioning: ProvisioningPipeline | None = None,
-        domains: DomainPolicy | None = None,
     ) -> None:
         self.store = store
         self.isolation = isolation
@@ -70,170 +53,6 @@ class TenantAdmin:
         self.events = events
         self.invalidation = invalidation
         self.cipher = cipher
-        # Set when migrations are configured (alembic_config): new tenants start at head.
-        self.stamper = stamper
-        # The application's steps after the storage exists, and the background registrations.
-        self.provisioning = provisioning if provisioning is not None else ProvisioningPipeline()
-        # Which hosts are whose (central domains, domain_suffix): checked before add_domain.
-        self.domains = domains if domains is not None else DomainPolicy()
-
-    # -- registration --------------------------------------------------------------
-
-    async def register_tenant(
-        self,
-        identifier: str,
-        name: str,
-        *,
-        app_metadata: sa.MetaData | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        database_url: str | None = None,
-        tier: str | None = None,
-        background: bool = False,
-    ) -> Tenant:
-        """Register a tenant, create its storage and the `app_metadata` tables in it.
-
-        `database_url` (database isolation) puts the tenant's database on another
-        server: it is encrypted with `encryption_keys` before it is stored, and only
-        the ciphertext is kept on the returned `Tenant`. With hybrid isolation the
-        tenant goes to `tier`, or to the tier of its metadata's `plan`
-        (`hybrid_plan_tiers`), or to `hybrid_default_tier`; the choice is stored with it.
-
-        The tenant is `provisioning` until its storage is ready and the steps of
-        `provisioning` (the `ProvisioningPipeline`: seed data, a first user, ...) have
-        run, then `active`. If any of that fails, the registration is undone and
-        `ProvisioningError` raised: no half-made tenant is left. Raises
-        `InvalidIdentifierError` for a slug that cannot be stored and
-        `TenantAlreadyExistsError` for a taken one (a soft-deleted tenant keeps its slug
-        until purged).
-
-        `background=True` returns as soon as the tenant is registered, still
-        `provisioning`, and queues the rest in this process (`provisioning.job(identifier)`
-        follows it); a failure then undoes the registration as well, and is logged.
-
-        With `alembic_config` set, provisioning ends at the head revision: storage made
-        from `app_metadata` is stamped at head, storage with no tables is migrated to
-        head, and a revision the storage already has (a clone of the template) is kept
-        (see `fastapi_tenancy.migrations.stamp`).
-        """
-        self.isolation.storage_name(identifier)  # validates before anything is written
-        tier = self.isolation.choose_tier(tier, metadata or {})
-        new = Tenant(
-            identifier=identifier,
-            name=name,
-            metadata=metadata or {},
-            status=TenantStatus.PROVISIONING,
-            encrypted_database_url=None if database_url is None else self._encrypt(database_url),
-            tier=tier,
-        )
-        self.isolation.check(new)
-        try:
-            tenant = await self.store.create(new)
-        except TenantAlreadyExistsError as exc:
-            holder = await self.store.get_by_identifier(identifier)
-            if holder is not None and holder.status is TenantStatus.DELETED:
-                raise TenantAlreadyExistsError(
-                    f"{identifier!r} belongs to a deleted tenant whose data is kept; purge it first "
-                    "with delete_tenant(..., destroy_data=True)"
-                ) from exc
-            raise
-        await self._changed(identifier)
-        await self.events.emit(LifecycleEvent.REGISTERED, tenant)
-        if background:
-            self.provisioning.start(identifier, lambda job: self._complete(tenant, app_metadata, job))
-            return tenant
-        return await self._complete(tenant, app_metadata)
-
-    async def _complete(
-        self, tenant: Tenant, app_metadata: sa.MetaData | None, job: ProvisioningJob | None = None
-    ) -> Tenant:
-        """The rest of a registration: storage, version stamp, steps, then `active`; undone on failure."""
-        identifier = tenant.identifier
-        try:
-            await self._provision(tenant, app_metadata, job)
-        except BaseException as exc:
-            await self._undo_registration(tenant, exc, job)
-            if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
-                raise
-            raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
-        # A delete that landed during provisioning wins: deleted -> active is refused.
-        active = await self._change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
-        logger.info("registered tenant %s", identifier)
-        return active
-
-    async def _provision(
-        self, tenant: Tenant, app_metadata: sa.MetaData | None, job: ProvisioningJob | None = None
-    ) -> None:
-        await self.isolation.provision(tenant, app_metadata)
-        try:
-            if self.stamper is not None:
-                outcome = await self.stamper.after_provision(self.isolation, tenant)
-                logger.info("tenant %s: version table %s", tenant.identifier, _OUTCOMES[outcome])
-            if self.provisioning.steps:
-                await self.provisioning.run(tenant, self.isolation, job=job)
-        except BaseException:
-            # The storage made above goes too, so that the slug can be registered again.
-            await asyncio.shield(self._destroy_quietly(tenant))
-            raise
-
-    async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
-        """Run the provisioning steps (all, or those named in `steps`) for an existing tenant.
-
-        For a tenant registered before a step was added, or to seed one again (write
-        steps so that a second run does no harm). Runs in the tenant's scope, as at
-        registration, for a tenant that is active, in maintenance or suspended; a failing
-        step raises `ProvisioningError` after the `undo` of the steps before it, and the
-        tenant stays as it is. Returns the names of the steps that ran; audited as `seeded`.
-        """
-        chosen = self.provisioning.select(steps)
-        if not chosen:
-            raise ConfigurationError(
-                "no provisioning steps to run: add them to manager.provisioning (with the CLI, name "
-                "the application's manager with --app module:attribute)"
-            )
-        current = await self._current(tenant)
-        if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE, TenantStatus.SUSPENDED):
-            raise TenantInactiveError(current.status.value)
-        ran = await self.provisioning.run(current, self.isolation, steps=chosen)
-        await self.events.emit(LifecycleEvent.SEEDED, current, steps=ran)
-        logger.info("seeded tenant %s: %s", current.identifier, ", ".join(ran))
-        return ran
-
-    async def _destroy_quietly(self, tenant: Tenant) -> None:
-        try:
-            await self.isolation.destroy(tenant)
-        except Exception:  # the original error matters more; say what is left behind
-            logger.exception("could not remove the storage of failed tenant %s", tenant.identifier)
-
-    def _encrypt(self, database_url: str) -> str:
-        if self.cipher is None:
-            raise ConfigurationError(
-                "a tenant's database_url is encrypted at rest: set encryption_keys "
-                "(TENANCY_ENCRYPTION_KEYS) to register one"
-            )
-        try:
-            normalised = normalise_database_url(database_url)
-        except ValueError as exc:  # the message names the problem, never the URL
-            raise ConfigurationError(f"database_url: {exc}") from None
-        return self.cipher.encrypt(normalised)
-
-    async def _undo_registration(
-        self, tenant: Tenant, error: BaseException, job: ProvisioningJob | None = None
-    ) -> None:
-        details = {"reason": "provisioning failed", "error": type(error).__name__}
-        if job is not None and job.step is not None:
-            details["step"] = job.step
-        if job is not None:
-            # Nobody awaits a background registration: its failure is told here.
-            logger.error(
-                "background registration of tenant %s failed and was undone: %s", tenant.identifier, error
-            )
-        try:
-            await self.store.delete(tenant.id)
-            await self.events.emit(LifecycleEvent.PURGED, tenant, **details)
-        except Exception:  # the original error matters more; say what is left behind
-            logger.exception("could not remove the registry row of failed tenant %s", tenant.identifier)
-        finally:
-            await self._changed(tenant.identifier)
 
     async def rotate_encryption_keys(self) -> int:
         """Re-encrypt every tenant's `database_url` under the first of `encryption_keys`.
@@ -256,7 +75,7 @@ class TenantAdmin:
         async for tenant in self.store.iterate():
             token = tenant.encrypted_database_url
             if token is not None and not cipher.is_current(token):
-                await self._change(tenant.identifier, rotate)
+                await self.change(tenant.identifier, rotate)
                 rotated += 1
         logger.info("re-encrypted the database_url of %d tenants", rotated)
         return rotated
@@ -314,11 +133,11 @@ class TenantAdmin:
         if metadata is not None and metadata_patch is not None:
             raise ConfigurationError("update_tenant takes metadata= or metadata_patch=, not both")
         if metadata_patch is None:
-            return await self._change_of(
+            return await self.change_of(
                 "update_tenant", tenant, tenant_id, lambda t: t.with_changes(name=name, metadata=metadata)
             )
         patch = dict(metadata_patch)
-        return await self._change_of(
+        return await self.change_of(
             "update_tenant", tenant, tenant_id, lambda t: t.with_metadata_patch(patch, name=name)
         )
 
@@ -329,7 +148,7 @@ class TenantAdmin:
 
         The tenant is a `Tenant`, an identifier, or an id given as `tenant_id=`.
         """
-        return await self._change_of(
+        return await self.change_of(
             "suspend_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.SUSPENDED)
         )
 
@@ -337,71 +156,9 @@ class TenantAdmin:
         self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
     ) -> Tenant:
         """Serve a suspended tenant again."""
-        return await self._change_of(
+        return await self.change_of(
             "activate_tenant", tenant, tenant_id, lambda t: t.with_status(TenantStatus.ACTIVE)
         )
-
-    # -- maintenance ---------------------------------------------------------------------
-
-    async def start_maintenance(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Hold off an active tenant's requests (503, `Retry-After`) while operators work on it.
-
-        The tenant's status becomes `maintenance`; every worker refuses its requests once
-        the change reaches it (at once here, over the invalidation channel elsewhere).
-        Its jobs wait too (ARQ and Celery retry them later). A tenant already in
-        maintenance stays so; a suspended, deleted or provisioning one raises
-        `InvalidTransitionError`. End it with `end_maintenance`.
-        """
-        return await self._change_of("start_maintenance", tenant, tenant_id, _into_maintenance)
-
-    async def end_maintenance(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Serve a tenant in maintenance again; a tenant in any other status is left as it is.
-
-        A suspension or deletion made during the maintenance stands.
-        """
-        return await self._change_of("end_maintenance", tenant, tenant_id, _out_of_maintenance)
-
-    @asynccontextmanager
-    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
-        """Hold `tenant` in maintenance for the block (a fleet migration, a tier move).
-
-        Only an active tenant is put into maintenance, and only that one is made active
-        again afterwards, whatever the block raised. One already in maintenance (an
-        operator's) stays in it after the block; a suspended or deleted one is left as
-        it is (it is not served anyway). A suspension or deletion made during the block
-        stands. Yields the tenant as the block starts.
-        """
-        entered = False
-
-        def enter(stored: Tenant) -> Tenant:
-            nonlocal entered  # re-run on every compare-and-set retry: the last run counts
-            entered = stored.status is TenantStatus.ACTIVE
-            return stored.with_status(TenantStatus.MAINTENANCE) if entered else stored
-
-        current = await self._change_of("maintenance", tenant, None, enter)
-        try:
-            yield current
-        finally:
-            if entered:
-                # Shielded: a cancelled run must not leave the tenant refusing its requests.
-                await asyncio.shield(self._leave_maintenance(current))
-
-    async def _leave_maintenance(self, tenant: Tenant) -> None:
-        try:
-            await self._change(tenant.identifier, _only(tenant.id, _out_of_maintenance))
-        except TenantNotFoundError:
-            pass  # purged meanwhile: nothing left to serve
-        except Exception:  # the block's own outcome matters more; say what is left behind
-            logger.exception(
-                "tenant %s is still in maintenance: end it with `fastapi-tenancy tenants maintenance "
-                "off %s` (or manager.end_maintenance)",
-                tenant.identifier,
-                tenant.identifier,
-            )
 
     async def delete_tenant(
         self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
@@ -414,7 +171,7 @@ class TenantAdmin:
         it and removes it from the registry, then frees the slug. Irreversible,
         and logged as such at WARNING.
         """
-        current = await self._change_of(
+        current = await self.change_of(
             "delete_tenant",
             tenant,
             tenant_id,
@@ -427,20 +184,24 @@ class TenantAdmin:
         # The store removes the tenant's domains with it; every worker must forget them too.
         domains = await self.store.get_domains(current.id) if self.store.keeps_domains else ()
         await self.store.delete(current.id)
-        await self._changed(current.identifier)
+        await self.announce(current.identifier)
         for domain in domains:
-            await self._changed(domain.name)
+            await self.announce(domain.name)
         await self.events.emit(LifecycleEvent.PURGED, current)
         logger.warning("destroyed tenant %s and all of its data", current.identifier)
 
-    async def _change_of(
+    async def change_of(
         self,
         method: str,
         tenant: Tenant | str | None,
         tenant_id: str | None,
         change: Callable[[Tenant], Tenant],
     ) -> Tenant:
-        """`_change` on the tenant named as the public methods take it: object, identifier or id."""
+        """`change()` on a tenant named as the public methods take it: object, identifier or `tenant_id`.
+
+        `method` names the public method in the errors. A `Tenant` (or an id) names one
+        incarnation: the change does not reach a tenant registered under its slug since.
+        """
         if (tenant is None) == (tenant_id is None):
             raise TypeError(
                 f"{method}() takes a tenant or an identifier, or tenant_id=, and only one of them"
@@ -448,16 +209,16 @@ class TenantAdmin:
         if isinstance(tenant, Tenant):
             # A record read earlier names one incarnation: if its slug was purged and
             # registered again since, the change must not reach the new holder.
-            return await self._change(tenant.identifier, _only(tenant.id, change))
+            return await self.change(tenant.identifier, only(tenant.id, change))
         if tenant_id is None:
             assert tenant is not None  # checked above
             try:
-                return await self._change(tenant, change)
+                return await self.change(tenant, change)
             except TenantNotFoundError as exc:
                 raise await self._not_an_identifier(method, tenant) from exc
         # The slug found by id could have been purged and registered again since.
         target = await self.get_tenant_by_id(tenant_id)
-        return await self._change(target.identifier, _only(tenant_id, change))
+        return await self.change(target.identifier, only(tenant_id, change))
 
     async def _not_an_identifier(self, method: str, tenant: Tenant | str) -> TenantNotFoundError:
         # Only on this failure path: 0.5.0 took ids where we take identifiers; say so.
@@ -468,58 +229,6 @@ class TenantAdmin:
             f"{tenant!r:.80} is the id of tenant {owner.identifier!r}, not an identifier: "
             f"call {method}({owner.identifier!r}) or {method}(tenant_id=...)"
         )
-
-    # -- moving between tiers (hybrid isolation) ---------------------------------------
-
-    async def move_tenant(
-        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
-    ) -> Tenant:
-        """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
-
-        Copies the rows of `app_metadata`'s tables into the new tier while holding
-        the tenant's writes (see `HybridIsolation.move`), then switches the stored
-        tier with a compare-and-set; this process routes the tenant to the new tier
-        at once, others when their cache expires (`cache_ttl`), answering 503 or
-        failing in between, never serving the old copy. The old copy is kept until
-        `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
-        deleted meanwhile.
-
-        `maintenance=True` holds the tenant in maintenance for the whole move: every
-        worker answers its requests 503 with `Retry-After` (not only this process's
-        writers wait), and it is active again when the move ends, moved or not. A
-        tenant an operator put in maintenance beforehand can be moved too.
-        """
-        if maintenance:
-            async with self.maintenance(tenant) as held:
-                return await self.move_tenant(held, tier, app_metadata=app_metadata)
-        isolation = self.isolation
-        current = await self._current(tenant)
-        if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE):
-            raise TenantInactiveError(current.status.value)
-
-        def switch(stored: Tenant) -> Tenant:
-            if stored.id != current.id or stored.tier != current.tier:
-                raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
-            return stored.with_tier(tier)
-
-        with isolation.moving(current):
-            await isolation.move(current, tier, app_metadata)
-            moved = await self._change(current.identifier, switch)
-        logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
-        if self.stamper is not None:
-            # The new copy was made from app_metadata: at head, like a registration. The
-            # move stands either way; a failure here shows in `doctor`.
-            try:
-                await self.stamper.after_provision(isolation, moved)
-            except Exception:
-                logger.exception("could not stamp the version table of moved tenant %s", moved.identifier)
-        return moved
-
-    async def remove_old_copy(self, tenant: Tenant | str) -> None:
-        """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        current = await self._current(tenant)
-        await self.isolation.remove_old_copy(current)
-        logger.warning("removed the old copy of tenant %s", current.identifier)
 
     async def adopt_storage(self, tenant: Tenant | str) -> bool:
         """Mark the storage found under a registered tenant's name as that tenant's.
@@ -535,98 +244,42 @@ class TenantAdmin:
         the tenant's, and for shared tables (row-level security), which need no
         marker. Adopt only storage you know to be this tenant's.
         """
-        current = await self._current(tenant)
+        current = await self.current(tenant)
         marked = await self.isolation.adopt(current)
         if marked:
             logger.warning("tenant %s adopted the storage found under its name", current.identifier)
         return marked
 
-    async def _current(self, tenant: Tenant | str) -> Tenant:
-        # As stored now; a `Tenant` of an incarnation since purged is not found.
+    # -- the change path, for this module and the services built on it ----------------------
+
+    async def current(self, tenant: Tenant | str) -> Tenant:
+        """The tenant as stored now; `TenantNotFoundError` for a `Tenant` whose incarnation was purged."""
         current = await self.get_tenant(_slug(tenant))
         if isinstance(tenant, Tenant) and current.id != tenant.id:
             raise TenantNotFoundError(f"tenant {tenant.identifier!r} no longer exists")
         return current
 
-    # -- custom domains ----------------------------------------------------------------
+    async def change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
+        """Apply `change` with the store's compare-and-set loop, announce it, pass it to the hooks.
 
-    async def add_domain(self, tenant: Tenant | str, domain: str, *, primary: bool = False) -> Domain:
-        """Give the host name `domain` to a tenant; with `primary=True`, make it its primary domain.
-
-        The name is normalised (`ACME.com.` is `acme.com`) and checked before anything
-        is written: `InvalidDomainError` for a name no tenant can have (malformed, an IP
-        address, punycode, a central domain, under another tenant's subdomain of
-        `domain_suffix`), `DomainTakenError` when another tenant holds it (the store
-        decides atomically). Adding a name the tenant has is allowed (to make it primary).
-        Every worker's registry cache forgets the name at once.
+        Every worker's registry cache forgets the tenant whatever the outcome.
         """
-        name = validate_domain(domain)
-        current = await self._current(tenant)
-        self.domains.check(name, current.identifier)
-        try:
-            added = await self.store.add_domain(Domain(name, current.id, primary=primary))
-        finally:
-            await self._domain_changed(current, name)
-        logger.info(
-            "tenant %s: domain %s added%s", current.identifier, name, " (primary)" if added.primary else ""
-        )
-        return added
-
-    async def remove_domain(self, tenant: Tenant | str, domain: str) -> None:
-        """Take the host name `domain` from a tenant; `DomainNotFoundError` if it is not the tenant's."""
-        name = validate_domain(domain)
-        current = await self._current(tenant)
-        try:
-            await self.store.remove_domain(name, tenant_id=current.id)
-        finally:
-            await self._domain_changed(current, name)
-        logger.info("tenant %s: domain %s removed", current.identifier, name)
-
-    async def list_domains(self, tenant: Tenant | str) -> tuple[Domain, ...]:
-        """The tenant's domains, the primary first, read from the registry (not the cache)."""
-        current = await self._current(tenant)
-        return await self.store.get_domains(current.id)
-
-    async def _domain_changed(self, tenant: Tenant, name: str) -> None:
-        # The name's entry (which tenant holds it) and the tenant's list of domains.
-        await self._changed(name)
-        await self._changed(tenant.identifier)
-
-    # -- announcing changes --------------------------------------------------------------
-
-    async def _change(self, identifier: str, change: Callable[[Tenant], Tenant]) -> Tenant:
-        # The store's compare-and-set loop; caches are invalidated whatever the outcome.
         try:
             before, after = await self.store.change(identifier, change)
         finally:
-            await self._changed(identifier)
+            await self.announce(identifier)
         if after is not before:
             await self.events.changed(before, after)
         return after
 
-    async def _changed(self, identifier: str) -> None:
-        # This process's cache at once; every other worker's through the channel.
+    async def announce(self, identifier: str) -> None:
+        """Forget `identifier` (a slug or a domain) in this process's registry cache and every worker's."""
         self.lookup.invalidate(identifier)
         if self.invalidation is not None:
             await self.invalidation.publish(identifier)
 
 
-_OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}
-
-
-def _into_maintenance(stored: Tenant) -> Tenant:
-    if stored.status is TenantStatus.MAINTENANCE:
-        return stored
-    return stored.with_status(TenantStatus.MAINTENANCE)
-
-
-def _out_of_maintenance(stored: Tenant) -> Tenant:
-    if stored.status is TenantStatus.MAINTENANCE:
-        return stored.with_status(TenantStatus.ACTIVE)
-    return stored
-
-
-def _only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:
+def only(tenant_id: str, change: Callable[[Tenant], Tenant]) -> Callable[[Tenant], Tenant]:
     """`change`, applied only while the slug still belongs to `tenant_id`."""
 
     def guarded(stored: Tenant) -> Tenant:

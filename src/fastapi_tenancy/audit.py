@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._utils import create_tables, unavailable_as_503
 from .events import TenantEvent
-from .storage.database import UTCDateTime
+from .storage.tables import UTCDateTime
 from .tenant import IDENTIFIER_MAX_LENGTH, thaw
 
 __all__ = ["AuditEntry", "AuditWriter", "SQLAuditWriter"]

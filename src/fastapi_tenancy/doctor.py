@@ -86,7 +86,10 @@ async def check_connectivity(manager: TenancyManager) -> CheckResult:
 
 @doctor_check
 async def check_registry(manager: TenancyManager) -> CheckResult:
-    """The tenant registry can be read."""
+    """The tenant registry can be read (and is ours: not a 0.5.0 or a foreign table)."""
+    problem = await manager.store.problem()
+    if problem is not None:
+        return CheckResult("registry", "fail", problem)
     tenants = await manager.list_tenants(limit=1000)
     more = "+" if len(tenants) == 1000 else ""
     return CheckResult("registry", "ok", f"{len(tenants)}{more} tenants")

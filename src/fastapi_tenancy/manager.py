@@ -1,7 +1,7 @@
-"""`TenancyManager`: the parts' lifecycle and the request path; tenant changes go to `admin.py`."""
+"""`TenancyManager`: the parts' lifecycle and the request path; its tenant methods are `operations.py`'s."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -15,14 +15,19 @@ from .audit import AuditWriter
 from .builder import build_parts
 from .config import TenancyConfig
 from .context import current_tenant
-from .domain import Domain
+from .custom_domains import CustomDomains
 from .errors import TenantInactiveError, TenantMaintenanceError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .invalidation.record import check_channel
 from .isolation.base import Isolation
 from .lookup import TenantLookup
+from .maintenance import Maintenance
+from .moves import TierMoves
+from .operations import TenantOperations
+from .provisioning import ProvisioningPipeline
 from .ratelimit.base import RateLimiter
+from .registration import Registration
 from .resolution.base import Resolver, ResolverFunc
 from .storage.base import TenantStore
 from .tenant import Tenant, TenantStatus
@@ -37,14 +42,14 @@ __all__ = ["TenancyManager"]
 _Session = TypeVar("_Session", bound=AsyncSession)
 
 
-class TenancyManager:
+class TenancyManager(TenantOperations):
     """The composition root: one per application, shared by all its requests.
 
     Builds the resolver, the isolation strategy, the lookup cache and the
     database engine from `config`, and owns their lifecycles. It is also the
     only way to change tenants, so that every change invalidates the cache:
-    its tenant methods (`register_tenant`, `update_tenant`, ...) call its
-    `admin`, a `TenantAdmin` over the same parts.
+    its tenant methods (`register_tenant`, `update_tenant`, ...; `TenantOperations`)
+    call its `admin`, a `TenantAdmin` over the same parts, or a service built on it.
 
         manager = TenancyManager(config, SQLAlchemyTenantStore(config.database_url))
         await manager.initialize()
@@ -93,11 +98,13 @@ class TenancyManager:
             events=self.events,
             invalidation=self.invalidation,
             cipher=self.cipher,
-            stamper=parts.stamper,
-            domains=parts.domains,
         )
         # Your steps after a new tenant's storage exists (`@manager.provisioning.step`).
-        self.provisioning = self.admin.provisioning
+        self.provisioning = ProvisioningPipeline()
+        self._registration = Registration(self.admin, self.provisioning, stamper=parts.stamper)
+        self._maintenance = Maintenance(self.admin)
+        self._moves = TierMoves(self.admin, self._maintenance, stamper=parts.stamper)
+        self._domains = CustomDomains(self.admin, parts.domains)
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
 
@@ -247,145 +254,6 @@ class TenancyManager:
         async with session:
             yield session
 
-    # -- tenant administration: `TenantAdmin` (admin.py) has the full story -------------
-
-    async def register_tenant(
-        self,
-        identifier: str,
-        name: str,
-        *,
-        app_metadata: sa.MetaData | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        database_url: str | None = None,
-        tier: str | None = None,
-        background: bool = False,
-    ) -> Tenant:
-        """Register a tenant, create its storage and tables, run the provisioning steps; then active.
-
-        See `TenantAdmin.register_tenant`: a failed provisioning is undone and
-        raises `ProvisioningError`; a taken slug raises `TenantAlreadyExistsError`.
-        `background=True` returns the tenant still `provisioning` and finishes in a job
-        of this process (`manager.provisioning.job(identifier)`).
-        """
-        return await self.admin.register_tenant(
-            identifier,
-            name,
-            app_metadata=app_metadata,
-            metadata=metadata,
-            database_url=database_url,
-            tier=tier,
-            background=background,
-        )
-
-    async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
-        """Run the provisioning steps (all, or `steps` by name) for an existing tenant; their names.
-
-        See `TenantAdmin.seed_tenant` (and `fastapi-tenancy tenants seed`).
-        """
-        return await self.admin.seed_tenant(tenant, steps=steps)
-
-    async def rotate_encryption_keys(self) -> int:
-        """Re-encrypt every tenant's `database_url` under the first key; how many changed."""
-        return await self.admin.rotate_encryption_keys()
-
-    async def get_tenant(self, identifier: str) -> Tenant:
-        """The tenant with this identifier, read from the registry (not the cache)."""
-        return await self.admin.get_tenant(identifier)
-
-    async def get_tenant_by_id(self, tenant_id: str) -> Tenant:
-        """The tenant with this id, read from the registry."""
-        return await self.admin.get_tenant_by_id(tenant_id)
-
-    async def list_tenants(
-        self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
-    ) -> list[Tenant]:
-        """Tenants ordered by identifier; page with `after=<last identifier seen>`."""
-        return await self.admin.list_tenants(status=status, after=after, limit=limit)
-
-    async def update_tenant(
-        self,
-        tenant: Tenant | str | None = None,
-        *,
-        tenant_id: str | None = None,
-        name: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        metadata_patch: Mapping[str, Any] | None = None,
-    ) -> Tenant:
-        """Change a tenant's name and/or metadata (`metadata` replaces, `metadata_patch` merges).
-
-        Prefer `metadata_patch` under concurrency; see `TenantAdmin.update_tenant`.
-        """
-        return await self.admin.update_tenant(
-            tenant, tenant_id=tenant_id, name=name, metadata=metadata, metadata_patch=metadata_patch
-        )
-
-    async def suspend_tenant(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Stop serving a tenant (403) and keep its data. Reversible with `activate_tenant`.
-
-        The tenant is a `Tenant`, an identifier, or an id given as `tenant_id=`.
-        """
-        return await self.admin.suspend_tenant(tenant, tenant_id=tenant_id)
-
-    async def activate_tenant(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Serve a suspended tenant again."""
-        return await self.admin.activate_tenant(tenant, tenant_id=tenant_id)
-
-    async def delete_tenant(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None, destroy_data: bool = False
-    ) -> None:
-        """Delete a tenant: soft (data and slug kept) or, with `destroy_data=True`, for good."""
-        await self.admin.delete_tenant(tenant, tenant_id=tenant_id, destroy_data=destroy_data)
-
-    async def start_maintenance(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Put an active tenant in maintenance: its requests get 503 with `Retry-After`.
-
-        See `TenantAdmin.start_maintenance`; `end_maintenance` serves it again.
-        """
-        return await self.admin.start_maintenance(tenant, tenant_id=tenant_id)
-
-    async def end_maintenance(
-        self, tenant: Tenant | str | None = None, *, tenant_id: str | None = None
-    ) -> Tenant:
-        """Serve a tenant in maintenance again (any other status is left as it is)."""
-        return await self.admin.end_maintenance(tenant, tenant_id=tenant_id)
-
-    @asynccontextmanager
-    async def maintenance(self, tenant: Tenant | str) -> AsyncIterator[Tenant]:
-        """Hold an active tenant in maintenance for an `async with` block; see `TenantAdmin.maintenance`.
-
-        Its requests get 503 meanwhile, in every worker:
-        `async with manager.maintenance("acme-corp"): ...`
-        """
-        async with self.admin.maintenance(tenant) as held:
-            yield held
-
-    async def move_tenant(
-        self, tenant: Tenant | str, tier: str, *, app_metadata: sa.MetaData, maintenance: bool = False
-    ) -> Tenant:
-        """Move a live tenant to another tier (hybrid isolation); see `TenantAdmin.move_tenant`.
-
-        `maintenance=True` answers its requests 503 in every worker for the move's duration.
-        """
-        return await self.admin.move_tenant(tenant, tier, app_metadata=app_metadata, maintenance=maintenance)
-
-    async def remove_old_copy(self, tenant: Tenant | str) -> None:
-        """Delete the copy a `move_tenant` left in the tenant's previous tier. Irreversible."""
-        await self.admin.remove_old_copy(tenant)
-
-    async def adopt_storage(self, tenant: Tenant | str) -> bool:
-        """Mark the storage found under a registered tenant's name as its own.
-
-        For storage made outside the library, which tenant sessions refuse until then.
-        True when it wrote the marker; see `TenantAdmin.adopt_storage`.
-        """
-        return await self.admin.adopt_storage(tenant)
-
     # -- the operator console ------------------------------------------------------------
 
     def console(
@@ -407,40 +275,3 @@ class TenancyManager:
         from .console import Console  # noqa: PLC0415 - Jinja2, the console extra
 
         return Console(self, auth=auth, metrics=metrics, app_metadata=app_metadata, **options)
-
-    # -- custom domains: `TenantAdmin` (admin.py) has the rules --------------------------
-
-    async def add_domain(self, tenant: Tenant | str, domain: str, *, primary: bool = False) -> Domain:
-        """Give the host name `domain` to a tenant (`primary=True`: its primary domain).
-
-        Raises `InvalidDomainError` for a name no tenant can have (central, under another
-        tenant's subdomain, malformed), `DomainTakenError` if another tenant holds it.
-        """
-        return await self.admin.add_domain(tenant, domain, primary=primary)
-
-    async def remove_domain(self, tenant: Tenant | str, domain: str) -> None:
-        """Take the host name `domain` from a tenant; `DomainNotFoundError` if it is not its."""
-        await self.admin.remove_domain(tenant, domain)
-
-    async def list_domains(self, tenant: Tenant | str) -> tuple[Domain, ...]:
-        """The tenant's domains, the primary first, read from the registry."""
-        return await self.admin.list_domains(tenant)
-
-    async def tenant_url(self, tenant: Tenant | str, path: str = "/", *, scheme: str = "https") -> str:
-        """The URL of `path` on the tenant's primary domain, else on its subdomain of `domain_suffix`.
-
-            return RedirectResponse(await manager.tenant_url(tenant, request.url.path))
-
-        Read through the registry cache (no registry query once cached), so it is cheap
-        enough for redirects on the request path. Raises `TenantNotFoundError` for an
-        unknown tenant, `ConfigurationError` when it has no primary domain and there is
-        no `domain_suffix`.
-        """
-        identifier = tenant.identifier if isinstance(tenant, Tenant) else tenant
-        current = await self.lookup.get(identifier)
-        if current is None or (isinstance(tenant, Tenant) and current.id != tenant.id):
-            raise TenantNotFoundError(f"no tenant {identifier!r:.80}")
-        domains = await self.lookup.domains_of(identifier)
-        # Only this incarnation's: a list read before a purge and re-registration is no one's.
-        mine = [domain for domain in domains if domain.tenant_id == current.id]
-        return self.admin.domains.url(identifier, mine, path, scheme=scheme)

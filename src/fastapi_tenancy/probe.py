@@ -13,15 +13,15 @@ import json
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import sqlalchemy as sa
 from fastapi import FastAPI
 
+from ._probe_requests import Operation, ProbeRequest, RequestValues, build_request, identifiers_in
 from .errors import IsolationError, MissingDependencyError, TenantNotFoundError
 from .manager import TenancyManager
 from .middleware import TenancyMiddleware, path_covers
@@ -35,10 +35,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["IsolationReport", "ProbeWarning", "assert_isolated"]
 
 _METHODS = ("get", "post", "put", "patch", "delete")
-_PATH_PARAM = re.compile(r"{([^}/]+)}")
 _PER_ROUTE = 4  # requests per route with identifiers in its path, one per identifier of B
 _SKIP_ENTRY = re.compile(r"(?:(?P<method>[A-Za-z]+) +)?(?P<path>/\S*)")
-_MIN_TRACE = 8  # shorter generated values are too common to tell the probe's data by
 
 
 class ProbeWarning(UserWarning):
@@ -69,136 +67,6 @@ class IsolationReport:
 
 
 @dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    params: dict[str, Any]
-    headers: dict[str, str]
-    json_body: Any = None
-    form: dict[str, Any] | None = None
-
-    def describe(self) -> str:
-        query = f"?{'&'.join(f'{k}={v}' for k, v in self.params.items())}" if self.params else ""
-        return f"{self.method.upper()} {self.path}{query}"
-
-
-@dataclass
-class _Operation:
-    method: str
-    path: str
-    spec: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return f"{self.method.upper()} {self.path}"
-
-    @property
-    def path_params(self) -> list[str]:
-        return _PATH_PARAM.findall(self.path)
-
-
-class _Values:
-    """Request values from the OpenAPI schemas: markers for data, chosen identifiers for ids."""
-
-    def __init__(self, tenant: str, components: Mapping[str, Any], id_names: set[str]) -> None:
-        self.tenant = tenant
-        self.components = components
-        self.id_names = id_names
-        self.markers: set[str] = set()
-        self.sent_ids: list[Any] = []
-        self.generated: set[str] = set()  # every string made up, to recognise what requests created
-        self._next_int = 0
-
-    def is_identifier(self, name: str | None) -> bool:
-        return name is not None and (
-            name in self.id_names or name == "id" or name.endswith(("_id", "Id", "_key", "_slug"))
-        )
-
-    def marker(self) -> str:
-        # Unique and unmistakable: found in a response, it can only come from this data.
-        value = f"ft{self.tenant}{uuid.uuid4().hex[:10]}"
-        self.markers.add(value)
-        return value
-
-    def number(self) -> int:
-        # Per tenant from 1, so both tenants' ids overlap, as in a real database.
-        self._next_int += 1
-        return self._next_int
-
-    def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
-        seen = 0
-        while "$ref" in schema and seen < 20:
-            name = schema["$ref"].rsplit("/", 1)[-1]
-            schema = self.components.get("schemas", {}).get(name, {})
-            seen += 1
-        return schema
-
-    def value(self, schema: Mapping[str, Any], name: str | None, ids: list[Any] | None) -> Any:
-        """A value for `schema`; identifier-like names take the next of `ids` when given."""
-        schema = self.resolve(schema)
-        for combinator in ("anyOf", "oneOf", "allOf"):
-            if combinator in schema:
-                options = [self.resolve(s) for s in schema[combinator]]
-                typed = [s for s in options if s.get("type") != "null"] or options
-                return self.value(typed[0], name, ids)
-        if "const" in schema:
-            return schema["const"]
-        if schema.get("enum"):
-            return schema["enum"][0]
-        kind = schema.get("type")
-        if ids is not None and self.is_identifier(name) and kind in (None, "integer", "string"):
-            fitting = [v for v in ids if kind is None or isinstance(v, int if kind == "integer" else str)]
-            if fitting:
-                return fitting[self.number() % len(fitting)]
-        if kind == "integer":
-            value = max(self.number(), int(schema.get("minimum", 0)))
-            if self.is_identifier(name):
-                self.sent_ids.append(value)
-            return value
-        if kind == "number":
-            return float(max(1.5, schema.get("minimum", 0)))
-        if kind == "boolean":
-            return True
-        if kind == "array":
-            return [self.value(schema.get("items", {}), name, ids)]
-        if kind == "object" or "properties" in schema:
-            return {key: self.value(sub, key, ids) for key, sub in schema.get("properties", {}).items()}
-        return self._string(schema, name)
-
-    def _string(self, schema: Mapping[str, Any], name: str | None) -> str:
-        value = self._made_up_string(schema, name)
-        if len(value) >= _MIN_TRACE:
-            self.generated.add(value)
-        return value
-
-    def _made_up_string(self, schema: Mapping[str, Any], name: str | None) -> str:
-        fmt = schema.get("format")
-        if fmt == "uuid" or (fmt is None and self.is_identifier(name)):
-            value = str(uuid.uuid4())
-            if self.is_identifier(name):
-                self.sent_ids.append(value)
-                return value
-            self.markers.add(value)
-            return value
-        if fmt == "date-time":
-            return "2024-01-02T03:04:05Z"
-        if fmt == "date":
-            return "2024-01-02"
-        marker = self.marker()
-        if fmt == "email":
-            return f"{marker}@example.com"
-        if fmt in ("uri", "url"):
-            return f"https://example.com/{marker}"
-        max_length = schema.get("maxLength")
-        if isinstance(max_length, int) and max_length < len(marker):
-            self.markers.discard(marker)
-            marker = marker[:max_length]
-            if max_length >= 8:
-                self.markers.add(marker)
-        return marker
-
-
-@dataclass(frozen=True)
 class _Skip:
     """One `skip` entry: a path prefix, by whole segments like `excluded_paths`, and maybe a method."""
 
@@ -214,7 +82,7 @@ class _Skip:
         method = match["method"]
         return cls(entry, method.lower() if method else None, match["path"].rstrip("/") or "/")
 
-    def covers(self, operation: _Operation) -> bool:
+    def covers(self, operation: Operation) -> bool:
         return self.method in (None, operation.method) and path_covers(self.path, operation.path)
 
 
@@ -231,7 +99,7 @@ def _excluded_paths(app: FastAPI) -> list[str]:
 
 def _operations(
     app: FastAPI, skips: list[_Skip], excluded: list[str], report: IsolationReport
-) -> tuple[list[_Operation], dict[str, Any], list[_Skip]]:
+) -> tuple[list[Operation], dict[str, Any], list[_Skip]]:
     """The routes to call, the schema components, and the `skip` entries that matched none."""
     schema = app.openapi()
     unused = list(skips)
@@ -243,7 +111,7 @@ def _operations(
                 continue
             merged = dict(spec)
             merged["parameters"] = [*item.get("parameters", []), *spec.get("parameters", [])]
-            operation = _Operation(method, path, merged)
+            operation = Operation(method, path, merged)
             matching = [s for s in skips if s.covers(operation)]
             unused = [s for s in unused if s not in matching]
             if matching or any(path_covers(prefix, path) for prefix in excluded):
@@ -253,55 +121,12 @@ def _operations(
     return operations, schema.get("components", {}), unused
 
 
-def _build(
-    operation: _Operation, values: _Values, ids: list[Any] | None, path_ids: dict[str, Any]
-) -> _Request:
-    """The request for `operation`: path identifiers from `path_ids`, the rest from `values`."""
-    path = operation.path
-    for name in operation.path_params:
-        path = path.replace("{" + name + "}", quote(str(path_ids[name]), safe=""))
-    params: dict[str, Any] = {}
-    headers: dict[str, str] = {}
-    for parameter in operation.spec["parameters"]:
-        where, name = parameter.get("in"), parameter.get("name")
-        if where == "path" or not parameter.get("required", False):
-            continue
-        value = values.value(parameter.get("schema", {}), name, ids)
-        if where == "query":
-            params[name] = value
-        elif where == "header":
-            headers[name] = str(value)
-    json_body: Any = None
-    form: dict[str, Any] | None = None
-    content = operation.spec.get("requestBody", {}).get("content", {})
-    if "application/json" in content:
-        json_body = values.value(content["application/json"].get("schema", {}), None, ids)
-    elif "application/x-www-form-urlencoded" in content or "multipart/form-data" in content:
-        media = content.get("application/x-www-form-urlencoded") or content["multipart/form-data"]
-        built = values.value(media.get("schema", {}), None, ids)
-        form = built if isinstance(built, dict) else None
-    return _Request(operation.method, path, params, headers, json_body, form)
-
-
-def _identifiers_in(data: Any, names: Callable[[str], bool], into: list[Any]) -> None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, int | str) and not isinstance(value, bool) and names(key):
-                if value not in into:
-                    into.append(value)
-            else:
-                _identifiers_in(value, names, into)
-    elif isinstance(data, list):
-        for item in data:
-            _identifiers_in(item, names, into)
-
-
 class _Caller:
     def __init__(self, client: httpx.AsyncClient, report: IsolationReport) -> None:
         self.client = client
         self.report = report
 
-    async def __call__(self, request: _Request) -> httpx.Response:
+    async def __call__(self, request: ProbeRequest) -> httpx.Response:
         self.report.requests += 1
         return await self.client.request(
             request.method,
@@ -313,24 +138,26 @@ class _Caller:
         )
 
 
-def _path_choices(operation: _Operation, ids: list[Any]) -> list[dict[str, Any]]:
+def _path_choices(operation: Operation, ids: list[Any]) -> list[dict[str, Any]]:
     names = operation.path_params
     if not names:
         return [{}]
     return [dict.fromkeys(names, value) for value in ids[:_PER_ROUTE]]
 
 
-async def _seed(operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]) -> None:
+async def _seed(
+    operations: list[Operation], call: _Caller, values: RequestValues, identifiers: list[Any]
+) -> None:
     """Create data as one tenant through its own POST routes, collecting its identifiers."""
     for operation in sorted((o for o in operations if o.method == "post"), key=lambda o: o.path.count("/")):
         for path_ids in _path_choices(operation, identifiers):
-            request = _build(operation, values, None, path_ids)
+            request = build_request(operation, values, None, path_ids)
             response = await call(request)
             if response.is_success:
                 for sent in values.sent_ids:
                     if sent not in identifiers:
                         identifiers.append(sent)
-                _identifiers_in(_json(response), values.is_identifier, identifiers)
+                identifiers_in(_json(response), values.is_identifier, identifiers)
             values.sent_ids.clear()
 
 
@@ -342,15 +169,15 @@ def _json(response: httpx.Response) -> Any:
 
 
 async def _snapshot(
-    operations: list[_Operation], call: _Caller, values: _Values, identifiers: list[Any]
-) -> list[tuple[_Request, int, str]]:
+    operations: list[Operation], call: _Caller, values: RequestValues, identifiers: list[Any]
+) -> list[tuple[ProbeRequest, int, str]]:
     """B's view of its own data: every GET route, each identifier of B in item routes."""
     snapshot = []
     for operation in (o for o in operations if o.method == "get"):
         for path_ids in _path_choices(operation, identifiers):
-            request = _build(operation, values, identifiers, path_ids)
+            request = build_request(operation, values, identifiers, path_ids)
             response = await call(request)
-            _identifiers_in(_json(response), values.is_identifier, identifiers)
+            identifiers_in(_json(response), values.is_identifier, identifiers)
             snapshot.append((request, response.status_code, response.text))
     return snapshot
 
@@ -419,8 +246,8 @@ async def assert_isolated(
             stacklevel=2,
         )
     id_names = {name for o in operations for name in o.path_params}
-    a_values = _Values("a", components, id_names)
-    b_values = _Values("b", components, id_names)
+    a_values = RequestValues("a", components, id_names)
+    b_values = RequestValues("b", components, id_names)
     await manager.initialize()  # idempotent
     # What the registry held before: only tenants registered during the run are removed.
     registered = {tenant.identifier async for tenant in manager.store.iterate()}
@@ -468,7 +295,7 @@ async def _remove(
     manager: TenancyManager,
     own: list[str],
     registered: set[str],
-    values: tuple[_Values, ...],
+    values: tuple[RequestValues, ...],
     report: IsolationReport,
 ) -> list[Exception]:
     """Remove, with their data, the probe's own tenants and those its requests registered."""
@@ -496,12 +323,12 @@ async def _remove(
 
 
 async def _probe(
-    operations: list[_Operation],
+    operations: list[Operation],
     make_client: Callable[[Tenant], httpx.AsyncClient],
     tenant_a: Tenant,
     tenant_b: Tenant,
-    a_values: _Values,
-    b_values: _Values,
+    a_values: RequestValues,
+    b_values: RequestValues,
     report: IsolationReport,
     markers: Iterable[str],
     identifiers: Iterable[Any],
@@ -529,7 +356,7 @@ async def _probe(
             if choices:  # a route whose path needs an identifier B has not got is not called
                 report.routes.append(operation.key)
             for path_ids in choices:
-                request = _build(operation, a_values, b_ids, path_ids)
+                request = build_request(operation, a_values, b_ids, path_ids)
                 response = await as_a(request)
                 report.statuses[response.status_code] = report.statuses.get(response.status_code, 0) + 1
                 sent = json.dumps(

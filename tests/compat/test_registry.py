@@ -134,6 +134,19 @@ async def test_a_050_registry_is_refused_at_startup_naming_the_command(
 
 
 @pytest.mark.parametrize("url", BACKENDS, indirect=True)
+async def test_doctor_names_the_command_for_a_050_registry(engine: tuple[str, AsyncEngine]) -> None:
+    url, _ = engine
+    await _registry_050(url, [_row_050("acme-corp")])
+    code, checks = cli_json(url, "doctor", env=_env(url))
+    registry = next(check for check in checks if check["name"] == "registry")
+    assert code == 1 and registry["status"] == "fail", checks
+    assert CONVERT_COMMAND in registry["detail"]
+    # Read-only: the table is as it was, nothing made beside it.
+    assert await _columns(engine[1], "tenants") == set(_table_050(sa.MetaData()).c.keys())
+    assert await _columns(engine[1], "tenants_settings") is None
+
+
+@pytest.mark.parametrize("url", BACKENDS, indirect=True)
 async def test_a_foreign_table_of_the_same_name_is_refused_at_startup(
     engine: tuple[str, AsyncEngine],
 ) -> None:

@@ -124,7 +124,7 @@ async def test_a_tenant_registered_from_metadata_is_stamped_then_migrated_by_the
     finally:
         await conn.close()
     # The head is read once per process, not per registration.
-    stamper = manager.admin.stamper
+    stamper = manager._registration.stamper
     assert stamper is not None and stamper.heads() == ("b2",)
 
 

@@ -4,24 +4,13 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ConfigurationError
 from ..manager import TenancyManager
-from ..storage.base import TenantStore
-from ..storage.database import SQLAlchemyTenantStore
 from ..storage.legacy import LegacyConversion, convert_legacy_registry
 from .base import adopt_each, err, print_rows, run_with_manager, state
 
 __all__ = ["registry_app"]
 
 registry_app = typer.Typer(help="The tenant registry table.", no_args_is_help=True)
-
-
-def _sql_registry(store: TenantStore) -> SQLAlchemyTenantStore:
-    # A caching store holds the SQL registry as its backend.
-    backend = getattr(store, "backend", store)
-    if not isinstance(backend, SQLAlchemyTenantStore):
-        raise ConfigurationError(f"the registry is a {type(backend).__name__}, not a SQL table")
-    return backend
 
 
 @registry_app.command("convert-from-0.5")
@@ -40,7 +29,7 @@ def convert_from_05(
 
     async def work(manager: TenancyManager) -> tuple[LegacyConversion, dict[str, str]]:
         result = await convert_legacy_registry(
-            _sql_registry(manager.store),
+            manager.store,
             backup_table=backup_table,
             schema_prefix=manager.config.schema_prefix,
             cipher=manager.cipher,

@@ -22,6 +22,7 @@ from ..events import LifecycleEvent, acting_as
 from ..manager import TenancyManager
 
 if TYPE_CHECKING:  # the migrations extra (Alembic), imported where a run needs it
+    from ..migrations.fleet import FleetMigrator
     from ..migrations.results import RecordedResult, RecordedRun, TenantMigration, TenantResult
 
 __all__ = ["FleetConsole", "FleetJob"]
@@ -55,7 +56,8 @@ class FleetConsole:
         self.manager = manager
         self.alembic_config = str(alembic_config or manager.config.alembic_config or "")
         self.job: FleetJob | None = None
-        self._watcher: Any = None  # a migrator kept for `in_progress` (its engine only: shareable)
+        # A migrator kept for `in_progress` (its engine only: shareable).
+        self._watcher: FleetMigrator | None = None
 
     def unavailable(self) -> str | None:
         """Why fleet migrations cannot run from here, or None."""
@@ -125,7 +127,7 @@ class FleetConsole:
         finally:
             await migrator.close()
 
-    def _migrator(self, concurrency: int = 1) -> Any:
+    def _migrator(self, concurrency: int = 1) -> "FleetMigrator":
         from ..migrations.fleet import FleetMigrator  # noqa: PLC0415 - the migrations extra
 
         problem = self.unavailable()

@@ -12,8 +12,9 @@ from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableError
 from ..tenant import Tenant
 from ._incarnation import drop_schema
+from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, MAX_NAME_BYTES, Isolation, quote_identifier
-from .rls import RLSIsolation, tenant_session
+from .rls import RLSIsolation
 from .schema import SchemaIsolation
 
 __all__ = ["HybridIsolation"]

@@ -1,25 +1,20 @@
 """`RLSIsolation`: every tenant in shared PostgreSQL tables, kept apart by row-level security."""
 
-import weakref
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.orm import Mapper, Session, UOWTransaction
 
 from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant, validate_identifier
 from ._incarnation import advisory_holders, end_after_wait
+from ._rows import tenant_session
 from .base import (
     BEGIN_SETTING,
-    CONNECTION_OPTIONS,
     UNAVAILABLE_SQLSTATE,
     Finding,
     Isolation,
-    TenantSession,
-    new_session,
     quote_identifier,
     require_asyncpg,
 )
@@ -29,65 +24,7 @@ __all__ = ["RLSIsolation", "tenant_session"]
 # The tenant's lock, exclusive: every transaction of the tenant holds it shared from BEGIN
 # (the tenant function), so this waits for them, and new ones answer 503 meanwhile.
 _HOLD = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:key, 0))"
-_TENANT_ID = "fastapi_tenancy.tenant_id"  # Session.info: the id the tenant column is filled with
 _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
-
-
-class _TenantRowSession(TenantSession):
-    """The sync side of tenant sessions: a class of our own only to scope one flush listener."""
-
-
-# Mapper -> attribute key of its tenant column (None: the mapper has none). Cached per mapper.
-_TENANT_KEYS: "weakref.WeakKeyDictionary[Mapper[Any], dict[str, str | None]]" = weakref.WeakKeyDictionary()
-
-
-def _tenant_key(mapper: Mapper[Any], column: str) -> str | None:
-    keys = _TENANT_KEYS.setdefault(mapper, {})
-    if column not in keys:
-        key = None
-        for table in mapper.tables:
-            if column in table.c:
-                key = mapper.get_property_by_column(table.c[column]).key
-                break
-        keys[column] = key
-    return keys[column]
-
-
-def _fill_tenant_column(session: Session, _context: UOWTransaction, _instances: object) -> None:
-    # Before the flush: the ORM then knows the full primary key without a round trip.
-    # A value naming another tenant is left alone: the policy's WITH CHECK refuses it.
-    column, tenant_id = session.info[_TENANT_ID]
-    for instance in session.new:
-        key = _tenant_key(sa.inspect(instance).mapper, column)
-        if key is not None and getattr(instance, key) is None:
-            setattr(instance, key, tenant_id)
-
-
-event.listen(_TenantRowSession, "before_flush", _fill_tenant_column)
-
-
-def tenant_session(
-    bind: AsyncEngine,
-    column: str,
-    tenant_id: str,
-    options: dict[str, Any] | None = None,
-    *,
-    session_class: type[AsyncSession] = AsyncSession,
-) -> AsyncSession:
-    """A new session on `bind` that fills `column` with `tenant_id` in every new ORM object.
-
-    What RLS sessions are; hybrid isolation makes its other tiers' sessions the same
-    way, so one model (with the tenant column) serves every tier. `options`: the
-    execution options of each connection it begins on (see `TenantSession`); `session_class`:
-    the class of the session (see `Isolation.session()`).
-    """
-    return new_session(
-        session_class,
-        _TenantRowSession,
-        bind=bind,
-        expire_on_commit=False,
-        info={_TENANT_ID: (column, tenant_id), CONNECTION_OPTIONS: options},
-    )
 
 
 _quote = quote_identifier

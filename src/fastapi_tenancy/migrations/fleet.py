@@ -459,7 +459,7 @@ class FleetMigrator:
                         # served. A tenant purged since the plan is migrated (and fails) as is.
                         with suppress(TenantNotFoundError):
                             await held.enter_async_context(
-                                self.manager.admin.maintenance(self._tenant_labels[m.tenant])
+                                self.manager.maintenance(self._tenant_labels[m.tenant])
                             )
                     raw = await migrate(m)
             result = TenantResult(m.tenant, m.schema, **raw)

@@ -46,6 +46,15 @@ class TenantStore(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Idempotent."""
 
+    async def problem(self) -> str | None:
+        """Why the store, as it stands, cannot serve as the registry; None if it can.
+
+        Read-only (`doctor` asks before anything is created): a store that keeps its
+        tenants in something it may find made by another program says what is wrong
+        with it, in words an operator can act on.
+        """
+        return None
+
     def configure(self, *, pgbouncer: bool) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Settings of the deployment, given by the manager once, before `initialize()`.
 
@@ -58,6 +67,14 @@ class TenantStore(ABC):
         registry, or None. The manager announces tenant changes over it when no
         `redis_url` is configured."""
         return None
+
+    def registry_store(self) -> "TenantStore":
+        """The store that keeps the registry itself: this one, or the one a wrapper holds.
+
+        A store in front of another (`CachingTenantStore`) answers with that one's, so
+        that code needing the registry's own table (converting a 0.5.0 registry) finds it.
+        """
+        return self
 
     # The default keeps the record in this object, which is right for a store that only
     # one process uses; a store that several processes share keeps it with its tenants.

@@ -91,6 +91,9 @@ class CachingTenantStore(TenantStore):
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def problem(self) -> str | None:
+        return await self.backend.problem()
+
     async def initialize(self) -> None:
         await self.backend.initialize()
         try:
@@ -111,6 +114,9 @@ class CachingTenantStore(TenantStore):
     def notify_engine(self) -> AsyncEngine | None:
         # The registry is the backend's: its workers listen where it lives.
         return self.backend.notify_engine()
+
+    def registry_store(self) -> TenantStore:
+        return self.backend.registry_store()
 
     async def get_channel_record(self) -> str | None:
         return await self.backend.get_channel_record()

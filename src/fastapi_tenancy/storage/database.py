@@ -6,12 +6,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import mysql, postgresql
-from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, create_tables, is_deadlock, unavailable_as_503
-from ..domain import DOMAIN_MAX_LENGTH, Domain
+from ..domain import Domain
 from ..errors import (
     ConfigurationError,
     DomainNotFoundError,
@@ -20,91 +18,12 @@ from ..errors import (
     TenantChangedError,
     TenantNotFoundError,
 )
-from ..tenant import IDENTIFIER_MAX_LENGTH, Tenant, TenantStatus, thaw
+from ..tenant import Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
 from .base import TenantStore
-from .legacy import registry_problem
+from .tables import domains_table, settings_table, table_problem, tenants_table
 
 __all__ = ["SQLAlchemyTenantStore"]
-
-
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """Timestamps stored as UTC; always read back timezone-aware.
-
-    SQLite and MySQL keep no zone, so values go in as naive UTC and come back
-    with the zone restored.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
-        return dialect.type_descriptor(sa.DateTime(timezone=True))
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        value = value.astimezone(UTC)
-        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _tenants_table(name: str, schema: str | None) -> sa.Table:
-    return sa.Table(
-        name,
-        sa.MetaData(),
-        sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("identifier", sa.String(IDENTIFIER_MAX_LENGTH), nullable=False, unique=True),
-        sa.Column("name", sa.String(255), nullable=False),
-        sa.Column("status", sa.String(16), nullable=False, index=True),
-        sa.Column("metadata", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
-        sa.Column("tier", sa.String(32), nullable=True),
-        sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.Column("updated_at", UTCDateTime(), nullable=False),
-        # Ciphertext only (database isolation): the store never sees the plain URL.
-        sa.Column("encrypted_database_url", sa.Text(), nullable=True),
-        schema=schema,
-    )
-
-
-def _settings_table(metadata: sa.MetaData, name: str, schema: str | None) -> sa.Table:
-    # Values every process sharing the registry agrees on (the invalidation channel), by name.
-    return sa.Table(
-        name,
-        metadata,
-        sa.Column("name", sa.String(64), primary_key=True),
-        sa.Column("value", sa.Text(), nullable=False),
-        sa.Column("updated_at", UTCDateTime(), nullable=False),
-        schema=schema,
-    )
-
-
-def _domains_table(tenants: sa.Table, name: str) -> sa.Table:
-    # The primary key makes a name one tenant's at most, atomically on every backend. On
-    # MySQL the name is compared byte for byte (ascii_bin), not by a case- and
-    # accent-insensitive default collation; names are normalised ASCII anyway.
-    name_type = sa.String(DOMAIN_MAX_LENGTH).with_variant(
-        mysql.VARCHAR(DOMAIN_MAX_LENGTH, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
-    )
-    return sa.Table(
-        name,
-        tenants.metadata,
-        sa.Column("name", name_type, primary_key=True),
-        # No foreign key: SQLite would not enforce it anyway, so the store keeps the rows in
-        # step itself (a domain change locks the tenant's row; delete() removes its domains).
-        # Not named tenant_id in the database (like the audit log's column): row-level
-        # security takes every table of the shared schema with that column for a tenant table.
-        sa.Column("owner_tenant_id", sa.String(36), key="tenant_id", nullable=False, index=True),
-        sa.Column("is_primary", sa.Boolean(), nullable=False),
-        sa.Column("created_at", UTCDateTime(), nullable=False),
-        schema=tenants.schema,
-    )
 
 
 _CHANNEL_SETTING = "invalidation_channel"
@@ -148,9 +67,9 @@ class SQLAlchemyTenantStore(TenantStore):
         self._pool_size = pool_size
         self._max_overflow = max_overflow
         self.pgbouncer = pgbouncer
-        self.table = _tenants_table(table_name, schema)
-        self.settings = _settings_table(self.table.metadata, f"{table_name}_settings", schema)
-        self.domains = _domains_table(self.table, f"{table_name}_domains")
+        self.table = tenants_table(table_name, schema)
+        self.settings = settings_table(self.table.metadata, f"{table_name}_settings", schema)
+        self.domains = domains_table(self.table, f"{table_name}_domains")
         self._read_engine: AsyncEngine | None = None
         self._initialized = False
 
@@ -200,13 +119,14 @@ class SQLAlchemyTenantStore(TenantStore):
         # `tenants` too) is refused here, at startup, not by a 500 on the first request,
         # and before the tables beside it are made.
         self.table.create(conn, checkfirst=True)
-        columns = {
-            column["name"] for column in sa.inspect(conn).get_columns(self.table.name, self.table.schema)
-        }
-        problem = registry_problem(self.table, columns)
+        problem = table_problem(conn, self.table)
         if problem is not None:
             raise ConfigurationError(problem)
         self.table.metadata.create_all(conn, checkfirst=True)
+
+    async def problem(self) -> str | None:
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            return await conn.run_sync(table_problem, self.table)
 
     async def close(self) -> None:
         if self._owns_engine and self._engine is not None:

@@ -25,10 +25,10 @@ from .._utils import is_outage, unavailable_as_503
 from ..errors import ConfigurationError
 from ..tenant import Tenant, TenantStatus
 from ..urls import normalise_database_url
+from .base import TenantStore
 
 if TYPE_CHECKING:
     from ..encryption import URLCipher  # needs `cryptography`, an optional extra
-    from .database import SQLAlchemyTenantStore  # which imports this module
 
 __all__ = [
     "CONVERT_COMMAND",
@@ -173,7 +173,7 @@ class _Converter:
 
 
 async def convert_legacy_registry(
-    store: "SQLAlchemyTenantStore",
+    store: TenantStore,
     *,
     backup_table: str | None = None,
     schema_prefix: str = "tenant_",
@@ -181,6 +181,9 @@ async def convert_legacy_registry(
     dry_run: bool = False,
 ) -> LegacyConversion:
     """Convert the 0.5.0 registry in `store`'s table to ours, in place; keep a copy.
+
+    `store` keeps its registry in a SQL table: a `SQLAlchemyTenantStore`, or a store in
+    front of one (`registry_store()`); any other raises `ConfigurationError`.
 
     Every row is checked before anything is written; if one cannot be converted
     exactly (an id longer than ours, a schema named otherwise than
@@ -190,6 +193,12 @@ async def convert_legacy_registry(
     its name + `_0_5`), then replaced by ours with the same tenants, in one
     transaction. With `dry_run`, the checks run and nothing is written.
     """
+    from .database import SQLAlchemyTenantStore  # noqa: PLC0415 - it imports this module
+
+    registry = store.registry_store()
+    if not isinstance(registry, SQLAlchemyTenantStore):
+        raise ConfigurationError(f"the registry is a {type(registry).__name__}, not a SQL table")
+    store = registry
     table = store.table
     backup = backup_table or f"{table.name}_0_5"
     legacy = _legacy_table(table.name, table.schema)

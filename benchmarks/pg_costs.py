@@ -131,7 +131,10 @@ def pg_dump(base: str, *extra: str) -> dict[str, Any]:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=3600)
     seconds = time.perf_counter() - began
     if done.returncode != 0:
-        return {"ok": False, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1:]}
+        # The error and its hint (the last line only names the query that failed).
+        lines = done.stderr.strip().splitlines()
+        reason = [line for line in lines if "error" in line.lower() or line.startswith("HINT")]
+        return {"ok": False, "seconds": seconds, "error": reason or lines[-1:]}
     return {"ok": True, "seconds": seconds}
 
 

@@ -8,8 +8,14 @@ over `--tenants` schemas, in alternating rounds for each variant of the `BEGIN` 
 - `none`: the reset and `SET LOCAL search_path` alone (before incarnations);
 - `lock`: plus `LOCK TABLE <schema>."fastapi_tenancy:<id>" IN ACCESS SHARE MODE NOWAIT`,
   what the library sends (`isolation/_incarnation.py`);
+- `role`: `lock` plus `SET LOCAL ROLE` to the tenant's own role, what the library sends
+  with `schema_tenant_roles` (`isolation/roles.py`);
 - `comment`: the design it replaced, for scale: a shared advisory lock and the schema's
   comment read by a `SELECT` that fails unless it names the tenant.
+
+Every variant runs on one connection of a plain NOINHERIT login role made for the run,
+which is granted each schema directly (what `none` and `lock` read with, as the login
+role of schema isolation does) and is a member of each tenant's role (`role`).
 
 The round trips are the same for all (one message each); what differs is the server's
 work. Reported per transaction, medians of rounds: the backend's CPU time (utime + stime
@@ -38,21 +44,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fastapi_tenancy.isolation._begin import RESET_STATE  # noqa: E402
 from fastapi_tenancy.isolation._incarnation import lock_marker  # noqa: E402
 from fastapi_tenancy.isolation.base import marker_name  # noqa: E402
+from fastapi_tenancy.isolation.roles import ROLE_SWITCH, role_name  # noqa: E402
 
 DEFAULT_PG_BASE = "postgresql://postgres@127.0.0.1:5432"
-VARIANTS = ("none", "lock", "comment")
+VARIANTS = ("none", "lock", "role", "comment")
 
 
 def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def setting(variant: str, schema: str, tenant_id: str) -> str:
+def setting(variant: str, schema: str, tenant_id: str, database: str) -> str:
     search_path = f'SET LOCAL search_path TO "{schema}";'
     if variant == "none":
         return search_path
     if variant == "lock":
         return f"{lock_marker(schema, tenant_id)} {search_path}"
+    if variant == "role":  # as SchemaIsolation._setting with tenant roles
+        return f'{ROLE_SWITCH}"{role_name(schema, database)}"; {lock_marker(schema, tenant_id)} {search_path}'
+
     # The replaced design: a shared advisory lock, and a cast that fails unless the
     # schema's comment names the tenant.
     name = _literal(f'"{schema}"')
@@ -81,11 +91,16 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         await admin.execute(f'CREATE DATABASE "{args.database}"')
     finally:
         await admin.close()
-    target = base.set(drivername="postgresql", database=args.database).render_as_string(hide_password=False)
-    conn = await asyncpg.connect(target)
+    target = base.set(drivername="postgresql", database=args.database)
+    login = f"{args.database}_login"
+    roles = [role_name(f"tenant_{i:05d}", args.database) for i in range(args.tenants)]
+    setup = await asyncpg.connect(target.render_as_string(hide_password=False))
+    conn = None
     try:
+        await _drop_roles(setup, [*roles, login])
+        await setup.execute(f'CREATE ROLE "{login}" LOGIN NOINHERIT')
         tenants = []
-        for i in range(args.tenants):
+        for i, role in enumerate(roles):
             schema, tenant_id = f"tenant_{i:05d}", str(uuid.uuid4())
             for statement in (
                 f'CREATE SCHEMA "{schema}"',
@@ -93,15 +108,24 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 f"INSERT INTO \"{schema}\".orders VALUES (1, 'one'), (2, 'two')",  # noqa: S608 - our names
                 f'CREATE VIEW "{schema}"."{marker_name(tenant_id)}" AS SELECT 1 AS tenant',
                 f'COMMENT ON SCHEMA "{schema}" IS {_literal(tenant_id)}',
+                f'CREATE ROLE "{role}" NOLOGIN',
+                f'GRANT "{role}" TO "{login}"',
             ):
-                await conn.execute(statement)
+                await setup.execute(statement)
+            for grantee in (login, role):
+                await setup.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{grantee}"')
+                await setup.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{grantee}"')
             tenants.append((schema, tenant_id))
+        conn = await asyncpg.connect(target.set(username=login).render_as_string(hide_password=False))
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         # One prepared statement for every tenant, as the library's shared statements.
         await conn.execute(f'SET search_path TO "{tenants[0][0]}"')
         select = await conn.prepare("SELECT id, description FROM orders")
         await conn.execute("RESET search_path")
-        begins = {v: [f"BEGIN; {RESET_STATE} {setting(v, s, t)}" for s, t in tenants] for v in VARIANTS}
+        begins = {
+            v: [f"BEGIN; {RESET_STATE} {setting(v, s, t, args.database)}" for s, t in tenants]
+            for v in VARIANTS
+        }
         end = f"ROLLBACK; {RESET_STATE}"
 
         async def one_round(variant: str) -> tuple[float, float]:
@@ -131,12 +155,20 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             for v, runs in samples.items()
         }
     finally:
-        await conn.close()
+        if conn is not None:
+            await conn.close()
+        await setup.close()
         admin = await asyncpg.connect(dsn)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)')
+            await _drop_roles(admin, [*roles, login])  # their grants went with the database
         finally:
             await admin.close()
+
+
+async def _drop_roles(conn: asyncpg.Connection, roles: list[str]) -> None:
+    for role in roles:
+        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 def main() -> int:

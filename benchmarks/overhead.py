@@ -11,6 +11,10 @@ Strategies (`--strategies`, all by default):
 
 - `schema` (PostgreSQL): exactly `examples/quickstart/main.py`. Bare reads
   `tenant_acme_corp.orders` (pool 10+10, the `TenancyConfig` defaults).
+- `schema-roles` (PostgreSQL): `tenancy_app.py` with schema isolation and
+  `schema_tenant_roles` (each transaction runs as the tenant's role); requests as a
+  NOINHERIT application role, DDL, the tenant roles and the registry as an owner role
+  with CREATEROLE. Bare as for `schema`.
 - `database` (PostgreSQL, a database per tenant): `benchmarks/tenancy_app.py`, the Quick
   Start configured by `TENANCY_*` variables only (its `isolation_strategy="schema"`
   argument would win over the environment), tenant databases named `<db-prefix>_<slug>`.
@@ -92,7 +96,7 @@ SCHEMA = "tenant_acme_corp"
 HEADER = ("X-Tenant-ID", TENANT)
 OTHER_TENANT = "globex"  # a second tenant, whose rows acme-corp must not see
 OTHER_ORDERS = 3
-POSTGRES_STRATEGIES = ("schema", "database", "rls", "hybrid")
+POSTGRES_STRATEGIES = ("schema", "schema-roles", "database", "rls", "hybrid")
 STRATEGIES = (*POSTGRES_STRATEGIES, "sqlite")
 ROLE_PASSWORD = "bench"  # of the run's own owner/app roles, dropped at the end
 
@@ -434,12 +438,19 @@ async def setup_postgres(
 ) -> Backend:
     base = args.pg_base.rstrip("/")
     prefix = args.db_prefix
-    db = f"{prefix}_{strategy}"
-    tier = args.hybrid_tier if strategy == "hybrid" else strategy
+    db = f"{prefix}_{strategy.replace('-', '_')}"
+    # schema-roles: schema isolation with a role per tenant (schema_tenant_roles).
+    tenant_roles = strategy == "schema-roles"
+    isolation = "schema" if tenant_roles else strategy
+    tier = args.hybrid_tier if strategy == "hybrid" else isolation
     # Tenant databases are cluster-wide names: they carry the run's prefix.
     tenant_dbs = [f"{prefix}_{slug.replace('-', '_')}" for slug in (TENANT, OTHER_TENANT)]
     shared = strategy in ("rls", "hybrid")
-    roles = [f"{prefix}_owner", f"{prefix}_app"] if shared else []
+    owned = shared or tenant_roles  # an owner role for DDL and the registry, an app role for requests
+    roles = [f"{prefix}_owner", f"{prefix}_app"] if owned else []
+    if tenant_roles:  # the tenants' roles (<schema>@<database>) and their group; cluster-wide
+        names = [f"{prefix}_{slug.replace('-', '_')}@{db}" for slug in (TENANT, OTHER_TENANT)]
+        roles = [f'"{name}"' for name in (*names, f"tenants:{db}")] + roles
     databases = [db, *(tenant_dbs if tier == "database" else [])]
     cleanups.append(lambda: _drop_all(base, args.maintenance_db, databases, roles))
     await pg_admin(
@@ -449,19 +460,22 @@ async def setup_postgres(
         *(f"DROP ROLE IF EXISTS {role}" for role in roles),
         f"CREATE DATABASE {db}",
     )
-    env = {"TENANCY_ISOLATION_STRATEGY": strategy, "TENANCY_SCHEMA_PREFIX": f"{prefix}_"}
+    env = {"TENANCY_ISOLATION_STRATEGY": isolation, "TENANCY_SCHEMA_PREFIX": f"{prefix}_"}
     app, tenancy_url = TENANCY_APP, f"{base}/{db}"
     if strategy == "schema":
         app, env = QUICKSTART, {}  # the Quick Start itself, as it is
-    if shared:
-        owner, app_role = roles
-        # As docs/isolation.md sets them up; CREATEDB only for a hybrid database tier.
+    if owned:
+        owner, app_role = roles[-2:]
+        # As docs/isolation.md sets them up; CREATEDB only for a hybrid database tier;
+        # with tenant roles, the owner makes them and the app role only switches to them.
         createdb = " CREATEDB" if tier == "database" else ""
+        createdb += " CREATEROLE" if tenant_roles else ""
+        noinherit = " NOINHERIT" if tenant_roles else ""
         await pg_admin(
             base,
             args.maintenance_db,
             f"CREATE ROLE {owner} LOGIN NOSUPERUSER NOBYPASSRLS{createdb} PASSWORD '{ROLE_PASSWORD}'",
-            f"CREATE ROLE {app_role} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{ROLE_PASSWORD}'",
+            f"CREATE ROLE {app_role} LOGIN NOSUPERUSER NOBYPASSRLS{noinherit} PASSWORD '{ROLE_PASSWORD}'",
             f"GRANT CREATE ON DATABASE {db} TO {owner}",
         )
         await pg_admin(base, db, f"GRANT CREATE, USAGE ON SCHEMA public TO {owner}")
@@ -469,6 +483,8 @@ async def setup_postgres(
         env["TENANCY_DATABASE_OWNER_URL"] = _role_url(base, owner, db)
         if strategy == "hybrid":
             env["TENANCY_HYBRID_DEFAULT_TIER"] = tier
+        if tenant_roles:
+            env["TENANCY_SCHEMA_TENANT_ROLES"] = "true"
     seeded = await seed(tenancy_url, f"seed_{prefix}_{strategy}", args.orders, app=app, env=env)
     storage = seeded.storage[TENANT]
     column = {"BENCH_BARE_TENANT_COLUMN": "tenant_id"} if shared else {}
@@ -487,6 +503,8 @@ async def setup_postgres(
         where = f"{storage}.orders directly (pool 10+10, like TenancyConfig defaults)"
     app_note = "the Quick Start" if app == QUICKSTART else "tenancy_app.py"
     role_note = " as the app role (owner role for DDL)" if shared else ""
+    if tenant_roles:
+        role_note = " as the app role switching to the tenant's role (owner role for DDL)"
     if strategy == "hybrid" and tier == "database":
         role_note = " as the owner role (it serves the database tier)"
     tier_note = f", tenant in tier {tier}" if strategy == "hybrid" else ""
@@ -883,7 +901,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--strategies",
         default=",".join(STRATEGIES),
-        help="comma-separated: schema, database, rls, hybrid (PostgreSQL), sqlite (a file per tenant)",
+        help="comma-separated: schema, schema-roles, database, rls, hybrid (PostgreSQL), sqlite (a file "
+        "per tenant)",
     )
     parser.add_argument(
         "--backends",

@@ -1,13 +1,14 @@
-"""Count PostgreSQL round trips and time provisioning per isolation strategy: schema vs rls.
+"""Count PostgreSQL round trips and time provisioning per isolation strategy: schema, schema
+with a role per tenant (`schema_tenant_roles`), rls.
 
 Drives the test app (`tests/apps.py`: `GET /orders` via ORM, `GET /raw` via text()) through
 ASGI with the database URL pointed at `roundtrips.WireCounter`, a proxy that counts each
-`Sync`/`Query` (one network round trip each) and lists the statements. RLS runs as a
-plain application role created here, with an owner role for DDL.
+`Sync`/`Query` (one network round trip each) and lists the statements. RLS and tenant roles
+run as a plain application role created here (NOINHERIT), with an owner role for DDL.
 
     .venv/bin/python benchmarks/rls_roundtrips.py [--requests 100] [--tenants 20]
 
-Creates and drops the database `bench_rls` and two roles on TENANCY_BENCH_POSTGRES_URL.
+Creates and drops the database `bench_rls` and its roles on TENANCY_BENCH_POSTGRES_URL.
 """
 
 import argparse
@@ -59,6 +60,11 @@ async def _measure(strategy: str, requests: int, tenants: int) -> dict[str, Any]
         )
         base = base.set(username=APP)
         model, metadata = SharedOrder, SharedBase.metadata
+    if strategy == "schema-roles":
+        settings.update(
+            schema_tenant_roles=True, database_owner_url=base.set(username=OWNER).render_as_string()
+        )
+        base = base.set(username=APP)
     manager = TenancyManager(TenancyConfig(database_url=base.render_as_string(), **settings))
     await manager.initialize()
     provisioning = []
@@ -95,30 +101,38 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--tenants", type=int, default=20)
     args = parser.parse_args()
-    await _admin(
-        [
-            f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)",
-            f"DROP ROLE IF EXISTS {OWNER}",
-            f"DROP ROLE IF EXISTS {APP}",
-        ]
-    )
-    await _admin([f"CREATE DATABASE {DB}", f"CREATE ROLE {OWNER} LOGIN", f"CREATE ROLE {APP} LOGIN"])
-    await _admin([f"GRANT CREATE, USAGE ON SCHEMA public TO {OWNER}"], DB)
     try:
-        for strategy in ("schema", "rls"):
-            print(strategy, await _measure(strategy, args.requests, args.tenants))  # noqa: T201
+        for strategy in ("schema", "schema-roles", "rls"):
+            await _drop()  # a fresh database (and roles) per strategy
             await _admin(
                 [
-                    "DROP SCHEMA public CASCADE",
-                    "CREATE SCHEMA public",
-                    "GRANT USAGE ON SCHEMA public TO PUBLIC",
-                    f"GRANT CREATE, USAGE ON SCHEMA public TO {OWNER}",
-                ],
-                DB,
+                    f"CREATE DATABASE {DB}",
+                    f"CREATE ROLE {OWNER} LOGIN CREATEROLE",
+                    f"CREATE ROLE {APP} LOGIN NOINHERIT",
+                ]
             )
+            await _admin([f"GRANT CREATE ON DATABASE {DB} TO {OWNER}"])  # tenant schemas (schema-roles)
+            await _admin([f"GRANT CREATE, USAGE ON SCHEMA public TO {OWNER}"], DB)
+            print(strategy, await _measure(strategy, args.requests, args.tenants))  # noqa: T201
     finally:
-        await _admin([f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"])
-        await _admin([f"DROP ROLE IF EXISTS {OWNER}", f"DROP ROLE IF EXISTS {APP}"])
+        await _drop()
+
+
+async def _drop() -> None:
+    # The tenants' roles (<schema>@bench_rls, tenants:bench_rls) hold grants in DB only.
+    import asyncpg
+
+    url = make_url(URL)
+    conn = await asyncpg.connect(host=url.host, port=url.port or 5432, user=url.username, database="postgres")
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        made = await conn.fetch(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE '%@' || $1 OR rolname = 'tenants:' || $1", DB
+        )
+        for name in [row["rolname"] for row in made] + [OWNER, APP]:
+            await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ class Order(Base):
     description: Mapped[str] = mapped_column(sa.String(200) if SHARED else sa.String())
 
 
-# fastapi-tenancy setup. With rls and hybrid the registry belongs to the owner role: the
+# fastapi-tenancy setup. With rls, hybrid (and tenant roles) the registry belongs to the owner role: the
 # manager's own store (on database_owner_url) keeps it, as docs/isolation.md shows.
-store = None if SHARED else SQLAlchemyTenantStore(config.database_url)
+store = None if SHARED or config.database_owner_url else SQLAlchemyTenantStore(config.database_url)
 manager = TenancyManager(config, store)
 
 

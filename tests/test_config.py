@@ -87,6 +87,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "hybrid_plan_tiers": ('{"enterprise": "schema", "free": "rls"}', {"enterprise": "schema", "free": "rls"}),
     "schema_spares": ("5", 5),
     "schema_shared_statements": ("false", False),
+    "schema_tenant_roles": ("false", False),  # true needs PostgreSQL: see the cases below
 }
 
 
@@ -154,6 +155,17 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
         ({"hybrid_plan_tiers": {"pro": "dedicated"}}, "hybrid_plan_tiers"),
         ({"schema_spares": 3}, "schema_spares"),
         ({"schema_spares": -1}, "schema_spares"),
+        ({"schema_tenant_roles": True}, "schema_tenant_roles"),  # SQLite
+        (
+            {
+                "schema_tenant_roles": True,
+                "isolation_strategy": "rls",
+                "database_url": "postgresql://a@h/db",
+                "database_owner_url": "postgresql://o@h/db",
+            },
+            "schema_tenant_roles",
+        ),
+        ({"schema_tenant_roles": True, "database_url": "postgresql://a@h/db"}, "database_owner_url"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(
@@ -181,6 +193,15 @@ def test_owner_password_is_masked_too() -> None:
     for text in (repr(config), str(config)):
         assert "0wn3r-pw" not in text
     assert config.database_owner_url == "postgresql+asyncpg://owner:0wn3r-pw@db/app"
+
+
+def test_tenant_roles_with_an_owner_are_accepted() -> None:
+    config = TenancyConfig(
+        database_url="postgresql://app@db/app",
+        database_owner_url="postgresql://owner@db/app",
+        schema_tenant_roles=True,
+    )
+    assert config.schema_tenant_roles
 
 
 def test_config_is_immutable() -> None:

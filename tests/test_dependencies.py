@@ -105,6 +105,35 @@ def _app(manager: TenancyManager) -> FastAPI:
             raise RuntimeError("the route fails after its commit")
         return "ok"
 
+    async def unit_of_work(session: Session) -> AsyncIterator[AsyncSession]:
+        yield session
+        await session.commit()  # the route's writes, committed when the dependency ends
+
+    class Orders:  # a repository: a plain dependency holding the session
+        def __init__(self, session: Session) -> None:
+            self.session = session
+
+    async def unit_of_orders(orders: Annotated[Orders, Depends()]) -> AsyncIterator[Orders]:
+        yield orders
+        await orders.session.commit()
+
+    @app.post("/unit/{key}")  # FastAPI's default scope: the commit runs after the response
+    async def in_unit(key: int, session: Annotated[AsyncSession, Depends(unit_of_work)]) -> list[str]:
+        session.add(Order(id=key, description=f"unit-{key}"))
+        return await descriptions(session)
+
+    @app.post("/unit-of-orders/{key}")
+    async def in_unit_of_orders(key: int, orders: Annotated[Orders, Depends(unit_of_orders)]) -> list[str]:
+        orders.session.add(Order(id=key, description=f"unit-{key}"))
+        return await descriptions(orders.session)
+
+    @app.post("/function-unit/{key}")  # ends before the response
+    async def in_function_unit(
+        key: int, session: Annotated[AsyncSession, Depends(unit_of_work, scope="function")]
+    ) -> list[str]:
+        session.add(Order(id=key, description=f"unit-{key}"))
+        return await descriptions(session)
+
     @app.get("/stream")
     async def stream(session: Session) -> StreamingResponse:
         async def lines() -> AsyncIterator[str]:
@@ -168,6 +197,24 @@ async def test_an_exception_after_a_commit_keeps_the_commit(watch: BodyWatch, ch
     response = await _call(watch, "POST", "/orders/9?fail=true", "beta")
     assert response.status_code == 500
     assert (await _call(watch, "GET", "/orders", "beta")).json() == ["beta-1", "beta-3", "new-9"]
+    assert checkouts.out == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "out_when_sent"),
+    [("/unit", 1), ("/unit-of-orders", 1), ("/function-unit", 0)],
+    ids=["request-scope", "through-a-repository", "function-scope"],
+)
+async def test_a_dependency_committing_after_its_yield_keeps_its_commit(
+    watch: BodyWatch, checkouts: Checkouts, path: str, out_when_sent: int
+) -> None:
+    response = await _call(watch, "POST", f"{path}/6", "alpha")
+    assert response.json() == ["alpha-1", "alpha-2", "unit-6"], response.text
+    # A request-scoped dependency commits after the response: the session stays open for
+    # it, as it did before; one of function scope has committed before the response.
+    assert watch.seen == [(False, out_when_sent)]
+    assert (await _call(watch, "GET", "/orders", "alpha")).json() == ["alpha-1", "alpha-2", "unit-6"]
+    assert (await _call(watch, "GET", "/orders", "beta")).json() == ["beta-1", "beta-3"]
     assert checkouts.out == 0
 
 

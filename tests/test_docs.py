@@ -196,7 +196,20 @@ EXTRA_FILES: dict[str, Callable[[], dict[str, str]]] = {
     "testing": lambda: {"main.py": quickstart_as_written()}
 }
 REWRITES: dict[str, Callable[[str], str]] = {"quickstart": _quickstart_main}
-CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran}
+
+
+def _clone_ran(_tmp_path: Path, output: str) -> None:
+    # The clone has the source's rows, its own writes, and no provisioning step ran for it.
+    assert output.splitlines()[-5:] == [
+        "active Acme (staging)",
+        "['free', 'pro']",
+        "['ada@acme.test']",
+        "['free', 'pro']",
+        "[]",
+    ], output
+
+
+CHECKS: dict[str, Callable[[Path, str], None]] = {"quickstart": _quickstart_ran, "provisioning": _clone_ran}
 
 EXECUTED = [page for page in PAGES if any(not code.startswith(NOT_RUN) for _, code in _python_blocks(page))]
 

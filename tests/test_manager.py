@@ -45,9 +45,10 @@ async def test_initialize_and_close_are_idempotent_and_restartable(tmp_path: Pat
     await manager.close()
 
 
-# What the manager's tenant methods hand their work to; TenantAdmin's change path is for them.
+# What the manager's tenant methods hand their work to; TenantAdmin's change path and
+# Registration's undoing are for them (and cloning).
 SERVICES = (TenantAdmin, Registration, Maintenance, TierMoves, CustomDomains)
-CHANGE_PATH = {"change", "change_of", "current", "announce"}
+CHANGE_PATH = {"change", "change_of", "current", "announce", "undo", "destroy_quietly"}
 SERVICE_METHODS = {
     name: service
     for service in SERVICES

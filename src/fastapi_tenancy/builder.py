@@ -254,8 +254,11 @@ def _isolation(
             prefix=config.schema_prefix,
             max_cached_binds=config.cache_max_size,
             template=config.schema_template,
+            # With tenant roles, the owner makes schemas and roles (the config requires it).
+            ddl_engine=owner_engine if config.schema_tenant_roles else None,
             spares=config.schema_spares,
             shared_statements=config.schema_shared_statements,
+            tenant_roles=config.schema_tenant_roles,
         )
     assert owner_engine is not None  # the config requires it for rls and hybrid
     rls = RLSIsolation(
@@ -275,6 +278,7 @@ def _isolation(
         template=config.schema_template,
         ddl_engine=owner_engine,
         shared_statements=config.schema_shared_statements,
+        tenant_roles=config.schema_tenant_roles,
     )
     # The database tier's databases are created, and served, by the owner role: the
     # application role needs no CREATEDB, and reaches no tenant database by itself.

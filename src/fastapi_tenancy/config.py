@@ -362,13 +362,20 @@ class TenancyConfig(BaseSettings):
     composite: result types then differ between tenants); set `false` to always write
     the tenant's schema into each statement instead."""
 
+    schema_tenant_roles: bool = False
+    """PostgreSQL schema isolation (and hybrid's schema tier): a `NOLOGIN` role per tenant
+    schema, and each tenant transaction runs as it (`SET LOCAL ROLE`, sent with `BEGIN`), so
+    SQL naming another tenant's schema is refused by PostgreSQL. Needs `database_owner_url`
+    (a role with `CREATEROLE` that owns the tenant schemas) and a `database_url` role that
+    is no superuser (and `NOINHERIT` before PostgreSQL 16). See docs/isolation.md."""
+
     # -- row-level security and hybrid tiers ------------------------------------------
 
     database_owner_url: str | None = None
     """The URL of the role that owns the shared tables (`rls`, `hybrid`): the library runs
     DDL (tables, policies, tenant schemas) and the tenant registry with it, while requests
     run as the role of `database_url`, which must not own those tables, be a superuser or
-    have BYPASSRLS. Required for `rls` and `hybrid`."""
+    have BYPASSRLS. Required for `rls`, `hybrid` and `schema_tenant_roles`."""
 
     rls_tenant_column: str = "tenant_id"
     """The column that names a row's tenant (`rls`): every table of the app metadata that
@@ -511,6 +518,19 @@ class TenancyConfig(BaseSettings):
                 raise ValueError(
                     f"database_owner_url: isolation_strategy {self.isolation_strategy!r} needs the URL of "
                     "the role that owns the shared tables, besides database_url (the application role)"
+                )
+            if make_url(self.database_owner_url).get_backend_name() != "postgresql":
+                raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")
+        if self.schema_tenant_roles:
+            if backend != "postgresql" or self.isolation_strategy not in ("schema", "hybrid"):
+                raise ValueError(
+                    "schema_tenant_roles: a role per tenant schema needs PostgreSQL and "
+                    f"isolation_strategy 'schema' or 'hybrid' (have {backend}, {self.isolation_strategy!r})"
+                )
+            if self.database_owner_url is None:
+                raise ValueError(
+                    "database_owner_url: schema_tenant_roles needs the URL of a role with CREATEROLE "
+                    "that owns the tenant schemas, besides database_url (the application role)"
                 )
             if make_url(self.database_owner_url).get_backend_name() != "postgresql":
                 raise ValueError("database_owner_url: must be a PostgreSQL URL, like database_url")

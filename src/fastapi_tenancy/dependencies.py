@@ -95,22 +95,27 @@ def make_tenant_db_dependency(
 
     Its connection goes back to the pool as soon as the route's response is ready,
     before the response is sent (see `TenancyMiddleware`); a streaming response keeps
-    it until its last chunk.
+    it until its last chunk, and so does a route where a yield dependency of FastAPI's
+    default ("request") scope takes the session: that dependency may still use it after
+    the response (commit after its `yield`).
 
     Routes that use it are `async def`: a `def` route runs in a thread, where the
     session's methods return coroutines nobody awaits, so its request fails with a
     `TypeError` that says so instead (sync ORM code runs in `await session.run_sync(fn)`).
     """
-    # id -> endpoint, for the endpoints already found to be `async def`: one dictionary
-    # lookup per request after the first (by id: an endpoint may be unhashable; kept, so
-    # that its id is not reused).
-    checked: dict[int, object] = {}
+    # (route, endpoint) ids -> (route, endpoint, release early?), for the routes already
+    # checked (an `async def` endpoint): one dictionary lookup per request after the first
+    # (by id: an endpoint may be unhashable; kept, so that their ids are not reused).
+    checked: dict[tuple[int, int], tuple[object, object, bool]] = {}
 
     async def get_tenant_db(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
-        endpoint = connection.scope.get("endpoint")
-        if checked.get(id(endpoint)) is not endpoint:
-            _refuse_sync_endpoint(connection.scope)
-            checked[id(endpoint)] = endpoint
+        scope = connection.scope
+        route, endpoint = scope.get("route"), scope.get("endpoint")
+        known = checked.get((id(route), id(endpoint)))
+        if known is None or known[0] is not route or known[1] is not endpoint:
+            _refuse_sync_endpoint(scope)
+            early = not _used_after_the_response(route, get_tenant_db)
+            known = checked[id(route), id(endpoint)] = (route, endpoint, early)
         # The tenant read here, not declared as a `CurrentTenant` sub-dependency (that
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
@@ -118,10 +123,47 @@ def make_tenant_db_dependency(
         tenant = await get_current_tenant()
         session = await manager.isolation.session(tenant, session_class=session_class)
         async with session:
-            release_when_response_is_ready(connection.scope, session)
+            if known[2]:
+                release_when_response_is_ready(scope, session)
             yield session
 
     return get_tenant_db
+
+
+def _used_after_the_response(route: object, dependency: Callable[..., Any]) -> bool:
+    """Whether a yield dependency of `route` that FastAPI ends after the response takes `dependency`.
+
+    A yield dependency of the default ("request") scope runs its exit code after the
+    response is sent; one that takes the session, directly or through others, may use it
+    there (`yield session` then `await session.commit()`: the unit-of-work pattern). Closing
+    the session before the response would roll back what it is about to commit, and its
+    commit would then commit nothing: such routes keep the session until the dependency
+    ends, as FastAPI would. `Depends(..., scope="function")` ends before the response.
+    """
+
+    def late(dependant: Any, inside: bool) -> bool:
+        for sub in dependant.dependencies:
+            if sub.call is dependency:
+                if inside:
+                    return True
+                continue
+            if late(sub, inside or (_is_generator(sub.call) and getattr(sub, "scope", None) != "function")):
+                return True
+        return False
+
+    dependant = getattr(route, "dependant", None)
+    return dependant is not None and late(dependant, False)
+
+
+def _is_generator(call: object) -> bool:
+    while isinstance(call, functools.partial):
+        call = call.func
+    if inspect.isclass(call):
+        return False  # FastAPI calls it for an instance: no exit code
+    if not inspect.isfunction(call) and not inspect.ismethod(call):
+        call = getattr(call, "__call__", None)  # noqa: B004  (a class instance used as a dependency)
+    call = inspect.unwrap(call) if callable(call) else call
+    return inspect.isasyncgenfunction(call) or inspect.isgeneratorfunction(call)
 
 
 def _refuse_sync_endpoint(scope: Scope) -> None:

@@ -276,7 +276,10 @@ class TenantScopeError(TenancyError):
     tenant's setting lives in would leave the next statements unscoped. Use the
     session's `commit()` and `rollback()`, which begin the next transaction scoped again.
     Raised too when something below SQLAlchemy ended the transaction anyway (raw
-    driver calls): no statement runs until the session is rolled back.
+    driver calls): no statement runs until the session is rolled back. With tenant roles
+    (`schema_tenant_roles`), also raised for statements that change the role (`SET ROLE`,
+    `RESET ROLE`, `RESET ALL`, `set_config('role', ...)`, ...): the transaction runs as
+    its tenant's role.
     """
 
     detail = "A statement tried to leave the tenant's transaction"

@@ -52,6 +52,7 @@ class LifecycleEvent(StrEnum):
     PURGED = "purged"  # data destroyed and registry row removed
     MIGRATED = "migrated"  # schema migrations applied to the tenant's storage
     SEEDED = "seeded"  # provisioning steps run again for an existing tenant (`tenants seed`)
+    CLONED = "cloned"  # made active with a copy of another tenant's data (`tenants clone`)
 
 
 @dataclass(frozen=True, slots=True)

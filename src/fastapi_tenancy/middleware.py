@@ -56,7 +56,8 @@ class TenancyMiddleware:
       starts get the same treatment, on excluded paths too.
     - The sessions of `make_tenant_db_dependency` are closed, and their connections
       given back to the pool, when the response is ready: before its last (for most
-      responses, its only) body message is sent, not after the client has read it. A refused WebSocket
+      responses, its only) body message is sent, not after the client has read it (its
+      docstring names the routes that keep them longer). A refused WebSocket
       handshake gets the same HTTP response where the server supports the ASGI
       "websocket.http.response" extension, else a close with code 1008 (1013 for 503).
 

@@ -71,6 +71,23 @@ class TenantOperations:
         """
         return await self._registration.seed_tenant(tenant, steps=steps)
 
+    async def clone_tenant(
+        self,
+        source: Tenant | str,
+        identifier: str,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        app_metadata: sa.MetaData | None = None,
+    ) -> Tenant:
+        """Register `identifier` with a consistent copy of `source`'s data; then active.
+
+        See `cloning.clone_tenant`: the source keeps serving; a failure undoes the clone.
+        """
+        return await self._registration.clone_tenant(
+            source, identifier, name=name, metadata=metadata, app_metadata=app_metadata
+        )
+
     async def rotate_encryption_keys(self) -> int:
         """Re-encrypt every tenant's `database_url` under the first key; how many changed."""
         return await self.admin.rotate_encryption_keys()

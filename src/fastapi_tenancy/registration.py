@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .admin import TenantAdmin
+from .cloning import clone_tenant
 from .errors import (
     ConfigurationError,
     ProvisioningError,
@@ -121,7 +122,7 @@ class Registration:
         try:
             await self._provision(tenant, app_metadata, job)
         except BaseException as exc:
-            await self._undo_registration(tenant, exc, job)
+            await self.undo(tenant, exc, job)
             if isinstance(exc, TenancyError | asyncio.CancelledError) or not isinstance(exc, Exception):
                 raise
             raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
@@ -143,7 +144,7 @@ class Registration:
                 await self.provisioning.run(tenant, isolation, job=job)
         except BaseException:
             # The storage made above goes too, so that the slug can be registered again.
-            await asyncio.shield(self._destroy_quietly(tenant))
+            await asyncio.shield(self.destroy_quietly(tenant))
             raise
 
     async def seed_tenant(self, tenant: Tenant | str, *, steps: Iterable[str] | None = None) -> list[str]:
@@ -169,7 +170,25 @@ class Registration:
         logger.info("seeded tenant %s: %s", current.identifier, ", ".join(ran))
         return ran
 
-    async def _destroy_quietly(self, tenant: Tenant) -> None:
+    async def clone_tenant(
+        self,
+        source: Tenant | str,
+        identifier: str,
+        *,
+        name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        app_metadata: sa.MetaData | None = None,
+    ) -> Tenant:
+        """Register `identifier` with a consistent copy of `source`'s data; then active.
+
+        See `cloning.clone_tenant`: the source keeps serving; a failure undoes the clone.
+        """
+        return await clone_tenant(
+            self, source, identifier, name=name, metadata=metadata, app_metadata=app_metadata
+        )
+
+    async def destroy_quietly(self, tenant: Tenant) -> None:
+        """Remove the storage of a tenant whose registration failed; log (never raise) a failure."""
         try:
             await self.admin.isolation.destroy(tenant)
         except Exception:  # the original error matters more; say what is left behind
@@ -188,9 +207,8 @@ class Registration:
             raise ConfigurationError(f"database_url: {exc}") from None
         return cipher.encrypt(normalised)
 
-    async def _undo_registration(
-        self, tenant: Tenant, error: BaseException, job: ProvisioningJob | None = None
-    ) -> None:
+    async def undo(self, tenant: Tenant, error: BaseException, job: ProvisioningJob | None = None) -> None:
+        """Remove the registry row of a tenant whose registration failed (`error`), audited, told."""
         details = {"reason": "provisioning failed", "error": type(error).__name__}
         if job is not None and job.step is not None:
             details["step"] = job.step

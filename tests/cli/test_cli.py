@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy.isolation.schema import SchemaIsolation
 from tests.migrations.projects import make_project
 from tests.migrations.test_stamp import METADATA
 from tests.servers import poll
@@ -309,6 +310,7 @@ async def test_a_command_configured_for_another_channel_is_refused(
 SEEDED_APP = """
 import sqlalchemy as sa
 from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy.isolation.schema import SchemaIsolation
 
 manager = TenancyManager(TenancyConfig())
 notes = sa.Table("notes", sa.MetaData(), sa.Column("text", sa.Text))
@@ -439,3 +441,39 @@ async def test_domain_commands_reach_a_running_worker_at_once(postgres_url: str)
 async def _holder(manager: TenancyManager, name: str, identifier: str | None) -> bool:
     tenant = await manager.lookup.get_by_domain(name)
     return (None if tenant is None else tenant.identifier) == identifier
+
+
+async def test_clone_copies_a_tenant_with_its_rows(postgres_url: str) -> None:
+    env = {"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"}
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url, schema_template="tenancy_template"))
+    await manager.initialize()
+    try:
+        assert isinstance(manager.isolation, SchemaIsolation)
+        await manager.isolation.build_template(METADATA)
+        await manager.register_tenant("acme", "Acme")
+        async with manager.session("acme") as session:
+            await session.execute(sa.text("INSERT INTO items (name) VALUES ('anvil'), ('rope')"))
+            await session.commit()
+    finally:
+        await manager.close()
+    # Without the template or migrations, the clone's storage would have no tables.
+    code, text = cli(postgres_url, "tenants", "clone", "acme", "acme-copy")
+    assert code == 2 and "would have no tables" in text
+    code, cloned = cli_json(postgres_url, "tenants", "clone", "acme", "acme-copy", "--name", "Copy", env=env)
+    assert code == 0, cloned
+    assert (cloned[0]["identifier"], cloned[0]["name"], cloned[0]["status"]) == (
+        "acme-copy",
+        "Copy",
+        "active",
+    )
+    assert cli(postgres_url, "tenants", "clone", "nobody", "other", env=env)[0] == 3
+    assert cli(postgres_url, "tenants", "clone", "acme", "acme-copy", env=env)[0] == 4  # taken
+    manager = TenancyManager(TenancyConfig(database_url=postgres_url))
+    await manager.initialize()
+    try:
+        async with manager.session("acme-copy") as session:
+            await session.execute(sa.text("INSERT INTO items (name) VALUES ('hammer')"))
+            rows = (await session.execute(sa.text("SELECT id, name FROM items ORDER BY id"))).all()
+        assert [tuple(r) for r in rows] == [(1, "anvil"), (2, "rope"), (3, "hammer")]  # the sequence goes on
+    finally:
+        await manager.close()

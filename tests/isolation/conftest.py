@@ -62,3 +62,31 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
         await admin.execute(f'DROP ROLE "{app}"')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
+    """`roles` for `schema_tenant_roles`: the owner may create roles, the app role is NOINHERIT.
+
+    The tenant roles the test made (`<schema>@<database>`, and the group
+    `tenants:<database>`: cluster-wide) are dropped after it.
+    """
+    database = make_url(roles.admin_url).database
+    admin = await _postgres_admin(roles.admin_url)
+    try:
+        await admin.execute(f'ALTER ROLE "{roles.owner}" CREATEROLE')
+        await admin.execute(f'ALTER ROLE "{roles.app}" NOINHERIT')
+    finally:
+        await admin.close()
+    yield roles
+    admin = await _postgres_admin(roles.admin_url)
+    try:
+        made = await admin.fetch(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE '%@' || $1 OR rolname = 'tenants:' || $1",
+            database,
+        )
+        for row in made:
+            await admin.execute(f'DROP OWNED BY "{row["rolname"]}"')
+            await admin.execute(f'DROP ROLE "{row["rolname"]}"')
+    finally:
+        await admin.close()

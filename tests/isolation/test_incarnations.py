@@ -44,11 +44,12 @@ from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
 from ..apps import Base, build_app
 from ..conftest import _postgres_admin, running_pgbouncer
-from .test_matrix import HYBRID_DATABASE, Env, _environment, _setup, two_tenants
+from .test_matrix import HYBRID_DATABASE, TENANT_ROLES, Env, _environment, _setup, two_tenants
 
 # name -> (the matrix setup, the tiers of the old and the new incarnation under hybrid)
 CASES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "schema": ("postgres", None),
+    "schema-roles": (TENANT_ROLES, None),
     "rls": ("rls", None),
     "hybrid-schema": ("hybrid", ("schema", "schema")),
     "hybrid-rls": ("hybrid", ("rls", "rls")),

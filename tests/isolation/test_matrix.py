@@ -104,6 +104,8 @@ SHARED_TABLES = ("rls", "hybrid")
 # Hybrid with alpha in a database of its own (created by the owner role) and beta in the
 # shared tables.
 HYBRID_DATABASE = "hybrid-database"
+# Schemas, each tenant's transactions running as its own role (schema_tenant_roles).
+TENANT_ROLES = "postgres-roles"
 
 
 def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
@@ -113,6 +115,9 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     if name.endswith("-database") and name != HYBRID_DATABASE:
         url = str(request.getfixturevalue(f"{name.removesuffix('-database')}_url"))
         return url, {"isolation_strategy": "database", "database_tenant_pool_size": 1}
+    if name == TENANT_ROLES:
+        roles_: Roles = request.getfixturevalue("tenant_roles")
+        return roles_.app_url, {"database_owner_url": roles_.owner_url, "schema_tenant_roles": True}
     roles: Roles = request.getfixturevalue("roles")
     if name == HYBRID_DATABASE:
         settings = {**shared_settings(roles, "hybrid"), "database_tenant_pool_size": 1}
@@ -120,7 +125,7 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     return roles.app_url, shared_settings(roles, name)
 
 
-@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE])
+@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES])
 def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return _setup(request, request.param)
 

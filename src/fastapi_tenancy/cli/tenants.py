@@ -1,4 +1,4 @@
-"""`fastapi-tenancy tenants`: list, show, create, suspend, activate, delete; maintenance; spares."""
+"""`fastapi-tenancy tenants`: the registry (list, show, create, clone, suspend, delete), spares, grants."""
 
 import json
 import sys
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["maintenance_app", "spares_app", "tenants_app"]
 
 tenants_app = typer.Typer(
-    help="List, show, create, seed, suspend, activate, delete tenants, adopt their storage; maintenance.",
+    help="List, show, create, clone, seed, suspend, activate, delete tenants, adopt their storage; "
+    "maintenance.",
     no_args_is_help=True,
 )
 spares_app = typer.Typer(
@@ -99,12 +100,32 @@ def tenants_create(
     print_rows("Created", [tenant_dict(tenant)], ["identifier", "name", "status"])
 
 
-def _refuse_empty_storage(manager: TenancyManager) -> None:
+@tenants_app.command("clone")
+def tenants_clone(
+    source: str,
+    identifier: str,
+    name: Annotated[str | None, typer.Option(help="Display name (default: the source's).")] = None,
+) -> None:
+    """Register IDENTIFIER with a consistent copy of SOURCE's data (its tier, its sequences).
+
+    The new storage is made as `create` makes it (alembic_config or schema_template), then
+    filled from one snapshot of SOURCE, which keeps serving. A failure undoes the clone.
+    """
+
+    async def work(manager: TenancyManager) -> Tenant:
+        _refuse_empty_storage(manager, (await manager.get_tenant(source)).tier)
+        return await manager.clone_tenant(source, identifier, name=name)
+
+    tenant = run_with_manager(work)
+    print_rows("Cloned", [tenant_dict(tenant)], ["identifier", "name", "status"])
+
+
+def _refuse_empty_storage(manager: TenancyManager, tier: str | None = None) -> None:
     # The command has no models to create tables from: without migrations to run or a
     # template to clone, the tenant's schema or database would have no tables, and every
     # request of the tenant would fail. Shared tables (rls) are there already, or not.
     config = manager.config
-    tier = manager.isolation.choose_tier(None, {}) or config.isolation_strategy
+    tier = tier or manager.isolation.choose_tier(None, {}) or config.isolation_strategy
     if config.alembic_config is not None or tier == "rls":
         return
     if tier == "schema" and config.schema_template is not None and config.backend == "postgresql":
@@ -210,6 +231,34 @@ def tenants_adopt(
     rows = run_with_manager(work)
     print_rows("Storage adopted", rows, ["identifier", "storage"])
     if any(row["storage"].startswith("not adopted") for row in rows):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@tenants_app.command("grants")
+def tenants_grants() -> None:
+    """Repair tenant roles (schema_tenant_roles): grant each tenant schema's role what it lacks.
+
+    Creates a missing role, grants it its schema, tables and sequences, and grants it to
+    the login role; what `doctor` reports under "tenant roles". Exit 1 if a login role
+    still reaches a tenant schema by itself (it owns it, or was granted it by hand).
+    """
+
+    async def work(manager: TenancyManager) -> dict[str, Any]:
+        every = [p.roles for p in manager.isolation.parts() if p.roles is not None]
+        if not every:
+            raise ConfigurationError("no tenant roles configured: set schema_tenant_roles")
+        roles = every[0]  # one schema strategy at most (schema isolation, or hybrid's tier)
+        repaired = await roles.repair()
+        _, status, detail = await roles.diagnose()
+        return {"repaired": repaired, "status": status, "detail": detail}
+
+    result = run_with_manager(work, initialize=False)
+    if state.json:
+        out.print_json(json.dumps(result))
+    else:
+        out.print(f"repaired {len(result['repaired'])} schema(s): {', '.join(result['repaired']) or '-'}")
+        out.print(f"tenant roles: {result['status']}: {result['detail']}", highlight=False)
+    if result["status"] == "fail":
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -7,7 +7,8 @@ both strategies mean on SQLite); `RLSIsolation` keeps tenants in shared tables u
 row-level security; `HybridIsolation` places each tenant in a tier. `EngineRegistry`
 and `ConnectionBudget` hold the per-tenant engines of the database and file strategies.
 Helpers of the schema strategy: `clone` (a tenant schema cloned from the template) and
-`spares` (clones made ahead of time); `_begin` sends tenant settings with `BEGIN`;
+`spares` (clones made ahead of time), `roles` (a database role per tenant schema,
+`schema_tenant_roles`); `_begin` sends tenant settings with `BEGIN`;
 `_incarnation` binds storage to the id of the tenant it was made for (`marker_name`).
 """
 

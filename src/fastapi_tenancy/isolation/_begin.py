@@ -55,6 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ..errors import ConfigurationError, TenancyUnavailableError, TenantScopeError
 from ._incarnation import refusal
 from .base import BEGIN_SETTING, ON_STATEMENT_TYPES_CHANGE, UNAVAILABLE_SQLSTATE
+from .roles import ROLE_SWITCH
 
 __all__ = ["RESET_STATE", "BeginSettingsConnection", "BeginSettingsContext", "enable"]
 
@@ -74,6 +75,20 @@ _ENDS_TRANSACTION = re.compile(
     r"(?:\s+|--[^\n]*|/\*.*?\*/)*"
     r"(?:COMMIT|END|ABORT|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+(?:WORK\s+|TRANSACTION\s+)?TO\b))\b",
     re.IGNORECASE | re.DOTALL,
+)
+
+
+# With tenant roles (roles.py): statements that change the role, at the start of a
+# statement, or set_config() of any setting not named by a plain literal other than the
+# role's. Only what is visible in the statement's text: see docs/isolation.md.
+_CHANGES_ROLE = re.compile(
+    r"(?:\s+|--[^\n]*|/\*.*?\*/)*(?:"
+    r"SET\s+(?:SESSION\s+|LOCAL\s+)?(?:ROLE(?!\w)|\"role\"|SESSION\s+AUTHORIZATION\b)"
+    r"|RESET\s+(?:ROLE(?!\w)|\"role\"|SESSION\s+AUTHORIZATION\b|ALL\b)|DISCARD\s+ALL\b)",
+    re.IGNORECASE | re.DOTALL,
+)
+_SETS_ROLE = re.compile(
+    r"\bset_config\s*\((?!\s*'(?!role'|session_authorization')[A-Za-z0-9_.]+'\s*,)", re.IGNORECASE
 )
 
 
@@ -162,6 +177,14 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
                 "transaction control in a tenant session is refused: it would end the "
                 f"transaction the tenant's setting lives in ({self.statement[:40]!r}); use the "
                 "session's commit() or rollback()"
+            )
+        if ROLE_SWITCH in setting and (
+            _CHANGES_ROLE.match(self.statement) or _SETS_ROLE.search(self.statement)
+        ):
+            # The login role may become any tenant's role: a route must not pick one.
+            raise TenantScopeError(
+                "changing the role in a tenant session is refused: the transaction runs as the "
+                f"tenant's role ({self.statement[:40]!r})"
             )
         if not raw.is_in_transaction():
             adapted: Any = self._dbapi_connection.dbapi_connection

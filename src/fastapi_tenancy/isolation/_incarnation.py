@@ -53,6 +53,7 @@ _NO_SCHEMA = "3F000"  # invalid_schema_name
 _NO_MARKER = "42P01"  # undefined_table
 _LOCK_NOT_AVAILABLE = "55P03"  # NOWAIT, or lock_timeout
 _INSUFFICIENT_PRIVILEGE = "42501"
+_NO_ROLE = "22023"  # invalid_parameter_value: SET ROLE to a role that is gone
 _ATTEMPTS = 3
 
 
@@ -97,6 +98,10 @@ def refusal(exc: BaseException, setting: str) -> TenancyError | None:
         # The storage under the tenant's name was made for another tenant: the slug was
         # deleted and registered again.
         return TenantNotFoundError(f"the tenant's storage belongs to another tenant ({message})")
+    if sqlstate in (_NO_ROLE, _INSUFFICIENT_PRIVILEGE):
+        # Tenant roles (roles.py): the tenant's role, or a grant to it, is missing (dropped
+        # with the tenant, or revoked): fail closed until the registry or `doctor` says why.
+        return TenancyUnavailableError(f"the tenant's role or its grants are missing ({message})")
     if sqlstate in (_NO_SCHEMA, _LOCK_NOT_AVAILABLE):
         # Gone (deleted, or moved to another tier) or being dropped: the registry answers
         # the retry.

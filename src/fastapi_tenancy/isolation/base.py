@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, SessionTransaction
 from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
-if TYPE_CHECKING:  # spares.py imports this module
+if TYPE_CHECKING:  # spares.py and roles.py import this module
+    from .roles import TenantRoles
     from .spares import SparePool
 
 __all__ = [
@@ -213,6 +214,10 @@ class Isolation(ABC):
     spares: "SparePool | None" = None
     """Storage made ahead of time for new tenants (schema isolation with a template and
     `schema_spares`), which `fastapi-tenancy tenants spares` fills; else None."""
+
+    roles: "TenantRoles | None" = None
+    """A role per tenant schema (schema isolation with `schema_tenant_roles`), which
+    `doctor` checks and `fastapi-tenancy tenants grants` repairs; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

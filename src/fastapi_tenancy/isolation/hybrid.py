@@ -13,7 +13,10 @@ from ..errors import ConfigurationError, ProvisioningError, TenancyUnavailableEr
 from ..tenant import Tenant
 from ._incarnation import drop_schema
 from ._rows import tenant_session
-from .base import CONNECTION_OPTIONS, MAX_NAME_BYTES, Isolation, quote_identifier
+from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
+from .database import DatabaseIsolation
+from .moves import move_database_tier
+from .moves import old_schema_name as _old_copy_name
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
 
@@ -30,7 +33,7 @@ class HybridIsolation(Isolation):
     session, provisioning and deletion goes to that tier's strategy alone, so a
     schema-tier tenant never touches the shared RLS tables, nor an RLS-tier tenant
     a schema. ORM objects get the tenant column filled in every tier, so one model
-    serves all of them. `move` copies a tenant to another tier (schema and rls).
+    serves all of them. `move` copies a tenant to another tier (schema, rls, database).
     """
 
     def __init__(
@@ -164,7 +167,9 @@ class HybridIsolation(Isolation):
             raise ConfigurationError(f"unknown tier {target!r}; configured tiers: {sorted(self.tiers)}")
         if destination is source:
             raise ConfigurationError(f"tenant {tenant.identifier!r} is already in tier {target!r}")
-        if isinstance(source, RLSIsolation) and isinstance(destination, SchemaIsolation):
+        if isinstance(source, DatabaseIsolation) or isinstance(destination, DatabaseIsolation):
+            await move_database_tier(tenant, source, destination, metadata, self.column)
+        elif isinstance(source, RLSIsolation) and isinstance(destination, SchemaIsolation):
             await self._rls_to_schema(tenant, source, destination, metadata)
         elif isinstance(source, SchemaIsolation) and isinstance(destination, RLSIsolation):
             await self._schema_to_rls(tenant, source, destination, metadata)
@@ -247,17 +252,15 @@ class HybridIsolation(Isolation):
                 async with unavailable_as_503("tenant database"), isolation.ddl_engine.begin() as conn:
                     # After the transactions that still hold the copy's marker (_incarnation.py).
                     await drop_schema(conn, old)
+                    if isolation.roles is not None:
+                        # The tenant's role served the copy (a renamed schema keeps its grants).
+                        await isolation.roles.drop(conn, isolation.storage_name(tenant.identifier))
             elif isinstance(isolation, RLSIsolation):
                 async with unavailable_as_503("tenant database"), isolation.owner_engine.begin() as conn:
                     await isolation.delete_rows(conn, tenant)
-
-
-def _old_copy_name(name: str) -> str:
-    # A trailing "_": no slug ends in "-", so no live tenant's schema is ever named so.
-    old = name + "_"
-    if len(old.encode()) > MAX_NAME_BYTES:
-        raise ConfigurationError(f"schema {name!r} is too long to keep an old copy beside it")
-    return old
+            elif isinstance(isolation, DatabaseIsolation):
+                # The database keeps its name when its tenant moves out (moves.py).
+                await isolation.destroy(tenant)
 
 
 async def _advance_sequences(conn: AsyncConnection, schema: str, tables: list[sa.Table]) -> None:

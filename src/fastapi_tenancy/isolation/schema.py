@@ -25,6 +25,7 @@ from .base import (
     tenant_tables,
 )
 from .clone import clone_schema
+from .roles import TenantRoles
 from .spares import SPARES_TABLE, SparePool
 
 __all__ = ["SchemaIsolation"]
@@ -92,6 +93,10 @@ class SchemaIsolation(Isolation):
     schema is this tenant's (not one made again for another tenant under the slug) and
     keeping it from being dropped until the transaction ends (`_incarnation.py`).
 
+    With `tenant_roles=True` (a separate `ddl_engine` needed), each transaction also runs as
+    its tenant's own role, so PostgreSQL refuses SQL that names another tenant's schema
+    (`roles.py`).
+
     The engine must be one that sends settings with `BEGIN`: the manager's, or any
     asyncpg engine on which no connection was opened before this isolation attached
     to it (connections opened before are refused, never used without the setting).
@@ -107,21 +112,27 @@ class SchemaIsolation(Isolation):
         ddl_engine: AsyncEngine | None = None,
         spares: int = 0,
         shared_statements: bool = True,
+        tenant_roles: bool = False,
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
         # (fastapi_tenancy.isolation.clone) instead of created table by table.
         self.template = template
+        self.engine = engine
+        # With a separate owner (hybrid isolation, tenant roles): schemas are created and
+        # dropped by it, and the sessions' role (or each tenant's) is granted use of each
+        # one, so it cannot drop them.
+        self.ddl_engine = ddl_engine or engine
         # Clones of the template made ahead of time: a registration renames one.
         self.spares: SparePool | None = None
         if spares:
             if template is None:
                 raise ConfigurationError("spare schemas are clones of the template: set schema_template")
-            self.spares = SparePool(engine, template, size=spares)
-        self.engine = engine
-        # With a separate owner (hybrid isolation): schemas are created and dropped by
-        # it, and the sessions' role is granted use of each one, so it cannot drop them.
-        self.ddl_engine = ddl_engine or engine
+            self.spares = SparePool(self.ddl_engine, template, size=spares)
+        self.roles: TenantRoles | None = (
+            TenantRoles(engine, self.ddl_engine, prefix=prefix) if tenant_roles else None
+        )
+        """A role per tenant schema, each transaction running as its tenant's (`roles.py`)."""
         self._grantee: str | None = None
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
         # identifier -> the tenant's BEGIN setting: strings only, which the garbage
@@ -141,8 +152,13 @@ class SchemaIsolation(Isolation):
     ) -> AsyncSession:
         # Keyed by the tenant's id, never its slug: a slug deleted and registered again
         # names the schema of another tenant, which the setting refuses (see _setting).
+        setting = self._settings.get(tenant.id)
+        if setting is None:
+            if self.roles is not None:
+                await self.roles.ready()
+            setting = self._setting(tenant)
         options: dict[str, Any] = {
-            BEGIN_SETTING: self._settings.get(tenant.id) or self._setting(tenant),
+            BEGIN_SETTING: setting,
             ON_STATEMENT_TYPES_CHANGE: self._types_changed,
         }
         if not self.shared_statements:
@@ -154,6 +170,9 @@ class SchemaIsolation(Isolation):
         # keeps it from being dropped until the transaction ends (_incarnation.py).
         schema = self.storage_name(tenant.identifier)
         setting = f'{lock_marker(schema, tenant.id)} SET LOCAL search_path TO "{schema}";'
+        if self.roles is not None:
+            # First: the marker is then locked as the tenant's role, which proves its grants.
+            setting = f"{self.roles.setting(schema)} {setting}"
         if len(self._settings) >= self._max_settings:
             self._settings.pop(next(iter(self._settings)))
         self._settings[tenant.id] = setting
@@ -186,6 +205,8 @@ class SchemaIsolation(Isolation):
             self._write_statements_per_tenant(f"schema {found!r} defines types of its own")
 
     async def initialize(self) -> None:
+        if self.roles is not None:
+            await self.roles.ready()
         if self.shared_statements:
             await self._check_schema_types()
         if self.spares is not None:
@@ -197,7 +218,10 @@ class SchemaIsolation(Isolation):
         return "schema", self.storage_name(tenant.identifier)
 
     async def diagnose(self) -> list[Finding]:
-        return [await self._check_template(), await self._check_spares()]
+        findings = [await self._check_template(), await self._check_spares()]
+        if self.roles is not None:
+            findings.append(await self.roles.diagnose())
+        return findings
 
     async def _check_template(self) -> Finding:
         template = self.template
@@ -282,13 +306,16 @@ class SchemaIsolation(Isolation):
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
 
     async def _find_grantee(self) -> None:
-        # With a separate owner, the sessions' role is granted use of each schema.
-        if self.ddl_engine is not self.engine and self._grantee is None:
+        # With a separate owner, the sessions' role is granted use of each schema (with
+        # tenant roles, only each tenant's role is).
+        if self.ddl_engine is not self.engine and self._grantee is None and self.roles is None:
             async with unavailable_as_503("tenant database"), self.engine.connect() as conn:
                 self._grantee = str(await conn.scalar(sa.text("SELECT current_user")))
 
     async def _grant(self, conn: AsyncConnection, schema: str) -> None:
-        if self._grantee is not None:
+        if self.roles is not None:
+            await self.roles.grant(conn, schema)
+        elif self._grantee is not None:
             role = quote_identifier(self._grantee)
             for grant in _GRANTS:
                 await conn.execute(sa.text(grant.format(schema=schema, role=role)))
@@ -317,7 +344,7 @@ class SchemaIsolation(Isolation):
         if self.template is None:
             raise ConfigurationError("no template schema configured (schema_template)")
         template = self.template
-        async with unavailable_as_503("tenant database"), self.engine.begin() as conn:
+        async with unavailable_as_503("tenant database"), self.ddl_engine.begin() as conn:
             if replace:
                 await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{template}" CASCADE'))
             await conn.execute(sa.text(f'CREATE SCHEMA "{template}"'))
@@ -332,3 +359,5 @@ class SchemaIsolation(Isolation):
             # Drops the marker too, so it waits for every open transaction of the tenant
             # (each locked it at BEGIN), then ends those that outstay DESTROY_WAIT.
             await drop_schema(conn, schema)
+            if self.roles is not None:
+                await self.roles.drop(conn, schema)  # after its schema: nothing of it is left to grant

@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/scale.py --keep-database
 	$(BIN)/python benchmarks/pg_costs.py
-	$(BIN)/python benchmarks/scale.py --strategy rls --sizes 100000
+	$(BIN)/python benchmarks/scale.py --strategy rls --sizes 10,100000
 	$(BIN)/python benchmarks/saturation.py
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite

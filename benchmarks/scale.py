@@ -14,7 +14,7 @@ tenancy worker's resident set size after the last round.
 
     .venv/bin/python benchmarks/scale.py                         # 10, 1000, 10000 tenants
     .venv/bin/python benchmarks/scale.py --sizes 10,1000 --rounds 4 --duration 5
-    .venv/bin/python benchmarks/scale.py --strategy rls --sizes 100000
+    .venv/bin/python benchmarks/scale.py --strategy rls --sizes 10,100000
 
 `--strategy rls` measures row-level security instead, where 100,000 tenants are natural
 (100,000 schemas on one PostgreSQL are not: `pg_costs.py`): `tenancy_app.py` as the app

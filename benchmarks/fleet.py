@@ -3,10 +3,14 @@
 Runs the real `fastapi-tenancy` console script against its own `bench_fleet_*`
 database (`--database-prefix`) on local PostgreSQL (TENANCY_BENCH_POSTGRES_URL) and
 writes `results/fleet-<tenants>.json` with the machine's load average at the start
-(`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants.
-Not a test: numbers depend on the machine.
+(`results/fleet.md` discusses them). `make bench` runs it at 100 and at 1,000 tenants,
+and `--noop-only` at 10,000 (registration, then only the no-op upgrade: the other
+steps at 10,000 would take most of an hour). Tenants are registered
+`--register-concurrency` at a time (untimed); a `--noop-only` run writes
+`results/fleet-noop-<tenants>.json`. Not a test: numbers depend on the machine.
 
     .venv/bin/python benchmarks/fleet.py --tenants 100 --concurrency 4
+    .venv/bin/python benchmarks/fleet.py --tenants 10000 --noop-only
 """
 
 import argparse
@@ -14,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -65,10 +70,16 @@ def add_revision(project: Path, revision: str, down: str | None, body: str) -> N
     (versions / f"{revision}.py").write_text(REVISION.format(revision=revision, down=down, body=body))
 
 
+CPU_SECONDS: list[float] = []  # of each `cli` process (user + system), whatever the machine's load
+
+
 def cli(env: dict[str, str], cwd: Path, *args: str) -> tuple[float, int, Any]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([str(SCRIPT), "--json", *args], cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     try:
         parsed = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -114,6 +125,8 @@ async def main() -> None:
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--database-prefix", default="bench_fleet_", help="of the throwaway database")
+    parser.add_argument("--register-concurrency", type=int, default=8)
+    parser.add_argument("--noop-only", action="store_true", help="measure only the no-op upgrade")
     args = parser.parse_args()
 
     database = f"{args.database_prefix}{uuid.uuid4().hex[:8]}"
@@ -144,20 +157,29 @@ async def main() -> None:
         manager = TenancyManager(TenancyConfig(database_url=url, schema_template="tenancy_template"))
         await manager.initialize()
         started = time.perf_counter()
-        for i in range(args.tenants):
-            await manager.register_tenant(f"t{i:05d}", f"Tenant {i}")
+        numbers = iter(range(args.tenants))
+
+        async def register() -> None:
+            for i in numbers:
+                await manager.register_tenant(f"t{i:05d}", f"Tenant {i}")
+
+        await asyncio.gather(*(register() for _ in range(args.register_concurrency)))
         out["register_all_s"] = round(time.perf_counter() - started, 2)
         await manager.close()
         print(f"registered {args.tenants} tenants in {out['register_all_s']} s", flush=True)
 
         # 1. A no-op upgrade: every tenant at head.
-        noop = []
+        noop: list[float] = []
+        noop_cpu: list[float] = []
         for _ in range(3):
             elapsed, code, report = cli(env, project, "migrate", "upgrade")
             assert code == 0 and report["counts"]["skipped"] == args.tenants + 1, report
             noop.append(round(elapsed, 2))
+            noop_cpu.append(round(CPU_SECONDS[-1], 2))
         out["noop_upgrade_s"] = noop
-        print(f"no-op upgrade (whole CLI process): {noop} s", flush=True)
+        # The CLI's own CPU time: on a loaded machine, wall time is mostly waiting for a core.
+        out["noop_upgrade_cpu_s"] = noop_cpu
+        print(f"no-op upgrade (whole CLI process): {noop} s, CPU {noop_cpu} s", flush=True)
         # The same in process: what the run itself costs, without starting Python and importing.
         from fastapi_tenancy.migrations.fleet import FleetMigrator
 
@@ -174,6 +196,10 @@ async def main() -> None:
         await manager.close()
         out["noop_upgrade_in_process_s"] = in_process
         print(f"no-op upgrade (in process): {in_process} s", flush=True)
+        if args.noop_only:
+            out["noop_only"] = True
+            write(out)
+            return
 
         # 2. One ALTER TABLE across all of them, concurrently, with per-tenant results.
         add_revision(project, "r2", "r1", ALTER_1)
@@ -224,8 +250,13 @@ async def main() -> None:
         admin = await connect(SERVER)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+    write(out)
+
+
+def write(out: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"fleet-{args.tenants}.json").write_text(json.dumps(out, indent=2) + "\n")
+    name = f"fleet-noop-{out['tenants']}" if out.get("noop_only") else f"fleet-{out['tenants']}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

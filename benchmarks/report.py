@@ -1,6 +1,7 @@
 """Gather the latest benchmark results into one summary, with plots, and embed it in the docs.
 
-Reads `results/overhead.json`, `scale.json`, `lookups-*.json`, `provisioning.json`, `fleet-*.json` (each
+Reads `results/overhead.json`, `scale.json`, `lookups-*.json`, `provisioning.json`, `fleet-*.json`,
+`noisy.json`, `pg_costs.json` (each
 written by its script; missing ones are left out), writes `results/summary.md` and the
 plots `docs/images/bench-*.png` (matplotlib), and replaces the part of
 `docs/performance.md` between `<!-- bench:start -->` and `<!-- bench:end -->` with the
@@ -100,34 +101,50 @@ def small_sections() -> list[str]:
         lines.append("")
     # fleet-<tenants>.json from fleet.py (schemas); fleet-databases.json is reported below.
     fleets = sorted(
-        (p for p in RESULTS.glob("fleet-*.json") if p.stem.removeprefix("fleet-").isdigit()),
+        (
+            p
+            for p in RESULTS.glob("fleet-*.json")
+            if p.stem.removeprefix("fleet-").removeprefix("noop-").isdigit()
+        ),
         key=lambda p: json.loads(p.read_text())["tenants"],
     )
     if fleets:
         lines += [
             "### Fleet migrations (through the CLI)",
             "",
-            "| tenants | no-op upgrade s (CLI) | no-op in process s | one ALTER, all tenants s "
-            "| per tenant p50 / p95 ms | load at start |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| tenants | no-op upgrade s (CLI) | the CLI's CPU s | no-op in process s "
+            "| one ALTER, all tenants s | per tenant p50 / p95 ms | load at start |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         runs = [json.loads(path.read_text()) for path in fleets]
         for run in runs:
-            alter = run["alter_all"]
-            lines.append(
-                f"| {run['tenants']:,} | {min(run['noop_upgrade_s']):.2f} "
-                f"| {min(run['noop_upgrade_in_process_s']):.3f} | {alter['wall_s']:.1f} "
-                f"| {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f} | {run['machine']['load'][0]:.1f} |"
+            alter = run.get("alter_all")  # absent: a --noop-only run
+            cpu = f"{min(run['noop_upgrade_cpu_s']):.2f}" if run.get("noop_upgrade_cpu_s") else "-"
+            alter_cells = (
+                f"{alter['wall_s']:.1f} | {alter['p50_ms']:.0f} / {alter['p95_ms']:.0f}" if alter else "- | -"
             )
-        concurrency = " / ".join(sorted({str(run["concurrency"]) for run in runs}))
+            lines.append(
+                f"| {run['tenants']:,} | {min(run['noop_upgrade_s']):.2f} | {cpu} "
+                f"| {min(run['noop_upgrade_in_process_s']):.3f} | {alter_cells} "
+                f"| {run['machine']['load'][0]:.1f} |"
+            )
+        concurrency = " / ".join(sorted({str(run["concurrency"]) for run in runs if "alter_all" in run}))
         lines += [
             "",
-            f"One run per row, concurrency {concurrency}, best of 3 for the no-op upgrade. Load is "
+            f"One run per row, concurrency {concurrency}, best of 3 for the no-op upgrade (rows without "
+            "an ALTER: `--noop-only` runs). Wall times at a high load are mostly waiting for a core; "
+            "the CLI's CPU time is not. Load is "
             "the 1-minute load average on 2 shared cores when the run started: rows taken at "
             "different loads do not compare directly. Kill-and-resume and the discussion: "
             "`benchmarks/results/fleet.md`.",
             "",
         ]
+    for name in ("noisy", "pg_costs"):
+        # Their own Markdown, without its title line and its generator line.
+        path = RESULTS / f"{name}.md"
+        if path.exists():
+            body = path.read_text().split("\n", 1)[1].strip()
+            lines += [f"### {path.read_text().splitlines()[0].removeprefix('# ')}", "", body, ""]
     databases = _load("fleet-databases.json")
     if databases:
         lines += [
@@ -174,7 +191,10 @@ def plots(scale_report: dict[str, Any] | None) -> list[str]:
 
 def main() -> int:
     overhead_report, scale_report = _load("overhead.json"), _load("scale.json")
-    lines: list[str] = []
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import targets
+
+    lines: list[str] = [*targets.section(), ""]
     if overhead_report:
         lines += overhead_section(overhead_report) + [""]
     if scale_report:

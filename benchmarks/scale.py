@@ -14,6 +14,20 @@ tenancy worker's resident set size after the last round.
 
     .venv/bin/python benchmarks/scale.py                         # 10, 1000, 10000 tenants
     .venv/bin/python benchmarks/scale.py --sizes 10,1000 --rounds 4 --duration 5
+    .venv/bin/python benchmarks/scale.py --strategy rls --sizes 10,100000
+
+`--strategy rls` measures row-level security instead, where 100,000 tenants are natural
+(100,000 schemas on one PostgreSQL are not: `pg_costs.py`): `tenancy_app.py` as the app
+role, the bare app reading the shared `orders` as the superuser with `WHERE tenant_id =`
+one tenant's id (`overhead.py`'s rls pair). Two tenants are registered through the
+manager; the `bench-NNNNN` tenants are then copies of the first one's registry row
+(new id, slug and name) and their `orders` rows, inserted by SQL in one statement each:
+registering 100,000 one by one would take most of an hour and measure nothing this
+benchmark is about. Its database is `bench_scale_rls` (roles `bench_scale_owner` and
+`bench_scale_app`), always dropped at the end; results go to `results/scale-rls.json`.
+With either strategy `cache_max_size` is raised to the tenant count when that is above
+its default of 10,000 (`--cache-max-size`), as a deployment with that many busy tenants
+would set it.
 
 Tenants are added incrementally (the 1,000 include the first 10), registered through
 the Quick Start's own manager. Needs `wrk` and PostgreSQL (`TENANCY_BENCH_POSTGRES_URL`);
@@ -27,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -73,6 +88,68 @@ async def add_tenants(database_url: str, start: int, stop: int, orders: int, con
     return time.perf_counter() - began
 
 
+RLS_PREFIX = (
+    "bench_scale"  # overhead.setup_postgres names bench_scale_rls, bench_scale_owner, bench_scale_app
+)
+
+
+async def add_rls_tenants(base: str, database: str, table: str, start: int, stop: int, orders: int) -> float:
+    """Tenants start..stop-1 as copies of acme-corp's registry row, each with `orders` rows."""
+    began = time.perf_counter()
+    columns = (
+        await overhead.pg_admin(
+            base,
+            database,
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND table_name = 'tenants' ORDER BY ordinal_position",
+        )
+    )[0]
+    names = [row[0] for row in columns]
+    # Slugs as slug() writes them (five digits at least), as wrk_spread.lua asks for them.
+    replaced = {
+        "id": "CAST(gen_random_uuid() AS text)",
+        "identifier": f"'{PREFIX}' || CASE WHEN g < 10000 THEN lpad(CAST(g AS text), 5, '0') "
+        "ELSE CAST(g AS text) END",
+        "name": "'Tenant ' || g",
+    }
+    select = ", ".join(replaced.get(name, f'"{name}"') for name in names)
+    # Names from the catalog and numbers: no input reaches this SQL.
+    quoted = ", ".join(f'"{n}"' for n in names)
+    insert_tenants = (
+        f"INSERT INTO tenants ({quoted}) "  # noqa: S608
+        f"SELECT {select} FROM tenants, generate_series({start}, {stop - 1}) AS g "
+        f"WHERE identifier = '{overhead.TENANT}'"
+    )
+    insert_orders = (
+        f"INSERT INTO {table} (tenant_id, id, description) "  # noqa: S608
+        f"SELECT t.id, o, 'Order #' || o FROM tenants t, generate_series(1, {orders}) AS o "
+        f"WHERE t.identifier LIKE '{PREFIX}%' AND NOT EXISTS "
+        f"(SELECT 1 FROM {table} x WHERE x.tenant_id = t.id)"
+    )
+    await overhead.pg_admin(
+        base, database, insert_tenants, insert_orders, f"ANALYZE {table}", "ANALYZE tenants"
+    )
+    return time.perf_counter() - began
+
+
+def rls_sides(base: str, args: argparse.Namespace, cleanups: list[Any]) -> tuple[Sides, str]:
+    """`overhead.py`'s rls pair on `bench_scale_rls`; also the shared orders table's name."""
+    setup = argparse.Namespace(
+        pg_base=base,
+        db_prefix=RLS_PREFIX,
+        maintenance_db=args.maintenance_db,
+        hybrid_tier="rls",
+        orders=args.orders,
+    )
+    backend = asyncio.run(overhead.setup_postgres(setup, cleanups, "rls"))
+    schema = backend.bare_env["BENCH_BARE_SCHEMA"]
+    table = f'"{schema}".orders' if schema else "orders"
+    sides = Sides(
+        backend.tenancy_app.stem + ":app", backend.tenancy_app.parent, backend.tenancy_env, backend.bare_env
+    )
+    return sides, table
+
+
 async def touch_every_tenant(url: str, size: int, concurrency: int = 16) -> float:
     """GET /orders once for every tenant, so the rounds measure the steady state, not first visits."""
     import httpx
@@ -113,7 +190,8 @@ def rss_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+def schema_sides(base: str, args: argparse.Namespace) -> Sides:
+    """The Quick Start on `bench_scale`, and the bare app on the first tenant's schema."""
     env = {"TENANCY_DATABASE_URL": f"{base}/{DB_NAME}{args.tenancy_url_query}"}
     bare_env = {
         "BENCH_BARE_DATABASE_URL": f"{base}/{DB_NAME}",
@@ -122,14 +200,29 @@ def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> 
         "BENCH_BARE_POOL_SIZE": "10",
         "BENCH_BARE_MAX_OVERFLOW": "10",
     }
+    return Sides("main:app", overhead.QUICKSTART.parent, env, bare_env)
+
+
+@dataclasses.dataclass
+class Sides:
+    app: str  # the tenancy app, module:attribute in app_dir
+    app_dir: Path
+    env: dict[str, str]
+    bare_env: dict[str, str]
+
+
+def measure_size(size: int, sides: Sides, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    env = dict(sides.env)
+    if size > 10_000 or args.cache_max_size:
+        env["TENANCY_CACHE_MAX_SIZE"] = str(args.cache_max_size or size)
 
     def server(name: str, app: str, app_dir: Path, server_env: dict[str, str]) -> overhead.Server:
         log = logs / f"{size}-{name}.log"
         return overhead.Server(name, app, app_dir, server_env, args.server_cpu, args.loop, args.http, log)
 
     servers = {
-        "tenancy": server("tenancy", "main:app", overhead.QUICKSTART.parent, env),
-        "bare": server("bare", "bare_app:app", overhead.BENCH_DIR, bare_env),
+        "tenancy": server("tenancy", sides.app, sides.app_dir, env),
+        "bare": server("bare", "bare_app:app", overhead.BENCH_DIR, sides.bare_env),
     }
     spread = (str(size), PREFIX)
 
@@ -182,6 +275,7 @@ def measure_size(size: int, base: str, args: argparse.Namespace, logs: Path) -> 
         summary = overhead.summarise(rounds, ["tenancy", "bare"])
         return {
             "tenants": size,
+            "cache_max_size": int(env.get("TENANCY_CACHE_MAX_SIZE", "10000")),
             "rounds": rounds,
             "summary": summary,
             "memory_mb": {"idle": memory_idle["VmRSS"], "after": memory["VmRSS"], "peak": memory["VmHWM"]},
@@ -248,15 +342,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{first['tenants']:,} tenants, {last['memory_mb']['after']:.1f} MB at {last['tenants']:,} "
             f"(+{last['memory_mb']['after'] - first['memory_mb']['after']:.1f} MB).\n"
         )
-    seeding = ", ".join(f"{n:,} in {sec:.0f} s" for n, sec in report["seeding_seconds"].items())
+    seeding = ", ".join(f"{int(n):,} in {sec:.0f} s" for n, sec in report["seeding_seconds"].items())
+    how = (
+        f"through the manager, {s['seed_concurrency']} at a time"
+        if s["strategy"] == "schema"
+        else "copies of one registered tenant's registry row and rows, by SQL"
+    )
+    bare = "one fixed schema" if s["strategy"] == "schema" else "one tenant's rows of the shared table"
+    cached = " / ".join(f"{r['cache_max_size']:,}" for r in results)
     return f"""# Tenancy cost as tenants grow
 
 Generated by `benchmarks/scale.py` on {report["date"]}.
 
 `GET /orders` ({s["orders"]} rows per tenant) on the Quick Start app with requests spread
 uniformly over all registered tenants (header `X-Tenant-ID`), against the bare app reading
-one fixed schema. PostgreSQL, schema isolation, default `TenancyConfig` (cache TTL 30 s,
-10,000 cached tenants). One uvicorn worker each, alternating rounds, medians. Throughput
+{bare}. PostgreSQL, {s["strategy"]} isolation, default `TenancyConfig` (cache TTL 30 s,
+{cached} cached tenants). One uvicorn worker each, alternating rounds, medians. Throughput
 and the first p99 come from runs as fast as the server goes ({s["connections"]} connections);
 the fixed-load latencies from paced runs right after, {s["latency_connections"]} connections
 at about {s["latency_rate"]:g} req/s in all, where a request's latency is its own rather than
@@ -265,7 +366,7 @@ then the median.
 
 {table(results)}
 {growth}
-Registering the tenants (through the manager, {s["seed_concurrency"]} at a time): {seeding}.
+Registering the tenants ({how}): {seeding}.
 
 ## Settings
 
@@ -298,6 +399,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-database", action="store_true", help=f"keep {DB_NAME} afterwards; reuse a kept one"
     )
+    parser.add_argument("--strategy", choices=("schema", "rls"), default="schema")
+    parser.add_argument(
+        "--cache-max-size",
+        type=int,
+        default=0,
+        help="the tenancy app's cache_max_size (0: the tenant count above 10,000)",
+    )
     parser.add_argument("--output-dir", type=Path, default=overhead.BENCH_DIR / "results")
     # The same server/loop/database options as overhead.py.
     base = overhead.parse_args([])
@@ -305,8 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument("--" + name.replace("_", "-"), default=getattr(base, name))
     args = parser.parse_args(argv)
     args.sizes = sorted(int(x) for x in args.sizes.split(",") if x.strip())
-    if not args.sizes or args.sizes[0] < 1 or args.sizes[-1] > 99_999:
-        parser.error("--sizes must be between 1 and 99999")
+    if not args.sizes or args.sizes[0] < 1 or args.sizes[-1] > 100_000:
+        parser.error("--sizes must be between 1 and 100000")
     return args
 
 
@@ -321,6 +429,24 @@ def main(argv: list[str] | None = None) -> int:
     facts = overhead.machine_facts(args)
     results: list[dict[str, Any]] = []
     seeding: dict[int, float] = {}
+    if args.strategy == "rls":
+        cleanups: list[Any] = []
+        try:
+            sides, table = rls_sides(base, args, cleanups)
+            registered = 0
+            for size in args.sizes:
+                seconds = asyncio.run(
+                    add_rls_tenants(base, f"{RLS_PREFIX}_rls", table, registered + 1, size + 1, args.orders)
+                )
+                seeding[size - registered] = seconds
+                print(f"[{size} tenants] added {size - registered} more in {seconds:.1f} s", flush=True)
+                registered = size
+                results.append(measure_size(size, sides, args, logs))
+        finally:
+            overhead._stop_all()
+            for cleanup in reversed(cleanups):
+                cleanup()
+        return finish(args, facts, seeding, results, logs)
     drop = f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"
     registered = asyncio.run(registered_tenants(base, args.maintenance_db)) if args.keep_database else None
     if registered is None:
@@ -337,11 +463,21 @@ def main(argv: list[str] | None = None) -> int:
             seeding[size - registered] = seconds
             print(f"[{size} tenants] registered {size - registered} more in {seconds:.1f} s", flush=True)
             registered = size
-            results.append(measure_size(size, base, args, logs))
+            results.append(measure_size(size, schema_sides(base, args), args, logs))
     finally:
         overhead._stop_all()
         if not args.keep_database:
             asyncio.run(overhead.pg_admin(base, args.maintenance_db, drop))
+    return finish(args, facts, seeding, results, logs)
+
+
+def finish(
+    args: argparse.Namespace,
+    facts: dict[str, Any],
+    seeding: dict[int, float],
+    results: list[dict[str, Any]],
+    logs: Path,
+) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "pg_base"}
     report = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -351,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / "scale.md").write_text(markdown(report))
+    stem = "scale" if args.strategy == "schema" else f"scale-{args.strategy}"
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output_dir / f"{stem}.md").write_text(markdown(report))
     print()
     print(table(results))
     shutil.rmtree(logs, ignore_errors=True)

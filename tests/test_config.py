@@ -69,6 +69,8 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "rate_limit_window": ("1.5", 1.5),
     "rate_limit_plans": ('{"free": 60, "pro": 600}', {"free": 60, "pro": 600}),
     "rate_limit_fail_open": ("false", False),
+    "tenant_max_concurrent_requests": ("4", 4),
+    "tenant_concurrency_wait": ("0.5", 0.5),
     # database per tenant
     "database_connection_budget": ("30", 30),
     "database_tenant_pool_size": ("3", 3),

@@ -29,6 +29,7 @@ INSTANCES: list[errors.TenancyError] = [
     errors.TenantInactiveError("suspended"),
     errors.TenantMaintenanceError("Back at 14:00", 600),
     errors.RateLimitExceededError("acme", {"retry-after": "3"}),
+    errors.TenantBusyError("acme"),
     errors.TenancyUnavailableError("registry down"),
     errors.IsolationError("leak", report=None),
 ]

@@ -290,6 +290,17 @@ class TenancyConfig(BaseSettings):
     """When the rate limiter's Redis is down: let requests through (true) or refuse them
     with 503 (false). Either way each failure is logged and counted."""
 
+    tenant_max_concurrent_requests: int | None = Field(default=None, ge=1, le=100_000)
+    """At most this many HTTP requests of one tenant inside the app at once, per worker
+    process (None: no cap). With a shared pool (schema or RLS isolation) set it below the
+    pool's size plus overflow, so one tenant flooding slow requests leaves connections for
+    the others. Requests beyond it wait `tenant_concurrency_wait`, then get 429."""
+
+    tenant_concurrency_wait: float = Field(default=0.0, ge=0, le=300)
+    """Seconds a request over `tenant_max_concurrent_requests` waits in its tenant's queue
+    for a slot (holding no connection) before it is refused with 429 and `Retry-After: 1`;
+    0 refuses it at once."""
+
     @classmethod
     def settings_customise_sources(
         cls,

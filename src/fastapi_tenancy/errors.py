@@ -26,6 +26,7 @@ logs and may say more (it never holds secrets either).
     │   └── TenantMaintenanceError (also a TenancyUnavailableError)
     │                                             503: the tenant is in maintenance; Retry-After
     ├── RateLimitExceededError                    429: the tenant used up its request quota
+    │   └── TenantBusyError                       429: too many of its requests in flight at once
     └── TenancyUnavailableError                   503: the registry cannot be reached
 
 Errors rebuilt from their arguments by serializers that do not pickle (Celery's JSON
@@ -53,6 +54,7 @@ __all__ = [
     "TenancyError",
     "TenancyUnavailableError",
     "TenantAlreadyExistsError",
+    "TenantBusyError",
     "TenantChangedError",
     "TenantInactiveError",
     "TenantMaintenanceError",
@@ -224,6 +226,16 @@ class RateLimitExceededError(TenancyError):
         super().__init__(
             detail=f"Rate limit exceeded for tenant {identifier}", headers=MappingProxyType(dict(headers))
         )
+
+
+class TenantBusyError(RateLimitExceededError):
+    """The tenant already has as many requests in flight as `tenant_max_concurrent_requests`
+    allows, and no slot freed up within `tenant_concurrency_wait`; retry in a second."""
+
+    def __init__(self, identifier: str) -> None:
+        detail = f"Too many concurrent requests for tenant {identifier}"
+        TenancyError.__init__(self, detail, detail=detail, headers=MappingProxyType({"retry-after": "1"}))
+        self.args = (identifier,)
 
 
 class TenancyUnavailableError(TenancyError):

@@ -9,6 +9,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._utils import is_outage, is_query_timeout, is_result_type_change, path_covers, path_prefixes
+from .concurrency import TenantConcurrencyGate
 from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
@@ -45,7 +46,9 @@ class TenancyMiddleware:
       404 `{"detail": "Tenant not found"}`, 403 `{"detail": "Tenant is not active
       (status: suspended)"}`, 429 `{"detail": "Rate limit exceeded for tenant acme"}`
       with `Retry-After` when the manager's rate limiter says so (admitted
-      responses carry the `RateLimit-*` headers), 503 with `Retry-After` and the
+      responses carry the `RateLimit-*` headers), 429 `{"detail": "Too many concurrent
+      requests for tenant acme"}` when `tenant_max_concurrent_requests` of its requests
+      are in flight and none ends within `tenant_concurrency_wait`, 503 with `Retry-After` and the
       configured `maintenance_message` for a tenant in maintenance, 503 when the registry, the
       database or a fail-closed limiter is unreachable (`{"detail": "Database query timed
       out"}` when `statement_timeout` cancels a query).
@@ -80,6 +83,9 @@ class TenancyMiddleware:
         # The app's last schema body and what it became: shared by all requests, and
         # replaced whole (one assignment), so a request reads one pair or the other.
         self._documented: tuple[bytes, bytes] | None = None
+        config = manager.config
+        cap = config.tenant_max_concurrent_requests
+        self._gate = None if cap is None else TenantConcurrencyGate(cap, config.tenant_concurrency_wait)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -117,11 +123,20 @@ class TenancyMiddleware:
         if decision is not None and scope["type"] == "http":
             send = _with_headers(send, decision.headers())
         scope.setdefault("state", {})["tenant"] = tenant
+        gate = self._gate if scope["type"] == "http" else None
+        if gate is not None:
+            try:
+                await gate.acquire(tenant)
+            except TenancyError as exc:
+                await _refuse(scope, send, exc)
+                return
         token = set_current_tenant(tenant)
         try:
             await _call(self.app, scope, receive, send)
         finally:
             reset_current_tenant(token)
+            if gate is not None:
+                gate.release(tenant)
 
     def _docs(self, scope: Scope) -> frozenset[str]:
         if self._docs_paths is None:

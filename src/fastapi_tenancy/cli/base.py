@@ -201,10 +201,20 @@ async def adopt_each(manager: TenancyManager, identifiers: list[str]) -> list[di
     return rows
 
 
+def print_json(text: str) -> None:
+    """Write the JSON document `text` to stdout as it is, on one line, for machines (`--json`).
+
+    Not `Console.print_json`: it re-indents and highlights every token, about 1-5 ms per
+    result row (a no-op `migrate upgrade --json` over 10,000 tenants spent 10-50 s there).
+    """
+    out.file.write(text + "\n")
+    out.file.flush()
+
+
 def fail(message: str, code: int) -> None:
     """Print `message` (as JSON with `--json`) and exit with `code`."""
     if state.json:
-        out.print_json(json.dumps({"error": message, "exit_code": code}))
+        print_json(json.dumps({"error": message, "exit_code": code}))
     else:
         err.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
@@ -225,7 +235,7 @@ def tenant_dict(tenant: Tenant) -> dict[str, Any]:
 def print_rows(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     """A table of `rows` with `columns`, or every row as JSON with `--json`."""
     if state.json:
-        out.print_json(json.dumps(rows, default=str))
+        print_json(json.dumps(rows, default=str))
         return
     table = Table(title=title)
     for column in columns:

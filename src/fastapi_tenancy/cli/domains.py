@@ -7,7 +7,7 @@ import typer
 
 from ..domain import Domain
 from ..manager import TenancyManager
-from .base import out, print_rows, run_with_manager, state
+from .base import out, print_json, print_rows, run_with_manager, state
 
 __all__ = ["domains_app"]
 
@@ -45,7 +45,7 @@ def domains_remove(identifier: str, domain: str) -> None:
     run_with_manager(work)
     result = {"domain": domain, "tenant": identifier, "removed": True}
     if state.json:
-        out.print_json(json.dumps(result))
+        print_json(json.dumps(result))
     else:
         out.print(f"Removed: {domain} from {identifier}", highlight=False)
 

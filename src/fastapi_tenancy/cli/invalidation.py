@@ -9,7 +9,7 @@ import typer
 from ..invalidation.base import ChannelRecord
 from ..invalidation.record import mismatch, own_record, read_channel, record_channel
 from ..manager import TenancyManager
-from .base import EXIT_FAILED, EXIT_USAGE, fail, out, print_rows, run_with_manager, state
+from .base import EXIT_FAILED, EXIT_USAGE, fail, out, print_json, print_rows, run_with_manager, state
 
 __all__ = ["invalidation_app"]
 
@@ -71,7 +71,7 @@ def invalidation_record(
 
     old, new = run_with_manager(work, initialize=False)
     if state.json:
-        out.print_json(json.dumps({"old": None if old is None else old.describe(), "new": new.describe()}))
+        print_json(json.dumps({"old": None if old is None else old.describe(), "new": new.describe()}))
     else:
         before = "none" if old is None else old.describe()
         out.print(f"recorded: {new.describe()} (was: {before})", highlight=False)

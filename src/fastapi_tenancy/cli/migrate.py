@@ -15,7 +15,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..manager import TenancyManager
-from .base import EXIT_CONFLICT, EXIT_FAILED, TenantOption, fail, out, print_rows, run_with_manager, state
+from .base import (
+    EXIT_CONFLICT,
+    EXIT_FAILED,
+    TenantOption,
+    fail,
+    out,
+    print_json,
+    print_rows,
+    run_with_manager,
+    state,
+)
 
 __all__ = ["migrate_app"]
 
@@ -41,7 +51,7 @@ def migrate_init(
         fail(f"{directory} already holds alembic.ini or migrations/", EXIT_CONFLICT)
     shutil.copytree(template, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     if state.json:
-        out.print_json(json.dumps({"created": str(directory / "alembic.ini")}))
+        print_json(json.dumps({"created": str(directory / "alembic.ini")}))
     else:
         out.print(f"Created {directory / 'alembic.ini'} with migrations/shared and migrations/tenant")
 
@@ -129,7 +139,7 @@ def _migrate(
         "results": [asdict(r) for r in report.results],
     }
     if state.json:
-        out.print_json(json.dumps(summary))
+        print_json(json.dumps(summary))
     else:
         shown = [asdict(r) for r in report.results if r.status != "skipped"]
         if shown:

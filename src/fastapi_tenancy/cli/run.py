@@ -9,7 +9,16 @@ import typer
 
 from ..manager import TenancyManager
 from ..tenant import TenantStatus
-from .base import EXIT_FAILED, EXIT_USAGE, TenantOption, fail, out, print_rows, run_with_manager, state
+from .base import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    TenantOption,
+    fail,
+    print_json,
+    print_rows,
+    run_with_manager,
+    state,
+)
 
 __all__ = ["run_command"]
 
@@ -47,7 +56,7 @@ def run_command(
             fail(f"cannot run {argv[0]!r}: {exc}", EXIT_USAGE)
         results.append({"tenant": identifier, "exit_code": code})
     if state.json:
-        out.print_json(json.dumps(results))
+        print_json(json.dumps(results))
     else:
         print_rows("Runs", results, ["tenant", "exit_code"])
     if any(r["exit_code"] != 0 for r in results):

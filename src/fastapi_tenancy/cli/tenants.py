@@ -17,6 +17,7 @@ from .base import (
     adopt_each,
     fail,
     out,
+    print_json,
     print_rows,
     run_with_manager,
     state,
@@ -79,7 +80,7 @@ def tenants_show(identifier: str) -> None:
 
     row = run_with_manager(work)
     if state.json:
-        out.print_json(json.dumps(row, default=str))
+        print_json(json.dumps(row, default=str))
         return
     table = Table(title=f"Tenant {identifier}", show_header=False)
     for key, value in row.items():
@@ -177,7 +178,7 @@ def tenants_seed(
 
     result = run_with_manager(work)
     if state.json:
-        out.print_json(json.dumps(result))
+        print_json(json.dumps(result))
     else:
         out.print(f"Seeded {identifier}: {', '.join(result['steps'])}", highlight=False)
 
@@ -214,7 +215,7 @@ def tenants_delete(
     run_with_manager(work)
     result = {"identifier": identifier, "deleted": True, "data_destroyed": destroy_data}
     if state.json:
-        out.print_json(json.dumps(result))
+        print_json(json.dumps(result))
     else:
         out.print(f"{'Destroyed' if destroy_data else 'Deleted (data kept)'}: {identifier}")
 
@@ -297,7 +298,7 @@ def spares_fill(
 
     result = run_with_manager(work, initialize=False)
     if state.json:
-        out.print_json(json.dumps(result))
+        print_json(json.dumps(result))
     else:
         out.print(f"made {result['made']} spare schema(s); {result['ready']} ready", highlight=False)
 
@@ -325,6 +326,6 @@ def spares_drain() -> None:
 
     dropped = run_with_manager(work, initialize=False)
     if state.json:
-        out.print_json(json.dumps({"dropped": dropped}))
+        print_json(json.dumps({"dropped": dropped}))
     else:
         out.print(f"dropped {dropped} spare schema(s)", highlight=False)

@@ -70,9 +70,10 @@ _CLONE_SCRIPT = sa.text(
                     'START WITH %s CACHE %s %s',
                     c.relname, format_type(s.seqtypid, NULL), s.seqincrement, s.seqmin, s.seqmax,
                     s.seqstart, s.seqcache, CASE WHEN s.seqcycle THEN 'CYCLE' ELSE 'NO CYCLE' END)
-        FROM pg_class c JOIN pg_sequence s ON s.seqrelid = c.oid, t
-       WHERE c.relnamespace = t.nsp AND c.relkind = 'S'
-         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'i')
+        FROM pg_class c JOIN pg_sequence s ON s.seqrelid = c.oid
+       WHERE c.relnamespace = (SELECT nsp FROM t) AND c.relkind = 'S'
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = CAST('pg_class' AS regclass)
+                          AND d.objid = c.oid AND d.objsubid = 0 AND d.deptype = 'i')
       UNION ALL
       SELECT 3, c.relname::text,
              format('CREATE TABLE %I (LIKE %I.%I INCLUDING IDENTITY INCLUDING GENERATED INCLUDING STORAGE '
@@ -94,14 +95,18 @@ _CLONE_SCRIPT = sa.text(
       SELECT 5, c.relname::text,
              format('ALTER TABLE %I %s', c.relname, string_agg(part.sub, ', ' ORDER BY part.ord, part.key))
         FROM (
+          -- Each branch keeps to the template's tables before printing definitions: the
+          -- rest of the catalog (every tenant's) grows with the fleet.
           SELECT d.adrelid AS rel, 1 AS ord, a.attname::text AS key,
                  format('ALTER COLUMN %I SET DEFAULT %s', a.attname, pg_get_expr(d.adbin, d.adrelid)) AS sub
             FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-           WHERE a.attgenerated = '' AND a.attidentity = ''
+            JOIN pg_class r ON r.oid = d.adrelid
+           WHERE r.relnamespace = (SELECT nsp FROM t) AND a.attgenerated = '' AND a.attidentity = ''
           UNION ALL
           SELECT k.conrelid, 2, k.conname::text,
                  format('ADD CONSTRAINT %I %s', k.conname, pg_get_constraintdef(k.oid))
-            FROM pg_constraint k WHERE k.contype IN ('p', 'u', 'x', 'c')
+            FROM pg_constraint k
+           WHERE k.connamespace = (SELECT nsp FROM t) AND k.contype IN ('p', 'u', 'x', 'c')
         ) AS part JOIN pg_class c ON c.oid = part.rel, t
        WHERE c.relnamespace = t.nsp AND c.relkind = 'r'
        GROUP BY c.relname
@@ -126,8 +131,8 @@ _CLONE_SCRIPT = sa.text(
       -- pg_get_indexdef always names the table's schema: drop it (exactly, once).
       SELECT 9, i.relname::text,
              replace(pg_get_indexdef(x.indexrelid), ' ON ' || quote_ident(CAST(:t AS text)) || '.', ' ON ')
-        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid, t
-       WHERE i.relnamespace = t.nsp
+        FROM pg_class i JOIN pg_index x ON x.indexrelid = i.oid
+       WHERE i.relnamespace = (SELECT nsp FROM t) AND i.relkind = 'i'
          AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid
                           AND k.conrelid = x.indrelid AND k.contype IN ('p', 'u', 'x'))
       UNION ALL

@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fleet.py --tenants 10000 --noop-only
 	$(BIN)/python benchmarks/noisy.py
 	$(BIN)/python benchmarks/roundtrips.py
+	$(BIN)/python benchmarks/citus.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -26,6 +26,7 @@ from fastapi_tenancy import TenancyConfig, TenancyManager
 from .apps import Base, Order
 
 if TYPE_CHECKING:
+    from .citus.cluster import Cluster
     from .servers import OwnRedis
 
 POSTGRES_URL = os.environ.get(
@@ -327,3 +328,32 @@ async def own_redis() -> AsyncIterator["OwnRedis"]:
     finally:
         await redis.kill()
         shutil.rmtree(redis.workdir, ignore_errors=True)
+
+
+# -- Citus ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def citus_cluster() -> Iterator["Cluster"]:
+    """One Citus cluster per test session (a coordinator and two workers): see tests/citus/cluster.py.
+
+    Installs Citus (../shared/citus/install.sh) when it is missing; skips, or with
+    TENANCY_TEST_REQUIRE_SERVICES=1 fails, when it cannot.
+    """
+    from .citus.cluster import running_cluster  # it imports this module
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def citus_url(citus_cluster: "Cluster") -> AsyncIterator[str]:
+    """The coordinator's URL of a brand-new database on the session's cluster (Citus in it, the
+    workers added), dropped from every node after the test."""
+    from .citus.cluster import create_database, drop_database
+
+    name = f"ft_{uuid.uuid4().hex[:12]}"
+    try:
+        yield await create_database(citus_cluster, name)
+    finally:
+        await drop_database(citus_cluster, name)

@@ -88,6 +88,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "schema_spares": ("5", 5),
     "schema_shared_statements": ("false", False),
     "schema_tenant_roles": ("false", False),  # true needs PostgreSQL: see the cases below
+    "database_cluster": ("none", "none"),
 }
 
 
@@ -166,6 +167,16 @@ def test_database_urls_get_the_async_driver(url: str, normalised: str) -> None:
             "schema_tenant_roles",
         ),
         ({"schema_tenant_roles": True, "database_url": "postgresql://a@h/db"}, "database_owner_url"),
+        ({"database_cluster": "citus"}, "database_cluster"),  # the default SQLite URL
+        ({"database_cluster": "mesh"}, "database_cluster"),
+        (
+            {
+                "database_cluster": "citus",
+                "database_url": "postgresql://a@h/db",
+                "isolation_strategy": "database",
+            },
+            "database_cluster",
+        ),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_field(

@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 from .events import LifecycleEvents
 from .invalidation.base import InvalidationChannel
 from .isolation.base import Isolation
+from .isolation.citus import CitusCluster
 from .isolation.database import DatabaseIsolation
 from .isolation.hybrid import HybridIsolation
 from .isolation.rls import RLSIsolation
@@ -259,6 +260,7 @@ def _isolation(
             spares=config.schema_spares,
             shared_statements=config.schema_shared_statements,
             tenant_roles=config.schema_tenant_roles,
+            cluster=CitusCluster(engine, mode=config.database_cluster),
         )
     assert owner_engine is not None  # the config requires it for rls and hybrid
     rls = RLSIsolation(
@@ -279,6 +281,7 @@ def _isolation(
         ddl_engine=owner_engine,
         shared_statements=config.schema_shared_statements,
         tenant_roles=config.schema_tenant_roles,
+        cluster=CitusCluster(owner_engine, mode=config.database_cluster),
     )
     # The database tier's databases are created, and served, by the owner role: the
     # application role needs no CREATEDB, and reaches no tenant database by itself.

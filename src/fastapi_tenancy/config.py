@@ -401,6 +401,16 @@ class TenancyConfig(BaseSettings):
     of cloning (one catalog update), and a background fill replaces it. 0 (default):
     no spares. See docs/migrations.md."""
 
+    # -- scaling out: a Citus cluster -------------------------------------------------------
+
+    database_cluster: Literal["auto", "citus", "none"] = "auto"
+    """PostgreSQL schema isolation (and hybrid's schema tier) on a Citus cluster
+    (docs/scaling-out.md): `auto` looks for the `citus` extension in `database_url`'s
+    database at `initialize()` and, when it is there, creates each tenant's schema as a
+    distributed schema, placed whole on one worker node; `citus` requires the extension
+    (`initialize()` refuses to start without it, and `doctor` fails); `none` never
+    distributes tenant schemas."""
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -538,6 +548,15 @@ class TenancyConfig(BaseSettings):
             raise ValueError("schema_spares: spare schemas are clones of the template; set schema_template")
         if self.schema_spares and self.isolation_strategy != "schema":
             raise ValueError("schema_spares: spare schemas serve isolation_strategy='schema' only")
+        if self.database_cluster == "citus" and backend != "postgresql":
+            raise ValueError(
+                f"database_cluster: Citus is a PostgreSQL extension, but database_url is {backend}"
+            )
+        if self.database_cluster == "citus" and self.isolation_strategy not in ("schema", "hybrid"):
+            raise ValueError(
+                "database_cluster: the library distributes tenant schemas (isolation_strategy 'schema' "
+                f"or 'hybrid'), not {self.isolation_strategy!r} storage"
+            )
         return self
 
     def _check_resolution(self) -> None:

@@ -184,6 +184,7 @@ async def test_doctor_passes_and_fails_on_a_pooler(
         "migrations": "ok",
         "template": "ok",
         "spares": "ok",
+        "citus": "ok",
     }
     code, text = cli(postgres_url, "doctor", env={"TENANCY_SCHEMA_TEMPLATE": "tenancy_template"})
     assert code == 1 and "does not exist" in text

@@ -13,12 +13,12 @@ people, `--json` for scripts. Exit codes:
 
 One module per command group: `base.py` (the root command, its options, the manager and
 output every command shares), `tenants.py` (and `domains.py`, `tenants domains`), `migrate.py`,
-`registry.py`, `invalidation.py`,
+`registry.py`, `invalidation.py`, `cluster.py` (`cluster`, and `tenants move`: Citus),
 and one module for each of `run`, `doctor` and `demo`. This module puts them together. Needs the `cli` extra
 (typer, rich); `migrate` also the `migrations` extra.
 """
 
-from . import demo, doctor, run
+from . import cluster, demo, doctor, run
 from .base import (
     EXIT_CONFLICT,
     EXIT_FAILED,
@@ -52,10 +52,12 @@ app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_o
 app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
 tenants_app.add_typer(domains_app, name="domains")
+tenants_app.command("move")(cluster.tenants_move)
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(registry_app, name="registry")
 app.add_typer(invalidation_app, name="invalidation")
+app.add_typer(cluster.cluster_app, name="cluster")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from .base import (
     state,
     tenant_dict,
 )
+from .cluster import tenant_nodes
 
 if TYPE_CHECKING:
     from ..isolation.spares import SparePool
@@ -51,20 +52,29 @@ def tenants_list(
     after: Annotated[str | None, typer.Option(help="Start after this identifier (paging).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
 ) -> None:
-    """Tenants ordered by identifier."""
-    found = run_with_manager(lambda m: m.list_tenants(status=status, after=after, limit=limit))
-    print_rows("Tenants", [tenant_dict(t) for t in found], ["identifier", "name", "status", "created_at"])
+    """Tenants ordered by identifier (on a Citus cluster, with the node holding each)."""
+
+    async def work(manager: TenancyManager) -> tuple[list[Tenant], dict[str, str]]:
+        found = await manager.list_tenants(status=status, after=after, limit=limit)
+        return found, await tenant_nodes(manager, found)
+
+    found, nodes = run_with_manager(work)
+    rows = [{**tenant_dict(t), **({"node": nodes.get(t.identifier)} if nodes else {})} for t in found]
+    columns = ["identifier", "name", "status", "created_at", *(["node"] if nodes else [])]
+    print_rows("Tenants", rows, columns)
 
 
 @tenants_app.command("show")
 def tenants_show(identifier: str) -> None:
-    """One tenant, with its storage name."""
+    """One tenant, with its storage name (and, on a Citus cluster, its node)."""
 
     async def work(manager: TenancyManager) -> dict[str, Any]:
         tenant = await manager.get_tenant(identifier)
+        node = (await tenant_nodes(manager, [tenant])).get(identifier)
         return {
             **tenant_dict(tenant),
             "storage": manager.isolation.storage_name(identifier),
+            **({"node": node} if node is not None else {}),
             "metadata": thaw(tenant.metadata),
         }
 

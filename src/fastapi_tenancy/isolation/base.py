@@ -17,6 +17,7 @@ from ..errors import ConfigurationError, InvalidIdentifierError
 from ..tenant import Tenant, validate_identifier
 
 if TYPE_CHECKING:  # spares.py and roles.py import this module
+    from .citus import CitusCluster
     from .roles import TenantRoles
     from .spares import SparePool
 
@@ -218,6 +219,11 @@ class Isolation(ABC):
     roles: "TenantRoles | None" = None
     """A role per tenant schema (schema isolation with `schema_tenant_roles`), which
     `doctor` checks and `fastapi-tenancy tenants grants` repairs; else None."""
+
+    cluster: "CitusCluster | None" = None
+    """The Citus cluster this strategy's tenant schemas are distributed over (schema
+    isolation; active once `initialize()` found Citus), which `fastapi-tenancy tenants
+    move` and `fastapi-tenancy cluster` operate; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

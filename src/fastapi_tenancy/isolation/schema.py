@@ -24,6 +24,7 @@ from .base import (
     session_with_options,
     tenant_tables,
 )
+from .citus import CitusCluster
 from .clone import clone_schema
 from .roles import TenantRoles
 from .spares import SPARES_TABLE, SparePool
@@ -102,6 +103,8 @@ class SchemaIsolation(Isolation):
     to it (connections opened before are refused, never used without the setting).
     """
 
+    cluster: CitusCluster
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -113,6 +116,7 @@ class SchemaIsolation(Isolation):
         spares: int = 0,
         shared_statements: bool = True,
         tenant_roles: bool = False,
+        cluster: CitusCluster | None = None,
     ):
         super().__init__(prefix)
         # A schema kept at the current head: new tenants are cloned from it
@@ -133,6 +137,8 @@ class SchemaIsolation(Isolation):
             TenantRoles(engine, self.ddl_engine, prefix=prefix) if tenant_roles else None
         )
         """A role per tenant schema, each transaction running as its tenant's (`roles.py`)."""
+        # On a Citus coordinator, each tenant schema is made a distributed schema (citus.py).
+        self.cluster = cluster if cluster is not None else CitusCluster(self.ddl_engine)
         self._grantee: str | None = None
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
         # identifier -> the tenant's BEGIN setting: strings only, which the garbage
@@ -205,6 +211,7 @@ class SchemaIsolation(Isolation):
             self._write_statements_per_tenant(f"schema {found!r} defines types of its own")
 
     async def initialize(self) -> None:
+        await self.cluster.initialize()
         if self.roles is not None:
             await self.roles.ready()
         if self.shared_statements:
@@ -221,6 +228,7 @@ class SchemaIsolation(Isolation):
         findings = [await self._check_template(), await self._check_spares()]
         if self.roles is not None:
             findings.append(await self.roles.diagnose())
+        findings.extend(await self.cluster.diagnose())
         return findings
 
     async def _check_template(self) -> Finding:
@@ -280,6 +288,7 @@ class SchemaIsolation(Isolation):
         async with unavailable_as_503("tenant database"), self.ddl_engine.connect() as conn:
             try:
                 async with conn.begin():
+                    await self.cluster.reference_tables(conn, metadata)
                     # Never IF NOT EXISTS: an existing schema may hold an earlier tenant's
                     # rows, and adopting it would hand them to the new one.
                     if await conn.scalar(_SCHEMA_EXISTS, {"name": schema}):
@@ -298,9 +307,10 @@ class SchemaIsolation(Isolation):
                         await conn.exec_driver_sql(_SET_SEARCH_PATH, (f'"{schema}"',))
                         await conn.execution_options(schema_translate_map={None: schema})
                         await conn.run_sync(create_tables, tenant_tables(metadata))
+                    await self.cluster.distribute(conn, schema)
                     # Whose schema this is: each tenant transaction locks it at BEGIN. Before
-                    # the grants, which cover it.
-                    await conn.exec_driver_sql(create_marker(tenant_id, schema=schema))
+                    # the grants, which cover it. On a cluster, on the coordinator only.
+                    await self.cluster.create_local(conn, create_marker(tenant_id, schema=schema))
                     await self._grant(conn, schema)
             except (sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
                 raise ProvisioningError(f"could not provision schema {schema!r}: {exc.orig}") from exc
@@ -330,7 +340,7 @@ class SchemaIsolation(Isolation):
             found = (await conn.scalars(sa.text(MARKERS_IN_SCHEMA), quoted)).all()
             if not needs_marker(found, tenant.id, f"schema {schema!r}"):
                 return False
-            await conn.exec_driver_sql(create_marker(tenant.id, schema=schema))
+            await self.cluster.create_local(conn, create_marker(tenant.id, schema=schema))
             await self._grant(conn, schema)
         return True
 

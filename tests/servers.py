@@ -1,6 +1,7 @@
-"""Servers a test runs for itself: a Redis it may kill and restart, the app on two uvicorn workers.
+"""Servers a test runs for itself: a Redis it may kill and restart, the app on two uvicorn workers,
+an example app (the Quick Start's `main.py`) on one.
 
-Shared by the Redis store, rate limiter, invalidation and multi-worker tests.
+Shared by the Redis store, rate limiter, invalidation, multi-worker and Quick Start tests.
 """
 
 import asyncio
@@ -84,6 +85,49 @@ async def serve_workers(env: dict[str, str], app: str = "tests.workers.app:app")
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+@asynccontextmanager
+async def serve_app(directory: Path, env: dict[str, str], *, ready: str = "/health") -> AsyncIterator[str]:
+    """`async with serve_app(directory, env) as base_url`: `main:app` of `directory` on one uvicorn worker.
+
+    Returns once `ready` answers at all (uvicorn accepts connections only after the app's
+    startup). On exit the server is stopped, and its log must be clean: no traceback, no
+    error line (uvicorn re-raises SIGTERM after a graceful shutdown: -15 is a clean exit).
+    """
+    process = await asyncio.create_subprocess_exec(
+        *(
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port := free_port()),
+        ),
+        *("--log-level", "warning"),
+        cwd=directory,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            for _ in range(300):
+                try:
+                    await client.get(ready)
+                    break
+                except httpx.TransportError:
+                    assert process.returncode is None, "uvicorn exited during startup"
+                    await asyncio.sleep(0.1)
+        yield base_url
+    finally:
+        process.terminate()
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=15)
+        assert process.returncode in (0, -15), output
+        assert b"Traceback" not in output and b"ERROR" not in output, output
 
 
 class OwnRedis:

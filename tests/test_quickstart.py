@@ -4,7 +4,6 @@ and on SQLite, checking every request and error of the spec byte for byte."""
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .servers import serve_app
 from .swagger import MissingInput, try_it_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,6 @@ def test_the_example_is_the_spec_verbatim_but_for_the_url() -> None:
     assert (EXAMPLE / "main.py").read_text() == "import os\n" + main.replace(SPEC_URL_LINE, EXAMPLE_URL_LINE)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run(env: dict[str, str], *args: str) -> str:
     result = subprocess.run(
         [sys.executable, *args], cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=60
@@ -75,33 +69,8 @@ async def server(database_url: str) -> AsyncIterator[str]:
     seeded = await asyncio.to_thread(_run, env, "seed.py")
     assert seeded == "Created: acme-corp → schema: tenant_acme_corp\n"
     await asyncio.to_thread(_run, env, "-c", PREPARE)
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)),
-        *("--log-level", "warning"),
-        cwd=EXAMPLE,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            for _ in range(100):
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.returncode is None, "uvicorn exited early"
-                await asyncio.sleep(0.1)
+    async with serve_app(EXAMPLE, env) as base:
         yield base
-    finally:
-        process.terminate()
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=15)
-        # uvicorn re-raises SIGTERM after a graceful shutdown; the log must be clean.
-        assert process.returncode in (0, -15), output
-        assert b"Traceback" not in output and b"ERROR" not in output, output
 
 
 async def test_every_request_and_error_of_the_spec(server: str) -> None:

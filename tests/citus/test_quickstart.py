@@ -8,7 +8,6 @@ the app acknowledged is there afterwards.
 import asyncio
 import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,8 @@ import httpx
 import pytest
 
 from ..cli.test_cli import SCRIPT
-from ..test_quickstart import EXAMPLE, _free_port, _run
+from ..servers import serve_app
+from ..test_quickstart import EXAMPLE, _run
 
 MORE_TENANTS = """
 import asyncio
@@ -51,32 +51,8 @@ async def quickstart(citus_url: str) -> AsyncIterator[tuple[str, dict[str, str]]
     seeded = await asyncio.to_thread(_run, env, "seed.py")
     assert seeded == "Created: acme-corp → schema: tenant_acme_corp\n"
     await asyncio.to_thread(_run, env, "-c", MORE_TENANTS)
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)),
-        *("--log-level", "warning"),
-        cwd=EXAMPLE,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            for _ in range(200):
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert process.returncode is None, "uvicorn exited early"
-                await asyncio.sleep(0.1)
+    async with serve_app(EXAMPLE, env) as base:
         yield base, env
-    finally:
-        process.terminate()
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=15)
-        assert process.returncode in (0, -15), output
-        assert b"Traceback" not in output and b"ERROR" not in output, output
 
 
 async def test_quickstart_tenants_spread_over_the_workers_and_move_online(

@@ -9,7 +9,6 @@ The quoted code is from fastapi-tenancy 0.5.0 (MIT licence), kept verbatim on pu
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from fastapi_tenancy import TenancyConfig, TenancyManager, TenantNotFoundError
+from tests.servers import serve_app
 
 README_URL = "postgresql+asyncpg://user:pass@localhost/myapp"
 
@@ -145,42 +145,15 @@ def _python(directory: Path, env: dict[str, str], *args: str) -> subprocess.Comp
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(params=["postgres", "sqlite"])
 def database_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
 async def _serve(directory: Path, env: dict[str, str]) -> AsyncIterator[str]:
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)),
-        cwd=directory,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            for _ in range(150):
-                try:
-                    await client.get("/orders")
-                    break
-                except httpx.TransportError:
-                    assert process.returncode is None, "uvicorn exited early"
-                    await asyncio.sleep(0.1)
+    # The 0.5.0 app has no /health: any answer of /orders means it is up.
+    async with serve_app(directory, env, ready="/orders") as base:
         yield base
-    finally:
-        process.terminate()
-        output, _ = await asyncio.wait_for(process.communicate(), timeout=15)
-        assert process.returncode in (0, -15), output
-        assert b"Traceback" not in output and b"ERROR" not in output, output
 
 
 @pytest.fixture

@@ -304,7 +304,8 @@ async def test_a_plain_database_url_is_encrypted_with_the_configured_keys(postgr
     try:
         tenant = await store.get_by_identifier("own-db")
         assert tenant is not None and tenant.encrypted_database_url is not None
-        assert "pw" not in tenant.encrypted_database_url
+        # Not "pw" alone: a base64 ciphertext holds those two letters one run in thirty.
+        assert "app:pw@db2" not in tenant.encrypted_database_url
         assert cipher.decrypt(tenant.encrypted_database_url) == "postgresql+asyncpg://app:pw@db2/own"
     finally:
         await store.close()

@@ -6,6 +6,7 @@ and dropped after it, with everything they own in the test database.
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -25,13 +26,18 @@ class Roles:
     admin_url: str  # the superuser (postgres), for setup and for the refusal tests
 
 
-@pytest.fixture
-async def roles(postgres_url: str) -> AsyncIterator[Roles]:
-    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+@asynccontextmanager
+async def made_roles(server_url: str, *, reassign: bool = True) -> AsyncIterator[Roles]:
+    """An owner role (CREATE on the database and `public`) and an application role (nothing),
+    on the server and database of `server_url` (a superuser's), dropped afterwards.
+
+    `reassign=False` drops the schemas they own instead of handing them to the superuser
+    (on Citus 13.2, REASSIGN OWNED of distributed schemas ended the coordinator's process).
+    """
     suffix = uuid.uuid4().hex[:10]
     owner, app = f"ft_owner_{suffix}", f"ft_app_{suffix}"
-    database = make_url(postgres_url).database
-    admin = await _postgres_admin(postgres_url)
+    database = make_url(server_url).database
+    admin = await _postgres_admin(server_url)
     try:
         await admin.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS')
         await admin.execute(f'CREATE ROLE "{app}" LOGIN NOSUPERUSER NOBYPASSRLS')
@@ -39,21 +45,29 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
         await admin.execute(f'GRANT CREATE, USAGE ON SCHEMA public TO "{owner}"')
     finally:
         await admin.close()
-    url = make_url(postgres_url)
+    url = make_url(server_url)
     yield Roles(
         owner_url=url.set(username=owner).render_as_string(hide_password=False),
         app_url=url.set(username=app).render_as_string(hide_password=False),
         owner=owner,
         app=app,
-        admin_url=postgres_url,
+        admin_url=server_url,
     )
-    admin = await _postgres_admin(postgres_url)
+    admin = await _postgres_admin(server_url)
     try:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
             [owner, app],
         )
-        await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
+        if reassign:
+            await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
+        else:
+            owned = await admin.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspowner::regrole::text = ANY($1::text[])",
+                [f'"{owner}"', f'"{app}"', owner, app],
+            )
+            for row in owned:
+                await admin.execute(f'DROP SCHEMA "{row["nspname"]}" CASCADE')
         # One role at a time: PostgreSQL fails ("could not find tuple for default ACL") to
         # drop, in one statement, the default privileges one of the roles gave the other.
         await admin.execute(f'DROP OWNED BY "{app}"')
@@ -65,7 +79,14 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
 
 
 @pytest.fixture
-async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
+async def roles(postgres_url: str) -> AsyncIterator[Roles]:
+    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+    async with made_roles(postgres_url) as made:
+        yield made
+
+
+@asynccontextmanager
+async def made_tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
     """`roles` for `schema_tenant_roles`: the owner may create roles, the app role is NOINHERIT.
 
     The tenant roles the test made (`<schema>@<database>`, and the group
@@ -90,3 +111,17 @@ async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
             await admin.execute(f'DROP ROLE "{row["rolname"]}"')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
+    """`roles` for `schema_tenant_roles` (`made_tenant_roles`)."""
+    async with made_tenant_roles(roles) as made:
+        yield made
+
+
+@pytest.fixture
+async def citus_tenant_roles(citus_url: str) -> AsyncIterator[Roles]:
+    """`tenant_roles` on the Citus coordinator (roles made there reach every worker)."""
+    async with made_roles(citus_url, reassign=False) as roles, made_tenant_roles(roles) as made:
+        yield made

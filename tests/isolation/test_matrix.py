@@ -108,6 +108,8 @@ SHARED_TABLES = ("rls", "hybrid")
 HYBRID_DATABASE = "hybrid-database"
 # Schemas, each tenant's transactions running as its own role (schema_tenant_roles).
 TENANT_ROLES = "postgres-roles"
+# The same on a Citus coordinator: the roles and their grants reach the workers.
+CITUS_TENANT_ROLES = "citus-roles"
 
 
 def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
@@ -117,8 +119,10 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     if name.endswith("-database") and name != HYBRID_DATABASE:
         url = str(request.getfixturevalue(f"{name.removesuffix('-database')}_url"))
         return url, {"isolation_strategy": "database", "database_tenant_pool_size": 1}
-    if name == TENANT_ROLES:
-        roles_: Roles = request.getfixturevalue("tenant_roles")
+    if name in (TENANT_ROLES, CITUS_TENANT_ROLES):
+        roles_: Roles = request.getfixturevalue(
+            "tenant_roles" if name == TENANT_ROLES else "citus_tenant_roles"
+        )
         return roles_.app_url, {"database_owner_url": roles_.owner_url, "schema_tenant_roles": True}
     roles: Roles = request.getfixturevalue("roles")
     if name == HYBRID_DATABASE:
@@ -127,7 +131,7 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     return roles.app_url, shared_settings(roles, name)
 
 
-@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES])
+@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES, CITUS_TENANT_ROLES])
 def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return _setup(request, request.param)
 

@@ -213,6 +213,8 @@ class SchemaIsolation(Isolation):
     async def initialize(self) -> None:
         await self.cluster.initialize()
         if self.roles is not None:
+            # On Citus the coordinator connects to the workers as the tenant's role.
+            self.roles.on_citus = self.cluster.active
             await self.roles.ready()
         if self.shared_statements:
             await self._check_schema_types()

@@ -243,6 +243,18 @@ class CitusCluster:
         await conn.exec_driver_sql(statement)
         await conn.exec_driver_sql("SET LOCAL citus.enable_ddl_propagation TO on")
 
+    async def keep_local(self, conn: AsyncConnection) -> None:
+        """Keep the DDL of the rest of `conn`'s transaction on the coordinator (a spare schema).
+
+        A spare is renamed when a tenant claims it, then distributed. Made with DDL
+        propagation on, Citus creates its (empty) schema on the workers too, and such a
+        schema, renamed and distributed in one transaction, fails to distribute once it
+        holds a sequence ("schema ... does not exist", Citus 13.2). Kept local, the schema
+        and its tables reach the workers only with `distribute()`, under the tenant's name.
+        """
+        if self.active:
+            await conn.exec_driver_sql("SET LOCAL citus.enable_ddl_propagation TO off")
+
     # -- placement ------------------------------------------------------------------------
 
     async def placements(self, schemas: Sequence[str]) -> dict[str, str]:

@@ -127,6 +127,8 @@ async def test_migrate_upgrades_distributed_schemas_and_later_tenants_start_at_h
             "upgrade",
             "--config",
             str(ini),
+            "--concurrency",  # two worker processes: each one starts an interpreter
+            "2",
             TENANCY_SCHEMA_TEMPLATE="tenancy_template",
             TENANCY_SCHEMA_SPARES="1",
         )

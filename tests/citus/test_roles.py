@@ -13,6 +13,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from fastapi_tenancy.doctor import run_checks
 from fastapi_tenancy.isolation.citus import CitusCluster
 from fastapi_tenancy.isolation.roles import role_name
 
@@ -136,3 +137,27 @@ async def test_roles_and_grants_reach_the_workers_and_keep_tenants_apart(
         await admin.close()
     for tenant, rows in (("alpha", [["alpha-1"], ["alpha-2"]]), ("beta", [["beta-1"], ["beta-3"]])):
         assert await _sql(env, tenant, "SELECT description FROM orders ORDER BY id") == [rows]
+
+
+async def test_doctor_finds_a_tenant_role_that_cannot_log_in_and_grants_repair_it(
+    env: Env, citus_tenant_roles: Roles
+) -> None:
+    roles = citus_tenant_roles
+    alpha = role_name("tenant_alpha", str(make_url(roles.app_url).database))
+    admin = await _postgres_admin(roles.admin_url)
+    try:
+        await admin.execute(f'ALTER ROLE "{alpha}" NOLOGIN')  # on every node
+    finally:
+        await admin.close()
+    # (Requests go on for now, over connections to the workers Citus opened before; a new
+    # one as the role would be refused.)
+    checks = {c.name: c for c in await run_checks(env.manager)}
+    assert checks["tenant roles"].status == "fail", checks["tenant roles"]
+    assert f"{alpha!r} lacks LOGIN" in checks["tenant roles"].detail, checks["tenant roles"].detail
+    tenant_roles = env.manager.isolation.roles
+    assert tenant_roles is not None
+    assert await tenant_roles.repair() == ["tenant_alpha"]
+    assert {c.name: c for c in await run_checks(env.manager)}["tenant roles"].status == "ok"
+    assert await _sql(env, "alpha", "SELECT description FROM orders ORDER BY id") == [
+        [["alpha-1"], ["alpha-2"]]
+    ]

@@ -80,7 +80,8 @@ _CHECK = sa.text(
     "AND pg_catalog.has_table_privilege(r.oid, c.oid, 'DELETE'))) "
     "OR (c.relkind = 'S' AND NOT (pg_catalog.has_sequence_privilege(r.oid, c.oid, 'USAGE') "
     "AND pg_catalog.has_sequence_privilege(r.oid, c.oid, 'SELECT'))))) END AS ungranted, "
-    "pg_catalog.has_schema_privilege(:login, n.oid, 'USAGE') AS login_reads "
+    "pg_catalog.has_schema_privilege(:login, n.oid, 'USAGE') AS login_reads, "
+    "coalesce(r.rolcanlogin, false) AS can_login "
     "FROM unnest(CAST(:schemas AS text[]), CAST(:roles AS text[])) AS s(schema, role) "
     "JOIN pg_catalog.pg_namespace n ON n.nspname = s.schema "
     "LEFT JOIN pg_catalog.pg_roles r ON r.rolname = s.role ORDER BY 1"
@@ -259,6 +260,7 @@ class TenantRoles:
                     ("USAGE on the schema", not row.usage),
                     (f"{row.ungranted} tables or sequences", row.ungranted),
                     (f"the group {self.group!r}", not row.in_group),
+                    ("LOGIN, which Citus connects to the workers with", self.on_citus and not row.can_login),
                 )
                 if missing
             ]

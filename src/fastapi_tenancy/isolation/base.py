@@ -3,7 +3,7 @@
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -271,8 +271,18 @@ class Isolation(ABC):
         """
         raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
 
-    async def move(self, tenant: Tenant, target: str, metadata: sa.MetaData) -> None:
-        """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default."""
+    async def move(
+        self,
+        tenant: Tenant,
+        target: str,
+        metadata: sa.MetaData,
+        *,
+        before_hold: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default.
+
+        `before_hold` is awaited once, just before the tenant's writes are held.
+        """
         raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
 
     async def remove_old_copy(self, tenant: Tenant) -> None:

@@ -1,25 +1,48 @@
-"""Moves into and out of the database tier (hybrid isolation): schema or rls ↔ database.
+"""Moves into and out of the database tier (hybrid isolation): schema or rls ↔ database, online.
 
 Called by `HybridIsolation.move`, with the guarantees of the moves between schema and
-rls: the tenant's writes are held while its rows are copied (from a schema or a database:
-writers wait on an EXCLUSIVE lock, reads go on; from rls: its transactions answer 503),
-so every write committed before the switch is in the new copy; the new copy is committed
-first, then the old one is fenced off in the transaction that held the writes, so a
-write of a session still routed there fails instead of landing where nobody reads:
+rls (every write committed before the switch is in the new copy; a session still routed
+to the old copy fails instead of writing where nobody reads), but the tenant's writes go
+on while its rows are copied, and are held only to bring the copy up to date and switch:
 
-* a schema is renamed to `<name>_` (as in the move to rls);
-* a tenant database keeps its name, and its `public` schema, which holds the tenant's
-  marker, is renamed to `public_moved`: a session's `BEGIN` then finds no marker and
-  answers 503 (`_incarnation.refusal`), and a writer that waited for the lock finds no
-  table;
-* the shared tables fence the tenant, as in the move to a schema.
+1. Change capture (`capture.py`): triggers on the tenant's source tables record the key of
+   every row changed from now on.
+2. The rows are streamed into the new copy from one `REPEATABLE READ` snapshot
+   (`copying.copy_rows`, tables in the order of the `MetaData`'s foreign keys), while the
+   tenant reads and writes as usual.
+3. Catching up, still online: the changes recorded so far are replayed into the copy
+   (up to `CATCH_UP_PASSES` times, until a pass finds fewer than `CATCH_UP_DONE` keys),
+   so that little is left for the hold.
+4. The hold: the writes are held as they were for the whole copy before (from a schema or
+   a database: writers wait on an EXCLUSIVE lock, reads go on; from rls: its transactions
+   answer 503); the rest of the changes is replayed, sequences are moved past the highest
+   id, and the new copy is committed; then the old one is fenced off in the transaction
+   that holds the writes:
 
-Rows are streamed between the databases (`copying.copy_rows`), in the order of the
-`MetaData`'s foreign keys; sequences are moved past the highest id copied. If anything
-fails before the old copy is fenced, the new copy is removed and the old one serves on.
+   * a schema is renamed to `<name>_` (as in the move to rls);
+   * a tenant database keeps its name, and its `public` schema, which holds the tenant's
+     marker, is renamed to `public_moved`: a session's `BEGIN` then finds no marker and
+     answers 503 (`_incarnation.refusal`), and a writer that waited for the lock finds no
+     table;
+   * the shared tables fence the tenant, as in the move to a schema.
+
+5. The triggers and the change table are dropped, whether the move succeeded or not.
+
+Why not a full hold: copying takes time in proportion to the tenant's rows, and its writes
+would wait (or answer 503) all along; replaying what changed meanwhile takes time in
+proportion to the writes during the last catch-up pass. A table without a primary key
+cannot be replayed row by row: such a move holds the writes for the whole copy, as before
+(logged). So does a replay that cannot proceed (`capture.Resync`: a `TRUNCATE`, or a
+unique value handed from a deleted row to a new one): the copy is emptied and made again
+under the hold. If anything fails before the old copy is fenced, the new copy is removed
+and the old one serves on.
 """
 
 import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -28,15 +51,27 @@ from .._utils import unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
 from .base import Isolation, quote_identifier, tenant_tables
+from .capture import Capture, Resync
 from .copying import Layout, copy_rows, prove_postgres_source
 from .database import DatabaseIsolation, _backend
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
 
-__all__ = ["MOVED_PUBLIC", "move_database_tier", "old_schema_name"]
+__all__ = ["CATCH_UP_DONE", "CATCH_UP_PASSES", "MOVED_PUBLIC", "move_database_tier", "old_schema_name"]
+
+logger = logging.getLogger("fastapi_tenancy")
 
 MOVED_PUBLIC = "public_moved"
 """What a tenant database's `public` schema is renamed to when the tenant moves out of it."""
+
+CATCH_UP_PASSES = 5
+"""At most this many catch-up passes before the writes are held."""
+
+CATCH_UP_DONE = 1000
+"""A catch-up pass that replays fewer changed keys than this is the last one."""
+
+Hook = Callable[[], Awaitable[None]]
+"""Awaited once the copy is made, just before the writes are held (`Isolation.move`'s `before_hold`)."""
 
 _q = quote_identifier
 
@@ -50,22 +85,85 @@ def old_schema_name(name: str) -> str:
     return old
 
 
-def _layout(metadata: sa.MetaData, column: str | None) -> Layout:
+async def _nothing() -> None:
+    return None
+
+
+def _layout(metadata: sa.MetaData, column: str | None) -> tuple[Layout, dict[str, list[str]]]:
     # Parents first; with row-level security only the tables it guards (the tenant column).
-    return [
-        (table.name, [c.name for c in table.columns if c.computed is None])
-        for table in tenant_tables(metadata)
-        if column is None or column in table.c
-    ]
+    tables = [t for t in tenant_tables(metadata) if column is None or column in t.c]
+    layout = [(t.name, [c.name for c in t.columns if c.computed is None]) for t in tables]
+    return layout, {t.name: [c.name for c in t.primary_key.columns] for t in tables}
+
+
+@dataclass
+class _Route:
+    """Where one move reads and writes, and what it does at each end."""
+
+    tenant: Tenant
+    column: str  # the tenant column, rewritten to the tenant's id in the copy
+    layout: Layout
+    keys: dict[str, list[str]]
+    source: AsyncEngine
+    source_schema: str
+    moved_schema: str  # where the source's objects are once it is fenced
+    target: AsyncEngine
+    target_schema: str
+    source_rls: RLSIsolation | None = None
+    target_rls: RLSIsolation | None = None
+    prove: bool = False  # the source is a tenant database: prove it is the tenant's
+
+    async def enter_source(self, conn: AsyncConnection) -> None:
+        if self.prove:
+            await prove_postgres_source(conn, self.source_schema, self.tenant)  # the tenant's own database
+        if self.source_rls is not None:
+            await self.source_rls.bind_owner(conn, self.tenant)  # the policies confine the reads
+
+    async def hold(self, conn: AsyncConnection) -> None:
+        if self.source_rls is not None:
+            # Waits for the tenant's running transactions; new ones answer 503 until this
+            # commits, and after it the fence sends them away.
+            await self.source_rls.hold(conn, self.tenant)
+        elif self.layout:
+            # EXCLUSIVE: the tenant's writers finish first and new ones wait; reads go on.
+            tables = ", ".join(f"{_q(self.source_schema)}.{_q(name)}" for name, _ in self.layout)
+            await conn.execute(sa.text(f"LOCK TABLE {tables} IN EXCLUSIVE MODE"))
+        await self.enter_source(conn)
+
+    async def enter_target(self, conn: AsyncConnection) -> None:
+        if self.target_rls is not None:
+            await self.target_rls.bind_owner(conn, self.tenant)
+            await self.target_rls.fence(conn, self.tenant, moved=False)
+
+    async def fence(self, conn: AsyncConnection) -> None:
+        if self.source_rls is not None:
+            await self.source_rls.fence(conn, self.tenant, moved=True)
+        else:
+            # A schema renamed away: sessions still routed to it find no marker at BEGIN
+            # (503), and a writer that waited for the lock finds no table.
+            await conn.execute(
+                sa.text(f"ALTER SCHEMA {_q(self.source_schema)} RENAME TO {_q(self.moved_schema)}")
+            )
+
+    @property
+    def rewrite(self) -> tuple[str, str]:
+        return self.column, self.tenant.id
 
 
 async def move_database_tier(
-    tenant: Tenant, source: Isolation, destination: Isolation, metadata: sa.MetaData, column: str
+    tenant: Tenant,
+    source: Isolation,
+    destination: Isolation,
+    metadata: sa.MetaData,
+    column: str,
+    *,
+    before_hold: Hook = _nothing,
 ) -> None:
     """Copy `tenant`'s rows (the tables of `metadata`) from `source` into `destination`; fence the old copy.
 
     One of the two is the database tier (PostgreSQL), the other a schema or the shared
-    tables (rls). `column` is the tenant column every tier's tables carry.
+    tables (rls). `column` is the tenant column every tier's tables carry. The tenant's
+    writes go on during the copy; `before_hold` is awaited just before they are held.
     """
     if isinstance(destination, DatabaseIsolation):
         if _backend(destination.tenant_url(tenant)) != "postgresql":
@@ -73,18 +171,20 @@ async def move_database_tier(
         if isinstance(source, SchemaIsolation):
             name = source.storage_name(tenant.identifier)
             await _refuse_old_schema(source.ddl_engine, name, tenant)
-            await _into_database(tenant, source.ddl_engine, name, destination, metadata, None, column)
+            await _into_database(
+                tenant, source.ddl_engine, name, destination, metadata, None, column, before_hold
+            )
             return
         if isinstance(source, RLSIsolation):
             await _into_database(
-                tenant, source.owner_engine, source.schema, destination, metadata, source, column
+                tenant, source.owner_engine, source.schema, destination, metadata, source, column, before_hold
             )
             return
     elif isinstance(source, DatabaseIsolation):
         if _backend(source.tenant_url(tenant)) != "postgresql":
             raise ConfigurationError("moves out of the database tier need PostgreSQL")
         if isinstance(destination, SchemaIsolation | RLSIsolation):
-            await _out_of_database(tenant, source, destination, metadata, column)
+            await _out_of_database(tenant, source, destination, metadata, column, before_hold)
             return
     raise ConfigurationError(
         f"moving from {type(source).__name__} to {type(destination).__name__} is not supported"
@@ -100,13 +200,6 @@ async def _refuse_old_schema(engine: AsyncEngine, name: str, tenant: Tenant) -> 
             )
 
 
-async def _lock_writes(conn: AsyncConnection, schema: str, layout: Layout) -> None:
-    # EXCLUSIVE: the tenant's writers finish first and new ones wait; reads go on.
-    if layout:
-        tables = ", ".join(f"{_q(schema)}.{_q(name)}" for name, _ in layout)
-        await conn.execute(sa.text(f"LOCK TABLE {tables} IN EXCLUSIVE MODE"))
-
-
 async def _into_database(
     tenant: Tenant,
     engine: AsyncEngine,
@@ -115,36 +208,17 @@ async def _into_database(
     metadata: sa.MetaData,
     rls: RLSIsolation | None,
     column: str,
+    before_hold: Hook,
 ) -> None:
     """From a schema (`rls` None) or the shared tables into a new database of the tenant's."""
-    layout = _layout(metadata, rls.column if rls is not None else None)
+    layout, keys = _layout(metadata, rls.column if rls is not None else None)
     await database.provision(tenant, metadata)  # a new database: refuses an existing one
     target = database._engine(database.tenant_url(tenant), null_pool=True)
     database.budget.attach(target)
+    moved = schema if rls is not None else old_schema_name(schema)
+    route = _Route(tenant, column, layout, keys, engine, schema, moved, target, "public", source_rls=rls)
     try:
-        async with (
-            unavailable_as_503("tenant database"),
-            engine.connect() as reader,
-            target.connect() as writer,
-        ):
-            async with reader.begin():
-                if rls is not None:
-                    # Waits for the tenant's running transactions; new ones answer 503 until
-                    # this commits, and after it the fence sends them away.
-                    await rls.hold(reader, tenant)
-                    await rls.bind_owner(reader, tenant)
-                else:
-                    await _lock_writes(reader, schema, layout)
-                async with writer.begin():
-                    await copy_rows(reader, writer, layout, reader_schema=schema, rewrite=(column, tenant.id))
-                    await advance_sequences(writer, "public", layout)
-                # The new copy is committed: fence the old one, still holding the writes.
-                if rls is not None:
-                    await rls.fence(reader, tenant, moved=True)
-                else:
-                    await reader.execute(
-                        sa.text(f"ALTER SCHEMA {_q(schema)} RENAME TO {_q(old_schema_name(schema))}")
-                    )
+        await _copy(route, before_hold)
     except BaseException:
         await asyncio.shield(database.destroy(tenant))  # no half-made copy is left
         raise
@@ -158,10 +232,11 @@ async def _out_of_database(
     destination: SchemaIsolation | RLSIsolation,
     metadata: sa.MetaData,
     column: str,
+    before_hold: Hook,
 ) -> None:
     """From the tenant's database into a new schema or the shared tables."""
     rls = destination if isinstance(destination, RLSIsolation) else None
-    layout = _layout(metadata, rls.column if rls is not None else None)
+    layout, keys = _layout(metadata, rls.column if rls is not None else None)
     source = database._engine(database.tenant_url(tenant), null_pool=True)
     database.budget.attach(source)
     try:
@@ -171,38 +246,138 @@ async def _out_of_database(
             )
         if moved:
             raise ProvisioningError(f"tenant {tenant.identifier!r}'s database holds an old copy already")
+        await destination.provision(tenant, metadata)  # rls: refuses rows of the tenant; schema: a new one
         if isinstance(destination, RLSIsolation):
-            await destination.provision(tenant, metadata)  # guards the tables; refuses rows of the tenant
             engine, schema = destination.owner_engine, destination.schema
         else:
-            await destination.provision(tenant, metadata)  # a new schema: refuses an existing one
             engine, schema = destination.ddl_engine, destination.storage_name(tenant.identifier)
+        route = _Route(
+            tenant,
+            column,
+            layout,
+            keys,
+            source,
+            "public",
+            MOVED_PUBLIC,
+            engine,
+            schema,
+            target_rls=rls,
+            prove=True,
+        )
         try:
-            async with (
-                unavailable_as_503("tenant database"),
-                source.connect() as reader,
-                engine.connect() as writer,
-            ):
-                async with reader.begin():
-                    await prove_postgres_source(reader, "public", tenant)  # the tenant's own database
-                    await _lock_writes(reader, "public", layout)
-                    async with writer.begin():
-                        if rls is not None:
-                            await rls.bind_owner(writer, tenant)
-                            await rls.fence(writer, tenant, moved=False)
-                        await copy_rows(
-                            reader, writer, layout, writer_schema=schema, rewrite=(column, tenant.id)
-                        )
-                        await advance_sequences(writer, schema, layout)
-                    # Sessions still routed to the database find no marker at BEGIN (503),
-                    # and a writer that waited for the lock finds no table.
-                    await reader.execute(sa.text(f"ALTER SCHEMA public RENAME TO {_q(MOVED_PUBLIC)}"))
+            await _copy(route, before_hold)
         except BaseException:
             await asyncio.shield(_remove_copy(destination, tenant))  # no half-made copy is left
             raise
     finally:
         await source.dispose()
     await database.engines.discard(tenant.id)  # its pooled connections reach the old copy
+
+
+async def _copy(route: _Route, before_hold: Hook) -> None:
+    """Copy online (capture, snapshot, catch up), then hold the writes, replay the rest, commit, fence."""
+    missing = [name for name, keys in route.keys.items() if not keys]
+    capture = None
+    if missing:
+        logger.warning(
+            "tables %s have no primary key: the writes of tenant %s are held for its whole move",
+            missing,
+            route.tenant.identifier,
+        )
+    elif route.layout:
+        capture = Capture(
+            route.tenant,
+            route.source_schema,
+            route.layout,
+            route.keys,
+            None if route.source_rls is None else route.source_rls.column,
+        )
+    started = time.perf_counter()
+    fenced = False
+    try:
+        async with unavailable_as_503("tenant database"), route.target.connect() as writer:
+            async with writer.begin() as copying:
+                await route.enter_target(writer)
+                if capture is not None:
+                    await capture.install(route.source)
+                    await _snapshot_copy(route, writer)
+                    await _catch_up(route, capture, writer)
+                await before_hold()
+                held = time.perf_counter()
+                async with route.source.connect() as reader, reader.begin():
+                    await route.hold(reader)
+                    replayed = await _replay(route, capture, reader, writer)
+                    await advance_sequences(writer, route.target_schema, route.layout)
+                    await copying.commit()
+                    # The new copy is committed: fence the old one, still holding the writes.
+                    await route.fence(reader)
+                fenced = True
+        logger.info(
+            "moved tenant %s: %.2f s in all, writes held %.3f s (%s keys replayed under the hold)",
+            route.tenant.identifier,
+            time.perf_counter() - started,
+            time.perf_counter() - held,
+            replayed,
+        )
+    finally:
+        if capture is not None:
+            # Also after a failure: the old copy serves on, with nothing of the move left in it.
+            await asyncio.shield(
+                capture.remove(route.source, route.moved_schema if fenced else route.source_schema)
+            )
+
+
+async def _snapshot_copy(route: _Route, writer: AsyncConnection) -> None:
+    async with route.source.connect() as snapshot:
+        snapshot = await snapshot.execution_options(isolation_level="REPEATABLE READ")
+        async with snapshot.begin():
+            await route.enter_source(snapshot)
+            await copy_rows(
+                snapshot,
+                writer,
+                route.layout,
+                reader_schema=route.source_schema,
+                writer_schema=route.target_schema,
+                rewrite=route.rewrite,
+            )
+
+
+async def _catch_up(route: _Route, capture: Capture, writer: AsyncConnection) -> None:
+    for _ in range(CATCH_UP_PASSES):
+        async with route.source.connect() as reader:
+            transaction = await reader.begin()
+            await route.enter_source(reader)
+            try:
+                replayed = await capture.catch_up(reader, writer, route.target_schema, route.rewrite)
+            except Resync:
+                await transaction.rollback()  # the records stay, for the hold
+                return
+            await transaction.commit()  # the records replayed are taken
+        if replayed < CATCH_UP_DONE:
+            return
+
+
+async def _replay(
+    route: _Route, capture: Capture | None, reader: AsyncConnection, writer: AsyncConnection
+) -> int | str:
+    """Bring the copy up to date under the hold: the recorded changes, or all rows again."""
+    if capture is not None:
+        try:
+            return await capture.apply(reader, writer, route.target_schema, route.rewrite)
+        except Resync as exc:
+            logger.warning("tenant %s is copied again under the hold: %s", route.tenant.identifier, exc)
+    for name, _ in reversed(route.layout):
+        # Children first; the copy's own rows only (the writer is bound under row-level security).
+        await writer.execute(sa.text(f"DELETE FROM {_q(route.target_schema)}.{_q(name)}"))  # noqa: S608
+    await copy_rows(
+        reader,
+        writer,
+        route.layout,
+        reader_schema=route.source_schema,
+        writer_schema=route.target_schema,
+        rewrite=route.rewrite,
+    )
+    return "all"
 
 
 async def _remove_copy(destination: SchemaIsolation | RLSIsolation, tenant: Tenant) -> None:

@@ -7,7 +7,8 @@ is made, and removes the old copy when asked. Applications reach it through
 """
 
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -66,17 +67,23 @@ class TierMoves:
                 raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
             return stored.with_tier(tier)
 
-        async with AsyncExitStack() as held:
+        switched: list[Tenant] = []
 
-            async def hold() -> None:
-                # From here to the switch (or the failure): 503 in this process, and in
-                # every worker when in maintenance.
+        @asynccontextmanager
+        async def holding() -> AsyncIterator[None]:
+            # While the writes are held and the tier switched: 503 in this process, and in
+            # every worker when in maintenance.
+            async with AsyncExitStack() as held:
                 if maintenance:
                     await held.enter_async_context(self.maintenance.maintenance(current))
                 held.enter_context(isolation.moving(current))
+                yield
 
-            await isolation.move(current, tier, app_metadata, before_hold=hold)
-            moved = await self.admin.change(current.identifier, switch)
+        async def registry() -> None:
+            switched.append(await self.admin.change(current.identifier, switch))
+
+        await isolation.move(current, tier, app_metadata, holding=holding, switch=registry)
+        moved = switched[0]
         logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
         if self.stamper is not None:
             # The new copy was made from app_metadata: at head, like a registration. The

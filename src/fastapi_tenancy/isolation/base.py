@@ -4,7 +4,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
@@ -277,11 +277,14 @@ class Isolation(ABC):
         target: str,
         metadata: sa.MetaData,
         *,
-        before_hold: Callable[[], Awaitable[None]] | None = None,
+        holding: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        switch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default.
 
-        `before_hold` is awaited once, just before the tenant's writes are held.
+        `holding()` is entered just before the tenant's writes are held, and left when the
+        move fails or has switched; `switch` runs inside it once the old copy is fenced
+        off (switch the registry there).
         """
         raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
 

@@ -1,7 +1,7 @@
 """`HybridIsolation`: each tenant in the tier chosen for it, and moves between tiers."""
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ from ._incarnation import drop_schema
 from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
 from .database import DatabaseIsolation
-from .moves import move_database_tier
+from .moves import Hooks, move_database_tier
 from .moves import old_schema_name as _old_copy_name
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
@@ -156,7 +156,8 @@ class HybridIsolation(Isolation):
         target: str,
         metadata: sa.MetaData,
         *,
-        before_hold: Callable[[], Awaitable[None]] | None = None,
+        holding: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        switch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Copy `tenant`'s rows (the tables of `metadata`) into tier `target`; fence the old copy.
 
@@ -167,10 +168,12 @@ class HybridIsolation(Isolation):
         schema: writes wait (reads go on); the schema is then renamed to `<name>_`,
         where stale sessions find nothing. Between rls and schema the writes are held
         for the whole copy; into and out of the database tier only to catch up and
-        switch (`moves.py`). `before_hold` is awaited just before the hold. The old copy
-        stays until `remove_old_copy`. Every write committed before the switch is copied.
+        switch (`moves.py`). `holding()` is entered just before the hold and left when
+        the move fails or has switched; `switch` runs inside it once the old copy is
+        fenced off (switch the registry there). The old copy stays until
+        `remove_old_copy`. Every write committed before the switch is copied.
         """
-        hold = before_hold or _nothing
+        hooks = Hooks(holding or nullcontext, switch or _nothing)
         source = self.tier(tenant)
         destination = self.tiers.get(target)
         if destination is None:
@@ -178,13 +181,15 @@ class HybridIsolation(Isolation):
         if destination is source:
             raise ConfigurationError(f"tenant {tenant.identifier!r} is already in tier {target!r}")
         if isinstance(source, DatabaseIsolation) or isinstance(destination, DatabaseIsolation):
-            await move_database_tier(tenant, source, destination, metadata, self.column, before_hold=hold)
+            await move_database_tier(tenant, source, destination, metadata, self.column, hooks=hooks)
         elif isinstance(source, RLSIsolation) and isinstance(destination, SchemaIsolation):
-            await hold()  # held for the whole copy: one INSERT ... SELECT per table
-            await self._rls_to_schema(tenant, source, destination, metadata)
+            async with hooks.holding():  # held for the whole copy: one INSERT ... SELECT per table
+                await self._rls_to_schema(tenant, source, destination, metadata)
+                await hooks.switch()
         elif isinstance(source, SchemaIsolation) and isinstance(destination, RLSIsolation):
-            await hold()
-            await self._schema_to_rls(tenant, source, destination, metadata)
+            async with hooks.holding():
+                await self._schema_to_rls(tenant, source, destination, metadata)
+                await hooks.switch()
         else:
             raise ConfigurationError(
                 f"moving from {type(source).__name__} to {type(destination).__name__} is not supported"

@@ -42,6 +42,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -71,7 +72,7 @@ CATCH_UP_DONE = 1000
 """A catch-up pass that replays fewer changed keys than this is the last one."""
 
 Hook = Callable[[], Awaitable[None]]
-"""Awaited once the copy is made, just before the writes are held (`Isolation.move`'s `before_hold`)."""
+Holding = Callable[[], AbstractAsyncContextManager[object]]
 
 _q = quote_identifier
 
@@ -87,6 +88,19 @@ def old_schema_name(name: str) -> str:
 
 async def _nothing() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The caller's part of a move (`Isolation.move`'s `holding` and `switch`).
+
+    `holding()` is entered just before the tenant's writes are held and left when the
+    move fails or has switched; `switch()` runs inside it once the old copy is fenced off
+    (the registry's switch), before the move cleans up after itself.
+    """
+
+    holding: Holding = nullcontext
+    switch: Hook = _nothing
 
 
 def _layout(metadata: sa.MetaData, column: str | None) -> tuple[Layout, dict[str, list[str]]]:
@@ -157,13 +171,14 @@ async def move_database_tier(
     metadata: sa.MetaData,
     column: str,
     *,
-    before_hold: Hook = _nothing,
+    hooks: Hooks = Hooks(),  # noqa: B008 - immutable
 ) -> None:
     """Copy `tenant`'s rows (the tables of `metadata`) from `source` into `destination`; fence the old copy.
 
     One of the two is the database tier (PostgreSQL), the other a schema or the shared
     tables (rls). `column` is the tenant column every tier's tables carry. The tenant's
-    writes go on during the copy; `before_hold` is awaited just before they are held.
+    writes go on during the copy, and are held inside `hooks.holding()`; `hooks.switch`
+    runs once the old copy is fenced off (a failure after that leaves the new copy).
     """
     if isinstance(destination, DatabaseIsolation):
         if _backend(destination.tenant_url(tenant)) != "postgresql":
@@ -171,20 +186,18 @@ async def move_database_tier(
         if isinstance(source, SchemaIsolation):
             name = source.storage_name(tenant.identifier)
             await _refuse_old_schema(source.ddl_engine, name, tenant)
-            await _into_database(
-                tenant, source.ddl_engine, name, destination, metadata, None, column, before_hold
-            )
+            await _into_database(tenant, source.ddl_engine, name, destination, metadata, None, column, hooks)
             return
         if isinstance(source, RLSIsolation):
             await _into_database(
-                tenant, source.owner_engine, source.schema, destination, metadata, source, column, before_hold
+                tenant, source.owner_engine, source.schema, destination, metadata, source, column, hooks
             )
             return
     elif isinstance(source, DatabaseIsolation):
         if _backend(source.tenant_url(tenant)) != "postgresql":
             raise ConfigurationError("moves out of the database tier need PostgreSQL")
         if isinstance(destination, SchemaIsolation | RLSIsolation):
-            await _out_of_database(tenant, source, destination, metadata, column, before_hold)
+            await _out_of_database(tenant, source, destination, metadata, column, hooks)
             return
     raise ConfigurationError(
         f"moving from {type(source).__name__} to {type(destination).__name__} is not supported"
@@ -208,7 +221,7 @@ async def _into_database(
     metadata: sa.MetaData,
     rls: RLSIsolation | None,
     column: str,
-    before_hold: Hook,
+    hooks: Hooks,
 ) -> None:
     """From a schema (`rls` None) or the shared tables into a new database of the tenant's."""
     layout, keys = _layout(metadata, rls.column if rls is not None else None)
@@ -218,10 +231,7 @@ async def _into_database(
     moved = schema if rls is not None else old_schema_name(schema)
     route = _Route(tenant, column, layout, keys, engine, schema, moved, target, "public", source_rls=rls)
     try:
-        await _copy(route, before_hold)
-    except BaseException:
-        await asyncio.shield(database.destroy(tenant))  # no half-made copy is left
-        raise
+        await _copy(route, hooks, lambda: database.destroy(tenant))
     finally:
         await target.dispose()
 
@@ -232,7 +242,7 @@ async def _out_of_database(
     destination: SchemaIsolation | RLSIsolation,
     metadata: sa.MetaData,
     column: str,
-    before_hold: Hook,
+    hooks: Hooks,
 ) -> None:
     """From the tenant's database into a new schema or the shared tables."""
     rls = destination if isinstance(destination, RLSIsolation) else None
@@ -264,20 +274,16 @@ async def _out_of_database(
             target_rls=rls,
             prove=True,
         )
-        try:
-            await _copy(route, before_hold)
-        except BaseException:
-            await asyncio.shield(_remove_copy(destination, tenant))  # no half-made copy is left
-            raise
+        await _copy(route, hooks, lambda: _remove_copy(destination, tenant))
     finally:
         await source.dispose()
     await database.engines.discard(tenant.id)  # its pooled connections reach the old copy
 
 
-async def _copy(route: _Route, before_hold: Hook) -> None:
-    """Copy online (capture, snapshot, catch up), then hold the writes, replay the rest, commit, fence."""
-    missing = [name for name, keys in route.keys.items() if not keys]
+async def _copy(route: _Route, hooks: Hooks, remove_new_copy: Hook) -> None:
+    """Copy online (capture, snapshot, catch up); hold the writes, replay the rest, commit, fence; switch."""
     capture = None
+    missing = [name for name, keys in route.keys.items() if not keys]
     if missing:
         logger.warning(
             "tables %s have no primary key: the writes of tenant %s are held for its whole move",
@@ -285,46 +291,68 @@ async def _copy(route: _Route, before_hold: Hook) -> None:
             route.tenant.identifier,
         )
     elif route.layout:
-        capture = Capture(
-            route.tenant,
-            route.source_schema,
-            route.layout,
-            route.keys,
-            None if route.source_rls is None else route.source_rls.column,
-        )
-    started = time.perf_counter()
+        column = None if route.source_rls is None else route.source_rls.column
+        capture = Capture(route.tenant, route.source_schema, route.layout, route.keys, column)
     fenced = False
     try:
-        async with unavailable_as_503("tenant database"), route.target.connect() as writer:
-            async with writer.begin() as copying:
+        try:
+            started = time.perf_counter()
+            async with (
+                unavailable_as_503("tenant database"),
+                route.target.connect() as writer,
+                writer.begin() as copying,
+            ):
                 await route.enter_target(writer)
                 if capture is not None:
                     await capture.install(route.source)
                     await _snapshot_copy(route, writer)
                     await _catch_up(route, capture, writer)
-                await before_hold()
-                held = time.perf_counter()
-                async with route.source.connect() as reader, reader.begin():
-                    await route.hold(reader)
-                    replayed = await _replay(route, capture, reader, writer)
-                    await advance_sequences(writer, route.target_schema, route.layout)
-                    await copying.commit()
-                    # The new copy is committed: fence the old one, still holding the writes.
-                    await route.fence(reader)
-                fenced = True
+                copied = time.perf_counter()
+                # Connected before the hold; the hold ends (holding() is left) on a failure
+                # before the new copy is removed, and after the switch on success.
+                async with route.source.connect() as reader, hooks.holding():
+                    async with reader.begin():
+                        await route.hold(reader)
+                        replayed = await _replay(route, capture, reader, writer)
+                        await advance_sequences(writer, route.target_schema, route.layout)
+                        await copying.commit()
+                        # The new copy is committed: fence the old one, still holding the writes.
+                        await route.fence(reader)
+                    fenced = True
+                    held = time.perf_counter()
+                    await hooks.switch()
+        except BaseException:
+            if not fenced:
+                await asyncio.shield(remove_new_copy())  # no half-made copy is left
+            raise
         logger.info(
-            "moved tenant %s: %.2f s in all, writes held %.3f s (%s keys replayed under the hold)",
+            "moved tenant %s: copied in %.2f s, writes held %.3f s (%s keys replayed), switched in %.3f s",
             route.tenant.identifier,
-            time.perf_counter() - started,
-            time.perf_counter() - held,
+            copied - started,
+            held - copied,
             replayed,
+            time.perf_counter() - held,
         )
     finally:
         if capture is not None:
             # Also after a failure: the old copy serves on, with nothing of the move left in it.
-            await asyncio.shield(
-                capture.remove(route.source, route.moved_schema if fenced else route.source_schema)
-            )
+            await asyncio.shield(_remove_capture(route, capture, fenced))
+
+
+async def _remove_capture(route: _Route, capture: Capture, fenced: bool) -> None:
+    schema = route.moved_schema if fenced else route.source_schema
+    try:
+        await capture.remove(route.source, schema)
+    except Exception:  # the move's own outcome matters more: say what is left
+        logger.exception(
+            "could not drop the change capture of tenant %s's move: drop function %s.%s_capture() "
+            "cascade, and table %s.%s_changes",
+            route.tenant.identifier,
+            schema,
+            capture.name,
+            schema,
+            capture.name,
+        )
 
 
 async def _snapshot_copy(route: _Route, writer: AsyncConnection) -> None:

@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -253,3 +254,47 @@ async def test_a_move_that_fails_leaves_the_old_copy_serving_and_nothing_behind(
             schemas = f"SELECT nspname FROM pg_namespace WHERE nspname LIKE '{database}%'"  # noqa: S608
             assert await _admin_rows(roles, schemas) == []
     assert (await env.manager.get_tenant("beta")).tier == "database"
+
+
+async def test_a_truncate_during_the_copy_has_the_tenant_copied_again_under_the_hold(
+    env: Env, roles: Roles, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    alpha = await env.manager.get_tenant("alpha")  # in its own schema
+    schema = env.manager.config.schema_prefix + "alpha"
+    catch_up = Capture.catch_up
+
+    async def truncated_meanwhile(self: Capture, *args: Any) -> int:
+        # The tenant empties its table while its copy is made (a write the replay cannot order).
+        statements = [
+            f'TRUNCATE "{schema}".orders',
+            f'INSERT INTO "{schema}".orders (tenant_id, id, description) '  # noqa: S608
+            f"VALUES ('{alpha.id}', 7, 'alpha-7')",
+        ]
+        for statement in statements:
+            await server_sql(roles.owner_url, statement)
+        return await catch_up(self, *args)
+
+    monkeypatch.setattr(Capture, "catch_up", truncated_meanwhile)
+    await env.manager.move_tenant("alpha", "database", app_metadata=SharedBase.metadata)
+    assert await _stored(env, "alpha") == {7: "alpha-7"}
+    assert "copied again under the hold" in caplog.text
+    assert await _leftovers(roles.admin_url) == []
+
+
+async def test_a_table_without_a_primary_key_is_moved_with_the_writes_held_throughout(
+    env: Env, roles: Roles, caplog: pytest.LogCaptureFixture
+) -> None:
+    alpha = await env.manager.get_tenant("alpha")
+    schema = env.manager.config.schema_prefix + "alpha"
+    metadata = sa.MetaData()
+    for table in SharedBase.metadata.sorted_tables:
+        table.to_metadata(metadata)
+    sa.Table("notes", metadata, sa.Column("tenant_id", sa.String(36)), sa.Column("body", sa.Text))
+    await server_sql(roles.owner_url, f'CREATE TABLE "{schema}".notes (tenant_id varchar(36), body text)')
+    await server_sql(roles.owner_url, f"INSERT INTO \"{schema}\".notes VALUES ('x', 'a'), ('x', 'a')")  # noqa: S608
+    await env.manager.move_tenant("alpha", "database", app_metadata=metadata)
+    assert "have no primary key" in caplog.text
+    assert await _stored(env, "alpha") == {1: "alpha-1", 2: "alpha-2"}
+    url = _database_url(roles, env.manager.config.schema_prefix + "alpha")
+    assert await server_sql(url, "SELECT tenant_id || body FROM notes") == [alpha.id + "a"] * 2
+    assert await _leftovers(roles.admin_url) == []

@@ -251,11 +251,14 @@ class Capture:
     ) -> None:
         source, keys = f"{_q(self.schema)}.{_q(name)}", self.keys[name]
         matches = " AND ".join(f"t.{_q(k)} = r.{_q(k)}" for k in keys)
+        # Gone when no source row maps to the copy's key: the tenant column is rewritten in
+        # the copy, so a source row relabelled meanwhile still lands on it.
+        kept = " AND ".join(f"t.{_q(k)} = r.{_q(k)}" for k in keys if k != rewrite[0]) or "TRUE"
         gone = await reader.scalars(
             sa.text(
                 f"SELECT k.v::text FROM jsonb_array_elements(CAST(:keys AS jsonb)) AS k(v), "  # noqa: S608
                 f"jsonb_populate_record(NULL::{source}, k.v) AS r "
-                f"WHERE NOT EXISTS (SELECT 1 FROM {source} t WHERE {matches})"
+                f"WHERE NOT EXISTS (SELECT 1 FROM {source} t WHERE {kept})"
             ),
             {"keys": batch},
         )

@@ -58,7 +58,14 @@ from .database import DatabaseIsolation, _backend
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
 
-__all__ = ["CATCH_UP_DONE", "CATCH_UP_PASSES", "MOVED_PUBLIC", "move_database_tier", "old_schema_name"]
+__all__ = [
+    "CATCH_UP_DONE",
+    "CATCH_UP_PASSES",
+    "MOVED_PUBLIC",
+    "Hooks",
+    "move_database_tier",
+    "old_schema_name",
+]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -71,8 +78,8 @@ CATCH_UP_PASSES = 5
 CATCH_UP_DONE = 1000
 """A catch-up pass that replays fewer changed keys than this is the last one."""
 
-Hook = Callable[[], Awaitable[None]]
-Holding = Callable[[], AbstractAsyncContextManager[object]]
+_Hook = Callable[[], Awaitable[None]]
+_Holding = Callable[[], AbstractAsyncContextManager[object]]
 
 _q = quote_identifier
 
@@ -99,8 +106,8 @@ class Hooks:
     (the registry's switch), before the move cleans up after itself.
     """
 
-    holding: Holding = nullcontext
-    switch: Hook = _nothing
+    holding: _Holding = nullcontext
+    switch: _Hook = _nothing
 
 
 def _layout(metadata: sa.MetaData, column: str | None) -> tuple[Layout, dict[str, list[str]]]:
@@ -280,7 +287,7 @@ async def _out_of_database(
     await database.engines.discard(tenant.id)  # its pooled connections reach the old copy
 
 
-async def _copy(route: _Route, hooks: Hooks, remove_new_copy: Hook) -> None:
+async def _copy(route: _Route, hooks: Hooks, remove_new_copy: _Hook) -> None:
     """Copy online (capture, snapshot, catch up); hold the writes, replay the rest, commit, fence; switch."""
     capture = None
     missing = [name for name, keys in route.keys.items() if not keys]

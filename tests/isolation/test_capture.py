@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from fastapi_tenancy import Tenant
+from fastapi_tenancy import ProvisioningError, Tenant
 from fastapi_tenancy.isolation import moves
 from fastapi_tenancy.isolation.capture import Capture
 
@@ -297,4 +297,29 @@ async def test_a_table_without_a_primary_key_is_moved_with_the_writes_held_throu
     assert await _stored(env, "alpha") == {1: "alpha-1", 2: "alpha-2"}
     url = _database_url(roles, env.manager.config.schema_prefix + "alpha")
     assert await server_sql(url, "SELECT tenant_id || body FROM notes") == [alpha.id + "a"] * 2
+    assert await _leftovers(roles.admin_url) == []
+
+
+async def test_a_second_move_of_the_same_tenant_is_refused_while_the_first_runs(
+    env: Env, roles: Roles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catch_up = Capture.catch_up
+    refused: list[str] = []
+
+    async def another_move_meanwhile(self: Capture, *args: Any) -> int:
+        # Into rls, which refuses only rows already committed there: without the move's
+        # own lock it would start, and remove this move's change capture.
+        if not refused:
+            with pytest.raises(ProvisioningError, match="being moved already") as raised:
+                await env.manager.move_tenant("beta", "rls", app_metadata=SharedBase.metadata)
+            refused.append(str(raised.value))
+        return await catch_up(self, *args)
+
+    await env.manager.move_tenant("beta", "database", app_metadata=SharedBase.metadata)
+    await env.manager.remove_old_copy("beta")
+    monkeypatch.setattr(Capture, "catch_up", another_move_meanwhile)
+    await env.manager.move_tenant("beta", "schema", app_metadata=SharedBase.metadata)
+    assert refused
+    assert (await env.manager.get_tenant("beta")).tier == "schema"
+    assert await _stored(env, "beta") == {1: "beta-1", 3: "beta-3"}
     assert await _leftovers(roles.admin_url) == []

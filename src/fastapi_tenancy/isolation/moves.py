@@ -41,8 +41,8 @@ and the old one serves on.
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -187,6 +187,50 @@ async def move_database_tier(
     writes go on during the copy, and are held inside `hooks.holding()`; `hooks.switch`
     runs once the old copy is fenced off (a failure after that leaves the new copy).
     """
+    main = _main_engine(source) or _main_engine(destination)
+    if main is None:
+        raise ConfigurationError(
+            f"moving from {type(source).__name__} to {type(destination).__name__} is not supported"
+        )
+    async with _one_move_at_a_time(main, tenant):
+        await _move(tenant, source, destination, metadata, column, hooks)
+
+
+def _main_engine(isolation: Isolation) -> AsyncEngine | None:
+    if isinstance(isolation, SchemaIsolation):
+        return isolation.ddl_engine
+    if isinstance(isolation, RLSIsolation):
+        return isolation.owner_engine
+    return None
+
+
+@asynccontextmanager
+async def _one_move_at_a_time(engine: AsyncEngine, tenant: Tenant) -> AsyncIterator[None]:
+    """Refuse a second move of `tenant` while this one runs (in any process).
+
+    Two would provision, copy and clean up over each other (the second removing the
+    first's change capture, or on failure the first's new copy).
+    """
+    key = {"key": f"fastapi_tenancy_move:{tenant.id}"}
+    async with unavailable_as_503("tenant database"), engine.connect() as conn:
+        # Session-level, on a connection of its own held for the move: it ends with it.
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if not await conn.scalar(sa.text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), key):
+            raise ProvisioningError(f"tenant {tenant.identifier!r} is being moved already")
+        try:
+            yield
+        finally:
+            await conn.execute(sa.text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
+
+
+async def _move(
+    tenant: Tenant,
+    source: Isolation,
+    destination: Isolation,
+    metadata: sa.MetaData,
+    column: str,
+    hooks: Hooks,
+) -> None:
     if isinstance(destination, DatabaseIsolation):
         if _backend(destination.tenant_url(tenant)) != "postgresql":
             raise ConfigurationError("moves into the database tier need PostgreSQL")

@@ -323,3 +323,24 @@ async def test_a_second_move_of_the_same_tenant_is_refused_while_the_first_runs(
     assert (await env.manager.get_tenant("beta")).tier == "schema"
     assert await _stored(env, "beta") == {1: "beta-1", 3: "beta-3"}
     assert await _leftovers(roles.admin_url) == []
+
+
+async def test_a_move_in_maintenance_serves_the_tenant_until_the_hold(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catch_up = Capture.catch_up
+    during_copy: list[tuple[str, int]] = []
+
+    async def served_meanwhile(self: Capture, *args: Any) -> int:
+        tenant = await env.manager.get_tenant("beta")
+        write = await _sql(env, "beta", "UPDATE orders SET description = 'beta-one' WHERE id = 1")
+        during_copy.append((tenant.status.value, write))
+        return await catch_up(self, *args)
+
+    monkeypatch.setattr(Capture, "catch_up", served_meanwhile)
+    moved = await env.manager.move_tenant(
+        "beta", "database", app_metadata=SharedBase.metadata, maintenance=True
+    )
+    assert during_copy[0] == ("active", 200)  # not in maintenance while copying: written to
+    assert (moved.tier, (await env.manager.get_tenant("beta")).status.value) == ("database", "active")
+    assert await _stored(env, "beta") == {1: "beta-one", 3: "beta-3"}  # the write made during the copy

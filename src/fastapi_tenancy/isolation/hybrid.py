@@ -161,7 +161,7 @@ class HybridIsolation(Isolation):
     ) -> None:
         """Copy `tenant`'s rows (the tables of `metadata`) into tier `target`; fence the old copy.
 
-        Call through `TenancyManager.move_tenant`, which then switches the registry.
+        Call through `TenancyManager.move_tenant`, which switches the registry (`switch`).
         While the writes are held: from RLS, new transactions of the tenant wait for
         none and answer 503, in-flight ones finish first; afterwards RLS sessions of it
         answer 503 (other processes until their cache sees the new tier). From a

@@ -13,7 +13,8 @@ on while its rows are copied, and are held only to bring the copy up to date and
 3. Catching up, still online: the changes recorded so far are replayed into the copy
    (up to `CATCH_UP_PASSES` times, until a pass finds fewer than `CATCH_UP_DONE` keys),
    so that little is left for the hold.
-4. The hold: the writes are held as they were for the whole copy before (from a schema or
+4. The hold, inside the caller's `Hooks.holding()` (this process's 503s, and maintenance if
+   asked): the writes are held as they were for the whole copy before (from a schema or
    a database: writers wait on an EXCLUSIVE lock, reads go on; from rls: its transactions
    answer 503); the rest of the changes is replayed, sequences are moved past the highest
    id, and the new copy is committed; then the old one is fenced off in the transaction
@@ -26,7 +27,9 @@ on while its rows are copied, and are held only to bring the copy up to date and
      table;
    * the shared tables fence the tenant, as in the move to a schema.
 
-5. The triggers and the change table are dropped, whether the move succeeded or not.
+5. The caller's `Hooks.switch()` switches the registry, still inside `holding()`.
+6. The triggers and the change table are dropped, whether the move succeeded or not: after
+   the switch, so that dropping them (a moment's lock on each table) is not part of it.
 
 Why not a full hold: copying takes time in proportion to the tenant's rows, and its writes
 would wait (or answer 503) all along; replaying what changed meanwhile takes time in
@@ -34,8 +37,9 @@ proportion to the writes during the last catch-up pass. A table without a primar
 cannot be replayed row by row: such a move holds the writes for the whole copy, as before
 (logged). So does a replay that cannot proceed (`capture.Resync`: a `TRUNCATE`, or a
 unique value handed from a deleted row to a new one): the copy is emptied and made again
-under the hold. If anything fails before the old copy is fenced, the new copy is removed
-and the old one serves on.
+under the hold. If anything fails before the old copy is fenced, the hold ends, the new
+copy is removed and the old one serves on. One move of a tenant runs at a time (a session
+advisory lock on the main database): a second would remove the first's triggers.
 """
 
 import asyncio

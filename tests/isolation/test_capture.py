@@ -212,7 +212,8 @@ async def test_writes_go_on_while_a_tenant_moves_into_and_out_of_the_database_ti
         _check(gamma, await _stored(env, "gamma"))
         assert m.writes > 50, m  # the writers ran through the move
         # The writes were held for the switch only, a small part of the move.
-        assert m.longest_gap < m.seconds / 3, m
+        # Held for the whole copy (as before), it would be the copy: 65-75% of these moves.
+        assert m.longest_gap < m.seconds * 0.4, m
         # Nothing of the change capture is left, where the old copy is or the new one.
         assert await _leftovers(roles.admin_url) == []
         if database in await databases(roles.admin_url, database):

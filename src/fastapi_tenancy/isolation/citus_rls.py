@@ -13,9 +13,9 @@ tables. What the library does on a cluster (docs/scaling-out.md):
   sent in the `BEGIN` message itself would not do: Citus repeats the whole message, and
   with it the tenant function, on each worker). Without it the policies on the shards
   see no tenant: every read is empty, every write refused;
-- `distribute()` runs in the transaction that creates or guards the tables, after the
-  policies: refuses (`ConfigurationError`) what Citus cannot distribute, then
-  distributes parents before children;
+- `prepare()` and `distribute()` run in the transaction that creates or guards the
+  tables, before creating them (reference tables first) and after the policies: refuses
+  (`ConfigurationError`) what Citus cannot distribute, then distributes parents first;
 - `placements()` and `move()`: which node holds each tenant's rows, and moving one
   (`isolate_tenant_to_new_shard`, then `citus_move_shard_placement`), for
   `fastapi-tenancy tenants move`.
@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .._utils import create_engine, unavailable_as_503
@@ -93,7 +92,8 @@ _STATE = sa.text(
     f"""
     WITH tenant AS ({_TENANT_TABLES})
     SELECT t.oid, t.name,
-           EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = t.oid) AS distributed,
+           EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = t.oid AND p.partmethod = 'h')
+               AS distributed,
            ARRAY(SELECT DISTINCT f.confrelid FROM pg_catalog.pg_constraint f
                   WHERE f.conrelid = t.oid AND f.contype = 'f' AND f.confrelid IN (SELECT oid FROM tenant)
                     AND f.confrelid <> t.oid) AS parents
@@ -115,12 +115,6 @@ _PLACEMENTS = sa.text(
 # A role that bypasses row-level security: Citus copies a shard's rows as the role that
 # moves it, and under FORCE ROW LEVEL SECURITY any other role copies none of them.
 _BYPASSES = sa.text("SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user")
-# Online splits decode the WAL with Citus' own output plugin, which PostgreSQL releases
-# with the `output_plugin_libraries` setting allow only when it is listed there.
-_SPLIT_SETTINGS = sa.text(
-    "SELECT nodename, nodeport, success, result FROM pg_catalog.run_command_on_workers("
-    "$$SELECT coalesce(current_setting('output_plugin_libraries', true), '(none)')$$)"
-)
 
 
 class CitusTables:
@@ -171,16 +165,24 @@ class CitusTables:
         """What Citus cannot distribute by the tenant column (FKs, unique indexes, types); read-only."""
         return list((await conn.scalars(_PROBLEMS, self._params)).all())
 
-    async def distribute(self, conn: AsyncConnection, metadata: sa.MetaData | None) -> None:
+    async def prepare(self, conn: AsyncConnection, metadata: sa.MetaData | None) -> None:
+        """Before the owner's transaction creates tenant tables: make flagged shared tables of
+        `metadata` reference tables (tenant tables may reference them), and keep Citus from
+        turning new tables that reference one into coordinator-local Citus tables, which
+        `distribute()` could then not distribute while they reference one another."""
+        if not self.active:
+            return
+        await conn.execute(sa.text("SET LOCAL citus.enable_local_reference_table_foreign_keys TO off"))
+        await self.cluster.reference_tables(conn, metadata)
+
+    async def distribute(self, conn: AsyncConnection) -> None:
         """Distribute the tenant tables not distributed yet, colocated, in the owner's transaction.
 
-        Flagged shared tables of `metadata` become reference tables first (tenant tables
-        may reference them). Refuses (`ConfigurationError`), before distributing anything,
-        a foreign key or unique index Citus could not keep (see `problems()`).
+        Refuses (`ConfigurationError`), before distributing anything, a foreign key or
+        unique index Citus could not keep (see `problems()`).
         """
         if not self.active:
             return
-        await self.cluster.reference_tables(conn, metadata)
         problems = await self.problems(conn)
         if problems:
             raise ConfigurationError(
@@ -236,18 +238,24 @@ class CitusTables:
     async def move(
         self, tenant_id: str, target: str, *, admin_url: str | None, mode: TransferMode = "auto"
     ) -> Move:
-        """Give `tenant_id` a shard group of its own and move it to `target` (`host:port`), online.
+        """Give `tenant_id` a shard group of its own and move it to `target` (`host:port`).
 
         `isolate_tenant_to_new_shard(..., 'CASCADE')` splits the tenant's rows of every
-        colocated table out of the shard they share with other tenants (by default with
-        logical replication: writes go on, and wait only for the switch-over), then
-        `citus_move_shard_placement` moves that group as `citus_schema_move` moves a
-        schema. Both copy rows as the connecting role, so they run on `admin_url`, a role
-        that bypasses row-level security (a superuser, or the tables' owner with
-        BYPASSRLS): under FORCE ROW LEVEL SECURITY any other role would copy no row, and
-        the tenant's rows would be lost. Returns at once (`seconds=0`) when the tenant
-        is alone in its shard on `target` already.
+        colocated table out of the shard they share with other tenants, then
+        `citus_move_shard_placement` moves that group. Both copy with writes blocked
+        (`block_writes`): writes to the shard wait for the copy, and none is lost; reads go
+        on. Not online as schema moves are: PostgreSQL refuses to replicate logically into
+        tables under FORCE ROW LEVEL SECURITY, so `auto` means `block_writes` here and
+        `force_logical` is refused. Both copy rows as the connecting role, so they run on
+        `admin_url`, a role that bypasses row-level security (a superuser): any other role
+        would copy no row, and the tenant's rows would be lost. Returns at once
+        (`seconds=0`) when the tenant is alone in its shard on `target` already.
         """
+        if mode == "force_logical":
+            raise ConfigurationError(
+                "row-level security tenants cannot move with logical replication: PostgreSQL refuses "
+                "to replicate into tables with FORCE ROW LEVEL SECURITY (use auto or block_writes)"
+            )
         host, port = parse_address(target)
         known = {node.address: node for node in await self.cluster.nodes()}
         node = known.get(f"{host}:{port}")
@@ -258,17 +266,18 @@ class CitusTables:
             raise ConfigurationError(
                 "moving a row-level security tenant needs --admin-url: Citus copies the shard's rows "
                 "as the connecting role, and under FORCE ROW LEVEL SECURITY the owner role would copy "
-                "none; give the URL of a superuser (or of the owner role with BYPASSRLS)"
+                "none; give the URL of a superuser on the coordinator"
             )
         admin = create_engine(admin_url, null_pool=True)
         try:
             async with unavailable_as_503("Citus coordinator"), admin.connect() as conn:
+                # Splits and moves cannot run inside a transaction block.
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 if not await conn.scalar(_BYPASSES):
                     raise ConfigurationError(
                         "--admin-url's role does not bypass row-level security: Citus would copy none of "
-                        "the shard's rows (use a superuser, or the owner role with BYPASSRLS)"
+                        "the shard's rows (use a superuser)"
                     )
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 anchor = await self._anchor(conn)
                 if anchor is None:
                     raise ProvisioningError("no tenant table is distributed yet: nothing to move")
@@ -278,38 +287,23 @@ class CitusTables:
                     return Move(self.schema, source, node.address, 0.0)
                 started = time.perf_counter()
                 shard = placed.shardid
-                try:
-                    if not placed.isolated:
-                        shard = await conn.scalar(
-                            sa.text(
-                                "SELECT isolate_tenant_to_new_shard(CAST(:t AS regclass), CAST(:id AS text), "
-                                "'CASCADE', shard_transfer_mode => CAST(:mode AS citus.shard_transfer_mode))"
-                            ),
-                            {"t": anchor, "id": tenant_id, "mode": mode},
-                        )
-                    if source != node.address:
-                        await conn.execute(
-                            sa.text(
-                                "SELECT citus_move_shard_placement(:shard, :sh, :sp, :th, :tp, "
-                                "shard_transfer_mode => CAST(:mode AS citus.shard_transfer_mode))"
-                            ),
-                            {
-                                "shard": shard,
-                                "sh": placed.nodename,
-                                "sp": placed.nodeport,
-                                "th": host,
-                                "tp": port,
-                                "mode": mode,
-                            },
-                        )
-                except sa_exc.DBAPIError as exc:
-                    if "output plugin" in str(exc.orig):
-                        raise ProvisioningError(
-                            "Citus splits a shard online with its own logical decoding plugin, which this "
-                            "PostgreSQL refuses: add citus to output_plugin_libraries on every node (and "
-                            "reload), or move with --mode block_writes"
-                        ) from exc
-                    raise
+                if not placed.isolated:
+                    shard = await conn.scalar(
+                        sa.text(
+                            "SELECT isolate_tenant_to_new_shard(CAST(:t AS regclass), CAST(:id AS text), "
+                            "'CASCADE', shard_transfer_mode => 'block_writes')"
+                        ),
+                        {"t": anchor, "id": tenant_id},
+                    )
+                if source != node.address:
+                    await conn.execute(
+                        sa.text(
+                            "SELECT citus_move_shard_placement(:shard, :sh, :sp, :th, :tp, "
+                            "shard_transfer_mode => 'block_writes')"
+                        ),
+                        {"shard": shard, "sh": placed.nodename, "sp": placed.nodeport}
+                        | {"th": host, "tp": port},
+                    )
         finally:
             await admin.dispose()
         return Move(self.schema, source, node.address, time.perf_counter() - started)
@@ -317,13 +311,12 @@ class CitusTables:
     # -- doctor ---------------------------------------------------------------------------------
 
     async def diagnose(self) -> list[Finding]:
-        """`doctor`'s row for the shared tables on Citus: distributed, colocated, and movable online."""
+        """`doctor`'s row for the shared tables on Citus: all distributed, nothing Citus cannot keep."""
         if not self.active:
             return []
         async with self.cluster.engine.connect() as conn:
             problems = await self.problems(conn)
             rows = (await conn.execute(_STATE, self._params)).all()
-            plugins = (await conn.execute(_SPLIT_SETTINGS)).all()
         local = [row.name for row in rows if not row.distributed]
         status: Literal["ok", "warn", "fail"] = "ok"
         details = []
@@ -335,17 +328,6 @@ class CitusTables:
             details.append(
                 f"not distributed (on the coordinator only): {', '.join(local)}; run `fastapi-tenancy "
                 "migrate upgrade` or restart the app, which distribute them"
-            )
-        refused = [
-            f"{row.nodename}:{row.nodeport}"
-            for row in plugins
-            if row.success and row.result != "(none)" and "citus" not in str(row.result).split(", ")
-        ]
-        if refused:
-            status = "warn" if status == "ok" else status
-            details.append(
-                f"{', '.join(refused)}: output_plugin_libraries lacks citus (tenants move splits "
-                "shards with it: add it, or move with --mode block_writes)"
             )
         if not details:
             column = quote_identifier(self.column)

@@ -246,12 +246,13 @@ $fn$"""  # noqa: S608
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
             await self._lock_setup(conn)
             await conn.execution_options(schema_translate_map={None: self.schema})
+            await self.shards.prepare(conn, metadata)  # on Citus: reference tables first
             await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables, checkfirst=True))
             rows = (await conn.execute(sa.text(_TABLE_STATE), self._catalog_params())).all()
             state = {row.name: row for row in rows}
             for table in tables:
                 await self._guard(conn, state[table.name])
-            await self.shards.distribute(conn, metadata)  # after the policies, which Citus copies
+            await self.shards.distribute(conn)  # after the policies, which Citus copies to the shards
 
     async def migrated(self) -> None:
         """Guard the tenant tables migrations added: those of the shared schema with the tenant column.
@@ -265,7 +266,7 @@ $fn$"""  # noqa: S608
             await self._lock_setup(conn)
             for row in (await conn.execute(sa.text(_TABLE_STATE), self._catalog_params())).all():
                 await self._guard(conn, row)
-            await self.shards.distribute(conn, None)
+            await self.shards.distribute(conn)
 
     async def _guard(self, conn: AsyncConnection, row: Any) -> None:
         target = f"{_quote(self.schema)}.{_quote(row.name)}"

@@ -181,6 +181,12 @@ async def test_statements_with_the_tenant_filter_route_to_one_node(seeded: Tenan
     ):
         plan = await _plan(seeded, "alpha", statement)
         assert "Task Count: 1" in plan and f"port={port}" in plan, (statement, plan)
+    async with seeded.session("alpha") as session:  # a bound parameter routes as a literal does
+        explained = await session.execute(
+            sa.text("EXPLAIN SELECT * FROM orders WHERE tenant_id = :id"), {"id": alpha.id}
+        )
+        plan = "\n".join(explained.scalars())
+        assert "Task Count: 1" in plan and f"port={port}" in plan, plan
     # The policy alone does not route: Citus prunes shards by constants in the query only.
     for statement in ("SELECT * FROM orders", "UPDATE orders SET description = 'x' WHERE id = 1"):
         plan = await _plan(seeded, "alpha", statement)

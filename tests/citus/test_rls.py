@@ -66,9 +66,8 @@ def _config(roles: Roles, **settings: Any) -> TenancyConfig:
     return TenancyConfig(
         database_url=roles.app_url,
         database_owner_url=roles.owner_url,
-        isolation_strategy="rls",
         database_cluster="citus",
-        **settings,
+        **{"isolation_strategy": "rls", **settings},
     )
 
 
@@ -380,3 +379,44 @@ async def test_tenants_move_isolates_a_tenant_and_moves_it_under_writers_losing_
         assert code == 0 and json.loads(output)["seconds"] == 0, output  # there already
     finally:
         await manager.close()
+
+
+async def test_hybrid_tenants_move_between_the_distributed_tiers(citus_roles: Roles) -> None:
+    manager = TenancyManager(_config(citus_roles, isolation_strategy="hybrid"))
+    await manager.initialize()
+    try:
+        for identifier, rows in ROWS.items():
+            tenant = await manager.register_tenant(
+                identifier, identifier, app_metadata=SharedOrder.metadata, tier="rls"
+            )
+            async with manager.session(tenant) as session:
+                session.add_all(SharedOrder(id=i, description=d) for i, d in rows.items())
+                await session.commit()
+        # rls -> schema: alpha's rows leave the distributed tables for a distributed schema.
+        await manager.move_tenant("alpha", "schema", app_metadata=SharedOrder.metadata)
+        await manager.remove_old_copy("alpha")
+        cluster = manager.isolation.parts()[0].cluster
+        assert cluster is not None and "tenant_alpha" in await cluster.placements(["tenant_alpha"])
+        # and back: schema -> rls.
+        await manager.move_tenant("alpha", "rls", app_metadata=SharedOrder.metadata)
+        await manager.remove_old_copy("alpha")
+        for identifier, rows in ROWS.items():
+            async with manager.session(identifier) as session:
+                found = dict(
+                    (await session.execute(sa.select(SharedOrder.id, SharedOrder.description))).all()
+                )
+                assert found == rows, identifier
+        code, output = await _cli_hybrid(citus_roles, "--json", "tenants", "list")
+        assert code == 0 and all(row["node"] for row in json.loads(output)), output
+    finally:
+        await manager.close()
+
+
+async def _cli_hybrid(roles: Roles, *args: str) -> tuple[int, str]:
+    env = {
+        "TENANCY_DATABASE_URL": roles.app_url,
+        "TENANCY_DATABASE_OWNER_URL": roles.owner_url,
+        "TENANCY_ISOLATION_STRATEGY": "hybrid",
+    }
+    result = await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env)
+    return result.exit_code, result.output

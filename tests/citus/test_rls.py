@@ -420,3 +420,16 @@ async def _cli_hybrid(roles: Roles, *args: str) -> tuple[int, str]:
     }
     result = await asyncio.to_thread(CliRunner().invoke, cli_app, list(args), env=env)
     return result.exit_code, result.output
+
+
+async def test_a_clone_of_an_rls_tenant_on_the_cluster_has_its_rows_and_no_others(
+    seeded: TenancyManager,
+) -> None:
+    await seeded.clone_tenant("alpha", "gamma")
+    async with seeded.session("gamma") as session:
+        found = dict((await session.execute(sa.select(Order.id, Order.description))).all())
+        assert found == ROWS["alpha"]
+        assert set((await session.execute(sa.select(Line.order_id))).scalars()) == set(ROWS["alpha"])
+    async with seeded.session("beta") as session:
+        found = dict((await session.execute(sa.select(Order.id, Order.description))).all())
+        assert found == ROWS["beta"]

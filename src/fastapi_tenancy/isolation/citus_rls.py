@@ -33,7 +33,7 @@ from ..errors import ConfigurationError, ProvisioningError
 from .base import Finding, quote_identifier
 from .citus import CitusCluster, Move, TransferMode, parse_address
 
-__all__ = ["CitusTables"]
+__all__ = ["CitusTables", "insert_rows"]
 
 # The tenant tables of the shared schema: those with the tenant column, other than the
 # fence table and partitions (distributed with their parent).
@@ -333,3 +333,25 @@ class CitusTables:
             column = quote_identifier(self.column)
             details.append(f"{len(rows)} tenant tables distributed by {column}, colocated")
         return [("citus shared tables", status, "; ".join(details))]
+
+
+async def insert_rows(
+    conn: AsyncConnection, target: str, source: str, columns: list[str], *, overriding: bool = False
+) -> int:
+    """Copy `source`'s rows into the distributed `target` (quoted names) by plain INSERTs, in batches.
+
+    What copies into the shared tables use on Citus instead of `INSERT ... SELECT`, which
+    Citus runs with COPY into the shards when it cannot push the statement down to them,
+    and COPY FROM is refused under row-level security. The rows pass through this
+    process's memory. `overriding`: OVERRIDING SYSTEM VALUE (identity columns). Returns
+    how many rows were inserted.
+    """
+    listed = ", ".join(quote_identifier(c) for c in columns)
+    rows = (await conn.execute(sa.text(f"SELECT {listed} FROM {source}"))).all()  # noqa: S608 - quoted names
+    values = ", ".join(f":p{i}" for i in range(len(columns)))
+    override = " OVERRIDING SYSTEM VALUE" if overriding else ""
+    insert = sa.text(f"INSERT INTO {target} ({listed}){override} VALUES ({values})")  # noqa: S608 - quoted
+    for start in range(0, len(rows), 1000):
+        batch = rows[start : start + 1000]
+        await conn.execute(insert, [{f"p{i}": value for i, value in enumerate(row)} for row in batch])
+    return len(rows)

@@ -14,6 +14,7 @@ from ..tenant import Tenant
 from ._incarnation import drop_schema
 from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
+from .citus_rls import insert_rows
 from .database import DatabaseIsolation
 from .moves import move_database_tier
 from .moves import old_schema_name as _old_copy_name
@@ -232,7 +233,7 @@ class HybridIsolation(Isolation):
                 target = f"{_quote(rls.schema)}.{_quote(table.name)}"
                 source = f"{_quote(name)}.{_quote(table.name)}"
                 if rls.shards.active:
-                    await _insert_through_client(conn, target, source, columns)
+                    await insert_rows(conn, target, source, columns)
                     continue
                 listed = ", ".join(_quote(c) for c in columns)
                 await conn.execute(
@@ -264,22 +265,6 @@ class HybridIsolation(Isolation):
             elif isinstance(isolation, DatabaseIsolation):
                 # The database keeps its name when its tenant moves out (moves.py).
                 await isolation.destroy(tenant)
-
-
-async def _insert_through_client(conn: AsyncConnection, target: str, source: str, columns: list[str]) -> None:
-    """Copy `source`'s rows into `target` (quoted names) by plain INSERTs, a batch at a time.
-
-    For distributed shared tables on Citus: it runs `INSERT ... SELECT` between tables that
-    are not colocated with COPY into the shards, which row-level security refuses. The
-    tenant's rows pass through this process's memory.
-    """
-    listed = ", ".join(_quote(c) for c in columns)
-    rows = (await conn.execute(sa.text(f"SELECT {listed} FROM {source}"))).all()  # noqa: S608 - quoted names
-    values = ", ".join(f":p{i}" for i in range(len(columns)))
-    insert = sa.text(f"INSERT INTO {target} ({listed}) VALUES ({values})")  # noqa: S608 - quoted names
-    for start in range(0, len(rows), 1000):
-        batch = rows[start : start + 1000]
-        await conn.execute(insert, [{f"p{i}": value for i, value in enumerate(row)} for row in batch])
 
 
 async def _advance_sequences(conn: AsyncConnection, schema: str, tables: list[sa.Table]) -> None:

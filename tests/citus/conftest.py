@@ -1,3 +1,5 @@
-"""Fixtures of the Citus tests beside `citus_url` (tests/conftest.py)."""
+"""Fixtures of the Citus tests: the row-level security roles and the tenant roles, made on the cluster."""
 
-from tests.isolation.conftest import citus_tenant_roles  # noqa: F401 - a fixture: roles on the coordinator
+from ..isolation.conftest import citus_roles, citus_tenant_roles
+
+__all__ = ["citus_roles", "citus_tenant_roles"]

@@ -26,18 +26,11 @@ class Roles:
     admin_url: str  # the superuser (postgres), for setup and for the refusal tests
 
 
-@asynccontextmanager
-async def made_roles(server_url: str, *, reassign: bool = True) -> AsyncIterator[Roles]:
-    """An owner role (CREATE on the database and `public`) and an application role (nothing),
-    on the server and database of `server_url` (a superuser's), dropped afterwards.
-
-    `reassign=False` drops the schemas they own instead of handing them to the superuser
-    (on Citus 13.2, REASSIGN OWNED of distributed schemas ended the coordinator's process).
-    """
+async def _make_roles(url: str) -> Roles:
     suffix = uuid.uuid4().hex[:10]
     owner, app = f"ft_owner_{suffix}", f"ft_app_{suffix}"
-    database = make_url(server_url).database
-    admin = await _postgres_admin(server_url)
+    database = make_url(url).database
+    admin = await _postgres_admin(url)
     try:
         await admin.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS')
         await admin.execute(f'CREATE ROLE "{app}" LOGIN NOSUPERUSER NOBYPASSRLS')
@@ -45,29 +38,29 @@ async def made_roles(server_url: str, *, reassign: bool = True) -> AsyncIterator
         await admin.execute(f'GRANT CREATE, USAGE ON SCHEMA public TO "{owner}"')
     finally:
         await admin.close()
-    url = make_url(server_url)
-    yield Roles(
-        owner_url=url.set(username=owner).render_as_string(hide_password=False),
-        app_url=url.set(username=app).render_as_string(hide_password=False),
+    parsed = make_url(url)
+    return Roles(
+        owner_url=parsed.set(username=owner).render_as_string(hide_password=False),
+        app_url=parsed.set(username=app).render_as_string(hide_password=False),
         owner=owner,
         app=app,
-        admin_url=server_url,
+        admin_url=url,
     )
-    admin = await _postgres_admin(server_url)
+
+
+@pytest.fixture
+async def roles(postgres_url: str) -> AsyncIterator[Roles]:
+    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+    made = await _make_roles(postgres_url)
+    owner, app = made.owner, made.app
+    yield made
+    admin = await _postgres_admin(postgres_url)
     try:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])",
             [owner, app],
         )
-        if reassign:
-            await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
-        else:
-            owned = await admin.fetch(
-                "SELECT nspname FROM pg_namespace WHERE nspowner::regrole::text = ANY($1::text[])",
-                [f'"{owner}"', f'"{app}"', owner, app],
-            )
-            for row in owned:
-                await admin.execute(f'DROP SCHEMA "{row["nspname"]}" CASCADE')
+        await admin.execute(f'REASSIGN OWNED BY "{owner}", "{app}" TO CURRENT_USER')
         # One role at a time: PostgreSQL fails ("could not find tuple for default ACL") to
         # drop, in one statement, the default privileges one of the roles gave the other.
         await admin.execute(f'DROP OWNED BY "{app}"')
@@ -79,10 +72,22 @@ async def made_roles(server_url: str, *, reassign: bool = True) -> AsyncIterator
 
 
 @pytest.fixture
-async def roles(postgres_url: str) -> AsyncIterator[Roles]:
-    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
-    async with made_roles(postgres_url) as made:
-        yield made
+async def citus_roles(citus_url: str) -> Roles:
+    """`roles` in a database of the Citus cluster, on every node.
+
+    Citus repeats CREATE ROLE and GRANT ... ON DATABASE of the coordinator on the workers;
+    the grant on `public` is run on each worker too, where the owner role creates shards.
+    Nothing is dropped afterwards: the cluster, and its roles, last one test session.
+    """
+    made = await _make_roles(citus_url)
+    admin = await _postgres_admin(citus_url)
+    try:
+        await admin.execute(
+            "SELECT run_command_on_workers($1)", f'GRANT CREATE, USAGE ON SCHEMA public TO "{made.owner}"'
+        )
+    finally:
+        await admin.close()
+    return made
 
 
 @asynccontextmanager
@@ -121,7 +126,7 @@ async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
 
 
 @pytest.fixture
-async def citus_tenant_roles(citus_url: str) -> AsyncIterator[Roles]:
-    """`tenant_roles` on the Citus coordinator (roles made there reach every worker)."""
-    async with made_roles(citus_url, reassign=False) as roles, made_tenant_roles(roles) as made:
+async def citus_tenant_roles(citus_roles: Roles) -> AsyncIterator[Roles]:
+    """`tenant_roles` on the Citus cluster (roles made on the coordinator reach every worker)."""
+    async with made_tenant_roles(citus_roles) as made:
         yield made

@@ -3,8 +3,9 @@
 the distributed schemas of a Citus coordinator with two workers, on
 SQLite files, on a database per tenant on PostgreSQL and MariaDB (a pool of one per
 tenant), on shared tables under row-level security (as a plain application role) and on
-hybrid tiers (alpha in a schema, beta in the shared tables). Every request must see its
-own tenant's rows and nothing else."""
+hybrid tiers (alpha in a schema, beta in the shared tables), the last two on one server
+and on the Citus cluster (the shared tables distributed by the tenant column). Every
+request must see its own tenant's rows and nothing else."""
 
 import asyncio
 import itertools
@@ -110,6 +111,9 @@ HYBRID_DATABASE = "hybrid-database"
 TENANT_ROLES = "postgres-roles"
 # The same on a Citus coordinator: the roles and their grants reach the workers.
 CITUS_TENANT_ROLES = "citus-roles"
+# Row-level security and hybrid on the Citus coordinator: the shared tables distributed by
+# the tenant column over two workers (hybrid: alpha's schema distributed, beta in them).
+CITUS_SHARED = ("citus-rls", "citus-hybrid")
 
 
 def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
@@ -124,6 +128,9 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
             "tenant_roles" if name == TENANT_ROLES else "citus_tenant_roles"
         )
         return roles_.app_url, {"database_owner_url": roles_.owner_url, "schema_tenant_roles": True}
+    if name in CITUS_SHARED:
+        on_citus: Roles = request.getfixturevalue("citus_roles")
+        return on_citus.app_url, shared_settings(on_citus, name.removeprefix("citus-"))
     roles: Roles = request.getfixturevalue("roles")
     if name == HYBRID_DATABASE:
         settings = {**shared_settings(roles, "hybrid"), "database_tenant_pool_size": 1}
@@ -131,7 +138,9 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     return roles.app_url, shared_settings(roles, name)
 
 
-@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES, CITUS_TENANT_ROLES])
+@pytest.fixture(
+    params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES, CITUS_TENANT_ROLES, *CITUS_SHARED]
+)
 def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return _setup(request, request.param)
 

@@ -13,7 +13,7 @@ from time import monotonic
 from typing import Generic, TypeVar
 
 from .domain import Domain
-from .storage.base import TenantStore
+from .storage.base import TenantStore, TenantVersion
 from .tenant import Tenant, validate_identifier
 
 __all__ = ["TenantLookup"]
@@ -44,11 +44,13 @@ class TenantLookup:
     back (reads of other identifiers are unaffected).
 
     Refresh-ahead: when `ttl` is at least two seconds, a background task sweeps the
-    cache every `ttl / 4` seconds and re-reads, in batches (`TenantStore.get_many`,
-    one registry query per 100 tenants), every entry past half its TTL that was
-    used within the last ten TTLs. A busy tenant's entry is thus replaced before it
-    expires, and its requests never wait for the registry; an entry served is still
-    never older than `ttl` (its age counts from the start of the read that produced
+    cache every `ttl / 4` seconds and checks, in batches of 100, every entry past half
+    its TTL that was used within the last ten TTLs: one registry query reads the
+    batch's versions (`TenantStore.get_versions`: id, status, `updated_at`), and only
+    the tenants whose version moved are read whole (`get_many`); a tenant gone from
+    the registry is dropped. A busy tenant's entry is thus renewed before it expires,
+    and its requests never wait for the registry; an entry served is still never older
+    than `ttl` (its age counts from the start of the read that produced or confirmed
     it), and a failed refresh leaves the entries to expire as usual.
     """
 
@@ -232,24 +234,47 @@ class TenantLookup:
         started = monotonic()
         batch = self._refreshing = set(identifiers)
         try:
-            found = await self.store.get_many(identifiers)
+            # First the versions alone (id, status, updated_at: one narrow query); whole
+            # records only for the tenants whose version moved: in the steady state, none.
+            versions = await self.store.get_versions(identifiers)
+            changed = self._confirm(identifiers, batch, versions, started)
+            found = await self.store.get_many(changed) if changed else {}
         except Exception as exc:  # an outage: the entries expire as they would have
             logger.debug("tenant cache refresh failed (%s: %s)", type(exc).__name__, exc)
             return
         finally:
             if self._refreshing is batch:
                 self._refreshing = set()
+        for identifier in changed:
+            if identifier not in batch or identifier in self._inflight or identifier not in self._hits:
+                continue  # invalidated, re-read or evicted while the records were read
+            tenant = found.get(identifier)
+            if tenant is None:  # deleted since its version was read: the next request reads it
+                self._forget(identifier)
+            else:  # read after `started`: no older than the versions were
+                self._hits[identifier] = tenant
+                self._expires[identifier] = started + self.ttl
+
+    def _confirm(
+        self, identifiers: list[str], batch: set[str], versions: dict[str, TenantVersion], started: float
+    ) -> list[str]:
+        """Renew the entries whose version is unchanged, drop those gone; return the changed ones."""
+        changed: list[str] = []
         for identifier in identifiers:
             if identifier not in batch or identifier in self._inflight:
-                continue  # invalidated (or cleared, or re-read) while the batch was in flight
-            tenant = found.get(identifier)
-            if tenant is None:  # gone from the registry: the next request reads it again
+                continue  # invalidated (or cleared, or re-read) while the versions were read
+            current = self._hits.get(identifier)
+            seen = versions.get(identifier)
+            if current is None:
+                continue  # evicted meanwhile
+            if seen is None:  # gone from the registry: the next request reads it again
                 self._forget(identifier)
-            elif identifier in self._hits:
-                # The cached object when nothing changed: no new long-lived objects.
-                if tenant != self._hits[identifier]:
-                    self._hits[identifier] = tenant
+            elif seen == (current.id, current.status, current.updated_at):
+                # Unchanged: the cached object stays (no new long-lived objects), for longer.
                 self._expires[identifier] = started + self.ttl
+            else:
+                changed.append(identifier)
+        return changed
 
     def _forget(self, identifier: str) -> None:
         self._hits.pop(identifier, None)

@@ -75,7 +75,10 @@ class TenantLookup:
         self._expires: dict[str, float] = {}
         self._misses: dict[str, float] = {}
         self._inflight: dict[str, asyncio.Task[Tenant | None]] = {}
-        self._used: dict[str, float] = {}  # identifier -> when its entry was last served
+        # identifier -> the sweep during which its entry was last served: one int object per
+        # sweep shared by all the entries served in it, where a time would be a float each.
+        self._used: dict[str, int] = {}
+        self._sweeps = 0
         self._refreshing: set[str] = set()  # identifiers whose batch read is in flight
         self._sweeper: asyncio.Task[None] | None = None
         self._invalidations = 0  # counts invalidate() and clear() calls: see _read_domain
@@ -101,7 +104,7 @@ class TenantLookup:
         """The tenant with this identifier, or None if there is none (or it is malformed)."""
         now = monotonic()
         if self._expires.get(identifier, 0.0) > now:
-            self._used[identifier] = now
+            self._used[identifier] = self._sweeps
             return self._hits[identifier]
         expires = self._misses.get(identifier)
         if expires is not None and expires > now:
@@ -139,11 +142,16 @@ class TenantLookup:
         if tenant is not None:
             if self.ttl > 0:
                 self._hits.pop(identifier, None)
+                self._expires.pop(identifier, None)
+                used = self._used.pop(identifier, self._sweeps)
                 while len(self._hits) >= self.max_size:
                     self._forget(next(iter(self._hits)))  # oldest insertion first
-                self._hits[identifier] = tenant
-                self._expires[identifier] = started + self.ttl
-                self._used.setdefault(identifier, started)
+                # Keyed by the tenant's own copy of the slug (equal to `identifier`, which
+                # often is the request's): one string per cached tenant, not two.
+                key = tenant.identifier if tenant.identifier == identifier else identifier
+                self._hits[key] = tenant
+                self._expires[key] = started + self.ttl
+                self._used[key] = used
                 self._start_sweeper()
         elif self.negative_ttl > 0:
             _bounded_put(self._misses, identifier, started + self.negative_ttl, self.negative_max_size)
@@ -213,12 +221,13 @@ class TenantLookup:
             await asyncio.sleep(self.ttl / 4)
             now = monotonic()
             due = now + self.ttl / 2  # would expire before the sweep after next
-            idle = now - _KEEP_WARM * self.ttl
+            idle = self._sweeps - 4 * _KEEP_WARM  # sweeps run four times per TTL
+            self._sweeps += 1
             keep: list[str] = []
             for identifier, expires in list(self._expires.items()):
                 if expires > due:
                     continue
-                if self._used.get(identifier, 0.0) > idle:
+                if self._used.get(identifier, idle) > idle:
                     keep.append(identifier)
                 elif expires <= now:  # expired and idle: forget it
                     self._forget(identifier)
@@ -237,7 +246,8 @@ class TenantLookup:
             # First the versions alone (id, status, updated_at: one narrow query); whole
             # records only for the tenants whose version moved: in the steady state, none.
             versions = await self.store.get_versions(identifiers)
-            changed = self._confirm(identifiers, batch, versions, started)
+            expires = started + self.ttl  # one float for the whole batch
+            changed = self._confirm(identifiers, batch, versions, expires)
             found = await self.store.get_many(changed) if changed else {}
         except Exception as exc:  # an outage: the entries expire as they would have
             logger.debug("tenant cache refresh failed (%s: %s)", type(exc).__name__, exc)
@@ -253,10 +263,10 @@ class TenantLookup:
                 self._forget(identifier)
             else:  # read after `started`: no older than the versions were
                 self._hits[identifier] = tenant
-                self._expires[identifier] = started + self.ttl
+                self._expires[identifier] = expires
 
     def _confirm(
-        self, identifiers: list[str], batch: set[str], versions: dict[str, TenantVersion], started: float
+        self, identifiers: list[str], batch: set[str], versions: dict[str, TenantVersion], expires: float
     ) -> list[str]:
         """Renew the entries whose version is unchanged, drop those gone; return the changed ones."""
         changed: list[str] = []
@@ -271,7 +281,7 @@ class TenantLookup:
                 self._forget(identifier)
             elif seen == (current.id, current.status, current.updated_at):
                 # Unchanged: the cached object stays (no new long-lived objects), for longer.
-                self._expires[identifier] = started + self.ttl
+                self._expires[identifier] = expires
             else:
                 changed.append(identifier)
         return changed

@@ -173,7 +173,9 @@ async def touch_every_tenant(url: str, size: int, concurrency: int = 16) -> floa
             for index in queue:
                 response = await get(index)
                 if response.status_code != 200:
-                    raise RuntimeError(f"{slug(index)}: GET /orders answered {response.status_code}")
+                    raise RuntimeError(
+                        f"{slug(index)}: GET /orders answered {response.status_code}: {response.text[:300]}"
+                    )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - began

@@ -12,7 +12,11 @@ uniformly over all of them, in alternating rounds:
   the collector's reach.
 
 Per round: process CPU per request, the garbage collector's CPU time per request and its
-longest full (generation 2) pause, from `gc.callbacks`; medians over rounds.
+longest full (generation 2) pause, from `gc.callbacks`; medians over rounds. Before the
+rounds, after the warm-up: a full collection's pause (`gc.collect()`, median of 5) in
+that heap, as it is and frozen. A round starts from a collection, so short rounds may
+see no full pass at all (one comes once the objects that survived into the oldest
+generation since the last pass number a quarter of those there).
 
     .venv/bin/python benchmarks/gc_freeze.py --tenants 10000
 
@@ -81,6 +85,21 @@ async def rounds(module: Any, tenants: list[str], args: argparse.Namespace) -> d
         for start in range(0, len(tenants), 1000):  # every tenant once: all cached
             await drive(module.app, tenants[start : start + 1000], 1000, args.concurrency)
         await drive(module.app, tenants, args.requests, args.concurrency)  # warm-up
+        # A full collection's pause in this heap (the app, the library, the cached tenants),
+        # as it is and frozen: what each full pass costs a worker that is serving requests.
+        pauses: dict[str, float] = {}
+        for variant in ("plain", "frozen"):
+            gc.unfreeze()
+            gc.collect()
+            if variant == "frozen":
+                gc.freeze()
+            times = []
+            for _ in range(5):
+                began = time.perf_counter()
+                gc.collect()
+                times.append((time.perf_counter() - began) * 1e3)
+            pauses[variant] = statistics.median(times)
+            print(f"full collection {variant}: {pauses[variant]:.1f} ms ({len(gc.get_objects()):,} objects)")
         samples: dict[str, list[dict[str, float]]] = {"plain": [], "frozen": []}
         for index in range(args.rounds):
             for variant in ("plain", "frozen") if index % 2 == 0 else ("frozen", "plain"):
@@ -106,10 +125,13 @@ async def rounds(module: Any, tenants: list[str], args: argparse.Namespace) -> d
                 )
                 print(f"round {index + 1} {variant}: {samples[variant][-1]}", flush=True)
         gc.unfreeze()
-        return {
+        result: dict[str, Any] = {
             variant: {key: statistics.median(s[key] for s in values) for key in values[0]}
             for variant, values in samples.items()
-        } | {"rounds": samples}
+        }
+        for variant, pause in pauses.items():
+            result[variant]["full_collection_ms"] = pause
+        return result | {"rounds": samples}
     finally:
         await module.manager.close()
 
@@ -156,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{variant:7} CPU {r['cpu_us_per_request']:.0f} µs/request, "
             f"gc {r['gc_us_per_request']:.0f} µs/request, "
-            f"{r['full_collections']:.0f} full collections per round, longest {r['longest_full_ms']:.1f} ms"
+            f"{r['full_collections']:.0f} full collections per round, longest {r['longest_full_ms']:.1f} ms; "
+            f"a full collection after warm-up {r['full_collection_ms']:.1f} ms"
         )
     print(f"{args.tenants:,} tenants, load average {load:.1f} → {os.getloadavg()[0]:.1f}")
     return 0

@@ -15,9 +15,11 @@ from fastapi_tenancy.storage.base import TenantVersion, version_of
 TTL = 0.4  # sweeps every 0.1 s
 
 
-@pytest.fixture(autouse=True)
-def short_ttls_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, params=[10_000, 1], ids=["one-slice", "sliced"])
+def short_ttls_refresh(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     monkeypatch.setattr(lookup_module, "_MIN_REFRESH_TTL", 0.0)
+    # "sliced": the sweep yields to other tasks after every entry, as it does every 10,000.
+    monkeypatch.setattr(lookup_module, "_SWEEP_SLICE", request.param)
 
 
 class CountingStore(InMemoryTenantStore):

@@ -32,6 +32,9 @@ _V = TypeVar("_V")
 # showed in the p99 latency at 10,000 tenants. TTLs under _MIN_REFRESH_TTL seconds are
 # left to expire (a sweep every few milliseconds would cost more than it saves).
 _KEEP_WARM = 40
+# A sweep walks every entry: about 9 ms of CPU at 100,000 (measured), held in one go it
+# is a stall of every request in flight; slices of 10,000 keep each under a millisecond.
+_SWEEP_SLICE = 10_000
 _REFRESH_BATCH = 100
 _MIN_REFRESH_TTL = 2.0
 
@@ -228,13 +231,17 @@ class TenantLookup:
             idle = self._sweeps - 4 * _KEEP_WARM  # sweeps run four times per TTL
             self._sweeps += 1
             keep: list[str] = []
-            for identifier, expires in list(self._expires.items()):
-                if expires > due:
-                    continue
-                if self._used.get(identifier, idle) > idle:
-                    keep.append(identifier)
-                elif expires <= now:  # expired and idle: forget it
-                    self._forget(identifier)
+            entries = list(self._expires.items())
+            for start in range(0, len(entries), _SWEEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # requests run between the slices of a large cache
+                for identifier, expires in entries[start : start + _SWEEP_SLICE]:
+                    if expires > due:
+                        continue
+                    if self._used.get(identifier, idle) > idle:
+                        keep.append(identifier)
+                    elif expires <= now and self._expires.get(identifier) == expires:
+                        self._forget(identifier)  # expired and idle (and not read again meanwhile)
             if len(self._used) > len(self._hits):  # entries evicted by size or invalidated
                 for identifier in [i for i in self._used if i not in self._hits]:
                     del self._used[identifier]

@@ -6,6 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, create_tables, is_deadlock, unavailable_as_503
@@ -20,7 +21,7 @@ from ..errors import (
 )
 from ..tenant import Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
-from .base import TenantStore
+from .base import TenantStore, TenantVersion
 from .tables import domains_table, settings_table, table_problem, tenants_table
 
 __all__ = ["SQLAlchemyTenantStore"]
@@ -176,11 +177,24 @@ class SQLAlchemyTenantStore(TenantStore):
     async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
         if not identifiers:
             return {}
-        query = self.table.select().where(self.table.c.identifier.in_(list(identifiers)))
+        query = self.table.select().where(self._among(self.table.c.identifier, identifiers))
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             rows = (await conn.execute(query)).all()
         tenants = (self._tenant(row._mapping) for row in rows)
         return {tenant.identifier: tenant for tenant in tenants}
+
+    async def get_versions(self, identifiers: Sequence[str]) -> dict[str, TenantVersion]:
+        # Four narrow columns, no JSON and no `Tenant` built: what a refresh of an
+        # unchanged tenant costs.
+        if not identifiers:
+            return {}
+        c = self.table.c
+        query = sa.select(c.identifier, c.id, c.status, c.updated_at).where(
+            self._among(c.identifier, identifiers)
+        )
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
     async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
         wanted = list(dict.fromkeys(tenant_ids))
@@ -352,6 +366,15 @@ class SQLAlchemyTenantStore(TenantStore):
             )
         if result.rowcount == 0:
             raise DomainNotFoundError(f"{name} is not a domain of tenant id {tenant_id!r}")
+
+    def _among(self, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
+        # On PostgreSQL `= ANY(array)`: one bound parameter instead of one per value, which
+        # SQLAlchemy renders into the SQL text at every execution (a third of the CPU of a
+        # refresh batch's query), and one statement text whatever the batch's size, so one
+        # prepared statement. Elsewhere the usual IN list.
+        if self.engine.dialect.name == "postgresql":
+            return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+        return column.in_(list(values))
 
     async def _one(self, condition: sa.ColumnElement[bool]) -> Tenant | None:
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:

@@ -17,8 +17,11 @@ import re
 import time
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -57,6 +60,9 @@ class Worker:
         self.engine = create_engine(settings["url"], pool_size=1, max_overflow=0)
         self.alembic = Config(settings["ini"], ini_section=settings["section"])
         self.alembic.attributes[FLEET_ATTRIBUTE] = True
+        # Read once per process: `command.upgrade` would read the scripts directory and
+        # import every revision file again for each tenant.
+        self.script = ScriptDirectory.from_config(self.alembic)
         self.tables = ResultsTables(settings["results_schema"], mysql=settings.get("mysql", False))
 
     def migrate(
@@ -173,13 +179,21 @@ class Worker:
     def _alembic(
         self, connection: Connection, where: dict[str, str], direction: Direction, target: str
     ) -> None:
+        if ":" in target:  # as the commands say: a range is for --sql mode only
+            raise CommandError("Range revision not allowed")
         attributes = {CONNECTION_ATTRIBUTE: connection, **where}
         self.alembic.attributes.update(attributes)
-        try:
+        script = self.script
+
+        # What `command.upgrade` and `command.downgrade` do, on this process's scripts.
+        def steps(heads: Any, _context: MigrationContext) -> Any:
             if direction == "upgrade":
-                command.upgrade(self.alembic, target)
-            else:
-                command.downgrade(self.alembic, target)
+                return script._upgrade_revs(target, heads)
+            return script._downgrade_revs(target, heads)
+
+        try:
+            with EnvironmentContext(self.alembic, script, fn=steps, destination_rev=target):
+                script.run_env()
         finally:
             for key in attributes:
                 self.alembic.attributes.pop(key, None)

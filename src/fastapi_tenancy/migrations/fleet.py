@@ -82,6 +82,8 @@ __all__ = ["FleetMigrator"]
 
 _LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
 
+_VERSIONS_PER_QUERY = 1000  # schemas whose version tables one transaction reads (and locks)
+
 
 class FleetMigrator:
     """Migrates every tenant's schema (or database) with Alembic. One instance per command; not shared.
@@ -244,8 +246,15 @@ class FleetMigrator:
             by_table.setdefault(target.version_table, {})[label] = target.name
         async with self.engine.connect() as conn:
             for table, group in by_table.items():
-                found = await read_versions(conn, group.values(), version_table=table)
-                versions.update({label: found[name] for label, name in group.items() if name in found})
+                entries = list(group.items())
+                for start in range(0, len(entries), _VERSIONS_PER_QUERY):
+                    chunk = dict(entries[start : start + _VERSIONS_PER_QUERY])
+                    found = await read_versions(conn, chunk.values(), version_table=table)
+                    # Reading a version table locks it until the transaction ends: one
+                    # transaction over 10,000 tenants ran out of the server's lock table
+                    # ("out of shared memory", 64 locks x max_connections by default).
+                    await conn.commit()
+                    versions.update({label: found[name] for label, name in chunk.items() if name in found})
         return versions
 
     async def _spares(self) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 
 from .admin import TenantAdmin
 from .audit import SQLAuditWriter
@@ -21,11 +22,12 @@ from .errors import (
     ConfigurationError,
     ProvisioningError,
     TenancyError,
+    TenancyUnavailableError,
     TenantAlreadyExistsError,
     TenantChangedError,
     TenantInactiveError,
 )
-from .events import LifecycleEvent
+from .events import LifecycleEvent, TenantEvent
 from .provisioning import ProvisioningJob, ProvisioningPipeline
 from .storage.database import SQLAlchemyTenantStore
 from .tenant import Tenant, TenantStatus
@@ -102,19 +104,8 @@ class Registration:
         )
         admin.isolation.check(new)
         registered = admin.events.new_event(LifecycleEvent.REGISTERED, new)
-        audit = self._audit_in_registry()
-        registry = self._registry()
         try:
-            if registry is not None:
-                also: list[sa.Executable] = [] if audit is None else [audit.insert(registered)]
-                if not background and registry.engine.dialect.name == "postgresql":
-                    # The row reserves the slug; it is made durable by the activation's commit
-                    # in this database (the write-ahead log is flushed in order), or removed
-                    # if the registration fails: this commit need not wait for the disk.
-                    also.append(_NO_FLUSH)
-                tenant = await registry.create(new, also=also)
-            else:
-                tenant = await admin.store.create(new)
+            tenant, audited = await self._insert(new, registered, background=background)
         except TenantAlreadyExistsError as exc:
             holder = await admin.store.get_by_identifier(identifier)
             if holder is not None and holder.status is TenantStatus.DELETED:
@@ -129,11 +120,33 @@ class Registration:
         admin.lookup.invalidate(identifier)
         if background:
             await admin.announce(identifier)
-        await admin.events.deliver(registered, audited=audit is not None)
+        await admin.events.deliver(registered, audited=audited)
         if background:
             self.provisioning.start(identifier, lambda job: self._complete(tenant, app_metadata, job))
             return tenant
         return await self._complete(tenant, app_metadata)
+
+    async def _insert(self, new: Tenant, registered: TenantEvent, *, background: bool) -> tuple[Tenant, bool]:
+        """Store `new`, with its `registered` entry in one transaction where it can: (tenant, audited)."""
+        registry, audit = self._registry(), self._audit_in_registry()
+        if registry is None:
+            return await self.admin.store.create(new), False
+        also: list[sa.Executable] = [] if audit is None else [audit.insert(registered)]
+        if not background and registry.engine.dialect.name == "postgresql":
+            # The row reserves the slug; it is made durable by the activation's commit in
+            # this database (the write-ahead log is flushed in order), or removed if the
+            # registration fails: this commit need not wait for the disk.
+            also.append(_NO_FLUSH)
+        try:
+            return await registry.create(new, also=also), audit is not None
+        except (TenantAlreadyExistsError, TenancyUnavailableError):
+            raise
+        except sa_exc.SQLAlchemyError:
+            if audit is None:
+                raise
+            # An audit entry that cannot be written never fails a change (LifecycleEvents.emit):
+            # the row alone, and the entry written the usual way, its failure logged.
+            return await registry.create(new), False
 
     def _registry(self) -> SQLAlchemyTenantStore | None:
         """The registry, when it takes other statements into its transactions (`also=`)."""
@@ -167,7 +180,9 @@ class Registration:
         also = [audit.insert(record)] if notice is None else [audit.insert(record), notice]
         try:
             active = await registry.update(after, expected=tenant, also=also)
-        except TenantChangedError:
+        except (TenantChangedError, sa_exc.SQLAlchemyError):
+            # Changed since (a delete wins), or an entry that cannot be written (which must not
+            # fail the change): the general path, with the entry in a transaction of its own.
             return await admin.change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
         except BaseException:
             await admin.announce(identifier)  # whatever the outcome, as `TenantAdmin.change`

@@ -2,7 +2,8 @@
 
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from typing import Annotated, Any, TypeVar, overload
 
 from fastapi import Depends, HTTPException
@@ -13,7 +14,7 @@ from starlette.types import Scope
 from .context import current_tenant_or_none
 from .errors import TenantMismatchError, TenantResolutionError
 from .manager import TenancyManager
-from .middleware import release_when_response_is_ready
+from .middleware import close_with_request
 from .resolution.claims import verified_token
 from .tenant import Tenant
 
@@ -73,15 +74,15 @@ _Session = TypeVar("_Session", bound=AsyncSession)
 @overload
 def make_tenant_db_dependency(
     manager: TenancyManager,
-) -> Callable[[HTTPConnection], AsyncIterator[AsyncSession]]: ...
+) -> Callable[[HTTPConnection], Awaitable[AsyncSession]]: ...
 @overload
 def make_tenant_db_dependency(
     manager: TenancyManager, *, session_class: type[_Session]
-) -> Callable[[HTTPConnection], AsyncIterator[_Session]]: ...
+) -> Callable[[HTTPConnection], Awaitable[_Session]]: ...
 def make_tenant_db_dependency(
     manager: TenancyManager, *, session_class: type[AsyncSession] = AsyncSession
-) -> Callable[[HTTPConnection], AsyncIterator[Any]]:
-    """A dependency yielding an `AsyncSession` that reaches only the request tenant's data.
+) -> Callable[[HTTPConnection], Awaitable[Any]]:
+    """A dependency giving an `AsyncSession` that reaches only the request tenant's data.
 
         get_db = make_tenant_db_dependency(manager)
 
@@ -97,7 +98,10 @@ def make_tenant_db_dependency(
     before the response is sent (see `TenancyMiddleware`); a streaming response keeps
     it until its last chunk, and so does a route where a yield dependency of FastAPI's
     default ("request") scope takes the session: that dependency may still use it after
-    the response (commit after its `yield`).
+    the response (commit after its `yield`). It is a plain `async def` dependency, not a
+    `yield` one (FastAPI wraps each of those in context managers and a cancel scope, on
+    every request): `TenancyMiddleware` closes the session, or, without the middleware,
+    FastAPI's exit stack when the request ends.
 
     Routes that use it are `async def`: a `def` route runs in a thread, where the
     session's methods return coroutines nobody awaits, so its request fails with a
@@ -108,7 +112,7 @@ def make_tenant_db_dependency(
     # (by id: an endpoint may be unhashable; kept, so that their ids are not reused).
     checked: dict[tuple[int, int], tuple[object, object, bool]] = {}
 
-    async def get_tenant_db(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
+    async def get_tenant_db(connection: HTTPConnection) -> AsyncSession:
         scope = connection.scope
         route, endpoint = scope.get("route"), scope.get("endpoint")
         known = checked.get((id(route), id(endpoint)))
@@ -122,12 +126,25 @@ def make_tenant_db_dependency(
         # `manager.session()`: nothing but the session itself on the request path.
         tenant = await get_current_tenant()
         session = await manager.isolation.session(tenant, session_class=session_class)
-        async with session:
-            if known[2]:
-                release_when_response_is_ready(scope, session)
-            yield session
+        # A plain dependency, not a `yield` one: the middleware closes the session (FastAPI
+        # wraps each yield dependency in context managers and a cancel scope, a cost on
+        # every request); without the middleware, FastAPI's exit stack of the request.
+        if not close_with_request(scope, session, early=known[2]):
+            _close_at_exit(scope, session)
+        return session
 
     return get_tenant_db
+
+
+def _close_at_exit(scope: Scope, session: AsyncSession) -> None:
+    """Close `session` with FastAPI's exit stack of the request (no `TenancyMiddleware`)."""
+    stack = scope.get("fastapi_inner_astack")
+    if not isinstance(stack, AsyncExitStack):
+        raise RuntimeError(
+            "make_tenant_db_dependency() is a FastAPI dependency: take it with Depends() in a "
+            "route of a FastAPI app (with TenancyMiddleware), or use `manager.session(tenant)`"
+        )
+    stack.push_async_callback(session.close)
 
 
 def _used_after_the_response(route: object, dependency: Callable[..., Any]) -> bool:

@@ -1,5 +1,6 @@
 """`TenancyMiddleware`: resolves the tenant of every HTTP and WebSocket request."""
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -14,8 +15,9 @@ from .context import reset_current_tenant, set_current_tenant
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 from .openapi import tenant_openapi
+from .tenant import Tenant
 
-__all__ = ["TenancyMiddleware", "path_covers", "release_when_response_is_ready"]
+__all__ = ["TenancyMiddleware", "close_with_request", "path_covers"]
 
 logger = logging.getLogger("fastapi_tenancy")
 
@@ -88,55 +90,91 @@ class TenancyMiddleware:
         self._gate = None if cap is None else TenantConcurrencyGate(cap, config.tenant_concurrency_wait)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
         docs = self._docs(scope)
-        if self.openapi and path == self._openapi_url and scope["type"] == "http":
+        if self.openapi and path == self._openapi_url and kind == "http":
             send = _with_body(send, self._document)
             # A compressing middleware inside this one would hide the JSON from us; one
             # outside it still compresses what we send.
             headers = [header for header in scope["headers"] if header[0] != b"accept-encoding"]
             scope = {**scope, "headers": headers}
-        if (self.exclude_docs and path in docs) or any(path_covers(p, path) for p in self.excluded_paths):
+        gate = None
+        tenant: Tenant | None
+        if (self.exclude_docs and path in docs) or self._excluded(path):
             # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
             # starts a pipelined request's task inside the previous request's context, while
             # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
-            token = set_current_tenant(None)
+            tenant = None
+        else:
+            limiter = self.manager.rate_limiter
             try:
-                await _call(self.app, scope, receive, send)
-            finally:
-                reset_current_tenant(token)
-            return
-        limiter = self.manager.rate_limiter
-        try:
-            tenant = await self.manager.resolve(HTTPConnection(scope))
-            # Right after resolution: a refused request costs no app work at all.
-            decision = None if limiter is None else await limiter.check(tenant)
-        except TenancyError as exc:
-            await _refuse(scope, send, exc)
-            return
-        # The strategy may show the app a rewritten scope (the path strategy moves the
-        # tenant's segment into root_path); every other strategy hands it on as is.
-        scope = self.manager.resolver.app_scope(scope)
-        if decision is not None and scope["type"] == "http":
-            send = _with_headers(send, decision.headers())
-        scope.setdefault("state", {})["tenant"] = tenant
-        gate = self._gate if scope["type"] == "http" else None
-        if gate is not None:
-            try:
-                await gate.acquire(tenant)
+                tenant = await self.manager.resolve(HTTPConnection(scope))
+                # Right after resolution: a refused request costs no app work at all.
+                decision = None if limiter is None else await limiter.check(tenant)
             except TenancyError as exc:
                 await _refuse(scope, send, exc)
                 return
+            # The strategy may show the app a rewritten scope (the path strategy moves the
+            # tenant's segment into root_path); every other strategy hands it on as is.
+            scope = self.manager.resolver.app_scope(scope)
+            if decision is not None and kind == "http":
+                send = _with_headers(send, decision.headers())
+            gate = self._gate if kind == "http" else None
+            if gate is not None:
+                try:
+                    await gate.acquire(tenant)
+                except TenancyError as exc:
+                    await _refuse(scope, send, exc)
+                    return
+        # The tenant sessions of this request (`close_with_request`): (session, early).
+        sessions: list[tuple[AsyncSession, bool]] = []
+        if tenant is not None:
+            state = scope.setdefault("state", {})
+            state["tenant"] = tenant
+            state[_SESSIONS] = sessions
+        started = False
+
+        # One frame for the whole request (no helper coroutine between this one and the
+        # app): every await of the app resumes through each frame above it.
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = True
+            if sessions and message["type"] in _LAST_MESSAGES and not message.get("more_body", False):
+                await _close(sessions, early_only=True)
+            await send(message)
+
         token = set_current_tenant(tenant)
         try:
-            await _call(self.app, scope, receive, send)
+            await self.app(scope, receive, send_tracking)
+        except TenancyError as exc:
+            if started:
+                raise
+            await _refuse(scope, send, exc)
+        except Exception as exc:
+            if started:
+                raise
+            error = _unavailable(exc)
+            if error is None:
+                raise
+            await _refuse(scope, send, error)
         finally:
+            if sessions:
+                # What the response did not release: sessions that a yield dependency
+                # still used after it, a WebSocket's, or those of a request that failed.
+                await _close(sessions, early_only=False)
             reset_current_tenant(token)
-            if gate is not None:
+            if gate is not None and tenant is not None:
                 gate.release(tenant)
+
+    def _excluded(self, path: str) -> bool:
+        for prefix in self.excluded_paths:
+            if path_covers(prefix, path):
+                return True
+        return False
 
     def _docs(self, scope: Scope) -> frozenset[str]:
         if self._docs_paths is None:
@@ -225,60 +263,50 @@ def _with_body(send: Send, rewrite: Callable[[bytes], bytes]) -> Send:
     return send_rewritten
 
 
-def release_when_response_is_ready(scope: Scope, session: AsyncSession) -> None:
-    """Close `session` once the response of the HTTP request `scope` is ready to send.
+def close_with_request(scope: Scope, session: AsyncSession, *, early: bool) -> bool:
+    """Have `TenancyMiddleware` close `session` when the request `scope` is done with it.
 
-    The connection goes back to the pool before the response travels to the client:
-    a `yield` dependency would otherwise hold it until the client has read the whole
-    response, so that once clients outnumber the pool, requests also wait on each
-    other's network writes. A streaming response releases it before its last chunk.
-    Without `TenancyMiddleware` nothing happens early (the dependency's exit closes it).
+    `early`: once the HTTP response is ready to send, before it travels to the client (a
+    `yield` dependency would otherwise hold the connection until the client has read the
+    whole response, so that once clients outnumber the pool, requests also wait on each
+    other's network writes); a streaming response releases it before its last chunk.
+    Otherwise, and for WebSockets, when the request ends. Closing rolls back what is
+    uncommitted. False when no `TenancyMiddleware` runs this request (nothing was done).
     """
-    if scope["type"] == "http":
-        scope.setdefault("state", {}).setdefault(_SESSIONS, []).append(session)
+    state = scope.get("state")
+    sessions = None if state is None else state.get(_SESSIONS)
+    if sessions is None:
+        return False
+    sessions.append((session, early and scope["type"] == "http"))
+    return True
 
 
-async def _release(scope: Scope) -> None:
-    sessions = scope.get("state", {}).pop(_SESSIONS, None)
-    for session in sessions or ():
+async def _close(sessions: list[tuple[AsyncSession, bool]], *, early_only: bool) -> None:
+    kept = []
+    for session, early in sessions:
+        if early_only and not early:
+            kept.append((session, early))
+            continue
         try:
-            # Rolls back what the route left uncommitted, as the dependency's exit would.
-            await session.close()
+            # Rolls back what the route left uncommitted, as the dependency's exit would;
+            # shielded at the end of a request, which may be ending by cancellation.
+            await (session.close() if early_only else asyncio.shield(session.close()))
         except Exception:  # the response is ready: send it; the pool drops a broken connection
-            logger.warning("closing a tenant session before its response failed", exc_info=True)
+            logger.warning("closing a tenant session failed", exc_info=True)
+    sessions[:] = kept
 
 
-async def _call(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run the app; a tenancy error or a database outage before the response starts is refused."""
-    started = False
-
-    async def send_tracking(message: Message) -> None:
-        nonlocal started
-        started = True
-        if message["type"] in _LAST_MESSAGES and not message.get("more_body", False):
-            await _release(scope)
-        await send(message)
-
-    try:
-        await app(scope, receive, send_tracking)
-    except TenancyError as exc:
-        if started:
-            raise
-        await _refuse(scope, send, exc)
-    except Exception as exc:
-        if started:
-            raise
-        if is_outage(exc):
-            await _refuse(scope, send, TenancyUnavailableError(f"database unavailable: {type(exc).__name__}"))
-        elif is_query_timeout(exc):
-            # Retryable like an outage, but told apart from "no connection to be had".
-            error = TenancyUnavailableError("database query timed out", detail="Database query timed out")
-            await _refuse(scope, send, error)
-        elif is_result_type_change(exc):
-            # The driver dropped its cached statements: a retry succeeds.
-            await _refuse(scope, send, TenancyUnavailableError("tables changed under a cached statement"))
-        else:
-            raise
+def _unavailable(exc: Exception) -> TenancyError | None:
+    """The refusal for an app error raised before its response started, or None (re-raise)."""
+    if is_outage(exc):
+        return TenancyUnavailableError(f"database unavailable: {type(exc).__name__}")
+    if is_query_timeout(exc):
+        # Retryable like an outage, but told apart from "no connection to be had".
+        return TenancyUnavailableError("database query timed out", detail="Database query timed out")
+    if is_result_type_change(exc):
+        # The driver dropped its cached statements: a retry succeeds.
+        return TenancyUnavailableError("tables changed under a cached statement")
+    return None
 
 
 async def _refuse(scope: Scope, send: Send, exc: TenancyError) -> None:

@@ -7,6 +7,8 @@ is made, and removes the old copy when asked. Applications reach it through
 """
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -40,22 +42,21 @@ class TierMoves:
     ) -> Tenant:
         """Move a live tenant to another tier (hybrid isolation): copy, then switch atomically.
 
-        Copies the rows of `app_metadata`'s tables into the new tier while holding
-        the tenant's writes (see `HybridIsolation.move`), then switches the stored
+        Copies the rows of `app_metadata`'s tables into the new tier, then holds the
+        tenant's writes while it switches (see `HybridIsolation.move`: into and out of
+        the database tier the copy is made while they go on), then switches the stored
         tier with a compare-and-set; this process routes the tenant to the new tier
         at once, others when their cache expires (`cache_ttl`), answering 503 or
         failing in between, never serving the old copy. The old copy is kept until
         `remove_old_copy`. Raises `TenantChangedError` if the tenant was moved or
         deleted meanwhile.
 
-        `maintenance=True` holds the tenant in maintenance for the whole move: every
-        worker answers its requests 503 with `Retry-After` (not only this process's
-        writers wait), and it is active again when the move ends, moved or not. A
-        tenant an operator put in maintenance beforehand can be moved too.
+        `maintenance=True` holds the tenant in maintenance while its writes are held
+        and the tier is switched: every worker answers its requests 503 with
+        `Retry-After` (not only this process's writers wait), and it is active again
+        when the move ends, moved or not. A tenant an operator put in maintenance
+        beforehand can be moved too.
         """
-        if maintenance:
-            async with self.maintenance.maintenance(tenant) as held:
-                return await self.move_tenant(held, tier, app_metadata=app_metadata)
         isolation = self.admin.isolation
         current = await self.admin.current(tenant)
         if current.status not in (TenantStatus.ACTIVE, TenantStatus.MAINTENANCE):
@@ -66,9 +67,23 @@ class TierMoves:
                 raise TenantChangedError(f"tenant {stored.identifier!r} changed during the move")
             return stored.with_tier(tier)
 
-        with isolation.moving(current):
-            await isolation.move(current, tier, app_metadata)
-            moved = await self.admin.change(current.identifier, switch)
+        switched: list[Tenant] = []
+
+        @asynccontextmanager
+        async def holding() -> AsyncIterator[None]:
+            # While the writes are held and the tier switched: 503 in this process, and in
+            # every worker when in maintenance.
+            async with AsyncExitStack() as held:
+                if maintenance:
+                    await held.enter_async_context(self.maintenance.maintenance(current))
+                held.enter_context(isolation.moving(current))
+                yield
+
+        async def registry() -> None:
+            switched.append(await self.admin.change(current.identifier, switch))
+
+        await isolation.move(current, tier, app_metadata, holding=holding, switch=registry)
+        moved = switched[0]
         logger.info("moved tenant %s from tier %s to %s", current.identifier, current.tier, tier)
         if self.stamper is not None:
             # The new copy was made from app_metadata: at head, like a registration. The

@@ -3,8 +3,8 @@
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
@@ -271,8 +271,21 @@ class Isolation(ABC):
         """
         raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
 
-    async def move(self, tenant: Tenant, target: str, metadata: sa.MetaData) -> None:
-        """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default."""
+    async def move(
+        self,
+        tenant: Tenant,
+        target: str,
+        metadata: sa.MetaData,
+        *,
+        holding: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        switch: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Copy `tenant`'s data into tier `target` (see `HybridIsolation.move`); refused by default.
+
+        `holding()` is entered just before the tenant's writes are held, and left when the
+        move fails or has switched; `switch` runs inside it once the old copy is fenced
+        off (switch the registry there).
+        """
         raise ConfigurationError("moving tenants between tiers needs isolation_strategy='hybrid'")
 
     async def remove_old_copy(self, tenant: Tenant) -> None:

@@ -1,7 +1,7 @@
 """`HybridIsolation`: each tenant in the tier chosen for it, and moves between tiers."""
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +15,7 @@ from ._incarnation import drop_schema
 from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
 from .database import DatabaseIsolation
-from .moves import move_database_tier
+from .moves import Hooks, move_database_tier
 from .moves import old_schema_name as _old_copy_name
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
@@ -150,17 +150,30 @@ class HybridIsolation(Isolation):
         finally:
             self._moving.discard(tenant.id)
 
-    async def move(self, tenant: Tenant, target: str, metadata: sa.MetaData) -> None:
+    async def move(
+        self,
+        tenant: Tenant,
+        target: str,
+        metadata: sa.MetaData,
+        *,
+        holding: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+        switch: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Copy `tenant`'s rows (the tables of `metadata`) into tier `target`; fence the old copy.
 
-        Call through `TenancyManager.move_tenant`, which then switches the registry.
-        From RLS: new transactions of the tenant wait for none and answer 503 while
-        the copy runs, in-flight ones finish first; afterwards RLS sessions of it
+        Call through `TenancyManager.move_tenant`, which switches the registry (`switch`).
+        While the writes are held: from RLS, new transactions of the tenant wait for
+        none and answer 503, in-flight ones finish first; afterwards RLS sessions of it
         answer 503 (other processes until their cache sees the new tier). From a
-        schema: writes wait while the copy runs (reads go on); the schema is then
-        renamed to `<name>_`, where stale sessions find nothing. The old copy stays
-        until `remove_old_copy`. Every write committed before the switch is copied.
+        schema: writes wait (reads go on); the schema is then renamed to `<name>_`,
+        where stale sessions find nothing. Between rls and schema the writes are held
+        for the whole copy; into and out of the database tier only to catch up and
+        switch (`moves.py`). `holding()` is entered just before the hold and left when
+        the move fails or has switched; `switch` runs inside it once the old copy is
+        fenced off (switch the registry there). The old copy stays until
+        `remove_old_copy`. Every write committed before the switch is copied.
         """
+        hooks = Hooks(holding or nullcontext, switch or _nothing)
         source = self.tier(tenant)
         destination = self.tiers.get(target)
         if destination is None:
@@ -168,11 +181,15 @@ class HybridIsolation(Isolation):
         if destination is source:
             raise ConfigurationError(f"tenant {tenant.identifier!r} is already in tier {target!r}")
         if isinstance(source, DatabaseIsolation) or isinstance(destination, DatabaseIsolation):
-            await move_database_tier(tenant, source, destination, metadata, self.column)
+            await move_database_tier(tenant, source, destination, metadata, self.column, hooks=hooks)
         elif isinstance(source, RLSIsolation) and isinstance(destination, SchemaIsolation):
-            await self._rls_to_schema(tenant, source, destination, metadata)
+            async with hooks.holding():  # held for the whole copy: one INSERT ... SELECT per table
+                await self._rls_to_schema(tenant, source, destination, metadata)
+                await hooks.switch()
         elif isinstance(source, SchemaIsolation) and isinstance(destination, RLSIsolation):
-            await self._schema_to_rls(tenant, source, destination, metadata)
+            async with hooks.holding():
+                await self._schema_to_rls(tenant, source, destination, metadata)
+                await hooks.switch()
         else:
             raise ConfigurationError(
                 f"moving from {type(source).__name__} to {type(destination).__name__} is not supported"
@@ -261,6 +278,10 @@ class HybridIsolation(Isolation):
             elif isinstance(isolation, DatabaseIsolation):
                 # The database keeps its name when its tenant moves out (moves.py).
                 await isolation.destroy(tenant)
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _advance_sequences(conn: AsyncConnection, schema: str, tables: list[sa.Table]) -> None:

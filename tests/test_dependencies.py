@@ -305,3 +305,43 @@ async def test_sync_orm_code_runs_in_run_sync_on_the_tenants_session(
                 response = await client.get("/run-sync/orders", headers={"X-Tenant-ID": tenant})
                 assert response.json() == list(rows.values()), response.text
     assert checkouts.out == 0
+
+
+async def test_without_the_middleware_the_session_ends_with_the_request(
+    manager: TenancyManager, checkouts: Checkouts
+) -> None:
+    """`override_tenant` tests run the app without `TenancyMiddleware`: FastAPI's exit stack
+    of the request closes the session (a plain dependency, not a `yield` one)."""
+    from starlette.requests import Request
+
+    from fastapi_tenancy.testing import override_tenant
+
+    get_db = make_tenant_db_dependency(manager)
+    app = FastAPI()
+
+    @app.post("/orders/{key}")
+    async def add(key: int, session: Annotated[AsyncSession, Depends(get_db)], commit: bool = True) -> int:
+        session.add(Order(id=key, description=f"new-{key}"))
+        await (session.commit() if commit else session.flush())
+        return checkouts.out
+
+    transport = httpx.ASGITransport(app=app)
+    with override_tenant(app, await manager.get_tenant("alpha")):
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.post("/orders/11")).json() == 0  # committed: given back already
+            assert (await client.post("/orders/12?commit=false")).json() == 1  # held to the end
+    assert checkouts.out == 0
+    async with manager.session(await manager.get_tenant("alpha")) as session:
+        rows = (await session.execute(sa.select(Order.id).order_by(Order.id))).scalars().all()
+    assert rows == [1, 2, 11]  # 12 was never committed: rolled back when the request ended
+
+    # Outside a FastAPI request there is no one to close it: refused, nothing opened.
+    from fastapi_tenancy.context import reset_current_tenant, set_current_tenant
+
+    token = set_current_tenant(await manager.get_tenant("alpha"))
+    try:
+        with pytest.raises(RuntimeError, match="Depends"):
+            await get_db(Request({"type": "http", "headers": [], "state": {}}))
+    finally:
+        reset_current_tenant(token)
+    assert checkouts.out == 0

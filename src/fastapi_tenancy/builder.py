@@ -263,6 +263,8 @@ def _isolation(
             cluster=CitusCluster(engine, mode=config.database_cluster),
         )
     assert owner_engine is not None  # the config requires it for rls and hybrid
+    # One cluster for both tiers of hybrid: the tenant schemas and the shared tables.
+    cluster = CitusCluster(owner_engine, mode=config.database_cluster)
     rls = RLSIsolation(
         engine,
         owner_engine,
@@ -270,6 +272,7 @@ def _isolation(
         namespace=config.rls_setting_namespace,
         prefix=config.schema_prefix,
         max_cached_binds=config.cache_max_size,
+        cluster=cluster,
     )
     if config.isolation_strategy == "rls":
         return rls
@@ -281,7 +284,7 @@ def _isolation(
         ddl_engine=owner_engine,
         shared_statements=config.schema_shared_statements,
         tenant_roles=config.schema_tenant_roles,
-        cluster=CitusCluster(owner_engine, mode=config.database_cluster),
+        cluster=cluster,
     )
     # The database tier's databases are created, and served, by the owner role: the
     # application role needs no CREATEDB, and reaches no tenant database by itself.

@@ -404,12 +404,13 @@ class TenancyConfig(BaseSettings):
     # -- scaling out: a Citus cluster -------------------------------------------------------
 
     database_cluster: Literal["auto", "citus", "none"] = "auto"
-    """PostgreSQL schema isolation (and hybrid's schema tier) on a Citus cluster
+    """PostgreSQL schema, row-level security and hybrid isolation on a Citus cluster
     (docs/scaling-out.md): `auto` looks for the `citus` extension in `database_url`'s
     database at `initialize()` and, when it is there, creates each tenant's schema as a
-    distributed schema, placed whole on one worker node; `citus` requires the extension
+    distributed schema, placed whole on one worker node, and distributes row-level
+    security's shared tables by the tenant column; `citus` requires the extension
     (`initialize()` refuses to start without it, and `doctor` fails); `none` never
-    distributes tenant schemas."""
+    distributes anything."""
 
     @field_validator("database_url")
     @classmethod
@@ -552,10 +553,10 @@ class TenancyConfig(BaseSettings):
             raise ValueError(
                 f"database_cluster: Citus is a PostgreSQL extension, but database_url is {backend}"
             )
-        if self.database_cluster == "citus" and self.isolation_strategy not in ("schema", "hybrid"):
+        if self.database_cluster == "citus" and self.isolation_strategy == "database":
             raise ValueError(
-                "database_cluster: the library distributes tenant schemas (isolation_strategy 'schema' "
-                f"or 'hybrid'), not {self.isolation_strategy!r} storage"
+                "database_cluster: the library distributes tenant schemas and row-level security's "
+                "shared tables (isolation_strategy 'schema', 'rls' or 'hybrid'), not a database per tenant"
             )
         return self
 

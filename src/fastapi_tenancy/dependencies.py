@@ -124,7 +124,9 @@ def make_tenant_db_dependency(
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
         # `manager.session()`: nothing but the session itself on the request path.
-        tenant = await get_current_tenant()
+        tenant = current_tenant_or_none() or _overridden_tenant(scope)
+        if tenant is None:
+            raise HTTPException(status_code=400, detail=TenantResolutionError.detail)
         session = await manager.isolation.session(tenant, session_class=session_class)
         # A plain dependency, not a `yield` one: the middleware closes the session (FastAPI
         # wraps each yield dependency in context managers and a cancel scope, a cost on
@@ -134,6 +136,15 @@ def make_tenant_db_dependency(
         return session
 
     return get_tenant_db
+
+
+def _overridden_tenant(scope: Scope) -> Tenant | None:
+    """The tenant of `testing.override_tenant` on the app of `scope`, for a route that takes no
+    `CurrentTenant` (whose override would otherwise have set the current tenant)."""
+    overrides = getattr(scope.get("app"), "dependency_overrides", None)
+    override = overrides.get(get_current_tenant) if overrides else None
+    tenant = getattr(override, "overridden_tenant", None)
+    return tenant if isinstance(tenant, Tenant) else None
 
 
 def _close_at_exit(scope: Scope, session: AsyncSession) -> None:

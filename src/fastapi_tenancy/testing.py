@@ -167,6 +167,7 @@ def override_tenant(app: FastAPI, tenant: Tenant) -> Iterator[Tenant]:
         finally:
             reset_current_tenant(token)
 
+    as_tenant.overridden_tenant = tenant  # type: ignore[attr-defined]  # read by make_tenant_db_dependency
     overrides = app.dependency_overrides
     missing = object()
     previous = overrides.get(get_current_tenant, missing)

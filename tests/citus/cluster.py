@@ -146,6 +146,12 @@ async def _with_citus(port: int, name: str) -> None:
         # copy to catch up to pg_current_wal_lsn(), the WAL *written*, which an asynchronous
         # commit may not have reached yet: writes committed in that window would be lost.
         await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit TO on')
+        # Moving a row-level security tenant splits its shard online with Citus' own logical
+        # decoding plugin, which PostgreSQL releases with this setting refuse unless listed.
+        plugins = await conn.fetchval("SELECT current_setting('output_plugin_libraries', true)")
+        if plugins is not None and "citus" not in plugins.split(", "):
+            await conn.execute(f"ALTER SYSTEM SET output_plugin_libraries = {plugins}, citus")
+            await conn.execute("SELECT pg_reload_conf()")
     finally:
         await conn.close()
 

@@ -25,13 +25,11 @@ class Roles:
     admin_url: str  # the superuser (postgres), for setup and for the refusal tests
 
 
-@pytest.fixture
-async def roles(postgres_url: str) -> AsyncIterator[Roles]:
-    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+async def _make_roles(url: str) -> Roles:
     suffix = uuid.uuid4().hex[:10]
     owner, app = f"ft_owner_{suffix}", f"ft_app_{suffix}"
-    database = make_url(postgres_url).database
-    admin = await _postgres_admin(postgres_url)
+    database = make_url(url).database
+    admin = await _postgres_admin(url)
     try:
         await admin.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS')
         await admin.execute(f'CREATE ROLE "{app}" LOGIN NOSUPERUSER NOBYPASSRLS')
@@ -39,14 +37,22 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
         await admin.execute(f'GRANT CREATE, USAGE ON SCHEMA public TO "{owner}"')
     finally:
         await admin.close()
-    url = make_url(postgres_url)
-    yield Roles(
-        owner_url=url.set(username=owner).render_as_string(hide_password=False),
-        app_url=url.set(username=app).render_as_string(hide_password=False),
+    parsed = make_url(url)
+    return Roles(
+        owner_url=parsed.set(username=owner).render_as_string(hide_password=False),
+        app_url=parsed.set(username=app).render_as_string(hide_password=False),
         owner=owner,
         app=app,
-        admin_url=postgres_url,
+        admin_url=url,
     )
+
+
+@pytest.fixture
+async def roles(postgres_url: str) -> AsyncIterator[Roles]:
+    """An owner role (CREATE on the database and `public`) and an application role (nothing)."""
+    made = await _make_roles(postgres_url)
+    owner, app = made.owner, made.app
+    yield made
     admin = await _postgres_admin(postgres_url)
     try:
         await admin.execute(
@@ -62,6 +68,25 @@ async def roles(postgres_url: str) -> AsyncIterator[Roles]:
         await admin.execute(f'DROP ROLE "{app}"')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def citus_roles(citus_url: str) -> Roles:
+    """`roles` in a database of the Citus cluster, on every node.
+
+    Citus repeats CREATE ROLE and GRANT ... ON DATABASE of the coordinator on the workers;
+    the grant on `public` is run on each worker too, where the owner role creates shards.
+    Nothing is dropped afterwards: the cluster, and its roles, last one test session.
+    """
+    made = await _make_roles(citus_url)
+    admin = await _postgres_admin(citus_url)
+    try:
+        await admin.execute(
+            "SELECT run_command_on_workers($1)", f'GRANT CREATE, USAGE ON SCHEMA public TO "{made.owner}"'
+        )
+    finally:
+        await admin.close()
+    return made
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 the distributed schemas of a Citus coordinator with two workers, on
 SQLite files, on a database per tenant on PostgreSQL and MariaDB (a pool of one per
 tenant), on shared tables under row-level security (as a plain application role) and on
-hybrid tiers (alpha in a schema, beta in the shared tables). Every request must see its
-own tenant's rows and nothing else."""
+hybrid tiers (alpha in a schema, beta in the shared tables), the last two on one server
+and on the Citus cluster (the shared tables distributed by the tenant column). Every
+request must see its own tenant's rows and nothing else."""
 
 import asyncio
 import itertools
@@ -108,6 +109,9 @@ SHARED_TABLES = ("rls", "hybrid")
 HYBRID_DATABASE = "hybrid-database"
 # Schemas, each tenant's transactions running as its own role (schema_tenant_roles).
 TENANT_ROLES = "postgres-roles"
+# Row-level security and hybrid on the Citus coordinator: the shared tables distributed by
+# the tenant column over two workers (hybrid: alpha's schema distributed, beta in them).
+CITUS_SHARED = ("citus-rls", "citus-hybrid")
 
 
 def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, Any]]:
@@ -120,6 +124,9 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     if name == TENANT_ROLES:
         roles_: Roles = request.getfixturevalue("tenant_roles")
         return roles_.app_url, {"database_owner_url": roles_.owner_url, "schema_tenant_roles": True}
+    if name in CITUS_SHARED:
+        on_citus: Roles = request.getfixturevalue("citus_roles")
+        return on_citus.app_url, shared_settings(on_citus, name.removeprefix("citus-"))
     roles: Roles = request.getfixturevalue("roles")
     if name == HYBRID_DATABASE:
         settings = {**shared_settings(roles, "hybrid"), "database_tenant_pool_size": 1}
@@ -127,7 +134,7 @@ def _setup(request: pytest.FixtureRequest, name: str) -> tuple[str, dict[str, An
     return roles.app_url, shared_settings(roles, name)
 
 
-@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES])
+@pytest.fixture(params=[*STORAGE_SETUPS, *SHARED_TABLES, HYBRID_DATABASE, TENANT_ROLES, *CITUS_SHARED])
 def setup(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     return _setup(request, request.param)
 

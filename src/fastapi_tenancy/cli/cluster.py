@@ -12,6 +12,7 @@ import typer
 
 from ..errors import ConfigurationError
 from ..isolation.citus import CitusCluster, Move, TransferMode
+from ..isolation.citus_rls import CitusTables
 from ..manager import TenancyManager
 from ..tenant import Tenant
 from .base import out, print_rows, run_with_manager, state
@@ -52,16 +53,23 @@ def _cluster(manager: TenancyManager, tenant: Tenant | None = None) -> CitusClus
 
 
 async def tenant_nodes(manager: TenancyManager, tenants: Iterable[Tenant]) -> dict[str, str]:
-    """`identifier -> host:port` of the node holding each tenant's schema, for those on a cluster."""
+    """`identifier -> host:port` of the node holding each tenant's schema (or, under row-level
+    security, its rows), for those on a cluster."""
     wanted: dict[CitusCluster, dict[str, str]] = {}  # cluster -> schema -> identifier
+    sharded: dict[CitusTables, dict[str, str]] = {}  # shared tables -> tenant id -> identifier
     for tenant in tenants:
         part = manager.isolation.serving(tenant)
-        if part.cluster is not None and part.cluster.active:
+        if part.shards is not None and part.shards.active:
+            sharded.setdefault(part.shards, {})[tenant.id] = tenant.identifier
+        elif part.cluster is not None and part.cluster.active:
             wanted.setdefault(part.cluster, {})[part.storage_name(tenant.identifier)] = tenant.identifier
     nodes: dict[str, str] = {}
     for cluster, schemas in wanted.items():
         for schema, node in (await cluster.placements(list(schemas))).items():
             nodes[schemas[schema]] = node
+    for shards, ids in sharded.items():
+        for tenant_id, node in (await shards.placements(list(ids))).items():
+            nodes[ids[tenant_id]] = node
     return nodes
 
 
@@ -76,11 +84,23 @@ def tenants_move(
     identifier: str,
     to: Annotated[str, typer.Option("--to", help="The node to move to, HOST:PORT (see `cluster nodes`).")],
     mode: ModeOption = "auto",
+    admin_url: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-url",
+            help="rls tenants: a role bypassing row-level security (superuser), which Citus copies as.",
+        ),
+    ] = None,
 ) -> None:
-    """Move a tenant's schema to another Citus node while it is served (no write is lost)."""
+    """Move a tenant's schema (or, under row-level security, its own shard) to another Citus node
+    while it is served (no write is lost)."""
 
     async def work(manager: TenancyManager) -> dict[str, Any]:
         tenant = await manager.get_tenant(identifier)
+        shards = manager.isolation.serving(tenant).shards
+        if shards is not None and shards.active:
+            moved = await shards.move(tenant.id, to, admin_url=admin_url, mode=_mode(mode))
+            return _move_row(moved, identifier)
         cluster = _cluster(manager, tenant)
         schema = manager.isolation.serving(tenant).storage_name(identifier)
         return _move_row(await cluster.move(schema, to, mode=_mode(mode)), identifier)

@@ -18,6 +18,7 @@ from ..tenant import Tenant, validate_identifier
 
 if TYPE_CHECKING:  # spares.py and roles.py import this module
     from .citus import CitusCluster
+    from .citus_rls import CitusTables
     from .roles import TenantRoles
     from .spares import SparePool
 
@@ -224,6 +225,11 @@ class Isolation(ABC):
     """The Citus cluster this strategy's tenant schemas are distributed over (schema
     isolation; active once `initialize()` found Citus), which `fastapi-tenancy tenants
     move` and `fastapi-tenancy cluster` operate; else None."""
+
+    shards: "CitusTables | None" = None
+    """Row-level security's shared tables on that cluster, sharded by the tenant column
+    (active once `initialize()` found Citus): where each tenant's rows are, and `fastapi-tenancy
+    tenants move` for them; else None."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

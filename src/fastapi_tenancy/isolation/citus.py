@@ -76,13 +76,15 @@ _NODES = sa.text(
       FROM pg_dist_node d WHERE d.noderole = 'primary' ORDER BY d.groupid
     """
 )
-# The rebalancer's plan: one row per colocation group to move (its first shard's table).
+# The rebalancer's plan: one row per colocation group to move (its first shard's table),
+# for tenant schemas only (row-level security's shards are moved one tenant at a time).
 _PLAN = sa.text(
     "SELECT p.table_name::regclass::text AS table_name, p.shardid, p.shard_size, "
     "p.sourcename, p.sourceport, p.targetname, p.targetport, n.nspname AS schema "
     "FROM pg_catalog.get_rebalance_table_shards_plan() p "
     "JOIN pg_catalog.pg_class c ON c.oid = p.table_name "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "JOIN pg_dist_schema s ON s.schemaid = n.oid"
 )
 _CITUS_TABLE = sa.text("SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass(:t)")
 # Objects a distributed schema cannot hold, or that Citus does not carry to the worker

@@ -32,6 +32,7 @@ from ..errors import ConfigurationError, ProvisioningError
 from ..tenant import Tenant
 from ._incarnation import lock_marker
 from .base import Isolation, marker_name, quote_identifier
+from .citus_rls import insert_rows
 from .database import _MARKER_SCHEMA, _MARKERS, DatabaseIsolation, _backend
 from .rls import RLSIsolation
 from .schema import SchemaIsolation
@@ -224,7 +225,11 @@ async def _copy_rls(rls: RLSIsolation, source: Tenant, target: Tenant) -> int:
             total = 0
             for number, (table, columns) in enumerate(layout):
                 # The tenant column is left to its default, the bound (new) tenant.
-                listed = ", ".join(_q(c) for c in columns if c != rls.column)
+                kept = [c for c in columns if c != rls.column]
+                if rls.shards.active:  # on Citus: INSERT ... SELECT would COPY, which RLS refuses
+                    total += await insert_rows(conn, table, _q(f"ft_clone_{number}"), kept, overriding=True)
+                    continue
+                listed = ", ".join(_q(c) for c in kept)
                 result = await conn.execute(
                     sa.text(
                         f"INSERT INTO {table} ({listed}) OVERRIDING SYSTEM VALUE "  # noqa: S608

@@ -14,6 +14,7 @@ from ..tenant import Tenant
 from ._incarnation import drop_schema
 from ._rows import tenant_session
 from .base import CONNECTION_OPTIONS, Isolation, quote_identifier
+from .citus_rls import insert_rows
 from .database import DatabaseIsolation
 from .moves import Hooks, move_database_tier
 from .moves import old_schema_name as _old_copy_name
@@ -245,12 +246,15 @@ class HybridIsolation(Isolation):
             for table in tables:
                 # The tenant column is left to its default, the bound tenant: rows written in
                 # the schema tier with another value are relabelled, never carried over.
-                columns = ", ".join(_quote(c.name) for c in table.columns if c.name != rls.column)
+                columns = [c.name for c in table.columns if c.name != rls.column]
+                target = f"{_quote(rls.schema)}.{_quote(table.name)}"
+                source = f"{_quote(name)}.{_quote(table.name)}"
+                if rls.shards.active:
+                    await insert_rows(conn, target, source, columns)
+                    continue
+                listed = ", ".join(_quote(c) for c in columns)
                 await conn.execute(
-                    sa.text(
-                        f"INSERT INTO {_quote(rls.schema)}.{_quote(table.name)} ({columns}) "  # noqa: S608
-                        f"SELECT {columns} FROM {_quote(name)}.{_quote(table.name)}"
-                    )
+                    sa.text(f"INSERT INTO {target} ({listed}) SELECT {listed} FROM {source}")  # noqa: S608
                 )
             await _advance_sequences(conn, rls.schema, tables)
             # Sessions still routed to the schema now find no schema: new transactions answer

@@ -18,6 +18,8 @@ from .base import (
     quote_identifier,
     require_asyncpg,
 )
+from .citus import CitusCluster
+from .citus_rls import CitusTables
 
 __all__ = ["RLSIsolation", "tenant_session"]
 
@@ -47,7 +49,13 @@ class RLSIsolation(Isolation):
     rows and an insert fails.
 
         isolation = RLSIsolation(app_engine, owner_engine)
+
+    On a Citus coordinator (`cluster`, found at `initialize()`), the tenant tables are
+    distributed by the tenant column and the binding reaches every worker (`citus_rls.py`).
     """
+
+    cluster: CitusCluster
+    shards: CitusTables
 
     def __init__(
         self,
@@ -59,6 +67,7 @@ class RLSIsolation(Isolation):
         schema: str = "public",
         prefix: str = "tenant_",
         max_cached_binds: int = 10_000,
+        cluster: CitusCluster | None = None,
     ) -> None:
         super().__init__(prefix)
         self.engine = engine
@@ -85,6 +94,12 @@ class RLSIsolation(Isolation):
         self._translate = {None: schema}
         self.app_role: str | None = None
         self._owner_role: str | None = None
+        # On a Citus coordinator, the tenant tables are sharded by the tenant column.
+        self.cluster = cluster if cluster is not None else CitusCluster(owner_engine)
+        self.shards = CitusTables(
+            self.cluster, schema=schema, column=column, setting=self.setting, fence=self.policy + "_fence"
+        )
+        """The tenant tables on a Citus cluster: distribution, placement, moves (`citus_rls.py`)."""
 
     def storage_name(self, identifier: str) -> str:
         """The shared schema: RLS tenants have no storage of their own (validates the slug)."""
@@ -124,6 +139,7 @@ class RLSIsolation(Isolation):
 
     async def initialize(self) -> None:
         """Create the tenant function, then refuse an application role that RLS would not bind."""
+        await self.cluster.initialize()  # first: on Citus, the tenant function binds the workers too
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
             await self._lock_setup(conn)
             self._owner_role = str(await conn.scalar(sa.text("SELECT current_user")))
@@ -187,6 +203,7 @@ BEGIN
             USING ERRCODE = '{UNAVAILABLE_SQLSTATE}';
     END IF;
     PERFORM set_config('{self.setting}', tenant, true);
+    {self.shards.enter_sql()}
     RETURN 'ok';
 END
 $fn$"""  # noqa: S608
@@ -229,11 +246,13 @@ $fn$"""  # noqa: S608
         async with unavailable_as_503("tenant database"), self.owner_engine.begin() as conn:
             await self._lock_setup(conn)
             await conn.execution_options(schema_translate_map={None: self.schema})
+            await self.shards.prepare(conn, metadata)  # on Citus: reference tables first
             await conn.run_sync(lambda sync: metadata.create_all(sync, tables=tables, checkfirst=True))
             rows = (await conn.execute(sa.text(_TABLE_STATE), self._catalog_params())).all()
             state = {row.name: row for row in rows}
             for table in tables:
                 await self._guard(conn, state[table.name])
+            await self.shards.distribute(conn)  # after the policies, which Citus copies to the shards
 
     async def migrated(self) -> None:
         """Guard the tenant tables migrations added: those of the shared schema with the tenant column.
@@ -247,6 +266,7 @@ $fn$"""  # noqa: S608
             await self._lock_setup(conn)
             for row in (await conn.execute(sa.text(_TABLE_STATE), self._catalog_params())).all():
                 await self._guard(conn, row)
+            await self.shards.distribute(conn)
 
     async def _guard(self, conn: AsyncConnection, row: Any) -> None:
         target = f"{_quote(self.schema)}.{_quote(row.name)}"
@@ -278,9 +298,12 @@ $fn$"""  # noqa: S608
 
     async def diagnose(self) -> list[Finding]:
         problems = await self.verify()
+        # On Citus: the cluster's rows (hybrid's schema tier shares them), then the tables'.
+        citus = [*await self.cluster.diagnose(), *await self.shards.diagnose()] if self.shards.active else []
         if problems:
-            return [("row-level security", "fail", "; ".join(problems[:20]))]
-        return [("row-level security", "ok", "every shared tenant table is enabled, forced and covered")]
+            return [("row-level security", "fail", "; ".join(problems[:20])), *citus]
+        covered = "every shared tenant table is enabled, forced and covered"
+        return [("row-level security", "ok", covered), *citus]
 
     async def verify(self, metadata: sa.MetaData | None = None) -> list[str]:
         """Problems of every tenant table (in the shared schema, having the tenant column).
@@ -364,6 +387,7 @@ $fn$"""  # noqa: S608
         await conn.execute(
             sa.text("SELECT set_config(:name, :id, true)"), {"name": self.setting, "id": tenant.id}
         )
+        await self.shards.bind(conn, tenant.id)  # on Citus: on the workers' connections too
 
     async def _table_names(self, conn: AsyncConnection) -> list[str]:
         """The quoted tenant tables, parents before children (foreign keys)."""

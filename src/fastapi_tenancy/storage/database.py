@@ -211,16 +211,23 @@ class SQLAlchemyTenantStore(TenantStore):
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             return (await conn.execute(query)).first() is not None
 
-    async def create(self, tenant: Tenant) -> Tenant:
+    async def create(self, tenant: Tenant, *, also: Sequence[sa.Executable] = ()) -> Tenant:
+        """`TenantStore.create`; `also` are statements on this store's engine (the audit
+        entries of the registration) that commit in the same transaction, or not at all."""
         row = self.new_row(tenant)
-        try:
-            async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            try:
                 await conn.execute(self.table.insert().values(**row))
-        except sa_exc.IntegrityError as exc:
-            raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
+            except sa_exc.IntegrityError as exc:
+                raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
+            for statement in also:
+                await conn.execute(statement)
         return tenant
 
-    async def update(self, tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
+    async def update(
+        self, tenant: Tenant, *, expected: Tenant | None = None, also: Sequence[sa.Executable] = ()
+    ) -> Tenant:
+        """`TenantStore.update`; `also` commit with the change, and only when it is applied."""
         table = self.table
         query = table.update().where(table.c.id == tenant.id).values(**self._row(tenant))
         if expected is not None:
@@ -228,12 +235,24 @@ class SQLAlchemyTenantStore(TenantStore):
             query = query.where(
                 table.c.status == expected.status.value, table.c.updated_at == expected.updated_at
             )
+        returning = self.engine.dialect.update_returning
+        if returning:  # the stored row in the same round trip (PostgreSQL, SQLite)
+            query = query.returning(*table.c)
         async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
             result = await conn.execute(query)
-            stored = (await conn.execute(table.select().where(table.c.id == tenant.id))).first()
+            stored = result.first() if returning else None
+            if stored is None:
+                applied = not returning and result.rowcount > 0
+                # Which failed (gone, or changed) or, without RETURNING, the stored row.
+                stored = (await conn.execute(table.select().where(table.c.id == tenant.id))).first()
+            else:
+                applied = True
+            if applied:
+                for statement in also:
+                    await conn.execute(statement)
         if stored is None:
             raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
-        if result.rowcount == 0:
+        if not applied:
             raise TenantChangedError(f"tenant {tenant.identifier!r} changed concurrently")
         return self._tenant(stored._mapping)
 

@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/saturation.py
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite
+	$(BIN)/python benchmarks/lookup_cache.py --tenants 100000
+	$(BIN)/python benchmarks/gc_freeze.py --tenants 10000
 	$(BIN)/python benchmarks/provisioning.py
 	$(BIN)/python benchmarks/ratelimit.py
 	$(BIN)/python benchmarks/fleet.py --tenants 100

@@ -9,7 +9,7 @@ steps at 10,000 would take most of an hour). Tenants are registered
 `--register-concurrency` at a time (untimed); a `--noop-only` run writes
 `results/fleet-noop-<tenants>.json`. Not a test: numbers depend on the machine.
 
-    .venv/bin/python benchmarks/fleet.py --tenants 100 --concurrency 4
+    .venv/bin/python benchmarks/fleet.py --tenants 100   # --concurrency N: fixed, not chosen by the run
     .venv/bin/python benchmarks/fleet.py --tenants 10000 --noop-only
 """
 
@@ -123,12 +123,14 @@ async def ok_tenants(url: str) -> set[str]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tenants", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=None, help="fixed (default: the run chooses)")
     parser.add_argument("--database-prefix", default="bench_fleet_", help="of the throwaway database")
     parser.add_argument("--register-concurrency", type=int, default=8)
     parser.add_argument("--noop-only", action="store_true", help="measure only the no-op upgrade")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
 
+    fixed = () if args.concurrency is None else ("--concurrency", str(args.concurrency))
     database = f"{args.database_prefix}{uuid.uuid4().hex[:8]}"
     admin = await connect(SERVER)
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -198,22 +200,26 @@ async def main() -> None:
         print(f"no-op upgrade (in process): {in_process} s", flush=True)
         if args.noop_only:
             out["noop_only"] = True
-            write(out)
+            write(out, args.output_dir)
             return
 
         # 2. One ALTER TABLE across all of them, concurrently, with per-tenant results.
         add_revision(project, "r2", "r1", ALTER_1)
-        elapsed, code, report = cli(
-            env, project, "migrate", "upgrade", "--concurrency", str(args.concurrency)
-        )
+        elapsed, code, report = cli(env, project, "migrate", "upgrade", *fixed)
         assert code == 0, report
-        out["alter_all"] = {"wall_s": round(elapsed, 2), "counts": report["counts"], **durations(report)}
+        out["alter_all"] = {
+            "wall_s": round(elapsed, 2),
+            "cpu_s": round(CPU_SECONDS[-1], 2),
+            "concurrency": report.get("concurrency"),
+            "counts": report["counts"],
+            **durations(report),
+        }
         print(f"ALTER TABLE across all: {out['alter_all']}", flush=True)
 
         # 3. Kill the run halfway (the whole process group, workers too), then re-run.
         add_revision(project, "r3", "r2", ALTER_2)
         process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; we poll the database meanwhile
-            [str(SCRIPT), "--json", "migrate", "upgrade", "--concurrency", str(args.concurrency)],
+            [str(SCRIPT), "--json", "migrate", "upgrade", *fixed],
             cwd=project,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -227,9 +233,7 @@ async def main() -> None:
         process.wait()
         await asyncio.sleep(0.5)
         done_before = await ok_tenants(url)
-        elapsed, code, report = cli(
-            env, project, "migrate", "upgrade", "--concurrency", str(args.concurrency)
-        )
+        elapsed, code, report = cli(env, project, "migrate", "upgrade", *fixed)
         assert code == 0, report
         redone = {r["tenant"] for r in report["results"] if r["status"] == "ok"}
         skipped = {r["tenant"] for r in report["results"] if r["status"] == "skipped"}
@@ -250,13 +254,13 @@ async def main() -> None:
         admin = await connect(SERVER)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
-    write(out)
+    write(out, args.output_dir)
 
 
-def write(out: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
+def write(out: dict[str, Any], where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
     name = f"fleet-noop-{out['tenants']}" if out.get("noop_only") else f"fleet-{out['tenants']}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (where / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

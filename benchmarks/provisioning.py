@@ -107,9 +107,9 @@ def alembic_project(root: Path, url: str) -> Config:
 def timed(step: Callable[..., Awaitable[T]], into: list[float]) -> Callable[..., Awaitable[T]]:
     """`step`, appending how long each call took to `into`."""
 
-    async def wrapper(*args: object) -> T:
+    async def wrapper(*args: object, **kwargs: object) -> T:
         started = time.perf_counter()
-        result = await step(*args)
+        result = await step(*args, **kwargs)
         into.append(time.perf_counter() - started)
         return result
 
@@ -125,9 +125,92 @@ def p95(values: list[float]) -> float:
     return round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] * 1000, 1)
 
 
+def step_timers(manager: TenancyManager, into: dict[str, list[float]]) -> None:
+    """Time each registry, audit-log, publish and claim call of `manager`, by name, into `into`."""
+    admin = manager.admin
+    parts: list[tuple[str, object]] = [
+        ("store", admin.store),
+        ("audit", admin.events.audit),
+        ("publish", admin.invalidation),
+        ("spares", manager.isolation.spares),  # type: ignore[attr-defined]
+        ("isolation", manager.isolation),
+    ]
+    for label, part in parts:
+        if part is None:
+            continue
+        for name in (
+            "create",
+            "register",
+            "update",
+            "change",
+            "activate",
+            "get_by_identifier",
+            "delete",
+            "write",
+            "publish",
+            "claim",
+            "provision",
+        ):
+            method = getattr(part, name, None)
+            if method is None or not asyncio.iscoroutinefunction(method):
+                continue
+            setattr(part, name, timed(method, into.setdefault(f"{label}.{name}", [])))
+
+
+async def spare_only(url: str, metadata: sa.MetaData, tenants: int, *, steps: bool) -> dict[str, object]:
+    """Register `tenants` tenants from spares; their p50/p95 and, with `steps`, each call's share."""
+    templated = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl"))
+    spared = TenancyManager(
+        TenancyConfig(database_url=url, database_pool_size=2, schema_template="tmpl", schema_spares=1)
+    )
+    calls: dict[str, list[float]] = {}
+    times: list[float] = []
+    try:
+        await templated.initialize()
+        await templated.isolation.build_template(metadata)  # type: ignore[attr-defined]
+        await spared.initialize()
+        spares = spared.isolation.spares  # type: ignore[attr-defined]
+        await spares.wait()
+        if steps:
+            step_timers(spared, calls)
+        for i in range(tenants):
+            started = time.perf_counter()
+            await spared.register_tenant(f"spare-{i}", "x", app_metadata=metadata)
+            times.append(time.perf_counter() - started)
+            await spares.wait()  # the refill, untimed
+    finally:
+        await spared.close()
+        await templated.close()
+    return {
+        "tables": 30,
+        "tenants": tenants,
+        "register_p50_ms": p50(times),
+        "register_p95_ms": p95(times),
+        "calls_per_registration": {k: round(len(v) / tenants, 2) for k, v in calls.items()},
+        "call_p50_ms": {k: p50(v) for k, v in calls.items() if v},
+        "load": os.getloadavg(),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tenants", type=int, default=40, help="per way")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="where provisioning.json goes",
+    )
+    parser.add_argument(
+        "--only-spare",
+        action="store_true",
+        help="time the spare way alone (its p50 target; no catalog comparison)",
+    )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="also time each registry write, audit entry and publish of the spare way",
+    )
     args = parser.parse_args()
     database = f"bench_prov_{uuid.uuid4().hex[:8]}"
     server = make_url(SERVER)
@@ -137,6 +220,16 @@ async def main() -> None:
     await admin.execute(f'CREATE DATABASE "{database}"')
     url = server.set(database=database).render_as_string(hide_password=False)
     metadata = thirty_tables()
+    if args.only_spare:
+        try:
+            out = await spare_only(url, metadata, args.tenants, steps=args.steps)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            await admin.close()
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "provisioning-spare.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out, indent=2))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="bench-prov-"))
     alembic = alembic_project(workdir / "project", url)
     plain = TenancyManager(TenancyConfig(database_url=url, database_pool_size=2))
@@ -233,8 +326,8 @@ async def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(exist_ok=True)
+    results = args.output_dir
+    results.mkdir(parents=True, exist_ok=True)
     (results / "provisioning.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

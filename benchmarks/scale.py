@@ -158,11 +158,24 @@ async def touch_every_tenant(url: str, size: int, concurrency: int = 16) -> floa
     queue = iter(range(1, size + 1))
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
 
+        async def get(index: int) -> httpx.Response:
+            for attempt in range(3):
+                try:
+                    return await client.get("/orders", headers={"X-Tenant-ID": slug(index)})
+                except httpx.TransportError:
+                    # A kept-alive connection the server closed as it was reused (uvicorn
+                    # closes those idle for 5 s, which a loaded machine reaches): again.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
         async def worker() -> None:
             for index in queue:
-                response = await client.get("/orders", headers={"X-Tenant-ID": slug(index)})
+                response = await get(index)
                 if response.status_code != 200:
-                    raise RuntimeError(f"{slug(index)}: GET /orders answered {response.status_code}")
+                    raise RuntimeError(
+                        f"{slug(index)}: GET /orders answered {response.status_code}: {response.text[:300]}"
+                    )
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - began

@@ -1,6 +1,7 @@
 """TenantLookup refresh-ahead: used entries are re-read in batches before they expire."""
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -9,20 +10,26 @@ from fastapi_tenancy import Tenant, TenantStatus
 from fastapi_tenancy import lookup as lookup_module
 from fastapi_tenancy.lookup import TenantLookup
 from fastapi_tenancy.storage import InMemoryTenantStore
+from fastapi_tenancy.storage.base import TenantVersion, version_of
 
 TTL = 0.4  # sweeps every 0.1 s
 
 
-@pytest.fixture(autouse=True)
-def short_ttls_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, params=[10_000, 1], ids=["one-slice", "sliced"])
+def short_ttls_refresh(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     monkeypatch.setattr(lookup_module, "_MIN_REFRESH_TTL", 0.0)
+    # "sliced": the sweep yields to other tasks after every entry, as it does every 10,000.
+    monkeypatch.setattr(lookup_module, "_SWEEP_SLICE", request.param)
 
 
 class CountingStore(InMemoryTenantStore):
+    """Counts reads: `batches`, the refresh's version reads; `whole`, its reads of whole records."""
+
     def __init__(self, delay: float = 0) -> None:
         super().__init__()
         self.reads: list[str] = []
         self.batches: list[list[str]] = []
+        self.whole: list[list[str]] = []
         self.delay = delay
         self.fail = False
         self.batch_started = asyncio.Event()
@@ -31,18 +38,29 @@ class CountingStore(InMemoryTenantStore):
         self.reads.append(identifier)
         return await super().get_by_identifier(identifier)
 
-    async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
+    async def get_versions(self, identifiers: Sequence[str]) -> dict[str, TenantVersion]:
         self.batches.append(list(identifiers))
         self.batch_started.set()
         await asyncio.sleep(self.delay)
         if self.fail:
             raise ConnectionError("registry down")
+        return {i: version_of(t) for i, t in (await self._stored(identifiers)).items()}
+
+    async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
+        self.whole.append(list(identifiers))
+        return await self._stored(identifiers)
+
+    async def _stored(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
         found: dict[str, Tenant] = {}
         for identifier in identifiers:
-            tenant = await super().get_by_identifier(identifier)
+            tenant = await super().get_by_identifier(identifier)  # not counted in `reads`
             if tenant is not None:
                 found[identifier] = tenant
         return found
+
+    def overwrite(self, tenant: Tenant) -> None:
+        """Put `tenant` in the registry as it is (as an UPDATE by hand would, `updated_at` and all)."""
+        self._by_id[tenant.id] = tenant
 
 
 async def _use(lookup: TenantLookup, identifiers: list[str], seconds: float) -> list[Tenant | None]:
@@ -66,6 +84,74 @@ async def test_used_entries_are_refreshed_in_batches_and_never_miss() -> None:
     assert sorted(store.reads) == ["acme", "globex", "initech"]  # only the first reads
     assert len(store.batches) >= 3
     assert all(sorted(b) == ["acme", "globex", "initech"] for b in store.batches)
+    assert store.whole == []  # nothing changed: versions only, no record read whole
+    lookup.clear()
+
+
+async def test_only_the_changed_tenants_are_read_whole() -> None:
+    store = CountingStore()
+    tenants = [
+        await store.create(Tenant(identifier=n, name=n.title())) for n in ("acme", "globex", "initech")
+    ]
+    lookup = TenantLookup(store, ttl=TTL)
+    await _use(lookup, ["acme", "globex", "initech"], TTL)
+    cached = lookup._hits["acme"]
+    renamed = await store.update(tenants[1].with_changes(name="Globex Renamed"))
+    await _use(lookup, ["acme", "globex", "initech"], TTL)
+    assert store.whole == [["globex"]]
+    assert await lookup.get("globex") == renamed
+    assert lookup._hits["acme"] is cached  # the unchanged entries keep their objects
+    lookup.clear()
+
+
+async def test_a_status_changed_without_updated_at_is_still_served_within_the_ttl() -> None:
+    # The status is part of the version: a suspension written by hand, keeping `updated_at`,
+    # still reaches the cache (fail closed), though any other field written so would not.
+    store = CountingStore()
+    tenant = await store.create(Tenant(identifier="acme", name="Acme", status=TenantStatus.ACTIVE))
+    lookup = TenantLookup(store, ttl=TTL)
+    await _use(lookup, ["acme"], TTL)
+    store.overwrite(dataclasses.replace(tenant, status=TenantStatus.SUSPENDED))
+    loop = asyncio.get_running_loop()
+    changed = loop.time()
+    while (current := await lookup.get("acme")) is not None and current.status is TenantStatus.ACTIVE:
+        assert loop.time() - changed <= TTL
+        await asyncio.sleep(0.01)
+    assert current is not None and current.status is TenantStatus.SUSPENDED
+    lookup.clear()
+
+
+async def test_another_incarnation_of_a_slug_replaces_the_cached_one() -> None:
+    store = CountingStore()
+    old = await store.create(Tenant(identifier="acme", name="Acme", status=TenantStatus.ACTIVE))
+    lookup = TenantLookup(store, ttl=TTL)
+    await _use(lookup, ["acme"], TTL / 2)
+    await store.delete(old.id)  # purged and registered again, outside this process, same timestamp
+    new = await store.create(
+        Tenant(identifier="acme", name="Acme", status=TenantStatus.ACTIVE, updated_at=old.updated_at)
+    )
+    await asyncio.sleep(TTL)
+    current = await lookup.get("acme")
+    assert current is not None and current.id == new.id
+    lookup.clear()
+
+
+async def test_a_tenant_deleted_between_the_two_reads_leaves_the_cache() -> None:
+    store = CountingStore()
+    tenant = await store.create(Tenant(identifier="acme", name="Acme", status=TenantStatus.ACTIVE))
+    lookup = TenantLookup(store, ttl=TTL, negative_ttl=60)
+    await _use(lookup, ["acme"], TTL / 2)
+    await store.update(tenant.with_changes(name="Changed"))  # its version moves ...
+    original = store.get_many
+
+    async def deleted_meanwhile(identifiers: Sequence[str]) -> dict[str, Tenant]:
+        await store.delete(tenant.id)  # ... and it is gone by the time its record is read
+        return await original(identifiers)
+
+    store.get_many = deleted_meanwhile  # type: ignore[method-assign]
+    await asyncio.sleep(TTL)
+    assert "acme" not in lookup._hits
+    assert await lookup.get("acme") is None
     lookup.clear()
 
 

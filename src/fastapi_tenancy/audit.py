@@ -84,6 +84,16 @@ class SQLAuditWriter(AuditWriter):
         await create_tables(self.engine, lambda conn: self.table.metadata.create_all(conn), "audit log")
 
     async def write(self, event: TenantEvent) -> None:
+        async with unavailable_as_503("audit log"), self.engine.begin() as conn:
+            await conn.execute(self.insert(event))
+
+    def insert(self, event: TenantEvent) -> sa.Insert:
+        """The statement that writes `event`'s entry: `write` runs it in a transaction of its own.
+
+        A registration runs it in the registry's transaction instead, when the registry
+        is a `SQLAlchemyTenantStore` on this writer's engine: the change and its entry
+        then commit together (or neither does), in one round trip to the server fewer.
+        """
         row = {
             "at": event.at,
             "event": event.event.value,
@@ -93,8 +103,7 @@ class SQLAuditWriter(AuditWriter):
             "actor": event.actor,
             "details": thaw(event.details),
         }
-        async with unavailable_as_503("audit log"), self.engine.begin() as conn:
-            await conn.execute(self.table.insert().values(**row))
+        return self.table.insert().values(**row)
 
     async def entries(self, *, tenant_id: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """The newest `limit` entries, of one tenant (by id) or of all."""

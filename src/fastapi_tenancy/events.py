@@ -153,10 +153,22 @@ class LifecycleEvents:
         changes it does not make, e.g. `LifecycleEvent.MIGRATED` after migrating
         a tenant's schema.
         """
-        record = TenantEvent(
-            LifecycleEvent(event), tenant, current_actor(), datetime.now(UTC), FrozenDict(details)
-        )
-        if self.audit is not None:
+        return await self.deliver(self.new_event(event, tenant, **details))
+
+    @staticmethod
+    def new_event(event: LifecycleEvent | str, tenant: Tenant, **details: Any) -> TenantEvent:
+        """The `TenantEvent` `emit` would record for these arguments, made now, by the current actor."""
+        now = datetime.now(UTC)
+        return TenantEvent(LifecycleEvent(event), tenant, current_actor(), now, FrozenDict(details))
+
+    async def deliver(self, record: TenantEvent, *, audited: bool = False) -> TenantEvent:
+        """Audit `record` (unless `audited`: its entry was written with the change) and run the hooks.
+
+        `emit` is `deliver(new_event(...))`; a registration whose audit entry committed in
+        the registry's transaction passes `audited=True`. Never raises for writer or hooks.
+        """
+        tenant = record.tenant
+        if self.audit is not None and not audited:
             try:
                 await self.audit.write(record)
             except Exception:
@@ -180,6 +192,11 @@ class LifecycleEvents:
 
     async def changed(self, before: Tenant, after: Tenant) -> TenantEvent:
         """Emit the event a stored change from `before` to `after` stands for."""
+        return await self.deliver(self.change_event(before, after))
+
+    @classmethod
+    def change_event(cls, before: Tenant, after: Tenant) -> TenantEvent:
+        """The `TenantEvent` a stored change from `before` to `after` stands for (`changed` emits it)."""
         if after.status is TenantStatus.DELETED:
             event = LifecycleEvent.DELETED
         elif before.status is after.status:
@@ -192,4 +209,4 @@ class LifecycleEvents:
             details["fields"] = [
                 name for name in ("name", "metadata") if getattr(before, name) != getattr(after, name)
             ]
-        return await self.emit(event, after, **details)
+        return cls.new_event(event, after, **details)

@@ -9,21 +9,27 @@ Applications reach it through `TenancyManager.register_tenant` and `seed_tenant`
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 
 from .admin import TenantAdmin
+from .audit import SQLAuditWriter
 from .cloning import clone_tenant
 from .errors import (
     ConfigurationError,
     ProvisioningError,
     TenancyError,
+    TenancyUnavailableError,
     TenantAlreadyExistsError,
+    TenantChangedError,
     TenantInactiveError,
 )
-from .events import LifecycleEvent
+from .events import LifecycleEvent, TenantEvent
 from .provisioning import ProvisioningJob, ProvisioningPipeline
+from .storage.database import SQLAlchemyTenantStore
 from .tenant import Tenant, TenantStatus
 from .urls import normalise_database_url
 
@@ -97,8 +103,9 @@ class Registration:
             tier=tier,
         )
         admin.isolation.check(new)
+        registered = admin.events.new_event(LifecycleEvent.REGISTERED, new)
         try:
-            tenant = await admin.store.create(new)
+            tenant, audited = await self._insert(new, registered, background=background)
         except TenantAlreadyExistsError as exc:
             holder = await admin.store.get_by_identifier(identifier)
             if holder is not None and holder.status is TenantStatus.DELETED:
@@ -107,12 +114,85 @@ class Registration:
                     "with delete_tenant(..., destroy_data=True)"
                 ) from exc
             raise
-        await admin.announce(identifier)
-        await admin.events.emit(LifecycleEvent.REGISTERED, tenant)
+        # This process forgets a cached miss now; the other workers learn of the tenant once
+        # it is active (one publish, at the end), unless the caller gets it back while still
+        # `provisioning` (background), when they are told now as well.
+        admin.lookup.invalidate(identifier)
+        if background:
+            await admin.announce(identifier)
+        await admin.events.deliver(registered, audited=audited)
         if background:
             self.provisioning.start(identifier, lambda job: self._complete(tenant, app_metadata, job))
             return tenant
         return await self._complete(tenant, app_metadata)
+
+    async def _insert(self, new: Tenant, registered: TenantEvent, *, background: bool) -> tuple[Tenant, bool]:
+        """Store `new`, with its `registered` entry in one transaction where it can: (tenant, audited)."""
+        registry, audit = self._registry(), self._audit_in_registry()
+        if registry is None:
+            return await self.admin.store.create(new), False
+        also: list[sa.Executable] = [] if audit is None else [audit.insert(registered)]
+        if not background and registry.engine.dialect.name == "postgresql":
+            # The row reserves the slug; it is made durable by the activation's commit in
+            # this database (the write-ahead log is flushed in order), or removed if the
+            # registration fails: this commit need not wait for the disk.
+            also.append(_NO_FLUSH)
+        try:
+            return await registry.create(new, also=also), audit is not None
+        except (TenantAlreadyExistsError, TenancyUnavailableError):
+            raise
+        except sa_exc.SQLAlchemyError:
+            if audit is None:
+                raise
+            # An audit entry that cannot be written never fails a change (LifecycleEvents.emit):
+            # the row alone, and the entry written the usual way, its failure logged.
+            return await registry.create(new), False
+
+    def _registry(self) -> SQLAlchemyTenantStore | None:
+        """The registry, when it takes other statements into its transactions (`also=`)."""
+        store = self.admin.store
+        # Not behind a cache (CachingTenantStore), which must see each write itself.
+        return store if isinstance(store, SQLAlchemyTenantStore) else None
+
+    def _audit_in_registry(self) -> SQLAuditWriter | None:
+        """The audit log, when its entries can commit in the registry's own transactions."""
+        audit, registry = self.admin.events.audit, self._registry()
+        if not isinstance(audit, SQLAuditWriter) or registry is None:
+            return None
+        # A subclass that writes entries its own way keeps doing so.
+        same = audit.engine is registry.engine and type(audit).write is SQLAuditWriter.write
+        return audit if same else None
+
+    async def _activate(self, tenant: Tenant) -> Tenant:
+        """`provisioning` -> `active` in one registry transaction with its audit entry and publish.
+
+        Compare-and-set against the row this registration wrote, so no read comes first;
+        any change since (a delete during provisioning, which wins) takes the general path.
+        """
+        admin, identifier = self.admin, tenant.identifier
+        audit, registry = self._audit_in_registry(), self._registry()
+        if audit is None or registry is None:
+            return await admin.change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
+        after = tenant.with_status(TenantStatus.ACTIVE)
+        record = admin.events.change_event(tenant, after)
+        channel = admin.invalidation
+        notice = None if channel is None else channel.notice(registry.engine, identifier)
+        also = [audit.insert(record)] if notice is None else [audit.insert(record), notice]
+        try:
+            active = await registry.update(after, expected=tenant, also=also)
+        except (TenantChangedError, sa_exc.SQLAlchemyError):
+            # Changed since (a delete wins), or an entry that cannot be written (which must not
+            # fail the change): the general path, with the entry in a transaction of its own.
+            return await admin.change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
+        except BaseException:
+            await admin.announce(identifier)  # whatever the outcome, as `TenantAdmin.change`
+            raise
+        if notice is None:
+            await admin.announce(identifier)
+        else:  # the other workers were told by the commit itself
+            admin.lookup.invalidate(identifier)
+        await admin.events.deliver(replace(record, tenant=active), audited=True)
+        return active
 
     async def _complete(
         self, tenant: Tenant, app_metadata: sa.MetaData | None, job: ProvisioningJob | None = None
@@ -127,7 +207,7 @@ class Registration:
                 raise
             raise ProvisioningError(f"could not provision tenant {identifier!r}: {exc}") from exc
         # A delete that landed during provisioning wins: deleted -> active is refused.
-        active = await self.admin.change(identifier, lambda t: t.with_status(TenantStatus.ACTIVE))
+        active = await self._activate(tenant)
         logger.info("registered tenant %s", identifier)
         return active
 
@@ -225,5 +305,7 @@ class Registration:
         finally:
             await self.admin.announce(tenant.identifier)
 
+
+_NO_FLUSH = sa.text("SET LOCAL synchronous_commit TO off")
 
 _OUTCOMES = {"kept": "kept as provisioned", "stamped": "stamped at head", "migrated": "migrated to head"}

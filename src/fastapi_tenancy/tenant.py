@@ -1,6 +1,7 @@
 """The `Tenant` record, its status lifecycle and the identifier rules."""
 
 import re
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -77,7 +78,9 @@ class FrozenDict(Mapping[str, Any]):
     __slots__ = ("_data", "_hash")
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        self._data: dict[str, Any] = {str(k): freeze(v) for k, v in (data or {}).items()}
+        # Keys interned: thousands of cached tenants with the same keys ("plan", ...) keep one
+        # copy of each, where every registry read would otherwise bring its own.
+        self._data: dict[str, Any] = {sys.intern(str(k)): freeze(v) for k, v in (data or {}).items()}
         self._hash: int | None = None
 
     def __getitem__(self, key: str) -> Any:

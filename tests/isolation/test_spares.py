@@ -1,6 +1,7 @@
 """Spare schemas: claimed by a rename, equal to create_all, never shared, never stale, migrated."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy import TenancyConfig, TenancyManager, Tenant, TenantStatus
+from fastapi_tenancy.audit import SQLAuditWriter
+from fastapi_tenancy.errors import TenantAlreadyExistsError
 from fastapi_tenancy.isolation.clone import schema_catalog
 from fastapi_tenancy.isolation.spares import FLEET_GATE_KEY, SPARE_PREFIX, SparePool
 from fastapi_tenancy.migrations.fleet import FleetMigrator
@@ -264,3 +267,76 @@ async def test_the_fleet_migrates_spares_with_the_template(tmp_path: Path, postg
             assert await session.scalar(sa.text("SELECT version_num FROM alembic_version")) == "b2"
     finally:
         await spared.close()
+
+
+async def test_two_workers_registering_one_slug_from_spares_one_wins_audited_once(
+    postgres_url: str, engine: AsyncEngine
+) -> None:
+    await _build_template(postgres_url, engine)
+    first, second = _spared(postgres_url, spares=2), _spared(postgres_url, spares=2)
+    await first.initialize()
+    await _pool(first).wait()
+    await second.initialize()
+    try:
+        await _pool(second).wait()
+        results = await asyncio.gather(
+            first.register_tenant("acme", "Acme"),
+            second.register_tenant("acme", "Acme"),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if isinstance(r, Tenant)]
+        assert len(winners) == 1, results
+        assert [type(r) for r in results if not isinstance(r, Tenant)] == [TenantAlreadyExistsError]
+        # The other worker sees the winner active (its cache was told by the commit's NOTIFY).
+        for manager in (first, second):
+            assert (await manager.get_tenant("acme")).status is TenantStatus.ACTIVE
+        audit = first.events.audit
+        assert isinstance(audit, SQLAuditWriter)
+        entries = await audit.entries(tenant_id=winners[0].id)
+        assert sorted(e.event for e in entries) == ["provisioned", "registered"]
+        # The loser claimed nothing: one spare went to acme, the rest are still listed.
+        assert len(await _spare_names(engine)) >= 1
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_the_registry_writes_and_their_audit_entries_share_transactions(
+    postgres_url: str, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _build_template(postgres_url, engine)
+    manager = _spared(postgres_url)
+    await manager.initialize()
+    try:
+        audit = manager.events.audit
+        assert isinstance(audit, SQLAuditWriter)
+        first = await manager.register_tenant("acme", "Acme")
+        with pytest.raises(TenantAlreadyExistsError):
+            await manager.register_tenant("acme", "Acme again")
+        # The refused row took its entry with it.
+        async with engine.connect() as conn:
+            registered = await conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM public.tenancy_audit_log "
+                    "WHERE tenant_identifier = 'acme' AND event = 'registered'"
+                )
+            )
+        assert registered == 1
+        assert sorted(e.event for e in await audit.entries(tenant_id=first.id)) == [
+            "provisioned",
+            "registered",
+        ]
+        # An entry that cannot be written never fails the registration (as before, when each
+        # entry had a transaction of its own): the rows go alone, the failures are logged.
+        broken = sa.table("no_such_audit_table", sa.column("x")).insert().values(x=1)
+        monkeypatch.setattr(audit, "insert", lambda _event: broken)
+        with caplog.at_level(logging.ERROR, logger="fastapi_tenancy.events"):
+            tenant = await manager.register_tenant("globex", "Globex")
+        assert tenant.status is TenantStatus.ACTIVE
+        assert (await manager.get_tenant("globex")).status is TenantStatus.ACTIVE
+        logged = [
+            r.getMessage() for r in caplog.records if "could not write the audit entry" in r.getMessage()
+        ]
+        assert len(logged) == 2, logged
+    finally:
+        await manager.close()

@@ -1,11 +1,15 @@
 """The fleet runner against real PostgreSQL: skip, concurrency, failures, waves, timeouts, resume."""
 
 import asyncio
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fastapi_tenancy import TenancyManager
 from fastapi_tenancy.errors import FleetBusyError
@@ -110,6 +114,40 @@ async def test_read_versions_is_one_query_over_many_schemas(manager: TenancyMana
     finally:
         await migrator.close()
     assert versions == {"tenant_acme": ("a1",), "tenant_globex": None}
+
+
+async def test_versions_are_read_a_batch_per_transaction_so_locks_never_pile_up(
+    manager: TenancyManager, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each version table read stays locked until its transaction ends: over 10,000
+    # tenants in one transaction, the server's lock table ran out.
+    from fastapi_tenancy.migrations import fleet
+
+    slugs = ["acme", "globex", "initech", "umbrella", "wayne"]
+    await _tenants(manager, *slugs)
+    monkeypatch.setattr(fleet, "_VERSIONS_PER_QUERY", 2)
+    held_before: list[int] = []
+
+    async def reading(conn: AsyncConnection, schemas: Iterable[str], **kwargs: Any) -> Any:
+        held_before.append(
+            await conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'relation' "
+                    "AND CAST(CAST(relation AS regclass) AS text) LIKE '%alembic_version'"
+                )
+            )
+        )
+        return await read_versions(conn, schemas, **kwargs)
+
+    monkeypatch.setattr(fleet, "read_versions", reading)
+    migrator = FleetMigrator(manager, project)
+    try:
+        await migrator.run("upgrade", "a1", tenants=["acme", "initech"])
+        status = {s.tenant: s.versions for s in await migrator.status()}
+    finally:
+        await migrator.close()
+    assert status == {"acme": ("a1",), "globex": None, "initech": ("a1",), "umbrella": None, "wayne": None}
+    assert len(held_before) >= 3 and set(held_before) == {0}, held_before
 
 
 async def test_a_failure_is_recorded_and_the_others_go_on(

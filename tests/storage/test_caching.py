@@ -10,6 +10,7 @@ import pytest
 
 from fastapi_tenancy import Tenant, TenantStatus
 from fastapi_tenancy.storage import InMemoryTenantStore
+from fastapi_tenancy.storage.base import version_of
 from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 
@@ -116,6 +117,18 @@ async def test_get_many_reads_redis_once_and_the_backend_once_for_the_misses(
     assert await cached.get_many(["globex", "initech"]) == {"globex": globex, "initech": initech}
     assert await cached.get_by_identifier("globex") == globex
     assert (len(backend.batches), backend.reads) == (1, 1)
+
+
+async def test_get_versions_of_cached_tenants_come_from_redis(cached: CachingTenantStore) -> None:
+    acme = await cached.create(Tenant(identifier="acme", name="Acme"))
+    globex = await cached.create(Tenant(identifier="globex", name="Globex"))
+    assert await cached.get_by_identifier("acme") == acme  # cached
+    backend = _backend(cached)
+    versions = await cached.get_versions(["acme", "globex", "nobody"])
+    assert versions == {"acme": version_of(acme), "globex": version_of(globex)}
+    assert backend.batches == [["globex", "nobody"]]  # the backend's default reads the uncached whole
+    renamed = await cached.update(acme.with_changes(name="Renamed"))  # drops the entry
+    assert await cached.get_versions(["acme"]) == {"acme": version_of(renamed)}
 
 
 async def test_a_change_from_a_stale_cached_record_retries_on_what_is_stored(

@@ -17,6 +17,7 @@ from fastapi_tenancy import (
 from fastapi_tenancy.domain import Domain
 from fastapi_tenancy.errors import DomainNotFoundError, DomainTakenError
 from fastapi_tenancy.storage import InMemoryTenantStore, TenantStore
+from fastapi_tenancy.storage.base import version_of
 from fastapi_tenancy.storage.caching import CachingTenantStore
 from fastapi_tenancy.storage.database import SQLAlchemyTenantStore
 from fastapi_tenancy.storage.redis import RedisTenantStore
@@ -194,6 +195,25 @@ async def test_get_many_returns_the_known_ones_by_identifier(store: TenantStore)
     found = await store.get_many(["globex", "nobody", "acme"])
     assert found == {"acme": acme, "globex": globex}
     assert await store.get_many([]) == {}
+
+
+async def test_get_versions_reads_id_status_and_updated_at_by_identifier(store: TenantStore) -> None:
+    acme = await store.create(_tenant("acme", status=TenantStatus.ACTIVE, metadata={"plan": "pro"}))
+    globex = await store.create(_tenant("globex", status=TenantStatus.ACTIVE))
+    assert await store.get_by_identifier("acme") == acme  # a caching store has it cached now
+    versions = await store.get_versions(["globex", "nobody", "acme"])
+    assert versions == {"acme": version_of(acme), "globex": version_of(globex)}
+    assert await store.get_versions([]) == {}
+    # Every change moves the version, whatever it changed.
+    renamed = await store.update(acme.with_changes(name="Acme Renamed"), expected=acme)
+    suspended = await store.update(globex.with_status(TenantStatus.SUSPENDED), expected=globex)
+    versions = await store.get_versions(["acme", "globex"])
+    assert versions == {"acme": version_of(renamed), "globex": version_of(suspended)}
+    assert versions["acme"] != version_of(acme) and versions["globex"] != version_of(globex)
+    # Another incarnation of a slug has another version, even with the same timestamp.
+    await store.delete(renamed.id)
+    again = await store.create(_tenant("acme", updated_at=renamed.updated_at, status=TenantStatus.ACTIVE))
+    assert (await store.get_versions(["acme"]))["acme"] == version_of(again) != version_of(renamed)
 
 
 async def test_get_by_ids_and_exists_read_by_id(store: TenantStore) -> None:

@@ -69,7 +69,7 @@ def _migrate(
     config: Path | None,
     section: str,
     tenants: list[str] | None,
-    concurrency: int,
+    concurrency: int | None,
     canary: int,
     fail_fast: bool,
     dry_run: bool,
@@ -133,6 +133,7 @@ def _migrate(
         "direction": report.direction,
         "target": report.target,
         "resumed": report.resumed,
+        "concurrency": report.concurrency,
         "stopped": report.stopped,
         "counts": {s: report.count(s) for s in ("ok", "failed", "skipped", "planned")},
         "not_run": report.not_run,
@@ -165,7 +166,12 @@ def _fleet_command(direction: str, default_target: str | None) -> Callable[..., 
         config: ConfigOption = None,
         section: SectionOption = "tenant",
         tenant: TenantOption = None,
-        concurrency: Annotated[int, typer.Option(min=1, max=64, help="Tenants migrated at once.")] = 4,
+        concurrency: Annotated[
+            int | None,
+            typer.Option(
+                min=1, max=64, help="Tenants migrated at once (default: chosen from the measured throughput)."
+            ),
+        ] = None,
         canary: Annotated[int, typer.Option(min=0, help="Migrate this many first; stop if one fails.")] = 0,
         fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failure.")] = False,
         dry_run: Annotated[

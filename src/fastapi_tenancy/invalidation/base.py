@@ -10,7 +10,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["NO_CHANNEL", "ChannelRecord", "InvalidationChannel"]
 
@@ -151,6 +155,15 @@ class InvalidationChannel(ABC):
         replaces the registry's record (mark the server as this registry's). The default
         checks nothing: the channel's name says it all.
         """
+
+    def notice(self, engine: "AsyncEngine", identifier: str) -> "sa.Executable | None":
+        """A statement that publishes `identifier` when run in a transaction on `engine`, or None.
+
+        Only a channel carried by that database can (`PostgresInvalidation`: NOTIFY is
+        sent on commit, and not at all on rollback). A registration runs it in the
+        registry transaction that activates the tenant, instead of a `publish` after it.
+        """
+        return None
 
     @abstractmethod
     async def _send(self, identifier: str) -> None:

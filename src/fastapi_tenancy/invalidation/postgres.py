@@ -39,9 +39,16 @@ class PostgresInvalidation(InvalidationChannel):
         where = self.engine.url.render_as_string(hide_password=True)
         return ChannelRecord("postgres", self.channel, where=where)
 
+    def notice(self, engine: AsyncEngine, identifier: str) -> sa.Executable | None:
+        # Another engine may reach another database, whose listeners are not ours.
+        return self._notify(identifier) if engine is self.engine else None
+
+    def _notify(self, identifier: str) -> sa.Executable:
+        return sa.select(sa.func.pg_notify(self.channel, identifier))
+
     async def _send(self, identifier: str) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(sa.select(sa.func.pg_notify(self.channel, identifier)))
+            await conn.execute(self._notify(identifier))
 
     def _is_outage(self, exc: BaseException) -> bool:
         return is_outage(exc)

@@ -154,12 +154,13 @@ def _run(
     context: Any,
     schema: str | None,
     configure: dict[str, Any],
-    url: str,
+    url: Callable[[], str],
     filters: Callable[[Connection], dict[str, Any]],
 ) -> None:
     """Configure `context` on the given or a new connection, scoped to `schema`, and migrate.
 
     `schema=None`: the connection is the tenant's own database; nothing is scoped.
+    `url()`: where to connect when no connection is given (or to render, offline).
     `filters(connection)`: the autogenerate hooks for this environment.
     """
     if schema is not None:
@@ -176,7 +177,7 @@ def _run(
             context.run_migrations()
 
     if context.is_offline_mode():
-        context.configure(url=url, literal_binds=True, **configure)
+        context.configure(url=url(), literal_binds=True, **configure)
         with context.begin_transaction():
             if schema is not None:
                 context.execute(f'SET LOCAL search_path TO "{schema}"')
@@ -186,7 +187,7 @@ def _run(
     if given is not None:
         migrate(given)
         return
-    asyncio.run(_run_async(url, migrate))
+    asyncio.run(_run_async(url(), migrate))
 
 
 async def _run_async(url: str, migrate: Callable[[Connection], None]) -> None:
@@ -227,38 +228,63 @@ def run_tenant_migrations(
     tables, and nothing else: not the version table, not shared tables (declared with
     a schema), and under row-level security only the tables carrying the tenant column.
     """
-    config = config or TenancyConfig()
+    settings = _settings(config)
     configure.setdefault("target_metadata", target_metadata)
     attributes = context.config.attributes
     if attributes.get(DATABASE_ATTRIBUTE):
         # The library gives the tenant database's connection: the URL is not used.
-        target = MigrationTarget(str(attributes[DATABASE_ATTRIBUTE]), config.database_url)
+        given = attributes.get(CONNECTION_ATTRIBUTE)
+        where = given.engine.url.render_as_string(hide_password=False) if given else settings().database_url
+        target = MigrationTarget(str(attributes[DATABASE_ATTRIBUTE]), where)
     elif attributes.get(SCHEMA_ATTRIBUTE):
         table = str(attributes.get(VERSION_TABLE_ATTRIBUTE) or VERSION_TABLE)
         target = MigrationTarget(
             str(attributes[SCHEMA_ATTRIBUTE]), version_table=table, shared=table == RLS_VERSION_TABLE
         )
     else:
-        target = _target_of(_tenant_slug(context), config)
+        target = _target_of(_tenant_slug(context), settings())
     if target.version_table != VERSION_TABLE:
         configure.setdefault("version_table", target.version_table)
-    shared_column = config.rls_tenant_column if target.shared else None
-    excluded = library_tables(config) if target.shared else {VERSION_TABLE, RLS_VERSION_TABLE}
+    shared_column = settings().rls_tenant_column if target.shared else None
+    excluded = library_tables(settings()) if target.shared else {VERSION_TABLE, RLS_VERSION_TABLE}
 
     def filters(_connection: Connection) -> dict[str, Any]:
         metadata = configure.get("target_metadata")
         return tenant_filters(metadata, shared_column=shared_column, excluded=excluded)
 
     # A tenant database: its own URL, never sqlalchemy.url (which names the main database).
-    url = target.url if target.url is not None else _main_url(context, config)
+    own = target.url
+
+    def url() -> str:
+        return own if own is not None else _main_url(context, settings)
+
     _run(context, target.schema, configure, url, filters)
 
 
-def _main_url(context: Any, config: TenancyConfig) -> str:
+def _settings(config: TenancyConfig | None) -> Callable[[], TenancyConfig]:
+    """`config`, or the environment's `TenancyConfig`, read when first asked for.
+
+    The fleet runner gives the connection, the schema and the version table: a schema
+    tenant's migration then needs no setting at all, and reading them (pydantic-settings
+    parsing the environment) was the largest fixed cost of each tenant's migration.
+    """
+    read: list[TenancyConfig] = [] if config is None else [config]
+
+    def settings() -> TenancyConfig:
+        if not read:
+            read.append(TenancyConfig())
+        return read[0]
+
+    return settings
+
+
+def _main_url(context: Any, settings: Callable[[], TenancyConfig]) -> str:
     # Under rls and hybrid the owner role owns the tables: migrations run as it.
-    return str(
-        context.config.get_main_option("sqlalchemy.url") or config.database_owner_url or config.database_url
-    )
+    given = context.config.get_main_option("sqlalchemy.url")
+    if given:
+        return str(given)
+    config = settings()
+    return str(config.database_owner_url or config.database_url)
 
 
 def run_shared_migrations(
@@ -276,7 +302,8 @@ def run_shared_migrations(
     that schema, leaving out the library's own tables (the registry, the audit log, the
     spares, the fleet's results) and, under row-level security, the tenants' tables.
     """
-    config = config or TenancyConfig()
+    settings = _settings(config)
+    config = settings()
     configure.setdefault("target_metadata", target_metadata)
     shared_column = config.rls_tenant_column if config.isolation_strategy in ("rls", "hybrid") else None
 
@@ -289,7 +316,7 @@ def run_shared_migrations(
             excluded=library_tables(config),
         )
 
-    _run(context, schema, configure, _main_url(context, config), filters)
+    _run(context, schema, configure, lambda: _main_url(context, settings), filters)
 
 
 async def read_versions(

@@ -11,10 +11,11 @@ How a run goes, and why:
    skipped without starting Alembic, so a no-op deploy over thousands of tenants
    costs a couple of queries.
 2. The rest run in worker PROCESSES (`_worker.py`), at most `concurrency` at a
-   time. Alembic keeps its `context` and `op` proxies in module globals; two
-   migrations sharing one interpreter (threads, or coroutines interleaving on
-   `run_sync`) would send one tenant's operations to the other's connection. A
-   process runs one tenant at a time, so its globals belong to that tenant.
+   time: given, or chosen from the throughput the run measures (`pacing.py`).
+   Alembic keeps its `context` and `op` proxies in module globals; two migrations
+   sharing one interpreter (threads, or coroutines interleaving on `run_sync`) would
+   send one tenant's operations to the other's connection. A process runs one tenant
+   at a time, so its globals belong to that tenant.
 3. Each tenant migrates in one transaction with its own `lock_timeout` and
    `statement_timeout`; its result row (`ok`, duration) is written in that same
    transaction, so "recorded ok" and "migrated" cannot disagree. A failure is rolled
@@ -42,7 +43,6 @@ requests answered 503 with `Retry-After` by every worker) while Alembic runs for
 
 import asyncio
 import hashlib
-import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AsyncExitStack, suppress
@@ -58,8 +58,9 @@ from .._utils import create_engine
 from ..errors import ConfigurationError, FleetBusyError, TenantNotFoundError
 from ..isolation.spares import FLEET_GATE_KEY, SPARES_TABLE
 from ..tenant import Tenant, TenantStatus
-from ._worker import init_worker, migrate_in_worker, seconds
+from ._worker import init_worker, migrate_in_worker, seconds, worker_context, worker_settings
 from .env import read_database_version, read_versions
+from .pacing import Pacing
 from .results import (
     RLS_LABEL,
     SPARE_LABEL,
@@ -81,16 +82,19 @@ __all__ = ["FleetMigrator"]
 
 _LOCK_KEY = 0x7E4A_F1EE  # pg advisory lock: one fleet run per database
 
+_VERSIONS_PER_QUERY = 1000  # schemas whose version tables one transaction reads (and locks)
+
 
 class FleetMigrator:
     """Migrates every tenant's schema (or database) with Alembic. One instance per command; not shared.
 
-        migrator = FleetMigrator(manager, "alembic.ini", concurrency=8)
+        migrator = FleetMigrator(manager, "alembic.ini")
         report = await migrator.run("upgrade", "head", canary=5)
 
-    `alembic_ini` and `section` name the tenant environment (see the project
-    template: `fastapi-tenancy migrate init`). Results go to
-    `<results_schema>.tenancy_migration_runs` and `tenancy_migration_results` (on
+    `concurrency` tenants are migrated at once; None (the default) lets the run choose,
+    from the throughput it measures (`pacing.Pacing`). `alembic_ini` and `section` name
+    the tenant environment (see the project template: `fastapi-tenancy migrate init`).
+    Results go to `<results_schema>.tenancy_migration_runs` and `tenancy_migration_results` (on
     MySQL/MariaDB, the registry's database). `maintenance=True` holds each tenant in
     maintenance (its requests answered 503 in every worker) while Alembic runs for it.
     """
@@ -101,7 +105,7 @@ class FleetMigrator:
         alembic_ini: str | Path,
         *,
         section: str = "tenant",
-        concurrency: int = 4,
+        concurrency: int | None = None,
         lock_timeout: str = "5s",
         statement_timeout: str = "0",
         results_schema: str = "public",
@@ -121,7 +125,7 @@ class FleetMigrator:
                 f"or MySQL/MariaDB with database isolation; this is {config.backend} with "
                 f"{config.isolation_strategy} isolation"
             )
-        if concurrency < 1:
+        if concurrency is not None and concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         seconds(lock_timeout), seconds(statement_timeout)  # refuse a malformed timeout now, not per tenant
         self.manager = manager
@@ -216,7 +220,7 @@ class FleetMigrator:
         A database that cannot be reached is left out (not at the target): its
         migration then fails with the reason, recorded like any other failure.
         """
-        gate = asyncio.Semaphore(max(self.concurrency, 8))
+        gate = asyncio.Semaphore(max(self.concurrency or 0, 8))
         versions: dict[str, tuple[str, ...] | None] = {}
 
         async def read(label: str, url: str) -> None:
@@ -242,8 +246,15 @@ class FleetMigrator:
             by_table.setdefault(target.version_table, {})[label] = target.name
         async with self.engine.connect() as conn:
             for table, group in by_table.items():
-                found = await read_versions(conn, group.values(), version_table=table)
-                versions.update({label: found[name] for label, name in group.items() if name in found})
+                entries = list(group.items())
+                for start in range(0, len(entries), _VERSIONS_PER_QUERY):
+                    chunk = dict(entries[start : start + _VERSIONS_PER_QUERY])
+                    found = await read_versions(conn, chunk.values(), version_table=table)
+                    # Reading a version table locks it until the transaction ends: one
+                    # transaction over 10,000 tenants ran out of the server's lock table
+                    # ("out of shared memory", 64 locks x max_connections by default).
+                    await conn.commit()
+                    versions.update({label: found[name] for label, name in chunk.items() if name in found})
         return versions
 
     async def _spares(self) -> list[str]:
@@ -424,15 +435,15 @@ class FleetMigrator:
             "statement_timeout": self.statement_timeout,
             "mysql": self._mysql,
         }
-        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
+        pacing = Pacing(self.concurrency, tenants=len(todo))
+        # Never forked from this process, which runs an event loop and threads (see worker_context).
         pool = ProcessPoolExecutor(
-            max_workers=min(self.concurrency, len(todo)),
-            mp_context=multiprocessing.get_context("spawn"),
+            max_workers=pacing.ceiling,
+            mp_context=worker_context(),
             initializer=init_worker,
-            initargs=(settings,),
+            initargs=(worker_settings(settings),),
         )
         loop = asyncio.get_running_loop()
-        gate = asyncio.Semaphore(self.concurrency)
         stop = asyncio.Event()
 
         async def migrate(m: TenantMigration) -> dict[str, Any]:
@@ -449,7 +460,7 @@ class FleetMigrator:
             )
 
         async def one(m: TenantMigration, stop_on_failure: bool) -> None:
-            async with gate:
+            async with pacing:
                 if stop.is_set():
                     report.not_run.append(m.tenant)
                     return
@@ -477,6 +488,7 @@ class FleetMigrator:
                     continue
                 await asyncio.gather(*(one(m, stop_on_failure) for m in wave))
             report.stopped = stop.is_set()
+            report.concurrency = pacing.width
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

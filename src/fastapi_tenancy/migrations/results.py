@@ -83,6 +83,8 @@ class FleetReport:
     """True when the canary wave failed or `fail_fast` stopped the run early."""
     not_run: list[str] = field(default_factory=list)
     """Tenants left untouched because the run stopped early."""
+    concurrency: int = 0
+    """Tenants migrated at once when the run ended: given, or chosen (0: none ran Alembic)."""
 
     def count(self, status: Outcome) -> int:
         """How many tenants ended with `status`."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._utils import create_engine, create_tables, is_deadlock, unavailable_as_503
@@ -20,7 +21,7 @@ from ..errors import (
 )
 from ..tenant import Tenant, TenantStatus, thaw
 from ..urls import normalise_database_url
-from .base import TenantStore
+from .base import TenantStore, TenantVersion
 from .tables import domains_table, settings_table, table_problem, tenants_table
 
 __all__ = ["SQLAlchemyTenantStore"]
@@ -176,11 +177,24 @@ class SQLAlchemyTenantStore(TenantStore):
     async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
         if not identifiers:
             return {}
-        query = self.table.select().where(self.table.c.identifier.in_(list(identifiers)))
+        query = self.table.select().where(self._among(self.table.c.identifier, identifiers))
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             rows = (await conn.execute(query)).all()
         tenants = (self._tenant(row._mapping) for row in rows)
         return {tenant.identifier: tenant for tenant in tenants}
+
+    async def get_versions(self, identifiers: Sequence[str]) -> dict[str, TenantVersion]:
+        # Four narrow columns, no JSON and no `Tenant` built: what a refresh of an
+        # unchanged tenant costs.
+        if not identifiers:
+            return {}
+        c = self.table.c
+        query = sa.select(c.identifier, c.id, c.status, c.updated_at).where(
+            self._among(c.identifier, identifiers)
+        )
+        async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
     async def get_by_ids(self, tenant_ids: Iterable[str]) -> list[Tenant]:
         wanted = list(dict.fromkeys(tenant_ids))
@@ -197,16 +211,23 @@ class SQLAlchemyTenantStore(TenantStore):
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:
             return (await conn.execute(query)).first() is not None
 
-    async def create(self, tenant: Tenant) -> Tenant:
+    async def create(self, tenant: Tenant, *, also: Sequence[sa.Executable] = ()) -> Tenant:
+        """`TenantStore.create`; `also` are statements on this store's engine (the audit
+        entries of the registration) that commit in the same transaction, or not at all."""
         row = self.new_row(tenant)
-        try:
-            async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+        async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
+            try:
                 await conn.execute(self.table.insert().values(**row))
-        except sa_exc.IntegrityError as exc:
-            raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
+            except sa_exc.IntegrityError as exc:
+                raise TenantAlreadyExistsError(f"tenant {tenant.identifier!r} already exists") from exc
+            for statement in also:
+                await conn.execute(statement)
         return tenant
 
-    async def update(self, tenant: Tenant, *, expected: Tenant | None = None) -> Tenant:
+    async def update(
+        self, tenant: Tenant, *, expected: Tenant | None = None, also: Sequence[sa.Executable] = ()
+    ) -> Tenant:
+        """`TenantStore.update`; `also` commit with the change, and only when it is applied."""
         table = self.table
         query = table.update().where(table.c.id == tenant.id).values(**self._row(tenant))
         if expected is not None:
@@ -214,12 +235,24 @@ class SQLAlchemyTenantStore(TenantStore):
             query = query.where(
                 table.c.status == expected.status.value, table.c.updated_at == expected.updated_at
             )
+        returning = self.engine.dialect.update_returning
+        if returning:  # the stored row in the same round trip (PostgreSQL, SQLite)
+            query = query.returning(*table.c)
         async with unavailable_as_503("tenant registry"), self.engine.begin() as conn:
             result = await conn.execute(query)
-            stored = (await conn.execute(table.select().where(table.c.id == tenant.id))).first()
+            stored = result.first() if returning else None
+            if stored is None:
+                applied = not returning and result.rowcount > 0
+                # Which failed (gone, or changed) or, without RETURNING, the stored row.
+                stored = (await conn.execute(table.select().where(table.c.id == tenant.id))).first()
+            else:
+                applied = True
+            if applied:
+                for statement in also:
+                    await conn.execute(statement)
         if stored is None:
             raise TenantNotFoundError(f"no tenant with id {tenant.id!r}")
-        if result.rowcount == 0:
+        if not applied:
             raise TenantChangedError(f"tenant {tenant.identifier!r} changed concurrently")
         return self._tenant(stored._mapping)
 
@@ -352,6 +385,15 @@ class SQLAlchemyTenantStore(TenantStore):
             )
         if result.rowcount == 0:
             raise DomainNotFoundError(f"{name} is not a domain of tenant id {tenant_id!r}")
+
+    def _among(self, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
+        # On PostgreSQL `= ANY(array)`: one bound parameter instead of one per value, which
+        # SQLAlchemy renders into the SQL text at every execution (a third of the CPU of a
+        # refresh batch's query), and one statement text whatever the batch's size, so one
+        # prepared statement. Elsewhere the usual IN list.
+        if self.engine.dialect.name == "postgresql":
+            return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+        return column.in_(list(values))
 
     async def _one(self, condition: sa.ColumnElement[bool]) -> Tenant | None:
         async with unavailable_as_503("tenant registry"), self._reader.connect() as conn:

@@ -5,8 +5,9 @@ To cache another store's lookups in Redis instead, wrap it in a `CachingTenantSt
 """
 
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 try:
@@ -30,7 +31,7 @@ from ..errors import (
 )
 from ..tenant import Tenant, TenantStatus
 from ._records import decode, encode, pairs, stamp
-from .base import TenantStore
+from .base import TenantStore, TenantVersion
 
 __all__ = ["RedisTenantStore", "is_redis_outage"]
 
@@ -107,6 +108,21 @@ _GET_BY_IDENTIFIER = """
 local id = redis.call('GET', KEYS[1])
 if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. id)
+"""
+
+# Versions of many tenants in one round trip: (id, status, updated_at) per identifier key,
+# or nil for an unknown identifier (ARGV[1]: the tenant key's prefix).
+_GET_VERSIONS = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  found[i] = false
+  local id = redis.call('GET', key)
+  if id then
+    local version = redis.call('HMGET', ARGV[1] .. id, 'status', 'updated_at')
+    if version[1] then found[i] = {id, version[1], version[2]} end
+  end
+end
+return found
 """
 
 
@@ -187,6 +203,7 @@ class RedisTenantStore(TenantStore):
         self._update = self.redis.register_script(_UPDATE)
         self._delete = self.redis.register_script(_DELETE)
         self._get_by_identifier = self.redis.register_script(_GET_BY_IDENTIFIER)
+        self._get_versions = self.redis.register_script(_GET_VERSIONS)
         self._add_domain = self.redis.register_script(_ADD_DOMAIN)
         self._remove_domain = self.redis.register_script(_REMOVE_DOMAIN)
         self._get_domain = self.redis.register_script(_GET_DOMAIN)
@@ -256,6 +273,37 @@ class RedisTenantStore(TenantStore):
             )
         return decode(pairs(flat)) if flat else None
 
+    async def get_many(self, identifiers: Sequence[str]) -> dict[str, Tenant]:
+        records = await self._records(list(dict.fromkeys(identifiers)))
+        tenants = (decode(pairs(flat)) for flat in records if flat)
+        return {tenant.identifier: tenant for tenant in tenants}
+
+    async def get_versions(self, identifiers: Sequence[str]) -> dict[str, TenantVersion]:
+        wanted = list(dict.fromkeys(identifiers))
+        if not wanted:
+            return {}
+        async with self._registry():
+            found = await self._get_versions(
+                keys=[self._ident_key(i) for i in wanted], args=[self._tenant_key("")]
+            )
+        return {
+            identifier: (version[0], version[1], datetime.fromisoformat(version[2]))
+            for identifier, version in zip(wanted, found, strict=True)
+            if version
+        }
+
+    async def _records(self, identifiers: list[str]) -> list[list[str]]:
+        """The records of these identifiers as flat field lists (empty for unknown ones), one round trip."""
+        if not identifiers:
+            return []
+        async with self._registry(), self.redis.pipeline(transaction=False) as pipe:
+            for identifier in identifiers:
+                await self._get_by_identifier(
+                    keys=[self._ident_key(identifier)], args=[self._tenant_key("")], client=pipe
+                )
+            records: list[list[str]] = await pipe.execute()
+        return records
+
     async def list(
         self, *, status: TenantStatus | None = None, after: str | None = None, limit: int = 100
     ) -> list[Tenant]:
@@ -264,12 +312,7 @@ class RedisTenantStore(TenantStore):
             identifiers: list[str] = await self.redis.zrangebylex(
                 index, "-" if after is None else f"({after}", "+", start=0, num=limit
             )
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for identifier in identifiers:
-                    await self._get_by_identifier(
-                        keys=[self._ident_key(identifier)], args=[self._tenant_key("")], client=pipe
-                    )
-                records = await pipe.execute() if identifiers else []
+        records = await self._records(identifiers)
         # A tenant deleted since the index was read has no record: skipped.
         return [decode(pairs(flat)) for flat in records if flat]
 

@@ -6,6 +6,7 @@ and dropped after it, with everything they own in the test database.
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -89,8 +90,8 @@ async def citus_roles(citus_url: str) -> Roles:
     return made
 
 
-@pytest.fixture
-async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
+@asynccontextmanager
+async def made_tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
     """`roles` for `schema_tenant_roles`: the owner may create roles, the app role is NOINHERIT.
 
     The tenant roles the test made (`<schema>@<database>`, and the group
@@ -115,3 +116,17 @@ async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
             await admin.execute(f'DROP ROLE "{row["rolname"]}"')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def tenant_roles(roles: Roles) -> AsyncIterator[Roles]:
+    """`roles` for `schema_tenant_roles` (`made_tenant_roles`)."""
+    async with made_tenant_roles(roles) as made:
+        yield made
+
+
+@pytest.fixture
+async def citus_tenant_roles(citus_roles: Roles) -> AsyncIterator[Roles]:
+    """`tenant_roles` on the Citus cluster (roles made on the coordinator reach every worker)."""
+    async with made_tenant_roles(citus_roles) as made:
+        yield made

@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastapi_tenancy.errors import TenantScopeError
 
-from ..conftest import POSTGRES_URL, _postgres_admin
+from ..conftest import _postgres_admin
 from .test_matrix import Env, _environment, _setup
 
-POSTGRES_SETUPS = ["postgres", "rls", "hybrid", "postgres-database", "hybrid-database"]
+# "citus": distributed schemas behind a Citus coordinator (the route's SQL reaches a worker).
+POSTGRES_SETUPS = ["postgres", "citus", "rls", "hybrid", "postgres-database", "hybrid-database"]
 
 
 @pytest.fixture(params=POSTGRES_SETUPS)
@@ -99,7 +101,10 @@ async def test_a_route_cannot_leave_a_role_or_search_path_breaking_the_next_requ
     users = {user}
     for tenant in ("alpha", "beta"):
         users.add((await _sql(env, tenant, "SELECT current_user"))[0][0][0])
-    admin = await _postgres_admin(POSTGRES_URL)
+    # The superuser of the server the setup runs on (on Citus, CREATE ROLE and GRANT reach
+    # the workers too).
+    server = make_url(env.manager.config.database_url).set(username="postgres", password=None)
+    admin = await _postgres_admin(server.render_as_string(hide_password=False))
     try:
         await admin.execute(f'CREATE ROLE "{role}" NOLOGIN')
         for member in users:

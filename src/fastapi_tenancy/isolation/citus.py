@@ -27,12 +27,13 @@ What the library does on a cluster (docs/scaling-out.md):
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._utils import unavailable_as_503
+from .._utils import is_outage, unavailable_as_503
 from ..errors import ConfigurationError, ProvisioningError
 
 __all__ = ["REFERENCE_TABLE", "CitusCluster", "Move", "Node", "TransferMode"]
@@ -111,6 +112,18 @@ _UNSUPPORTED = sa.text(
     LIMIT 20
     """
 )
+
+
+def _refused_move(exc: sa_exc.DBAPIError, schema: str, target: str) -> NoReturn:
+    """Why `citus_schema_move` refused or failed, as a `ProvisioningError` (an outage stays a 503).
+
+    E.g. the tenant was deleted after the move looked it up ("schema ... does not exist"),
+    or another move of it runs. Citus moves a schema's shards together or not at all: the
+    schema is left whole on its node (tests/citus/test_moves.py).
+    """
+    if is_outage(exc):
+        raise exc
+    raise ProvisioningError(f"could not move schema {schema!r} to {target}: {exc.orig}") from exc
 
 
 def _names(schemas: list[str], shown: int = 10) -> str:
@@ -245,6 +258,18 @@ class CitusCluster:
         await conn.exec_driver_sql(statement)
         await conn.exec_driver_sql("SET LOCAL citus.enable_ddl_propagation TO on")
 
+    async def keep_local(self, conn: AsyncConnection) -> None:
+        """Keep the DDL of the rest of `conn`'s transaction on the coordinator (a spare schema).
+
+        A spare is renamed when a tenant claims it, then distributed. Made with DDL
+        propagation on, Citus creates its (empty) schema on the workers too, and such a
+        schema, renamed and distributed in one transaction, fails to distribute once it
+        holds a sequence ("schema ... does not exist", Citus 13.2). Kept local, the schema
+        and its tables reach the workers only with `distribute()`, under the tenant's name.
+        """
+        if self.active:
+            await conn.exec_driver_sql("SET LOCAL citus.enable_ddl_propagation TO off")
+
     # -- placement ------------------------------------------------------------------------
 
     async def placements(self, schemas: Sequence[str]) -> dict[str, str]:
@@ -290,13 +315,16 @@ class CitusCluster:
         # Logical replication cannot run inside a transaction block.
         async with unavailable_as_503("Citus coordinator"), self.engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(
-                sa.text(
-                    "SELECT citus_schema_move(CAST(:s AS regnamespace), :host, :port, "
-                    "shard_transfer_mode => CAST(:mode AS citus.shard_transfer_mode))"
-                ),
-                {"s": f'"{schema}"', "host": host, "port": port, "mode": mode},
-            )
+            try:
+                await conn.execute(
+                    sa.text(
+                        "SELECT citus_schema_move(CAST(:s AS regnamespace), :host, :port, "
+                        "shard_transfer_mode => CAST(:mode AS citus.shard_transfer_mode))"
+                    ),
+                    {"s": f'"{schema}"', "host": host, "port": port, "mode": mode},
+                )
+            except sa_exc.DBAPIError as exc:
+                _refused_move(exc, schema, node.address)
         return Move(schema, source, node.address, time.perf_counter() - started)
 
     async def rebalance(

@@ -59,6 +59,7 @@ _LOGIN = sa.text(
     "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user"
 )
 _ROLE_EXISTS = sa.text("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = :name")
+_CAN_LOGIN = sa.text("SELECT rolcanlogin FROM pg_catalog.pg_roles WHERE rolname = :name")
 _DUPLICATE = ("42710", "23505")  # duplicate_object; unique_violation (a concurrent create)
 _DEPENDENT_OBJECTS = "2BP01"
 # Per tenant schema (those holding an incarnation marker), what its role lacks, and
@@ -79,7 +80,8 @@ _CHECK = sa.text(
     "AND pg_catalog.has_table_privilege(r.oid, c.oid, 'DELETE'))) "
     "OR (c.relkind = 'S' AND NOT (pg_catalog.has_sequence_privilege(r.oid, c.oid, 'USAGE') "
     "AND pg_catalog.has_sequence_privilege(r.oid, c.oid, 'SELECT'))))) END AS ungranted, "
-    "pg_catalog.has_schema_privilege(:login, n.oid, 'USAGE') AS login_reads "
+    "pg_catalog.has_schema_privilege(:login, n.oid, 'USAGE') AS login_reads, "
+    "coalesce(r.rolcanlogin, false) AS can_login "
     "FROM unnest(CAST(:schemas AS text[]), CAST(:roles AS text[])) AS s(schema, role) "
     "JOIN pg_catalog.pg_namespace n ON n.nspname = s.schema "
     "LEFT JOIN pg_catalog.pg_roles r ON r.rolname = s.role ORDER BY 1"
@@ -137,6 +139,9 @@ class TenantRoles:
         self.engine = engine
         self.ddl_engine = ddl_engine
         self.prefix = prefix
+        self.on_citus = False
+        """Set by the isolation on a Citus cluster: tenant roles may log in (`_allow_login`),
+        and outlive their schema (`drop`)."""
         self._login: _Login | None = None
 
     async def ready(self) -> _Login:
@@ -184,6 +189,8 @@ class TenantRoles:
         login = await self.ready()
         role = self.name(schema)
         await _create_role(conn, role)
+        if self.on_citus:
+            await _allow_login(conn, role)
         quoted = quote_identifier(role)
         await conn.execute(sa.text(f"GRANT {quote_identifier(self.group)} TO {quoted}"))
         # The login role may become the tenant's role, never use its privileges unasked.
@@ -200,6 +207,13 @@ class TenantRoles:
         gone, and a tenant registered under the slug again reuses it.
         """
         await self.ready()
+        if self.on_citus:
+            # Kept: coordinator backends keep their connections to the workers open, logged
+            # in as this role by name; a role dropped and made again under that name is
+            # another role there, and a slug registered again would be refused ("permission
+            # denied for schema") on those connections. It holds nothing once its schema is
+            # gone, and a tenant registered under the slug again reuses it.
+            return
         role = quote_identifier(self.name(schema))
         try:
             async with conn.begin_nested():
@@ -246,6 +260,7 @@ class TenantRoles:
                     ("USAGE on the schema", not row.usage),
                     (f"{row.ungranted} tables or sequences", row.ungranted),
                     (f"the group {self.group!r}", not row.in_group),
+                    ("LOGIN, which Citus connects to the workers with", self.on_citus and not row.can_login),
                 )
                 if missing
             ]
@@ -276,3 +291,19 @@ async def _create_role(conn: AsyncConnection, role: str) -> None:
         # Made meanwhile by another process (roles are cluster-wide).
         if getattr(exc.orig, "sqlstate", None) not in _DUPLICATE:
             raise
+
+
+async def _allow_login(conn: AsyncConnection, role: str) -> None:
+    """Let tenant role `role` log in: what a Citus coordinator needs of it (on every node).
+
+    Citus runs a statement's part on a worker over a connection it opens as the
+    *current* user, the tenant's role inside a tenant transaction: a NOLOGIN role is
+    refused there ("not permitted to log in"). No password is set, so nobody logs in as
+    it with password authentication; the workers must accept the coordinator's
+    connections for it as they do for the login role (trust for the coordinator's
+    address, certificates, or `pg_dist_authinfo`): docs/scaling-out.md.
+    """
+    if await conn.scalar(_CAN_LOGIN, {"name": role}):
+        return
+    # ALTER ROLE on the coordinator reaches every worker (and nodes added later).
+    await conn.execute(sa.text(f"ALTER ROLE {quote_identifier(role)} LOGIN"))

@@ -127,18 +127,18 @@ class SchemaIsolation(Isolation):
         # dropped by it, and the sessions' role (or each tenant's) is granted use of each
         # one, so it cannot drop them.
         self.ddl_engine = ddl_engine or engine
+        # On a Citus coordinator, each tenant schema is made a distributed schema (citus.py).
+        self.cluster = cluster if cluster is not None else CitusCluster(self.ddl_engine)
         # Clones of the template made ahead of time: a registration renames one.
         self.spares: SparePool | None = None
         if spares:
             if template is None:
                 raise ConfigurationError("spare schemas are clones of the template: set schema_template")
-            self.spares = SparePool(self.ddl_engine, template, size=spares)
+            self.spares = SparePool(self.ddl_engine, template, size=spares, cluster=self.cluster)
         self.roles: TenantRoles | None = (
             TenantRoles(engine, self.ddl_engine, prefix=prefix) if tenant_roles else None
         )
         """A role per tenant schema, each transaction running as its tenant's (`roles.py`)."""
-        # On a Citus coordinator, each tenant schema is made a distributed schema (citus.py).
-        self.cluster = cluster if cluster is not None else CitusCluster(self.ddl_engine)
         self._grantee: str | None = None
         # identifier -> the engine view (same pool) a tenant's sessions run on; bounded.
         # identifier -> the tenant's BEGIN setting: strings only, which the garbage
@@ -213,6 +213,8 @@ class SchemaIsolation(Isolation):
     async def initialize(self) -> None:
         await self.cluster.initialize()
         if self.roles is not None:
+            # On Citus the coordinator connects to the workers as the tenant's role.
+            self.roles.on_citus = self.cluster.active
             await self.roles.ready()
         if self.shared_statements:
             await self._check_schema_types()

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..errors import ProvisioningError
 from .base import quote_identifier
+from .citus import CitusCluster
 from .clone import clone_schema
 
 __all__ = ["SPARES_TABLE", "SPARE_PREFIX", "SpareInfo", "SparePool"]
@@ -116,10 +117,14 @@ class SparePool:
     the background afterwards; `fastapi-tenancy tenants spares fill` fills from the shell.
     """
 
-    def __init__(self, engine: AsyncEngine, template: str, *, size: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, template: str, *, size: int, cluster: CitusCluster | None = None
+    ) -> None:
         self.engine = engine
         self.template = template
         self.size = size
+        self.cluster = cluster
+        """The Citus cluster tenant schemas are distributed on, if any: spares stay on its coordinator."""
         self._refill: asyncio.Task[int] | None = None
 
     async def initialize(self) -> None:
@@ -196,6 +201,8 @@ class SparePool:
         async with self.engine.begin() as conn:
             if not await conn.scalar(_FLEET_IDLE, {"k": FLEET_GATE_KEY}):
                 return False  # the template is being migrated: make none from it now
+            if self.cluster is not None:
+                await self.cluster.keep_local(conn)
             await clone_schema(conn, self.template, name)
             await conn.execute(_INSERT, {"n": name})
         return True

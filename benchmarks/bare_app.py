@@ -73,6 +73,8 @@ def _sessionmaker(url: str) -> async_sessionmaker[AsyncSession]:
 
 
 SessionLocal = None if DATABASE_PER_TENANT else _sessionmaker(DATABASE_URL)
+# The one engine (none with a database per tenant): what the in-process benchmarks dispose.
+engine = None if SessionLocal is None else SessionLocal.kw["bind"]
 _tenant_sessionmakers: dict[str, async_sessionmaker[AsyncSession]] = {}
 _tenant_options: dict[str, dict[str, Any]] = {}
 NO_OPTIONS: dict[str, Any] = {}

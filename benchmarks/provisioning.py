@@ -267,7 +267,7 @@ async def main() -> None:
             # The storage step alone (registration also writes the registry, audit log and
             # invalidation, the same for every way).
             manager.isolation.provision = timed(manager.isolation.provision, provision[way])  # type: ignore[method-assign,assignment]
-        stamper = stamped.admin.stamper
+        stamper = stamped._registration.stamper  # noqa: SLF001  (the timed step of the stamped way)
         assert stamper is not None
         stamper.after_provision = timed(stamper.after_provision, stamps)  # type: ignore[method-assign,assignment]
         for i in range(args.tenants):

@@ -30,7 +30,6 @@ import asyncio
 import gc
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402  (benchmarks/ is not a package)
 import scale  # noqa: E402
-from roundtrips import asgi_get  # noqa: E402
+from profile_scale import drive  # noqa: E402
 
 PREFIX = "bench_gcfreeze"
 
@@ -62,21 +61,6 @@ class Collections:
         self.total += took
         if info["generation"] == 2:
             self.full.append(took)
-
-
-async def drive(app: Any, tenants: list[str], requests: int, concurrency: int) -> None:
-    remaining = requests
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            headers = [(b"x-tenant-id", random.choice(tenants).encode())]
-            status, body = await asgi_get(app, "/orders", headers)
-            if status != 200:
-                raise RuntimeError(f"GET /orders answered {status}: {body[:200]!r}")
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 async def rounds(module: Any, tenants: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -152,16 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     cleanups: list[Any] = []
     load = os.getloadavg()[0]
     try:
-        setup = argparse.Namespace(
-            pg_base=pg,
-            db_prefix=PREFIX,
-            maintenance_db=args.maintenance_db,
-            hybrid_tier="rls",
-            orders=args.orders,
-        )
-        backend = asyncio.run(overhead.setup_postgres(setup, cleanups, "rls"))
-        schema = backend.bare_env["BENCH_BARE_SCHEMA"]
-        table = f'"{schema}".orders' if schema else "orders"
+        backend, table = scale.rls_database(pg, PREFIX, args, cleanups)
         asyncio.run(scale.add_rls_tenants(pg, f"{PREFIX}_rls", table, 1, args.tenants + 1, args.orders))
         env = dict(backend.tenancy_env, TENANCY_CACHE_MAX_SIZE=str(max(10_000, args.tenants)))
         module = overhead.load_app(backend.tenancy_app, env, "gc_freeze_app")

@@ -132,18 +132,23 @@ async def add_rls_tenants(base: str, database: str, table: str, start: int, stop
     return time.perf_counter() - began
 
 
-def rls_sides(base: str, args: argparse.Namespace, cleanups: list[Any]) -> tuple[Sides, str]:
-    """`overhead.py`'s rls pair on `bench_scale_rls`; also the shared orders table's name."""
+def rls_database(base: str, prefix: str, args: argparse.Namespace, cleanups: list[Any]) -> tuple[Any, str]:
+    """`overhead.py`'s rls database (`<prefix>...`): its backend and the shared orders table's name."""
     setup = argparse.Namespace(
         pg_base=base,
-        db_prefix=RLS_PREFIX,
+        db_prefix=prefix,
         maintenance_db=args.maintenance_db,
         hybrid_tier="rls",
         orders=args.orders,
     )
     backend = asyncio.run(overhead.setup_postgres(setup, cleanups, "rls"))
     schema = backend.bare_env["BENCH_BARE_SCHEMA"]
-    table = f'"{schema}".orders' if schema else "orders"
+    return backend, f'"{schema}".orders' if schema else "orders"
+
+
+def rls_sides(base: str, args: argparse.Namespace, cleanups: list[Any]) -> tuple[Sides, str]:
+    """`overhead.py`'s rls pair on `bench_scale_rls`; also the shared orders table's name."""
+    backend, table = rls_database(base, RLS_PREFIX, args, cleanups)
     sides = Sides(
         backend.tenancy_app.stem + ":app", backend.tenancy_app.parent, backend.tenancy_env, backend.bare_env
     )

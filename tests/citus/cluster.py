@@ -25,6 +25,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.conftest import REQUIRE_SERVICES
 
@@ -222,3 +223,19 @@ class ExtraNode:
             timeout=60,
         )
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def coordinator(url: str) -> asyncpg.Connection:
+    """A superuser connection to the coordinator database of `url` (a `citus_url`)."""
+    parsed = make_url(url)
+    return await asyncpg.connect(
+        host=parsed.host, port=parsed.port, user="postgres", database=parsed.database
+    )
+
+
+async def distributed_schemas(conn: asyncpg.Connection) -> set[str]:
+    """The names of the distributed schemas, as the coordinator's metadata has them."""
+    rows = await conn.fetch(
+        "SELECT n.nspname FROM pg_dist_schema s JOIN pg_namespace n ON n.oid = s.schemaid"
+    )
+    return {r["nspname"] for r in rows}

@@ -7,9 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from fastapi_tenancy import TenancyConfig, TenancyManager
@@ -18,6 +16,7 @@ from fastapi_tenancy.isolation.citus import CitusCluster
 from fastapi_tenancy.migrations.fleet import FleetMigrator
 
 from ..migrations.projects import TEMPLATE
+from .cluster import coordinator, distributed_schemas
 
 # a1 makes the table; b2 adds a column to it (and so to the shard on the tenant's worker).
 REVISION_A = """
@@ -64,13 +63,6 @@ def _project(root: Path) -> Path:
     ini = root / "alembic.ini"
     ini.write_text(ini.read_text().replace("%(here)s", str(root)))
     return ini
-
-
-async def _coordinator(url: str) -> asyncpg.Connection:
-    parsed = make_url(url)
-    return await asyncpg.connect(
-        host=parsed.host, port=parsed.port, user="postgres", database=parsed.database
-    )
 
 
 async def _cli(url: str, *args: str, **env: str) -> tuple[int, str]:
@@ -156,15 +148,10 @@ async def test_migrate_upgrades_distributed_schemas_and_later_tenants_start_at_h
     finally:
         await manager.close()
 
-    conn = await _coordinator(citus_url)
+    conn = await coordinator(citus_url)
     try:
         # Every tenant schema distributed, each at b2; the template and the spare stay plain.
-        distributed = {
-            r["nspname"]
-            for r in await conn.fetch(
-                "SELECT n.nspname FROM pg_dist_schema s JOIN pg_namespace n ON n.oid = s.schemaid"
-            )
-        }
+        distributed = await distributed_schemas(conn)
         assert distributed == {f"tenant_{s}" for s in ("alpha", "beta", "gamma", "delta")}
         for schema in sorted(distributed):
             assert await conn.fetchval(f'SELECT version_num FROM "{schema}".alembic_version') == "b2"  # noqa: S608

@@ -3,7 +3,6 @@ one worker, its statements routed to that worker alone; moves and rebalancing ke
 
 from typing import Any
 
-import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -14,15 +13,9 @@ from fastapi_tenancy.doctor import run_checks
 from fastapi_tenancy.isolation.base import marker_name
 
 from ..apps import Base, Order
+from .cluster import coordinator, distributed_schemas
 
 ROWS = {"alpha": {1: "alpha-1", 2: "alpha-2"}, "beta": {1: "beta-1", 3: "beta-3"}}
-
-
-async def _coordinator(url: str) -> asyncpg.Connection:
-    parsed = make_url(url)
-    return await asyncpg.connect(
-        host=parsed.host, port=parsed.port, user="postgres", database=parsed.database
-    )
 
 
 async def _seeded(url: str, **settings: Any) -> TenancyManager:
@@ -60,14 +53,9 @@ async def test_tenant_schemas_are_distributed_apart_and_routed_to_one_node(citus
                 )
                 assert "Task Count: 1" in plan, plan
                 assert f"port={placements['tenant_' + identifier].split(':')[1]}" in plan, plan
-        conn = await _coordinator(citus_url)
+        conn = await coordinator(citus_url)
         try:
-            distributed = {
-                r["nspname"]
-                for r in await conn.fetch(
-                    "SELECT n.nspname FROM pg_dist_schema s JOIN pg_namespace n ON n.oid = s.schemaid"
-                )
-            }
+            distributed = await distributed_schemas(conn)
             assert distributed == {"tenant_alpha", "tenant_beta"}
             # The incarnation marker stays a local view: a distributed one would have the LOCK
             # in every BEGIN take a lock on every node.
@@ -111,7 +99,7 @@ async def test_moves_and_rebalancing_keep_every_row_and_the_routing(citus_url: s
         assert checks["citus moves"].status == "ok", checks["citus moves"]
         # Workers acknowledging commits before writing them would lose writes at a switch-over
         # (ALTER DATABASE on the coordinator reaches every node).
-        conn = await _coordinator(citus_url)
+        conn = await coordinator(citus_url)
         try:
             await conn.execute(
                 f'ALTER DATABASE "{make_url(citus_url).database}" SET synchronous_commit TO off'
@@ -141,7 +129,7 @@ class Subscription(_SharedBase):
 
 
 async def test_flagged_shared_tables_become_reference_tables(citus_url: str) -> None:
-    engine_conn = await _coordinator(citus_url)
+    engine_conn = await coordinator(citus_url)
     try:
         await engine_conn.execute("CREATE TABLE public.plans (id integer PRIMARY KEY)")
         await engine_conn.execute("INSERT INTO public.plans VALUES (1)")
@@ -154,7 +142,7 @@ async def test_flagged_shared_tables_become_reference_tables(citus_url: str) -> 
         async with manager.session("alpha") as session:
             await session.execute(sa.insert(Subscription).values(id=1, plan_id=1))
             await session.commit()
-        conn = await _coordinator(citus_url)
+        conn = await coordinator(citus_url)
         try:
             kind = await conn.fetchval(
                 "SELECT citus_table_type FROM citus_tables WHERE table_name = 'plans'::regclass"
@@ -208,14 +196,9 @@ async def test_clones_of_the_template_and_spares_are_distributed_too(citus_url: 
                 await session.commit()
             async with manager.session(identifier) as session:
                 assert (await session.execute(sa.select(Order.description))).scalars().all() == [identifier]
-        conn = await _coordinator(citus_url)
+        conn = await coordinator(citus_url)
         try:
-            distributed = {
-                r["nspname"]
-                for r in await conn.fetch(
-                    "SELECT n.nspname FROM pg_dist_schema s JOIN pg_namespace n ON n.oid = s.schemaid"
-                )
-            }
+            distributed = await distributed_schemas(conn)
             assert distributed == {"tenant_alpha", "tenant_beta"}
         finally:
             await conn.close()

@@ -80,3 +80,16 @@ def test_the_adapter_tracks_its_open_transaction_in_one_slot() -> None:
     adapter = sa_asyncpg.AsyncAdapt_asyncpg_connection
     assert "self._transaction = transaction" in inspect.getsource(adapter._start_transaction)
     assert "adapt_connection._transaction is None" in inspect.getsource(sa_asyncpg.AsyncAdapt_asyncpg_cursor)
+
+
+def test_asyncpg_counts_every_query_but_copy_and_copy_runs_through_the_methods_we_wrap() -> None:
+    # _begin.py skips the reset in BEGIN while the protocol's count has not moved since the
+    # last one; COPY is not counted, so the connection's COPY methods forget the reset.
+    assert "queries_count" in dir(asyncpg.protocol.protocol.BaseProtocol)
+    for copy in ("copy_from_table", "copy_from_query"):
+        assert "self._copy_out(" in inspect.getsource(getattr(asyncpg.Connection, copy)), copy
+    for copy in ("copy_to_table",):
+        assert "self._copy_in(" in inspect.getsource(getattr(asyncpg.Connection, copy)), copy
+    assert "self._protocol.copy_in(" in inspect.getsource(asyncpg.Connection.copy_records_to_table)
+    for wrapped in ("_copy_out", "_copy_in", "copy_records_to_table"):
+        assert wrapped in vars(_begin.BeginSettingsConnection), wrapped

@@ -1,6 +1,5 @@
 """Private helpers shared by the store, the isolation strategies, the middleware and the OpenAPI schema."""
 
-import asyncio
 import errno
 import socket
 import uuid
@@ -12,9 +11,10 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
+from sqlalchemy.pool import NullPool
 
-from .errors import ConfigurationError, MissingDependencyError, TenancyUnavailableError
+from .errors import MissingDependencyError, TenancyUnavailableError
+from .pool import HandOffPool, MemoryPool
 
 _DRIVER_EXTRAS = {
     "asyncpg": ("asyncpg", "postgres"),
@@ -32,45 +32,6 @@ def is_memory_sqlite(url: str) -> bool:
     """True for a SQLite URL that names no file (an in-memory database)."""
     parsed = make_url(url)
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
-
-
-class _MemoryPool(AsyncAdaptedQueuePool):
-    """The pool of an in-memory SQLite engine: one connection, lent to one checkout at a time.
-
-    Every connection to `:memory:` opens a database of its own, so the engine keeps
-    exactly one, open until `dispose()`. Checkouts take turns on it: a second one
-    waits in the queue, up to `pool_timeout`. Sharing it (SQLAlchemy's `StaticPool`)
-    interleaves transactions, each committing or rolling back the others' work. A task
-    asking again while it holds the connection would wait for itself: it fails at once.
-    """
-
-    _holder: "asyncio.Task[Any] | None" = None
-
-    def _do_get(self) -> ConnectionPoolEntry:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no running loop: nobody to wait for
-            task = None
-        if task is not None and task is self._holder:
-            raise ConfigurationError(
-                "in-memory SQLite has one connection and this task already holds it (an open "
-                "session, transaction or connection of the same engine): a second one would wait "
-                "for itself forever. Commit or close the first before opening another, or use a "
-                "SQLite file"
-            )
-        try:
-            record = super()._do_get()
-        except sa_exc.TimeoutError as exc:
-            raise sa_exc.TimeoutError(
-                f"in-memory SQLite: its one connection stayed in use for {self._timeout:g} s "
-                "(pool_timeout); another session or transaction of the same engine holds it"
-            ) from exc
-        self._holder = task
-        return record
-
-    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        self._holder = None
-        super()._do_return_conn(record)
 
 
 def create_engine(
@@ -92,6 +53,7 @@ def create_engine(
     `null_pool=True` opens a connection per checkout (for one-off admin work);
     other `options` go to `create_async_engine` as they are.
     """
+    pooled = "poolclass" not in options  # the caller's own pool class: left as it is
     options.update(echo=echo, pool_pre_ping=pool_pre_ping)
     connect_args: dict[str, Any] = options.setdefault("connect_args", {})
     if empty_search_path:
@@ -113,10 +75,11 @@ def create_engine(
         # never recycled (that would empty it too). Shared-cache memory databases would
         # allow several, but SQLite then refuses concurrent writers ("database table is
         # locked") instead of making them wait.
-        options.update(poolclass=_MemoryPool, pool_size=1, max_overflow=0, pool_timeout=pool_timeout)
+        options.update(poolclass=MemoryPool, pool_size=1, max_overflow=0, pool_timeout=pool_timeout)
     elif null_pool:
         options["poolclass"] = NullPool
     else:
+        options.setdefault("poolclass", HandOffPool)
         options.update(
             pool_size=pool_size,
             max_overflow=max_overflow,
@@ -129,7 +92,7 @@ def create_engine(
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
-    if "poolclass" not in options and not pool_pre_ping:
+    if pooled and not null_pool and not is_memory_sqlite(url) and not pool_pre_ping:
         event.listen(engine.sync_engine, "checkout", _discard_if_closed)
     return engine
 

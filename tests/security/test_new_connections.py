@@ -32,6 +32,7 @@ async def test_connections_opened_under_load_are_scoped_from_their_first_query(
 ) -> None:
     async with pooled_app(database_pool_size=1, database_max_overflow=3) as env:
         pool: Any = env.manager.engine.pool
+        pool.overflow_idle = 0.0  # overflow connections close as soon as they are idle (HandOffPool)
         for order in (["alpha", "beta", "alpha", "beta"], ["beta", "alpha", "beta", "alpha"]):
             # Four streams want four connections at once: the pool opens up to three for them
             # (closed again when they end), each starting with a tenant query.
@@ -42,6 +43,10 @@ async def test_connections_opened_under_load_are_scoped_from_their_first_query(
                 await asyncio.sleep(0.005)
             await running
             assert peak >= 3, peak  # at least two connections opened for these streams
+            for _ in range(100):  # the pool's trim closes the overflow ones on its next turn
+                if pool.checkedout() == 0 and pool.overflow() <= 0:
+                    break
+                await asyncio.sleep(0.01)
             assert pool.checkedout() == 0 and pool.overflow() <= 0
         assert (await connection_state(env.manager.engine)).is_clean
 

@@ -32,12 +32,14 @@ A setting that fails is the tenant's error where it means one: the RLS tenant fu
 `UNAVAILABLE_SQLSTATE` is a 503, and a tenant's storage marker that cannot be locked is a
 404 or a 503 (`_incarnation.refusal`).
 
-A tenant transaction also begins and ends with the connection reset (`RESET_STATE`,
-in the `BEGIN` message and in the `COMMIT`/`ROLLBACK` message, so again no round
-trip of its own): whatever route code set at session level (`SET search_path`,
-`set_config(..., false)`, `SET ROLE`, a temporary table, a `WITH HOLD` cursor, an
-advisory lock) never reaches the next user of the pooled connection, and what code
-outside tenant sessions left on it never reaches a tenant. Transaction control in
+A tenant transaction also ends with the connection reset (`RESET_STATE`, in the
+`COMMIT`/`ROLLBACK` message, so again no round trip of its own): whatever route code
+set at session level (`SET search_path`, `set_config(..., false)`, `SET ROLE`, a
+temporary table, a `WITH HOLD` cursor, an advisory lock) never reaches the next user of
+the pooled connection. It begins with the reset too (in the `BEGIN` message) unless
+nothing at all ran on the connection since its last reset, counted by the driver: what
+code outside tenant sessions, or route code after its commit, left on it never reaches
+a tenant, and a connection going from tenant to tenant pays for one reset, not two. Transaction control in
 route SQL (`COMMIT`, `ROLLBACK`, ...) is refused before it runs (`TenantScopeError`):
 it would end the transaction the tenant's setting lives in, and SQLAlchemy, still
 believing it open, would send the next statements without a `BEGIN`.
@@ -95,7 +97,7 @@ _SETS_ROLE = re.compile(
 class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is untyped
     """An asyncpg connection that sends a pending setting with its next `BEGIN`."""
 
-    __slots__ = ("begun_with", "pending")
+    __slots__ = ("_reset_at", "begun_with", "pending")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,6 +105,10 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
         """The setting for the transaction about to begin (set before each `BEGIN`)."""
         self.begun_with: str | None = None
         """The setting the current (or last) transaction began with."""
+        self._reset_at: int | None = None
+        # The protocol's count of queries right after this connection's last reset (None:
+        # not reset since, or something ran that the count misses: COPY). Equal to the
+        # count at the next BEGIN, nothing ran since the reset, so none is needed there.
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:  # noqa: ASYNC109 (asyncpg's signature)
         # asyncpg's Transaction sends "BEGIN[ ISOLATION ...];", "COMMIT;" and "ROLLBACK;"
@@ -117,8 +123,9 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
             return await self._begin(query, timeout)
         if self.begun_with is not None and query in ("COMMIT;", "ROLLBACK;"):
             # The end of a tenant's transaction: reset what its statements set.
-            self.begun_with = None
+            self.begun_with = self._reset_at = None
             result = await super().execute(f"{query} {RESET_STATE}", timeout=timeout)
+            self._reset_at = self._protocol.queries_count
             return result
         result = await super().execute(query, timeout=timeout)
         return result
@@ -129,8 +136,16 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
         if setting is None:
             result: str = await super().execute(query, timeout=timeout)
             return result
+        # The reset here is for what ran on the connection since its last reset (code outside
+        # tenant sessions, raw driver calls after a commit); nothing did, none is sent: every
+        # statement, of SQLAlchemy or of the driver, simple or prepared, counts in asyncpg's
+        # protocol (`queries_count`, what asyncpg's own pool reads), and COPY, which does not
+        # count, forgets the reset (below).
+        clean = self._reset_at is not None and self._reset_at == self._protocol.queries_count
+        self._reset_at = None
+        sent = f"{query} {setting}" if clean else f"{query} {RESET_STATE} {setting}"
         try:
-            result = await super().execute(f"{query} {RESET_STATE} {setting}", timeout=timeout)
+            result = await super().execute(sent, timeout=timeout)
         except Exception as exc:
             # BEGIN ran but the setting failed: the transaction is open and aborted, and
             # the caller, seeing BEGIN fail, will never roll it back.
@@ -149,6 +164,20 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
                 raise translated from exc
             raise
         return result
+
+    # COPY runs a statement without counting it as a query (asyncpg's protocol): a
+    # `COPY (SELECT ...) TO STDOUT` may change session state like any SELECT.
+    async def _copy_out(self, *args: Any, **kwargs: Any) -> Any:
+        self._reset_at = None
+        return await super()._copy_out(*args, **kwargs)
+
+    async def _copy_in(self, *args: Any, **kwargs: Any) -> Any:
+        self._reset_at = None
+        return await super()._copy_in(*args, **kwargs)
+
+    async def copy_records_to_table(self, *args: Any, **kwargs: Any) -> Any:
+        self._reset_at = None
+        return await super().copy_records_to_table(*args, **kwargs)
 
 
 class BeginSettingsContext(PGExecutionContext_asyncpg):

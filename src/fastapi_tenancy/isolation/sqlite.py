@@ -2,6 +2,7 @@
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..errors import ProvisioningError, TenancyUnavailableError, TenantNotFoundE
 from ..tenant import Tenant
 from ._engines import EngineRegistry
 from ._incarnation import create_marker, needs_marker
+from ._watch import DirectoryWatch, watch
 from .base import Isolation, create_tables, marker_name, tenant_tables
 
 __all__ = ["SQLiteFileIsolation"]
@@ -37,6 +39,7 @@ _MARKERS = (
     "SELECT name FROM sqlite_master WHERE type = 'view' AND name LIKE 'fastapi\\_tenancy:%' ESCAPE '\\'"
 )
 _FILE = "fastapi_tenancy.file"  # record.info: the identity of the file a connection opened
+_SEEN = "fastapi_tenancy.file_seen"  # record.info: the watch's count for it at the last check
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -47,16 +50,21 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _bind_to_file(engine: AsyncEngine, path: Path, tenant_id: str) -> None:
+def _bind_to_file(
+    engine: AsyncEngine, path: Path, tenant_id: str, watch: Callable[[], DirectoryWatch | None]
+) -> None:
     """Keep a tenant engine's connections on `tenant_id`'s own file at `path` (_incarnation.py).
 
     On connect, a missing file is a 503 (deleted, or being moved), not a 500, and a file
     that holds no marker of the tenant (made for another tenant under the same slug) is
     refused: one query per new connection. On checkout, a pooled connection whose file
     was deleted or replaced since it opened it (by another process: `destroy()` closes
-    this process's own) is replaced: one `stat`, no query.
+    this process's own) is replaced: one `stat`, no query, and no `stat` either while
+    the directory's `watch()` has seen no entry of that name created, deleted or renamed
+    since the connection's last check (_watch.py).
     """
     expected = [marker_name(tenant_id)]
+    name = path.name
 
     def do_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         try:
@@ -78,8 +86,13 @@ def _bind_to_file(engine: AsyncEngine, path: Path, tenant_id: str) -> None:
         record.info[_FILE] = _identity(path)
 
     def checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        watching = watch()
+        seen = None if watching is None else watching.generation(name)
+        if seen is not None and seen == record.info.get(_SEEN):
+            return  # nothing of that name changed in the directory since the last check
         if record.info.get(_FILE) != _identity(path):
             raise sa_exc.DisconnectionError(f"{path.name!r} was deleted or replaced")
+        record.info[_SEEN] = seen
 
     event.listen(engine.sync_engine, "do_connect", do_connect)
     event.listen(engine.sync_engine, "connect", connect)
@@ -112,6 +125,8 @@ class SQLiteFileIsolation(Isolation):
         self._stem = database.name.removesuffix(".db")
         self._echo = echo
         self.engines = EngineRegistry(max_engines=None if self._memory else max_engines)
+        self._watch: DirectoryWatch | None = None
+        self._watched_loop: asyncio.AbstractEventLoop | None = None  # where watch() was last tried
 
     def path(self, tenant: Tenant) -> Path:
         """The database file of `tenant`."""
@@ -127,8 +142,21 @@ class SQLiteFileIsolation(Isolation):
             engine = create_engine(url, pool_size=2, max_overflow=8, echo=self._echo)
         event.listen(engine.sync_engine, "connect", _confine)
         if tenant_id is not None:
-            _bind_to_file(engine, path, tenant_id)
+            _bind_to_file(engine, path, tenant_id, self._current_watch)
         return engine
+
+    def _current_watch(self) -> DirectoryWatch | None:
+        return self._watch
+
+    def _ensure_watch(self) -> None:
+        # Once per event loop: a watch lives on the loop that reads its events.
+        loop = asyncio.get_running_loop()
+        if self._watched_loop is loop and (self._watch is None or self._watch.open):
+            return
+        if self._watch is not None:
+            self._watch.close()
+        self._watched_loop = loop
+        self._watch = watch(self.directory) if self.directory.is_dir() else None
 
     async def session(
         self, tenant: Tenant, *, session_class: type[AsyncSession] = AsyncSession
@@ -136,6 +164,8 @@ class SQLiteFileIsolation(Isolation):
         if self._memory and tenant.id not in self.engines:
             # In memory, the engine is the tenant's database: none, no tenant here.
             raise TenantNotFoundError(f"no in-memory database of tenant {tenant.identifier!r}")
+        if not self._memory:
+            self._ensure_watch()
         return session_class(bind=self._engine(tenant), expire_on_commit=False)
 
     def _engine(self, tenant: Tenant) -> AsyncEngine:
@@ -200,6 +230,9 @@ class SQLiteFileIsolation(Isolation):
             _unlink(self.path(tenant))
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = self._watched_loop = None
         await self.engines.close()
 
 

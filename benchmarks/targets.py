@@ -139,7 +139,9 @@ def fleet_rows() -> list[Row]:
         rows.append(_missing(target, "≤ 10 s", "no `fleet-1000.json`"))
     else:
         wall = alter["alter_all"]["wall_s"]
-        label = f"{target} (concurrency {alter['concurrency']})"
+        fixed = alter["concurrency"]
+        used = alter["alter_all"].get("concurrency", fixed)
+        label = f"{target} (concurrency {used}{'' if fixed else ', chosen by the runner'})"
         rows.append(
             (label, "≤ 10 s", f"{wall:.1f} s", f"{alter['machine']['load'][0]:.1f}", _status(wall <= 10))
         )

@@ -27,13 +27,11 @@ import pstats
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
@@ -42,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from provisioning import SERVER, thirty_tables  # noqa: E402
+from provisioning import thirty_tables, throwaway_database  # noqa: E402
 from roundtrips import WireCounter  # noqa: E402
 
 from fastapi_tenancy.isolation import clone  # noqa: E402
@@ -227,13 +225,7 @@ async def main() -> None:
     parser.add_argument("--explain", action="store_true", help="print the catalog query's whole plan")
     parser.add_argument("--cprofile", action="store_true", help="also profile each way's client CPU")
     args = parser.parse_args()
-    database = f"bench_clone_{uuid.uuid4().hex[:8]}"
-    server = make_url(SERVER)
-    admin = await asyncpg.connect(
-        host=server.host, port=server.port or 5432, user=server.username, database="postgres"
-    )
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    url = server.set(database=database).render_as_string(hide_password=False)
+    admin, database, url = await throwaway_database("bench_clone_")
     engine = create_async_engine(url, pool_size=1, max_overflow=0)
     metadata = thirty_tables()
     isolation = SchemaIsolation(engine, template="tmpl")

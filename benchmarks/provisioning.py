@@ -44,6 +44,17 @@ T = TypeVar("T")
 SERVER = os.environ.get("TENANCY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432")
 
 
+async def throwaway_database(prefix: str) -> tuple[asyncpg.Connection, str, str]:
+    """A new database on `SERVER`: an admin connection (to drop it), its name and its URL."""
+    database = f"{prefix}{uuid.uuid4().hex[:8]}"
+    server = make_url(SERVER)
+    admin = await asyncpg.connect(
+        host=server.host, port=server.port or 5432, user=server.username, database="postgres"
+    )
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    return admin, database, server.set(database=database).render_as_string(hide_password=False)
+
+
 def thirty_tables() -> sa.MetaData:
     """30 tables, each with a serial key, a foreign key to the previous one, an index and a check."""
     metadata = sa.MetaData()
@@ -212,13 +223,7 @@ async def main() -> None:
         help="also time each registry write, audit entry and publish of the spare way",
     )
     args = parser.parse_args()
-    database = f"bench_prov_{uuid.uuid4().hex[:8]}"
-    server = make_url(SERVER)
-    admin = await asyncpg.connect(
-        host=server.host, port=server.port or 5432, user=server.username, database="postgres"
-    )
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    url = server.set(database=database).render_as_string(hide_password=False)
+    admin, database, url = await throwaway_database("bench_prov_")
     metadata = thirty_tables()
     if args.only_spare:
         try:

@@ -3,6 +3,7 @@ so a checkout stats its file only then; anything the watch cannot vouch for gets
 """
 
 import asyncio
+import gc
 import os
 import sys
 from pathlib import Path
@@ -137,3 +138,14 @@ async def test_without_a_watch_every_checkout_stats_its_file(
     for _ in range(3):
         assert await _read(manager, "alpha") == ["alpha-1", "alpha-2"]
     assert len(stats) >= 3  # one per checkout (and one when the connection opened)
+
+
+async def test_a_watch_nobody_closes_gives_its_descriptor_back(tmp_path: Path) -> None:
+    watch = _watch.watch(tmp_path)
+    assert watch is not None
+    fd = watch._fd
+    asyncio.get_running_loop().remove_reader(fd)  # as a closed loop drops its readers
+    del watch
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -26,6 +26,7 @@ import logging
 import os
 import struct
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ class DirectoryWatch:
         self._epoch = 0  # moves for every name at once: lost events, the directory moved
         self._counts: dict[str, int] = {}
         self.open = True
+        # The descriptor is closed with the watch even if nobody calls close() (a manager
+        # never closed, a loop closed with the reader on it): each is one of the user's
+        # few inotify instances (`fs.inotify.max_user_instances`, 128 by default).
+        self._release = weakref.finalize(self, os.close, fd)
         loop.add_reader(fd, self._read)
 
     def generation(self, name: str) -> tuple[int, int] | None:
@@ -104,7 +109,7 @@ class DirectoryWatch:
         self.open = False
         with contextlib.suppress(Exception):  # the loop may be closed already
             self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        self._release()
 
 
 _libc: Any = None

@@ -101,7 +101,10 @@ class TenancyConfig(BaseSettings):
     every tenant's (they share it). SQLite tenant files have small pools of their own."""
 
     database_max_overflow: int = Field(default=10, ge=0, le=1000)
-    """Extra connections the pool may open under load, beyond `database_pool_size`."""
+    """Extra connections the pool may open under load, beyond `database_pool_size`. One that is
+    given back while requests wait goes to one of them; otherwise it stays open for 5 s and
+    closes if unused meanwhile (`fastapi_tenancy.pool.HandOffPool`; SQLAlchemy's own pool
+    closes it at once, and reopens one for the next burst)."""
 
     database_pool_timeout: float = Field(default=30.0, gt=0)
     """Seconds a request waits for a free connection before failing with 503."""

@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402  (benchmarks/ is not a package)
 import scale  # noqa: E402
-from profile_scale import drive  # noqa: E402
+from profile_scale import drive, drive_each  # noqa: E402
 
 PREFIX = "bench_gcfreeze"
 
@@ -66,8 +66,7 @@ class Collections:
 async def rounds(module: Any, tenants: list[str], args: argparse.Namespace) -> dict[str, Any]:
     await module.manager.initialize()
     try:
-        for start in range(0, len(tenants), 1000):  # every tenant once: all cached
-            await drive(module.app, tenants[start : start + 1000], 1000, args.concurrency)
+        await drive_each(module.app, tenants, args.concurrency)  # every tenant once: all cached
         await drive(module.app, tenants, args.requests, args.concurrency)  # warm-up
         # A full collection's pause in this heap (the app, the library, the cached tenants),
         # as it is and frozen: what each full pass costs a worker that is serving requests.

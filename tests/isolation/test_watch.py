@@ -149,3 +149,16 @@ async def test_a_watch_nobody_closes_gives_its_descriptor_back(tmp_path: Path) -
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+async def test_a_new_watch_never_vouches_for_a_count_read_from_an_earlier_one(tmp_path: Path) -> None:
+    first = _watch.watch(tmp_path)
+    assert first is not None
+    seen = first.generation("a.db")
+    first.close()
+    second = _watch.watch(tmp_path)
+    assert second is not None
+    try:
+        assert second.generation("a.db") != seen  # events between the two were never read
+    finally:
+        second.close()

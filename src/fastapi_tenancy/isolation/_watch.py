@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -45,6 +46,7 @@ _IN_IGNORED = 0x8000
 _IN_ONLYDIR = 0x01000000
 _ENTRIES = _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+_SERIALS = itertools.count()
 
 
 class DirectoryWatch:
@@ -54,7 +56,8 @@ class DirectoryWatch:
     def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
         self._loop = loop
-        self._epoch = 0  # moves for every name at once: lost events, the directory moved
+        self._serial = next(_SERIALS)  # a count read from an earlier watch never matches this one's
+        self._epoch = 0  # moves for every name at once: lost events
         self._counts: dict[str, int] = {}
         self.open = True
         # The descriptor is closed with the watch even if nobody calls close() (a manager
@@ -63,7 +66,7 @@ class DirectoryWatch:
         self._release = weakref.finalize(self, os.close, fd)
         loop.add_reader(fd, self._read)
 
-    def generation(self, name: str) -> tuple[int, int] | None:
+    def generation(self, name: str) -> tuple[int, int, int] | None:
         """The current count for `name`, or None when the watch cannot vouch for it (from
         another event loop than the watch's, or once closed)."""
         if not self.open:
@@ -73,7 +76,7 @@ class DirectoryWatch:
                 return None
         except RuntimeError:
             return None
-        return self._epoch, self._counts.get(name, 0)
+        return self._serial, self._epoch, self._counts.get(name, 0)
 
     def _read(self) -> None:
         try:

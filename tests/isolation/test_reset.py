@@ -60,7 +60,7 @@ async def env(tenants: Tenants) -> Env:
 
 async def _read(env: Env, identifier: str) -> tuple[list[str], Any]:
     """The tenant's orders, and the leaked setting as its transaction sees it."""
-    async with env.manager.session(env.tenant[identifier]) as session:
+    async with await env.manager.isolation.session(env.tenant[identifier]) as session:
         orders = (await session.scalars(sa.select(Order).order_by(Order.id))).all()
         leak = await session.scalar(sa.text("SELECT current_setting('ft.leak', true)"))
         return [o.description for o in orders], leak
@@ -73,14 +73,19 @@ async def _driver(session: AsyncSession) -> Any:
 
 
 async def test_back_to_back_tenant_transactions_reset_once(env: Env, begins: list[str]) -> None:
-    await _read(env, "alpha")  # the pool's connection is new: its first BEGIN resets
-    for identifier in ("beta", "alpha", "beta"):
+    # The pool's connection is new: its first BEGIN resets. Sessions come from the isolation
+    # as on the request path (`manager.session()` may also read the registry, which shares
+    # the one pooled connection in this set-up, e.g. after a late invalidation message).
+    await _read(env, "alpha")
+    await _read(env, "beta")
+    assert "RESET ALL" in begins[0]
+    begins.clear()
+    for identifier in ("alpha", "beta", "alpha"):
         assert await _read(env, identifier) == (
             ["beta-1", "beta-3"] if identifier == "beta" else ["alpha-1", "alpha-2"],
             None,
         )
-    assert "RESET ALL" in begins[0]
-    assert [("RESET ALL" in b) for b in begins[1:]] == [False, False, False]
+    assert [("RESET ALL" in b) for b in begins] == [False, False, False]
 
 
 async def _simple(driver: Any) -> None:
@@ -110,7 +115,7 @@ async def test_raw_driver_work_after_a_commit_is_reset_at_the_next_begin(
     env: Env, begins: list[str], way: str
 ) -> None:
     await _read(env, "beta")
-    async with env.manager.session(env.tenant["alpha"]) as session:
+    async with await env.manager.isolation.session(env.tenant["alpha"]) as session:
         await session.execute(sa.select(Order))
         await session.commit()  # the reset, sent with COMMIT
         await LEAKS[way](await _driver(session))  # then session state, outside any transaction
@@ -122,7 +127,7 @@ async def test_raw_driver_work_after_a_commit_is_reset_at_the_next_begin(
 async def test_a_statement_prepared_before_the_commit_and_run_after_it_is_reset(
     env: Env, begins: list[str]
 ) -> None:
-    async with env.manager.session(env.tenant["alpha"]) as session:
+    async with await env.manager.isolation.session(env.tenant["alpha"]) as session:
         await session.execute(sa.select(Order))
         driver = await _driver(session)
         prepared = await driver.prepare(LEAK)  # inside alpha's transaction

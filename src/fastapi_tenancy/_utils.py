@@ -53,7 +53,7 @@ def create_engine(
     `null_pool=True` opens a connection per checkout (for one-off admin work);
     other `options` go to `create_async_engine` as they are.
     """
-    pooled = "poolclass" not in options  # the caller's own pool class: left as it is
+    discard_closed = False  # only on the library's own queue pool (not the caller's pool class)
     options.update(echo=echo, pool_pre_ping=pool_pre_ping)
     connect_args: dict[str, Any] = options.setdefault("connect_args", {})
     if empty_search_path:
@@ -79,6 +79,7 @@ def create_engine(
     elif null_pool:
         options["poolclass"] = NullPool
     else:
+        discard_closed = "poolclass" not in options and not pool_pre_ping
         options.setdefault("poolclass", HandOffPool)
         options.update(
             pool_size=pool_size,
@@ -92,7 +93,7 @@ def create_engine(
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
-    if pooled and not null_pool and not is_memory_sqlite(url) and not pool_pre_ping:
+    if discard_closed:
         event.listen(engine.sync_engine, "checkout", _discard_if_closed)
     return engine
 

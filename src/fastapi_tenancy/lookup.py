@@ -27,14 +27,15 @@ _V = TypeVar("_V")
 # after another, each waiting its turn on a busy event loop (28 ms a batch, measured at
 # 100,000 tenants in process): batches of 100 renewed 2,000 entries a second where
 # 100,000 tenants need 3,300 (one per TTL), so a fifth of the requests found their entry
-# expired and read the registry; 1,000 per query renews ten times as many per turn. A check of an unchanged
-# tenant costs about 5 us of CPU, a miss about 900 us (a registry read): 40 checks of an
-# entry that then serves one request still cost a quarter of the miss they save, and 40
-# TTLs (20 minutes at the default 30 s) keep 100,000 tenants warm in a worker that sees
-# each of them only every few minutes. Changed tenants are built whole (tens of
-# microseconds each): _REFRESH_BATCH of them at a time keeps that pause to a few
-# milliseconds, where 500 showed in the p99 latency at 10,000 tenants. TTLs under _MIN_REFRESH_TTL seconds are
-# left to expire (a sweep every few milliseconds would cost more than it saves).
+# expired and read the registry; 1,000 per query renews ten times as many per turn. A
+# check of an unchanged tenant costs about 5 us of CPU, a miss about 900 us (a registry
+# read): 40 checks of an entry that then serves one request still cost a quarter of the
+# miss they save, and 40 TTLs (20 minutes at the default 30 s) keep 100,000 tenants warm
+# in a worker that sees each of them only every few minutes. Changed tenants are built
+# whole (tens of microseconds each): _REFRESH_BATCH of them at a time keeps that pause
+# to a few milliseconds, where 500 showed in the p99 latency at 10,000 tenants. TTLs
+# under _MIN_REFRESH_TTL seconds are left to expire (a sweep every few milliseconds
+# would cost more than it saves).
 _KEEP_WARM = 40
 # A sweep walks every entry: about 9 ms of CPU at 100,000 (measured), held in one go it
 # is a stall of every request in flight; slices of 10,000 keep each under a millisecond.

@@ -91,11 +91,7 @@ class DirectoryWatch:
         while offset + _EVENT.size <= len(data):
             _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
             offset += _EVENT.size
-            name = (
-                data[offset : offset + length]
-                .rstrip(b"\0")
-                .decode(sys.getfilesystemencoding(), "surrogateescape")
-            )
+            name = os.fsdecode(data[offset : offset + length].rstrip(b"\0"))
             offset += length
             if mask & (_IN_Q_OVERFLOW | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
                 self._epoch += 1

@@ -8,6 +8,7 @@ whose cache still holds it. Alpha and beta, with overlapping primary keys, keep 
 import asyncio
 import itertools
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -214,8 +215,13 @@ async def _begun_while_destruction_waits(env: Env) -> None:
         await asyncio.sleep(0.5)
         assert not deletion.done()
         begun = asyncio.create_task(_begin(late))  # a transaction begins now, touching no table
-        await asyncio.sleep(0.5)
+        # Answered while the holder still holds the marker, so not queued behind the
+        # deletion's lock (nor behind a pooled connection). The bound stays under
+        # DESTROY_WAIT, after which the holder is ended: room for a slow connect.
+        started = time.monotonic()
+        await asyncio.wait([begun], timeout=_incarnation.DESTROY_WAIT - 1.0)
         at_once = begun.done()
+        waited = f"{time.monotonic() - started:.2f} s, pool: {manager.engine.pool.status()}"
         await holder.commit()
         await asyncio.wait_for(deletion, 30)
         await env.seed("reuse", {1: "new-1"})
@@ -229,7 +235,7 @@ async def _begun_while_destruction_waits(env: Env) -> None:
                 await late.commit()
         # Not queued behind the deletion (holding a pooled connection), nor let through
         # once it is done: refused at once, a 503.
-        assert at_once and isinstance(first, TenancyUnavailableError), first
+        assert at_once and isinstance(first, TenancyUnavailableError), (first, waited)
         assert isinstance(await _read(late, env), REFUSED)  # and its next transaction too
     async with manager.session(await manager.get_tenant("reuse")) as session:
         assert await _descriptions(session, env) == ["new-1"]

@@ -226,28 +226,6 @@ class EngineRegistry:
         entry = _Entry(engine)
         if self.budget is not None:
             self.budget.attach(engine)
-
-        def returned(_dbapi_connection: Any, record: Any) -> None:
-            if entry.retired:
-                # The engine was retired (evicted, or its tenant destroyed) while this
-                # connection was out: close it now. Its pool may be one the engine no
-                # longer holds (dispose() swaps pools), where it would sit idle until
-                # the garbage collector found it, unclosed.
-                if record is not None and record.dbapi_connection is not None:
-                    try:
-                        record.close()
-                    except Exception:  # outside the event loop (garbage collection)
-                        record.invalidate()
-                self._spawn(self._drain(entry))
-
-        def connected(_dbapi_connection: Any, _record: Any) -> None:
-            if entry.retired:
-                # A session that outlived its engine's retirement opened a connection:
-                # track the engine again, so the connection is closed when it comes back.
-                self._retired.add(entry)
-
-        event.listen(engine.sync_engine, "checkin", returned)
-        event.listen(engine.sync_engine, "connect", connected)
         self._active[key] = entry
         self._evict()
         return engine
@@ -267,9 +245,41 @@ class EngineRegistry:
             excess -= 1
 
     def _retire(self, entry: _Entry) -> None:
-        entry.retired = True
+        self._mark_retired(entry)
         self._retired.add(entry)
         self._spawn(self._drain(entry))
+
+    def _mark_retired(self, entry: _Entry) -> None:
+        """Retire `entry`: connections it opens or gets back from now on are seen to.
+
+        Listened for only from here on: listeners on an engine keep a few dozen objects
+        for the garbage collector to walk, a cost every engine in use would pay (a
+        thousand tenant files, a thousand engines) for what only retired ones need.
+        Nothing can check a connection in between the flag and the listeners (no await).
+        """
+        if entry.retired:
+            return
+        entry.retired = True
+
+        def returned(_dbapi_connection: Any, record: Any) -> None:
+            # The engine was retired (evicted, or its tenant destroyed) while this
+            # connection was out: close it now. Its pool may be one the engine no
+            # longer holds (dispose() swaps pools), where it would sit idle until
+            # the garbage collector found it, unclosed.
+            if record is not None and record.dbapi_connection is not None:
+                try:
+                    record.close()
+                except Exception:  # outside the event loop (garbage collection)
+                    record.invalidate()
+            self._spawn(self._drain(entry))
+
+        def connected(_dbapi_connection: Any, _record: Any) -> None:
+            # A session that outlived its engine's retirement opened a connection:
+            # track the engine again, so the connection is closed when it comes back.
+            self._retired.add(entry)
+
+        event.listen(entry.engine.sync_engine, "checkin", returned)
+        event.listen(entry.engine.sync_engine, "connect", connected)
 
     def _spawn(self, coroutine: Any) -> None:
         try:
@@ -317,7 +327,7 @@ class EngineRegistry:
         """
         entry = self._active.pop(key, None)
         if entry is not None:
-            entry.retired = True
+            self._mark_retired(entry)
             self._retired.add(entry)
             await entry.engine.dispose()
 
@@ -327,7 +337,7 @@ class EngineRegistry:
         self._active.clear()
         self._retired.clear()
         for entry in entries:
-            entry.retired = True
+            self._mark_retired(entry)
             await entry.engine.dispose()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

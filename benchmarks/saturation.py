@@ -31,7 +31,7 @@ each app, and after a warm-up the rounds alternate the apps' order. The report g
 per-app medians of req/s and p99 and the per-round ratios tenancy/route and
 dependency/route (median, min-max).
 
-    .venv/bin/python benchmarks/saturation.py                       # 3 rounds × 10 s
+    .venv/bin/python benchmarks/saturation.py                       # 7 rounds × 8 s
     .venv/bin/python benchmarks/saturation.py --backends sqlite --sizes 10 --duration 5
 
 Needs `wrk` and PostgreSQL (`TENANCY_BENCH_POSTGRES_URL`); creates and drops the database
@@ -330,8 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="postgres,sqlite", help="comma-separated: postgres, sqlite")
     parser.add_argument("--sizes", default="10,1000", help="comma-separated tenant counts, ascending")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per app per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per app per round")
     parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per app")
     parser.add_argument("--pause", type=float, default=1.0)
     # 32: more clients than the PostgreSQL pool's 10 + 10, the case measured here.

@@ -79,7 +79,7 @@ class _FilePool(HandOffPool):
     objects of their own for the garbage collector to walk (collections, weak references,
     closures), and a process with a thousand tenant files open has a thousand engines.
     A tenant's engine with its connection was 81 tracked objects more than a plain
-    SQLAlchemy engine with its connection, and is 35 now (tests/isolation/test_engines.py);
+    SQLAlchemy engine with its connection, and is 34 now (tests/isolation/test_engines.py);
     a full collection walks all of them, and every request in flight waits it out.
     """
 
@@ -117,7 +117,7 @@ class _FilePool(HandOffPool):
         record = super()._do_get()
         file = self.file
         if file is None or record.dbapi_connection is None:
-            return record  # a new connection (checked when it connects), or none yet
+            return record  # none: it connects again when checked out, and is checked then
         watching = file.watch()
         seen = None if watching is None else watching.generation(file.path.name)
         if seen is not None and seen == record.info.get(_SEEN):
@@ -169,6 +169,8 @@ class SQLiteFileIsolation(Isolation):
         self.engines = EngineRegistry(max_engines=None if self._memory else max_engines)
         self._watch: DirectoryWatch | None = None
         self._watched_loop: asyncio.AbstractEventLoop | None = None  # where watch() was last tried
+        # One bound method for every tenant file (each access would make a new one).
+        self._watch_reader: Callable[[], DirectoryWatch | None] = self._current_watch
 
     def path(self, tenant: Tenant) -> Path:
         """The database file of `tenant`."""
@@ -185,7 +187,7 @@ class SQLiteFileIsolation(Isolation):
             engine = create_engine(url, pool_size=2, max_overflow=8, echo=self._echo, poolclass=_FilePool)
             if tenant_id is not None:
                 pool = cast(_FilePool, engine.sync_engine.pool)
-                pool.file = _TenantFile(path, tenant_id, self._current_watch)
+                pool.file = _TenantFile(path, tenant_id, self._watch_reader)
         return engine
 
     def _current_watch(self) -> DirectoryWatch | None:

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -53,7 +52,6 @@ def create_engine(
     `null_pool=True` opens a connection per checkout (for one-off admin work);
     other `options` go to `create_async_engine` as they are.
     """
-    discard_closed = False  # only on the library's own queue pool (not the caller's pool class)
     options.update(echo=echo, pool_pre_ping=pool_pre_ping)
     connect_args: dict[str, Any] = options.setdefault("connect_args", {})
     if empty_search_path:
@@ -79,7 +77,8 @@ def create_engine(
     elif null_pool:
         options["poolclass"] = NullPool
     else:
-        discard_closed = "poolclass" not in options and not pool_pre_ping
+        # The library's pool also refuses connections the driver knows are closed
+        # (`HandOffPool.discard_closed`); a caller's pool class is left as it is.
         options.setdefault("poolclass", HandOffPool)
         options.update(
             pool_size=pool_size,
@@ -93,37 +92,7 @@ def create_engine(
         driver = make_url(url).get_driver_name()
         package, extra = _DRIVER_EXTRAS.get(driver, (driver, "all"))
         raise MissingDependencyError(package, extra) from exc
-    if discard_closed:
-        event.listen(engine.sync_engine, "checkout", _discard_if_closed)
     return engine
-
-
-def _discard_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Refuse a pooled connection its driver already knows is closed; the pool opens another.
-
-    A database restart closes every pooled connection, but SQLAlchemy invalidates only
-    the pool that sees the error: with a registry pool and tenant pools, the tenant
-    pools still held dead connections after the outage, and the first request after
-    recovery was a 503. The driver has already read the server's close (asyncpg's
-    `is_closed()`, the end of the stream aiomysql reads from), so asking costs no round
-    trip, where `pool_pre_ping` costs one per checkout. `InvalidatePoolError` makes
-    SQLAlchemy drop every connection of the pool older than this one and connect anew
-    (an error then, the server still down, is the usual 503). A connection cut off
-    without a word (a network partition) still needs `pool_pre_ping` to be noticed.
-    """
-    if _known_closed(dbapi_connection.driver_connection):
-        raise sa_exc.InvalidatePoolError("the server closed this pooled connection")
-
-
-def _known_closed(driver_connection: Any) -> bool:
-    is_closed = getattr(driver_connection, "is_closed", None)  # asyncpg
-    if callable(is_closed):
-        return bool(is_closed())
-    # aiomysql (asyncmy where it exposes it): an asyncio StreamReader that saw the close.
-    # None once the driver itself closed it; SQLite connections have neither.
-    reader = getattr(driver_connection, "_reader", None)
-    at_eof = getattr(reader, "at_eof", None)
-    return callable(at_eof) and bool(at_eof())
 
 
 # SQLSTATEs saying the server or the connection is gone, not that the statement is

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from .context import current_tenant_or_none
+from .context import _current as _current_tenant  # the ContextVar itself: no call per request
 from .errors import TenantMismatchError, TenantResolutionError
 from .manager import TenancyManager
 from .middleware import close_with_request
@@ -34,7 +34,7 @@ async def get_current_tenant() -> Tenant:
     request for what is one ContextVar read. On a path the middleware skipped,
     it answers 400 instead of running the route without a tenant.
     """
-    tenant = current_tenant_or_none()
+    tenant = _current_tenant.get()
     if tenant is None:
         raise HTTPException(status_code=400, detail=TenantResolutionError.detail)
     return tenant
@@ -59,7 +59,7 @@ async def get_token_claims(connection: HTTPConnection) -> dict[str, Any]:
         raise HTTPException(
             status_code=401, detail="Not authenticated", headers={"WWW-Authenticate": "Bearer"}
         )
-    tenant = current_tenant_or_none()
+    tenant = _current_tenant.get()
     if tenant is None or token.tenant != tenant.identifier:
         raise HTTPException(status_code=403, detail=TenantMismatchError.detail)
     return token.claims
@@ -124,7 +124,7 @@ def make_tenant_db_dependency(
         # costs FastAPI a second dependency solve per request). The middleware has just
         # resolved it as active, so this skips the registry re-check of
         # `manager.session()`: nothing but the session itself on the request path.
-        tenant = current_tenant_or_none() or _overridden_tenant(scope)
+        tenant = _current_tenant.get() or _overridden_tenant(scope)
         if tenant is None:
             raise HTTPException(status_code=400, detail=TenantResolutionError.detail)
         session = await manager.isolation.session(tenant, session_class=session_class)

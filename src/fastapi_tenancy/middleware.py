@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._utils import is_outage, is_query_timeout, is_result_type_change, path_covers, path_prefixes
 from .concurrency import TenantConcurrencyGate
-from .context import reset_current_tenant, set_current_tenant
+from .context import _current as _current_tenant  # the ContextVar itself: no call per request
 from .errors import TenancyError, TenancyUnavailableError
 from .manager import TenancyManager
 from .openapi import tenant_openapi
@@ -78,6 +78,9 @@ class TenancyMiddleware:
         self.app = app
         self.manager = manager
         self.excluded_paths = path_prefixes(excluded_paths)
+        # The same test as `path_covers` over every prefix, as two C-level checks per request.
+        self._excluded_exact = frozenset(self.excluded_paths)
+        self._excluded_under = tuple(prefix + "/" for prefix in self.excluded_paths if prefix != "/")
         self.exclude_docs = exclude_docs
         self.openapi = openapi
         self._docs_paths: frozenset[str] | None = None
@@ -94,8 +97,12 @@ class TenancyMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        path = _route_path(scope)
-        docs = self._docs(scope)
+        path: str = scope["path"]
+        if scope.get("root_path"):
+            path = _route_path(scope)
+        docs = self._docs_paths
+        if docs is None:
+            docs = self._docs(scope)
         if self.openapi and path == self._openapi_url and kind == "http":
             send = _with_body(send, self._document)
             # A compressing middleware inside this one would hide the JSON from us; one
@@ -104,7 +111,11 @@ class TenancyMiddleware:
             scope = {**scope, "headers": headers}
         gate = None
         tenant: Tenant | None
-        if (self.exclude_docs and path in docs) or self._excluded(path):
+        if (
+            (self.exclude_docs and path in docs)
+            or path in self._excluded_exact
+            or path.startswith(self._excluded_under)
+        ):
             # Explicitly no tenant, whatever the task inherited: uvicorn on the asyncio loop
             # starts a pipelined request's task inside the previous request's context, while
             # that request's tenant is still set (CPython gh-140947, uvicorn #2167).
@@ -147,7 +158,7 @@ class TenancyMiddleware:
                 await _close(sessions, early_only=True)
             await send(message)
 
-        token = set_current_tenant(tenant)
+        token = _current_tenant.set(tenant)
         try:
             await self.app(scope, receive, send_tracking)
         except TenancyError as exc:
@@ -166,15 +177,9 @@ class TenancyMiddleware:
                 # What the response did not release: sessions that a yield dependency
                 # still used after it, a WebSocket's, or those of a request that failed.
                 await _close(sessions, early_only=False)
-            reset_current_tenant(token)
+            _current_tenant.reset(token)
             if gate is not None and tenant is not None:
                 gate.release(tenant)
-
-    def _excluded(self, path: str) -> bool:
-        for prefix in self.excluded_paths:
-            if path_covers(prefix, path):
-                return True
-        return False
 
     def _docs(self, scope: Scope) -> frozenset[str]:
         if self._docs_paths is None:

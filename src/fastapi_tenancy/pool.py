@@ -6,7 +6,7 @@ waiting for; `MemoryPool` lends the one connection of an in-memory SQLite databa
 
 import asyncio
 import time
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
@@ -98,10 +98,41 @@ class HandOffPool(AsyncAdaptedQueuePool):
     _trim_at: asyncio.TimerHandle | None = None
     _trimming: "asyncio.Task[None] | None" = None
 
+    discard_closed = True
+    """Refuse a pooled connection its driver already knows is closed, and open another.
+
+    A database restart closes every pooled connection, but SQLAlchemy invalidates only
+    the pool that sees the error: with a registry pool and tenant pools, the tenant
+    pools still held dead connections after the outage, and the first request after
+    recovery was a 503. The driver has already read the server's close (asyncpg's
+    `is_closed()`, the end of the stream aiomysql reads from), so asking costs no round
+    trip, where `pool_pre_ping` costs one per checkout (with it, this check is skipped).
+    Every connection of the pool older than the closed one is then dropped and connected
+    anew, as SQLAlchemy does for an `InvalidatePoolError` (an error then, the server still
+    down, is the usual 503). A connection cut off without a word (a network partition)
+    still needs `pool_pre_ping` to be noticed. Done here, not in a "checkout" listener,
+    which would put every checkout of the pool on SQLAlchemy's event-dispatching path."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        record = super()._do_get()
+        if (
+            self.discard_closed
+            and not self._pre_ping
+            and record.dbapi_connection is not None
+            and _known_closed(record.driver_connection)
+        ):
+            error = sa_exc.InvalidatePoolError("the server closed this pooled connection")
+            self.logger.info("a pooled connection was closed by the server; connecting anew (%r)", error)
+            if self._invalidate_time < cast(Any, record).starttime:  # a _ConnectionRecord's
+                self._invalidate_time = time.time()  # the older ones too, at their checkout
+            record.invalidate(error)  # closed; connects again when checked out, right after this
+        return record
+
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         record.info[_RETURNED] = time.monotonic()
-        if not self._pool.full():
-            self._pool.put_nowait(record)
+        queue = self._pool
+        if queue.maxsize <= 0 or queue.excess() < 0:  # not full(), asked once
+            queue._queue.put_nowait(record)
             return
         try:
             loop = asyncio.get_running_loop()
@@ -186,3 +217,14 @@ class MemoryPool(AsyncAdaptedQueuePool):
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         self._holder = None
         super()._do_return_conn(record)
+
+
+def _known_closed(driver_connection: Any) -> bool:
+    is_closed = getattr(driver_connection, "is_closed", None)  # asyncpg
+    if callable(is_closed):
+        return bool(is_closed())
+    # aiomysql (asyncmy where it exposes it): an asyncio StreamReader that saw the close.
+    # None once the driver itself closed it; SQLite connections have neither.
+    reader = getattr(driver_connection, "_reader", None)
+    at_eof = getattr(reader, "at_eof", None)
+    return callable(at_eof) and bool(at_eof())

@@ -93,3 +93,42 @@ def test_asyncpg_counts_every_query_but_copy_and_copy_runs_through_the_methods_w
     assert "self._protocol.copy_in(" in inspect.getsource(asyncpg.Connection.copy_records_to_table)
     for wrapped in ("_copy_out", "_copy_in", "copy_records_to_table"):
         assert wrapped in vars(_begin.BeginSettingsConnection), wrapped
+
+
+def test_connection_execution_options_only_adds_hooks_to_the_union_tenant_sessions_keep() -> None:
+    # isolation/base.py sets a tenant session's options on its connection by the union
+    # alone: the event is for an application's options, and the dialect's hook handles
+    # only its connection characteristics, none of which a tenant session sets.
+    source = inspect.getsource(sqlalchemy.engine.Connection.execution_options)
+    body = [line.strip() for line in source.split('"""')[-1].splitlines()]
+    body = [line for line in body if line and not line.startswith("#")]
+    assert body == [
+        "if self._has_events or self.engine._has_events:",
+        "self.dispatch.set_connection_execution_options(self, opt)",
+        "self._execution_options = self._execution_options.union(opt)",
+        "self.dialect.set_connection_execution_options(self, opt)",
+        "return self",
+    ], body
+    from fastapi_tenancy.isolation import base
+
+    characteristics = set(sa_asyncpg.dialect.connection_characteristics)
+    assert not characteristics & {base.BEGIN_SETTING, base.ON_STATEMENT_TYPES_CHANGE, "schema_translate_map"}
+
+
+def test_the_execution_context_reaches_the_asyncpg_connection_through_the_adapter() -> None:
+    # BeginSettingsContext.pre_exec reads `fairy.dbapi_connection._connection`, what the
+    # adapter's `driver_connection` returns through three properties.
+    from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection
+
+    assert issubclass(sa_asyncpg.AsyncAdapt_asyncpg_connection, AsyncAdapt_dbapi_connection)
+    assert "self._connection = connection" in inspect.getsource(AsyncAdapt_dbapi_connection.__init__)
+    assert "return self._connection" in inspect.getsource(sqlalchemy.engine.interfaces.AdaptedConnection)
+
+
+def test_a_pool_marks_older_connections_for_recycling_by_its_invalidate_time() -> None:
+    # HandOffPool._do_get invalidates every connection older than a closed one as
+    # Pool._invalidate does, by moving `_invalidate_time` past their `starttime`.
+    assert "self._invalidate_time = time.time()" in inspect.getsource(sqlalchemy.pool.Pool._invalidate)
+    assert "self.__pool._invalidate_time > self.starttime" in inspect.getsource(
+        sqlalchemy.pool.base._ConnectionRecord.get_connection
+    )

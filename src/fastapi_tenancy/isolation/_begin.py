@@ -120,8 +120,27 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
             result: str = await super().execute(query, *args, timeout=timeout)
             return result
         if query.startswith("BEGIN"):
-            return await self._begin(query, timeout)
-        if self.begun_with is not None and query in ("COMMIT;", "ROLLBACK;"):
+            # In this method, not a helper coroutine: one frame less on every transaction.
+            setting, self.pending = self.pending, None
+            self.begun_with = setting
+            if setting is not None:
+                # The reset here is for what ran on the connection since its last reset (code
+                # outside tenant sessions, raw driver calls after a commit); nothing did, none
+                # is sent: every statement, of SQLAlchemy or of the driver, simple or prepared,
+                # counts in asyncpg's protocol (`queries_count`, what asyncpg's own pool reads),
+                # and COPY, which does not count, forgets the reset (below).
+                clean = self._reset_at is not None and self._reset_at == self._protocol.queries_count
+                self._reset_at = None
+                query = f"{query} {setting}" if clean else f"{query} {RESET_STATE} {setting}"
+                try:
+                    result = await super().execute(query, timeout=timeout)
+                except Exception as exc:
+                    translated = await self._begin_failed(exc, setting)
+                    if translated is None:
+                        raise
+                    raise translated from exc
+                return result
+        elif self.begun_with is not None and query in ("COMMIT;", "ROLLBACK;"):
             # The end of a tenant's transaction: reset what its statements set.
             self.begun_with = self._reset_at = None
             result = await super().execute(f"{query} {RESET_STATE}", timeout=timeout)
@@ -130,40 +149,21 @@ class BeginSettingsConnection(asyncpg.Connection):  # type: ignore[misc]  # asyn
         result = await super().execute(query, timeout=timeout)
         return result
 
-    async def _begin(self, query: str, timeout: float | None) -> str:  # noqa: ASYNC109
-        setting, self.pending = self.pending, None
-        self.begun_with = setting
-        if setting is None:
-            result: str = await super().execute(query, timeout=timeout)
-            return result
-        # The reset here is for what ran on the connection since its last reset (code outside
-        # tenant sessions, raw driver calls after a commit); nothing did, none is sent: every
-        # statement, of SQLAlchemy or of the driver, simple or prepared, counts in asyncpg's
-        # protocol (`queries_count`, what asyncpg's own pool reads), and COPY, which does not
-        # count, forgets the reset (below).
-        clean = self._reset_at is not None and self._reset_at == self._protocol.queries_count
-        self._reset_at = None
-        sent = f"{query} {setting}" if clean else f"{query} {RESET_STATE} {setting}"
-        try:
-            result = await super().execute(sent, timeout=timeout)
-        except Exception as exc:
-            # BEGIN ran but the setting failed: the transaction is open and aborted, and
-            # the caller, seeing BEGIN fail, will never roll it back.
-            self.begun_with = None
-            if not self.is_closed() and self.is_in_transaction():
-                with contextlib.suppress(Exception):  # a broken connection: the error above says why
-                    await super().execute("ROLLBACK;")
-            # asyncpg keeps a transaction whose start failed as the connection's current
-            # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
-            self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot
-            if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
-                raise TenancyUnavailableError(str(getattr(exc, "message", exc))) from exc
-            # The tenant's storage is gone, or is another incarnation's (_incarnation.py).
-            translated = refusal(exc, setting)
-            if translated is not None:
-                raise translated from exc
-            raise
-        return result
+    async def _begin_failed(self, exc: Exception, setting: str) -> Exception | None:
+        """Clean up after a `BEGIN` whose setting failed; the error to raise instead, or None."""
+        # BEGIN ran but the setting failed: the transaction is open and aborted, and
+        # the caller, seeing BEGIN fail, will never roll it back.
+        self.begun_with = None
+        if not self.is_closed() and self.is_in_transaction():
+            with contextlib.suppress(Exception):  # a broken connection: the error above says why
+                await super().execute("ROLLBACK;")
+        # asyncpg keeps a transaction whose start failed as the connection's current
+        # one, so its next transaction() would send SAVEPOINT instead of BEGIN.
+        self._top_xact = None  # type: ignore[misc]  # asyncpg's own slot
+        if getattr(exc, "sqlstate", None) == UNAVAILABLE_SQLSTATE:
+            return TenancyUnavailableError(str(getattr(exc, "message", exc)))
+        # The tenant's storage is gone, or is another incarnation's (_incarnation.py).
+        return refusal(exc, setting)
 
     # COPY runs a statement without counting it as a query (asyncpg's protocol): a
     # `COPY (SELECT ...) TO STDOUT` may change session state like any SELECT.
@@ -186,7 +186,10 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
     def pre_exec(self) -> None:
         super().pre_exec()  # type: ignore[no-untyped-call]
         setting = self.execution_options.get(BEGIN_SETTING)
-        raw: Any = self._dbapi_connection.driver_connection
+        # The pooled connection's adapter and the asyncpg connection in it, by attribute (its
+        # `driver_connection` goes through three properties, on every statement).
+        adapted: Any = self._dbapi_connection.dbapi_connection
+        raw: Any = adapted._connection
         # Not isinstance(): asyncpg's metaclass makes every asyncpg connection pass it.
         if BeginSettingsConnection not in type(raw).__mro__:
             if setting is not None:
@@ -216,7 +219,6 @@ class BeginSettingsContext(PGExecutionContext_asyncpg):
                 f"tenant's role ({self.statement[:40]!r})"
             )
         if not raw.is_in_transaction():
-            adapted: Any = self._dbapi_connection.dbapi_connection
             if adapted._transaction is not None:
                 # SQLAlchemy believes its transaction open, so it will send no BEGIN:
                 # something below it (the raw driver) ended the transaction.

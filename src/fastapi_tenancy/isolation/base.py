@@ -78,7 +78,11 @@ def _set_connection_options(
 ) -> None:
     options = session.info.get(CONNECTION_OPTIONS)
     if options is not None:
-        connection.execution_options(**options)
+        # What `connection.execution_options(**options)` keeps, without its two hooks, on
+        # every transaction: the dialect's handles only its connection characteristics
+        # (isolation level, ...), which these options never are, and the event is for
+        # options an application sets (tests/isolation/test_begin_internals.py pins both).
+        connection._execution_options = connection._execution_options.union(options)
 
 
 event.listen(TenantSession, "after_begin", _set_connection_options)
@@ -120,6 +124,10 @@ def new_session(session_class: type[AsyncSession], ours: type[Session], **kwargs
     return session
 
 
+# session_class -> its sync class with `TenantSession`, once a session of it proved to use it.
+_TENANT_SYNC_CLASSES: dict[type[AsyncSession], type[Session]] = {}
+
+
 def session_with_options(
     engine: AsyncEngine,
     options: dict[str, Any],
@@ -128,13 +136,14 @@ def session_with_options(
     session_class: type[AsyncSession] = AsyncSession,
 ) -> AsyncSession:
     """A new, not yet begun `session_class` session on `engine` whose connections get `options`."""
-    return new_session(
-        session_class,
-        TenantSession,
-        bind=engine,
-        expire_on_commit=False,
-        info={**(info or {}), CONNECTION_OPTIONS: options},
-    )
+    info = {CONNECTION_OPTIONS: options} if info is None else {**info, CONNECTION_OPTIONS: options}
+    sync_class = _TENANT_SYNC_CLASSES.get(session_class)
+    if sync_class is not None:
+        # On the request path: the class is known to build its sync side from it.
+        return session_class(sync_session_class=sync_class, bind=engine, expire_on_commit=False, info=info)
+    session = new_session(session_class, TenantSession, bind=engine, expire_on_commit=False, info=info)
+    _TENANT_SYNC_CLASSES[session_class] = _sync_class(TenantSession, session_class)
+    return session
 
 
 def quote_identifier(name: str, *, quote: str = '"') -> str:

@@ -84,6 +84,7 @@ class _FilePool(HandOffPool):
     """
 
     file: _TenantFile | None = None
+    discard_closed = False  # SQLite has no server to close a connection
 
     def recreate(self) -> "_FilePool":
         pool = cast(_FilePool, super().recreate())  # dispose() replaces the pool: keep the file

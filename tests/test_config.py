@@ -39,6 +39,7 @@ ENV_SAMPLES: dict[str, tuple[str, object]] = {
     "cache_max_size": ("50", 50),
     "negative_cache_ttl": ("0", 0.0),
     "negative_cache_max_size": ("60", 60),
+    "gc_freeze": ("false", False),
     "max_cached_engines": ("7", 7),
     # resolution strategies (set together here, so only the field types are checked:
     # the strategy is "custom", and the combinations are tested in tests/resolution/)

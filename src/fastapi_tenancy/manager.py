@@ -18,6 +18,7 @@ from .context import current_tenant
 from .custom_domains import CustomDomains
 from .errors import TenantInactiveError, TenantMaintenanceError, TenantNotFoundError, TenantResolutionError
 from .events import LifecycleEvents
+from .heap import freeze_startup_heap, release_startup_heap
 from .invalidation.base import InvalidationChannel
 from .invalidation.record import check_channel
 from .isolation.base import Isolation
@@ -107,6 +108,7 @@ class TenancyManager(TenantOperations):
         self._domains = CustomDomains(self.admin, parts.domains)
         self._lifecycle_lock = asyncio.Lock()
         self._initialized = False
+        self._froze_heap = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -134,6 +136,10 @@ class TenancyManager(TenantOperations):
                 # Not fatal when down: the channel retries, dropping the cache meanwhile.
                 await self.invalidation.start(self.lookup.invalidate, self.lookup.clear)
             self._initialized = True
+            if self.config.gc_freeze:
+                # Last: what start-up made, the app's routes and models included (heap.py).
+                freeze_startup_heap()
+                self._froze_heap = True
 
     async def close(self) -> None:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
@@ -154,6 +160,9 @@ class TenancyManager(TenantOperations):
                 await self.owner_engine.dispose()
             self.lookup.clear()
             self._initialized = False
+            if self._froze_heap:
+                self._froze_heap = False
+                release_startup_heap()
 
     def create_lifespan(self) -> Callable[[Any], AbstractAsyncContextManager[None]]:
         """A FastAPI `lifespan`: `initialize()` at startup, `close()` at shutdown.

@@ -144,6 +144,10 @@ class TenancyManager(TenantOperations):
     async def close(self) -> None:
         """Close every pool and forget cached tenants. Idempotent; call at shutdown."""
         async with self._lifecycle_lock:
+            if self._froze_heap:
+                # First, so that a part failing to close cannot keep the heap frozen.
+                self._froze_heap = False
+                release_startup_heap()
             # Background registrations first: each is undone while the parts still work.
             await self.provisioning.close()
             if self.invalidation is not None:
@@ -160,9 +164,6 @@ class TenancyManager(TenantOperations):
                 await self.owner_engine.dispose()
             self.lookup.clear()
             self._initialized = False
-            if self._froze_heap:
-                self._froze_heap = False
-                release_startup_heap()
 
     def create_lifespan(self) -> Callable[[Any], AbstractAsyncContextManager[None]]:
         """A FastAPI `lifespan`: `initialize()` at startup, `close()` at shutdown.

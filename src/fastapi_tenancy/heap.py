@@ -18,6 +18,7 @@ itself before: freezing is then its own policy, and is left to it).
 """
 
 import gc
+import threading
 
 __all__ = ["freeze_startup_heap", "release_startup_heap"]
 
@@ -25,23 +26,26 @@ __all__ = ["freeze_startup_heap", "release_startup_heap"]
 # first of them found nothing frozen (then the last one unfreezes).
 _holders = 0
 _unfreeze_at_last = False
+_lock = threading.Lock()  # managers may start and close in event loops of several threads
 
 
 def freeze_startup_heap() -> None:
     """Freeze everything alive now (a manager has started); pair with `release_startup_heap`."""
     global _holders, _unfreeze_at_last
-    if _holders == 0:
-        _unfreeze_at_last = gc.get_freeze_count() == 0
-    _holders += 1
-    gc.collect(1)
-    gc.freeze()
+    with _lock:
+        if _holders == 0:
+            _unfreeze_at_last = gc.get_freeze_count() == 0
+        _holders += 1
+        gc.collect(1)
+        gc.freeze()
 
 
 def release_startup_heap() -> None:
     """A manager that froze the heap has closed; the last one unfreezes it."""
     global _holders
-    if _holders == 0:
-        return
-    _holders -= 1
-    if _holders == 0 and _unfreeze_at_last:
-        gc.unfreeze()
+    with _lock:
+        if _holders == 0:
+            return
+        _holders -= 1
+        if _holders == 0 and _unfreeze_at_last:
+            gc.unfreeze()

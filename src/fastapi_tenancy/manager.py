@@ -118,7 +118,11 @@ class TenancyManager(TenantOperations):
         return self._initialized
 
     async def initialize(self) -> None:
-        """Create the registry table and open the pool. Idempotent; call at startup."""
+        """Create the registry table and open the pool. Idempotent; call at startup.
+
+        Ends by freezing the start-up heap (`gc.freeze()`, see `fastapi_tenancy.heap`) unless
+        `gc_freeze` is off; `close()` gives it back.
+        """
         async with self._lifecycle_lock:
             if self._initialized:
                 return

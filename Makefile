@@ -47,7 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scale.py --keep-database
 	$(BIN)/python benchmarks/pg_costs.py
 	$(BIN)/python benchmarks/scale.py --strategy rls --sizes 10,100000
-	$(BIN)/python benchmarks/saturation.py
+	$(BIN)/python benchmarks/saturation.py --keep-database
+	@command -v valgrind >/dev/null || apt-get install -y -q valgrind >/dev/null || { echo "bench: install valgrind"; exit 2; }
+	$(BIN)/python benchmarks/instructions.py
 	$(BIN)/python benchmarks/lookups.py --backend postgres
 	$(BIN)/python benchmarks/lookups.py --backend sqlite
 	$(BIN)/python benchmarks/lookup_cache.py --tenants 100000

@@ -140,6 +140,31 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def uvicorn_command(app: str, app_dir: Path, port: int, loop: str, http: str) -> list[str]:
+    """One uvicorn worker serving `app` (module:attribute) from `app_dir` on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--app-dir",
+        str(app_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--loop",
+        loop,
+        "--http",
+        http,
+    ]
+
+
 @dataclass
 class Server:
     name: str
@@ -158,28 +183,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        cmd = [
-            *_pin(self.cpu),
-            sys.executable,
-            "-m",
-            "uvicorn",
-            self.app,
-            "--app-dir",
-            str(self.app_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--loop",
-            self.loop,
-            "--http",
-            self.http,
-        ]
+        cmd = [*_pin(self.cpu), *uvicorn_command(self.app, self.app_dir, self.port, self.loop, self.http)]
         log = self.log_path.open("wb")
         try:
             self.proc = subprocess.Popen(

@@ -6,16 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from fastapi_tenancy import TenancyConfig, TenancyManager
+from fastapi_tenancy import TenancyConfig, TenancyManager, heap
 from fastapi_tenancy.heap import freeze_startup_heap, release_startup_heap
 
 
 @pytest.fixture(autouse=True)
-def nothing_frozen() -> Iterator[None]:
-    # These tests own the collector's permanent generation: none before, none after.
+def nothing_frozen(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # These tests own the collector's permanent generation and the count of managers
+    # holding it: none before, none after; what other tests' managers hold is restored.
+    held = heap._holders
+    monkeypatch.setattr(heap, "_holders", 0)
+    monkeypatch.setattr(heap, "_unfreeze_at_last", False)
     gc.unfreeze()
     yield
     gc.unfreeze()
+    if held:
+        gc.freeze()
 
 
 def _manager(tmp_path: Path, name: str, *, gc_freeze: bool = True) -> TenancyManager:

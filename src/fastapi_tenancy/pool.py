@@ -130,9 +130,8 @@ class HandOffPool(AsyncAdaptedQueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         record.info[_RETURNED] = time.monotonic()
-        queue = self._pool
-        if queue.maxsize <= 0 or queue.excess() < 0:  # not full(), asked once
-            queue._queue.put_nowait(record)
+        if not self._pool.full():
+            self._pool._queue.put_nowait(record)  # its put_nowait() would ask full() again
             return
         try:
             loop = asyncio.get_running_loop()

@@ -90,6 +90,8 @@ event.listen(TenantSession, "after_begin", _set_connection_options)
 
 # (ours, theirs) -> the class with both; one per pair of classes, made once.
 _SYNC_CLASSES: dict[tuple[type[Session], type[Session]], type[Session]] = {}
+# (ours, session class) -> the sync class its sessions were seen to use (new_session).
+_VERIFIED: dict[tuple[type[Session], type[AsyncSession]], type[Session]] = {}
 
 
 def _sync_class(ours: type[Session], session_class: type[AsyncSession]) -> type[Session]:
@@ -113,7 +115,12 @@ def new_session(session_class: type[AsyncSession], ours: type[Session], **kwargs
     `sqlmodel.Session`). The class having both is made once per pair, and every
     listener of `ours` applies to it, as to any subclass. `kwargs` go to the session.
     """
-    session = session_class(sync_session_class=_sync_class(ours, session_class), **kwargs)
+    sync_class = _VERIFIED.get((ours, session_class))
+    if sync_class is not None:
+        # On the request path: a session of this class already proved to use it.
+        return session_class(sync_session_class=sync_class, **kwargs)
+    sync_class = _sync_class(ours, session_class)
+    session = session_class(sync_session_class=sync_class, **kwargs)
     # Fail closed: a class that builds its sync side itself (SQLModel's did before 0.0.12)
     # would drop the listeners, and with them the tenant's scope.
     if not isinstance(session.sync_session, ours):
@@ -121,11 +128,8 @@ def new_session(session_class: type[AsyncSession], ours: type[Session], **kwargs
             f"{session_class.__qualname__} ignores sync_session_class, so its sessions cannot be "
             "scoped to a tenant (SQLModel: install sqlmodel>=0.0.14)"
         )
+    _VERIFIED[ours, session_class] = sync_class
     return session
-
-
-# session_class -> its sync class with `TenantSession`, once a session of it proved to use it.
-_TENANT_SYNC_CLASSES: dict[type[AsyncSession], type[Session]] = {}
 
 
 def session_with_options(
@@ -137,13 +141,7 @@ def session_with_options(
 ) -> AsyncSession:
     """A new, not yet begun `session_class` session on `engine` whose connections get `options`."""
     info = {CONNECTION_OPTIONS: options} if info is None else {**info, CONNECTION_OPTIONS: options}
-    sync_class = _TENANT_SYNC_CLASSES.get(session_class)
-    if sync_class is not None:
-        # On the request path: the class is known to build its sync side from it.
-        return session_class(sync_session_class=sync_class, bind=engine, expire_on_commit=False, info=info)
-    session = new_session(session_class, TenantSession, bind=engine, expire_on_commit=False, info=info)
-    _TENANT_SYNC_CLASSES[session_class] = _sync_class(TenantSession, session_class)
-    return session
+    return new_session(session_class, TenantSession, bind=engine, expire_on_commit=False, info=info)
 
 
 def quote_identifier(name: str, *, quote: str = '"') -> str:
